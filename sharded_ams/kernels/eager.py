@@ -1,0 +1,117 @@
+"""Flat-range step primitives built from ``update.py``: eager, and compiled by torch.compile.
+
+Each primitive works in place on 1-D contiguous ranges:
+
+* ``fused_step``: moments and parameter update in one pass (reads p, g, m, v[, s];
+  writes p, m, v[, s] and optionally a low-precision copy of p).
+* ``moments_count``: first pass of the per-tensor-scaled case (lam not in {1, -1}):
+  updates the moments and returns how many elements have u*s < 0.
+* ``apply_only``: second pass: the parameter update from the already-updated moments.
+
+The eager versions are the single-tensor path (and what the compiled ones trace).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..update import apply_update, direction, update_moments
+
+log = logging.getLogger(__name__)
+
+
+def _fused_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
+                out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, beta1: float,
+                beta2: float, beta3: float, lam: float, eps: float, wd: float) -> None:
+    gf = g.float()
+    m1, v1, s1 = update_moments(gf, m, v, s, beta1, beta2, beta3)
+    wu, _ = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
+    p1 = apply_update(p, wu, lr, wd)
+    m.copy_(m1)
+    v.copy_(v1)
+    if s is not None:
+        s.copy_(s1)
+    p.copy_(p1)
+    if out is not None:
+        out.copy_(p1)
+
+
+def _moments_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], bc1: Tensor,
+                   bc2: Tensor, beta1: float, beta2: float, beta3: float, lam: float,
+                   eps: float) -> Tensor:
+    gf = g.float()
+    m1, v1, s1 = update_moments(gf, m, v, s, beta1, beta2, beta3)
+    _, neg = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
+    m.copy_(m1)
+    v.copy_(v1)
+    if s is not None:
+        s.copy_(s1)
+    return neg.sum(dtype=torch.int64)
+
+
+def _apply_only(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
+                out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, lam: float,
+                eps: float, wd: float) -> None:
+    wu, _ = direction(g.float(), m, v, s, bc1, bc2, eps, lam)
+    p1 = apply_update(p, wu, lr, wd)
+    p.copy_(p1)
+    if out is not None:
+        out.copy_(p1)
+
+
+class EagerOps:
+    """Plain torch ops: any device, any dtype (float64 included). Several passes."""
+
+    name = "eager"
+    fused_step = staticmethod(_fused_step)
+    moments_count = staticmethod(_moments_count)
+    apply_only = staticmethod(_apply_only)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    # dynamic=True: one compile serves every range length; hyperparameters are
+    # Python floats (specialised once per value), lr and bias corrections are tensors.
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+class CompiledOps:
+    """The same functions fused into one loop by torch.compile (Inductor's C++ backend on CPU)."""
+
+    name = "compiled"
+
+    @staticmethod
+    def fused_step(*args, **kwargs):
+        return _compiled(_fused_step)(*args, **kwargs)
+
+    @staticmethod
+    def moments_count(*args, **kwargs):
+        return _compiled(_moments_count)(*args, **kwargs)
+
+    @staticmethod
+    def apply_only(*args, **kwargs):
+        return _compiled(_apply_only)(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def compile_available() -> bool:
+    """True when torch.compile works here (it needs a C++ compiler on CPU)."""
+    if os.environ.get("SHARDED_AMS_NO_COMPILE"):
+        return False
+    try:
+        x = torch.ones(3)
+        _compiled(_probe)(x)
+        return True
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        log.warning("torch.compile unavailable (%s); using eager ops", exc)
+        return False
+
+
+def _probe(x: Tensor) -> Tensor:
+    return x * 2 + 1

@@ -1,0 +1,185 @@
+"""``AMS``: the single-process AMS/Grams optimizer, a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .config import DEFAULTS, check_grad, check_params, preset_hparams, validate_hparams
+from .kernels import GroupHParams, Piece, flat_step, resolve_backend, step_scalars
+from .kernels.foreach import foreach_step
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_s", "master")
+
+
+class AMS(Optimizer):
+    r"""Adaptive Momentum Scaling (AMS), the family of the Grams paper (Algorithm 1).
+
+    .. math::
+        m_t = \beta_1 m + (1-\beta_1) g,\quad v_t = \beta_2 v + (1-\beta_2) g^2,\quad
+        s_t = \beta_3 s + (1-\beta_3) g \ (s_t = g \text{ if } \beta_3 = 0) \\
+        u = \hat m / (\sqrt{\hat v} + \epsilon),\quad
+        w = 1 [u s > 0] + \lambda [u s < 0] + \max(\lambda, 0) [u s = 0] \\
+        \hat\eta = \eta\, d / (\#(u s \ge 0) + |\lambda| \#(u s < 0)) \text{ per tensor}
+        \ (\hat\eta = \eta \text{ when } |\lambda| = 1) \\
+        w_t = w_{t-1} (1 - \hat\eta \gamma) - \hat\eta\, w \odot u
+
+    ``lam=-1, beta3=0`` is Grams, ``lam=0, beta3=0`` Cautious Adam, ``lam=1`` AdamW.
+    The per-tensor scale (only for lam not in {1, -1}) counts over each whole
+    parameter tensor; a zero denominator leaves the step at eta.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate eta (float or 0-d tensor). Default 1e-3.
+        betas: (beta1, beta2) for m and v. Default (0.9, 0.999).
+        beta3: EMA factor of the sign reference s; 0 keeps no state (s = g). Default 0.
+        lam: negative-momentum scale lambda. Default -1 (Grams).
+        eps: added to sqrt(v^) after bias correction, as AdamW. Default 1e-8.
+        weight_decay: decoupled weight decay gamma. Default 0.
+        foreach: multi-tensor ``_foreach`` path (default when ``fused`` is not set).
+        fused: single-pass kernel per tensor: ``True``/``"auto"`` (Triton on CUDA,
+            torch.compile on CPU) or a backend name ``"triton"``, ``"compiled"``, ``"eager"``.
+
+    bf16/fp16 params keep an fp32 master copy in the state ("master"); m, v, s are fp32.
+    For flat buffers and ZeRO-1 sharding across ranks use :class:`ShardedAMS`.
+    """
+
+    def __init__(self, params: Iterable, lr: Union[float, Tensor] = DEFAULTS["lr"],
+                 betas: tuple[float, float] = DEFAULTS["betas"], beta3: float = DEFAULTS["beta3"],
+                 lam: float = DEFAULTS["lam"], eps: float = DEFAULTS["eps"],
+                 weight_decay: float = DEFAULTS["weight_decay"], *,
+                 foreach: Optional[bool] = None, fused: Optional[Union[bool, str]] = None):
+        validate_hparams(lr, betas, beta3, lam, eps, weight_decay)
+        if foreach and fused:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, lam=lam, eps=eps,
+                        weight_decay=weight_decay, foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_params(group["params"])
+            validate_hparams(group["lr"], group["betas"], group["beta3"], group["lam"],
+                             group["eps"], group["weight_decay"])
+
+    def _init_state(self, p: Tensor, beta3: float) -> dict:
+        state = self.state[p]
+        if not state:
+            opts = dict(dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, **opts)
+            state["exp_avg_sq"] = torch.zeros_like(p, **opts)
+            if beta3 > 0:
+                state["exp_avg_s"] = torch.zeros_like(p, **opts)
+            if p.dtype != torch.float32:
+                state["master"] = p.detach().float().contiguous()
+        elif beta3 > 0 and "exp_avg_s" not in state:
+            raise RuntimeError("beta3 > 0 but the loaded state has no 'exp_avg_s' "
+                               "(was it saved with beta3 == 0?)")
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """One optimizer step. Params without a gradient are skipped (torch.optim convention)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            hp = GroupHParams.from_group(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                check_grad(p)
+            states = [self._init_state(p, hp.beta3) for p in params]
+            for st in states:
+                st["step"] += 1
+            if group["fused"]:
+                self._fused_group(group, hp, params, states)
+            elif group["foreach"] is False:
+                self._fused_group(group, hp, params, states, backend="eager")
+            else:
+                self._foreach_group(group, hp, params, states)
+        return loss
+
+    def _foreach_group(self, group, hp: GroupHParams, params, states) -> None:
+        # foreach needs one step count per call: bucket by (device, step).
+        buckets: dict[tuple, list[int]] = {}
+        for i, (p, st) in enumerate(zip(params, states)):
+            buckets.setdefault((p.device, float(st["step"])), []).append(i)
+        for (device, step), idx in buckets.items():
+            lr, bc1, bc2 = step_scalars(group["lr"], step, hp, device)
+            masters = [states[i].get("master", params[i]) for i in idx]
+            lowp = [params[i] for i in idx if "master" in states[i]]
+            foreach_step(masters, [params[i].grad for i in idx],
+                         [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
+                         [states[i]["exp_avg_s"] for i in idx] if hp.beta3 > 0 else None, None,
+                         lr=lr, bc1=bc1, bc2=bc2, beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3,
+                         lam=hp.lam, eps=hp.eps, wd=hp.weight_decay)
+            if lowp:
+                torch._foreach_copy_(lowp, [states[i]["master"] for i in idx if "master" in states[i]])
+
+    def _fused_group(self, group, hp: GroupHParams, params, states,
+                     backend: Optional[str] = None) -> None:
+        fused = group["fused"]
+        for p, st in zip(params, states):
+            name = backend or resolve_backend("auto" if fused is True else fused, p.device)
+            master = st.get("master", p)
+            work = master if master.is_contiguous() else master.contiguous()
+            out = p if "master" in st and p.is_contiguous() else None
+            n = p.numel()
+            flat_step(work.view(-1), p.grad.contiguous().view(-1), st["exp_avg"].view(-1),
+                      st["exp_avg_sq"].view(-1),
+                      st["exp_avg_s"].view(-1) if "exp_avg_s" in st else None,
+                      out.view(-1) if out is not None else None, lr=group["lr"],
+                      step=st["step"], hp=hp, pieces=(Piece(0, n, 0, n),), num_tensors=1,
+                      backend=name)
+            if work is not master:
+                master.copy_(work)
+            if "master" in st and out is None:
+                p.copy_(master)
+            elif "master" not in st and work is not p:
+                p.copy_(work)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch.optim, but optimizer state stays fp32 whatever the param dtype."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(ids, params):
+            if pid not in saved:
+                continue
+            st = {}
+            for k, v in saved[pid].items():
+                if k != "step" and k not in STATE_KEYS:
+                    raise KeyError(f"Unexpected optimizer state {k!r} for param {pid}: "
+                                   "was this state_dict saved by a different optimizer?")
+                if k == "step":
+                    st[k] = torch.as_tensor(v, dtype=torch.float32).clone()
+                else:
+                    if v.shape != p.shape:
+                        raise ValueError(f"State {k!r} of param {pid} has shape {tuple(v.shape)}, "
+                                         f"the param has {tuple(p.shape)}")
+                    st[k] = v.to(device=p.device, dtype=torch.float32).clone()
+            self.state[p] = st
+
+
+def _preset(name: str, doc: str):
+    fixed = preset_hparams(name)
+
+    def __init__(self, params: Iterable, lr: Union[float, Tensor] = DEFAULTS["lr"],
+                 betas: tuple[float, float] = DEFAULTS["betas"], eps: float = DEFAULTS["eps"],
+                 weight_decay: float = DEFAULTS["weight_decay"], **kwargs):
+        AMS.__init__(self, params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                     **fixed, **kwargs)
+
+    return type(name.capitalize() if name != "cadam" else "CAdam", (AMS,),
+                {"__init__": __init__, "__doc__": doc})
+
+
+Grams = _preset("grams", "AMS with beta3=0, lam=-1: Grams, u^ = sign(g) |u| (zero grad: no move).")
+CAdam = _preset("cadam", "AMS with beta3=0, lam=0: Cautious Adam, masked and rescaled per tensor.")
+AdamW = _preset("adamw", "AMS with lam=1: AdamW (equal to torch.optim.AdamW to fp32 rounding).")
+AdamW.__name__ = AdamW.__qualname__ = "AdamW"
