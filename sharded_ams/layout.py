@@ -1,0 +1,156 @@
+"""Flat-buffer layout: where each parameter lives and which slice each rank owns.
+
+Pure data, no ``torch.distributed``. Index spaces (Megatron-Core's names):
+
+* **buffer**: one flat buffer per dtype; params in canonical order (param group, then
+  order within the group), each start aligned to ``ALIGN`` elements.
+* **bucket**: a contiguous span of the buffer, padded so it splits into ``world_size``
+  equal shards; one reduction and one gather per bucket.
+* **local**: rank r's optimizer state, the concatenation of its shard of every bucket.
+* **param**: [offset, offset + length) inside one parameter (its unpadded index space,
+  the space checkpoints use).
+
+A shard boundary may fall inside a parameter; the AMS step is elementwise apart from
+the per-tensor count, which is combined across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+ALIGN = 64
+
+
+def pad_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """One parameter's place in its buffer."""
+
+    index: int        # position in the buffer's parameter list (global across ranks)
+    name: str
+    shape: tuple[int, ...]
+    group: int        # param-group index
+    bucket: int
+    start: int        # buffer index space
+    numel: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.numel
+
+
+@dataclass(frozen=True)
+class Bucket:
+    start: int
+    end: int          # padded: (end - start) % world_size == 0
+    world_size: int
+
+    @property
+    def shard_size(self) -> int:
+        return (self.end - self.start) // self.world_size
+
+    def shard(self, rank: int) -> tuple[int, int]:
+        s = self.start + rank * self.shard_size
+        return s, s + self.shard_size
+
+
+@dataclass(frozen=True)
+class LocalPiece:
+    """The part of parameter ``slot`` that rank owns: ``length`` elements starting at
+    ``param_offset`` in the param, ``buffer_start`` in the buffer, ``local_start`` locally."""
+
+    slot: ParamSlot
+    param_offset: int
+    buffer_start: int
+    local_start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Run:
+    """A contiguous local range of one (bucket, group) with the pieces in it."""
+
+    bucket: int
+    group: int
+    local_start: int
+    local_end: int
+    pieces: tuple[LocalPiece, ...]
+
+
+@dataclass
+class BufferLayout:
+    """Layout of one dtype's flat buffer for ``world_size`` ranks."""
+
+    slots: list[ParamSlot]
+    buckets: list[Bucket]
+    world_size: int
+    numel: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.numel = self.buckets[-1].end if self.buckets else 0
+
+    @classmethod
+    def build(cls, params: Sequence[tuple[str, tuple[int, ...], int]], world_size: int,
+              bucket_numel: Optional[int] = None, align: int = ALIGN) -> "BufferLayout":
+        """``params``: (name, shape, group) in canonical order. ``bucket_numel``: start a
+        new bucket once one holds at least this many elements (None: one bucket)."""
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        slots, buckets = [], []
+        shard_align = world_size * align
+        bstart = pos = 0
+        for i, (name, shape, group) in enumerate(params):
+            numel = math.prod(shape)
+            pos = pad_to(pos, align)
+            slots.append(ParamSlot(i, name, tuple(shape), group, len(buckets), pos, numel))
+            pos += numel
+            last = i == len(params) - 1
+            if last or (bucket_numel is not None and pos - bstart >= bucket_numel):
+                end = bstart + pad_to(max(pos - bstart, 1), shard_align)
+                buckets.append(Bucket(bstart, end, world_size))
+                bstart = pos = end
+        return cls(slots, buckets, world_size)
+
+    @property
+    def shard_numel(self) -> int:
+        """Elements of local state on every rank (the same on all ranks)."""
+        return sum(b.shard_size for b in self.buckets)
+
+    def local_offset(self, bucket: int) -> int:
+        return sum(b.shard_size for b in self.buckets[:bucket])
+
+    def pieces(self, rank: int) -> list[LocalPiece]:
+        """Every (part of a) parameter that ``rank`` owns, in buffer order."""
+        out = []
+        for slot in self.slots:
+            b = self.buckets[slot.bucket]
+            s0, s1 = b.shard(rank)
+            lo, hi = max(slot.start, s0), min(slot.end, s1)
+            if lo < hi:
+                local = self.local_offset(slot.bucket) + lo - s0
+                out.append(LocalPiece(slot, lo - slot.start, lo, local, hi - lo))
+        return out
+
+    def runs(self, rank: int, groups: Sequence[int]) -> list[Run]:
+        """One run per (bucket, group) pair that exists globally, in the same order on
+        every rank (collectives inside a run must line up); possibly empty locally."""
+        by_key: dict[tuple[int, int], list[LocalPiece]] = {}
+        for slot in self.slots:
+            by_key.setdefault((slot.bucket, slot.group), [])
+        for pc in self.pieces(rank):
+            by_key[(pc.slot.bucket, pc.slot.group)].append(pc)
+        runs = []
+        for (bucket, group), pcs in sorted(by_key.items()):
+            if group not in groups:
+                continue
+            if pcs:
+                lo, hi = pcs[0].local_start, pcs[-1].local_start + pcs[-1].length
+            else:
+                lo = hi = self.local_offset(bucket)
+            runs.append(Run(bucket, group, lo, hi, tuple(pcs)))
+        return runs
