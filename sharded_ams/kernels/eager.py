@@ -8,7 +8,9 @@ Each primitive works in place on 1-D contiguous ranges:
   updates the moments and returns how many elements have u*s < 0.
 * ``apply_only``: second pass: the parameter update from the already-updated moments.
 
-The eager versions are the single-tensor path (and what the compiled ones trace).
+m, v, s may be stored in a lower precision than fp32; they are read into fp32 and
+rounded once on store. The eager versions are the single-tensor path (and what the
+compiled ones trace).
 """
 
 from __future__ import annotations
@@ -26,11 +28,16 @@ from ..update import apply_update, direction, update_moments
 log = logging.getLogger(__name__)
 
 
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Moments may be stored in bf16 (``state_dtype``); the maths is always fp32."""
+    return None if t is None else t.float()
+
+
 def _fused_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
                 out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, beta1: float,
                 beta2: float, beta3: float, lam: float, eps: float, wd: float) -> None:
     gf = g.float()
-    m1, v1, s1 = update_moments(gf, m, v, s, beta1, beta2, beta3)
+    m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
     wu, _ = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
     p1 = apply_update(p, wu, lr, wd)
     m.copy_(m1)
@@ -46,7 +53,7 @@ def _moments_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], bc1: Te
                    bc2: Tensor, beta1: float, beta2: float, beta3: float, lam: float,
                    eps: float) -> Tensor:
     gf = g.float()
-    m1, v1, s1 = update_moments(gf, m, v, s, beta1, beta2, beta3)
+    m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
     _, neg = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
     m.copy_(m1)
     v.copy_(v1)
@@ -58,7 +65,7 @@ def _moments_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], bc1: Te
 def _apply_only(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
                 out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, lam: float,
                 eps: float, wd: float) -> None:
-    wu, _ = direction(g.float(), m, v, s, bc1, bc2, eps, lam)
+    wu, _ = direction(g.float(), m.float(), v.float(), _f32(s), bc1, bc2, eps, lam)
     p1 = apply_update(p, wu, lr, wd)
     p.copy_(p1)
     if out is not None:

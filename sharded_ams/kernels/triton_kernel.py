@@ -30,10 +30,10 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, neg_ptr, lr_ptr, bc_
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_S:
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MODE != 2:
         m = m * beta1 + g * (1.0 - beta1)
         v = v * beta2 + g * g * (1.0 - beta2)
@@ -47,10 +47,10 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, neg_ptr, lr_ptr, bc_
     else:
         prod = u * g
     if MODE != 2:
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
+        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
         if HAS_S:
-            tl.store(s_ptr + offs, s, mask=mask)
+            tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
     if MODE == 1:
         neg = tl.sum(((prod < 0.0) & mask).to(tl.int32), axis=0)
         tl.atomic_add(neg_ptr, neg.to(tl.int64))

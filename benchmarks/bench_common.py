@@ -1,0 +1,67 @@
+"""What every benchmark shares: the environment tag, the Markdown table and the JSON file."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def git_sha() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def env_info() -> dict[str, Any]:
+    """Device, versions, git SHA and date: the tag every result carries."""
+    return {"device": device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "git_sha": git_sha(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if v is None:
+        return "n/a"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict], cols: Sequence[str], headers: Optional[dict] = None) -> str:
+    headers = headers or {}
+    out = ["| " + " | ".join(headers.get(c, c) for c in cols) + " |",
+           "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def print_table(rows: Sequence[dict], cols: Sequence[str], headers: Optional[dict] = None) -> None:
+    print(markdown_table(rows, cols, headers), flush=True)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"wrote {path}", flush=True)
+    return path
