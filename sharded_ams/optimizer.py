@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .config import DEFAULTS, check_grad, check_params, preset_hparams, validate_hparams
+from .config import (DEFAULTS, check_grad, check_params, preset_hparams, validate_group,
+                     validate_hparams)
 from .kernels import GroupHParams, Piece, flat_step, resolve_backend, step_scalars
 from .kernels.foreach import foreach_step
 
@@ -59,10 +60,13 @@ class AMS(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, lam=lam, eps=eps,
                         weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            check_params(group["params"])
-            validate_hparams(group["lr"], group["betas"], group["beta3"], group["lam"],
-                             group["eps"], group["weight_decay"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim, and the group's hyperparameters and params are validated."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_params(group["params"])
+        validate_group(group)
 
     def _init_state(self, p: Tensor, beta3: float) -> dict:
         state = self.state[p]
@@ -75,9 +79,13 @@ class AMS(Optimizer):
                 state["exp_avg_s"] = torch.zeros_like(p, **opts)
             if p.dtype != torch.float32:
                 state["master"] = p.detach().float().contiguous()
-        elif beta3 > 0 and "exp_avg_s" not in state:
-            raise RuntimeError("beta3 > 0 but the loaded state has no 'exp_avg_s' "
-                               "(was it saved with beta3 == 0?)")
+        else:
+            if beta3 > 0 and "exp_avg_s" not in state:
+                raise RuntimeError("beta3 > 0 but the loaded state has no 'exp_avg_s' "
+                                   "(was it saved with beta3 == 0?)")
+            if p.dtype != torch.float32 and "master" not in state:
+                # state saved from fp32 params, loaded into low-precision ones
+                state["master"] = p.detach().float().contiguous()
         return state
 
     @torch.no_grad()

@@ -117,11 +117,14 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     ops = get_ops(backend)
     lr_t, bc1, bc2 = step_scalars(lr, step, hp, p.device)
     if lam_is_unit(hp.lam):
+        if p.numel() == 0:
+            return
         ops.fused_step(p, g, m, v, s, out, lr_t, bc1, bc2, hp.beta1, hp.beta2, hp.beta3,
                        hp.lam, hp.eps, hp.weight_decay)
         return
     counts = torch.zeros(num_tensors, dtype=torch.int64, device=p.device)
     numels = torch.zeros(num_tensors, dtype=torch.int64, device=p.device)
+    pieces = [pc for pc in pieces if pc.end > pc.start]
     for pc in pieces:
         sl = slice(pc.start, pc.end)
         neg = ops.moments_count(g[sl], m[sl], v[sl], s[sl] if s is not None else None, bc1,

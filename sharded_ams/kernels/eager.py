@@ -85,7 +85,18 @@ class EagerOps:
 def _compiled(fn):
     # dynamic=True: one compile serves every range length; hyperparameters are
     # Python floats (specialised once per value), lr and bias corrections are tensors.
+    # Variants multiply with dtypes, presets and sizes 0/1; allow more than dynamo's 8.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _plain(args: tuple) -> tuple:
+    # Detached 1-D views: a Parameter (requires_grad) or another rank would be a new
+    # compiled variant; this keeps one variant per dtype and hyperparameter set.
+    return tuple(a.detach().view(-1) if isinstance(a, Tensor) and a.dim() > 0 else a
+                 for a in args)
 
 
 class CompiledOps:
@@ -94,16 +105,16 @@ class CompiledOps:
     name = "compiled"
 
     @staticmethod
-    def fused_step(*args, **kwargs):
-        return _compiled(_fused_step)(*args, **kwargs)
+    def fused_step(*args):
+        return _compiled(_fused_step)(*_plain(args))
 
     @staticmethod
-    def moments_count(*args, **kwargs):
-        return _compiled(_moments_count)(*args, **kwargs)
+    def moments_count(*args):
+        return _compiled(_moments_count)(*_plain(args))
 
     @staticmethod
-    def apply_only(*args, **kwargs):
-        return _compiled(_apply_only)(*args, **kwargs)
+    def apply_only(*args):
+        return _compiled(_apply_only)(*_plain(args))
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,7 +4,8 @@ One launch reads p, g, m, v[, s] once and writes p, m, v[, s] (and the model-dty
 copy of p) once. lr and the bias corrections are read from device memory, so no
 host sync is needed and the step can be captured in a CUDA graph. ``MODE`` selects
 the full step, or the two passes of the per-tensor-scaled case (lam not in {1, -1}).
-Runs on CPU tensors under ``TRITON_INTERPRET=1`` for tests.
+1 - beta is computed on the host in float64 (1 - fp32(0.999) in fp32 would be off by
+1e-5 relative). Runs on CPU tensors under ``TRITON_INTERPRET=1`` for tests.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ BLOCK = 1024
 
 @triton.jit
 def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, neg_ptr, lr_ptr, bc_ptr, n,
-                beta1, beta2, beta3, lam, tie, eps, wd,
+                beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps, wd,
                 HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -35,10 +36,10 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, neg_ptr, lr_ptr, bc_
     if HAS_S:
         s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if MODE != 2:
-        m = m * beta1 + g * (1.0 - beta1)
-        v = v * beta2 + g * g * (1.0 - beta2)
+        m = m * beta1 + g * omb1
+        v = v * beta2 + g * g * omb2
         if HAS_S:
-            s = s * beta3 + g * (1.0 - beta3)
+            s = s * beta3 + g * omb3
     bc1 = tl.load(bc_ptr)
     bc2 = tl.load(bc_ptr + 1)
     u = tl.math.div_rn(tl.math.div_rn(m, bc1), tl.math.sqrt_rn(tl.math.div_rn(v, bc2)) + eps)
@@ -76,7 +77,8 @@ def _launch(mode: int, p: Optional[Tensor], g: Tensor, m: Tensor, v: Tensor,
     grid = (triton.cdiv(n, BLOCK),)
     _ams_kernel[grid](p if p is not None else m, g, m, v, s if s is not None else m,
                       out if out is not None else m, neg if neg is not None else bc, lr, bc, n,
-                      float(beta1), float(beta2), float(beta3), float(lam), max(float(lam), 0.0),
+                      float(beta1), float(beta2), float(beta3), 1.0 - beta1, 1.0 - beta2,
+                      1.0 - beta3, float(lam), max(float(lam), 0.0),
                       float(eps), float(wd), HAS_S=s is not None, HAS_OUT=out is not None,
                       MODE=mode, BLOCK_SIZE=BLOCK)
 

@@ -1,0 +1,57 @@
+"""Smoke test of benchmarks/bench_step.py: a tiny parameter set, one repeat, every row
+present in the JSON. No timing assertions (timings on shared CI machines mean nothing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_step_smoke(tmp_path, capsys):
+    bench = _load_bench()
+    out = tmp_path / "bench_step.json"
+    # in-process, so torch.compile's work is shared with the rest of the session
+    bench.main(["--numel-scale", "0.001", "--repeats", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == list(bench.ROW_NAMES)
+    for r in report["rows"]:
+        assert r["status"] in ("ok", "n/a"), r
+        if r["status"] == "ok":
+            assert r["ms_median"] > 0 and r["gb_per_s"] > 0 and r["first_step_s"] > 0
+            assert len(r["times_ms"]) == 1
+    by = {r["name"]: r for r in report["rows"]}
+    for must in ("adamw_foreach", "ams_foreach", "flat_compiled", "copy_floor",
+                 "copy_floor_eager"):
+        if must == "flat_compiled" and by[must]["status"] == "n/a":
+            pytest.fail("flat_compiled must run on CPU")
+        assert by[must]["status"] == "ok", by[must]
+    assert by["adamw_foreach"]["speedup_vs_adamw_foreach"] == pytest.approx(1.0)
+    assert by["copy_floor"]["x_copy_floor"] == pytest.approx(1.0)
+    meta = report["meta"]
+    for key in ("device", "torch", "git_sha", "date", "numel", "repeats"):
+        assert key in meta
+    assert meta["numel"] == report["rows"][0]["numel"]
+    assert meta["numel"] < 100_000
+    assert "| adamw_foreach |" in capsys.readouterr().out
+
+
+def test_gpt_shapes_count():
+    bench = _load_bench()
+    shapes = bench.gpt_shapes()
+    import math
+
+    assert sum(math.prod(s) for s in shapes) == 28_976_128
+    assert sum(math.prod(s) for s in bench.gpt_shapes(layers=8)) == 41_567_232
