@@ -101,6 +101,9 @@ class BufferLayout:
         new bucket once one holds at least this many elements (None: one bucket)."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
+        groups = [g for _, _, g in params]
+        if groups != sorted(groups):
+            raise ValueError("params must come in group-major order (a run per group is contiguous)")
         slots, buckets = [], []
         shard_align = world_size * align
         bstart = pos = 0

@@ -1,0 +1,154 @@
+"""``sharded-ams``: the command line.
+
+    sharded-ams train CONFIG [--address auto] [--num-workers N] [--gpus]
+                             [--storage-path P] [--name NAME] [--steps N]
+                             [--max-failures N] [--fail-at-step K --fail-rank R]
+                             [--resume-from CKPT] [--set section.key=value ...]
+                             [--dry-run] [--verbose]
+    sharded-ams ckpt ...      # inspect / validate / consolidate checkpoints
+
+``train`` runs the job locally on an embedded Ray (no ``--address``) or on a Ray cluster
+(``--address auto`` on a cluster node, ``--address ray://head:10001`` from outside, or
+``RAY_ADDRESS`` as set by ``ray job submit``). Running the same command again resumes the
+run ``storage_path/name`` from its last checkpoint. Named flags override ``--set``, which
+overrides the environment (``SHARDED_AMS_FAIL_AT_STEP``, ``SHARDED_AMS_FAIL_RANK``), which
+overrides the config file.
+
+Exit status: 0 done, 1 training failed (the message says where a rerun resumes),
+2 bad command line or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def _add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="run (or resume) a training job with Ray Train",
+        description="Run a training job described by a TOML/YAML config with Ray Train, "
+                    "locally or on a Ray cluster. Rerunning the same command resumes the run "
+                    "from its last checkpoint (also after raising --steps).",
+    )
+    p.add_argument("config", help="job config (.toml, .yaml), e.g. launcher/configs/gpt_tiny.toml")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to use: 'auto' (on a cluster node), 'HOST:6379' or "
+                        "'ray://HOST:10001'; default: $RAY_ADDRESS, else an embedded local Ray")
+    p.add_argument("--num-workers", type=int, metavar="N", help="training workers (job.num_workers)")
+    p.add_argument("--gpus", action="store_true", default=None,
+                   help="one GPU per worker and NCCL (job.use_gpu=true)")
+    p.add_argument("--storage-path", metavar="P",
+                   help="runs directory: local, NFS, or s3://... (job.storage_path)")
+    p.add_argument("--name", help="run name; the run lives in storage_path/name (job.name)")
+    p.add_argument("--steps", type=int, metavar="N", help="total optimizer steps (job.steps)")
+    p.add_argument("--max-failures", type=int, metavar="N",
+                   help="worker-group restarts allowed, -1 unlimited (job.max_failures)")
+    p.add_argument("--fail-at-step", type=int, metavar="K",
+                   help="fault injection: a worker exits after step K, once (job.fail_at_step)")
+    p.add_argument("--fail-rank", type=int, metavar="R",
+                   help="fault injection: the rank that exits (job.fail_rank, default 0)")
+    p.add_argument("--resume-from", metavar="CKPT",
+                   help="checkpoint to start from if the run has none of its own (job.resume_from)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=1e-3 --set data.batch_size=32")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config as JSON and exit without starting Ray")
+    p.add_argument("--verbose", "-v", action="store_true", help="show all of Ray's log lines")
+    p.set_defaults(func=_cmd_train)
+
+
+_FLAG_KEYS = {
+    "num_workers": "job.num_workers",
+    "gpus": "job.use_gpu",
+    "storage_path": "job.storage_path",
+    "name": "job.name",
+    "steps": "job.steps",
+    "max_failures": "job.max_failures",
+    "fail_at_step": "job.fail_at_step",
+    "fail_rank": "job.fail_rank",
+    "resume_from": "job.resume_from",
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from launcher.config import load_config, parse_override
+
+    try:
+        overrides = dict(parse_override(item) for item in args.overrides)
+        for attr, key in _FLAG_KEYS.items():
+            value = getattr(args, attr)
+            if value is not None:
+                overrides[key] = value
+        config = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sharded-ams train: error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+
+    from launcher.ray_launcher import TrainingFailed, run
+
+    try:
+        run(config, address=args.address, verbose=args.verbose)
+    except TrainingFailed as exc:
+        print(f"[sharded-ams] TRAINING FAILED: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("[sharded-ams] interrupted; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+def _add_ckpt_parser(subparsers) -> None:
+    """``sharded-ams ckpt ...`` lives in launcher/ckpt_cli.py (imported only when needed)."""
+    try:
+        from launcher.ckpt_cli import add_ckpt_subparser
+    except ImportError as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        p = subparsers.add_parser("ckpt", help="checkpoint tools (unavailable)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+        def unavailable(_args: argparse.Namespace) -> int:
+            print(f"sharded-ams ckpt: not available ({reason})", file=sys.stderr)
+            return 2
+
+        p.set_defaults(func=unavailable)
+        return
+    add_ckpt_subparser(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sharded-ams",
+        description="ZeRO-1 sharded AMS/Grams training: launch and resume jobs with Ray Train, "
+                    "and work with their checkpoints.",
+    )
+    from sharded_ams import __version__
+
+    parser.add_argument("--version", action="version", version=f"sharded-ams {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_parser(subparsers)
+    _add_ckpt_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``sharded-ams`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    rc = func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The training loop every Ray Train worker runs: plain PyTorch plus a few marked Ray calls.
+
+``train_loop(config)`` is an ordinary function you can copy into your own project. It
+builds the GPT (the same seed on every rank), a :class:`sharded_ams.ShardedAMS` over the
+process group that Ray Train's ``TorchTrainer`` set up (gloo on CPU, NCCL on GPU; no DDP
+wrapper: the optimizer reduces the gradients itself), and an LR schedule; resumes from
+the run's latest checkpoint; trains on this rank's slice of each global batch; reports
+metrics every ``log_every`` steps and checkpoints every ``checkpoint_every`` steps and at
+the end. The Ray calls are the lines marked ``# [Ray]``:
+
+* ``ray.train.torch.get_device()``: this worker's GPU (or the CPU);
+* ``ray.train.get_checkpoint()``: the run's latest committed checkpoint, after a worker
+  failure or when the same run is launched again (Ray Train V2 restores it by run name);
+* ``ray.train.report(metrics, checkpoint=...)``: a barrier across ranks. Each rank writes
+  its own shard file (rank-unique names) into its own temporary directory, and Ray Train
+  uploads every rank's directory into one checkpoint folder of the run.
+
+``config`` is ``launcher.config.Config.to_dict()`` (sections model, data, optim, job) plus
+``run_dir`` (where the run lives), ``launch_id`` and ``resume_from`` (a checkpoint to
+start from when Ray has none for this run, found by the driver).
+
+Steps are counted as completed optimizer steps: the checkpoint "at step s" holds the
+state after s steps, and the batch that step s+1 trains on is ``get_batch(train, s, ...)``,
+a function of (seed, s) only. So a run restarted from any checkpoint, on any number of
+workers, sees exactly the data an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import ray.train  # [Ray]
+import ray.train.torch  # [Ray]
+
+from launcher.data import get_batch, load_corpus, split
+from launcher.model import GPT, GPTConfig
+from sharded_ams import ShardedAMS
+from sharded_ams.checkpoint import load_checkpoint, save_checkpoint, step_dir_name
+
+# Lines that start with this tag are progress lines; the driver shows them without
+# Ray's "(RayTrainWorker pid=...)" prefix (see launcher.ray_launcher).
+PROGRESS_TAG = "[sharded-ams]"
+STATE_DIR = ".sharded_ams"  # launcher bookkeeping inside the run dir (markers, attempts)
+# Ray's controller collects reports by polling workers (every ~2 s); a worker that dies
+# sooner than that after ray.train.report can lose the report, checkpoint included.
+REPORT_SETTLE_S = 5.0
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
+              min_lr_ratio: float) -> float:
+    """LR multiplier for the update that produces step ``step + 1``: linear warmup, then
+    constant or cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _log(msg: str) -> None:
+    # sys.stdout rather than print(): Ray Train patches print() into its logger, which can
+    # show a line twice on the driver.
+    sys.stdout.write(f"{PROGRESS_TAG} {msg}\n")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- storage
+# Small marker files in the run directory, which may be a local/NFS path or a URI.
+
+
+def _fs_and_path(path: str):
+    if "://" in path:
+        import pyarrow.fs
+
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return None, path
+
+
+def _exists(path: str) -> bool:
+    fs, p = _fs_and_path(path)
+    if fs is None:
+        return os.path.exists(p)
+    import pyarrow.fs
+
+    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
+
+
+def _write_text(path: str, text: str) -> None:
+    fs, p = _fs_and_path(path)
+    if fs is None:
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        tmp = f"{p}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+        return
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: torch.Tensor, *, batch_size: int, block_size: int,
+             iters: int, seed: int, rank: int, world_size: int, device: torch.device) -> float:
+    """Mean loss over ``iters`` fixed global batches of ``data``, each rank taking its slice
+    (so the number does not depend on the world size, up to float rounding)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i in range(iters):
+        x, y = get_batch(data, i, batch_size, block_size, seed=seed, rank=rank, world_size=world_size)
+        _, loss = model(x.to(device), y.to(device))
+        total += loss.double()
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return total.item() / (iters * world_size)
+
+
+def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
+    value = value.double()
+    if world_size > 1:
+        dist.all_reduce(value)  # SUM: gloo has no AVG
+    return value.item() / world_size
+
+
+def _maybe_fail(job: dict, step: int, rank: int, run_dir: str, last_report: float) -> None:
+    """Fault injection: rank ``fail_rank`` exits after step ``fail_at_step``, once per run."""
+    if job.get("fail_at_step") != step or rank != job.get("fail_rank", 0):
+        return
+    marker = f"{run_dir}/{STATE_DIR}/failed-at-step{step}-rank{rank}"
+    if _exists(marker):
+        return  # this run already failed here once: the restarted worker carries on
+    _write_text(marker, f"{time.time()}\n")
+    _log(f"fault injection: rank {rank} exits (os._exit(1)) after step {step}")
+    # Do not die right after a report: Ray could lose it (see REPORT_SETTLE_S).
+    time.sleep(max(0.0, REPORT_SETTLE_S - (time.monotonic() - last_report)))
+    os._exit(1)
+
+
+def _load(path: str, optimizer, model, scheduler) -> int:
+    return int(load_checkpoint(path, optimizer, model=model, lr_scheduler=scheduler)["step"])
+
+
+def _save_and_report(metrics: dict, optimizer, model, scheduler, step: int, extra: dict) -> None:
+    """Every rank writes its shard into its own temp dir (rank 0 also the manifest, which
+    lists every rank's file); Ray uploads them all into the run's ``step-XXXXXXXX`` folder."""
+    with tempfile.TemporaryDirectory(prefix="sharded-ams-ckpt-") as tmp:
+        save_checkpoint(tmp, optimizer, model=model, step=step, extra=extra,
+                        lr_scheduler=scheduler, shared_fs=False).wait()
+        ray.train.report(  # [Ray] barrier; uploads tmp into the run's checkpoint folder
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),  # [Ray]
+            checkpoint_dir_name=step_dir_name(step),
+        )
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_loop(config: dict) -> dict[str, Any]:
+    """Train the GPT with ShardedAMS on this worker; see the module docstring.
+
+    Returns (on every rank; Ray keeps rank 0's) a summary dict: start_step, step,
+    train_loss, val_loss, world_size.
+    """
+    mcfg, dcfg, ocfg, job = config["model"], config["data"], config["optim"], config["job"]
+    run_dir: str = config.get("run_dir") or f"{job['storage_path'].rstrip('/')}/{job['name']}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    device = ray.train.torch.get_device()  # [Ray] this worker's GPU, or the CPU
+
+    # ---- model, optimizer, schedule: identical on every rank
+    torch.manual_seed(dcfg["seed"])
+    model = GPT(GPTConfig(**mcfg)).to(device)
+    opt_kw = {k: ocfg[k] for k in ("lr", "eps", "weight_decay", "max_grad_norm", "backend")}
+    opt_kw["betas"] = tuple(ocfg["betas"])
+    if ocfg.get("preset"):
+        opt_kw["preset"] = ocfg["preset"]
+    else:
+        opt_kw.update(beta3=ocfg.get("beta3"), lam=ocfg.get("lam"))
+    optimizer = ShardedAMS(model, **opt_kw)
+    total_steps = job["steps"]
+
+    def schedule(step: int) -> float:
+        return lr_factor(step, total_steps=total_steps, warmup_steps=ocfg["warmup_steps"],
+                         schedule=ocfg["schedule"], min_lr_ratio=ocfg["min_lr_ratio"])
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    # ---- resume: the run's own latest checkpoint, else the one the driver found
+    step, resumed_from = 0, None
+    checkpoint = ray.train.get_checkpoint()  # [Ray] None on the first start of a new run
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:  # local/NFS: the folder itself; URI: a download
+            step = _load(path, optimizer, model, scheduler)
+        resumed_from = checkpoint.path
+    elif config.get("resume_from"):
+        resumed_from = config["resume_from"]
+        step = _load(resumed_from, optimizer, model, scheduler)
+    start_step = step
+
+    if rank == 0:
+        _write_text(f"{run_dir}/{STATE_DIR}/attempts/{config.get('launch_id', 'x')}-{time.time_ns()}.json",
+                    json.dumps({"start_step": start_step, "world_size": world_size,
+                                "resumed_from": resumed_from, "time": time.time()}))
+        how = f"resuming from {resumed_from} (step {start_step})" if resumed_from else "starting from scratch"
+        _log(f"{world_size} worker(s) on {device.type}, backend {optimizer.backend}: {how}")
+
+    # ---- data: the global batch of step s is a function of (seed, s); this rank takes its slice
+    train_data, val_data = split(load_corpus(dcfg["max_bytes"]), dcfg["val_fraction"])
+    batch_size, block_size, seed = dcfg["batch_size"], dcfg["block_size"] or mcfg["block_size"], dcfg["seed"]
+    tokens_per_step = batch_size * block_size
+    eval_kw = dict(batch_size=batch_size, block_size=block_size, iters=dcfg["eval_iters"], seed=seed,
+                   rank=rank, world_size=world_size, device=device)
+    extra = {"run": job["name"], "model": mcfg, "data_seed": seed, "world_size": world_size}
+
+    loss_sum = torch.zeros((), device=device)
+    window_steps, window_time = 0, 0.0
+    last_report = time.monotonic()
+    metrics: dict[str, Any] = {}
+    model.train()
+    while step < total_steps:
+        t0 = time.perf_counter()
+        x, y = get_batch(train_data, step, batch_size, block_size, seed=seed, rank=rank,
+                         world_size=world_size)
+        _, loss = model(x.to(device), y.to(device))
+        loss.backward()
+        optimizer.step()  # reduce-scatter grads, AMS step on this rank's shard, all-gather params
+        optimizer.zero_grad()
+        scheduler.step()
+        step += 1
+        loss_sum += loss.detach()
+        window_steps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        window_time += time.perf_counter() - t0
+
+        _maybe_fail(job, step, rank, run_dir, last_report)
+
+        final = step == total_steps
+        save = final or step % job["checkpoint_every"] == 0
+        do_eval = final or (job["eval_every"] and step % job["eval_every"] == 0)
+        if not (save or do_eval or step % job["log_every"] == 0):
+            continue
+        info = optimizer.last_step
+        metrics = {
+            "step": step,
+            "start_step": start_step,
+            "loss": _mean_over_ranks(loss_sum / window_steps, world_size),
+            "lr": float(optimizer.param_groups[0]["lr"]),
+            "grad_norm": float("nan") if info.grad_norm is None else float(info.grad_norm),
+            "skipped_steps": optimizer.skipped_steps,
+            "step_time_ms": 1000.0 * window_time / window_steps,
+            "tokens_per_s": tokens_per_step * window_steps / max(window_time, 1e-9),
+            "world_size": world_size,
+        }
+        if do_eval:
+            metrics["val_loss"] = evaluate(model, val_data, **eval_kw)
+        if rank == 0:
+            val = f" | val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
+            _log(f"step {step:>{len(str(total_steps))}}/{total_steps} | loss {metrics['loss']:.4f}{val} | "
+                 f"{metrics['tokens_per_s']:,.0f} tok/s | {metrics['step_time_ms']:.1f} ms/step | "
+                 f"lr {metrics['lr']:.2e} | grad norm {metrics['grad_norm']:.3f}")
+        if save:
+            _save_and_report(metrics, optimizer, model, scheduler, step, extra)
+        else:
+            ray.train.report(metrics)  # [Ray] barrier; metrics only
+        last_report = time.monotonic()
+        loss_sum.zero_()
+        window_steps, window_time = 0, 0.0
+
+    if start_step >= total_steps:  # nothing to train: the run was already complete
+        metrics = {"step": step, "start_step": start_step, "world_size": world_size,
+                   "val_loss": evaluate(model, val_data, **eval_kw)}
+        if rank == 0:
+            _log(f"run already at step {step} (job.steps={total_steps}): nothing to train "
+                 f"(val loss {metrics['val_loss']:.4f}); raise job.steps to train further")
+        ray.train.report(metrics)  # [Ray]
+    return {"start_step": start_step, "step": step, "train_loss": metrics.get("loss"),
+            "val_loss": metrics.get("val_loss"), "world_size": world_size,
+            "resumed_from": resumed_from}
