@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from .model import GPTConfig
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
@@ -102,23 +104,9 @@ def is_uri(path: str) -> bool:
 
 
 @dataclass
-class ModelConfig:
-    """Shape of the launcher's GPT (``launcher.model.GPTConfig`` has the same fields)."""
-
-    vocab_size: int = 256
-    """Token vocabulary; the corpus is bytes, so at least 256."""
-    block_size: int = 64
-    """Longest context the model supports (size of the position table)."""
-    n_layer: int = 2
-    """Number of transformer blocks."""
-    n_head: int = 2
-    """Attention heads per block; must divide n_embd."""
-    n_embd: int = 64
-    """Width of the residual stream."""
-    dropout: float = 0.0
-    """Dropout probability. 0 keeps training bit-deterministic, which resume tests rely on."""
-    tie_weights: bool = True
-    """Share the token embedding with the output head."""
+class ModelConfig(GPTConfig):
+    """Shape of the launcher's GPT: the fields of ``launcher.model.GPTConfig``, validated
+    with config-style errors ("model.n_head ...")."""
 
     def __post_init__(self) -> None:
         s = "model"
@@ -130,10 +118,8 @@ class ModelConfig:
         _check_float(s, "dropout", self.dropout, low=0.0, high=1.0, high_open=True)
         _check_bool(s, "tie_weights", self.tie_weights)
 
-    def to_gpt_config(self):
-        """The ``launcher.model.GPTConfig`` for these fields (imports torch)."""
-        from .model import GPTConfig
-
+    def to_gpt_config(self) -> GPTConfig:
+        """The plain ``GPTConfig`` for these fields."""
         return GPTConfig(**dataclasses.asdict(self))
 
 

@@ -154,6 +154,9 @@ class AMS(Optimizer):
         """As torch.optim, but optimizer state stays fp32 whatever the param dtype."""
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
+        for group in self.param_groups:  # groups saved by another optimizer lack our keys
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):

@@ -355,9 +355,9 @@ class ShardedAMS(Optimizer):
             raise ValueError(f"Checkpoint has {len(sd['param_groups'])} param groups, "
                              f"the optimizer {len(self.param_groups)}")
         need = {k for sh in self.shards for k in sh.state} | {"master"}
-        if not need <= set(sd["state_keys"]):
-            raise ValueError(f"Checkpoint state {sd['state_keys']} lacks {sorted(need - set(sd['state_keys']))}"
-                             " (saved with a different optimizer or beta3?)")
+        if need != set(sd["state_keys"]):
+            raise ValueError(f"Checkpoint state {sorted(sd['state_keys'])} differs from this "
+                             f"optimizer's {sorted(need)} (saved with a different beta3 or optimizer?)")
 
     def _fill_piece(self, sh: _DtypeShard, pc, recs: list[dict]) -> None:
         lo, hi = pc.param_offset, pc.param_offset + pc.length

@@ -1,0 +1,164 @@
+"""``ckpt`` commands: inspect and consolidate sharded-ams checkpoints (no Ray needed).
+
+    sharded-ams ckpt inspect DIR [--json] [--no-checksums]
+    sharded-ams ckpt consolidate DIR OUT
+    python -m launcher.ckpt_cli inspect DIR          # the same, standalone
+
+``launcher/cli.py`` registers them with :func:`add_ckpt_subparser`. Every leaf parser sets
+``func``: call ``args.func(args)``; it returns the process exit code (0 ok, 1 invalid or
+failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["add_ckpt_subparser", "main", "inspect_checkpoint"]
+
+
+def inspect_checkpoint(path: str, *, checksums: bool = True) -> dict:
+    """Summary of a checkpoint directory as a JSON-able dict (``valid`` and ``reason``
+    say whether it loads; whatever the manifest tells is filled in even if it does not)."""
+    from sharded_ams.checkpoint import CheckpointError, _read_manifest, validate_checkpoint
+
+    out: dict = {"path": str(path), "valid": False, "reason": None}
+    man = None
+    try:
+        man = validate_checkpoint(path, checksums=checksums)
+        out["valid"] = True
+    except CheckpointError as exc:
+        out["reason"] = str(exc)
+        try:
+            man = _read_manifest(Path(path))
+        except CheckpointError:
+            man = None
+    if man is None:
+        return out
+    groups = []
+    for g in man.param_groups:
+        hp = {k: v for k, v in g.items() if k != "params"}
+        hp["num_params"] = len(g["params"])
+        groups.append(hp)
+    sb = man.state_bytes()
+    out.update({
+        "step": man.step, "world_size": man.world_size, "created": man.created,
+        "format_version": man.version, "torch_version": man.torch_version,
+        "optimizer": man.optimizer.get("class"), "state_keys": man.state_keys,
+        "num_params": len(man.params), "numel": man.numel(),
+        "state_bytes": sb, "state_bytes_total": sum(sb.values()),
+        "files_bytes": man.files_bytes(),
+        "files": {n: int(f["size"]) for n, f in man.files.items()},
+        "hyperparameters": groups,
+        "skipped_steps": man.optimizer.get("skipped_steps", 0),
+        "has_model_extra": man.model is not None,
+    })
+    return out
+
+
+def _fmt_bytes(n: int) -> str:
+    """'1.5 MiB (1,572,864 B)': human size plus the exact byte count."""
+    if n < 1024:
+        return f"{n:,} B"
+    x, unit = float(n), "B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        x /= 1024
+        if x < 1024:
+            break
+    return f"{x:,.1f} {unit} ({n:,} B)"
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_checkpoint(args.dir, checksums=not args.no_checksums)
+    if args.json:
+        print(json.dumps(info, indent=2, default=repr))
+        return 0 if info["valid"] else 1
+    print(f"checkpoint: {info['path']}")
+    print("status:     " + ("valid" if info["valid"] else f"INVALID: {info['reason']}"))
+    if "step" not in info:
+        return 1
+    print(f"step:       {info['step']}")
+    print(f"world size: {info['world_size']}")
+    print(f"created:    {info['created']}")
+    print(f"optimizer:  {info['optimizer']} (state keys: {', '.join(info['state_keys'])}; "
+          f"skipped steps: {info['skipped_steps']})")
+    print(f"params:     {info['num_params']} tensors, {info['numel']:,} elements")
+    for k, v in info["state_bytes"].items():
+        print(f"state {k + ':':<12}{_fmt_bytes(v)}")
+    print(f"state total:      {_fmt_bytes(info['state_bytes_total'])}")
+    print(f"files:      {len(info['files'])}, {_fmt_bytes(info['files_bytes'])}")
+    for i, g in enumerate(info["hyperparameters"]):
+        hp = ", ".join(f"{k}={v}" for k, v in g.items())
+        print(f"group {i}:    {hp}")
+    return 0 if info["valid"] else 1
+
+
+def _cmd_consolidate(args: argparse.Namespace) -> int:
+    import torch
+
+    from sharded_ams.checkpoint import CheckpointError, consolidate
+
+    try:
+        full = consolidate(args.dir)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(full, tmp)
+    os.replace(tmp, out)
+    n = sum(t.numel() for t in full["model"].values() if isinstance(t, torch.Tensor))
+    print(f"wrote {out}: step {full['step']}, {len(full['param_names'])} optimized params, "
+          f"{len(full['model'])} model state_dict entries ({n:,} elements); load with "
+          "AMS.load_state_dict(torch.load(OUT)['optimizer']) and "
+          "model.load_state_dict(torch.load(OUT)['model'])")
+    return 0
+
+
+def _add_commands(sub) -> None:
+    p = sub.add_parser("inspect", help="summarise and validate a checkpoint directory",
+                       description="Print step, world size, params, state sizes, "
+                                   "hyperparameters and whether the checkpoint is valid "
+                                   "(manifest, file sizes, sha256). Exit code 1 if invalid.")
+    p.add_argument("dir", help="checkpoint directory (holding manifest.json)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--no-checksums", action="store_true",
+                   help="check sizes only, skip the sha256 of every file (faster)")
+    p.set_defaults(func=_cmd_inspect)
+    c = sub.add_parser("consolidate", help="write one unsharded state (model + AMS optimizer)",
+                       description="torch.save the unsharded state of a checkpoint of any "
+                                   "world size: {'model', 'optimizer', 'param_names', 'step', "
+                                   "...}, loadable by a single-process sharded_ams.AMS.")
+    c.add_argument("dir", help="checkpoint directory")
+    c.add_argument("out", help="output file (.pt)")
+    c.set_defaults(func=_cmd_consolidate)
+
+
+def add_ckpt_subparser(subparsers) -> argparse.ArgumentParser:
+    """Add ``ckpt {inspect,consolidate}`` to ``subparsers`` (from ``add_subparsers()``)."""
+    p = subparsers.add_parser("ckpt", help="inspect or consolidate checkpoints",
+                              description="Inspect or consolidate sharded-ams checkpoints.")
+    sub = p.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate}")
+    sub.required = True
+    _add_commands(sub)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.ckpt_cli",
+                                     description="Inspect or consolidate sharded-ams checkpoints.")
+    sub = parser.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate}")
+    sub.required = True
+    _add_commands(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
