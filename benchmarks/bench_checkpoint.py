@@ -21,15 +21,12 @@ which goes first. ``--dir /dev/shm/...`` (tmpfs) measures the CPU cost alone
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +37,9 @@ import torch.distributed as dist
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+from bench_common import env_info  # noqa: E402
 from sharded_ams import ShardedAMS  # noqa: E402
 from sharded_ams.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -190,25 +188,6 @@ def table(rows: list[dict]) -> str:
                      f"{r['blocked_s']:.3f} | {r['total_s']:.3f} | {r['blocked_s_per_gb']:.3f} | "
                      f"{r['total_s_per_gb']:.3f} | {r['gb_per_s']:.3f} |")
     return "\n".join(lines)
-
-
-def env_info() -> dict:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        sha = None
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except Exception:
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {cpu}"
-    return {"device": device, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "git_sha": sha,
-            "loadavg_1m_at_end": os.getloadavg()[0],  # other work on the box skews timings
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
 def main(argv=None) -> int:

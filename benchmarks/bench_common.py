@@ -26,17 +26,33 @@ def git_sha() -> Optional[str]:
         return None
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
+def device_name(device: Optional[torch.device] = None) -> str:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"cpu: {cpu} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)"
 
 
-def env_info() -> dict[str, Any]:
-    """Device, versions, git SHA and date: the tag every result carries."""
-    return {"device": device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "git_sha": git_sha(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch_threads": torch.get_num_threads()}
+def loadavg() -> Optional[float]:
+    """The 1-minute load average: other processes skew CPU timings (recorded, not fixed)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def env_info(device: Optional[torch.device] = None) -> dict[str, Any]:
+    """Device, versions, git SHA, date and load: the tag every result carries."""
+    return {"device": device_name(device), "torch": torch.__version__,
+            "python": platform.python_version(), "git_sha": git_sha(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch_threads": torch.get_num_threads(), "load_average_1m": loadavg()}
 
 
 def _fmt(v: Any) -> str:

@@ -47,14 +47,11 @@ version, git SHA and date, and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,9 +60,11 @@ from typing import Callable, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
+from bench_common import device_name, env_info, loadavg  # noqa: E402
 from sharded_ams import Grams  # noqa: E402
 from sharded_ams.kernels import GroupHParams, flat_step  # noqa: E402
 from sharded_ams.kernels.eager import compile_available  # noqa: E402
@@ -274,48 +273,14 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# --- metadata ---------------------------------------------------------------------------
-
-
-def git_sha() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip() or None
-    except Exception:  # noqa: BLE001 - no git, not a checkout, ...
-        return None
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu: {cpu} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)"
-
-
-def _loadavg() -> Optional[float]:
-    """The 1-minute load average (other processes skew CPU timings; recorded, not fixed)."""
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
 def run(numel_scale: float = 1.0, repeats: int = 10, layers: int = 4, device: str = "cpu",
         rows: Optional[list[str]] = None, out: Optional[str] = None) -> dict:
     dev = torch.device(device)
-    load_before = _loadavg()
+    load_before = loadavg()
     shapes = gpt_shapes(numel_scale, layers)
     numel = sum(math.prod(s) for s in shapes)
     print(f"GPT-like set: {len(shapes)} tensors, {numel:,} parameters "
-          f"(numel_scale={numel_scale}, layers={layers}), device {device_description(dev)}",
+          f"(numel_scale={numel_scale}, layers={layers}), device {device_name(dev)}",
           flush=True)
     results = []
     for name in rows or ROW_NAMES:
@@ -327,19 +292,14 @@ def run(numel_scale: float = 1.0, repeats: int = 10, layers: int = 4, device: st
     report = {
         "benchmark": "bench_step",
         "meta": {
-            "device": device_description(dev),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "git_sha": git_sha(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **env_info(dev),
             "numel": numel,
             "num_tensors": len(shapes),
             "numel_scale": numel_scale,
             "layers": layers,
             "repeats": repeats,
-            "torch_threads": torch.get_num_threads(),
             "load_average_1m_before": load_before,
-            "load_average_1m_after": _loadavg(),
+            "load_average_1m_after": loadavg(),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
             "bytes_per_element": BYTES_PER_ELEMENT,
             "optimizer": "Grams (beta3=0, lam=-1), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, wd=0",
