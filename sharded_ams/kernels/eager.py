@@ -92,11 +92,20 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
+def _alias(t: Tensor) -> Tensor:
+    """The same memory as a plain 1-D tensor: not a view, not a Parameter.
+
+    A view (a slice of a flat buffer) that the compiled function mutates is written
+    back by AOTAutograd after the kernel, a second pass (measured 2x slower on CPU); a
+    Parameter or another rank would be a new compiled variant.
+    """
+    t = t.detach().view(-1)
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
 def _plain(args: tuple) -> tuple:
-    # Detached 1-D views: a Parameter (requires_grad) or another rank would be a new
-    # compiled variant; this keeps one variant per dtype and hyperparameter set.
-    return tuple(a.detach().view(-1) if isinstance(a, Tensor) and a.dim() > 0 else a
-                 for a in args)
+    return tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
 
 
 class CompiledOps:
