@@ -3,15 +3,11 @@
 with :func:`launcher.ray_launcher.run` in one embedded Ray session, collect its loss
 history, and write the CSV, the loss-curve plot and the Markdown table.
 
-Where the loss history comes from: ``run()`` returns a :class:`RunResult` with the final
-losses only, and Ray Train V2 keeps no history of metrics-only reports
-(``ray.train.report(metrics)``): ``Result.metrics_dataframe`` holds the metrics of the
-*retained checkpoints* only. So :func:`make_config` checkpoints at every log step
-(``job.checkpoint_every = job.log_every``) and keeps them all (``job.keep_last``),
-:func:`history_from_result` reads ``result.ray_result.metrics_dataframe``, and
-:func:`prune_to_final` then deletes all but the final checkpoint. Evaluation steps must be
-log steps (``eval_every`` a multiple of ``log_every``), or their val loss is reported
-without a checkpoint and lost.
+The loss history is the launcher's ``RunResult.history``: rank 0's metrics reports, one per
+reported step (every ``log_every`` steps, every evaluation and the last step), read from
+the run dir's ``.sharded_ams/metrics.jsonl``. Evaluation steps are log steps
+(``eval_every`` a multiple of ``log_every``), so that the train-loss points stay evenly
+spaced windows of ``log_every`` steps.
 
 Each train-loss point is the launcher's ``loss`` metric: the mean over the ``log_every``
 steps ending at that step, averaged over the workers.
@@ -36,15 +32,9 @@ if str(ROOT) not in sys.path:
 
 # Read by Ray at import/init time, as launcher.ray_launcher sets them: an embedded
 # single-user Ray needs no token auth (Ray 2.60's default), and the launcher uses Train V2.
+# (The launcher's run() also sets Ray Train's faster report polling for a local Ray.)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-# Ray Train's controller collects each worker's ray.train.report() when it polls the
-# workers, every 2 s by default, and a worker's next report waits for that (a queue of
-# one): logging every 10 steps then costs ~2 s per report (300 steps of the tiny GPT on 2
-# CPU workers: 75 s instead of 25 s). Poll every 0.25 s in the Ray these examples start
-# (read by the controller actor, so it must be set before ray.init; no effect on a Ray
-# that is already running).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 from launcher.config import Config, load_config, parse_override  # noqa: E402  (no torch/ray import)
 
@@ -89,35 +79,40 @@ def check_intervals(steps: int, log_every: int, eval_every: int) -> None:
         raise ValueError(f"--log-every must be >= 1, got {log_every}")
     if eval_every < 0 or (eval_every and eval_every % log_every):
         raise ValueError(f"--eval-every ({eval_every}) must be 0 or a multiple of --log-every "
-                         f"({log_every}): only reports with a checkpoint are kept by Ray")
+                         f"({log_every}), so that every val loss has a train-loss point")
 
 
 def make_config(storage: os.PathLike | str, name: str, *, steps: int, workers: int = 2,
                 backend: str = "eager", log_every: int = 10, eval_every: int = 50,
                 model: Optional[Mapping[str, Any]] = None, optim: Optional[Mapping[str, Any]] = None,
                 job: Optional[Mapping[str, Any]] = None,
-                overrides: Sequence[str] = (), config: os.PathLike | str = GPT_TINY,
-                history: bool = True) -> Config:
-    """``config`` (default gpt_tiny.toml) with the run's name, length and workers.
+                overrides: Sequence[str] = (), config: os.PathLike | str = GPT_TINY) -> Config:
+    """``config`` (default gpt_tiny.toml) with the run's name, length and workers; the run
+    dir keeps only its newest checkpoint (``job.keep_last = 1``: the final one, once done),
+    and the config file's ``checkpoint_every`` is rounded up to a multiple of ``log_every``.
 
-    ``history=True`` checkpoints at every log step and keeps them all, so that
-    :func:`history_from_result` finds every logged loss. ``model``/``optim``/``job`` are
-    extra ``{key: value}`` settings of those sections; ``overrides`` are ``section.key=value``
-    strings (as ``sharded-ams train --set``) applied last.
+    ``model``/``optim``/``job`` are extra ``{key: value}`` settings of those sections;
+    ``overrides`` are ``section.key=value`` strings (as ``sharded-ams train --set``) applied
+    last.
     """
     check_intervals(steps, log_every, eval_every)
     ov: dict[str, Any] = {
         "job.storage_path": str(Path(storage).absolute()), "job.name": name, "job.steps": steps,
         "job.num_workers": workers, "job.log_every": log_every, "job.eval_every": eval_every,
-        "job.fail_at_step": None, "optim.backend": backend,
+        "job.keep_last": 1, "job.fail_at_step": None, "optim.backend": backend,
     }
-    if history:
-        ov.update({"job.checkpoint_every": log_every, "job.keep_last": steps // log_every + 2})
     ov.update({f"model.{k}": v for k, v in (model or {}).items()})
     ov.update({f"optim.{k}": v for k, v in (optim or {}).items()})
     ov.update({f"job.{k}": v for k, v in (job or {}).items()})
     ov.update(dict(map(parse_override, overrides)))
-    return load_config(config, ov, environ={})  # environ={}: ignore SHARDED_AMS_FAIL_* here
+    cfg = load_config(config, ov, environ={})  # environ={}: ignore SHARDED_AMS_FAIL_* here
+    j = cfg.job
+    if j.checkpoint_every % j.log_every and "job.checkpoint_every" not in ov:
+        # A checkpoint step reports too, and every report starts a new train-loss window:
+        # checkpoint at log steps only (the config file's interval, rounded up to a multiple).
+        ov["job.checkpoint_every"] = -(-j.checkpoint_every // j.log_every) * j.log_every
+        cfg = load_config(config, ov, environ={})
+    return cfg
 
 
 # ----------------------------------------------------------------------------- running
@@ -142,76 +137,43 @@ def local_ray(num_workers: int = 2) -> Iterator[None]:
 
 
 def history_from_result(res: Any, cfg: Config, key: str, title: str) -> History:
-    """The loss history of a finished run from Ray's ``Result.metrics_dataframe``.
+    """The loss history of a finished run from the launcher's ``RunResult.history``.
 
-    Raises RuntimeError naming the missing steps if it lacks a logged step (a config made
-    without ``make_config(history=True)``, or a launcher that reports differently)."""
-    df = getattr(res.ray_result, "metrics_dataframe", None)
-    if df is None or len(df) == 0 or "step" not in df or "loss" not in df:
-        raise RuntimeError(
-            f"run {cfg.job.name!r}: Ray's Result.metrics_dataframe has no step/loss rows "
-            f"({None if df is None else list(df.columns)}); it only holds the metrics of "
-            "retained checkpoints: use make_config(history=True)")
-    by_step: dict[int, dict] = {}
-    for row in df.to_dict("records"):  # after a restart a step can appear twice: keep the last
-        if row.get("loss") is not None and not _isnan(row["loss"]):
-            by_step[int(row["step"])] = row
+    Raises RuntimeError naming the missing steps if it lacks a logged step (e.g. a run dir
+    on an object store, where the launcher keeps no history)."""
+    by_step = {int(r["step"]): r for r in res.history if r.get("loss") is not None}
     job = cfg.job
     expected = set(range(job.log_every, job.steps + 1, job.log_every)) | {job.steps}
     missing = sorted(expected - set(by_step))
     if missing:
         raise RuntimeError(
-            f"run {job.name!r}: no metrics for step(s) {missing[:10]} in Ray's metrics_dataframe "
-            f"(has {sorted(by_step)[:10]}...); it only holds retained checkpoints' metrics: "
-            "checkpoint at every log step and keep them all (make_config(history=True))")
+            f"run {job.name!r}: no train loss for step(s) {missing[:10]} in its metrics history "
+            f"(has {sorted(by_step)[:10]}...; the launcher keeps it in local/NFS run dirs only)")
     steps = sorted(by_step)
-    val = [by_step[s].get("val_loss") for s in steps]
     return History(
         key=key, title=title, steps=steps,
         train_loss=[float(by_step[s]["loss"]) for s in steps],
-        val_loss=[None if v is None or _isnan(v) else float(v) for v in val],
+        val_loss=[None if by_step[s].get("val_loss") is None else float(by_step[s]["val_loss"])
+                  for s in steps],
         final_train=res.train_loss, final_val=res.val_loss, wall_time_s=res.wall_time_s,
         result=res,
     )
 
 
-def run_with_history(cfg: Config, key: str, title: str, *, fresh: bool = True,
-                     prune: bool = True) -> History:
+def run_with_history(cfg: Config, key: str, title: str, *, fresh: bool = True) -> History:
     """Run ``cfg`` with the launcher (in the current Ray, see :func:`local_ray`) and return
     its loss history.
 
     ``fresh``: delete ``storage_path/name`` first, so that an earlier run of the example is
-    not resumed (the launcher resumes a run dir that exists). ``prune``: then delete the
-    intermediate checkpoints (see :func:`prune_to_final`)."""
+    not resumed (the launcher resumes a run dir that exists)."""
     from launcher.ray_launcher import run
 
     if fresh and Path(cfg.job.run_dir).exists():
         shutil.rmtree(cfg.job.run_dir)
-    res = run(cfg)
-    history = history_from_result(res, cfg, key, title)
-    if prune and res.checkpoint:
-        prune_to_final(cfg.job.run_dir, res.checkpoint)
-    return history
-
-
-def prune_to_final(run_dir: os.PathLike | str, final_checkpoint: os.PathLike | str) -> None:
-    """Delete every ``step-*`` checkpoint of a local run dir but ``final_checkpoint`` (the
-    per-log-step ones were only needed for the history: 4 layers x 128 keep ~9 MB each),
-    and Ray's ``checkpoint_manager_snapshot.json``, which lists them. The run stays
-    resumable: without a snapshot the launcher resumes from the newest committed
-    checkpoint in the run dir."""
-    final = Path(final_checkpoint).resolve()
-    for d in Path(run_dir).glob("step-*"):
-        if d.is_dir() and d.resolve() != final:
-            shutil.rmtree(d)
-    (Path(run_dir) / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+    return history_from_result(run(cfg), cfg, key, title)
 
 
 Runner = Callable[[Config, str, str], History]
-
-
-def _isnan(x: Any) -> bool:
-    return isinstance(x, float) and math.isnan(x)
 
 
 # ----------------------------------------------------------------------------- outputs

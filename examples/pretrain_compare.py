@@ -14,8 +14,8 @@ clipping at 1.0. One seed and a few hundred steps: check that a small difference
 with another seed (``--set data.seed=1``) before reading much into it. The defaults take
 ~45 s per run on 2 CPU cores.
 
-The per-step losses come from Ray's ``Result.metrics_dataframe`` (see ``examples/_common.py``
-for why each log step is checkpointed). Written to ``--out`` (default out/pretrain_compare):
+The per-step losses come from the launcher's ``RunResult.history`` (see
+``examples/_common.py``). Written to ``--out`` (default out/pretrain_compare):
 
 * ``losses.csv``: optimizer, step, train_loss, val_loss (val every ``--eval-every`` steps
   and at the end, empty elsewhere); train_loss is the mean over the ``--log-every`` steps

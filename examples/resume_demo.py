@@ -57,7 +57,7 @@ def config(a: argparse.Namespace, name: str, fail: bool):
         job.update(fail_at_step=a.fail_at_step, fail_rank=a.fail_rank)
     return _common.make_config(Path(a.out) / "runs", name, steps=a.steps, workers=a.workers,
                                backend=a.backend, log_every=job["log_every"], eval_every=0,
-                               job=job, history=False)
+                               job=job)
 
 
 def _run(cfg):

@@ -15,6 +15,11 @@ the end. The Ray calls are the lines marked ``# [Ray]``:
   its own shard file (rank-unique names) into its own temporary directory, and Ray Train
   uploads every rank's directory into one checkpoint folder of the run.
 
+Rank 0 also appends every metrics dict it reports, as one JSON line, to the run's
+``.sharded_ams/metrics.jsonl`` (the per-step history; Ray Train V2 keeps the metrics of
+retained checkpoints only). The driver reads it back with
+``launcher.ray_launcher.read_history``.
+
 ``config`` is ``launcher.config.Config.to_dict()`` (sections model, data, optim, job) plus
 ``run_dir`` (where the run lives), ``launch_id`` and ``resume_from`` (a checkpoint to
 start from when Ray has none for this run, found by the driver).
@@ -50,8 +55,10 @@ from sharded_ams.checkpoint import load_checkpoint, save_checkpoint, step_dir_na
 # Ray's "(RayTrainWorker pid=...)" prefix (see launcher.ray_launcher).
 PROGRESS_TAG = "[sharded-ams]"
 STATE_DIR = ".sharded_ams"  # launcher bookkeeping inside the run dir (markers, attempts)
-# Ray's controller collects reports by polling workers (every ~2 s); a worker that dies
-# sooner than that after ray.train.report can lose the report, checkpoint included.
+METRICS_FILE = "metrics.jsonl"  # in STATE_DIR: every report of rank 0, one JSON object a line
+# Ray's controller collects reports by polling workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+# 2 s by default); a worker that dies sooner than that after ray.train.report can lose the
+# report, checkpoint included.
 REPORT_SETTLE_S = 5.0
 
 
@@ -110,6 +117,65 @@ def _write_text(path: str, text: str) -> None:
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:
         f.write(text.encode())
+
+
+def _append_text(path: str, text: str) -> None:
+    """Append ``text`` to a file, creating it. Object stores (s3://, gs://) cannot append:
+    pyarrow raises there (the caller gives up on the file)."""
+    fs, p = _fs_and_path(path)
+    if fs is None:
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        with open(p, "a") as f:  # no fsync: the reader skips a line cut short by a crash
+            f.write(text)
+        return
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_append_stream(p) as f:
+        f.write(text.encode())
+
+
+def _ends_without_newline(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:  # missing or empty
+        return False
+
+
+class MetricsHistory:
+    """Rank 0's append-only log of its reports: ``run_dir/.sharded_ams/metrics.jsonl``.
+
+    One JSON object a line: the reported metrics plus ``launch_id`` (one ``run()``),
+    ``attempt`` (one start of the worker group: a restart is a new attempt) and ``time``.
+    Non-finite numbers (a NaN grad norm) are written as null. A restarted attempt
+    re-reports the steps after its checkpoint; the reader keeps the newest record of each
+    step and drops what an abandoned attempt reported past that checkpoint
+    (``launcher.ray_launcher.read_history``). On storage that cannot append (S3, GCS)
+    the history is not kept: it needs a local or shared (NFS) run dir.
+    """
+
+    def __init__(self, run_dir: str, launch_id: str, attempt: str):
+        self.path = f"{run_dir}/{STATE_DIR}/{METRICS_FILE}"
+        self.ids = {"launch_id": launch_id, "attempt": attempt}
+        self.enabled = True
+        self._first = True
+
+    def append(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in {**metrics, **self.ids, "time": time.time()}.items()}
+        line = json.dumps(rec, allow_nan=False) + "\n"
+        if self._first:  # a line an earlier attempt left unfinished must not swallow ours
+            self._first = False
+            if "://" not in self.path and _ends_without_newline(self.path):
+                line = "\n" + line
+        try:
+            _append_text(self.path, line)
+        except Exception as exc:  # noqa: BLE001 - an object store; history is optional
+            self.enabled = False
+            _log(f"metrics history not kept ({type(exc).__name__}: {exc}); it needs a local "
+                 "or NFS run dir")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -216,8 +282,11 @@ def train_loop(config: dict) -> dict[str, Any]:
         step = _load(resumed_from, optimizer, model, scheduler)
     start_step = step
 
+    launch_id = config.get("launch_id", "x")
+    attempt = f"{launch_id}-{time.time_ns()}"  # this start of the worker group
+    history = MetricsHistory(run_dir, launch_id, attempt) if rank == 0 else None
     if rank == 0:
-        _write_text(f"{run_dir}/{STATE_DIR}/attempts/{config.get('launch_id', 'x')}-{time.time_ns()}.json",
+        _write_text(f"{run_dir}/{STATE_DIR}/attempts/{attempt}.json",
                     json.dumps({"start_step": start_step, "world_size": world_size,
                                 "resumed_from": resumed_from, "time": time.time()}))
         how = f"resuming from {resumed_from} (step {start_step})" if resumed_from else "starting from scratch"
@@ -274,6 +343,9 @@ def train_loop(config: dict) -> dict[str, Any]:
         if do_eval:
             metrics["val_loss"] = evaluate(model, val_data, **eval_kw)
         if rank == 0:
+            # before the report: a record whose checkpoint never commits is re-trained (and
+            # re-recorded) after a restart; one written after the report could be lost for good
+            history.append(metrics)
             val = f" | val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
             _log(f"step {step:>{len(str(total_steps))}}/{total_steps} | loss {metrics['loss']:.4f}{val} | "
                  f"{metrics['tokens_per_s']:,.0f} tok/s | {metrics['step_time_ms']:.1f} ms/step | "
@@ -287,6 +359,7 @@ def train_loop(config: dict) -> dict[str, Any]:
         window_steps, window_time = 0, 0.0
 
     if start_step >= total_steps:  # nothing to train: the run was already complete
+        # (not added to the metrics history: no step was trained, the record of this step is there)
         metrics = {"step": step, "start_step": start_step, "world_size": world_size,
                    "val_loss": evaluate(model, val_data, **eval_kw)}
         if rank == 0:

@@ -4,14 +4,15 @@ Each Ray Train run costs ~10-45 s here, so five short runs (in one embedded Ray,
 fixture) cover what needs Ray, and the rest runs without it:
 
 * ``pretrain_compare``: Grams and AdamW, 20 steps of the tiny GPT. This is the real test
-  of the shared ``_common.run_with_history`` (loss history from Ray's metrics dataframe,
-  pruned run dirs) and of the CSV, PNG and table;
+  of the shared ``_common.run_with_history`` (loss history from the launcher's
+  ``RunResult.history``, run dirs keeping only their final checkpoint) and of the CSV, PNG
+  and table;
 * ``resume_demo``: rank 1 exits after step 15, checkpoints every 10 steps: the run reports
   one restart and resumes at step 10 (``--no-compare``: the bitwise equality with an
   uninterrupted run is already ``tests/test_launcher.py``'s);
 * ``lam_sweep``: lam = 0.5 and -0.5, 10 steps, on Ray (the two-pass AMS step that no
   preset uses); and without Ray, a fake runner checks the config each lam gets (no
-  preset, beta3 = 0, lam) and returns a synthetic metrics dataframe through the same
+  preset, beta3 = 0, lam) and returns a synthetic ``RunResult.history`` through the same
   ``history_from_result``, and the CSV, PNG and table are checked;
 * ``resume_demo.compare`` on pretrain_compare's checkpoints (no extra run).
 
@@ -55,7 +56,7 @@ def ray_session(ex):
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.train.torch")
     started = not ray.is_initialized()
-    if started:  # after importing _common: the fast controller poll applies to this Ray
+    if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     if started:
@@ -84,8 +85,6 @@ def test_bad_flags_exit_2(ex, capsys):
 
 def _fake_result(cfg, loss0: float):
     """What ``launcher.ray_launcher.run`` returns, as far as ``history_from_result`` reads it."""
-    import pandas as pd
-
     job = cfg.job
     rows = []
     for s in range(job.log_every, job.steps + 1, job.log_every):
@@ -93,8 +92,8 @@ def _fake_result(cfg, loss0: float):
         if s == job.steps or (job.eval_every and s % job.eval_every == 0):
             row["val_loss"] = row["loss"] + 0.05
         rows.append(row)
-    return SimpleNamespace(ray_result=SimpleNamespace(metrics_dataframe=pd.DataFrame(rows)),
-                           train_loss=rows[-1]["loss"], val_loss=rows[-1]["val_loss"], wall_time_s=1.0)
+    return SimpleNamespace(history=rows, train_loss=rows[-1]["loss"], val_loss=rows[-1]["val_loss"],
+                           wall_time_s=1.0)
 
 
 def test_lam_sweep_without_ray(ex, tmp_path, capsys):
@@ -104,7 +103,8 @@ def test_lam_sweep_without_ray(ex, tmp_path, capsys):
         o, j = cfg.optim, cfg.job
         seen.append((key, title, o.preset, o.beta3, o.lam, j.name))
         assert (j.steps, j.num_workers, o.backend, cfg.model.n_layer) == (40, 2, "eager", 2)
-        assert j.checkpoint_every == j.log_every == 10 and j.keep_last >= 4  # every log step kept
+        assert j.log_every == 10 and j.checkpoint_every == 50 and j.keep_last == 1  # config's, at log steps
+        assert ex.common.make_config("/tmp/unused", "x", steps=40, log_every=20, eval_every=0).job.checkpoint_every == 60
         return ex.common.history_from_result(_fake_result(cfg, 5.0 + o.lam), cfg, key, title)
 
     out = tmp_path / "sweep"
@@ -127,8 +127,8 @@ def test_lam_sweep_without_ray(ex, tmp_path, capsys):
 def test_history_names_missing_steps(ex):
     cfg = ex.common.make_config("/tmp/unused", "h", steps=30, log_every=10, eval_every=0)
     res = _fake_result(cfg, 5.0)
-    res.ray_result.metrics_dataframe = res.ray_result.metrics_dataframe.iloc[1:]  # step 10 gone
-    with pytest.raises(RuntimeError, match=r"no metrics for step\(s\) \[10\]"):
+    res.history = res.history[1:]  # step 10 gone
+    with pytest.raises(RuntimeError, match=r"no train loss for step\(s\) \[10\]"):
         ex.common.history_from_result(res, cfg, "k", "t")
 
 
@@ -156,8 +156,8 @@ def test_pretrain_compare_tiny(ex, pretrain_tiny):
         assert h.train_loss[-1] < h.train_loss[0] - 0.5  # it trains
         assert h.final_train == pytest.approx(h.train_loss[-1]) and h.final_val == pytest.approx(h.val_loss[-1])
         run_dir = out / "runs" / h.key
-        assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-00000020"]  # pruned
-        assert not (run_dir / "checkpoint_manager_snapshot.json").exists()
+        assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-00000020"]  # keep_last=1
+        assert [r["step"] for r in h.result.history] == [5, 10, 15, 20]
     assert (out / "losses.png").read_bytes()[:8] == PNG_MAGIC and (out / "losses.png").stat().st_size > 20_000
     assert res["table"].splitlines()[0] == "| optimizer | final train loss | final val loss | wall time |"
     assert [ln.split(" | ")[0] for ln in res["table"].splitlines()[2:]] == ["| Grams", "| AdamW"]

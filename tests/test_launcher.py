@@ -211,6 +211,44 @@ def test_find_resume_point_without_ray_snapshot(tmp_path):
     assert (point.source, point.step) == ("config", 10)
 
 
+def test_metrics_history_write_and_read(tmp_path):
+    """Rank 0's metrics.jsonl (launcher.train_fn.MetricsHistory) read back by the driver
+    (read_history): one record per step in step order, the newest record of a step
+    re-trained after a restart, no records an abandoned attempt left past its checkpoint."""
+    pytest.importorskip("ray.train")
+    from launcher.ray_launcher import HISTORY_FILE, read_history
+    from launcher.train_fn import METRICS_FILE, STATE_DIR, MetricsHistory
+
+    assert HISTORY_FILE == f"{STATE_DIR}/{METRICS_FILE}"
+    run_dir = str(tmp_path / "run")
+    assert read_history(run_dir) == []  # a new run
+
+    def attempt(name, launch, start, steps, extra=None):
+        h = MetricsHistory(run_dir, launch, name)
+        for s in steps:
+            h.append({"step": s, "start_step": start, "loss": 5.0 - s / 100 - (name == "b") / 10,
+                      "grad_norm": float("nan"), "lr": 1e-3, "world_size": 2, **(extra or {}).get(s, {})})
+
+    attempt("a", "L1", 0, [5, 10, 15], {10: {"val_loss": 4.9}})  # checkpoint at 10; dies after 15
+    with open(tmp_path / "run" / HISTORY_FILE, "a") as f:
+        f.write('{"step": 16, "lo')  # a line cut short: skipped
+    attempt("b", "L1", 10, [15, 20, 25])  # restarted from step 10; the driver dies after 25
+    attempt("c", "L2", 20, [30])  # relaunched from the step-20 checkpoint, log_every=10
+    hist = read_history(run_dir)
+    assert [(r["step"], r["attempt"]) for r in hist] == [(5, "a"), (10, "a"), (15, "b"), (20, "b"),
+                                                         (30, "c")]
+    assert hist[1]["val_loss"] == 4.9 and "val_loss" not in hist[0]
+    assert hist[2]["loss"] == pytest.approx(5.0 - 0.15 - 0.1) and hist[2]["start_step"] == 10
+    assert hist[-1]["launch_id"] == "L2" and hist[0]["grad_norm"] is None  # NaN -> null
+    for line in (tmp_path / "run" / HISTORY_FILE).read_text().splitlines()[:3]:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert read_history(run_dir + "/") == hist
+    uri = f"file://{tmp_path}/uri-run"  # a URI run dir: pyarrow's filesystem, where it can append
+    for s in (1, 2):
+        MetricsHistory(uri, "L", f"x{s}").append({"step": s, "start_step": s - 1, "loss": 1.0})
+    assert [r["step"] for r in read_history(uri)] == [1, 2] and read_history(uri + "x") == []
+
+
 # =============================================================================== CLI
 
 
@@ -347,6 +385,14 @@ def test_killed_worker_resumes_bitwise_equal(reference, tmp_path):
     assert Path(res.checkpoint).name == Path(reference.checkpoint).name == f"step-{STEPS:08d}"
     _assert_bitwise_equal(_consolidated(reference.checkpoint), _consolidated(res.checkpoint))
     assert res.train_loss == reference.train_loss and res.val_loss == reference.val_loss
+    # the metrics history: the restarted group's records replace the dead one's after step 20
+    steps = [r["step"] for r in res.history]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
+    assert steps == [r["step"] for r in reference.history] == [10, 20, 30]
+    assert [r["loss"] for r in res.history] == [r["loss"] for r in reference.history]
+    assert [r["start_step"] for r in res.history] == [0, 0, 20]
+    assert res.history[-1]["val_loss"] == res.val_loss
+    assert len({r["attempt"] for r in res.history}) == 2 and len({r["launch_id"] for r in res.history}) == 1
 
 
 @pytest.mark.slow
