@@ -3,20 +3,13 @@ present in the JSON. No timing assertions (timings on shared CI machines mean no
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
+from scripts import load_script
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "benchmarks" / "bench_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_step.py")
 
 
 def test_bench_step_smoke(tmp_path, capsys):

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
+from scripts import load_script
 
 def _load():
-    spec = importlib.util.spec_from_file_location("toy_convex", ROOT / "examples" / "toy_convex.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples/toy_convex.py")
 
 
 def test_toy_convex_runs(tmp_path, capsys):
