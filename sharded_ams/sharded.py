@@ -8,6 +8,7 @@ the local shard (fp32 masters, m, v[, s]), and an all-gather of the params.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
@@ -183,6 +184,20 @@ class ShardedAMS(Optimizer):
                 if sh.own_master:
                     for b in range(len(sh.layout.buckets)):
                         sh.master_view(b).copy_(sh.param_shard(b))
+
+    # ------------------------------------------------------------------ sync API
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside this context accumulate gradients locally without
+        starting their reduction (as DDP's ``no_sync``): run every micro-batch but the last
+        of an optimizer step under it. Without overlap the reduction happens in ``step()``
+        anyway, so this changes nothing but is always safe to use."""
+        yield
+
+    def finish_param_sync(self) -> None:
+        """Wait until every parameter holds its gathered value. Call before reading params
+        outside a forward (evaluation, ``state_dict``, checkpoints); a no-op when no gather
+        is pending."""
 
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none: bool = True) -> None:
