@@ -1,4 +1,4 @@
-"""The AMS update as pure functions: the one oracle every backend is tested against.
+"""The AMS update as pure functions: the maths every backend runs, in one place.
 
 AMS (Adaptive Momentum Scaling, the Grams paper, Algorithm 1) with the project's
 conventions (see ``docs/maths.md``)::
@@ -10,8 +10,18 @@ conventions (see ``docs/maths.md``)::
     eta^ = eta * d / (#(u*s >= 0) + |lam| #(u*s < 0))   per tensor; eta when |lam| == 1
     p = p * (1 - eta^ wd) - eta^ * w * u
 
-Everything here is plain elementwise torch, so the same functions run in float64
-as the reference and inside ``torch.compile`` as the fused CPU pass.
+It is computed in the form torch.optim.AdamW uses, with the bias corrections folded into
+per-step scalars (:class:`StepScalars`, computed once per step in float64)::
+
+    den = sqrt(v) * (1 / sqrt(1 - b2^t)) + eps    (= sqrt(v^) + eps)
+    p   = p * decay - step_size * (w * m / den)   step_size = eta^ / (1 - b1^t),
+                                                  decay = 1 - eta^ wd
+    sign(u*s) = sign(m) * sign(s)                 (the denominators are > 0)
+
+so each element costs one division and one square root (AdamW's form costs two
+divisions), and the sign test cannot underflow. Everything here is plain elementwise torch, so the same functions run in
+float64 as the precision reference and inside ``torch.compile`` as the fused CPU pass.
+``tests/oracle.py`` is an independent float64 implementation written from the paper.
 """
 
 from __future__ import annotations
@@ -45,6 +55,28 @@ def bias_corrections(step: Scalar, beta1: float, beta2: float) -> tuple[Scalar, 
     return 1 - beta1**step, 1 - beta2**step
 
 
+@dataclass(frozen=True)
+class StepScalars:
+    """The per-step scalars of the folded form: Python floats (computed in float64 on the
+    host: no device copy, no sync) or 0-d / per-tensor device tensors (a device step or lr:
+    the path a CUDA graph can capture)."""
+
+    step_size: Scalar   # eta^ / (1 - beta1^t)
+    decay: Scalar       # 1 - eta^ * weight_decay
+    inv_sqrt_bc2: Scalar  # 1 / sqrt(1 - beta2^t)
+
+
+def step_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, weight_decay: float) -> StepScalars:
+    """Fold lr (or per-tensor eta^) and the bias corrections into :class:`StepScalars`.
+    Tensors stay tensors (float64 maths, one fp32 rounding); numbers stay numbers."""
+    if any(isinstance(x, Tensor) for x in (lr, bc1, bc2)):
+        lr, bc1, bc2 = (x.double() if isinstance(x, Tensor) else x for x in (lr, bc1, bc2))
+        f32 = (lambda x: x.float() if isinstance(x, Tensor) else float(x))
+        inv = bc2.rsqrt() if isinstance(bc2, Tensor) else 1 / math.sqrt(bc2)
+        return StepScalars(f32(lr / bc1), f32(1 - lr * weight_decay), f32(inv))
+    return StepScalars(lr / bc1, 1 - lr * weight_decay, 1 / math.sqrt(bc2))
+
+
 def update_moments(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
                    beta1: Scalar, beta2: Scalar, beta3: Scalar):
     """New (m, v, s) from the gradient. ``s`` is None when beta3 == 0 (then s = g)."""
@@ -55,31 +87,41 @@ def update_moments(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     return m, v, s
 
 
-def direction(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], bc1: Scalar,
-              bc2: Scalar, eps: Scalar, lam: float):
-    """Weighted direction w*u and the mask of elements with u*s < 0 (for the count)."""
-    u = (m / bc1) / ((v / bc2).sqrt() + eps)
-    sign_ref = g if s is None else s
-    prod = u * sign_ref
-    tie_weight = max(float(lam), 0.0)
-    w = torch.where(prod > 0, 1.0, torch.where(prod < 0, float(lam), tie_weight))
-    return w * u, prod < 0
+def agreement(m: Tensor, sign_ref: Tensor) -> Tensor:
+    """sign(u * s) in {-1, 0, 1}, exactly: sign(m) * sign(s) (u = m / positive)."""
+    return torch.sign(m) * torch.sign(sign_ref)
 
 
-def step_scale(numel: int, neg_count: Union[int, Tensor], lam: float) -> Union[float, Tensor]:
-    """eta^/eta = d / (#(u*s>=0) + |lam| #(u*s<0)) for one tensor; 1 if the denominator is 0."""
+def weight(agree: Tensor, lam: float) -> Tensor:
+    """w = 1 where u*s > 0, lam where u*s < 0, max(lam, 0) on a tie (u*s == 0)."""
+    return torch.where(agree > 0, 1.0, torch.where(agree < 0, float(lam), max(float(lam), 0.0)))
+
+
+def denominator(v: Tensor, inv_sqrt_bc2: Scalar, eps: Scalar) -> Tensor:
+    """sqrt(v^) + eps. A multiply by the host-rounded 1/sqrt(1 - beta2^t) rather than a
+    division: one division fewer per element, and the same rounding on every backend."""
+    return v.sqrt() * inv_sqrt_bc2 + eps
+
+
+def new_param(p: Tensor, w: Tensor, m: Tensor, den: Tensor, step_size: Scalar,
+              decay: Scalar) -> Tensor:
+    """Decoupled weight decay, then the step, in torch.optim.AdamW's order."""
+    return p * decay - step_size * (w * m / den)
+
+
+def step_scale(numel: Union[int, Tensor], neg_count: Union[int, Tensor],
+               lam: float) -> Union[float, Tensor]:
+    """eta^/eta = d / (#(u*s>=0) + |lam| #(u*s<0)) for one tensor; 1 if the denominator
+    is 0. Counts may be tensors (one entry per tensor); the result is then float64."""
     if lam_is_unit(lam):
         return 1.0
+    if isinstance(numel, Tensor) or isinstance(neg_count, Tensor):
+        d = torch.as_tensor(numel).to(torch.float64)
+        neg = torch.as_tensor(neg_count).to(torch.float64)
+        denom = (d - neg) + abs(float(lam)) * neg
+        return torch.where(denom > 0, d / denom.clamp_min(1e-300), torch.ones_like(denom))
     denom = (numel - neg_count) + abs(float(lam)) * neg_count
-    if isinstance(denom, Tensor):
-        denom = denom.to(torch.float64)
-        return torch.where(denom > 0, numel / denom.clamp_min(1e-300), torch.ones_like(denom))
     return numel / denom if denom > 0 else 1.0
-
-
-def apply_update(p: Tensor, wu: Tensor, lr: Scalar, weight_decay: Scalar) -> Tensor:
-    """Decoupled weight decay then the step, in torch.optim.AdamW's order."""
-    return p * (1 - lr * weight_decay) - lr * wu
 
 
 @dataclass
@@ -95,14 +137,16 @@ class RefState:
 
 def reference_step(state: RefState, g: Tensor, *, lr: float, beta1: float, beta2: float,
                    beta3: float, lam: float, eps: float, weight_decay: float) -> RefState:
-    """One AMS step of one whole tensor in the state's dtype (use float64 as the oracle)."""
+    """One AMS step of one whole tensor in the state's dtype (float64: the precision
+    reference of the backends, which run these same functions in fp32)."""
     g = g.to(state.p.dtype)
     t = state.step + 1
     m, v, s = update_moments(g, state.m, state.v, state.s, beta1, beta2, beta3)
-    bc1, bc2 = bias_corrections(t, beta1, beta2)
-    wu, neg = direction(g, m, v, s, bc1, bc2, eps, lam)
-    scale = step_scale(g.numel(), int(neg.sum()), lam)
-    p = apply_update(state.p, wu, lr * scale, weight_decay)
+    agree = agreement(m, g if s is None else s)
+    scale = step_scale(g.numel(), int((agree < 0).sum()), lam)
+    sc = step_scalars(lr * scale, *bias_corrections(t, beta1, beta2), weight_decay)
+    p = new_param(state.p, weight(agree, lam), m, denominator(v, sc.inv_sqrt_bc2, eps),
+                  sc.step_size, sc.decay)
     return RefState(p, m, v, s, t)
 
 

@@ -1,16 +1,18 @@
 """Flat-range step primitives built from ``update.py``: eager, and compiled by torch.compile.
 
-Each primitive works in place on 1-D contiguous ranges:
+Each primitive works in place on 1-D contiguous ranges (``kernels/__init__.py`` states
+the contract every backend follows):
 
 * ``fused_step``: moments and parameter update in one pass (reads p, g, m, v[, s];
   writes p, m, v[, s] and optionally a low-precision copy of p).
-* ``moments_count``: first pass of the per-tensor-scaled case (lam not in {1, -1}):
-  updates the moments and returns how many elements have u*s < 0.
-* ``apply_only``: second pass: the parameter update from the already-updated moments.
+* ``count_run``: first pass of the per-tensor-scaled case (lam not in {1, -1}) over a
+  whole run: updates the moments and adds each tensor's count of u*s < 0 to ``counts``.
+* ``apply_run``: second pass: the parameter update from the already-updated moments,
+  each element with its tensor's step size and decay (gathered from per-tensor tables).
 
 m, v, s may be stored in a lower precision than fp32; they are read into fp32 and
-rounded once on store. The eager versions are the single-tensor path (and what the
-compiled ones trace).
+rounded once on store. Scalars are Python floats (no tensor is created per step) or
+0-d tensors (a device step or lr).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..update import apply_update, direction, update_moments
+from ..update import agreement, denominator, new_param, update_moments, weight
+from .tables import RunTable, piece_counts
 
 log = logging.getLogger(__name__)
 
@@ -33,59 +36,96 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.float()
 
 
-def _fused_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
-                out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, beta1: float,
-                beta2: float, beta3: float, lam: float, eps: float, wd: float) -> None:
+def _store(dst: Optional[Tensor], value: Optional[Tensor]) -> None:
+    if dst is not None:
+        dst.copy_(value)
+
+
+def _fused_step(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, beta1: float,
+                beta2: float, beta3: float, lam: float, eps: float) -> None:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
-    wu, _ = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
-    p1 = apply_update(p, wu, lr, wd)
+    w = weight(agreement(m1, gf if s1 is None else s1), lam)
+    p1 = new_param(p, w, m1, denominator(v1, inv_sqrt_bc2, eps), step_size, decay)
     m.copy_(m1)
     v.copy_(v1)
-    if s is not None:
-        s.copy_(s1)
+    _store(s, s1)
     p.copy_(p1)
-    if out is not None:
-        out.copy_(p1)
+    _store(out, p1)
 
 
-def _moments_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], bc1: Tensor,
-                   bc2: Tensor, beta1: float, beta2: float, beta3: float, lam: float,
-                   eps: float) -> Tensor:
+def _moments_flags(g, m, v, s, beta1: float, beta2: float, beta3: float) -> Tensor:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
-    _, neg = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
     m.copy_(m1)
     v.copy_(v1)
-    if s is not None:
-        s.copy_(s1)
-    return neg.sum(dtype=torch.int64)
+    _store(s, s1)
+    return agreement(m1, gf if s1 is None else s1) < 0
 
 
-def _apply_only(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
-                out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, lam: float,
-                eps: float, wd: float) -> None:
-    wu, _ = direction(g.float(), m.float(), v.float(), _f32(s), bc1, bc2, eps, lam)
-    p1 = apply_update(p, wu, lr, wd)
+def _moments_count(g, m, v, s, beta1: float, beta2: float, beta3: float) -> Tensor:
+    return _moments_flags(g, m, v, s, beta1, beta2, beta3).sum(dtype=torch.int64)
+
+
+def _apply(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, lam: float,
+           eps: float) -> None:
+    mf = m.float()
+    w = weight(agreement(mf, g.float() if s is None else s.float()), lam)
+    p1 = new_param(p, w, mf, denominator(v.float(), inv_sqrt_bc2, eps), step_size, decay)
     p.copy_(p1)
-    if out is not None:
-        out.copy_(p1)
+    _store(out, p1)
+
+
+def _apply_indexed(p, g, m, v, s, out, step_sizes, decays, index, inv_sqrt_bc2, lam: float,
+                   eps: float) -> None:
+    idx = index.long()
+    _apply(p, g, m, v, s, out, step_sizes[idx], decays[idx], inv_sqrt_bc2, lam, eps)
 
 
 class EagerOps:
-    """Plain torch ops: any device, any dtype (float64 included). Several passes."""
+    """Plain torch ops: any device, any dtype (float64 included). Several passes each."""
 
     name = "eager"
-    fused_step = staticmethod(_fused_step)
-    moments_count = staticmethod(_moments_count)
-    apply_only = staticmethod(_apply_only)
+
+    @classmethod
+    def fused_step(cls, p, g, m, v, s, out, sc, hp) -> None:
+        cls._call(_fused_step, p, g, m, v, s, out, sc.step_size, sc.decay, sc.inv_sqrt_bc2,
+                  hp.beta1, hp.beta2, hp.beta3, hp.lam, hp.eps)
+
+    @classmethod
+    def count_run(cls, g, m, v, s, hp, table: RunTable, counts: Tensor) -> None:
+        one = table.single
+        if one is not None:  # one piece: a plain sum, no per-element flags
+            neg = cls._call(_moments_count, g, m, v, s, hp.beta1, hp.beta2, hp.beta3)
+            counts[one.index:one.index + 1].add_(neg)
+            return
+        flags = cls._call(_moments_flags, g, m, v, s, hp.beta1, hp.beta2, hp.beta3)
+        counts.add_(piece_counts(flags, table))
+
+    @classmethod
+    def apply_run(cls, p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable,
+                  step_sizes: Tensor, decays: Tensor) -> None:
+        one = table.single
+        if one is not None:
+            i = one.index
+            cls._call(_apply, p, g, m, v, s, out, step_sizes[i], decays[i], inv_sqrt_bc2,
+                      hp.lam, hp.eps)
+            return
+        cls._call(_apply_indexed, p, g, m, v, s, out, step_sizes, decays,
+                  table.element_tensor(), inv_sqrt_bc2, hp.lam, hp.eps)
+
+    @staticmethod
+    def _call(fn, *args):
+        return fn(*args)
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn):
-    # dynamic=True: one compile serves every range length; hyperparameters are
-    # Python floats (specialised once per value), lr and bias corrections are tensors.
-    # Variants multiply with dtypes, presets and sizes 0/1; allow more than dynamo's 8.
+    # dynamic=True: one compile serves every range length; the per-step scalars and the
+    # hyperparameters are Python floats, which dynamo keeps as dynamic inputs (no
+    # recompile when lr or the step changes; lam is specialised where it branches).
+    # Variants multiply with dtypes, None-ness of s/out and sizes 0/1; allow more than
+    # dynamo's 8.
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
@@ -104,26 +144,16 @@ def _alias(t: Tensor) -> Tensor:
         t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
-def _plain(args: tuple) -> tuple:
-    return tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
-
-
-class CompiledOps:
-    """The same functions fused into one loop by torch.compile (Inductor's C++ backend on CPU)."""
+class CompiledOps(EagerOps):
+    """The same functions fused into one loop each by torch.compile (Inductor's C++
+    backend on CPU)."""
 
     name = "compiled"
 
     @staticmethod
-    def fused_step(*args):
-        return _compiled(_fused_step)(*_plain(args))
-
-    @staticmethod
-    def moments_count(*args):
-        return _compiled(_moments_count)(*_plain(args))
-
-    @staticmethod
-    def apply_only(*args):
-        return _compiled(_apply_only)(*_plain(args))
+    def _call(fn, *args):
+        args = tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
+        return _compiled(fn)(*args)
 
 
 @functools.lru_cache(maxsize=None)
