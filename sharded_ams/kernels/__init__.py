@@ -113,10 +113,13 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     one count pass over the whole run adds each tensor's count of u*s < 0 into a device
     vector of length ``num_tensors`` (through the cached piece table of ``pieces``),
     ``count_reduce`` (an all-reduce when tensors are split across ranks) combines it,
-    and one apply pass steps every piece with its tensor's scale.
+    and one apply pass steps every piece with its tensor's scale. Elements in no piece
+    (padding) are stepped with scale 1, as the one-pass step steps them.
     """
     ops = get_ops(backend)
     lr, step = host_scalar(lr), host_scalar(step)
+    if p.numel() == 0 and count_reduce is None:
+        return
     bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
     if lam_is_unit(hp.lam):
         if p.numel():
@@ -124,13 +127,13 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
         return
     table = run_table(as_pieces(pieces), p.numel(), num_tensors, p.device)
     counts = torch.zeros(num_tensors + 1, dtype=torch.int64, device=p.device)
-    if table.pieces:
+    if p.numel():
         ops.count_run(g, m, v, s, hp, table, counts)
     if count_reduce is not None:
         count_reduce(counts[:num_tensors])
-    # per-tensor eta^ (slot num_tensors: elements in no piece, which must not move)
-    lrs = step_scale(table.numels, counts, hp.lam) * table.live
+    # per-tensor eta^/eta (slot num_tensors, elements in no piece: numel 0, so scale 1)
+    lrs = step_scale(table.numels, counts, hp.lam)
     sc = step_scalars(lr * lrs if isinstance(lr, float) else lr.double() * lrs, bc1, bc2,
                       hp.weight_decay)
-    if table.pieces:
+    if p.numel():
         ops.apply_run(p, g, m, v, s, out, sc.inv_sqrt_bc2, hp, table, sc.step_size, sc.decay)

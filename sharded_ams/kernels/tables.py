@@ -11,8 +11,11 @@ device (one host-to-device copy each) and cached.
   per chunk.
 * For eager and compiled: the piece boundaries (counts by prefix sums, see
   :func:`segment_sums`) and ``element_tensor``, each element's tensor index (the gather
-  of the per-tensor step size in the apply pass; elements in no piece get the extra
-  index ``num_tensors``, whose step is the identity).
+  of the per-tensor step size in the apply pass).
+
+Elements in no piece (the padding between params of a flat buffer) belong to an extra
+slot ``num_tensors`` that is stepped with scale 1, as the one-pass step steps them: with
+a zero gradient (padding) nothing moves.
 """
 
 from __future__ import annotations
@@ -48,7 +51,6 @@ class RunTable:
     pieces: tuple[Piece, ...]
     device: torch.device
     numels: Tensor          # int64[num_tensors + 1]: each tensor's full numel (0: not here)
-    live: Tensor            # float64[num_tensors + 1]: 1, and 0 for the no-piece slot
     seg_start: Tensor       # int64[P]
     seg_end: Tensor         # int64[P]
     seg_tensor: Tensor      # int64[P]
@@ -66,17 +68,29 @@ class RunTable:
         key = ("chunks", block)
         if key not in self._lazy:
             base, lo, hi, idx = [], [], [], []
-            for pc in self.pieces:
-                a = pc.start - pc.start % ALIGN
-                while a < pc.end:
+            for start, end, index in self.segments():
+                a = start - start % ALIGN
+                while a < end:
                     base.append(a)
-                    lo.append(max(a, pc.start))
-                    hi.append(min(a + block, pc.end))
-                    idx.append(pc.index)
+                    lo.append(max(a, start))
+                    hi.append(min(a + block, end))
+                    idx.append(index)
                     a += block
             mk = functools.partial(torch.tensor, dtype=torch.int64, device=self.device)
             self._lazy[key] = (mk(base), mk(lo), mk(hi), mk(idx))
         return self._lazy[key]
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(start, end, tensor index) covering [0, n): the pieces and the gaps between."""
+        out, pos = [], 0
+        for pc in self.pieces:
+            if pc.start > pos:
+                out.append((pos, pc.start, self.num_tensors))
+            out.append((pc.start, pc.end, pc.index))
+            pos = pc.end
+        if pos < self.n:
+            out.append((pos, self.n, self.num_tensors))
+        return out
 
     def element_tensor(self) -> Tensor:
         """int32[n]: each element's tensor index; ``num_tensors`` outside every piece."""
@@ -104,8 +118,7 @@ def run_table(pieces: tuple[Piece, ...], n: int, num_tensors: int,
     for pc in pieces:
         numels[pc.index] = pc.numel
     mk = functools.partial(torch.tensor, dtype=torch.int64, device=device)
-    live = torch.tensor([1.0] * num_tensors + [0.0], dtype=torch.float64, device=device)
-    return RunTable(n, num_tensors, pieces, device, mk(numels), live,
+    return RunTable(n, num_tensors, pieces, device, mk(numels),
                     mk([pc.start for pc in pieces]), mk([pc.end for pc in pieces]),
                     mk([pc.index for pc in pieces]))
 
