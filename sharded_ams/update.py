@@ -49,8 +49,10 @@ def lam_is_unit(lam: float) -> bool:
 
 
 def bias_corrections(step: Scalar, beta1: float, beta2: float) -> tuple[Scalar, Scalar]:
-    """(1 - beta1^t, 1 - beta2^t); ``step`` may be a number or a 0-d tensor."""
+    """(1 - beta1^t, 1 - beta2^t); ``step`` may be a number or a 0-d tensor (then the
+    result is float64 on its device, as the host computes it)."""
     if isinstance(step, Tensor):
+        step = step.to(torch.float64)
         return 1 - torch.pow(beta1, step), 1 - torch.pow(beta2, step)
     return 1 - beta1**step, 1 - beta2**step
 
@@ -72,7 +74,7 @@ def step_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, weight_decay: float) -> S
     if any(isinstance(x, Tensor) for x in (lr, bc1, bc2)):
         lr, bc1, bc2 = (x.double() if isinstance(x, Tensor) else x for x in (lr, bc1, bc2))
         f32 = (lambda x: x.float() if isinstance(x, Tensor) else float(x))
-        inv = bc2.rsqrt() if isinstance(bc2, Tensor) else 1 / math.sqrt(bc2)
+        inv = 1 / bc2.sqrt() if isinstance(bc2, Tensor) else 1 / math.sqrt(bc2)
         return StepScalars(f32(lr / bc1), f32(1 - lr * weight_decay), f32(inv))
     return StepScalars(lr / bc1, 1 - lr * weight_decay, 1 / math.sqrt(bc2))
 

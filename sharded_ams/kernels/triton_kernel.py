@@ -6,7 +6,9 @@ per-tensor-scaled case, each ONE launch over a whole run: the count pass updates
 moments and atomically adds each program's count of u*s < 0 to its tensor's slot; the
 apply pass reads its tensor's step size and decay from per-tensor tables. A run of many
 pieces is addressed through a chunk table (``tables.RunTable.chunks``: one program per
-chunk, each inside one piece, starting on a 16-element boundary so loads stay vectorised).
+chunk, each inside one piece, starting on a 16-element boundary). A whole block (every
+block but a range's or a piece's edges) takes an unmasked path, so its loads and stores
+are 16-byte vectors whatever the range length; edge blocks are masked.
 
 Scalars: Python floats (rounded once to fp32 from float64 on the host; nothing is copied
 to the device, so the launch never synchronises) or, when the step or lr lives on the
@@ -44,37 +46,40 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
-def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
-                cbase_ptr, clo_ptr, chi_ptr, cidx_ptr, counts_ptr, ss_ptr, dec_ptr, scal_ptr,
-                n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
-                step_size, decay, inv_sqrt_bc2,
-                HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
-                USE_TABLE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, ALIGN_TO: tl.constexpr):
-    pid = tl.program_id(0)
-    lanes = tl.arange(0, BLOCK_SIZE)
-    if USE_TABLE:
-        base = tl.multiple_of(tl.load(cbase_ptr + pid), ALIGN_TO)
-        offs = base + lanes
-        mask = (offs >= tl.load(clo_ptr + pid)) & (offs < tl.load(chi_ptr + pid))
-        idx = tl.load(cidx_ptr + pid)
+def _ld(ptr, offs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offs, mask=mask, other=0.0)
     else:
-        offs = pid.to(tl.int64) * BLOCK_SIZE + lanes
-        mask = offs < n
-        idx = piece_index
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def _st(ptr, offs, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
+               ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
+               step_size, decay, inv_sqrt_bc2, HAS_S: tl.constexpr, HAS_OUT: tl.constexpr,
+               MODE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, MASKED: tl.constexpr):
+    """One block of the step; MASKED=False for whole blocks (unpredicated vector loads)."""
+    g = _ld(g_ptr, offs, mask, MASKED).to(tl.float32)
+    m = _ld(m_ptr, offs, mask, MASKED).to(tl.float32)
+    v = _ld(v_ptr, offs, mask, MASKED).to(tl.float32)
     if HAS_S:
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = _ld(s_ptr, offs, mask, MASKED).to(tl.float32)
     if MODE != 2:
         m = m * beta1 + g * omb1
         v = v * beta2 + g * g * omb2
-        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+        _st(m_ptr, offs, m, mask, MASKED)
+        _st(v_ptr, offs, v, mask, MASKED)
         if HAS_S:
             s = s * beta3 + g * omb3
-            tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+            _st(s_ptr, offs, s, mask, MASKED)
     if HAS_S:
         ref = s
     else:
@@ -97,11 +102,47 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
         w = tl.where(agree, 1.0, tl.where(disagree, lam, tie))
         den = tl.math.sqrt_rn(v) * inv_sqrt_bc2 + eps
         upd = tl.math.div_rn(w * m, den)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        p = _ld(p_ptr, offs, mask, MASKED)
         p = p * decay - step_size * upd
-        tl.store(p_ptr + offs, p, mask=mask)
+        _st(p_ptr, offs, p, mask, MASKED)
         if HAS_OUT:
-            tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+            _st(out_ptr, offs, p, mask, MASKED)
+
+
+@triton.jit
+def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
+                cbase_ptr, clo_ptr, chi_ptr, cidx_ptr, counts_ptr, ss_ptr, dec_ptr, scal_ptr,
+                n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
+                step_size, decay, inv_sqrt_bc2,
+                HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
+                USE_TABLE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, ALIGN_TO: tl.constexpr):
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK_SIZE)
+    if USE_TABLE:  # one chunk of one piece per program
+        base = tl.multiple_of(tl.load(cbase_ptr + pid), ALIGN_TO)
+        lo = tl.load(clo_ptr + pid)
+        hi = tl.load(chi_ptr + pid)
+        idx = tl.load(cidx_ptr + pid)
+        offs = base + lanes
+        whole = (lo == base) & (hi == base + BLOCK_SIZE)
+        mask = (offs >= lo) & (offs < hi)
+    else:  # a contiguous range of one piece (or of |lam| == 1: no pieces)
+        base = pid.to(tl.int64) * BLOCK_SIZE
+        offs = base + lanes
+        whole = base + BLOCK_SIZE <= n
+        mask = offs < n
+        idx = piece_index
+    if whole:
+        _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
+                   ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie,
+                   eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
+                   SCALARS_ON_DEVICE, False)
+    else:
+        _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
+                   ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie,
+                   eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
+                   SCALARS_ON_DEVICE, True)
 
 
 def _device_guard(t: Tensor):
