@@ -305,3 +305,22 @@ def test_duplicate_param_is_refused_naming_it():
     with pytest.raises(ValueError, match="listed twice"):
         opt.add_param_group({"params": [b, b]})
     assert len(opt.param_groups) == 1  # the bad group was not kept
+
+
+# --- step scalars: host numbers and device tensors give the same fp32 values -------------
+
+
+def test_device_scalars_equal_host_scalars():
+    """The capturable path (lr and step as float64 device tensors) computes the same fp32
+    step size, decay and 1/sqrt(1 - beta2^t) as the host path, step after step."""
+    from sharded_ams.update import bias_corrections, step_scalars
+
+    for step in (1, 2, 3, 10, 137, 1000, 99_999):
+        for lr in (1e-3, 3e-4, 0.1):
+            host = step_scalars(lr, *bias_corrections(step, 0.9, 0.999), 0.1)
+            dev = step_scalars(torch.tensor(lr, dtype=torch.float64),
+                               *bias_corrections(torch.tensor(float(step)), 0.9, 0.999), 0.1)
+            for h, d in zip((host.step_size, host.decay, host.inv_sqrt_bc2),
+                            (dev.step_size, dev.decay, dev.inv_sqrt_bc2)):
+                assert d.dtype == torch.float32
+                assert torch.tensor(h, dtype=torch.float32) == d, (step, lr, h, float(d))

@@ -119,17 +119,23 @@ class EagerOps:
         return fn(*args)
 
 
+#: ranges shorter than this run a single-threaded kernel (ATen's grain size): a parallel
+#: region per small tensor costs more than its work, and far more when cores are shared
+SERIAL_NUMEL = 32768
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(fn):
+def _compiled(fn, serial: bool = False):
     # dynamic=True: one compile serves every range length; the per-step scalars and the
     # hyperparameters are Python floats, which dynamo keeps as dynamic inputs (no
     # recompile when lr or the step changes; lam is specialised where it branches).
     # Variants multiply with dtypes, None-ness of s/out and sizes 0/1; allow more than
-    # dynamo's 8.
+    # dynamo's 8. ``serial``: the same kernel without OpenMP (a separate compile).
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    options = {"cpp.threads": 1} if serial else None
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
 def _alias(t: Tensor) -> Tensor:
@@ -153,7 +159,8 @@ class CompiledOps(EagerOps):
     @staticmethod
     def _call(fn, *args):
         args = tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
-        return _compiled(fn)(*args)
+        serial = args[0].device.type == "cpu" and args[0].numel() < SERIAL_NUMEL
+        return _compiled(fn, serial)(*args)
 
 
 @functools.lru_cache(maxsize=None)
