@@ -19,7 +19,7 @@ recorded without stopping the others):
    the dry run) for Grams, C-Adam, AdamW and lam=-0.5/beta3=0.9, each with fp32, bf16 and
    fp16 params, on ~50M elements in pieces of several tensors (a tensor split in two,
    padding between, sizes both multiples of 16 and not): params, m, v and s, element-wise
-   AND norm-wise (a planted single-element error must be caught), the model-dtype copy
+   AND norm-wise (one element that missed its last update must be caught), the model-dtype copy
    exactly, and bf16 moment storage checked to round to nearest even.
 4. ``pytest``: ``pytest -m gpu`` over ``GPU_TEST_FILES`` (they skip without CUDA).
 5. ``bandwidth``: ``bench_gpu.bandwidth_rows``: every kernel mode and torch AdamW fused and

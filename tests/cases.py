@@ -124,10 +124,12 @@ CONFIGS: list[Case] = [
 CONFIGS_BY_NAME: dict[str, Case] = {c.name: c for c in CONFIGS}
 
 #: Checked against the independent numpy oracle (``tests/oracle.py``) on every backend:
-#: the three presets (with decay) and general AMS with an EMA sign reference.
+#: the three presets (with decay) and general AMS with an EMA sign reference. beta3 = 0.9
+#: with beta1 = 0.95: at beta1 = beta3 the reference s equals m and the step is AdamW's.
 ORACLE_CASES: list[Case] = [CONFIGS_BY_NAME[n] for n in ("grams_wd", "cadam_wd", "adamw_wd")] + [
     CONFIGS_BY_NAME["lam-0.5_beta3-0.5_wd"].with_("lam-0.5_beta3-0.9_wd", beta3=0.9,
-                                                  desc="lam=-0.5, beta3=0.9")]
+                                                  betas=(0.95, 0.999),
+                                                  desc="lam=-0.5, beta3=0.9, beta1=0.95")]
 
 
 @dataclass(frozen=True)

@@ -230,14 +230,16 @@ def test_flat_step_device_path_has_no_copy_or_sync(backend, scalars, request):
 @pytest.mark.parametrize("kw", [dict(foreach=True), dict(fused="eager"),
                                 pytest.param(dict(fused="triton"), marks=needs_triton)])
 @pytest.mark.parametrize("lam", [-1.0, 0.0])
-def test_ams_device_step_has_no_copy_or_sync(kw, lam, request, monkeypatch):
-    """The old fused path copied the CPU step to the device per param (two syncs each)."""
+@pytest.mark.parametrize("lr", [1e-2, "cpu tensor"])
+def test_ams_device_step_has_no_copy_or_sync(kw, lam, lr, request, monkeypatch):
+    """The old fused path copied the CPU step to the device per param (two syncs each);
+    a CPU tensor lr is read on the host too."""
     rec = request.getfixturevalue("fake_triton") if kw.get("fused") == "triton" else None
     if rec is not None:  # fused="triton" on a non-CUDA device needs the interpreter flag
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     params = [torch.nn.Parameter(torch.randn(sh, device=DEV)) for sh in ((7, 3), (11,))]
     params.append(torch.nn.Parameter(torch.randn(5, device=DEV, dtype=torch.bfloat16)))
-    opt = AMS(params, lr=1e-2, lam=lam, **kw)
+    opt = AMS(params, lr=torch.tensor(1e-2) if lr == "cpu tensor" else lr, lam=lam, **kw)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # state creation and, with lam = 0, the single-piece tables

@@ -76,7 +76,12 @@ class _LaunchCounter:
         return self.kernel[grid]
 
 
+GUARD = 64  # sentinel elements after every range: a kernel must not touch them
+
+
 def _state(n, seed, with_s, dtype=None):
+    """Random state of n elements; each tensor is a view of a buffer GUARD elements longer
+    whose tail holds a sentinel (see ``_guards_intact``)."""
     import torch
 
     from cases import make_grads, make_param
@@ -90,11 +95,33 @@ def _state(n, seed, with_s, dtype=None):
         for k in ("m", "v", "s"):
             if st[k] is not None:
                 st[k] = st[k].to(dtype)
-    return st
+    return {k: _guarded(v) for k, v in st.items()}
+
+
+def _guarded(t):
+    import torch
+
+    if t is None:
+        return None
+    buf = torch.full((t.numel() + GUARD,), 7.0, dtype=t.dtype)
+    buf[:t.numel()] = t
+    return buf[:t.numel()]
+
+
+def _guards_intact(st) -> bool:
+    """No kernel wrote past the end of its range."""
+    import torch
+
+    for t in st.values():
+        if isinstance(t, torch.Tensor) and t.dim() == 1 and t._base is not None:
+            tail = t._base[t.numel():]
+            if not (tail == 7.0).all():
+                return False
+    return True
 
 
 def _copy(st):
-    return {k: (v.clone() if v is not None else None) for k, v in st.items()}
+    return {k: (_guarded(v.clone()) if v is not None else None) for k, v in st.items()}
 
 
 def _close(a, b, what, ulps=2):
@@ -126,8 +153,9 @@ def _check_one_pass() -> None:
         for name, ops, scal in (("eager", EagerOps, sc), ("triton", TritonOps, sc),
                                 ("triton-device-scalars", TritonOps, dev)):
             st = _copy(base)
-            st["out"] = torch.empty(n, dtype=torch.bfloat16)
+            st["out"] = _guarded(torch.zeros(n, dtype=torch.bfloat16))
             ops.fused_step(st["p"], st["g"], st["m"], st["v"], st["s"], st["out"], scal, hp)
+            assert _guards_intact(st), f"{name} wrote past the end of the range"
             runs[name] = st
         e, t, d = runs["eager"], runs["triton"], runs["triton-device-scalars"]
         for k in ("m", "v", "s"):
@@ -161,7 +189,7 @@ def _check_two_pass_run() -> None:
         runs = {}
         for backend in ("eager", "triton"):
             st = _copy(base)
-            st["out"] = torch.zeros(n, dtype=torch.bfloat16)
+            st["out"] = _guarded(torch.zeros(n, dtype=torch.bfloat16))
             counts = []
             tk._ams_kernel, saved = counter, tk._ams_kernel
             before = counter.launches
@@ -171,6 +199,7 @@ def _check_two_pass_run() -> None:
                           count_reduce=lambda c: counts.append(c.clone()))
             finally:
                 tk._ams_kernel = saved
+            assert _guards_intact(st), f"{backend} wrote past the end of the run"
             st["counts"], st["launches"] = counts[0], counter.launches - before
             runs[backend] = st
         e, t = runs["eager"], runs["triton"]
