@@ -293,7 +293,7 @@ def _correctness_run(plan, case, beta1, beta3, lam, pdtype, total, pieces, spans
     # may be off by up to (1 + |lam|) times its path
     eps32 = 2.0 ** -24
     tol = (2e-6 * path + 2 * steps * eps32 * (p0.double().abs() + ref["p"].abs() + path)
-           + 1.01 * scale_drift)
+           + 2 * scale_drift)
     loose = tol + (1 + abs(lam)) * path
 
     def bad_p(x):
