@@ -385,7 +385,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     help="run only these rows (default: all)")
     ap.add_argument("--out", default=None,
                     help="JSON output (default benchmarks/results/bench_step.json)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's); 1 measures "
+                         "per-core efficiency, unaffected by parallel regions waiting for a "
+                         "core that another process holds")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.repeats < 1 or a.numel_scale <= 0:
         ap.error("--repeats must be >= 1 and --numel-scale > 0")
     return run(a.numel_scale, a.repeats, a.layers, a.device, a.rows, a.out)

@@ -16,10 +16,10 @@ per-step scalars (:class:`StepScalars`, computed once per step in float64)::
     den = sqrt(v) * (1 / sqrt(1 - b2^t)) + eps    (= sqrt(v^) + eps)
     p   = p * decay - step_size * (w * m / den)   step_size = eta^ / (1 - b1^t),
                                                   decay = 1 - eta^ wd
-    sign(u*s) = sign(m) * sign(s)                 (the denominators are > 0)
+    u*s > 0  <=>  m, s both > 0 or both < 0       (the denominators are > 0)
 
 so each element costs one division and one square root (AdamW's form costs two
-divisions), and the sign test cannot underflow. Everything here is plain elementwise torch, so the same functions run in
+divisions), and the sign test is exact (compares of m and s: no product to underflow). Everything here is plain elementwise torch, so the same functions run in
 float64 as the precision reference and inside ``torch.compile`` as the fused CPU pass.
 ``tests/oracle.py`` is an independent float64 implementation written from the paper.
 """
@@ -89,14 +89,16 @@ def update_moments(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     return m, v, s
 
 
-def agreement(m: Tensor, sign_ref: Tensor) -> Tensor:
-    """sign(u * s) in {-1, 0, 1}, exactly: sign(m) * sign(s) (u = m / positive)."""
-    return torch.sign(m) * torch.sign(sign_ref)
+def agreement(m: Tensor, sign_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Masks (u*s > 0, u*s < 0), exactly, from the signs of m and s (u = m / positive):
+    compares, no product that could underflow (and cheaper than ``torch.sign``)."""
+    mp, mn, sp, sn = m > 0, m < 0, sign_ref > 0, sign_ref < 0
+    return (mp & sp) | (mn & sn), (mp & sn) | (mn & sp)
 
 
-def weight(agree: Tensor, lam: float) -> Tensor:
+def weight(agree: Tensor, disagree: Tensor, lam: float) -> Tensor:
     """w = 1 where u*s > 0, lam where u*s < 0, max(lam, 0) on a tie (u*s == 0)."""
-    return torch.where(agree > 0, 1.0, torch.where(agree < 0, float(lam), max(float(lam), 0.0)))
+    return torch.where(agree, 1.0, torch.where(disagree, float(lam), max(float(lam), 0.0)))
 
 
 def denominator(v: Tensor, inv_sqrt_bc2: Scalar, eps: Scalar) -> Tensor:
@@ -144,11 +146,11 @@ def reference_step(state: RefState, g: Tensor, *, lr: float, beta1: float, beta2
     g = g.to(state.p.dtype)
     t = state.step + 1
     m, v, s = update_moments(g, state.m, state.v, state.s, beta1, beta2, beta3)
-    agree = agreement(m, g if s is None else s)
-    scale = step_scale(g.numel(), int((agree < 0).sum()), lam)
+    agree, disagree = agreement(m, g if s is None else s)
+    scale = step_scale(g.numel(), int(disagree.sum()), lam)
     sc = step_scalars(lr * scale, *bias_corrections(t, beta1, beta2), weight_decay)
-    p = new_param(state.p, weight(agree, lam), m, denominator(v, sc.inv_sqrt_bc2, eps),
-                  sc.step_size, sc.decay)
+    p = new_param(state.p, weight(agree, disagree, lam), m,
+                  denominator(v, sc.inv_sqrt_bc2, eps), sc.step_size, sc.decay)
     return RefState(p, m, v, s, t)
 
 
