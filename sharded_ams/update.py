@@ -96,9 +96,11 @@ def agreement(m: Tensor, sign_ref: Tensor) -> tuple[Tensor, Tensor]:
     return (mp & sp) | (mn & sn), (mp & sn) | (mn & sp)
 
 
-def weight(agree: Tensor, disagree: Tensor, lam: float) -> Tensor:
-    """w = 1 where u*s > 0, lam where u*s < 0, max(lam, 0) on a tie (u*s == 0)."""
-    return torch.where(agree, 1.0, torch.where(disagree, float(lam), max(float(lam), 0.0)))
+def weighted(m: Tensor, agree: Tensor, disagree: Tensor, lam: float) -> Tensor:
+    """w * m with w = 1 where u*s > 0, lam where u*s < 0, max(lam, 0) on a tie (u*s == 0);
+    selected rather than multiplied (the same bits, one multiply fewer)."""
+    lam = float(lam)
+    return torch.where(agree, m, torch.where(disagree, lam * m, max(lam, 0.0) * m))
 
 
 def denominator(v: Tensor, inv_sqrt_bc2: Scalar, eps: Scalar) -> Tensor:
@@ -107,10 +109,9 @@ def denominator(v: Tensor, inv_sqrt_bc2: Scalar, eps: Scalar) -> Tensor:
     return v.sqrt() * inv_sqrt_bc2 + eps
 
 
-def new_param(p: Tensor, w: Tensor, m: Tensor, den: Tensor, step_size: Scalar,
-              decay: Scalar) -> Tensor:
+def new_param(p: Tensor, wm: Tensor, den: Tensor, step_size: Scalar, decay: Scalar) -> Tensor:
     """Decoupled weight decay, then the step, in torch.optim.AdamW's order."""
-    return p * decay - step_size * (w * m / den)
+    return p * decay - step_size * (wm / den)
 
 
 def step_scale(numel: Union[int, Tensor], neg_count: Union[int, Tensor],
@@ -149,7 +150,7 @@ def reference_step(state: RefState, g: Tensor, *, lr: float, beta1: float, beta2
     agree, disagree = agreement(m, g if s is None else s)
     scale = step_scale(g.numel(), int(disagree.sum()), lam)
     sc = step_scalars(lr * scale, *bias_corrections(t, beta1, beta2), weight_decay)
-    p = new_param(state.p, weight(agree, disagree, lam), m,
+    p = new_param(state.p, weighted(m, agree, disagree, lam),
                   denominator(v, sc.inv_sqrt_bc2, eps), sc.step_size, sc.decay)
     return RefState(p, m, v, s, t)
 

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..update import agreement, denominator, new_param, update_moments, weight
+from ..update import agreement, denominator, new_param, update_moments, weighted
 from .tables import RunTable, piece_counts
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def _fused_step(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, beta1: float
                 beta2: float, beta3: float, lam: float, eps: float) -> None:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
-    w = weight(*agreement(m1, gf if s1 is None else s1), lam)
-    p1 = new_param(p, w, m1, denominator(v1, inv_sqrt_bc2, eps), step_size, decay)
+    wm = weighted(m1, *agreement(m1, gf if s1 is None else s1), lam)
+    p1 = new_param(p, wm, denominator(v1, inv_sqrt_bc2, eps), step_size, decay)
     m.copy_(m1)
     v.copy_(v1)
     _store(s, s1)
@@ -70,8 +70,8 @@ def _moments_count(g, m, v, s, beta1: float, beta2: float, beta3: float) -> Tens
 def _apply(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, lam: float,
            eps: float) -> None:
     mf = m.float()
-    w = weight(*agreement(mf, g.float() if s is None else s.float()), lam)
-    p1 = new_param(p, w, mf, denominator(v.float(), inv_sqrt_bc2, eps), step_size, decay)
+    wm = weighted(mf, *agreement(mf, g.float() if s is None else s.float()), lam)
+    p1 = new_param(p, wm, denominator(v.float(), inv_sqrt_bc2, eps), step_size, decay)
     p.copy_(p1)
     _store(out, p1)
 
@@ -89,34 +89,34 @@ class EagerOps:
 
     @classmethod
     def fused_step(cls, p, g, m, v, s, out, sc, hp) -> None:
-        cls._call(_fused_step, p, g, m, v, s, out, sc.step_size, sc.decay, sc.inv_sqrt_bc2,
-                  hp.beta1, hp.beta2, hp.beta3, hp.lam, hp.eps)
+        cls._call(_fused_step, (p, g, m, v, s, out, sc.step_size, sc.decay, sc.inv_sqrt_bc2),
+                  dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps))
 
     @classmethod
     def count_run(cls, g, m, v, s, hp, table: RunTable, counts: Tensor) -> None:
+        consts = dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3)
         one = table.single
         if one is not None:  # one piece: a plain sum, no per-element flags
-            neg = cls._call(_moments_count, g, m, v, s, hp.beta1, hp.beta2, hp.beta3)
-            counts[one.index:one.index + 1].add_(neg)
+            counts[one.index:one.index + 1].add_(cls._call(_moments_count, (g, m, v, s), consts))
             return
-        flags = cls._call(_moments_flags, g, m, v, s, hp.beta1, hp.beta2, hp.beta3)
-        counts.add_(piece_counts(flags, table))
+        counts.add_(piece_counts(cls._call(_moments_flags, (g, m, v, s), consts), table))
 
     @classmethod
     def apply_run(cls, p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable,
                   step_sizes: Tensor, decays: Tensor) -> None:
+        consts = dict(lam=hp.lam, eps=hp.eps)
         one = table.single
         if one is not None:
             i = one.index
-            cls._call(_apply, p, g, m, v, s, out, step_sizes[i], decays[i], inv_sqrt_bc2,
-                      hp.lam, hp.eps)
+            cls._call(_apply, (p, g, m, v, s, out, step_sizes[i], decays[i], inv_sqrt_bc2),
+                      consts)
             return
-        cls._call(_apply_indexed, p, g, m, v, s, out, step_sizes, decays,
-                  table.element_tensor(), inv_sqrt_bc2, hp.lam, hp.eps)
+        cls._call(_apply_indexed, (p, g, m, v, s, out, step_sizes, decays,
+                                   table.element_tensor(), inv_sqrt_bc2), consts)
 
     @staticmethod
-    def _call(fn, *args):
-        return fn(*args)
+    def _call(fn, args: tuple, consts: dict):
+        return fn(*args, **consts)
 
 
 #: ranges shorter than this run a single-threaded kernel (ATen's grain size): a parallel
@@ -125,17 +125,24 @@ SERIAL_NUMEL = 32768
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fn, serial: bool = False):
-    # dynamic=True: one compile serves every range length; the per-step scalars and the
-    # hyperparameters are Python floats, which dynamo keeps as dynamic inputs (no
-    # recompile when lr or the step changes; lam is specialised where it branches).
-    # Variants multiply with dtypes, None-ness of s/out and sizes 0/1; allow more than
-    # dynamo's 8. ``serial``: the same kernel without OpenMP (a separate compile).
+def _compiled(fn, consts: tuple = (), serial: bool = False):
+    # One compile per function and hyperparameter set: betas, beta3, lam and eps are
+    # constants folded into the kernel (as floats passed in they would be loaded and
+    # converted in every loop iteration: measured ~7% slower on CPU); a new set compiles
+    # anew. dynamic=True: one compile serves every range length; the per-step scalars are
+    # Python floats, dynamic inputs (no recompile when lr or the step changes). Variants
+    # multiply with dtypes, None-ness of s/out and sizes 0/1; allow more than dynamo's 8.
+    # ``serial``: the same kernel without OpenMP.
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    kw = dict(consts)
+
+    def bound(*args):  # constants from a closure: dynamo folds them (a partial's are inputs)
+        return fn(*args, **kw)
+
     options = {"cpp.threads": 1} if serial else None
-    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+    return torch.compile(bound, dynamic=True, fullgraph=True, options=options)
 
 
 def _alias(t: Tensor) -> Tensor:
@@ -157,10 +164,10 @@ class CompiledOps(EagerOps):
     name = "compiled"
 
     @staticmethod
-    def _call(fn, *args):
+    def _call(fn, args: tuple, consts: dict):
         args = tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
         serial = args[0].device.type == "cpu" and args[0].numel() < SERIAL_NUMEL
-        return _compiled(fn, serial)(*args)
+        return _compiled(fn, tuple(sorted(consts.items())), serial)(*args)
 
 
 @functools.lru_cache(maxsize=None)
