@@ -96,10 +96,17 @@ def agreement(m: Tensor, sign_ref: Tensor) -> tuple[Tensor, Tensor]:
     return (mp & sp) | (mn & sn), (mp & sn) | (mn & sp)
 
 
-def weighted(m: Tensor, agree: Tensor, disagree: Tensor, lam: float) -> Tensor:
-    """w * m with w = 1 where u*s > 0, lam where u*s < 0, max(lam, 0) on a tie (u*s == 0);
-    selected rather than multiplied (the same bits, one multiply fewer)."""
+def weighted(m: Tensor, sign_ref: Tensor, lam: float) -> Tensor:
+    """w * m with w = 1 where u*s > 0, lam where u*s < 0, max(lam, 0) on a tie (u*s == 0),
+    selected rather than multiplied. The presets take shorter, equal forms: Adam (lam = 1)
+    is m; Grams (lam = -1) is sign(s) |m| (0 on a tie). Same bits, fewer operations."""
     lam = float(lam)
+    if lam == 1.0:
+        return m
+    if lam == -1.0:
+        a = m.abs()
+        return torch.where(sign_ref > 0, a, torch.where(sign_ref < 0, -a, 0.0 * a))
+    agree, disagree = agreement(m, sign_ref)
     return torch.where(agree, m, torch.where(disagree, lam * m, max(lam, 0.0) * m))
 
 
@@ -147,11 +154,11 @@ def reference_step(state: RefState, g: Tensor, *, lr: float, beta1: float, beta2
     g = g.to(state.p.dtype)
     t = state.step + 1
     m, v, s = update_moments(g, state.m, state.v, state.s, beta1, beta2, beta3)
-    agree, disagree = agreement(m, g if s is None else s)
-    scale = step_scale(g.numel(), int(disagree.sum()), lam)
+    ref = g if s is None else s
+    scale = step_scale(g.numel(), int(agreement(m, ref)[1].sum()), lam)
     sc = step_scalars(lr * scale, *bias_corrections(t, beta1, beta2), weight_decay)
-    p = new_param(state.p, weighted(m, agree, disagree, lam),
-                  denominator(v, sc.inv_sqrt_bc2, eps), sc.step_size, sc.decay)
+    p = new_param(state.p, weighted(m, ref, lam), denominator(v, sc.inv_sqrt_bc2, eps),
+                  sc.step_size, sc.decay)
     return RefState(p, m, v, s, t)
 
 

@@ -45,7 +45,7 @@ def _fused_step(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, beta1: float
                 beta2: float, beta3: float, lam: float, eps: float) -> None:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
-    wm = weighted(m1, *agreement(m1, gf if s1 is None else s1), lam)
+    wm = weighted(m1, gf if s1 is None else s1, lam)
     p1 = new_param(p, wm, denominator(v1, inv_sqrt_bc2, eps), step_size, decay)
     m.copy_(m1)
     v.copy_(v1)
@@ -70,7 +70,7 @@ def _moments_count(g, m, v, s, beta1: float, beta2: float, beta3: float) -> Tens
 def _apply(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, lam: float,
            eps: float) -> None:
     mf = m.float()
-    wm = weighted(mf, *agreement(mf, g.float() if s is None else s.float()), lam)
+    wm = weighted(mf, g.float() if s is None else s.float(), lam)
     p1 = new_param(p, wm, denominator(v.float(), inv_sqrt_bc2, eps), step_size, decay)
     p.copy_(p1)
     _store(out, p1)
