@@ -14,7 +14,7 @@ from .config import (DEFAULTS, check_grad, check_params, preset_hparams, validat
                      validate_hparams)
 from .kernels import (GroupHParams, Piece, flat_step, host_scalar, resolve_backend,
                       triton_available)
-from .kernels.eager import compile_available
+from .kernels.eager import SERIAL_NUMEL, compile_available
 from .kernels.foreach import foreach_step
 from .update import bias_corrections
 
@@ -31,8 +31,10 @@ def default_path(device: torch.device, numel: int) -> str:
     * CUDA: the Triton kernel when triton is importable (one pass per tensor, no host
       sync), else ``_foreach`` (torch's own CUDA default for AdamW).
     * CPU: one torch.compile'd pass per tensor when a C++ compiler works and the group
-      holds at least ``COMPILE_MIN_NUMEL`` elements; the first step pays the compile
-      (seconds; cached on disk for later runs). Smaller groups, or no compiler: ``_foreach``.
+      holds at least ``COMPILE_MIN_NUMEL`` elements (tensors under ``SERIAL_NUMEL``
+      elements together in one ``_foreach`` call: a compiled call costs ~0.1 ms); the first
+      step pays the compile (seconds; cached on disk for later runs). Smaller groups, or no
+      compiler: ``_foreach``.
     """
     if device.type == "cuda":
         return "triton" if triton_available() else "foreach"
@@ -142,11 +144,20 @@ class AMS(Optimizer):
                 buckets.setdefault((p.device, float(st["step"])), []).append(i)
             for (device, step), idx in buckets.items():
                 path = self._path(group, device, sum(params[i].numel() for i in idx))
-                args = (group, hp, [params[i] for i in idx], [states[i] for i in idx], step)
-                if path == "foreach":
-                    self._foreach_group(*args)
-                else:
-                    self._fused_group(*args, backend=path)
+                small = []
+                if path == "compiled" and device.type == "cpu":
+                    # a compiled call costs ~0.1 ms of Python and dynamo: small tensors
+                    # (biases, norms) go through one _foreach call together
+                    small = [i for i in idx if params[i].numel() < SERIAL_NUMEL]
+                    idx = [i for i in idx if params[i].numel() >= SERIAL_NUMEL]
+                for part, name in ((small, "foreach"), (idx, path)):
+                    if not part:
+                        continue
+                    args = (group, hp, [params[i] for i in part], [states[i] for i in part], step)
+                    if name == "foreach":
+                        self._foreach_group(*args)
+                    else:
+                        self._fused_group(*args, backend=name)
         return loss
 
     @staticmethod

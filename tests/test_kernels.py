@@ -270,16 +270,24 @@ def test_default_path_per_device(monkeypatch):
     assert optimizer_mod.default_path(cpu, 10 ** 9) == "foreach"
 
 
-@pytest.mark.parametrize("numel,expect", [(100, ["foreach"]), (300, ["fused"])])
-def test_ams_default_takes_the_default_path(numel, expect, monkeypatch):
+@pytest.mark.parametrize("numels,expect", [
+    ((100,), [("foreach", 1)]),                       # a small group: no compile
+    ((300,), [("fused", 1)]),                         # compiled, one call per tensor
+    ((300, 50, 400, 60), [("foreach", 2), ("fused", 2)]),  # small tensors in one foreach
+])
+def test_ams_default_takes_the_default_path(numels, expect, monkeypatch):
     monkeypatch.setattr(optimizer_mod, "COMPILE_MIN_NUMEL", 200)
+    monkeypatch.setattr(optimizer_mod, "SERIAL_NUMEL", 100)
     monkeypatch.setattr(optimizer_mod, "compile_available", lambda: True)
     taken = []
-    monkeypatch.setattr(AMS, "_foreach_group", lambda self, *a: taken.append("foreach"))
-    monkeypatch.setattr(AMS, "_fused_group", lambda self, *a, backend: taken.append("fused"))
-    p = torch.nn.Parameter(torch.zeros(numel))
-    opt = Grams([p])
-    p.grad = torch.ones(numel)
+    monkeypatch.setattr(AMS, "_foreach_group",
+                        lambda self, g, hp, params, *a: taken.append(("foreach", len(params))))
+    monkeypatch.setattr(AMS, "_fused_group", lambda self, g, hp, params, *a, backend:
+                        taken.append(("fused", len(params))))
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
+    opt = Grams(params)
+    for p in params:
+        p.grad = torch.ones_like(p)
     opt.step()
     assert taken == expect
 
