@@ -175,9 +175,7 @@ def bandwidth_rows(sizes, device: torch.device, *, backend: str = "triton", quic
 def _copy_ms(n: int, device: torch.device, timer) -> float:
     src = torch.randn(28 * n // 8, device=device)  # 14 B read + 14 B written per element
     dst = torch.empty_like(src)
-    t = timer(lambda: dst.copy_(src))
-    del src, dst
-    return t
+    return timer(lambda: dst.copy_(src))
 
 
 def _row(n: int, mode: str, impl: str, ms: float, copy_gbs: float) -> dict:

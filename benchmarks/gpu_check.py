@@ -9,8 +9,8 @@ imported), gloo in place of NCCL, a host clock in place of CUDA events; only wha
 GPU (CUDA graphs, the peak-FLOP/s table) is recorded as skipped. So nothing in the GPU
 run is run there for the first time.
 
-Sections, in order (``gpu_check_sections.py``; each is timed, and its error, if any, is
-recorded without stopping the others):
+Sections, in order (``gpu_check_sections.py``, ``gpu_check_correctness.py``; each is timed,
+and its error, if any, is recorded without stopping the others):
 
 1. ``env``: device, driver, CUDA, torch, triton, date, git SHA.
 2. ``static``: the kernel compiled for the GPU (sm_90 in the dry run) without launching:

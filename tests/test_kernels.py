@@ -23,7 +23,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import sharded_ams.kernels as K
 from sharded_ams import AMS, Grams, ShardedAMS
 from sharded_ams import optimizer as optimizer_mod
 from sharded_ams.kernels import GroupHParams, Piece, flat_step
