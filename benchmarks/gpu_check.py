@@ -15,7 +15,7 @@ and its error, if any, is recorded without stopping the others):
 1. ``env``: device, driver, CUDA, torch, triton, date, git SHA.
 2. ``static``: the kernel compiled for the GPU (sm_90 in the dry run) without launching:
    PTX vector loads (``ld.global.v4``) and fma instructions, with and without fp fusion.
-3. ``correctness``: the Triton kernel against the float64 reference over 100 steps (10 in
+3. ``correctness``: the Triton kernel against the float64 reference over 100 steps (5 in
    the dry run) for Grams, C-Adam, AdamW and lam=-0.5/beta3=0.9, each with fp32, bf16 and
    fp16 params, on ~50M elements in pieces of several tensors (a tensor split in two,
    padding between, sizes both multiples of 16 and not): params, m, v and s, element-wise
