@@ -141,9 +141,6 @@ def _compiled(fn, consts: tuple = (), serial: bool = False):
     def bound(*args):  # constants from a closure: dynamo folds them (a partial's are inputs)
         return fn(*args, **kw)
 
-    # A code object of its own: dynamo keeps compiled variants, and counts them against
-    # the recompile limit, per code object, which every closure above would share.
-    bound.__code__ = bound.__code__.replace()
     options = {"cpp.threads": 1} if serial else None
     return torch.compile(bound, dynamic=True, fullgraph=True, options=options)
 
