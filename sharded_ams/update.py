@@ -99,13 +99,13 @@ def agreement(m: Tensor, sign_ref: Tensor) -> tuple[Tensor, Tensor]:
 def weighted(m: Tensor, sign_ref: Tensor, lam: float) -> Tensor:
     """w * m with w = 1 where u*s > 0, lam where u*s < 0, max(lam, 0) on a tie (u*s == 0),
     selected rather than multiplied. The presets take shorter, equal forms: Adam (lam = 1)
-    is m; Grams (lam = -1) is sign(s) |m| (0 on a tie). Same bits, fewer operations."""
+    is m; Grams (lam = -1) is sign(s) |m| (0 on a tie). The update p - step (w m / den) is
+    the same bit for bit (a zero may differ in sign only); fewer operations."""
     lam = float(lam)
     if lam == 1.0:
         return m
     if lam == -1.0:
-        a = m.abs()
-        return torch.where(sign_ref > 0, a, torch.where(sign_ref < 0, -a, 0.0 * a))
+        return torch.where(sign_ref != 0, torch.copysign(m, sign_ref), 0.0)
     agree, disagree = agreement(m, sign_ref)
     return torch.where(agree, m, torch.where(disagree, lam * m, max(lam, 0.0) * m))
 
@@ -116,9 +116,11 @@ def denominator(v: Tensor, inv_sqrt_bc2: Scalar, eps: Scalar) -> Tensor:
     return v.sqrt() * inv_sqrt_bc2 + eps
 
 
-def new_param(p: Tensor, wm: Tensor, den: Tensor, step_size: Scalar, decay: Scalar) -> Tensor:
-    """Decoupled weight decay, then the step, in torch.optim.AdamW's order."""
-    return p * decay - step_size * (wm / den)
+def new_param(p: Tensor, wm: Tensor, den: Tensor, step_size: Scalar,
+              decay: Optional[Scalar]) -> Tensor:
+    """Decoupled weight decay, then the step, in torch.optim.AdamW's order (``decay``
+    None: no weight decay, no multiply)."""
+    return (p if decay is None else p * decay) - step_size * (wm / den)
 
 
 def step_scale(numel: Union[int, Tensor], neg_count: Union[int, Tensor],

@@ -89,7 +89,8 @@ class EagerOps:
 
     @classmethod
     def fused_step(cls, p, g, m, v, s, out, sc, hp) -> None:
-        cls._call(_fused_step, (p, g, m, v, s, out, sc.step_size, sc.decay, sc.inv_sqrt_bc2),
+        decay = sc.decay if hp.weight_decay else None  # no decay: no multiply (p * 1 == p)
+        cls._call(_fused_step, (p, g, m, v, s, out, sc.step_size, decay, sc.inv_sqrt_bc2),
                   dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps))
 
     @classmethod
