@@ -126,24 +126,18 @@ SERIAL_NUMEL = 32768
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fn, consts: tuple = (), serial: bool = False):
-    # One compile per function and hyperparameter set: betas, beta3, lam and eps are
-    # constants folded into the kernel (as floats passed in they would be loaded and
-    # converted in every loop iteration: measured ~7% slower on CPU); a new set compiles
-    # anew. dynamic=True: one compile serves every range length; the per-step scalars are
-    # Python floats, dynamic inputs (no recompile when lr or the step changes). Variants
-    # multiply with dtypes, None-ness of s/out and sizes 0/1; allow more than dynamo's 8.
+def _compiled(fn, serial: bool = False):
+    # dynamic=True: one compile serves every range length; the per-step scalars and the
+    # hyperparameters are Python floats, which dynamo keeps as dynamic inputs (no
+    # recompile when lr or the step changes; lam is specialised where it branches;
+    # constants folded into the code were measured no faster). Variants multiply with
+    # dtypes, None-ness of s/out/decay and sizes 0/1; allow more than dynamo's 8.
     # ``serial``: the same kernel without OpenMP.
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    kw = dict(consts)
-
-    def bound(*args):  # constants from a closure: dynamo folds them (a partial's are inputs)
-        return fn(*args, **kw)
-
     options = {"cpp.threads": 1} if serial else None
-    return torch.compile(bound, dynamic=True, fullgraph=True, options=options)
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
 def _alias(t: Tensor) -> Tensor:
@@ -167,7 +161,7 @@ class CompiledOps(EagerOps):
     def _call(fn, args: tuple, consts: dict):
         args = tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
         serial = args[0].device.type == "cpu" and args[0].numel() < SERIAL_NUMEL
-        return _compiled(fn, tuple(sorted(consts.items())), serial)(*args)
+        return _compiled(fn, serial)(*args, **consts)
 
 
 @functools.lru_cache(maxsize=None)
