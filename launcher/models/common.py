@@ -1,0 +1,30 @@
+"""Pieces the built-in models share: running the block stack (with optional activation
+checkpointing) and the model-FLOPs count behind the MFU number."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, *args, checkpointing: bool = False) -> torch.Tensor:
+    """``x = block(x, *args)`` for each block. With ``checkpointing`` (training only) each
+    block's activations are recomputed in backward instead of stored (per-block activation
+    checkpointing, non-reentrant as torchtitan and PyTorch recommend)."""
+    for block in blocks:
+        if checkpointing:
+            x = checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+    return x
+
+
+def transformer_flops_per_token(matmul_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): ``6 N`` for the weight matmuls plus
+    ``12 L d T`` for attention scores and their weighted sum (the PaLM paper's appendix B
+    count, also nanoGPT's ``estimate_mfu``). ``N`` counts weights used in matmuls: every
+    parameter except embedding tables that are only looked up."""
+    return 6.0 * matmul_params + 12.0 * n_layer * n_embd * seq_len
