@@ -22,9 +22,11 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, *args, checkpointin
     return x
 
 
-def transformer_flops_per_token(matmul_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+def transformer_flops_per_token(model: nn.Module, n_layer: int, n_embd: int, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): ``6 N`` for the weight matmuls plus
     ``12 L d T`` for attention scores and their weighted sum (the PaLM paper's appendix B
-    count, also nanoGPT's ``estimate_mfu``). ``N`` counts weights used in matmuls: every
-    parameter except embedding tables that are only looked up."""
-    return 6.0 * matmul_params + 12.0 * n_layer * n_embd * seq_len
+    count, also nanoGPT's ``estimate_mfu``). ``N`` counts the weights of the model's
+    ``nn.Linear`` layers (the output head included, tied or not); embedding lookups, norms
+    and biases are not matmuls."""
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 6.0 * matmul + 12.0 * n_layer * n_embd * seq_len

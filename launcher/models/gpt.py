@@ -123,11 +123,9 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at sequence length ``seq_len`` (for MFU): the position
-        table, and the token table unless tied to lm_head, are lookups, not matmuls."""
-        lookups = self.wpe.weight.numel() + (0 if self.cfg.tie_weights else self.wte.weight.numel())
-        return transformer_flops_per_token(self.num_params() - lookups, self.cfg.n_layer,
-                                           self.cfg.n_embd, seq_len)
+        """Training FLOPs per token at sequence length ``seq_len`` (for MFU; see
+        :func:`launcher.models.common.transformer_flops_per_token`)."""
+        return transformer_flops_per_token(self, self.cfg.n_layer, self.cfg.n_embd, seq_len)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None

@@ -221,11 +221,9 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at ``seq_len`` (for MFU); an untied input embedding is a
-        lookup, not a matmul."""
-        lookup = 0 if self.cfg.tie_weights else self.model.embed_tokens.weight.numel()
-        return transformer_flops_per_token(self.num_params() - lookup, self.cfg.n_layer,
-                                           self.cfg.n_embd, seq_len)
+        """Training FLOPs per token at sequence length ``seq_len`` (for MFU; see
+        :func:`launcher.models.common.transformer_flops_per_token`)."""
+        return transformer_flops_per_token(self, self.cfg.n_layer, self.cfg.n_embd, seq_len)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
