@@ -1,9 +1,9 @@
 """``sharded-ams prepare-data INPUT... --out DIR``: text -> token shards for training.
 
 Inputs are files, directories (walked for ``--ext`` files, default ``.txt`` and ``.jsonl``;
-symlinks and special files inside are skipped) and globs. ``.jsonl`` files hold one JSON
-object per line whose ``--text-field`` (default ``text``) is a document; any other file is
-one document. The output directory's format is described in :mod:`launcher.token_data`.
+symlinks and special files inside are skipped) and globs. ``.jsonl`` (and ``.json``, as
+C4's files) hold one JSON object per line whose ``--text-field`` (default ``text``) is a
+document; any other file is one document; ``.gz`` files are decompressed on the fly. The output directory's format is described in :mod:`launcher.token_data`.
 
 How it behaves:
 
@@ -22,6 +22,7 @@ How it behaves:
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import os
 import shutil
@@ -121,15 +122,29 @@ def _text_chunks(f, size: int) -> Iterator[bytes]:
             yield buf[:cut]
 
 
+def _is_jsonl(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return name.endswith((".jsonl", ".json"))  # .json(.gz): JSON lines, as C4's files
+
+
 def iter_documents(files: Sequence[Path], text_field: str = "text",
                    chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[bytes, bool, int]]:
-    """``(utf8_piece, ends_document, bytes_read_since_last)`` over every document of ``files``."""
+    """``(utf8_piece, ends_document, bytes_read_from_disk_since_last)`` over every document
+    of ``files`` (``.gz`` files are decompressed as they are read)."""
     for path in files:
-        with open(path, "rb") as f:
-            if path.suffix.lower() == ".jsonl":
+        with open(path, "rb") as raw:
+            f = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
+            pos = 0
+
+            def read() -> int:
+                nonlocal pos
+                delta, pos = raw.tell() - pos, raw.tell()
+                return delta
+
+            if _is_jsonl(path):
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
-                        yield b"", False, len(line)
+                        yield b"", False, read()
                         continue
                     try:
                         rec = json.loads(line)
@@ -139,15 +154,15 @@ def iter_documents(files: Sequence[Path], text_field: str = "text",
                     if not isinstance(text, str):
                         raise DataError(f"{path}:{lineno}: no string field {text_field!r} "
                                         "(choose the field with --text-field)")
-                    yield text.encode("utf-8"), True, len(line)
+                    yield text.encode("utf-8"), True, read()
             else:
                 last = None
                 for piece in _text_chunks(f, chunk_bytes):
                     if last is not None:
-                        yield last, False, len(last)
+                        yield last, False, read()
                     last = piece
                 if last is not None:
-                    yield last, True, len(last)
+                    yield last, True, read()
 
 
 # ----------------------------------------------------------------------------- output
