@@ -7,7 +7,7 @@ document; any other file is one document; ``.gz`` files are decompressed on the 
 
 How it behaves:
 
-* streaming: files are read in ~1 MiB pieces cut after a newline, tokenized in batches and
+* streaming: files are read in ~256 KiB pieces cut after a newline, tokenized in batches and
   appended to the current shard, so memory stays bounded whatever the corpus size (a BPE
   trainer keeps word counts, not text);
 * a progress bar (bytes read, throughput, tokens so far) on stderr;
@@ -41,7 +41,7 @@ from launcher.tokenizer import (Tokenizer, byte_tokenizer, load_tokenizer_file, 
 
 __all__ = ["prepare_data", "collect_inputs", "add_prepare_parser"]
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 18
 DEFAULT_EXTS = (".txt", ".jsonl")
 DEFAULT_SHARD_TOKENS = 100_000_000
 
@@ -362,7 +362,7 @@ def prepare_data(inputs: Sequence[str], out: os.PathLike, *, tokenizer: str = "b
 
 
 def _tokenize(tok: Tokenizer, files: list[Path], text_field: str, writer: ShardWriter,
-              total_bytes: int, progress: bool, batch_bytes: int = 8 << 20) -> int:
+              total_bytes: int, progress: bool, batch_bytes: int = 2 << 20) -> int:
     """Encode every document into ``writer`` (in batches, for the tokenizer's threads);
     returns the number of documents."""
     bar = _progress(total_bytes, "tokenizing", progress)
