@@ -108,12 +108,18 @@ def _gpt() -> GPT:
 
 @pytest.mark.parametrize("make", [_small, _gpt])
 def test_activation_checkpointing_gives_the_same_gradients(make):
+    """Same gradients, bitwise; and each block's forward really runs twice (recomputed)."""
     grads = []
     for ckpt in (False, True):
         model = make().train()
         model.activation_checkpointing = ckpt
+        blocks = model.model.layers if isinstance(model, Llama) else model.blocks
+        calls = []
+        for b in blocks:
+            b.register_forward_hook(lambda *_: calls.append(1))
         idx = torch.randint(256, (2, 32), generator=torch.Generator().manual_seed(3))
         model(idx, idx.roll(-1, 1))[1].backward()
+        assert len(calls) == len(blocks) * (2 if ckpt else 1)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
