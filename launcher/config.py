@@ -408,8 +408,8 @@ class JobConfig:
     """A directory Ray ships to every worker and makes their working directory (Ray
     runtime_env "working_dir"): how your factories' code reaches the workers of a cluster."""
     py_modules: list = field(default_factory=list)
-    """Local package directories (or installed module names) Ray ships to every worker and
-    puts on their import path (Ray runtime_env "py_modules")."""
+    """Local package directories (or remote .zip URIs) Ray ships to every worker and puts on
+    their import path (Ray runtime_env "py_modules")."""
 
     def __post_init__(self) -> None:
         s = "job"
@@ -442,7 +442,7 @@ class JobConfig:
                 _fail(s, "working_dir", "must be a directory", self.working_dir)
             self.working_dir = _absolute(self.working_dir)
         if not isinstance(self.py_modules, list) or not all(isinstance(m, str) and m for m in self.py_modules):
-            _fail(s, "py_modules", "must be a list of paths or module names", self.py_modules)
+            _fail(s, "py_modules", "must be a list of package directories or URIs", self.py_modules)
         self.py_modules = [m if is_uri(m) or not Path(m).exists() else str(Path(m).absolute())
                            for m in self.py_modules]
 

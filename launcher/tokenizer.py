@@ -15,7 +15,6 @@ an existing ``tokenizer.json``, all saved as a Hugging Face ``tokenizers`` file.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -168,7 +167,3 @@ def tokenizer_config(tok_entry: dict) -> dict:
         cfg.update(eos_token=tok_entry["eos_token"], bos_token=tok_entry["eos_token"])
     return cfg
 
-
-def read_json(path: os.PathLike) -> dict:
-    with open(path) as f:
-        return json.load(f)

@@ -186,6 +186,15 @@ def test_overrides_env_and_precedence(tmp_path):
     assert JobConfig(storage_path="s3://bucket/runs", name="r").run_dir == "s3://bucket/runs/r"
 
 
+def test_runtime_env_ships_user_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pkg").mkdir()
+    assert JobConfig().runtime_env() == {}
+    job = JobConfig(working_dir=".", py_modules=["pkg", "s3://bucket/code.zip"])
+    assert job.runtime_env() == {"working_dir": str(tmp_path), "py_modules": [str(tmp_path / "pkg"),
+                                                                               "s3://bucket/code.zip"]}
+
+
 def test_to_dict_round_trip():
     cfg = load_config(GPT_TINY, environ={})
     d = json.loads(json.dumps(cfg.to_dict()))

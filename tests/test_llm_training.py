@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from launcher.cli import main as cli_main
 from launcher.config import accumulation_steps, load_config
 from launcher.export import ExportError, export_checkpoint
 from launcher.preflight import preflight
-from launcher.token_data import DataError, load_training_data
+from launcher.token_data import load_training_data
 from launcher.training import (TensorBoardLog, build_model_for_training, evaluate, forward_backward,
                                loss_of, peak_bf16_flops, resolve_precision, split_micro, throughput)
 from sharded_ams import ShardedAMS

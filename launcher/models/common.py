@@ -30,3 +30,17 @@ def transformer_flops_per_token(model: nn.Module, n_layer: int, n_embd: int, seq
     and biases are not matmuls."""
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return 6.0 * matmul + 12.0 * n_layer * n_embd * seq_len
+
+
+class ModelStats:
+    """``num_params`` and ``flops_per_token`` for a built-in model (``self.cfg`` has
+    ``n_layer`` and ``n_embd``); mixed into GPT and Llama."""
+
+    def num_params(self) -> int:
+        """Distinct trainable parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at sequence length ``seq_len`` (for MFU; see
+        :func:`transformer_flops_per_token`)."""
+        return transformer_flops_per_token(self, self.cfg.n_layer, self.cfg.n_embd, seq_len)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import run_blocks, transformer_flops_per_token
+from .common import ModelStats, run_blocks
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class GPT(nn.Module):
+class GPT(ModelStats, nn.Module):
     """Decoder-only transformer language model over `cfg.vocab_size` tokens."""
 
     def __init__(self, cfg: GPTConfig | None = None) -> None:
@@ -117,15 +117,6 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
-
-    def num_params(self) -> int:
-        """Number of distinct trainable parameters (a tied embedding counts once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at sequence length ``seq_len`` (for MFU; see
-        :func:`launcher.models.common.transformer_flops_per_token`)."""
-        return transformer_flops_per_token(self, self.cfg.n_layer, self.cfg.n_embd, seq_len)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None

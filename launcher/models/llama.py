@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import run_blocks, transformer_flops_per_token
+from .common import ModelStats, run_blocks
 
 
 @dataclass
@@ -189,7 +189,7 @@ class LlamaModel(nn.Module):
         return self.norm(h)
 
 
-class Llama(nn.Module):
+class Llama(ModelStats, nn.Module):
     """Causal language model (Hugging Face's ``LlamaForCausalLM`` parameter layout).
 
     ``forward(idx, targets=None) -> (logits, loss)`` as the launcher's GPT: ``idx`` (B, T)
@@ -215,15 +215,6 @@ class Llama(nn.Module):
                 nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
-
-    def num_params(self) -> int:
-        """Distinct trainable parameters (a tied embedding counts once)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at sequence length ``seq_len`` (for MFU; see
-        :func:`launcher.models.common.transformer_flops_per_token`)."""
-        return transformer_flops_per_token(self, self.cfg.n_layer, self.cfg.n_embd, seq_len)
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
