@@ -21,13 +21,14 @@ factory imports) is checked by :mod:`launcher.preflight`, still before Ray start
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from .config_checks import (check_bool, check_choice, check_factory, check_float, check_int,
+                            check_table, fail)
 from .models.sizes import ARCH_DEFAULTS, ARCHES, SHAPE_FIELDS, resolve_shape
 
 try:
@@ -58,56 +59,6 @@ _PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
 _REDUCE_DTYPES = ("fp32", "bf16")
 _VERIFY = ("sha256", "size")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _fail(section: str, name: str, message: str, value: Any) -> None:
-    raise ValueError(f"{section}.{name} {message}, got {value!r}")
-
-
-def _check_int(section: str, name: str, value: Any, minimum: Optional[int] = None,
-               allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(section, name, "must be an integer", value)
-    if minimum is not None and value < minimum:
-        _fail(section, name, f"must be >= {minimum}", value)
-
-
-def _check_float(section: str, name: str, value: Any, *, low: Optional[float] = None,
-                 high: Optional[float] = None, low_open: bool = False, high_open: bool = False,
-                 allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(section, name, "must be a finite number", value)
-    if low is not None and (value <= low if low_open else value < low):
-        _fail(section, name, f"must be {'>' if low_open else '>='} {low}", value)
-    if high is not None and (value >= high if high_open else value > high):
-        _fail(section, name, f"must be {'<' if high_open else '<='} {high}", value)
-
-
-def _check_bool(section: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(section, name, "must be true or false", value)
-
-
-def _check_choice(section: str, name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        _fail(section, name, f"must be one of {list(choices)}", value)
-
-
-def _check_factory(section: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, str) or ":" not in value):
-        _fail(section, "factory", "must look like 'package.module:function'", value)
-
-
-def _check_table(section: str, name: str, value: Any) -> None:
-    if not isinstance(value, Mapping):
-        _fail(section, name, "must be a table of settings", value)
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -198,13 +149,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         s = "model"
-        _check_factory(s, self.factory)
-        _check_table(s, "options", self.options)
-        _check_choice(s, "precision", self.precision, _PRECISIONS)
-        _check_bool(s, "activation_checkpointing", self.activation_checkpointing)
-        _check_bool(s, "compile", self.compile)
+        check_factory(s, self.factory)
+        check_table(s, "options", self.options)
+        check_choice(s, "precision", self.precision, _PRECISIONS)
+        check_bool(s, "activation_checkpointing", self.activation_checkpointing)
+        check_bool(s, "compile", self.compile)
         if self.factory is None:
-            _check_choice(s, "arch", self.arch, ARCHES)
+            check_choice(s, "arch", self.arch, ARCHES)
             for name, value in resolve_shape(self.arch, self.size,
                                              {k: getattr(self, k) for k in SHAPE_FIELDS}).items():
                 setattr(self, name, value)
@@ -215,12 +166,12 @@ class ModelConfig:
                              "checkpoint blocks inside your model.factory's model instead")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd",
                      "intermediate_size"):
-            _check_int(s, name, getattr(self, name), 1, allow_none=True)
+            check_int(s, name, getattr(self, name), 1, allow_none=True)
         for name in ("rope_theta", "norm_eps"):
-            _check_float(s, name, getattr(self, name), low=0.0, low_open=True, allow_none=True)
-        _check_float(s, "dropout", self.dropout, low=0.0, high=1.0, high_open=True, allow_none=True)
+            check_float(s, name, getattr(self, name), low=0.0, low_open=True, allow_none=True)
+        check_float(s, "dropout", self.dropout, low=0.0, high=1.0, high_open=True, allow_none=True)
         if self.tie_weights is not None:
-            _check_bool(s, "tie_weights", self.tie_weights)
+            check_bool(s, "tie_weights", self.tie_weights)
         if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_kv_head is not None and self.n_head is not None and self.n_head % self.n_kv_head:
@@ -273,22 +224,22 @@ class DataConfig:
     def __post_init__(self) -> None:
         s = "data"
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
-            _fail(s, "path", "must be a prepare-data output directory", self.path)
+            fail(s, "path", "must be a prepare-data output directory", self.path)
         if is_uri(self.path or ""):
-            _fail(s, "path", "must be a local or shared (NFS) directory, not a URI", self.path)
+            fail(s, "path", "must be a local or shared (NFS) directory, not a URI", self.path)
         self.path = _absolute(self.path)
-        _check_factory(s, self.factory)
+        check_factory(s, self.factory)
         if self.path and self.factory:
             raise ValueError("set data.path or data.factory, not both")
-        _check_table(s, "options", self.options)
-        _check_choice(s, "verify", self.verify, _VERIFY)
-        _check_int(s, "max_bytes", self.max_bytes, 1)
-        _check_int(s, "batch_size", self.batch_size, 1)
-        _check_int(s, "micro_batch_size", self.micro_batch_size, 1, allow_none=True)
-        _check_int(s, "block_size", self.block_size, 1, allow_none=True)
-        _check_int(s, "seed", self.seed, 0)
-        _check_float(s, "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_int(s, "eval_iters", self.eval_iters, 1)
+        check_table(s, "options", self.options)
+        check_choice(s, "verify", self.verify, _VERIFY)
+        check_int(s, "max_bytes", self.max_bytes, 1)
+        check_int(s, "batch_size", self.batch_size, 1)
+        check_int(s, "micro_batch_size", self.micro_batch_size, 1, allow_none=True)
+        check_int(s, "block_size", self.block_size, 1, allow_none=True)
+        check_int(s, "seed", self.seed, 0)
+        check_float(s, "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_int(s, "eval_iters", self.eval_iters, 1)
 
 
 @dataclass
@@ -332,28 +283,28 @@ class OptimConfig:
         if self.preset is not None:
             if isinstance(self.preset, str):
                 self.preset = self.preset.lower()
-            _check_choice(s, "preset", self.preset, _PRESETS)
+            check_choice(s, "preset", self.preset, _PRESETS)
             if self.beta3 is not None or self.lam is not None:
                 raise ValueError(
                     f"optim.preset={self.preset!r} fixes beta3 and lam; set optim.preset = \"\" "
                     f"to use optim.beta3={self.beta3!r} and optim.lam={self.lam!r}"
                 )
-        _check_float(s, "lr", self.lr, low=0.0)
+        check_float(s, "lr", self.lr, low=0.0)
         if isinstance(self.betas, (str, bytes)) or not isinstance(self.betas, Sequence) or len(self.betas) != 2:
-            _fail(s, "betas", "must be a pair [beta1, beta2]", self.betas)
+            fail(s, "betas", "must be a pair [beta1, beta2]", self.betas)
         for i, b in enumerate(self.betas):
-            _check_float(s, f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+            check_float(s, f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
-        _check_float(s, "eps", self.eps, low=0.0, low_open=True)
-        _check_float(s, "weight_decay", self.weight_decay, low=0.0)
-        _check_float(s, "beta3", self.beta3, low=0.0, high=1.0, high_open=True, allow_none=True)
-        _check_float(s, "lam", self.lam, allow_none=True)
-        _check_float(s, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, allow_none=True)
-        _check_choice(s, "backend", self.backend, _BACKENDS)
-        _check_choice(s, "schedule", self.schedule, _SCHEDULES)
-        _check_int(s, "warmup_steps", self.warmup_steps, 0)
-        _check_float(s, "min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
-        _check_choice(s, "grad_reduce_dtype", self.grad_reduce_dtype, _REDUCE_DTYPES)
+        check_float(s, "eps", self.eps, low=0.0, low_open=True)
+        check_float(s, "weight_decay", self.weight_decay, low=0.0)
+        check_float(s, "beta3", self.beta3, low=0.0, high=1.0, high_open=True, allow_none=True)
+        check_float(s, "lam", self.lam, allow_none=True)
+        check_float(s, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, allow_none=True)
+        check_choice(s, "backend", self.backend, _BACKENDS)
+        check_choice(s, "schedule", self.schedule, _SCHEDULES)
+        check_int(s, "warmup_steps", self.warmup_steps, 0)
+        check_float(s, "min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        check_choice(s, "grad_reduce_dtype", self.grad_reduce_dtype, _REDUCE_DTYPES)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``sharded_ams.ShardedAMS`` (everything but the schedule): the
@@ -414,35 +365,35 @@ class JobConfig:
     def __post_init__(self) -> None:
         s = "job"
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            _fail(s, "name", "must be letters, digits, '.', '_' or '-' (a directory name)", self.name)
-        _check_int(s, "steps", self.steps, 1)
-        _check_int(s, "num_workers", self.num_workers, 1)
-        _check_bool(s, "use_gpu", self.use_gpu)
+            fail(s, "name", "must be letters, digits, '.', '_' or '-' (a directory name)", self.name)
+        check_int(s, "steps", self.steps, 1)
+        check_int(s, "num_workers", self.num_workers, 1)
+        check_bool(s, "use_gpu", self.use_gpu)
         if not isinstance(self.storage_path, str) or not self.storage_path:
-            _fail(s, "storage_path", "must be a non-empty path or URI", self.storage_path)
+            fail(s, "storage_path", "must be a non-empty path or URI", self.storage_path)
         if not is_uri(self.storage_path):
             self.storage_path = str(Path(self.storage_path).expanduser().absolute())
-        _check_int(s, "checkpoint_every", self.checkpoint_every, 1)
-        _check_int(s, "keep_last", self.keep_last, 1)
-        _check_int(s, "max_failures", self.max_failures, -1)
-        _check_int(s, "log_every", self.log_every, 1)
-        _check_int(s, "eval_every", self.eval_every, 0)
+        check_int(s, "checkpoint_every", self.checkpoint_every, 1)
+        check_int(s, "keep_last", self.keep_last, 1)
+        check_int(s, "max_failures", self.max_failures, -1)
+        check_int(s, "log_every", self.log_every, 1)
+        check_int(s, "eval_every", self.eval_every, 0)
         if self.resume_from is not None and (not isinstance(self.resume_from, str) or not self.resume_from):
-            _fail(s, "resume_from", "must be a checkpoint directory", self.resume_from)
+            fail(s, "resume_from", "must be a checkpoint directory", self.resume_from)
         if self.resume_from is not None and not is_uri(self.resume_from):
             self.resume_from = str(Path(self.resume_from).expanduser().absolute())
-        _check_int(s, "fail_at_step", self.fail_at_step, 1, allow_none=True)
+        check_int(s, "fail_at_step", self.fail_at_step, 1, allow_none=True)
         if self.fail_at_step is not None and self.fail_at_step > self.steps:
-            _fail(s, "fail_at_step", f"must be <= job.steps ({self.steps})", self.fail_at_step)
-        _check_int(s, "fail_rank", self.fail_rank, 0)
+            fail(s, "fail_at_step", f"must be <= job.steps ({self.steps})", self.fail_at_step)
+        check_int(s, "fail_rank", self.fail_rank, 0)
         if self.fail_at_step is not None and self.fail_rank >= self.num_workers:
-            _fail(s, "fail_rank", f"must be < job.num_workers ({self.num_workers})", self.fail_rank)
+            fail(s, "fail_rank", f"must be < job.num_workers ({self.num_workers})", self.fail_rank)
         if self.working_dir is not None:
             if not isinstance(self.working_dir, str) or not self.working_dir:
-                _fail(s, "working_dir", "must be a directory", self.working_dir)
+                fail(s, "working_dir", "must be a directory", self.working_dir)
             self.working_dir = _absolute(self.working_dir)
         if not isinstance(self.py_modules, list) or not all(isinstance(m, str) and m for m in self.py_modules):
-            _fail(s, "py_modules", "must be a list of package directories or URIs", self.py_modules)
+            fail(s, "py_modules", "must be a list of package directories or URIs", self.py_modules)
         self.py_modules = [m if is_uri(m) or not Path(m).exists() else str(Path(m).absolute())
                            for m in self.py_modules]
 
