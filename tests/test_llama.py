@@ -115,8 +115,8 @@ def test_activation_checkpointing_gives_the_same_gradients(make):
         model.activation_checkpointing = ckpt
         blocks = model.model.layers if isinstance(model, Llama) else model.blocks
         calls = []
-        for b in blocks:
-            b.register_forward_hook(lambda *_: calls.append(1))
+        for b in blocks:  # count forward() itself: a recomputation skips module hooks
+            b.forward = (lambda f: lambda *a: calls.append(1) or f(*a))(b.forward)
         idx = torch.randint(256, (2, 32), generator=torch.Generator().manual_seed(3))
         model(idx, idx.roll(-1, 1))[1].backward()
         assert len(calls) == len(blocks) * (2 if ckpt else 1)
