@@ -2,6 +2,7 @@
 
     sharded-ams ckpt inspect DIR [--json] [--no-checksums]
     sharded-ams ckpt consolidate DIR OUT
+    sharded-ams ckpt export CKPT OUT --format hf|safetensors    # launcher/export.py
     python -m launcher.ckpt_cli inspect DIR          # the same, standalone
 
 ``launcher/cli.py`` registers them with :func:`add_ckpt_subparser`. Every leaf parser sets
@@ -138,13 +139,16 @@ def _add_commands(sub) -> None:
     c.add_argument("dir", help="checkpoint directory")
     c.add_argument("out", help="output file (.pt)")
     c.set_defaults(func=_cmd_consolidate)
+    from launcher.export import add_export_command  # `ckpt export` (launcher/export.py)
+
+    add_export_command(sub)
 
 
 def add_ckpt_subparser(subparsers) -> argparse.ArgumentParser:
     """Add ``ckpt {inspect,consolidate}`` to ``subparsers`` (from ``add_subparsers()``)."""
     p = subparsers.add_parser("ckpt", help="inspect or consolidate checkpoints",
                               description="Inspect or consolidate sharded-ams checkpoints.")
-    sub = p.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate}")
+    sub = p.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate,export}")
     sub.required = True
     _add_commands(sub)
     return p
@@ -153,7 +157,7 @@ def add_ckpt_subparser(subparsers) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.ckpt_cli",
                                      description="Inspect or consolidate sharded-ams checkpoints.")
-    sub = parser.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate}")
+    sub = parser.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate,export}")
     sub.required = True
     _add_commands(sub)
     args = parser.parse_args(argv)
