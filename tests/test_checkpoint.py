@@ -12,6 +12,7 @@ Every optimizer uses ``backend="eager"`` (no torch.compile time).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from launcher.data import get_batch, load_corpus
 from launcher.model import GPT, GPTConfig
 from sharded_ams import AMS, ShardedAMS
 from sharded_ams import checkpoint as C
+from sharded_ams.checkpoint import commit
 from sharded_ams.checkpoint import (CheckpointError, CheckpointManager, consolidate,
                                     find_latest_checkpoint, load_checkpoint, save_checkpoint,
                                     validate_checkpoint)
@@ -134,6 +136,21 @@ def manifest_json(path) -> dict:
 
 def file_digests(path) -> dict[str, tuple[int, str]]:
     return {n: (f["size"], f["sha256"]) for n, f in manifest_json(path)["files"].items()}
+
+
+def rewrite_manifest(path: Path, files_from: tuple = (), **fields) -> dict:
+    """Edit a manifest by hand: set top-level ``fields`` and re-record the size and
+    sha256 of the files in ``files_from`` (as an attacker or a hand edit would)."""
+    man = manifest_json(path)
+    man.update(fields)
+    for name in files_from:
+        man["files"][name].update(size=(path / name).stat().st_size, sha256=sha256_of(path / name))
+    (path / C.MANIFEST_NAME).write_text(json.dumps(man))
+    return man
+
+
+def sha256_of(fpath: Path) -> str:
+    return hashlib.sha256(Path(fpath).read_bytes()).hexdigest()
 
 
 def flip_bit(fpath: Path, offset_from_end: int = 100) -> None:
@@ -366,7 +383,7 @@ def test_unloadable_file_with_matching_checksum(ckpt_copy):
     victim.write_bytes(b"definitely not a zip archive" * 10)
     man = manifest_json(ckpt_copy)
     man["files"]["trainer.pt"].update(size=victim.stat().st_size,
-                                      sha256=C._sha256_file(victim))
+                                      sha256=sha256_of(victim))
     (ckpt_copy / C.MANIFEST_NAME).write_text(json.dumps(man))
     expect_error(ckpt_copy, "corrupt", "trainer.pt", "cannot be loaded")
 
@@ -442,25 +459,26 @@ def test_manager_prunes_only_after_commit(tmp_path, monkeypatch):
     mgr = CheckpointManager(tmp_path, keep_last=2)
 
     def dirs():
-        return sorted(p.name for p in tmp_path.iterdir())
+        return sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
 
     for s in (1, 2, 3, 4):
         train(model, opt, range(s - 1, s))
         mgr.save(s, opt, model=model)
     assert dirs() == ["step-00000003", "step-00000004"]
-    # a save whose commit fails deletes nothing
-    real = C._commit_manifest
+    # a save whose commit fails deletes nothing it did not write, and leaves nothing behind
+    (tmp_path / "step-00000005").mkdir()  # a crashed save's leftover: pruned after a commit
 
     def fail(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(C, "_commit_manifest", fail)
+    monkeypatch.setattr(commit, "_commit_manifest", fail)
     with pytest.raises(CheckpointError, match="disk full") as ei:
         mgr.save(5, opt, model=model)
     assert ei.value.kind == "save_failed"
     assert dirs() == ["step-00000003", "step-00000004", "step-00000005"]
+    assert list((tmp_path / "step-00000005").iterdir()) == []  # its files were removed
     assert find_latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
-    monkeypatch.setattr(C, "_commit_manifest", real)
+    monkeypatch.undo()
     mgr.save(6, opt, model=model)                   # prunes 3 and the crashed 5
     assert dirs() == ["step-00000004", "step-00000006"]
     # async: nothing is pruned until the commit in wait()
@@ -468,16 +486,16 @@ def test_manager_prunes_only_after_commit(tmp_path, monkeypatch):
     assert {"step-00000004", "step-00000006"} <= set(dirs())
     mgr.wait()
     assert h.done() and dirs() == ["step-00000006", "step-00000007"]
+    mgr.close()
     # keep_last=1 is allowed (commit happens before pruning); the just-committed checkpoint
     # survives even if a stale leftover has a higher step
     mgr1 = CheckpointManager(tmp_path, keep_last=1)
     stale = tmp_path / "step-00000099"
     shutil.copytree(tmp_path / "step-00000007", stale)
-    man = manifest_json(stale)
-    man["step"] = 99
-    (stale / C.MANIFEST_NAME).write_text(json.dumps(man))
+    rewrite_manifest(stale, step=99)
     mgr1.save(8, opt, model=model)
     assert dirs() == ["step-00000008", "step-00000099"]
+    mgr1.close()
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
     assert CheckpointManager(tmp_path, keep_last=None).prune() == []
@@ -489,6 +507,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
     import torch
     from sharded_ams import ShardedAMS
     import sharded_ams.checkpoint as C
+    import sharded_ams.checkpoint.commit as CM
     from launcher.model import GPT, GPTConfig
     from launcher.data import get_batch, load_corpus
 
@@ -508,12 +527,12 @@ _CRASH_SCRIPT = textwrap.dedent("""
     for s in range(2, 4):
         step(s)
     if mode == "exit":      # the process dies between the shard writes and the manifest
-        C._commit_manifest = lambda *a, **k: os._exit(17)
+        CM._commit_manifest = lambda *a, **k: os._exit(17)
     else:                   # SIGKILLed by the test once the shard files exist
         def hang(*a, **k):
             (root / "ready").write_text("shards written")
             time.sleep(600)
-        C._commit_manifest = hang
+        CM._commit_manifest = hang
     mgr.save(4, opt, model=model)
     print("unreachable")
 """)
@@ -653,20 +672,20 @@ def _job_same_world(root: str, K: int, J: int) -> dict:
         save_checkpoint(root / "bad-extra", opt, step=K, extra={"x": object()})
     except (TypeError, CheckpointError) as exc:
         errors.append(type(exc).__name__)
-    real = C._write_file
+    real = commit.write_file
 
     def failing(dirpath, name, obj):
         if rank == 1:
             raise OSError("No space left on device")
         return real(dirpath, name, obj)
 
-    C._write_file = failing
+    commit.write_file = failing
     try:
         save_checkpoint(root / "bad-write", opt, step=K)
     except CheckpointError as exc:
         errors.append((exc.kind, "rank 1: OSError: No space left on device" in str(exc)))
     finally:
-        C._write_file = real
+        commit.write_file = real
     out["errors"] = errors
     return out
 
