@@ -128,6 +128,21 @@ def rewrite_manifest(path: Path, files_from: tuple = (), **fields) -> dict:
     return man
 
 
+def edit_shard(ckpt: Path, name: str, edit) -> None:
+    """Change what a shard file holds (``edit(obj)`` in place) and record its new size and
+    sha256 in the manifest, as a careful forger would."""
+    obj = torch.load(ckpt / name, weights_only=True)
+    edit(obj)
+    torch.save(obj, ckpt / name)
+    rewrite_manifest(ckpt, files_from=(name,))
+
+
+def short_first_piece(obj: dict) -> None:
+    """A shard edit: the first piece's exp_avg loses its last element."""
+    pc = obj["optimizer"]["pieces"][0]
+    pc["exp_avg"] = pc["exp_avg"][:-1]
+
+
 def sha256_of(fpath: Path) -> str:
     return hashlib.sha256(Path(fpath).read_bytes()).hexdigest()
 

@@ -31,8 +31,8 @@ from sharded_ams.checkpoint import (CheckpointError, CheckpointManager, commit, 
                                     validate_checkpoint)
 
 from ckpt_common import (ADAM_S, BATCH, CFG, GRAMS, REPO, assert_loaded_equals, draw_rngs,
-                         file_digests, flip_bit, fresh, grouped, make_model, named_params,
-                         seed_rngs, train)
+                         edit_shard, file_digests, flip_bit, fresh, grouped, make_model,
+                         named_params, seed_rngs, short_first_piece, train)
 from dist_utils import run_distributed
 
 _CRASH_SCRIPT = textwrap.dedent("""
@@ -67,7 +67,8 @@ _CRASH_SCRIPT = textwrap.dedent("""
             (root / "ready").write_text("shards written")
             time.sleep(600)
         CM._commit_manifest = hang
-    mgr.save(4, opt, model=model)
+    # "resave": the committed step 2 is saved again (new state) and killed the same way
+    mgr.save(2 if mode == "resave" else 4, opt, model=model)
     print("unreachable")
 """)
 
@@ -76,25 +77,27 @@ _CRASH_SCRIPT = textwrap.dedent("""
 @pytest.mark.timeout(300)
 def test_save_killed_mid_write_leaves_previous_checkpoint(tmp_path, caplog):
     """A process that dies after writing the shard files of a new checkpoint but before
-    its manifest (os._exit; SIGKILL) leaves the previous one loadable and the new
-    directory rejected; nothing was pruned (keep_last=1)."""
+    its manifest (os._exit; SIGKILL), or of a re-save of its committed step (SIGKILL),
+    leaves the previous one loadable and the new directory rejected; nothing was pruned
+    (keep_last=1)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-c", _CRASH_SCRIPT]
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     exiting = subprocess.Popen(cmd + ["exit", str(tmp_path / "exit")], **pipes)
-    proc = subprocess.Popen(cmd + ["kill", str(tmp_path / "kill")], **pipes)
+    killed = {m: subprocess.Popen(cmd + [m, str(tmp_path / m)], **pipes) for m in ("kill", "resave")}
     try:
         deadline = time.monotonic() + 120
-        while not (tmp_path / "kill" / "ready").exists():
-            assert proc.poll() is None, proc.communicate()[1].decode()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
+        for mode, proc in killed.items():
+            while not (tmp_path / mode / "ready").exists():
+                assert proc.poll() is None, proc.communicate()[1].decode()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL
         _, err = exiting.communicate(timeout=120)
         assert exiting.returncode == 17, err.decode()
     finally:
-        for p in (proc, exiting):
+        for p in (exiting, *killed.values()):
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -103,8 +106,11 @@ def test_save_killed_mid_write_leaves_previous_checkpoint(tmp_path, caplog):
     ref_model = make_model(0)
     ref_opt = ShardedAMS(ref_model, backend="eager", **GRAMS)
     train(ref_model, ref_opt, range(2))
-    for root in (tmp_path / "exit", tmp_path / "kill"):
-        new = root / "step-00000004"
+    for mode in ("exit", "kill", "resave"):
+        root = tmp_path / mode
+        new, = (p for p in root.iterdir() if p.is_dir() and p.name != "step-00000002")
+        assert new.name == "step-00000004" if mode != "resave" else new.name.startswith(
+            "step-00000002.new-")
         assert (new / "shard-rank00000-of-00001.pt").is_file()
         assert not (new / C.MANIFEST_NAME).exists()
         with pytest.raises(CheckpointError, match="not a committed checkpoint"):
@@ -112,17 +118,19 @@ def test_save_killed_mid_write_leaves_previous_checkpoint(tmp_path, caplog):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="sharded_ams.checkpoint"):
             assert find_latest_checkpoint(root) == root / "step-00000002"
-        assert "step-00000004" in caplog.text
+        assert new.name in caplog.text
         model, opt = fresh()
         res = CheckpointManager(root).load_latest(opt, model=model)
         assert res["step"] == 2
         for n, p in model.named_parameters():
             assert torch.equal(p, ref_model.get_parameter(n)), n
-        # the next save into the leftover directory works and only then prunes step 2
+        # the next save works (the dead writer's lock is taken over) and only then prunes
+        # step 2 and the leftover
         train(model, opt, range(2, 4))
-        CheckpointManager(root, keep_last=1).save(4, opt, model=model)
+        with CheckpointManager(root, keep_last=1) as mgr:
+            mgr.save(4, opt, model=model)
         assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-00000004"]
-        assert validate_checkpoint(new).step == 4
+        assert validate_checkpoint(root / "step-00000004").step == 4
 
 
 # ----------------------------------------------------------------------------- multi-process
@@ -195,6 +203,22 @@ def _job_resume(root: str, K: int, J: int) -> dict:
         load_checkpoint(bad, opt, model=model)
     except CheckpointError as exc:
         out["corrupt_error"] = (exc.kind, str(exc))
+    # rank 1's shard disagrees with its manifest entry (checksums recomputed): every rank
+    # gets the same CheckpointError (no raw RuntimeError, no rank left in a collective),
+    # and load_latest falls back to the good copy ("x-..." is tried first: same step,
+    # later name)
+    root2 = Path(root) / "mismatch"
+    if rank == 0:
+        shutil.copytree(Path(root) / "sync", root2 / "step-00000003")
+        shutil.copytree(Path(root) / "sync", root2 / "x-inconsistent")
+        edit_shard(root2 / "x-inconsistent", "shard-rank00001-of-00002.pt", short_first_piece)
+    dist.barrier()
+    try:
+        load_checkpoint(root2 / "x-inconsistent", opt, model=model)
+    except CheckpointError as exc:
+        out["mismatch_error"] = (exc.kind, exc.field, str(exc))
+    res = CheckpointManager(root2).load_latest(opt, model=model)
+    out["fallback"] = res["path"]
     return out
 
 
@@ -231,6 +255,11 @@ def test_resume_same_world_size_bitwise(tmp_path):
         kind, msg = got[r]["corrupt_error"]
         assert kind == "corrupt" and "shard-rank00001-of-00002.pt" in msg and "sha256" in msg
     assert "reported by rank 1" in got[0]["corrupt_error"][1]
+    for r in range(2):
+        kind, fld, msg = got[r]["mismatch_error"]
+        assert (kind, fld) == ("corrupt", "optimizer.pieces[0].exp_avg")
+        assert "shard-rank00001-of-00002.pt" in msg
+        assert got[r]["fallback"] == str(tmp_path / "mismatch" / "step-00000003")
     sync = file_digests(tmp_path / "sync")
     assert sync == file_digests(tmp_path / "async")
     assert set(sync) == {"shard-rank00000-of-00002.pt", "shard-rank00001-of-00002.pt",
@@ -251,7 +280,7 @@ def test_resume_same_world_size_bitwise(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k])
 
 
-RESHARD_PAIRS = [(1, 2), (1, 3), (2, 1), (2, 3), (2, 4), (3, 2), (3, 4), (4, 1), (4, 3)]
+RESHARD_PAIRS = [(n, m) for n in (1, 2, 3, 4) for m in (1, 2, 3, 4)]  # every pair, N == M too
 RESHARD_HP = dict(ADAM_S, bucket_numel=4096)
 
 
@@ -261,6 +290,7 @@ def _job_reshard(root: str, pairs: list, K: int, J: int) -> dict:
     root = Path(root)
     groups = {n: dist.new_group(list(range(n))) for n in (1, 2, 3)}
     groups[4] = None
+    cons = {}
     for n in sorted({n for n, _ in pairs}):
         if rank < n:
             model = make_model(0)
@@ -268,9 +298,10 @@ def _job_reshard(root: str, pairs: list, K: int, J: int) -> dict:
                              **RESHARD_HP)
             train(model, opt, range(K), rank=rank, world=n)
             save_checkpoint(root / f"n{n}", opt, model=model, step=K)
-            # what was written is exactly the live state (every piece, every key)
-            assert_loaded_equals(model, opt, consolidate(root / f"n{n}"))
         dist.barrier()
+        cons[n] = consolidate(root / f"n{n}")
+        if rank < n:  # what was written is exactly the live state (every piece, every key)
+            assert_loaded_equals(model, opt, cons[n])
     out = {}
     for n, m in pairs:
         if rank < m:
@@ -279,7 +310,7 @@ def _job_reshard(root: str, pairs: list, K: int, J: int) -> dict:
                              **{**RESHARD_HP, "lr": 0.5})
             res = load_checkpoint(root / f"n{n}", opt, model=model)
             assert res["step"] == K and opt.comm.world_size == m
-            assert_loaded_equals(model, opt, consolidate(root / f"n{n}"))
+            assert_loaded_equals(model, opt, cons[n])
             train(model, opt, range(K, K + J), replicated=True)
             if rank == 0:
                 out[(n, m)] = named_params(model)
@@ -290,7 +321,7 @@ def _job_reshard(root: str, pairs: list, K: int, J: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_reshard_n_to_m(tmp_path):
-    """N -> M for 9 pairs in 1..4 (one 4-rank job; sub-groups of 1, 2, 3 ranks).
+    """N -> M for all 16 pairs in 1..4 (one 4-rank job; sub-groups of 1, 2, 3 ranks).
 
     The oracle, and why: data-parallel runs at different world sizes legitimately differ
     in the last bits (each rank's gradient is a mean over a different slice and gloo sums

@@ -34,8 +34,8 @@ from sharded_ams.checkpoint import (CheckpointError, CheckpointManager, commit, 
                                     find_latest_checkpoint, load_checkpoint, save_checkpoint,
                                     validate_checkpoint)
 
-from ckpt_common import (GRAMS, REPO, deadline, flip_bit, fresh, make_model, manifest_json,
-                         rewrite_manifest, sha256_of, train)
+from ckpt_common import (GRAMS, REPO, deadline, edit_shard, flip_bit, fresh, make_model,
+                         manifest_json, rewrite_manifest, sha256_of, short_first_piece, train)
 
 OLD, NEW = "step-00000001", "step-00000002"
 SHARD = "shard-rank00000-of-00001.pt"
@@ -228,24 +228,12 @@ def test_malformed_manifest(root, case):
 
 
 # ----------------------------------------------------------------------------- contents
-def _edit_shard(root: Path, edit) -> None:
-    """Change what rank 0's shard holds and record the new size and sha256 in the
-    manifest (as a careful forger would)."""
-    path = root / NEW / SHARD
-    obj = torch.load(path, weights_only=True)
-    edit(obj)
-    torch.save(obj, path)
-    rewrite_manifest(root / NEW, files_from=(SHARD,))
-
-
 def _groups(obj: dict) -> dict:
     return obj["optimizer"]["param_groups"][0]
 
 
 SHARD_CASES = {  # name: (edit, the field, a phrase of the message)
-    "short-tensor": (lambda o: o["optimizer"]["pieces"][0].update(
-        exp_avg=o["optimizer"]["pieces"][0]["exp_avg"][:-1]),
-        "optimizer.pieces[0].exp_avg", "expected a 1-D tensor"),
+    "short-tensor": (short_first_piece, "optimizer.pieces[0].exp_avg", "expected a 1-D tensor"),
     "renamed-piece": (lambda o: o["optimizer"]["pieces"][0].update(name="lm_head.weight"),
                       "optimizer.pieces[0]", "the manifest says"),
     "other-lr": (lambda o: _groups(o).update(lr=0.5), "optimizer.param_groups",
@@ -267,7 +255,7 @@ def test_shard_content_disagrees_with_manifest(root, case):
     a CheckpointError naming the shard and the field (never a raw RuntimeError, never
     a silent load of other hyperparameters), and load_latest falls back."""
     edit, fld, phrase = SHARD_CASES[case]
-    _edit_shard(root, edit)
+    edit_shard(root / NEW, SHARD, edit)
     err = assert_refused_everywhere(root, SHARD, fld, phrase, shallow=False)
     assert err.kind == "corrupt" and err.field == fld, (err.kind, err.field)
 
