@@ -143,17 +143,6 @@ def test_async_save_same_files_as_sync_and_point_in_time(tmp_path):
     assert h2.done() and h2.wait() == tmp_path / "sync2"
 
 
-def test_resave_into_committed_directory(tmp_path):
-    model = make_model(0)
-    opt = ShardedAMS(model, backend="eager", **GRAMS)
-    train(model, opt, range(2))
-    save_checkpoint(tmp_path / "ck", opt, step=2)
-    train(model, opt, range(2, 4))
-    save_checkpoint(tmp_path / "ck", opt, step=4)
-    assert validate_checkpoint(tmp_path / "ck").step == 4
-    assert not list((tmp_path / "ck").glob("*.tmp"))
-
-
 def test_valid_checkpoint_validates(base_ckpt):
     man = validate_checkpoint(base_ckpt)
     assert man.step == 2 and man.world_size == 1
