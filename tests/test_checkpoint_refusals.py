@@ -300,8 +300,13 @@ def test_prune_deletes_only_its_own_real_directories(root, tmp_path):
     (root / "step-00000001.new-0123abcd").mkdir()                  # an interrupted re-save
     model = make_model(0)
     opt = ShardedAMS(model, backend="eager", **GRAMS)
+    os.symlink(outside, root / "step-00000004")                    # planted where a save goes
     with CheckpointManager(root, keep_last=1) as mgr:
         mgr.save(3, opt, model=model)
+        with pytest.raises(CheckpointError, match="symbolic link") as ei:
+            mgr.save(4, opt, model=model)                          # never written through
+        assert ei.value.kind == "unsafe"
+    os.unlink(root / "step-00000004")
     assert (outside / C.MANIFEST_NAME).is_file() and validate_checkpoint(outside).step == 1
     assert os.path.islink(root / "step-00000000")
     assert validate_checkpoint(root / "best").step == 1
