@@ -9,6 +9,7 @@ import json
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,14 +220,18 @@ def expect_error(path, kind: str, *needles: str, model_kw=None, hp=GRAMS) -> Che
 @contextlib.contextmanager
 def deadline(seconds: int, what: str = "call"):
     """Fail (instead of hanging the suite) if the block runs longer than ``seconds``: a
-    guard against a blocking open of a FIFO, not a timing assertion."""
+    guard against a blocking open of a FIFO, not a timing assertion. An alarm already
+    set (pytest-timeout's) is re-armed afterwards with the time it had left."""
     def boom(*_):
         raise TimeoutError(f"{what} still running after {seconds} s: it hangs")
 
+    t0 = time.monotonic()
     old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(seconds)
+    before = signal.alarm(seconds)
     try:
         yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+        if before:
+            signal.alarm(max(1, before - int(time.monotonic() - t0)))
