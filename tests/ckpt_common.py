@@ -9,7 +9,7 @@ import json
 import random
 import shutil
 import signal
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -217,21 +217,26 @@ def expect_error(path, kind: str, *needles: str, model_kw=None, hp=GRAMS) -> Che
 
 
 
+class Hung(BaseException):
+    """Raised by ``deadline``; not an OSError (as TimeoutError is) nor an Exception, so
+    that no ``except`` in the code under test can swallow it."""
+
+
 @contextlib.contextmanager
 def deadline(seconds: int, what: str = "call"):
     """Fail (instead of hanging the suite) if the block runs longer than ``seconds``: a
-    guard against a blocking open of a FIFO, not a timing assertion. An alarm already
-    set (pytest-timeout's) is re-armed afterwards with the time it had left."""
+    guard against a blocking open of a FIFO, not a timing assertion. The signal is sent to
+    this thread (``pthread_kill``): a process-wide alarm may be delivered to one of
+    torch's worker threads and leave a blocked ``open`` in this one uninterrupted."""
     def boom(*_):
-        raise TimeoutError(f"{what} still running after {seconds} s: it hangs")
+        raise Hung(f"{what} still running after {seconds} s: it hangs")
 
-    t0 = time.monotonic()
     old = signal.signal(signal.SIGALRM, boom)
-    before = signal.alarm(seconds)
+    timer = threading.Timer(seconds, signal.pthread_kill, (threading.get_ident(), signal.SIGALRM))
+    timer.daemon = True
+    timer.start()
     try:
         yield
     finally:
-        signal.alarm(0)
+        timer.cancel()
         signal.signal(signal.SIGALRM, old)
-        if before:
-            signal.alarm(max(1, before - int(time.monotonic() - t0)))
