@@ -340,6 +340,9 @@ class ShardedAMS(Optimizer):
             raise ValueError("Not a ShardedAMS state dict (missing format='sharded_ams'); "
                              "for a single-process AMS state dict use AMS.load_state_dict")
         self._check_compatible(head)
+        for saved in head["param_groups"]:  # as the constructor does, before changing anything
+            validate_hparams(saved["lr"], saved["betas"], saved["beta3"], saved["lam"],
+                             saved["eps"], saved["weight_decay"])
         for g, saved in zip(self.param_groups, head["param_groups"]):
             for k, v in saved.items():
                 if k != "params":
