@@ -145,7 +145,7 @@ class AMS(Optimizer):
             for (device, step), idx in buckets.items():
                 path = self._path(group, device, sum(params[i].numel() for i in idx))
                 small = []
-                if path == "compiled" and device.type == "cpu":
+                if path == "compiled" and device.type == "cpu" and self._is_default(group):
                     # a compiled call costs ~0.1 ms of Python and dynamo: small tensors
                     # (biases, norms) go through one _foreach call together
                     small = [i for i in idx if params[i].numel() < SERIAL_NUMEL]
@@ -159,6 +159,10 @@ class AMS(Optimizer):
                     else:
                         self._fused_group(*args, backend=name)
         return loss
+
+    @staticmethod
+    def _is_default(group: dict) -> bool:
+        return group["fused"] is None and group["foreach"] is None
 
     @staticmethod
     def _path(group: dict, device: torch.device, numel: int) -> str:

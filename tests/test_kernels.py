@@ -269,12 +269,13 @@ def test_default_path_per_device(monkeypatch):
     assert optimizer_mod.default_path(cpu, 10 ** 9) == "foreach"
 
 
-@pytest.mark.parametrize("numels,expect", [
-    ((100,), [("foreach", 1)]),                       # a small group: no compile
-    ((300,), [("fused", 1)]),                         # compiled, one call per tensor
-    ((300, 50, 400, 60), [("foreach", 2), ("fused", 2)]),  # small tensors in one foreach
+@pytest.mark.parametrize("numels,kw,expect", [
+    ((100,), {}, [("foreach", 1)]),                       # a small group: no compile
+    ((300,), {}, [("fused", 1)]),                         # compiled, one call per tensor
+    ((300, 50, 400, 60), {}, [("foreach", 2), ("fused", 2)]),  # small ones in one foreach
+    ((300, 50, 400, 60), dict(fused="compiled"), [("fused", 4)]),  # as asked: no routing
 ])
-def test_ams_default_takes_the_default_path(numels, expect, monkeypatch):
+def test_ams_default_takes_the_default_path(numels, kw, expect, monkeypatch):
     monkeypatch.setattr(optimizer_mod, "COMPILE_MIN_NUMEL", 200)
     monkeypatch.setattr(optimizer_mod, "SERIAL_NUMEL", 100)
     monkeypatch.setattr(optimizer_mod, "compile_available", lambda: True)
@@ -284,7 +285,7 @@ def test_ams_default_takes_the_default_path(numels, expect, monkeypatch):
     monkeypatch.setattr(AMS, "_fused_group", lambda self, g, hp, params, *a, backend:
                         taken.append(("fused", len(params))))
     params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
-    opt = Grams(params)
+    opt = Grams(params, **kw)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
