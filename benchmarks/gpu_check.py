@@ -95,8 +95,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="where gpu_check.json and gpu_check.md go (default $OUT, else "
                          "benchmarks/results)")
     ap.add_argument("--sections", nargs="*", choices=ALL_SECTIONS, default=list(ALL_SECTIONS))
-    ap.add_argument("--model", default="gpt",
-                    help="model builder of the training section (gpu_check_sections.MODELS)")
+    ap.add_argument("--model", default="llama-60m",
+                    help="model of the training section: llama-60m (default) or gpt "
+                         "(GPT-2 small); gpu_check_sections.MODELS")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="time budget; later sections are skipped when it runs out "
                          "(default 420 s on CUDA, 120 s on CPU)")

@@ -240,7 +240,7 @@ def _process_group(plan: Plan):
 
 
 def build_gpt(plan: Plan) -> torch.nn.Module:
-    """The largest built-in model for the device: a GPT-2-small-sized GPT on CUDA."""
+    """A GPT-2-small-sized GPT (124M) on CUDA; a tiny one in the dry run."""
     if plan.device.type == "cuda":
         cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
     else:
@@ -248,8 +248,24 @@ def build_gpt(plan: Plan) -> torch.nn.Module:
     return GPT(cfg)
 
 
-#: training-section model builders (the lead adds the Llama 60M here)
-MODELS: dict[str, Callable[[Plan], torch.nn.Module]] = {"gpt": build_gpt}
+def build_llama_60m(plan: Plan) -> torch.nn.Module:
+    """The launcher's Llama 60M (GaLore's shape, 32000-token vocabulary) on CUDA; a tiny
+    Llama in the dry run."""
+    from launcher.models import build_model
+    from launcher.models.sizes import resolve_shape
+
+    if plan.device.type == "cuda":
+        shape = resolve_shape("llama", "60m", {"vocab_size": 32000})
+    else:
+        shape = resolve_shape("llama", None, dict(vocab_size=64, block_size=32, n_layer=1,
+                                                  n_head=2, n_kv_head=1, n_embd=32,
+                                                  intermediate_size=64))
+    return build_model({**shape, "arch": "llama"})
+
+
+#: training-section model builders (``--model``); the default is the Llama 60M
+MODELS: dict[str, Callable[[Plan], torch.nn.Module]] = {"llama-60m": build_llama_60m,
+                                                          "gpt": build_gpt}
 
 
 def _batch(model, plan, gen, batch=None):
@@ -344,7 +360,9 @@ def section_training(plan: Plan) -> dict:
             seconds = time.perf_counter() - t0
             tokens = x.numel() * (plan.train_steps - plan.train_warmup)
             cfg = model.cfg
-            flops_per_token = 6 * nparams + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+            flops_per_token = (model.flops_per_token(cfg.block_size)
+                               if hasattr(model, "flops_per_token")
+                               else 6 * nparams + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
             peak = _peak_flops(plan)
             rows.append(dict(optimizer=name, model=plan.model, params=nparams,
                              batch=f"{x.shape[0]}x{x.shape[1]}", steps_timed=plan.train_steps - plan.train_warmup,
