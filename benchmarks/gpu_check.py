@@ -28,7 +28,7 @@ and its error, if any, is recorded without stopping the others):
    at >= 64M elements; not slower than fused AdamW at equal bytes) are evaluated.
 6. ``sharded``: ``ShardedAMS`` on NCCL at world size 1: its step time, and its params
    against an unsharded ``AMS`` stepped with the same gradients.
-7. ``training``: ~50 bf16 (autocast) steps of the model that ``--model`` names, ShardedAMS
+7. ``training``: ~50 bf16 (autocast) steps of ``--model`` (the Llama 60M; or gpt), ShardedAMS
    against DDP + ``torch.optim.AdamW(fused=True)`` at the same batch: tokens/s, MFU, peak
    memory.
 8. ``overlap``: ``overlap_rows`` (the hook the ``overlap`` work wires to its benchmark).
