@@ -104,7 +104,8 @@ def step_scalars(lr: Scalar, step: Scalar, hp: GroupHParams, device: torch.devic
 def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
               out: Optional[Tensor], *, lr: Scalar, step: Scalar, hp: GroupHParams,
               pieces: Sequence[Piece] = (), num_tensors: int = 0, backend: str = "eager",
-              count_reduce: Optional[Callable[[Tensor], None]] = None) -> None:
+              count_reduce: Optional[Callable[[Tensor], None]] = None,
+              skip: Optional[Tensor] = None) -> None:
     """One AMS step on a flat range, in place.
 
     ``p`` is the fp32 master range, ``g`` the gradient range (any float dtype), ``out``
@@ -112,7 +113,8 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     |lam| == 1 this is one pass. Otherwise the step scale is per logical tensor: the
     first pass counts u*s < 0 per piece, ``count_reduce`` (an all-reduce when tensors
     are split across ranks) combines the counts of length ``num_tensors``, and the second
-    pass applies the step with each tensor's scale.
+    pass applies the step with each tensor's scale. ``skip``: an optional 0-d bool tensor
+    on p's device; where true nothing is written (a step skipped without a host sync).
     """
     ops = get_ops(backend)
     lr_t, bc1, bc2 = step_scalars(lr, step, hp, p.device)
@@ -120,7 +122,7 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
         if p.numel() == 0:
             return
         ops.fused_step(p, g, m, v, s, out, lr_t, bc1, bc2, hp.beta1, hp.beta2, hp.beta3,
-                       hp.lam, hp.eps, hp.weight_decay)
+                       hp.lam, hp.eps, hp.weight_decay, skip)
         return
     counts = torch.zeros(num_tensors, dtype=torch.int64, device=p.device)
     numels = torch.zeros(num_tensors, dtype=torch.int64, device=p.device)
@@ -128,7 +130,7 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     for pc in pieces:
         sl = slice(pc.start, pc.end)
         neg = ops.moments_count(g[sl], m[sl], v[sl], s[sl] if s is not None else None, bc1,
-                                bc2, hp.beta1, hp.beta2, hp.beta3, hp.lam, hp.eps)
+                                bc2, hp.beta1, hp.beta2, hp.beta3, hp.lam, hp.eps, skip)
         counts[pc.index] += neg
         numels[pc.index] = pc.numel
     if count_reduce is not None:
@@ -139,4 +141,4 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
         sl = slice(pc.start, pc.end)
         ops.apply_only(p[sl], g[sl], m[sl], v[sl], s[sl] if s is not None else None,
                        out[sl] if out is not None else None, lrs[pc.index], bc1, bc2, hp.lam,
-                       hp.eps, hp.weight_decay)
+                       hp.eps, hp.weight_decay, skip)

@@ -33,43 +33,49 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.float()
 
 
+def _keep(skip: Optional[Tensor], old: Tensor, new: Tensor) -> Tensor:
+    """``new``, or ``old`` where the step is skipped (``skip``: 0-d bool, on the device)."""
+    return new if skip is None else torch.where(skip, old, new)
+
+
 def _fused_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
                 out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, beta1: float,
-                beta2: float, beta3: float, lam: float, eps: float, wd: float) -> None:
+                beta2: float, beta3: float, lam: float, eps: float, wd: float,
+                skip: Optional[Tensor] = None) -> None:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
     wu, _ = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
     p1 = apply_update(p, wu, lr, wd)
-    m.copy_(m1)
-    v.copy_(v1)
+    m.copy_(_keep(skip, m, m1))
+    v.copy_(_keep(skip, v, v1))
     if s is not None:
-        s.copy_(s1)
-    p.copy_(p1)
+        s.copy_(_keep(skip, s, s1))
     if out is not None:
-        out.copy_(p1)
+        out.copy_(_keep(skip, out, p1))
+    p.copy_(_keep(skip, p, p1))
 
 
 def _moments_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], bc1: Tensor,
                    bc2: Tensor, beta1: float, beta2: float, beta3: float, lam: float,
-                   eps: float) -> Tensor:
+                   eps: float, skip: Optional[Tensor] = None) -> Tensor:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
     _, neg = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
-    m.copy_(m1)
-    v.copy_(v1)
+    m.copy_(_keep(skip, m, m1))
+    v.copy_(_keep(skip, v, v1))
     if s is not None:
-        s.copy_(s1)
+        s.copy_(_keep(skip, s, s1))
     return neg.sum(dtype=torch.int64)
 
 
 def _apply_only(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
                 out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, lam: float,
-                eps: float, wd: float) -> None:
+                eps: float, wd: float, skip: Optional[Tensor] = None) -> None:
     wu, _ = direction(g.float(), m.float(), v.float(), _f32(s), bc1, bc2, eps, lam)
     p1 = apply_update(p, wu, lr, wd)
-    p.copy_(p1)
     if out is not None:
-        out.copy_(p1)
+        out.copy_(_keep(skip, out, p1))
+    p.copy_(_keep(skip, p, p1))
 
 
 class EagerOps:

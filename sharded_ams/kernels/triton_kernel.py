@@ -23,13 +23,15 @@ BLOCK = 1024
 
 
 @triton.jit
-def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, neg_ptr, lr_ptr, bc_ptr, n,
-                beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps, wd,
+def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, neg_ptr, lr_ptr, bc_ptr, skip_ptr,
+                n, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps, wd,
                 HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr):
+                HAS_SKIP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
+    if HAS_SKIP:  # a skipped step (decided on the device) loads and stores nothing
+        mask = mask & (tl.load(skip_ptr) == 0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -68,7 +70,7 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, neg_ptr, lr_ptr, bc_
 def _launch(mode: int, p: Optional[Tensor], g: Tensor, m: Tensor, v: Tensor,
             s: Optional[Tensor], out: Optional[Tensor], neg: Optional[Tensor],
             lr: Optional[Tensor], bc1: Tensor, bc2: Tensor, beta1: float, beta2: float,
-            beta3: float, lam: float, eps: float, wd: float) -> None:
+            beta3: float, lam: float, eps: float, wd: float, skip: Optional[Tensor] = None) -> None:
     n = g.numel()
     if n == 0:
         return
@@ -76,11 +78,12 @@ def _launch(mode: int, p: Optional[Tensor], g: Tensor, m: Tensor, v: Tensor,
     lr = lr.float().reshape(()) if lr is not None else bc  # unused in MODE_COUNT
     grid = (triton.cdiv(n, BLOCK),)
     _ams_kernel[grid](p if p is not None else m, g, m, v, s if s is not None else m,
-                      out if out is not None else m, neg if neg is not None else bc, lr, bc, n,
+                      out if out is not None else m, neg if neg is not None else bc, lr, bc,
+                      skip.view(torch.uint8) if skip is not None else bc, n,
                       float(beta1), float(beta2), float(beta3), 1.0 - beta1, 1.0 - beta2,
                       1.0 - beta3, float(lam), max(float(lam), 0.0),
                       float(eps), float(wd), HAS_S=s is not None, HAS_OUT=out is not None,
-                      MODE=mode, BLOCK_SIZE=BLOCK)
+                      MODE=mode, HAS_SKIP=skip is not None, BLOCK_SIZE=BLOCK)
 
 
 class TritonOps:
@@ -89,17 +92,19 @@ class TritonOps:
     name = "triton"
 
     @staticmethod
-    def fused_step(p, g, m, v, s, out, lr, bc1, bc2, beta1, beta2, beta3, lam, eps, wd):
+    def fused_step(p, g, m, v, s, out, lr, bc1, bc2, beta1, beta2, beta3, lam, eps, wd,
+                   skip=None):
         _launch(MODE_FUSED, p, g, m, v, s, out, None, lr, bc1, bc2, beta1, beta2, beta3, lam,
-                eps, wd)
+                eps, wd, skip)
 
     @staticmethod
-    def moments_count(g, m, v, s, bc1, bc2, beta1, beta2, beta3, lam, eps):
+    def moments_count(g, m, v, s, bc1, bc2, beta1, beta2, beta3, lam, eps, skip=None):
         neg = torch.zeros((), dtype=torch.int64, device=g.device)
         _launch(MODE_COUNT, None, g, m, v, s, None, neg, None, bc1, bc2, beta1, beta2, beta3,
-                lam, eps, 0.0)
+                lam, eps, 0.0, skip)
         return neg
 
     @staticmethod
-    def apply_only(p, g, m, v, s, out, lr, bc1, bc2, lam, eps, wd):
-        _launch(MODE_APPLY, p, g, m, v, s, out, None, lr, bc1, bc2, 0.0, 0.0, 0.0, lam, eps, wd)
+    def apply_only(p, g, m, v, s, out, lr, bc1, bc2, lam, eps, wd, skip=None):
+        _launch(MODE_APPLY, p, g, m, v, s, out, None, lr, bc1, bc2, 0.0, 0.0, 0.0, lam, eps, wd,
+                skip)
