@@ -5,11 +5,11 @@ changes no bit, and misuse fails loudly.
 the same training with ``overlap=False`` and ``overlap=True`` ends with bitwise equal
 params on every rank and bitwise equal state shards. The run has everything users
 combine with overlap: 4 micro-batches per step (the first 3 under ``no_sync()``),
-clipping that is active, a non-finite loss on one rank (every rank skips), a param used
+clipping that is active, a non-finite loss on one rank (every rank skips), params used
 only by some ranks on some micro-batches, a param never used, a frozen param, the tied
-embedding, two param groups, several buckets, fp32 and bf16 params (fp32 gradient
-reduction), and in the overlapped run a checkpoint saved at step 25 and loaded into a
-fresh model and optimizer that finish the run. It also checks the run exercised what it
+embedding, two param groups, several buckets, fp32 and bf16 params in one model (two
+dtype buffers; bf16 gradients reduced in fp32), and in the overlapped run a checkpoint
+saved at step 25 and loaded into a fresh model and optimizer that finish the run. It also checks the run exercised what it
 claims (buckets launched during backward and late ones, clipped and skipped steps, waits
 in the forward pre-hooks) and that padding stayed zero.
 
@@ -46,22 +46,22 @@ GLOBAL = 48          # sequences per step: 4 micro-batches on 1..4 ranks
 
 
 class SideNet(nn.Module):
-    """The small GPT, a side layer some ranks use on some micro-batches, and a layer no
-    one uses (declared first, so it shares the last bucket with the embedding)."""
+    """The small GPT (fp32), a bf16 side branch some ranks use on some micro-batches, and
+    a bf16 layer no one uses (declared first, so its bucket is the last one reduced): two
+    dtype buffers, so buckets of both interleave in one launch order."""
 
-    def __init__(self, seed: int, dtype: torch.dtype):
+    def __init__(self, seed: int):
         super().__init__()
         torch.manual_seed(seed)
-        self.never = nn.Linear(4, 4)
+        self.never = nn.Linear(4, 4).to(torch.bfloat16)
         self.gpt = GPT(GPT_CFG)
-        self.side = nn.Linear(8, 8)
+        self.side = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64)).to(torch.bfloat16)
         self.gpt.wpe.weight.requires_grad_(False)  # frozen
-        self.to(dtype)
 
     def forward(self, x, y, use_side: bool):
-        loss = self.gpt(x, y)[1].float()
+        loss = self.gpt(x, y)[1]
         if use_side:
-            h = torch.linspace(-1, 1, 8, dtype=self.side.weight.dtype)
+            h = torch.linspace(-1, 1, 64, dtype=torch.bfloat16)
             loss = loss + self.side(h).float().square().mean()
         return loss
 
@@ -76,8 +76,8 @@ def _optimizer(model: SideNet, overlap: bool) -> ShardedAMS:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     return ShardedAMS([dict(params=decay, weight_decay=0.1), dict(params=rest, lr=3e-3)],
-                      module=model, overlap=overlap, lam=-0.5, beta3=0.5, lr=1e-2,
-                      max_grad_norm=MAX_NORM, bucket_numel=3000, backend="eager")
+                      module=model, overlap=overlap, lam=-1.0, beta3=0.5, lr=1e-2,
+                      max_grad_norm=MAX_NORM, bucket_numel=6000, backend="eager")
 
 
 def padding_is_zero(opt: ShardedAMS) -> bool:
@@ -94,16 +94,16 @@ def padding_is_zero(opt: ShardedAMS) -> bool:
     return True
 
 
-def _run(dtype: torch.dtype, overlap: bool, ckpt: str = "") -> dict:
+def _run(overlap: bool, ckpt: str = "") -> dict:
     rank, n = world()
-    model = SideNet(0, dtype)
+    model = SideNet(0)
     opt = _optimizer(model, overlap)
     stats, norms = [], []
     for step in range(STEPS):
         if ckpt and step == CKPT_AT:
             save_checkpoint(ckpt, opt, model=model, step=step)
             stats.append(opt.sync_stats.as_dict())
-            model = SideNet(1, dtype)   # another init: everything must come from the load
+            model = SideNet(1)   # another init: everything must come from the load
             opt = _optimizer(model, overlap)
             load_checkpoint(ckpt, opt, model=model)
         x, y = gpt_batch(step, global_batch=GLOBAL)
@@ -120,36 +120,32 @@ def _run(dtype: torch.dtype, overlap: bool, ckpt: str = "") -> dict:
     stats.append(opt.sync_stats.as_dict())
     return dict(params=snapshot(model), state=opt.state_dict(), skipped=opt.skipped_steps,
                 steps=[int(g["step"]) for g in opt.param_groups], norms=norms, stats=stats,
-                padding_zero=padding_is_zero(opt), n_buckets=sum(len(sh.layout.buckets)
-                                                                  for sh in opt.shards))
+                padding_zero=padding_is_zero(opt), dtypes=[str(sh.buf.dtype) for sh in opt.shards],
+                n_buckets=sum(len(sh.layout.buckets) for sh in opt.shards))
 
 
 def overlap_scenarios(ckpt_dir: str) -> dict:
-    """Per dtype: overlap off vs on (with the checkpoint round trip), compared on each rank."""
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        off = _run(dtype, overlap=False)
-        on = _run(dtype, overlap=True, ckpt=os.path.join(ckpt_dir, f"ckpt-{dtype}"))
-        out[str(dtype)] = dict(
-            params=compare_params(on["params"], off["params"]),
-            state=state_equal([on["state"]], [off["state"]]),
-            skipped=(off["skipped"], on["skipped"]), steps=(off["steps"], on["steps"]),
-            norms_equal=on["norms"] == off["norms"], norms=off["norms"],
-            stats_on=on["stats"], stats_off=off["stats"], n_buckets=on["n_buckets"],
-            padding_zero=(off["padding_zero"], on["padding_zero"]))
-    return out
+    """Overlap off vs on (with the checkpoint round trip), compared on each rank."""
+    off = _run(overlap=False)
+    on = _run(overlap=True, ckpt=os.path.join(ckpt_dir, "ckpt"))
+    return dict(params=compare_params(on["params"], off["params"]),
+                state=state_equal([on["state"]], [off["state"]]),
+                skipped=(off["skipped"], on["skipped"]), steps=(off["steps"], on["steps"]),
+                norms_equal=[repr(x) for x in on["norms"]] == [repr(x) for x in off["norms"]],
+                norms=off["norms"], stats_on=on["stats"], stats_off=off["stats"],
+                n_buckets=on["n_buckets"], dtypes=on["dtypes"],
+                padding_zero=(off["padding_zero"], on["padding_zero"]))
 
 
 WORLD_SIZES = [1, 2, 3, 4]
-DTYPES = ["torch.float32", "torch.bfloat16"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", WORLD_SIZES)
-def test_overlap_equals_no_overlap_bitwise(n, dtype):
+def test_overlap_equals_no_overlap_bitwise(n):
     for rank, res in enumerate(proof_results(n)):
-        r = res["overlap"][dtype]
+        r = res["overlap"]
+        assert r["dtypes"] == ["torch.bfloat16", "torch.float32"]
         assert r["params"]["equal"], (rank, r["params"])
         assert r["state"], f"rank {rank}: state shards differ"
         assert r["norms_equal"], rank
@@ -161,11 +157,10 @@ def test_overlap_equals_no_overlap_bitwise(n, dtype):
 @pytest.mark.parametrize("n", WORLD_SIZES)
 def test_overlap_scenario_exercised_what_it_claims(n):
     """Not vacuous: several buckets; reductions launched during backward and in step()
-    (the unused params); the forward pre-hooks waited for gathers; clipping active on
-    some steps; the injected inf skipped a step."""
+    (the unused params); clipping active on some steps; the injected inf skipped a step."""
     for res in proof_results(n):
-        r = res["overlap"]["torch.float32"]
-        assert r["n_buckets"] > 2
+        r = res["overlap"]
+        assert r["n_buckets"] > 3
         norms = r["norms"]
         assert norms[SKIP_AT] != norms[SKIP_AT] or norms[SKIP_AT] == float("inf")
         assert sum(x > MAX_NORM for x in norms) >= 3 and any(x < MAX_NORM for x in norms)
@@ -173,11 +168,10 @@ def test_overlap_scenario_exercised_what_it_claims(n):
         late = sum(s["late_buckets"] for s in on)
         assert sum(s["steps"] for s in on) == STEPS
         # the bucket holding the never-used param is late on every step; on one step in
-        # five the side layer's bucket is too, and with it every bucket after it in order
+        # five the side branch's bucket (the first in order) is too, and with it every
+        # bucket after it
         assert late == STEPS + STEPS // 5 * (r["n_buckets"] - 1), (late, r["n_buckets"])
         assert all(s["late_buckets"] == 0 for s in r["stats_off"])
-        if n > 1:
-            assert all(s["param_wait_s"] >= 0 for s in on)
 
 
 # --------------------------------------------------------------------------- misuse (N = 2)
