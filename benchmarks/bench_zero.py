@@ -30,9 +30,11 @@ ranks (the slowest rank sets the pace); the median over steps is reported.
 
 * ``step_ms``: forward + backward + optimizer step (+ zero_grad): the whole iteration.
 * ``fwd_bwd_ms``: forward + backward. For DDP rows this includes DDP's gradient
-  all-reduce (overlapped with backward); ShardedAMS communicates inside ``step()``.
-* ``opt_ms``: ``optimizer.step()`` (+ ``zero_grad``). ShardedAMS: grad reduction + norm
-  + update + all-gather; ZeRO: local AdamW + broadcasts; DDP + AdamW: the local update.
+  all-reduce (overlapped with backward); ShardedAMS (overlap on, its default) launches
+  its reductions during backward and waits for its param gathers in the next forward.
+* ``opt_ms``: ``optimizer.step()`` (+ ``zero_grad``). ShardedAMS: waiting for the grad
+  reductions + norm + update + launching the all-gather (see bench_overlap.py for
+  overlap on/off side by side); ZeRO: local AdamW + broadcasts; DDP + AdamW: the local update.
 * ``compute_ms``: forward + backward of a plain twin of the model (no DDP, no hooks, no
   communication) on the same batch, timed in the same iteration just before the real
   step, so both see the same machine load (this box may be shared).
@@ -57,16 +59,10 @@ version, git SHA and date, and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import pickle
-import shutil
-import socket
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -78,6 +74,7 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_common import env_info, print_table, write_json  # noqa: E402
+from ranks import default_threads, run_on_ranks  # noqa: E402
 
 ROW_NAMES = ("sharded_grams", "sharded_adamw", "zero_adamw", "ddp_adamw")
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -206,29 +203,9 @@ def _run_row(name: str, args, rank: int, world: int) -> dict:
     return row
 
 
-def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(args.threads)
-    result: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=600))
-        result["params"] = sum(p.numel() for p in _make_model(args).parameters())
-        result["rows"] = [_run_row(name, args, rank, world) for name in args.rows]
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # gloo aborts at exit otherwise (3+ ranks)
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_main(rank: int, world: int, args) -> dict:
+    return {"params": sum(p.numel() for p in _make_model(args).parameters()),
+            "rows": [_run_row(name, args, rank, world) for name in args.rows]}
 
 
 # --------------------------------------------------------------------------- driver
@@ -263,37 +240,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.batch % args.world_size:
         ap.error("--batch must be divisible by --world-size")
     if args.threads is None:
-        args.threads = max(1, (os.cpu_count() or 1) // args.world_size)
-
-    import multiprocessing as mp
+        args.threads = default_threads(args.world_size)
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    ctx = mp.get_context("spawn")
-    out_dir = tempfile.mkdtemp(prefix="bench_zero_")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, out_dir))
-             for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + args.timeout
-    for p in procs:
-        p.join(max(1.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    results = []
-    for r in range(args.world_size):
-        try:
-            with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
-        except FileNotFoundError:
-            results.append({"error": f"rank {r} exited with code {procs[r].exitcode} "
-                                     "and wrote no result (killed or timed out?)"})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if "error" in res]
-    if errors:
-        raise RuntimeError("bench_zero failed:\n" + "\n".join(errors))
+    results = run_on_ranks(_rank_main, args.world_size, args, timeout=args.timeout,
+                           threads=args.threads)
 
     r0 = results[0]
     rows = r0["rows"]

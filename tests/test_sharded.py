@@ -30,7 +30,12 @@ runs once, inside the N = 2 job.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Optional
 
 import pytest
@@ -61,10 +66,12 @@ CONFIGS: dict[str, dict] = {
 
 
 # --------------------------------------------------------------------------- (a) (b) (c)
-def _train_gpt(kw: dict, steps: int, replicated: bool, snapshot_at: int = 0) -> dict:
+def _train_gpt(kw: dict, steps: int, replicated: bool, snapshot_at: int = 0,
+               skip_at: int = -1) -> dict:
     """Train the small GPT with ShardedAMS; every rank records its local gradients (tensor
     hooks), rank 0 also the reduced ones (p.grad after step(): on gloo the whole bucket is
-    all-reduced, so every element holds the average)."""
+    all-reduced, so every element holds the average). At ``skip_at`` one rank's loss is
+    infinite: every rank must skip that step (its gradients are then not recorded)."""
     rank, n = world()
     model = make_gpt()
     opt = ShardedAMS(model, **kw)
@@ -74,12 +81,14 @@ def _train_gpt(kw: dict, steps: int, replicated: bool, snapshot_at: int = 0) -> 
     for step in range(steps):
         x, y = gpt_batch(step, replicated)
         _, loss = model(x, y)
-        loss.backward()
+        (loss * (float("inf") if step == skip_at and rank == 1 % n else 1.0)).backward()
         opt.step()
-        assert not opt.last_step.skipped
-        local.append(rec.pop())
-        if rank == 0:
-            reduced.append([p.grad.clone() for p in trainable(model)])
+        assert opt.last_step.skipped == (step == skip_at)
+        grads = rec.pop()
+        if step != skip_at:
+            local.append(grads)
+            if rank == 0:
+                reduced.append([p.grad.clone() for p in trainable(model)])
         opt.zero_grad()
         losses.append(mean_over_ranks(loss.item()))
         if step + 1 == snapshot_at:
@@ -139,8 +148,9 @@ def proof_job(ckpt_dir: str) -> dict:
         # replay of the independent mean is the reference, within a tolerance, as
         # Inductor's C++ may contract a*b+c into FMAs and vectorise tails differently.
         kw = dict(CONFIGS["grams"], backend="compiled")
-        run = _train_gpt(kw, 20, replicated=False)
+        run = _train_gpt(kw, 20, replicated=False, skip_at=COMPILED_SKIP_AT)
         locals_all = gather_to_rank0(run["local"])
+        out["compiled_skipped"] = (run["opt"].skipped_steps, run["steps"])
         if rank == 0:
             ref_model = make_gpt(seed=1)
             replay(ref_model, run["init"], means_per_step(locals_all), **ams_kwargs(kw))
@@ -250,6 +260,8 @@ def test_data_parallel_adamw_close_to_one_process(n):
     assert max(worst.values()) > 0, "different data per rank changes the rounding"
 
 
+COMPILED_SKIP_AT = 5   # the compiled run also skips one step (the kernel's skip flag)
+
 # Compiled backend: replaying the same gradients, Grams, 20 steps, N = 2: measured max
 # relative difference (per param, vs its max |value|) to the eager AMS replay 8.3e-8,
 # about one fp32 ulp. The tolerance allows ~10 ulps.
@@ -259,6 +271,8 @@ COMPILED_RTOL = 1e-6
 @pytest.mark.slow
 def test_compiled_backend_close_to_eager_replay():
     res = proof_results(2)[0]["compiled"]
+    for r in proof_results(2):  # the skipped step left everything as it was on every rank
+        assert r["compiled_skipped"] == (1, [19])
     assert res["backend"] == "compiled"
     assert res["moved"] > 1e-2
     worst = max(res["rel"].values())
@@ -390,6 +404,53 @@ def test_padding_stays_zero_and_kernel_runs_are_aligned(monkeypatch):
         for key, t in sh.state.items():
             assert not t[~used].any(), key  # world size 1: local == buffer index space
     assert lengths and all(n % KERNEL_MULTIPLE == 0 for n in lengths), lengths
+
+
+def skip_flag_failures(backend: str) -> list[str]:
+    """``flat_step(..., skip=...)`` on ``backend``: skip=True writes nothing (p, m, v, s and
+    the bf16 copy bitwise unchanged), skip=False equals no flag, in the one-pass (lam=-1)
+    and the two-pass (lam=-0.5, per-tensor counts) cases. Returns what failed."""
+    from sharded_ams.kernels import GroupHParams, Piece, flat_step
+
+    failures = []
+    n = 300
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(n, generator=gen) * s for s in (1.0, 0.1, 0.1, 0.01, 0.1)]
+    base[3] = base[3].abs()  # v >= 0
+    for lam, beta3 in ((-1.0, 0.0), (-0.5, 0.5)):
+        hp = GroupHParams(0.9, 0.999, beta3, lam, 1e-8, 0.1)
+        results = {}
+        for flag in (None, False, True):
+            p, g, m, v, s_ = (t.clone() for t in base)
+            out = p.to(torch.bfloat16)
+            flat_step(p, g, m, v, s_ if beta3 else None, out, lr=1e-2,
+                      step=torch.tensor(3.0), hp=hp, backend=backend,
+                      pieces=(Piece(0, 170, 0, 170), Piece(170, n, 1, 200)), num_tensors=2,
+                      skip=None if flag is None else torch.tensor(flag))
+            results[flag] = (p, m, v, s_, out)
+        before = (base[0], base[2], base[3], base[4], base[0].to(torch.bfloat16))
+        for what, got, ref in (("skip=True changed", results[True], before),
+                               ("skip=False differs from no flag", results[False], results[None])):
+            if not all(torch.equal(a, b) for a, b in zip(got, ref)):
+                failures.append(f"{backend} lam={lam}: {what}")
+        if all(torch.equal(a, b) for a, b in zip(results[None], before)):
+            failures.append(f"{backend} lam={lam}: the step moved nothing")
+    return failures
+
+
+def test_skip_flag_is_an_exact_no_op_eager():
+    assert skip_flag_failures("eager") == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_skip_flag_is_an_exact_no_op_triton_interpreted():
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests']; "
+            "import test_sharded as t; print('FAILURES', t.skip_flag_failures('triton'))")
+    proc = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "FAILURES []" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_sparse_gradients_refused_naming_the_param():

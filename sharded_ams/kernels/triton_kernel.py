@@ -31,7 +31,8 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, neg_ptr, lr_ptr, bc_
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
     if HAS_SKIP:  # a skipped step (decided on the device) loads and stores nothing
-        mask = mask & (tl.load(skip_ptr) == 0)
+        skip = tl.full([BLOCK_SIZE], 0, tl.int32) + tl.load(skip_ptr).to(tl.int32)
+        mask = mask & (skip == 0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
