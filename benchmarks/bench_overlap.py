@@ -238,7 +238,8 @@ def _rank_main(rank: int, world: int, args) -> dict:
         return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
     build = _gpt_builder(args)
-    rows = list(args.rows) + ([f"on@{n}" for n in SWEEP] if args.bucket_sweep else [])
+    sweep = args.bucket_sweep if args.bucket_sweep else SWEEP
+    rows = list(args.rows) + ([f"on@{n}" for n in sweep] if args.bucket_sweep is not None else [])
     per_rank = measure_overlap(build, batch, rows=rows, steps=args.steps, rounds=args.rounds,
                                backend=args.backend)
     return {"params": sum(p.numel() for p in build().parameters()), "rows": summarise(per_rank)}
@@ -259,8 +260,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
     ap.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
-    ap.add_argument("--bucket-sweep", action="store_true",
-                    help=f"add overlap-on rows with bucket_numel in {SWEEP}")
+    ap.add_argument("--bucket-sweep", nargs="*", default=None, metavar="NUMEL",
+                    type=lambda v: None if v == "None" else int(v),
+                    help=f"add overlap-on rows with these bucket_numel values (none given: "
+                         f"{SWEEP}; None: one bucket)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
     args = ap.parse_args(argv)

@@ -30,7 +30,7 @@ STATE_FORMAT_VERSION = 1
 #: Default ``bucket_numel`` with overlap, per backend (see docs/sharding.md, "Overlap").
 #: gloo: measured on 2 CPU ranks (benchmarks/bench_overlap.py --bucket-sweep). NCCL: not
 #: measured yet; DDP's default bucket_cap_mb=25 (25 MiB of fp32 gradients).
-DEFAULT_BUCKET_NUMEL = {"gloo": 2_000_000, "nccl": 6_553_600}
+DEFAULT_BUCKET_NUMEL = {"gloo": 1_000_000, "nccl": 6_553_600}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
