@@ -34,7 +34,7 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_common import env_info, print_table, write_json  # noqa: E402
-from ranks import run_on_ranks  # noqa: E402
+from dist_bench import run_on_ranks  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_grad_dtype.json"
 

@@ -55,7 +55,8 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_common import env_info, print_table, write_json  # noqa: E402
-from ranks import default_threads, run_on_ranks  # noqa: E402
+from dist_bench import (add_gpt_args, check_gpt_args, gpt_batch, gpt_model_info,  # noqa: E402
+                        make_gpt, max_over_ranks, run_on_ranks)
 
 ROWS = ("off", "on", "ddp_zero")
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -78,13 +79,13 @@ def _world() -> tuple[int, int]:
 
 def _build_row(name: str, build_model: Callable[[], nn.Module], backend: str):
     """(module to call, optimizer, local-step timer box or None) for row ``name``."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from sharded_ams import ShardedAMS
 
     model = build_model()
     if name == "ddp_zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW,
                                       foreach=True, **HP)
         box = {"s": 0.0}
@@ -186,23 +187,14 @@ def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[in
     return out
 
 
-def _max_over_ranks(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def summarise(per_rank: dict[str, dict]) -> list[dict]:
     """Per-step max over ranks (call on every rank, collectives inside), then medians."""
-    compute = statistics.median(_max_over_ranks(per_rank["_compute"]["compute_ms"]))
+    compute = statistics.median(max_over_ranks(per_rank["_compute"]["compute_ms"]))
     rows = []
     for name, rec in per_rank.items():
         if name == "_compute":
             continue
-        med = {k: statistics.median(_max_over_ranks(v)) for k, v in rec.items()
+        med = {k: statistics.median(max_over_ranks(v)) for k, v in rec.items()
                if isinstance(v, list) and v}
         row = dict(name=name, compute_ms=compute, **med,
                    **{k: rec[k] for k in ("first_step_s", "backend", "n_buckets", "bucket_numel")
@@ -219,30 +211,14 @@ def summarise(per_rank: dict[str, dict]) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- CLI
-def _gpt_builder(args) -> Callable[[], nn.Module]:
-    from launcher.model import GPT, GPTConfig
-
-    def build() -> nn.Module:
-        torch.manual_seed(0)
-        return GPT(GPTConfig(vocab_size=256, block_size=args.block_size, n_layer=args.n_layer,
-                             n_head=args.n_head, n_embd=args.n_embd))
-    return build
-
-
 def _rank_main(rank: int, world: int, args) -> dict:
-    def batch(step: int):
-        g = torch.Generator().manual_seed(step)
-        x = torch.randint(256, (args.batch, args.block_size + 1), generator=g)
-        per = args.batch // world
-        x = x[rank * per:(rank + 1) * per]
-        return x[:, :-1].contiguous(), x[:, 1:].contiguous()
-
-    build = _gpt_builder(args)
     sweep = args.bucket_sweep if args.bucket_sweep else SWEEP
     rows = list(args.rows) + ([f"on@{n}" for n in sweep] if args.bucket_sweep is not None else [])
-    per_rank = measure_overlap(build, batch, rows=rows, steps=args.steps, rounds=args.rounds,
+    per_rank = measure_overlap(lambda: make_gpt(args), lambda step: gpt_batch(args, step, rank, world),
+                               rows=rows, steps=args.steps, rounds=args.rounds,
                                backend=args.backend)
-    return {"params": sum(p.numel() for p in build().parameters()), "rows": summarise(per_rank)}
+    return {"params": sum(p.numel() for p in make_gpt(args).parameters()),
+            "rows": summarise(per_rank)}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -251,14 +227,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--rounds", type=int, default=4, help="interleaved blocks per row")
     ap.add_argument("--backend", default="compiled", choices=("auto", "compiled", "eager"),
                     help="ShardedAMS step kernel (default compiled)")
-    ap.add_argument("--world-size", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads per rank (default: cores // world size, >= 1)")
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=512)
-    ap.add_argument("--n-head", type=int, default=8)
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
+    add_gpt_args(ap)
     ap.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
     ap.add_argument("--bucket-sweep", nargs="*", default=None, metavar="NUMEL",
                     type=lambda v: None if v == "None" else int(v),
@@ -267,18 +236,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
     args = ap.parse_args(argv)
-    if args.batch % args.world_size:
-        ap.error("--batch must be divisible by --world-size")
-    args.threads = args.threads or default_threads(args.world_size)
+    check_gpt_args(ap, args)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     r0 = run_on_ranks(_rank_main, args.world_size, args, timeout=args.timeout,
                       threads=args.threads)[0]
     rows = r0["rows"]
     meta = dict(env_info(), world_size=args.world_size, threads_per_rank=args.threads,
                 backend=args.backend, steps=args.steps, rounds=args.rounds, params=r0["params"],
-                model=dict(vocab_size=256, n_layer=args.n_layer, n_embd=args.n_embd,
-                           n_head=args.n_head, block_size=args.block_size,
-                           global_batch=args.batch),
+                model=gpt_model_info(args),
                 hparams={k: list(v) if isinstance(v, tuple) else v for k, v in HP.items()},
                 timers="ShardedAMS: opt.sync_stats (time.perf_counter around waits); "
                        "ddp_zero: by difference with a plain twin",

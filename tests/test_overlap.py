@@ -333,3 +333,30 @@ def test_overlap_off_accumulates_without_no_sync_as_before():
         opt.step()
         finals.append(snapshot(model))
     assert compare_params(*finals)["equal"]
+
+
+def test_measure_overlap_runs_in_process():
+    """The benchmark core the GPU check calls, here at world size 1 without a process
+    group (the GPU check runs it the same way with NCCL): rows, timers and medians."""
+    from scripts import load_script
+
+    bench = load_script("benchmarks/bench_overlap.py")
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def batch(step):
+        return torch.full((4, 8), float(step)), torch.zeros(4, 1)
+
+    def loss_fn(model, b):
+        return F.mse_loss(model(b[0]), b[1])
+
+    per_rank = bench.measure_overlap(build, batch, rows=("off", "on", "on@1"), steps=2,
+                                     rounds=2, backend="eager", loss_fn=loss_fn)
+    rows = {r["name"]: r for r in bench.summarise(per_rank)}
+    assert set(rows) == {"off", "on", "on@1"}
+    assert len(per_rank["on"]["step_ms"]) == 4 and per_rank["on@1"]["n_buckets"] == 4
+    for r in rows.values():
+        assert r["step_ms"] > 0 and r["exposed_ms"] >= 0 and r["late_buckets"] == 0
+    assert rows["off"]["step_ms_x_off"] == 1.0

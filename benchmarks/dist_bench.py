@@ -1,4 +1,5 @@
-"""Run a benchmark function on N local gloo processes (CPU) and collect every rank's result.
+"""What the multi-rank benchmarks share: spawning N local gloo processes (CPU), the GPT
+they train, its batches and their command-line arguments.
 
     rows = run_on_ranks(fn, 2, args)   # [fn(rank, world, args) on rank 0, 1]
 
@@ -19,6 +20,7 @@ import socket
 import tempfile
 import time
 import traceback
+from argparse import ArgumentParser, Namespace
 from typing import Any, Callable, Optional
 
 
@@ -86,3 +88,60 @@ def run_on_ranks(fn: Callable, world_size: int, args: Any, *, timeout: float = 1
     if errors:
         raise RuntimeError(f"{getattr(fn, '__name__', fn)} failed:\n" + "\n".join(errors))
     return [res[1] for res in results]
+
+
+def add_gpt_args(ap: ArgumentParser) -> None:
+    """World size, threads and the GPT (default 12.8M params: 4 x 512, byte vocabulary,
+    blocks of 64 tokens, global batch 4 sequences)."""
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per rank (default: cores // world size, >= 1)")
+    ap.add_argument("--n-layer", type=int, default=4)
+    ap.add_argument("--n-embd", type=int, default=512)
+    ap.add_argument("--n-head", type=int, default=8)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
+
+
+def check_gpt_args(ap: ArgumentParser, args: Namespace) -> None:
+    if args.batch % args.world_size:
+        ap.error("--batch must be divisible by --world-size")
+    args.threads = args.threads or default_threads(args.world_size)
+
+
+def gpt_model_info(args: Namespace) -> dict:
+    return dict(vocab_size=256, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+                block_size=args.block_size, global_batch=args.batch)
+
+
+def make_gpt(args: Namespace):
+    """The launcher's GPT from the args, seeded: the same weights on every call."""
+    import torch
+
+    from launcher.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=256, block_size=args.block_size, n_layer=args.n_layer,
+                         n_head=args.n_head, n_embd=args.n_embd))
+
+
+def gpt_batch(args: Namespace, step: int, rank: int, world: int):
+    """This rank's share of step ``step``'s random token batch (inputs, targets)."""
+    import torch
+
+    g = torch.Generator().manual_seed(step)
+    x = torch.randint(256, (args.batch, args.block_size + 1), generator=g)
+    per = args.batch // world
+    x = x[rank * per:(rank + 1) * per]
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise max over the ranks of the process group (the values as they are without one)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
