@@ -21,8 +21,8 @@ sets the pace), the median over steps reported:
   waited for (or launched late) in ``step()``, param gathers waited for in ``step()``
   and the forward pre-hooks, the grad-norm all-reduce. ``ddp_zero``: by difference, as
   it has no timers of its own: (forward + backward under DDP) - (forward + backward of a
-  plain twin, timed in its own block of the same round) + (``ZeRO.step()`` - its local
-  ``AdamW.step()``, i.e. the broadcasts).
+  plain twin, the median of its own block just before, in the same round) +
+  (``ZeRO.step()`` - its local ``AdamW.step()``, i.e. the broadcasts), per step.
 * ``compute_ms``: forward + backward of a plain twin (no hooks, no communication).
 
 Rows run in ``--rounds`` interleaved blocks of ``--steps`` timed steps (after one untimed
@@ -127,7 +127,7 @@ def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[in
     built = {name: _build_row(name, build_model, backend) for name in rows}
     twin = build_model()
     out: dict[str, dict] = {name: {k: [] for k in ("step_ms", "fwd_bwd_ms", "opt_ms",
-                                                   "exposed_ms", "local_step_ms", "late_buckets",
+                                                   "exposed_ms", "late_buckets",
                                                    "grad_wait_ms", "param_wait_ms",
                                                    "small_wait_ms")}
                             for name in rows}
@@ -143,6 +143,7 @@ def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[in
             _sync(device)
             out["_compute"]["compute_ms"].append(1e3 * (time.perf_counter() - t0))
         out["_compute"]["compute_ms"].pop(-steps - 1)  # the block's first step
+        compute_now = statistics.median(out["_compute"]["compute_ms"][-steps:])
         for name in rows:
             module, opt, box = built[name]
             for k in range(steps + 1):
@@ -174,8 +175,9 @@ def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[in
                     rec["late_buckets"].append(d["late_buckets"])
                     rec["exposed_ms"].append(1e3 * (d["grad_wait_s"] + d["param_wait_s"]
                                                     + d["small_wait_s"]))
-                else:
-                    rec["local_step_ms"].append(1e3 * (box["s"] - local0))
+                else:  # by difference: DDP's blocked all-reduce + ZeRO's broadcasts
+                    rec["exposed_ms"].append(max(0.0, 1e3 * (t1 - t0) - compute_now) + max(
+                        0.0, 1e3 * (t2 - t1 - (box["s"] - local0))))
         step_no += steps + 1
     for name in rows:
         out[name]["first_step_s"] = first[name]
@@ -199,9 +201,6 @@ def summarise(per_rank: dict[str, dict]) -> list[dict]:
         row = dict(name=name, compute_ms=compute, **med,
                    **{k: rec[k] for k in ("first_step_s", "backend", "n_buckets", "bucket_numel")
                       if k in rec})
-        if name == "ddp_zero":  # no timers of its own: by difference (see the docstring)
-            row["exposed_ms"] = max(0.0, row["fwd_bwd_ms"] - compute) + max(
-                0.0, row["opt_ms"] - row["local_step_ms"])
         rows.append(row)
     base = next((r for r in rows if r["name"] == "off"), None)
     for r in rows:
