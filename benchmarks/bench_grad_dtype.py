@@ -59,7 +59,7 @@ def _rank_main(rank: int, world: int, args) -> Optional[list[dict]]:
         errs = []
         for step in range(args.batches):
             local = [None] * len(params)
-            hooks = [p.register_hook(lambda g, i=i: local.__setitem__(i, g.detach().clone()))
+            hooks = [p.register_hook(lambda g, i=i, local=local: local.__setitem__(i, g.detach().clone()))
                      for i, p in enumerate(params)]
             g = torch.Generator().manual_seed(1000 * step + rank)
             x = torch.randint(256, (args.batch, 65), generator=g)

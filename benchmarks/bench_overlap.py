@@ -11,6 +11,9 @@ betas (0.9, 0.999), eps 1e-8, weight decay 0.01, no clipping):
 * ``ddp_zero``: ``DDP(model)`` + ``ZeroRedundancyOptimizer(params, AdamW, foreach=True)``.
 * with ``--bucket-sweep``: ``on@N`` rows, overlap on with ``bucket_numel=N``.
 
+``step / off`` and ``exposed / off`` are paired: per round, the ratio of the row's median
+to the off row's median of the same round, then the median over rounds.
+
 Measured per step on every rank, the max over ranks taken per step (the slowest rank
 sets the pace), the median over steps reported:
 
@@ -132,6 +135,7 @@ def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[in
                                                    "small_wait_ms")}
                             for name in rows}
     out["_compute"] = {"compute_ms": []}
+    out["_meta"] = {"rounds": rounds, "steps": steps}
     first: dict[str, float] = {}
     step_no = 0
     for rnd in range(rounds):
@@ -190,23 +194,36 @@ def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[in
 
 
 def summarise(per_rank: dict[str, dict]) -> list[dict]:
-    """Per-step max over ranks (call on every rank, collectives inside), then medians."""
+    """Per-step max over ranks (call on every rank, collectives inside), then medians.
+
+    ``*_x_off`` are paired ratios: per round, the row's median over the off row's median
+    of the same round, then the median over rounds (load drifts on a shared machine; the
+    rounds of one row interleave with the other rows')."""
+    rounds = per_rank["_meta"]["rounds"]
     compute = statistics.median(max_over_ranks(per_rank["_compute"]["compute_ms"]))
-    rows = []
+    rows, per_round = [], {}
     for name, rec in per_rank.items():
-        if name == "_compute":
+        if name.startswith("_"):
             continue
-        med = {k: statistics.median(max_over_ranks(v)) for k, v in rec.items()
-               if isinstance(v, list) and v}
-        row = dict(name=name, compute_ms=compute, **med,
-                   **{k: rec[k] for k in ("first_step_s", "backend", "n_buckets", "bucket_numel")
-                      if k in rec})
-        rows.append(row)
-    base = next((r for r in rows if r["name"] == "off"), None)
+        series = {k: max_over_ranks(v) for k, v in rec.items() if isinstance(v, list) and v}
+        med = {k: statistics.median(v) for k, v in series.items()}
+        per_round[name] = {k: [statistics.median(chunk) for chunk in _chunks(series[k], rounds)]
+                           for k in ("step_ms", "exposed_ms")}
+        rows.append(dict(name=name, compute_ms=compute, **med,
+                         **{k: rec[k] for k in ("first_step_s", "backend", "n_buckets",
+                                                "bucket_numel") if k in rec}))
+    base = per_round.get("off")
     for r in rows:
         for key in ("step_ms", "exposed_ms"):
-            r[f"{key}_x_off"] = r[key] / base[key] if base and base[key] else None
+            ratios = [a / b for a, b in zip(per_round[r["name"]][key], base[key]) if b] \
+                if base else []
+            r[f"{key}_x_off"] = statistics.median(ratios) if ratios else None
     return rows
+
+
+def _chunks(values: list, n: int) -> list[list]:
+    size = len(values) // n
+    return [values[i * size:(i + 1) * size] for i in range(n)]
 
 
 # --------------------------------------------------------------------------- CLI

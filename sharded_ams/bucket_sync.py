@@ -118,7 +118,7 @@ class BucketSync:
         """Sparse-gradient check on every param; with overlap (or main grads), the
         post-accumulate hook that collects the gradient and marks it ready."""
         ref = weakref.ref(self)
-        for pid, (bk, k, i) in self._where.items():
+        for bk, k, i in self._where.values():
             p = bk.shard.buf.params[i]
             old = _OWNERS.get(p)
             if old is not None and old() is not None and old() is not self:

@@ -129,8 +129,8 @@ class ShardedAMS(Optimizer):
             masters stay fp32). See ``docs/maths.md`` for the measured effect.
         overlap: reduce each bucket's gradients during backward, as soon as backward has
             produced them all, and wait for each bucket's param all-gather in the next
-            forward, just before the first module that uses it (default True; bitwise the
-            same results as False). See docs/sharding.md, "Overlap".
+            forward, just before the first module that uses it (default True; for equal
+            ``bucket_numel`` bitwise the same results as False). See docs/sharding.md.
         grad_reduce_dtype: dtype gradients of bf16/fp16 params are accumulated and reduced
             in: None or ``torch.float32`` (default: fp32, as Megatron's
             ``grad_reduce_in_fp32``; ``p.grad`` is then None after backward, the gradient
@@ -226,10 +226,11 @@ class ShardedAMS(Optimizer):
             bucket_numel = DEFAULT_BUCKET_NUMEL.get(self.comm.backend) \
                 if self.overlap and self.comm.active else None
         self.bucket_numel = bucket_numel
+        self.backend = resolve_backend(backend, self.device)  # before any collective
         with_s = any(g["beta3"] > 0 for g in self.param_groups)
         groups_of = {id(p): gi for items in by_dtype.values() for gi, p in items}
         specs = []
-        for (dtype, device), items in sorted(by_dtype.items(), key=lambda kv: str(kv[0][0])):
+        for (dtype, _device), items in sorted(by_dtype.items(), key=lambda kv: str(kv[0][0])):
             ordered = sorted((p for _, p in items), key=lambda p: fill_pos[id(p)])
             specs.append((dtype, ordered))
         self.comm.check_same("the params and optimizer settings", self._fingerprint(specs),
@@ -244,7 +245,6 @@ class ShardedAMS(Optimizer):
                                 self._grad_dtype(dtype))
             shard.runs = layout.runs(self.comm.rank, range(len(self.param_groups)))
             self.shards.append(shard)
-        self.backend = resolve_backend(backend, self.device)
         if broadcast and self.comm.active:
             handles = [self.comm.broadcast(sh.buf.param) for sh in self.shards]
             for h in handles:

@@ -14,20 +14,18 @@ and the update is replayed on the reduced gradient.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from dist_utils import run_distributed
 from launcher.data import get_batch, load_corpus
 from launcher.model import GPT, GPTConfig
-from sharded_ams import AMS, PRESETS, ShardedAMS
+from sharded_ams import AMS, PRESETS
 
 GPT_CFG = GPTConfig(n_layer=1, n_embd=32, block_size=16)
 GLOBAL_BATCH = 12          # divisible by 1, 2, 3, 4
@@ -259,15 +257,3 @@ def features(name: str) -> list:
     return [r[name] for r in cached_job("features", features_job, FEATURE_WORLD,
                                         os.path.join(CKPT_ROOT, "features"))]
 
-
-def rel_change(a: dict, b: dict) -> float:
-    return max(((a[k].double() - b[k].double()).abs().max() /
-                b[k].double().abs().max().clamp_min(1e-30)).item() for k in a)
-
-
-def mse(model: nn.Module, x, y) -> torch.Tensor:
-    return F.mse_loss(model(x), y)
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -257,7 +257,7 @@ def misuse_checks() -> dict:
 def test_ranks_that_disagree_get_one_clear_error_each():
     from sharded_common import features
 
-    for rank, r in enumerate(features("misuse")):
+    for r in features("misuse"):
         d = r["disagree"]
         assert d["same"] == ""
         for case, what in (("shape", ["shape (2,)", "shape (3,)"]),

@@ -387,7 +387,7 @@ def test_padding_stays_zero_and_kernel_runs_are_aligned(monkeypatch):
         opt = ShardedAMS(model, backend="eager", grad_reduce_dtype=dtype, **kw)
         rec = GradRecorder(trainable(model))
         grads = []
-        for t in range(6):
+        for _ in range(6):
             x = torch.randn(4, 7, dtype=dtype)
             model(x).float().square().mean().backward()
             opt.step()
