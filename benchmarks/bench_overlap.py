@@ -227,13 +227,19 @@ def _chunks(values: list, n: int) -> list[list]:
 
 
 # --------------------------------------------------------------------------- CLI
+#: --model name -> builder of the model from the args (forward(x, y) -> (logits, loss);
+#: otherwise pass a loss_fn to measure_overlap). Another built-in model is one line here.
+MODELS: dict[str, Callable[[Any], nn.Module]] = {"gpt": make_gpt}
+
+
 def _rank_main(rank: int, world: int, args) -> dict:
     sweep = args.bucket_sweep if args.bucket_sweep else SWEEP
     rows = list(args.rows) + ([f"on@{n}" for n in sweep] if args.bucket_sweep is not None else [])
-    per_rank = measure_overlap(lambda: make_gpt(args), lambda step: gpt_batch(args, step, rank, world),
+    build = MODELS[args.model]
+    per_rank = measure_overlap(lambda: build(args), lambda step: gpt_batch(args, step, rank, world),
                                rows=rows, steps=args.steps, rounds=args.rounds,
                                backend=args.backend)
-    return {"params": sum(p.numel() for p in make_gpt(args).parameters()),
+    return {"params": sum(p.numel() for p in build(args).parameters()),
             "rows": summarise(per_rank)}
 
 
@@ -244,6 +250,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--backend", default="compiled", choices=("auto", "compiled", "eager"),
                     help="ShardedAMS step kernel (default compiled)")
     add_gpt_args(ap)
+    ap.add_argument("--model", default="gpt", choices=sorted(MODELS),
+                    help="the model (its size from --n-layer etc.)")
     ap.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
     ap.add_argument("--bucket-sweep", nargs="*", default=None, metavar="NUMEL",
                     type=lambda v: None if v == "None" else int(v),
@@ -259,14 +267,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rows = r0["rows"]
     meta = dict(env_info(), world_size=args.world_size, threads_per_rank=args.threads,
                 backend=args.backend, steps=args.steps, rounds=args.rounds, params=r0["params"],
-                model=gpt_model_info(args),
+                model=dict(gpt_model_info(args), name=args.model),
                 hparams={k: list(v) if isinstance(v, tuple) else v for k, v in HP.items()},
                 timers="ShardedAMS: opt.sync_stats (time.perf_counter around waits); "
                        "ddp_zero: by difference with a plain twin",
                 load_avg_1m=[load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None])
     meta["torch_threads"] = args.threads
     print(f"\nOverlap on {args.world_size} gloo ranks, {meta['device']}, torch {meta['torch']}, "
-          f"{args.threads} thread(s)/rank; GPT {r0['params']:,} params (n_layer={args.n_layer}, "
+          f"{args.threads} thread(s)/rank; {args.model} {r0['params']:,} params (n_layer={args.n_layer}, "
           f"n_embd={args.n_embd}), global batch {args.batch} x {args.block_size}; median of "
           f"{args.rounds} x {args.steps} steps; ShardedAMS backend {args.backend}; 1-min load "
           f"average before/after {meta['load_avg_1m']}\n")
