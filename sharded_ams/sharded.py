@@ -226,6 +226,7 @@ class ShardedAMS(Optimizer):
             bucket_numel = DEFAULT_BUCKET_NUMEL.get(self.comm.backend) \
                 if self.overlap and self.comm.active else None
         self.bucket_numel = bucket_numel
+        grad_dtypes = {dtype: self._grad_dtype(dtype) for dtype, _ in by_dtype}
         self.backend = resolve_backend(backend, self.device)  # before any collective
         with_s = any(g["beta3"] > 0 for g in self.param_groups)
         groups_of = {id(p): gi for items in by_dtype.values() for gi, p in items}
@@ -242,7 +243,7 @@ class ShardedAMS(Optimizer):
             by_name = {self._names[p]: p for p in ordered}
             shard = _DtypeShard(layout, [by_name[s.name] for s in layout.slots], dtype,
                                 self.device, self.comm.rank, with_s, self.state_dtype,
-                                self._grad_dtype(dtype))
+                                grad_dtypes[dtype])
             shard.runs = layout.runs(self.comm.rank, range(len(self.param_groups)))
             self.shards.append(shard)
         if broadcast and self.comm.active:

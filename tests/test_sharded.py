@@ -551,7 +551,8 @@ def test_group_hparams_validated():
 
 def test_duplicate_param_and_grad_reduce_dtype_mismatch():
     model = _tiny()
-    with pytest.raises(ValueError, match="appears twice"):
+    with pytest.raises(ValueError, match="appears twice"), \
+            pytest.warns(UserWarning, match="duplicate parameters"):  # torch only warns
         ShardedAMS([{"params": [model.weight, model.weight]}])
     with pytest.raises(ValueError, match="grad_reduce_dtype"):
-        ShardedAMS(_tiny().to(torch.bfloat16), grad_reduce_dtype=torch.float16)
+        ShardedAMS(_tiny().to(torch.bfloat16), grad_reduce_dtype=torch.float16, backend="eager")
