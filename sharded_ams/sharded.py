@@ -307,6 +307,15 @@ class ShardedAMS(Optimizer):
         wait by themselves. A no-op when no gather is pending."""
         self._sync.finish_param_sync()
 
+    def close(self) -> None:
+        """Detach from the params: remove this optimizer's backward and forward hooks (they
+        would otherwise keep collecting gradients). Call it before training the same params
+        with another optimizer; this one cannot step afterwards. A new ShardedAMS built on
+        the same params closes the old one itself."""
+        self._sync.finish_param_sync()
+        self._sync.abandon_grad_sync()
+        self._sync.remove_hooks()
+
     @property
     def sync_stats(self) -> SyncStats:
         """Host time blocked on communication, by where (see :class:`SyncStats`)."""
@@ -350,8 +359,8 @@ class ShardedAMS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._sync.closed:
-            raise RuntimeError("This ShardedAMS was replaced by another one built on the same "
-                               "params; step the new one")
+            raise RuntimeError("This ShardedAMS was closed, or replaced by another one built "
+                               "on the same params; step the new one")
         self._sync.finish_param_sync()  # gathers no forward waited for: unused params
         self._sync.finish_grad_sync()
         norm = skip = None

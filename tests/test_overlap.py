@@ -282,7 +282,7 @@ def test_misuse_gives_clear_errors_not_hangs():
         assert r["twice_then_ok"] == ""
         assert r["state_dict_gathered"] and not r["pending_after_state_dict"]
         assert r["zero_grad_in_flight"]
-        assert "replaced by another one" in r["replaced"]
+        assert "closed, or replaced by another one" in r["replaced"]
 
 
 # --------------------------------------------------------------------------- one process
@@ -360,3 +360,18 @@ def test_measure_overlap_runs_in_process():
     for r in rows.values():
         assert r["step_ms"] > 0 and r["exposed_ms"] >= 0 and r["late_buckets"] == 0
     assert rows["off"]["step_ms_x_off"] == 1.0
+
+
+def test_close_hands_the_params_to_another_optimizer():
+    """After close() the params are plain params again for another optimizer (bf16: the
+    fp32-reduction hook no longer takes p.grad away), and the closed one refuses to step."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2).to(torch.bfloat16)
+    opt = ShardedAMS(model, backend="eager")
+    model(torch.ones(3, 4, dtype=torch.bfloat16)).float().sum().backward()
+    assert all(p.grad is None for p in model.parameters())  # collected into fp32
+    opt.close()
+    model(torch.ones(3, 4, dtype=torch.bfloat16)).float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(RuntimeError, match="closed"):
+        opt.step()
