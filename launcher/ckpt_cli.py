@@ -2,6 +2,7 @@
 
     sharded-ams ckpt inspect DIR [--json] [--no-checksums]
     sharded-ams ckpt consolidate DIR OUT
+    sharded-ams ckpt export CKPT OUT --format hf|safetensors    # launcher/export.py
     python -m launcher.ckpt_cli inspect DIR          # the same, standalone
 
 ``launcher/cli.py`` registers them with :func:`add_ckpt_subparser`. Every leaf parser sets
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["add_ckpt_subparser", "main", "inspect_checkpoint"]
@@ -23,8 +22,10 @@ __all__ = ["add_ckpt_subparser", "main", "inspect_checkpoint"]
 
 def inspect_checkpoint(path: str, *, checksums: bool = True) -> dict:
     """Summary of a checkpoint directory as a JSON-able dict (``valid`` and ``reason``
-    say whether it loads; whatever the manifest tells is filled in even if it does not)."""
-    from sharded_ams.checkpoint import CheckpointError, _read_manifest, validate_checkpoint
+    say whether it loads; whatever a well-formed manifest tells is filled in even if a
+    file is bad). The hyperparameters shown are the ones a load applies: a shard whose
+    own differ is refused by the load."""
+    from sharded_ams.checkpoint import CheckpointError, read_manifest, validate_checkpoint
 
     out: dict = {"path": str(path), "valid": False, "reason": None}
     man = None
@@ -33,8 +34,8 @@ def inspect_checkpoint(path: str, *, checksums: bool = True) -> dict:
         out["valid"] = True
     except CheckpointError as exc:
         out["reason"] = str(exc)
-        try:
-            man = _read_manifest(Path(path))
+        try:  # a manifest that passes its own rules is still worth showing
+            man = read_manifest(path)
         except CheckpointError:
             man = None
     if man is None:
@@ -100,21 +101,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_consolidate(args: argparse.Namespace) -> int:
     import torch
 
-    from sharded_ams.checkpoint import CheckpointError, consolidate
+    from sharded_ams.checkpoint import CheckpointError, export_consolidated
 
     try:
-        full = consolidate(args.dir)
-    except CheckpointError as exc:
+        full = export_consolidated(args.dir, args.out)
+    except (CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(full, tmp)
-    os.replace(tmp, out)
     n = sum(t.numel() for t in full["model"].values() if isinstance(t, torch.Tensor))
-    print(f"wrote {out}: step {full['step']}, {len(full['param_names'])} optimized params, "
+    print(f"wrote {args.out}: step {full['step']}, {len(full['param_names'])} optimized params, "
           f"{len(full['model'])} model state_dict entries ({n:,} elements); load with "
           "AMS.load_state_dict(torch.load(OUT)['optimizer']) and "
           "model.load_state_dict(torch.load(OUT)['model'])")
@@ -138,13 +133,16 @@ def _add_commands(sub) -> None:
     c.add_argument("dir", help="checkpoint directory")
     c.add_argument("out", help="output file (.pt)")
     c.set_defaults(func=_cmd_consolidate)
+    from launcher.export import add_export_command  # `ckpt export` (launcher/export.py)
+
+    add_export_command(sub)
 
 
 def add_ckpt_subparser(subparsers) -> argparse.ArgumentParser:
     """Add ``ckpt {inspect,consolidate}`` to ``subparsers`` (from ``add_subparsers()``)."""
     p = subparsers.add_parser("ckpt", help="inspect or consolidate checkpoints",
                               description="Inspect or consolidate sharded-ams checkpoints.")
-    sub = p.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate}")
+    sub = p.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate,export}")
     sub.required = True
     _add_commands(sub)
     return p
@@ -153,7 +151,7 @@ def add_ckpt_subparser(subparsers) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.ckpt_cli",
                                      description="Inspect or consolidate sharded-ams checkpoints.")
-    sub = parser.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate}")
+    sub = parser.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate,export}")
     sub.required = True
     _add_commands(sub)
     args = parser.parse_args(argv)

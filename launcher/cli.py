@@ -5,14 +5,17 @@
                              [--max-failures N] [--fail-at-step K --fail-rank R]
                              [--resume-from CKPT] [--set section.key=value ...]
                              [--dry-run] [--verbose]
-    sharded-ams ckpt ...      # inspect / validate / consolidate checkpoints
+    sharded-ams prepare-data INPUT... --out DIR [--tokenizer byte|bpe:VOCAB|tokenizer.json]
+    sharded-ams ckpt ...      # inspect / consolidate / export checkpoints
 
 ``train`` runs the job locally on an embedded Ray (no ``--address``) or on a Ray cluster
 (``--address auto`` on a cluster node, ``--address ray://head:10001`` from outside, or
 ``RAY_ADDRESS`` as set by ``ray job submit``). Running the same command again resumes the
 run ``storage_path/name`` from its last checkpoint. Named flags override ``--set``, which
 overrides the environment (``SHARDED_AMS_FAIL_AT_STEP``, ``SHARDED_AMS_FAIL_RANK``), which
-overrides the config file.
+overrides the config file. Before Ray starts, ``train`` checks the data and the model
+(:mod:`launcher.preflight`): a missing or damaged prepare-data directory, a factory that
+does not import, a vocabulary that does not fit fail here, with exit status 2.
 
 Exit status: 0 done, 1 training failed (the message says where a rerun resumes),
 2 bad command line or config.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -56,7 +60,8 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=1e-3 --set data.batch_size=32")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config as JSON and exit without starting Ray")
+                   help="check the config, data and model, print the resolved config as JSON and "
+                        "exit without starting Ray")
     p.add_argument("--verbose", "-v", action="store_true", help="show all of Ray's log lines")
     p.set_defaults(func=_cmd_train)
 
@@ -77,6 +82,8 @@ _FLAG_KEYS = {
 def _cmd_train(args: argparse.Namespace) -> int:
     from launcher.config import load_config, parse_override
 
+    if os.getcwd() not in sys.path:  # factories in the current directory import, as with `python -m`
+        sys.path.insert(0, os.getcwd())
     try:
         overrides = dict(parse_override(item) for item in args.overrides)
         for attr, key in _FLAG_KEYS.items():
@@ -84,6 +91,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if value is not None:
                 overrides[key] = value
         config = load_config(args.config, overrides)
+        from launcher.preflight import preflight
+
+        config = preflight(config).config
     except (ValueError, FileNotFoundError) as exc:
         print(f"sharded-ams train: error: {exc}", file=sys.stderr)
         return 2
@@ -94,7 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from launcher.ray_launcher import TrainingFailed, run
 
     try:
-        run(config, address=args.address, verbose=args.verbose)
+        run(config, address=args.address, verbose=args.verbose, checked=True)
     except TrainingFailed as exc:
         print(f"[sharded-ams] TRAINING FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -134,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sharded-ams {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(subparsers)
+    from launcher.prepare_data import add_prepare_parser
+
+    add_prepare_parser(subparsers)
     _add_ckpt_parser(subparsers)
     return parser
 

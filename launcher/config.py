@@ -2,8 +2,8 @@
 
 A config file has up to four sections, each mapping onto one dataclass below::
 
-    [model]   # ModelConfig: the GPT's shape
-    [data]    # DataConfig: corpus, global batch, seed
+    [model]   # ModelConfig: architecture (gpt, llama or your factory), size, precision
+    [data]    # DataConfig: corpus (stdlib, prepare-data shards or your factory), batches
     [optim]   # OptimConfig: ShardedAMS hyperparameters and the LR schedule
     [job]     # JobConfig: run name, steps, workers, storage, checkpoints, fault tolerance
 
@@ -14,20 +14,22 @@ later wins: the dataclass defaults, the file, the environment variables
 ``overrides`` (``--set section.key=value`` and the CLI's named flags).
 
 This module does not import torch or ray, so the CLI can parse and check a config in
-milliseconds.
+milliseconds. What needs the data or user code (the vocabulary, shard checksums, that a
+factory imports) is checked by :mod:`launcher.preflight`, still before Ray starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from .model import GPTConfig
+from .config_checks import (check_bool, check_choice, check_factory, check_float, check_int,
+                            check_table, fail)
+from .models.sizes import ARCH_DEFAULTS, ARCHES, SHAPE_FIELDS, resolve_shape
 
 try:
     import tomllib
@@ -42,6 +44,7 @@ __all__ = [
     "Config",
     "load_config",
     "parse_override",
+    "accumulation_steps",
     "FAIL_AT_STEP_ENV",
     "FAIL_RANK_ENV",
 ]
@@ -52,47 +55,37 @@ FAIL_RANK_ENV = "SHARDED_AMS_FAIL_RANK"
 _PRESETS = ("grams", "cadam", "adamw")
 _BACKENDS = ("auto", "triton", "compiled", "eager")  # as sharded_ams.kernels.BACKENDS
 _SCHEDULES = ("constant", "cosine")
+_PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
+_REDUCE_DTYPES = ("fp32", "bf16")
+_VERIFY = ("sha256", "size")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-# ----------------------------------------------------------------------------- helpers
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return path if path is None or is_uri(path) else str(Path(path).expanduser().absolute())
 
 
-def _fail(section: str, name: str, message: str, value: Any) -> None:
-    raise ValueError(f"{section}.{name} {message}, got {value!r}")
+def accumulation_steps(global_batch: int, num_workers: int, micro_batch_size: Optional[int]) -> int:
+    """Micro-batches each worker runs per optimizer step, so that
+    ``global_batch = micro_batch_size * accumulation_steps * num_workers``.
 
-
-def _check_int(section: str, name: str, value: Any, minimum: Optional[int] = None,
-               allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(section, name, "must be an integer", value)
-    if minimum is not None and value < minimum:
-        _fail(section, name, f"must be >= {minimum}", value)
-
-
-def _check_float(section: str, name: str, value: Any, *, low: Optional[float] = None,
-                 high: Optional[float] = None, low_open: bool = False, high_open: bool = False,
-                 allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(section, name, "must be a finite number", value)
-    if low is not None and (value <= low if low_open else value < low):
-        _fail(section, name, f"must be {'>' if low_open else '>='} {low}", value)
-    if high is not None and (value >= high if high_open else value > high):
-        _fail(section, name, f"must be {'<' if high_open else '<='} {high}", value)
-
-
-def _check_bool(section: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(section, name, "must be true or false", value)
-
-
-def _check_choice(section: str, name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        _fail(section, name, f"must be one of {list(choices)}", value)
+    ``micro_batch_size`` None: one micro-batch of ``global_batch / num_workers`` sequences.
+    The one place this is computed (config checks, the training loop, a worker count that
+    changes between launches). Raises ValueError naming ``data.batch_size`` /
+    ``data.micro_batch_size`` / ``job.num_workers`` when they do not divide.
+    """
+    if global_batch % num_workers:
+        raise ValueError(f"data.batch_size ({global_batch}) is the global batch and must be "
+                         f"divisible by job.num_workers ({num_workers})")
+    per_worker = global_batch // num_workers
+    if micro_batch_size is None:
+        return 1
+    if per_worker % micro_batch_size:
+        raise ValueError(
+            f"data.micro_batch_size ({micro_batch_size}) must divide the per-worker batch "
+            f"data.batch_size / job.num_workers = {global_batch} / {num_workers} = {per_worker} "
+            "(global batch = micro_batch_size x accumulation steps x workers)")
+    return per_worker // micro_batch_size
 
 
 def is_uri(path: str) -> bool:
@@ -104,34 +97,121 @@ def is_uri(path: str) -> bool:
 
 
 @dataclass
-class ModelConfig(GPTConfig):
-    """Shape of the launcher's GPT: the fields of ``launcher.model.GPTConfig``, validated
-    with config-style errors ("model.n_head ...")."""
+class ModelConfig:
+    """What to train: a built-in architecture and its shape, or your own factory; and how
+    it runs (precision, activation checkpointing, torch.compile).
+
+    Shape fields left unset take the value of ``size`` (or the architecture's default
+    shape); fields an architecture does not use must stay unset."""
+
+    arch: str = "gpt"
+    """Built-in architecture: "gpt" (launcher/models/gpt.py) or "llama" (launcher/models/llama.py,
+    parameter names and shapes of Hugging Face's LlamaForCausalLM). Ignored with factory."""
+    size: Optional[str] = None
+    """Named shape of arch: llama "tiny", "60m", "130m", "350m", "1b" (GaLore's configs, see
+    docs/llm.md); gpt "tiny". Unset: the arch's default shape (its tiny one)."""
+    factory: Optional[str] = None
+    """Your own model: "package.module:function", called with this table as a dict, returning
+    an nn.Module (contract in docs/llm.md). Unset: the built-in arch."""
+    options: dict = field(default_factory=dict)
+    """Free-form settings for your factory ([model.options]); the built-ins ignore them."""
+    vocab_size: Optional[int] = None
+    """Token vocabulary; unset: the data's (256 for the byte-level corpora). Must be >= it."""
+    block_size: Optional[int] = None
+    """Longest sequence the model takes (GPT: position table; Llama: rotary tables)."""
+    n_layer: Optional[int] = None
+    """Transformer blocks."""
+    n_head: Optional[int] = None
+    """Attention (query) heads; must divide n_embd."""
+    n_kv_head: Optional[int] = None
+    """llama: key/value heads (grouped-query attention); must divide n_head. Unset: n_head."""
+    n_embd: Optional[int] = None
+    """Width of the residual stream (hidden size)."""
+    intermediate_size: Optional[int] = None
+    """llama: width of the SwiGLU feed-forward."""
+    rope_theta: Optional[float] = None
+    """llama: base of the rotary frequencies (10000)."""
+    norm_eps: Optional[float] = None
+    """llama: RMSNorm epsilon (1e-6)."""
+    dropout: Optional[float] = None
+    """gpt: dropout probability (0)."""
+    tie_weights: Optional[bool] = None
+    """Share the token embedding with the output head."""
+    precision: str = "auto"
+    """"fp32"; "bf16-autocast" (fp32 params, bf16 autocast of forward/backward); "bf16"
+    (bf16 params and grads, fp32 master weights in ShardedAMS); "auto": bf16-autocast on
+    GPU, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them (built-in
+    models only)."""
+    compile: bool = False
+    """torch.compile the model (in place: parameter names do not change)."""
 
     def __post_init__(self) -> None:
         s = "model"
-        _check_int(s, "vocab_size", self.vocab_size, 256)
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            _check_int(s, name, getattr(self, name), 1)
-        if self.n_embd % self.n_head:
+        check_factory(s, self.factory)
+        check_table(s, "options", self.options)
+        check_choice(s, "precision", self.precision, _PRECISIONS)
+        check_bool(s, "activation_checkpointing", self.activation_checkpointing)
+        check_bool(s, "compile", self.compile)
+        if self.factory is None:
+            check_choice(s, "arch", self.arch, ARCHES)
+            for name, value in resolve_shape(self.arch, self.size,
+                                             {k: getattr(self, k) for k in SHAPE_FIELDS}).items():
+                setattr(self, name, value)
+            if self.arch == "llama" and self.n_kv_head is None:
+                self.n_kv_head = self.n_head
+        elif self.activation_checkpointing:
+            raise ValueError("model.activation_checkpointing applies to the built-in models only; "
+                             "checkpoint blocks inside your model.factory's model instead")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                     "intermediate_size"):
+            check_int(s, name, getattr(self, name), 1, allow_none=True)
+        for name in ("rope_theta", "norm_eps"):
+            check_float(s, name, getattr(self, name), low=0.0, low_open=True, allow_none=True)
+        check_float(s, "dropout", self.dropout, low=0.0, high=1.0, high_open=True, allow_none=True)
+        if self.tie_weights is not None:
+            check_bool(s, "tie_weights", self.tie_weights)
+        if self.n_embd is not None and self.n_head is not None and self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
-        _check_float(s, "dropout", self.dropout, low=0.0, high=1.0, high_open=True)
-        _check_bool(s, "tie_weights", self.tie_weights)
+        if self.n_kv_head is not None and self.n_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if self.factory is None and self.arch == "llama" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"model.n_embd / model.n_head = {self.n_embd // self.n_head} must be even "
+                             "(rotary embeddings rotate pairs)")
 
-    def to_gpt_config(self) -> GPTConfig:
-        """The plain ``GPTConfig`` for these fields."""
-        return GPTConfig(**dataclasses.asdict(self))
+    def shape(self) -> dict[str, Any]:
+        """The shape fields the architecture uses (what must match to resume a checkpoint)."""
+        keys = ("arch", "vocab_size", *ARCH_DEFAULTS.get(self.arch, {})) if self.factory is None \
+            else ("factory", "vocab_size", "block_size")
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
 class DataConfig:
-    """The byte-level standard-library corpus and how batches are drawn from it."""
+    """The corpus (by default the Python standard library's sources, byte-level; or a
+    ``sharded-ams prepare-data`` directory; or your factory) and how batches are drawn."""
 
+    path: Optional[str] = None
+    """A `sharded-ams prepare-data` output directory (token shards + index.json). Unset (and
+    no factory): the standard library's sources, byte-level."""
+    factory: Optional[str] = None
+    """Your own data: "package.module:function", called with this table as a dict, returning
+    {"train": 1-D ints, "val": 1-D ints, "vocab_size": int} (docs/llm.md)."""
+    options: dict = field(default_factory=dict)
+    """Free-form settings for your factory ([data.options])."""
+    verify: str = "sha256"
+    """How the driver checks a prepare-data directory before training: "sha256" (every
+    shard's checksum) or "size" (sizes only: faster on a huge corpus)."""
     max_bytes: int = 4_000_000
-    """Bytes of corpus to load (train + validation)."""
+    """Standard-library corpus only: bytes to load (train + validation)."""
     batch_size: int = 16
-    """GLOBAL batch size in sequences per step, split evenly over the workers; must be
-    divisible by the number of workers (also by the worker count you may resume on)."""
+    """GLOBAL batch size in sequences per optimizer step = micro_batch_size x gradient
+    accumulation steps x workers; must be divisible by the number of workers (also by the
+    worker count you may resume on)."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per forward/backward on one worker; must divide batch_size / workers, the
+    quotient being the gradient accumulation steps. Unset: batch_size / workers (no accumulation)."""
     block_size: Optional[int] = None
     """Training sequence length; default (unset): model.block_size. At most model.block_size."""
     seed: int = 0
@@ -143,12 +223,23 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         s = "data"
-        _check_int(s, "max_bytes", self.max_bytes, 1)
-        _check_int(s, "batch_size", self.batch_size, 1)
-        _check_int(s, "block_size", self.block_size, 1, allow_none=True)
-        _check_int(s, "seed", self.seed, 0)
-        _check_float(s, "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_int(s, "eval_iters", self.eval_iters, 1)
+        if self.path is not None and (not isinstance(self.path, str) or not self.path):
+            fail(s, "path", "must be a prepare-data output directory", self.path)
+        if is_uri(self.path or ""):
+            fail(s, "path", "must be a local or shared (NFS) directory, not a URI", self.path)
+        self.path = _absolute(self.path)
+        check_factory(s, self.factory)
+        if self.path and self.factory:
+            raise ValueError("set data.path or data.factory, not both")
+        check_table(s, "options", self.options)
+        check_choice(s, "verify", self.verify, _VERIFY)
+        check_int(s, "max_bytes", self.max_bytes, 1)
+        check_int(s, "batch_size", self.batch_size, 1)
+        check_int(s, "micro_batch_size", self.micro_batch_size, 1, allow_none=True)
+        check_int(s, "block_size", self.block_size, 1, allow_none=True)
+        check_int(s, "seed", self.seed, 0)
+        check_float(s, "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_int(s, "eval_iters", self.eval_iters, 1)
 
 
 @dataclass
@@ -180,6 +271,10 @@ class OptimConfig:
     """Linear warmup from 0 to lr over this many steps."""
     min_lr_ratio: float = 0.1
     """Final LR of the cosine schedule, as a fraction of lr."""
+    grad_reduce_dtype: str = "fp32"
+    """Dtype gradients are reduced in across workers when params are bf16 (model.precision =
+    "bf16"): "fp32" (default, as Megatron's grad_reduce_in_fp32 and FSDP's reduce_dtype) or
+    "bf16" (half the bytes, less precise as workers grow). fp32 params always reduce in fp32."""
 
     def __post_init__(self) -> None:
         s = "optim"
@@ -188,37 +283,40 @@ class OptimConfig:
         if self.preset is not None:
             if isinstance(self.preset, str):
                 self.preset = self.preset.lower()
-            _check_choice(s, "preset", self.preset, _PRESETS)
+            check_choice(s, "preset", self.preset, _PRESETS)
             if self.beta3 is not None or self.lam is not None:
                 raise ValueError(
                     f"optim.preset={self.preset!r} fixes beta3 and lam; set optim.preset = \"\" "
                     f"to use optim.beta3={self.beta3!r} and optim.lam={self.lam!r}"
                 )
-        _check_float(s, "lr", self.lr, low=0.0)
+        check_float(s, "lr", self.lr, low=0.0)
         if isinstance(self.betas, (str, bytes)) or not isinstance(self.betas, Sequence) or len(self.betas) != 2:
-            _fail(s, "betas", "must be a pair [beta1, beta2]", self.betas)
+            fail(s, "betas", "must be a pair [beta1, beta2]", self.betas)
         for i, b in enumerate(self.betas):
-            _check_float(s, f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+            check_float(s, f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
         self.betas = (float(self.betas[0]), float(self.betas[1]))
-        _check_float(s, "eps", self.eps, low=0.0, low_open=True)
-        _check_float(s, "weight_decay", self.weight_decay, low=0.0)
-        _check_float(s, "beta3", self.beta3, low=0.0, high=1.0, high_open=True, allow_none=True)
-        _check_float(s, "lam", self.lam, allow_none=True)
-        _check_float(s, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, allow_none=True)
-        _check_choice(s, "backend", self.backend, _BACKENDS)
-        _check_choice(s, "schedule", self.schedule, _SCHEDULES)
-        _check_int(s, "warmup_steps", self.warmup_steps, 0)
-        _check_float(s, "min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        check_float(s, "eps", self.eps, low=0.0, low_open=True)
+        check_float(s, "weight_decay", self.weight_decay, low=0.0)
+        check_float(s, "beta3", self.beta3, low=0.0, high=1.0, high_open=True, allow_none=True)
+        check_float(s, "lam", self.lam, allow_none=True)
+        check_float(s, "max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, allow_none=True)
+        check_choice(s, "backend", self.backend, _BACKENDS)
+        check_choice(s, "schedule", self.schedule, _SCHEDULES)
+        check_int(s, "warmup_steps", self.warmup_steps, 0)
+        check_float(s, "min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        check_choice(s, "grad_reduce_dtype", self.grad_reduce_dtype, _REDUCE_DTYPES)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``sharded_ams.ShardedAMS`` (everything but the schedule)."""
-        kw: dict[str, Any] = dict(lr=self.lr, betas=self.betas, eps=self.eps,
+        """Keyword arguments for ``sharded_ams.ShardedAMS`` (everything but the schedule): the
+        one place the launcher builds them."""
+        kw: dict[str, Any] = dict(lr=self.lr, betas=tuple(self.betas), eps=self.eps,
                                   weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
                                   backend=self.backend)
         if self.preset is not None:
             kw["preset"] = self.preset
         else:
             kw.update(beta3=self.beta3, lam=self.lam)
+        # grad_reduce_dtype: wired at merge, when ShardedAMS(grad_reduce_dtype=...) lands (overlap branch)
         return kw
 
 
@@ -257,33 +355,56 @@ class JobConfig:
     worker from failing again). Env override: SHARDED_AMS_FAIL_AT_STEP."""
     fail_rank: int = 0
     """Fault injection: the rank that fails. Env override: SHARDED_AMS_FAIL_RANK."""
+    working_dir: Optional[str] = None
+    """A directory Ray ships to every worker and makes their working directory (Ray
+    runtime_env "working_dir"): how your factories' code reaches the workers of a cluster."""
+    py_modules: list = field(default_factory=list)
+    """Local package directories (or remote .zip URIs) Ray ships to every worker and puts on
+    their import path (Ray runtime_env "py_modules")."""
 
     def __post_init__(self) -> None:
         s = "job"
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            _fail(s, "name", "must be letters, digits, '.', '_' or '-' (a directory name)", self.name)
-        _check_int(s, "steps", self.steps, 1)
-        _check_int(s, "num_workers", self.num_workers, 1)
-        _check_bool(s, "use_gpu", self.use_gpu)
+            fail(s, "name", "must be letters, digits, '.', '_' or '-' (a directory name)", self.name)
+        check_int(s, "steps", self.steps, 1)
+        check_int(s, "num_workers", self.num_workers, 1)
+        check_bool(s, "use_gpu", self.use_gpu)
         if not isinstance(self.storage_path, str) or not self.storage_path:
-            _fail(s, "storage_path", "must be a non-empty path or URI", self.storage_path)
+            fail(s, "storage_path", "must be a non-empty path or URI", self.storage_path)
         if not is_uri(self.storage_path):
             self.storage_path = str(Path(self.storage_path).expanduser().absolute())
-        _check_int(s, "checkpoint_every", self.checkpoint_every, 1)
-        _check_int(s, "keep_last", self.keep_last, 1)
-        _check_int(s, "max_failures", self.max_failures, -1)
-        _check_int(s, "log_every", self.log_every, 1)
-        _check_int(s, "eval_every", self.eval_every, 0)
+        check_int(s, "checkpoint_every", self.checkpoint_every, 1)
+        check_int(s, "keep_last", self.keep_last, 1)
+        check_int(s, "max_failures", self.max_failures, -1)
+        check_int(s, "log_every", self.log_every, 1)
+        check_int(s, "eval_every", self.eval_every, 0)
         if self.resume_from is not None and (not isinstance(self.resume_from, str) or not self.resume_from):
-            _fail(s, "resume_from", "must be a checkpoint directory", self.resume_from)
+            fail(s, "resume_from", "must be a checkpoint directory", self.resume_from)
         if self.resume_from is not None and not is_uri(self.resume_from):
             self.resume_from = str(Path(self.resume_from).expanduser().absolute())
-        _check_int(s, "fail_at_step", self.fail_at_step, 1, allow_none=True)
+        check_int(s, "fail_at_step", self.fail_at_step, 1, allow_none=True)
         if self.fail_at_step is not None and self.fail_at_step > self.steps:
-            _fail(s, "fail_at_step", f"must be <= job.steps ({self.steps})", self.fail_at_step)
-        _check_int(s, "fail_rank", self.fail_rank, 0)
+            fail(s, "fail_at_step", f"must be <= job.steps ({self.steps})", self.fail_at_step)
+        check_int(s, "fail_rank", self.fail_rank, 0)
         if self.fail_at_step is not None and self.fail_rank >= self.num_workers:
-            _fail(s, "fail_rank", f"must be < job.num_workers ({self.num_workers})", self.fail_rank)
+            fail(s, "fail_rank", f"must be < job.num_workers ({self.num_workers})", self.fail_rank)
+        if self.working_dir is not None:
+            if not isinstance(self.working_dir, str) or not self.working_dir:
+                fail(s, "working_dir", "must be a directory", self.working_dir)
+            self.working_dir = _absolute(self.working_dir)
+        if not isinstance(self.py_modules, list) or not all(isinstance(m, str) and m for m in self.py_modules):
+            fail(s, "py_modules", "must be a list of package directories or URIs", self.py_modules)
+        self.py_modules = [m if is_uri(m) or not Path(m).exists() else str(Path(m).absolute())
+                           for m in self.py_modules]
+
+    def runtime_env(self) -> dict[str, Any]:
+        """Ray runtime_env for working_dir / py_modules ({} when neither is set)."""
+        env: dict[str, Any] = {}
+        if self.working_dir:
+            env["working_dir"] = self.working_dir
+        if self.py_modules:
+            env["py_modules"] = list(self.py_modules)
+        return env
 
     @property
     def run_dir(self) -> str:
@@ -299,9 +420,9 @@ class Config:
     """A whole launcher job: the four sections, checked against each other."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The GPT's shape."""
+    """Architecture, shape and precision."""
     data: DataConfig = field(default_factory=DataConfig)
-    """Corpus, global batch and seed."""
+    """Corpus, global and micro batch, seed."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and LR schedule."""
     job: JobConfig = field(default_factory=JobConfig)
@@ -315,13 +436,16 @@ class Config:
             elif not isinstance(value, cls):
                 raise ValueError(f"[{name}] must be a table of settings, got {value!r}")
         if self.data.block_size is None:
+            if self.model.block_size is None:
+                raise ValueError("data.block_size (the training sequence length) must be set: "
+                                 "model.factory models have no model.block_size to take it from")
             self.data.block_size = self.model.block_size
-        if self.data.block_size > self.model.block_size:
+        if self.model.block_size is not None and self.data.block_size > self.model.block_size:
             raise ValueError(f"data.block_size ({self.data.block_size}) must be <= "
                              f"model.block_size ({self.model.block_size})")
-        if self.data.batch_size % self.job.num_workers:
-            raise ValueError(f"data.batch_size ({self.data.batch_size}) is the global batch and must be "
-                             f"divisible by job.num_workers ({self.job.num_workers})")
+        accumulation_steps(self.data.batch_size, self.job.num_workers, self.data.micro_batch_size)
+        if self.model.vocab_size is None and self.data.path is None and self.data.factory is None:
+            self.model.vocab_size = 256  # the byte-level standard-library corpus
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (picklable, JSON-able): what the Ray workers receive."""

@@ -87,6 +87,30 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
+def batch_starts(num_starts: int, step: int, batch_size: int, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> torch.Tensor:
+    """Window starts in ``[0, num_starts)`` of this rank's rows of the global batch of ``step``.
+
+    The global batch's ``batch_size`` starts depend only on ``(seed, step)`` (a local
+    generator; the global RNG is never touched); rank ``r`` gets rows
+    ``[r * B/W, (r + 1) * B/W)``. Shared by every data source, so batches (and resumes) do
+    not depend on where the tokens are stored.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if world_size <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if batch_size % world_size != 0:
+        raise ValueError(
+            f"global batch_size ({batch_size}) must be divisible by world_size ({world_size}) "
+            "so every rank gets an equal slice of the same global batch"
+        )
+    # Draw the whole global batch (cheap: B ints) so every rank sees the same offsets.
+    starts = torch.randint(num_starts, (batch_size,), generator=_step_generator(seed, step))
+    per_rank = batch_size // world_size
+    return starts[rank * per_rank : (rank + 1) * per_rank]
+
+
 def get_batch(
     data: torch.Tensor,
     step: int,
@@ -100,27 +124,17 @@ def get_batch(
 
     Returns int64 ``(x, y)``, each of shape ``(batch_size // world_size, block_size)``.
 
-    ``batch_size`` is the GLOBAL batch size. The global batch's window offsets depend only on
-    ``(seed, step)`` (a local generator; the global RNG is never touched), and rank ``r`` gets
-    rows ``[r * B/W, (r + 1) * B/W)``. ``y`` is ``x`` shifted left by one byte (next-byte targets).
+    ``batch_size`` is the GLOBAL batch size; the rows are :func:`batch_starts`'s windows.
+    ``y`` is ``x`` shifted left by one token (next-token targets).
     """
-    if batch_size <= 0 or block_size <= 0:
+    if block_size <= 0:
         raise ValueError(f"batch_size and block_size must be positive, got {batch_size}, {block_size}")
-    if world_size <= 0 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if batch_size % world_size != 0:
-        raise ValueError(
-            f"global batch_size ({batch_size}) must be divisible by world_size ({world_size}) "
-            "so every rank gets an equal slice of the same global batch"
-        )
     if data.dim() != 1 or len(data) <= block_size:
         raise ValueError(
             f"data must be 1-D and longer than block_size ({block_size}), got shape {tuple(data.shape)}"
         )
-    # Draw the whole global batch (cheap: B ints) so every rank sees the same offsets.
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=_step_generator(seed, step))
-    per_rank = batch_size // world_size
-    starts = starts[rank * per_rank : (rank + 1) * per_rank]
+    starts = batch_starts(len(data) - block_size, step, batch_size, seed=seed, rank=rank,
+                          world_size=world_size)
     windows = data[starts[:, None] + torch.arange(block_size + 1)].long()  # (b, block_size + 1)
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 

@@ -173,6 +173,10 @@ def _prepare_env(address: Optional[str]) -> None:
         # each fit() (ENV_VARS_TO_PROPAGATE), so it also applies to a local Ray started
         # before run() (e.g. by the examples).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        # A local Ray's workers inherit this environment: what the driver imports (model and
+        # data factories from the current directory or sys.path) they import too.
+        paths = [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # this launcher uses the Train V2 API
 
 
@@ -191,11 +195,11 @@ def _ray_session(address: Optional[str], cfg: Config, verbose: bool) -> Iterator
     if address is None and not os.environ.get("RAY_ADDRESS"):
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=max(2, cfg.job.num_workers), include_dashboard=False,
-                 logging_level=log_level)
+                 logging_level=log_level, runtime_env=cfg.job.runtime_env() or None)
         _say(f"started a local Ray ({max(2, cfg.job.num_workers)} CPUs) in {time.perf_counter() - t0:.1f} s")
     else:
         target = address or os.environ["RAY_ADDRESS"]
-        ray.init(address=target, logging_level=log_level)
+        ray.init(address=target, logging_level=log_level, runtime_env=cfg.job.runtime_env() or None)
         _say(f"connected to the Ray cluster at {target}")
     with ExitStack() as stack:
         # entered first, so exited last: the filter stays on while Ray shuts down
@@ -330,9 +334,6 @@ def find_resume_point(cfg: Config) -> ResumePoint:
     return ResumePoint()
 
 
-_SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "tie_weights")
-
-
 def _check_same_model(cfg: Config, point: ResumePoint) -> None:
     """Refuse to resume a checkpoint of a differently shaped model before any worker starts
     (inside the workers the load would fail on every restart, up to job.max_failures)."""
@@ -352,8 +353,8 @@ def _check_same_model(cfg: Config, point: ResumePoint) -> None:
     saved = extra.get("model") if isinstance(extra, dict) else None
     if not isinstance(saved, dict):
         return
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {getattr(cfg.model, k)!r}"
-            for k in _SHAPE_FIELDS if k in saved and saved[k] != getattr(cfg.model, k)]
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
+            for k, v in cfg.model.shape().items() if k in saved and saved[k] != v]
     if diff:
         raise TrainingFailed(
             f"{point.path} holds a different model ({'; '.join(diff)}). Use a new job.name "
@@ -431,11 +432,14 @@ def _short_error(exc: BaseException, verbose: bool = False) -> str:
 # ----------------------------------------------------------------------------- run
 
 
-def run(config: Config, address: Optional[str] = None, *, verbose: bool = False) -> RunResult:
+def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
+        checked: bool = False) -> RunResult:
     """Run (or resume) the job described by ``config``; see the module docstring.
 
     Args:
-        config: a validated :class:`launcher.config.Config` (``load_config``).
+        config: a validated :class:`launcher.config.Config` (``load_config``). Its data and
+            model are checked on this driver before Ray starts (:mod:`launcher.preflight`;
+            ValueError names the key or file at fault) unless ``checked``.
         address: None: an embedded local Ray (or ``RAY_ADDRESS`` if set, as inside
             ``ray job submit``); ``"auto"`` / ``"host:6379"`` / ``"ray://host:10001"``: a cluster.
         verbose: show all of Ray's log lines.
@@ -444,6 +448,10 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False)
     the run failed beyond ``job.max_failures`` (its ``checkpoint`` says where a rerun resumes).
     """
     t_start = time.perf_counter()
+    if not checked:
+        from launcher.preflight import preflight
+
+        config = preflight(config).config
     job = config.job
     run_dir = job.run_dir
     if not is_uri(job.storage_path):

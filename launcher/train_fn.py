@@ -1,12 +1,15 @@
 """The training loop every Ray Train worker runs: plain PyTorch plus a few marked Ray calls.
 
-``train_loop(config)`` is an ordinary function you can copy into your own project. It
-builds the GPT (the same seed on every rank), a :class:`sharded_ams.ShardedAMS` over the
-process group that Ray Train's ``TorchTrainer`` set up (gloo on CPU, NCCL on GPU; no DDP
-wrapper: the optimizer reduces the gradients itself), and an LR schedule; resumes from
-the run's latest checkpoint; trains on this rank's slice of each global batch; reports
-metrics every ``log_every`` steps and checkpoints every ``checkpoint_every`` steps and at
-the end. The Ray calls are the lines marked ``# [Ray]``:
+``train_loop(config)`` builds the model (a built-in GPT or Llama, or your factory's; the
+same seed on every rank), a :class:`sharded_ams.ShardedAMS` over the process group that
+Ray Train's ``TorchTrainer`` set up (gloo on CPU, NCCL on GPU; no DDP wrapper: the
+optimizer reduces the gradients itself), and an LR schedule; resumes from the run's latest
+checkpoint; trains on this rank's slice of each global batch, in ``accumulation_steps``
+micro-batches (:func:`launcher.config.accumulation_steps`; all but the last under
+``optimizer.no_sync()``); reports metrics every ``log_every`` steps and checkpoints every
+``checkpoint_every`` steps and at the end. The pieces without Ray (precision, the
+micro-batch step, evaluation, throughput/MFU, TensorBoard) are in :mod:`launcher.training`.
+The Ray calls are the lines marked ``# [Ray]``:
 
 * ``ray.train.torch.get_device()``: this worker's GPU (or the CPU);
 * ``ray.train.get_checkpoint()``: the run's latest committed checkpoint, after a worker
@@ -17,21 +20,24 @@ the end. The Ray calls are the lines marked ``# [Ray]``:
 
 Rank 0 also appends every metrics dict it reports, as one JSON line, to the run's
 ``.sharded_ams/metrics.jsonl`` (the per-step history; Ray Train V2 keeps the metrics of
-retained checkpoints only). The driver reads it back with
-``launcher.ray_launcher.read_history``.
+retained checkpoints only; the driver reads it back with
+``launcher.ray_launcher.read_history``) and writes the same numbers as TensorBoard events
+to ``run_dir/tensorboard``.
 
 ``config`` is ``launcher.config.Config.to_dict()`` (sections model, data, optim, job) plus
 ``run_dir`` (where the run lives), ``launch_id`` and ``resume_from`` (a checkpoint to
 start from when Ray has none for this run, found by the driver).
 
 Steps are counted as completed optimizer steps: the checkpoint "at step s" holds the
-state after s steps, and the batch that step s+1 trains on is ``get_batch(train, s, ...)``,
-a function of (seed, s) only. So a run restarted from any checkpoint, on any number of
-workers, sees exactly the data an uninterrupted run sees.
+state after s steps, and the global batch that step s+1 trains on is a function of
+(seed, s) only. So a run restarted from any checkpoint, on any number of workers, with any
+micro-batch size, sees exactly the data an uninterrupted run sees.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,8 +52,11 @@ import torch.distributed as dist
 import ray.train  # [Ray]
 import ray.train.torch  # [Ray]
 
-from launcher.data import get_batch, load_corpus, split
-from launcher.model import GPT, GPTConfig
+from launcher.config import Config, accumulation_steps
+from launcher.token_data import load_training_data
+from launcher.training import (TensorBoardLog, autocast, build_model_for_training, evaluate,
+                               forward_backward, model_flops_per_token, peak_bf16_flops,
+                               resolve_precision, split_micro, throughput)
 from sharded_ams import ShardedAMS
 from sharded_ams.checkpoint import load_checkpoint, save_checkpoint, step_dir_name
 
@@ -181,24 +190,6 @@ class MetricsHistory:
 # ----------------------------------------------------------------------------- pieces
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, data: torch.Tensor, *, batch_size: int, block_size: int,
-             iters: int, seed: int, rank: int, world_size: int, device: torch.device) -> float:
-    """Mean loss over ``iters`` fixed global batches of ``data``, each rank taking its slice
-    (so the number does not depend on the world size, up to float rounding)."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for i in range(iters):
-        x, y = get_batch(data, i, batch_size, block_size, seed=seed, rank=rank, world_size=world_size)
-        _, loss = model(x.to(device), y.to(device))
-        total += loss.double()
-    if world_size > 1:
-        dist.all_reduce(total)
-    model.train(was_training)
-    return total.item() / (iters * world_size)
-
-
 def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
     value = value.double()
     if world_size > 1:
@@ -206,9 +197,10 @@ def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:
     return value.item() / world_size
 
 
-def _maybe_fail(job: dict, step: int, rank: int, run_dir: str, last_report: float) -> None:
+def _maybe_fail(fail_at_step, fail_rank: int, step: int, rank: int, run_dir: str,
+                last_report: float) -> None:
     """Fault injection: rank ``fail_rank`` exits after step ``fail_at_step``, once per run."""
-    if job.get("fail_at_step") != step or rank != job.get("fail_rank", 0):
+    if fail_at_step != step or rank != fail_rank:
         return
     marker = f"{run_dir}/{STATE_DIR}/failed-at-step{step}-rank{rank}"
     if _exists(marker):
@@ -227,6 +219,7 @@ def _load(path: str, optimizer, model, scheduler) -> int:
 def _save_and_report(metrics: dict, optimizer, model, scheduler, step: int, extra: dict) -> None:
     """Every rank writes its shard into its own temp dir (rank 0 also the manifest, which
     lists every rank's file); Ray uploads them all into the run's ``step-XXXXXXXX`` folder."""
+    optimizer.finish_param_sync()  # the model's params must hold their gathered values
     with tempfile.TemporaryDirectory(prefix="sharded-ams-ckpt-") as tmp:
         save_checkpoint(tmp, optimizer, model=model, step=step, extra=extra,
                         lr_scheduler=scheduler, shared_fs=False).wait()
@@ -240,33 +233,51 @@ def _save_and_report(metrics: dict, optimizer, model, scheduler, step: int, extr
 # ----------------------------------------------------------------------------- the loop
 
 
+def _progress_line(m: dict, total_steps: int) -> str:
+    val = f" | val {m['val_loss']:.4f}" if "val_loss" in m else ""
+    speed = f"{m['tokens_per_s']:,.0f} tok/s"
+    if "mfu" in m:
+        speed += f" | MFU {100 * m['mfu']:.1f}%"
+    elif "tflops" in m:
+        speed += f" | {m['tflops']:.3g} TFLOP/s"
+    return (f"step {m['step']:>{len(str(total_steps))}}/{total_steps} | loss {m['loss']:.4f}{val} | "
+            f"{speed} | {m['step_time_ms']:.1f} ms/step | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f}")
+
+
 def train_loop(config: dict) -> dict[str, Any]:
-    """Train the GPT with ShardedAMS on this worker; see the module docstring.
+    """Train the configured model with ShardedAMS on this worker; see the module docstring.
 
     Returns (on every rank; Ray keeps rank 0's) a summary dict: start_step, step,
     train_loss, val_loss, world_size.
     """
-    mcfg, dcfg, ocfg, job = config["model"], config["data"], config["optim"], config["job"]
-    run_dir: str = config.get("run_dir") or f"{job['storage_path'].rstrip('/')}/{job['name']}"
+    cfg = Config.from_dict({k: v for k, v in config.items() if k in ("model", "data", "optim", "job")})
+    mcfg, dcfg, ocfg, job = cfg.model, cfg.data, cfg.optim, cfg.job
+    run_dir: str = config.get("run_dir") or job.run_dir
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     device = ray.train.torch.get_device()  # [Ray] this worker's GPU, or the CPU
+    accum = accumulation_steps(dcfg.batch_size, world_size, dcfg.micro_batch_size)
+    precision = resolve_precision(mcfg.precision, device)
+    amp = functools.partial(autocast, precision, device)
+    where = f"model.factory {mcfg.factory!r}" if mcfg.factory else f"model.arch {mcfg.arch!r}"
+
+    # ---- data (the driver checked checksums before Ray started; sizes again here)
+    data = load_training_data(dataclasses.asdict(dcfg), verify="size")
+    model_table = dataclasses.asdict(mcfg)
+    if model_table["vocab_size"] is None:
+        model_table["vocab_size"] = data.vocab_size
 
     # ---- model, optimizer, schedule: identical on every rank
-    torch.manual_seed(dcfg["seed"])
-    model = GPT(GPTConfig(**mcfg)).to(device)
-    opt_kw = {k: ocfg[k] for k in ("lr", "eps", "weight_decay", "max_grad_norm", "backend")}
-    opt_kw["betas"] = tuple(ocfg["betas"])
-    if ocfg.get("preset"):
-        opt_kw["preset"] = ocfg["preset"]
-    else:
-        opt_kw.update(beta3=ocfg.get("beta3"), lam=ocfg.get("lam"))
-    optimizer = ShardedAMS(model, **opt_kw)
-    total_steps = job["steps"]
+    torch.manual_seed(dcfg.seed)
+    model = build_model_for_training(model_table, device, precision)
+    optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs())
+    if mcfg.compile:
+        model.compile()  # in place: parameter names (and checkpoints) are unchanged
+    total_steps = job.steps
 
     def schedule(step: int) -> float:
-        return lr_factor(step, total_steps=total_steps, warmup_steps=ocfg["warmup_steps"],
-                         schedule=ocfg["schedule"], min_lr_ratio=ocfg["min_lr_ratio"])
+        return lr_factor(step, total_steps=total_steps, warmup_steps=ocfg.warmup_steps,
+                         schedule=ocfg.schedule, min_lr_ratio=ocfg.min_lr_ratio)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -285,20 +296,26 @@ def train_loop(config: dict) -> dict[str, Any]:
     launch_id = config.get("launch_id", "x")
     attempt = f"{launch_id}-{time.time_ns()}"  # this start of the worker group
     history = MetricsHistory(run_dir, launch_id, attempt) if rank == 0 else None
+    tb = TensorBoardLog(run_dir, start_step, log=_log) if rank == 0 else None
+    batch_size, block_size, seed = dcfg.batch_size, dcfg.block_size, dcfg.seed
     if rank == 0:
         _write_text(f"{run_dir}/{STATE_DIR}/attempts/{attempt}.json",
                     json.dumps({"start_step": start_step, "world_size": world_size,
                                 "resumed_from": resumed_from, "time": time.time()}))
         how = f"resuming from {resumed_from} (step {start_step})" if resumed_from else "starting from scratch"
-        _log(f"{world_size} worker(s) on {device.type}, backend {optimizer.backend}: {how}")
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        _log(f"{world_size} worker(s) on {device.type}, backend {optimizer.backend}, {precision}: "
+             f"{where} with {n_params:,} params; global batch {batch_size} x {block_size} tokens = "
+             f"{batch_size // world_size // accum} x {accum} micro-batch(es) x {world_size} worker(s); {how}")
 
-    # ---- data: the global batch of step s is a function of (seed, s); this rank takes its slice
-    train_data, val_data = split(load_corpus(dcfg["max_bytes"]), dcfg["val_fraction"])
-    batch_size, block_size, seed = dcfg["batch_size"], dcfg["block_size"] or mcfg["block_size"], dcfg["seed"]
+    flops_per_token = model_flops_per_token(model, block_size)
+    peak = peak_bf16_flops(device)
     tokens_per_step = batch_size * block_size
-    eval_kw = dict(batch_size=batch_size, block_size=block_size, iters=dcfg["eval_iters"], seed=seed,
-                   rank=rank, world_size=world_size, device=device)
-    extra = {"run": job["name"], "model": mcfg, "data_seed": seed, "world_size": world_size}
+    eval_kw = dict(batch_size=batch_size, micro_batch_size=dcfg.micro_batch_size, block_size=block_size,
+                   iters=dcfg.eval_iters, seed=seed, rank=rank, world_size=world_size, device=device,
+                   amp=amp, where=where)
+    extra = {"run": job.name, "model": model_table, "data": data.describe, "data_seed": seed,
+             "world_size": world_size, "precision": precision}
 
     loss_sum = torch.zeros((), device=device)
     window_steps, window_time = 0, 0.0
@@ -307,26 +324,26 @@ def train_loop(config: dict) -> dict[str, Any]:
     model.train()
     while step < total_steps:
         t0 = time.perf_counter()
-        x, y = get_batch(train_data, step, batch_size, block_size, seed=seed, rank=rank,
-                         world_size=world_size)
-        _, loss = model(x.to(device), y.to(device))
-        loss.backward()
-        optimizer.step()  # reduce-scatter grads, AMS step on this rank's shard, all-gather params
+        x, y = data.get_batch("train", step, batch_size, block_size, seed=seed, rank=rank,
+                              world_size=world_size)
+        loss = forward_backward(model, optimizer, split_micro(x.to(device), y.to(device), accum),
+                                amp=amp, where=where)
+        optimizer.step()  # reduce grads (once per step), AMS step on this rank's shard, gather params
         optimizer.zero_grad()
         scheduler.step()
         step += 1
-        loss_sum += loss.detach()
+        loss_sum += loss
         window_steps += 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         window_time += time.perf_counter() - t0
 
-        _maybe_fail(job, step, rank, run_dir, last_report)
+        _maybe_fail(job.fail_at_step, job.fail_rank, step, rank, run_dir, last_report)
 
         final = step == total_steps
-        save = final or step % job["checkpoint_every"] == 0
-        do_eval = final or (job["eval_every"] and step % job["eval_every"] == 0)
-        if not (save or do_eval or step % job["log_every"] == 0):
+        save = final or step % job.checkpoint_every == 0
+        do_eval = final or (job.eval_every and step % job.eval_every == 0)
+        if not (save or do_eval or step % job.log_every == 0):
             continue
         info = optimizer.last_step
         metrics = {
@@ -337,19 +354,18 @@ def train_loop(config: dict) -> dict[str, Any]:
             "grad_norm": float("nan") if info.grad_norm is None else float(info.grad_norm),
             "skipped_steps": optimizer.skipped_steps,
             "step_time_ms": 1000.0 * window_time / window_steps,
-            "tokens_per_s": tokens_per_step * window_steps / max(window_time, 1e-9),
+            **throughput(tokens_per_step * window_steps, window_time, flops_per_token, world_size, peak),
             "world_size": world_size,
         }
         if do_eval:
-            metrics["val_loss"] = evaluate(model, val_data, **eval_kw)
+            optimizer.finish_param_sync()
+            metrics["val_loss"] = evaluate(model, data, **eval_kw)
         if rank == 0:
             # before the report: a record whose checkpoint never commits is re-trained (and
             # re-recorded) after a restart; one written after the report could be lost for good
             history.append(metrics)
-            val = f" | val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""
-            _log(f"step {step:>{len(str(total_steps))}}/{total_steps} | loss {metrics['loss']:.4f}{val} | "
-                 f"{metrics['tokens_per_s']:,.0f} tok/s | {metrics['step_time_ms']:.1f} ms/step | "
-                 f"lr {metrics['lr']:.2e} | grad norm {metrics['grad_norm']:.3f}")
+            tb.log(metrics, step)
+            _log(_progress_line(metrics, total_steps))
         if save:
             _save_and_report(metrics, optimizer, model, scheduler, step, extra)
         else:
@@ -360,12 +376,15 @@ def train_loop(config: dict) -> dict[str, Any]:
 
     if start_step >= total_steps:  # nothing to train: the run was already complete
         # (not added to the metrics history: no step was trained, the record of this step is there)
+        optimizer.finish_param_sync()
         metrics = {"step": step, "start_step": start_step, "world_size": world_size,
-                   "val_loss": evaluate(model, val_data, **eval_kw)}
+                   "val_loss": evaluate(model, data, **eval_kw)}
         if rank == 0:
             _log(f"run already at step {step} (job.steps={total_steps}): nothing to train "
                  f"(val loss {metrics['val_loss']:.4f}); raise job.steps to train further")
         ray.train.report(metrics)  # [Ray]
+    if tb is not None:
+        tb.close()
     return {"start_step": start_step, "step": step, "train_loss": metrics.get("loss"),
             "val_loss": metrics.get("val_loss"), "world_size": world_size,
             "resumed_from": resumed_from}

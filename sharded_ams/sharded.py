@@ -463,6 +463,9 @@ class ShardedAMS(Optimizer):
             raise ValueError("Not a ShardedAMS state dict (missing format='sharded_ams'); "
                              "for a single-process AMS state dict use AMS.load_state_dict")
         self._check_compatible(head)
+        for saved in head["param_groups"]:  # as the constructor does, before changing anything
+            validate_hparams(saved["lr"], saved["betas"], saved["beta3"], saved["lam"],
+                             saved["eps"], saved["weight_decay"])
         self.finish_param_sync()  # a pending gather must not overwrite what is loaded
         self._sync.abandon_grad_sync()
         for g, saved in zip(self.param_groups, head["param_groups"]):

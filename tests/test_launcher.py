@@ -57,13 +57,20 @@ def test_gpt_tiny_config_is_valid_and_fits_the_docker_commands():
     assert load_config(GPT_TINY, {"job.num_workers": 4, "job.use_gpu": True}, environ={}).job.use_gpu
 
 
-def test_model_config_mirrors_gptconfig():
+def test_model_config_defaults_are_the_gpt_defaults():
+    """Unset shape fields resolve to the architecture's defaults: [model] with only arch
+    builds exactly GPTConfig() / the Llama "tiny" size."""
     import dataclasses
 
     from launcher.model import GPTConfig
+    from launcher.models import build_model
+    from launcher.models.sizes import ARCH_DEFAULTS
 
-    assert [f.name for f in dataclasses.fields(ModelConfig)] == [f.name for f in dataclasses.fields(GPTConfig)]
-    assert ModelConfig().to_gpt_config() == GPTConfig()
+    gpt = build_model(dataclasses.asdict(ModelConfig(vocab_size=256)))
+    assert gpt.cfg == GPTConfig()
+    llama = ModelConfig(arch="llama")
+    assert {k: getattr(llama, k) for k in ARCH_DEFAULTS["llama"]} == ARCH_DEFAULTS["llama"]
+    assert ModelConfig(arch="llama", size="130m", n_layer=4).n_layer == 4  # a set field beats the size
 
 
 def test_every_field_has_a_docstring():
@@ -120,9 +127,25 @@ def test_toml_and_yaml_give_the_same_config(tmp_path, monkeypatch):
     ("[optim]\nmax_grad_norm = 0.0\n", r"optim\.max_grad_norm must be > 0"),
     ("[data]\nval_fraction = 1.0\n", r"data\.val_fraction must be < 1"),
     ("[data]\nbatch_size = 15\n", r"data\.batch_size \(15\) .* divisible by job\.num_workers \(2\)"),
+    ("[data]\nbatch_size = 16\nmicro_batch_size = 3\n",
+     r"data\.micro_batch_size \(3\) must divide .* 16 / 2 = 8"),
+    ("[data]\nmicro_batch_size = 0\n", r"data\.micro_batch_size must be >= 1"),
+    ("[data]\npath = \"d\"\nfactory = \"m:f\"\n", r"data\.path or data\.factory, not both"),
+    ("[data]\nfactory = \"nocolon\"\n", r"data\.factory must look like 'package\.module:function'"),
+    ("[data]\nverify = \"md5\"\n", r"data\.verify must be one of"),
+    ("[model]\narch = \"mamba\"\n", r"model\.arch must be one of \['gpt', 'llama'\]"),
+    ("[model]\narch = \"llama\"\nsize = \"7b\"\n", r"model\.size '7b' is not a size of model\.arch='llama'"),
+    ("[model]\nn_kv_head = 1\n", r"model\.n_kv_head does not apply to model\.arch='gpt'"),
+    ("[model]\narch = \"llama\"\nn_head = 4\nn_kv_head = 3\n", r"model\.n_head \(4\) must be divisible by model\.n_kv_head \(3\)"),
+    ("[model]\narch = \"llama\"\nn_embd = 96\nn_head = 32\n", r"n_embd / model\.n_head = 3 must be even"),
+    ("[model]\nprecision = \"fp16\"\n", r"model\.precision must be one of"),
+    ("[model]\nfactory = \"m:f\"\nactivation_checkpointing = true\n", r"built-in models only"),
+    ("[model]\nfactory = \"m:f\"\n", r"data\.block_size .* must be set"),
+    ("[optim]\ngrad_reduce_dtype = \"fp16\"\n", r"optim\.grad_reduce_dtype must be one of \['fp32', 'bf16'\]"),
+    ("[job]\npy_modules = \"x\"\n", r"job\.py_modules must be a list"),
     ("[data]\nblock_size = 128\n", r"data\.block_size \(128\) must be <= model\.block_size \(64\)"),
     ("[model]\nn_head = 3\n", r"model\.n_embd \(64\) must be divisible by model\.n_head \(3\)"),
-    ("[model]\nvocab_size = 100\n", r"model\.vocab_size must be >= 256"),
+    ("[model]\nvocab_size = 0\n", r"model\.vocab_size must be >= 1"),
     ("[model]\ndropout = 1.0\n", r"model\.dropout must be < 1"),
     ("[job\n", r"invalid TOML"),
 ])
@@ -163,6 +186,15 @@ def test_overrides_env_and_precedence(tmp_path):
     assert JobConfig(storage_path="s3://bucket/runs", name="r").run_dir == "s3://bucket/runs/r"
 
 
+def test_runtime_env_ships_user_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pkg").mkdir()
+    assert JobConfig().runtime_env() == {}
+    job = JobConfig(working_dir=".", py_modules=["pkg", "s3://bucket/code.zip"])
+    assert job.runtime_env() == {"working_dir": str(tmp_path), "py_modules": [str(tmp_path / "pkg"),
+                                                                               "s3://bucket/code.zip"]}
+
+
 def test_to_dict_round_trip():
     cfg = load_config(GPT_TINY, environ={})
     d = json.loads(json.dumps(cfg.to_dict()))
@@ -188,14 +220,14 @@ def test_find_resume_point_without_ray_snapshot(tmp_path):
     import dataclasses
 
     pytest.importorskip("ray.train")
-    from launcher.model import GPT
+    from launcher.models import build_model
     from launcher.ray_launcher import TrainingFailed, _check_same_model, find_resume_point
     from sharded_ams import ShardedAMS
     from sharded_ams.checkpoint import save_checkpoint
 
     cfg = _config(tmp_path, "scan")
     assert find_resume_point(cfg).source is None
-    model = GPT(cfg.model.to_gpt_config())
+    model = build_model(dataclasses.asdict(cfg.model))
     opt = ShardedAMS(model, backend="eager")
     run_dir = Path(cfg.job.run_dir)
     for step in (5, 10):
@@ -512,4 +544,4 @@ def test_torchrun_example_trains_checkpoints_and_resumes(tmp_path):
     second = torchrun(1, 15)  # resumes, resharded 2 -> 1
     assert f"resumed from {ckpt / 'step-00000010'} (step 10)" in second
     assert "done: step 15/15" in second
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000010", "step-00000015"]
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step-00000010", "step-00000015"]

@@ -1,0 +1,441 @@
+"""``sharded-ams prepare-data INPUT... --out DIR``: text -> token shards for training.
+
+Inputs are files, directories (walked for ``--ext`` files, default ``.txt`` and ``.jsonl``;
+symlinks and special files inside are skipped) and globs. ``.jsonl`` (and ``.json``, as
+C4's files) hold one JSON object per line whose ``--text-field`` (default ``text``) is a
+document; any other file is one document; ``.gz`` files are decompressed on the fly. The output directory's format is described in :mod:`launcher.token_data`.
+
+How it behaves:
+
+* streaming: files are read in ~256 KiB pieces cut after a newline, tokenized in batches and
+  appended to the current shard, so memory stays bounded whatever the corpus size (a BPE
+  trainer keeps word counts, not text);
+* a progress bar (bytes read, throughput, tokens so far) on stderr;
+* idempotent: rerunning the same command on unchanged inputs (same files, sizes and
+  modification times, same options) finds the finished directory and does nothing;
+  different inputs need ``--force`` to replace it;
+* atomic: everything is written into a hidden ``.DIR.partial-PID`` directory next to DIR,
+  ``index.json`` last, then renamed to DIR. An interrupted run never leaves a DIR (nor
+  anything else with an index) behind; its leftovers are removed by the next run.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import shutil
+import stat
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from launcher.token_data import (DTYPES, FORMAT, FORMAT_VERSION, INDEX_NAME, DataError,
+                                 check_vocab_fits, dtype_for_vocab, read_index)
+from launcher.tokenizer import (Tokenizer, byte_tokenizer, load_tokenizer_file, parse_tokenizer_spec,
+                                train_bpe)
+
+__all__ = ["prepare_data", "collect_inputs", "add_prepare_parser"]
+
+CHUNK_BYTES = 1 << 18
+DEFAULT_EXTS = (".txt", ".jsonl")
+DEFAULT_SHARD_TOKENS = 100_000_000
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _regular(path: Path, given: str) -> Path:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"input {given!r} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        raise DataError(f"input {given!r} is not a regular file")
+    return path
+
+
+def collect_inputs(inputs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS) -> list[Path]:
+    """The files ``inputs`` name, absolute, in order (each directory's files sorted), once
+    each. A named file or a glob match is taken whatever its extension; directories
+    contribute their ``exts`` files. Raises DataError for a path that does not exist, a
+    glob that matches nothing, or no files at all."""
+    if not inputs:
+        raise DataError("no INPUT given")
+    exts = tuple(e.lower() for e in exts)
+    files: list[Path] = []
+    for given in inputs:
+        path = Path(given).expanduser()
+        if glob.has_magic(given) and not path.exists():
+            matches = sorted(glob.glob(str(path), recursive=True))
+            if not matches:
+                raise DataError(f"input glob {given!r} matches nothing")
+            files += [_regular(Path(m).absolute(), m) for m in matches if not Path(m).is_dir()]
+        elif path.is_dir():
+            found = []
+            for root, dirs, names in os.walk(path):  # does not descend into symlinked dirs
+                dirs.sort()
+                for name in sorted(names):
+                    p = Path(root) / name
+                    if name.lower().endswith(exts) and p.is_file() and not p.is_symlink():
+                        found.append(p.absolute())
+            if not found:
+                raise DataError(f"input directory {given!r} holds no {'/'.join(exts)} files "
+                                "(choose others with --ext)")
+            files += found
+        else:
+            files.append(_regular(path.absolute(), given))
+    seen: set[Path] = set()
+    return [f for f in files if not (f in seen or seen.add(f))]
+
+
+def _utf8_cut(buf: bytes) -> int:
+    """Length of the longest prefix of ``buf`` that ends on a whole UTF-8 character."""
+    i = len(buf) - 1
+    while i >= 0 and len(buf) - i <= 4 and (buf[i] & 0xC0) == 0x80:
+        i -= 1
+    if i < 0:
+        return len(buf)
+    lead = buf[i]
+    need = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
+    return len(buf) if i + need <= len(buf) else i
+
+
+def _text_chunks(f, size: int) -> Iterator[bytes]:
+    """Pieces of about ``size`` bytes cut after a newline (inside a longer line: on a UTF-8
+    character boundary), so memory stays bounded and no character is split."""
+    carry = b""
+    while True:
+        block = f.read(size)
+        if not block:
+            if carry:
+                yield carry
+            return
+        buf = carry + block
+        cut = buf.rfind(b"\n") + 1 or _utf8_cut(buf)
+        carry = buf[cut:]
+        if cut:
+            yield buf[:cut]
+
+
+def _is_jsonl(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return name.endswith((".jsonl", ".json"))  # .json(.gz): JSON lines, as C4's files
+
+
+def iter_documents(files: Sequence[Path], text_field: str = "text",
+                   chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[bytes, bool, int]]:
+    """``(utf8_piece, ends_document, bytes_read_from_disk_since_last)`` over every document
+    of ``files`` (``.gz`` files are decompressed as they are read)."""
+    for path in files:
+        with open(path, "rb") as raw:
+            f = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
+            pos = 0
+
+            def read() -> int:
+                nonlocal pos
+                delta, pos = raw.tell() - pos, raw.tell()
+                return delta
+
+            if _is_jsonl(path):
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        yield b"", False, read()
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as exc:
+                        raise DataError(f"{path}:{lineno}: not a JSON line ({exc})") from None
+                    text = rec.get(text_field) if isinstance(rec, dict) else None
+                    if not isinstance(text, str):
+                        raise DataError(f"{path}:{lineno}: no string field {text_field!r} "
+                                        "(choose the field with --text-field)")
+                    yield text.encode("utf-8"), True, read()
+            else:
+                last = None
+                for piece in _text_chunks(f, chunk_bytes):
+                    if last is not None:
+                        yield last, False, read()
+                    last = piece
+                if last is not None:
+                    yield last, True, read()
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class ShardWriter:
+    """Appends token ids to ``shard-NNNNN.bin`` files of at most ``shard_tokens`` tokens each,
+    hashing as it writes."""
+
+    def __init__(self, directory: Path, dtype: str, shard_tokens: int):
+        self.dir, self.dtype, self.shard_tokens = directory, DTYPES[dtype], shard_tokens
+        self.shards: list[dict] = []
+        self._f = None
+        self.total = 0
+
+    def _open(self) -> None:
+        import hashlib
+
+        name = f"shard-{len(self.shards):05d}.bin"
+        self._f = open(self.dir / name, "wb")
+        self._hash, self._count = hashlib.sha256(), 0
+        self.shards.append({"file": name, "num_tokens": 0, "sha256": None})
+
+    def _close(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self.shards[-1].update(num_tokens=self._count, sha256=self._hash.hexdigest())
+            self._f = None
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = ids.astype(self.dtype, copy=False)
+        while len(ids):
+            if self._f is None or self._count == self.shard_tokens:
+                self._close()
+                self._open()
+            take = ids[: self.shard_tokens - self._count]
+            data = take.tobytes()
+            self._f.write(data)
+            self._hash.update(data)
+            self._count += len(take)
+            self.total += len(take)
+            ids = ids[len(take):]
+
+    def close(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Delete what interrupted earlier runs for ``out`` left (their process is gone)."""
+    for kind in ("partial", "old"):
+        for p in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not enabled, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def _make_tokenizer(spec: str, files: list[Path], text_field: str, total_bytes: int,
+                    progress: bool) -> Tokenizer:
+    kind, vocab, path = parse_tokenizer_spec(spec)
+    if kind == "byte":
+        return byte_tokenizer()
+    if kind == "file":
+        return load_tokenizer_file(path)
+    bar = _progress(total_bytes, f"training BPE ({vocab})", progress)
+
+    def texts() -> Iterator[str]:
+        for piece, _, nbytes in iter_documents(files, text_field):
+            bar.update(nbytes)
+            if piece:
+                yield piece.decode("utf-8", errors="replace")
+
+    try:
+        return train_bpe(texts(), vocab)
+    finally:
+        bar.close()
+
+
+def _request(files: list[Path], spec: str, exts, text_field: str, shard_tokens: int, dtype: str) -> dict:
+    kind, _, tok_path = parse_tokenizer_spec(spec)
+    from launcher.token_data import sha256_file
+
+    tok = {"spec": spec if kind != "file" else "file",
+           "sha256": sha256_file(tok_path) if kind == "file" else None}
+    sources = []
+    for f in files:
+        st = os.stat(f)
+        sources.append({"path": str(f), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"tokenizer": tok, "ext": sorted(exts), "text_field": text_field,
+            "shard_tokens": shard_tokens, "dtype": dtype, "sources": sources}
+
+
+def prepare_data(inputs: Sequence[str], out: os.PathLike, *, tokenizer: str = "byte",
+                 ext: Sequence[str] = DEFAULT_EXTS, text_field: str = "text",
+                 shard_tokens: int = DEFAULT_SHARD_TOKENS, dtype: str = "auto", force: bool = False,
+                 progress: bool = True, log=print) -> dict:
+    """Tokenize ``inputs`` into ``out`` (see the module docstring); returns the index.
+
+    Raises DataError (bad input, nothing written) or ValueError (bad option)."""
+    t0 = time.perf_counter()
+    if shard_tokens < 1:
+        raise ValueError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"--dtype must be auto, uint16 or uint32, got {dtype!r}")
+    out = Path(out).expanduser().absolute()
+    files = collect_inputs(inputs, ext)
+    request = _request(files, tokenizer, ext, text_field, shard_tokens, dtype)
+    if out.exists():
+        try:
+            index = read_index(out)
+        except DataError:
+            index = None
+        if index is not None and index.get("request") == request:
+            log(f"{out} is up to date ({index['num_tokens']:,} tokens from {len(files)} file(s)); "
+                "nothing to do")
+            return index
+        if index is None and (not out.is_dir() or any(out.iterdir())):
+            raise DataError(f"--out {out} exists and is not a prepare-data output; refusing to "
+                            "replace it (choose another --out)")
+        if index is not None and not force:
+            raise DataError(f"--out {out} holds data prepared from other inputs or options; "
+                            "pass --force to replace it, or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    total_bytes = sum(s["bytes"] for s in request["sources"])
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        tok = _make_tokenizer(tokenizer, files, text_field, total_bytes, progress)
+        token_dtype = dtype_for_vocab(tok.vocab_size) if dtype == "auto" else dtype
+        check_vocab_fits(tok.vocab_size, token_dtype, f"--tokenizer {tokenizer} with --dtype {dtype}")
+        tok.save(tmp / "tokenizer.json")
+        writer = ShardWriter(tmp, token_dtype, shard_tokens)
+        docs = _tokenize(tok, files, text_field, writer, total_bytes, progress)
+        shards = writer.close()
+        if writer.total == 0:
+            raise DataError(f"empty corpus: no text in {len(files)} input file(s) "
+                            f"({', '.join(inputs)})")
+        index = {"format": FORMAT, "version": FORMAT_VERSION, "tokenizer": tok.describe(),
+                 "vocab_size": tok.vocab_size, "dtype": token_dtype, "num_tokens": writer.total,
+                 "documents": docs, "shards": shards, "sources": request["sources"],
+                 "request": request, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        ipath = tmp / INDEX_NAME
+        with open(ipath.with_suffix(".tmp"), "w") as f:
+            json.dump(index, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(ipath.with_suffix(".tmp"), ipath)  # the index last: it makes the data valid
+        _fsync_dir(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    secs = time.perf_counter() - t0
+    log(f"wrote {index['num_tokens']:,} tokens ({token_dtype}, {len(shards)} shard(s), {docs:,} "
+        f"documents, vocabulary {tok.vocab_size:,}) from {len(files)} file(s), "
+        f"{total_bytes / 2**20:.1f} MiB, to {out} in {secs:.1f} s "
+        f"({index['num_tokens'] / max(secs, 1e-9):,.0f} tokens/s)")
+    return index
+
+
+def _tokenize(tok: Tokenizer, files: list[Path], text_field: str, writer: ShardWriter,
+              total_bytes: int, progress: bool, batch_bytes: int = 2 << 20) -> int:
+    """Encode every document into ``writer`` (in batches, for the tokenizer's threads);
+    returns the number of documents."""
+    bar = _progress(total_bytes, "tokenizing", progress)
+    pieces: list[bytes] = []
+    ends: list[bool] = []
+    docs, pending, t0 = 0, 0, time.perf_counter()
+    eos = None if tok.eos_id is None else np.array([tok.eos_id], dtype=np.int64)
+
+    def flush() -> None:
+        for ids, end in zip(tok.encode_bytes(pieces), ends):
+            writer.write(ids)
+            if end and eos is not None:
+                writer.write(eos)
+        pieces.clear()
+        ends.clear()
+        bar.set_postfix_str(f"{writer.total:,} tokens, "
+                            f"{writer.total / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+
+    try:
+        for piece, end, nbytes in iter_documents(files, text_field):
+            if piece or end:
+                pieces.append(piece)
+                ends.append(end)
+                pending += len(piece)
+                docs += end
+            bar.update(nbytes)
+            if pending >= batch_bytes or len(pieces) >= 4096:
+                flush()
+                pending = 0
+        flush()
+    finally:
+        bar.close()
+    return docs
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_prepare_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare-data", help="tokenize text files into token shards for training",
+        description="Tokenize text (files, directories, globs; .txt and .jsonl) into flat token "
+                    "shards plus index.json, for [data] path = OUT. Rerunning on unchanged "
+                    "inputs does nothing; an interrupted run leaves no OUT behind.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories or globs")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--tokenizer", default="byte", metavar="SPEC",
+                   help="'byte' (default, vocabulary 256), 'bpe:VOCAB' (a byte-level BPE trained "
+                        "on the inputs) or a tokenizer.json (or a directory holding one)")
+    p.add_argument("--ext", default=",".join(DEFAULT_EXTS), metavar="EXTS",
+                   help="extensions taken from directories, comma-separated (default .txt,.jsonl); "
+                        "e.g. --ext .py,.md. Named files and glob matches are always taken")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="the text field of .jsonl lines")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                   help=f"tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="token dtype; auto: uint16, or uint32 for a vocabulary over 65,536")
+    p.add_argument("--force", action="store_true", help="replace an OUT prepared from other inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _cmd_prepare(args) -> int:
+    exts = [e.strip() if e.strip().startswith(".") else "." + e.strip()
+            for e in args.ext.split(",") if e.strip()]
+    try:
+        prepare_data(args.inputs, args.out, tokenizer=args.tokenizer, ext=exts,
+                     text_field=args.text_field, shard_tokens=args.shard_tokens, dtype=args.dtype,
+                     force=args.force, progress=not args.no_progress)
+    except (DataError, ValueError) as exc:
+        print(f"sharded-ams prepare-data: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sharded-ams prepare-data: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0

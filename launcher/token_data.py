@@ -1,0 +1,279 @@
+"""Training data as token streams: prepare-data shards (memmap), the stdlib corpus, or a
+user factory's arrays; deterministic, rank-sliced batches and a held-out split.
+
+A prepare-data directory (written by :mod:`launcher.prepare_data`; nanoGPT's flat token
+files plus a sidecar index as Megatron's indexed datasets have)::
+
+    DIR/index.json          format, tokenizer, vocab_size, dtype, num_tokens, shards
+                            [{file, num_tokens, sha256}], sources; written last
+    DIR/shard-00000.bin     flat uint16 (uint32 when the vocabulary needs it) token ids
+    DIR/tokenizer.json      the tokenizer (Hugging Face format)
+
+The shards, concatenated in order, are one token stream; the last ``val_fraction`` of it is
+the validation split. The global batch of step ``s`` is ``batch_size`` windows whose starts
+are a function of ``(seed, s)`` only (:func:`launcher.data.batch_starts`, the same
+generator as the stdlib corpus); rank ``r`` reads only its rows, from the memmaps.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where batches are made: prepare-data and the CLI do without
+    import torch
+
+__all__ = ["INDEX_NAME", "FORMAT", "DataError", "TokenStream", "TrainingData", "open_token_dir",
+           "load_training_data", "sha256_file"]
+
+INDEX_NAME = "index.json"
+FORMAT = "sharded-ams.tokens"
+FORMAT_VERSION = 1
+DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+class DataError(ValueError):
+    """Bad or damaged training data; the message names the file or key."""
+
+
+def sha256_file(path: os.PathLike, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """The smallest token dtype holding ids 0 .. vocab_size-1."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def check_vocab_fits(vocab_size: int, dtype: str, where: str) -> None:
+    limit = int(np.iinfo(DTYPES[dtype]).max) + 1
+    if vocab_size > limit:
+        raise DataError(f"{where}: a vocabulary of {vocab_size:,} tokens does not fit in {dtype} "
+                        f"(at most {limit:,}); use uint32")
+
+
+class TokenStream:
+    """Consecutive 1-D integer arrays (memmaps or in-memory) read as one stream, or a
+    ``[lo, hi)`` window of it."""
+
+    def __init__(self, parts: Sequence[np.ndarray], lo: int = 0, hi: Optional[int] = None):
+        self.parts = list(parts)
+        self.ends = np.cumsum([len(p) for p in self.parts]).tolist()
+        total = self.ends[-1] if self.ends else 0
+        self.lo, self.hi = lo, total if hi is None else hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def slice(self, lo: int, hi: int) -> "TokenStream":
+        return TokenStream(self.parts, self.lo + lo, self.lo + hi)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of this stream as int64 (may span parts)."""
+        pos, end = self.lo + start, self.lo + start + length
+        out = []
+        i = bisect.bisect_right(self.ends, pos)
+        while pos < end:
+            first = self.ends[i - 1] if i else 0
+            take = min(end, self.ends[i]) - pos
+            out.append(self.parts[i][pos - first:pos - first + take])
+            pos += take
+            i += 1
+        return np.concatenate(out).astype(np.int64) if len(out) > 1 else out[0].astype(np.int64)
+
+
+def get_stream_batch(stream: TokenStream, step: int, batch_size: int, block_size: int, *,
+                     seed: int = 0, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of the global batch of ``step`` (as :func:`launcher.data.get_batch`,
+    reading only those windows from the stream)."""
+    import torch
+
+    from launcher.data import batch_starts
+    if len(stream) <= block_size:
+        raise DataError(f"a split of {len(stream):,} tokens is too short for block_size {block_size}")
+    starts = batch_starts(len(stream) - block_size, step, batch_size, seed=seed, rank=rank,
+                          world_size=world_size)
+    rows = torch.from_numpy(np.stack([stream.read(int(s), block_size + 1) for s in starts]))
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+class TrainingData:
+    """The train and validation token streams plus the vocabulary size: what the training
+    loop draws batches from. ``train``/``val`` are 1-D tensors (the stdlib corpus) or
+    :class:`TokenStream` s (shards, a factory's arrays). ``describe`` goes into checkpoints."""
+
+    def __init__(self, train: Union[torch.Tensor, TokenStream], val: Union[torch.Tensor, TokenStream],
+                 vocab_size: int, describe: Optional[dict] = None):
+        self.train, self.val, self.vocab_size = train, val, int(vocab_size)
+        self.describe = describe or {}
+
+    def get_batch(self, split_name: str, step: int, batch_size: int, block_size: int, *,
+                  seed: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.train if split_name == "train" else self.val
+        if not isinstance(data, TokenStream):  # a 1-D tensor: the stdlib corpus
+            from launcher.data import get_batch
+
+            return get_batch(data, step, batch_size, block_size, seed=seed, rank=rank, world_size=world_size)
+        return get_stream_batch(data, step, batch_size, block_size, seed=seed, rank=rank,
+                                world_size=world_size)
+
+    def check_block_size(self, block_size: int, where: str) -> None:
+        for name, data in (("train", self.train), ("validation", self.val)):
+            if len(data) <= block_size:
+                raise DataError(f"{where}: the {name} split has {len(data):,} tokens, fewer than "
+                                f"data.block_size + 1 = {block_size + 1}; use more data or a "
+                                "different data.val_fraction")
+
+
+def _split(stream: TokenStream, val_fraction: float, where: str) -> tuple[TokenStream, TokenStream]:
+    n_val = int(len(stream) * val_fraction)
+    if n_val == 0 or n_val == len(stream):
+        raise DataError(f"{where}: {len(stream):,} tokens are too few to hold out "
+                        f"data.val_fraction={val_fraction}")
+    return stream.slice(0, len(stream) - n_val), stream.slice(len(stream) - n_val, len(stream))
+
+
+# ----------------------------------------------------------------------------- prepare-data dirs
+
+
+def read_index(path: os.PathLike) -> dict:
+    """The validated ``index.json`` of a prepare-data directory (structure only)."""
+    d = Path(path)
+    if not d.is_dir():
+        raise DataError(f"data.path {str(d)!r} does not exist or is not a directory")
+    ipath = d / INDEX_NAME
+    if not ipath.is_file():
+        raise DataError(f"{d} is not a prepare-data output: no {INDEX_NAME} (an interrupted "
+                        "`sharded-ams prepare-data` never leaves one; rerun it)")
+    try:
+        with open(ipath) as f:
+            index = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{ipath}: unreadable ({exc})") from None
+
+    def bad(msg: str) -> DataError:
+        return DataError(f"{ipath}: {msg}")
+
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise bad(f"not a {FORMAT} index (format={index.get('format') if isinstance(index, dict) else None!r})")
+    if index.get("version") != FORMAT_VERSION:
+        raise bad(f"format version {index.get('version')!r}; this sharded-ams reads {FORMAT_VERSION}")
+    if index.get("dtype") not in DTYPES:
+        raise bad(f"dtype {index.get('dtype')!r} is not one of {list(DTYPES)}")
+    vocab = index.get("vocab_size")
+    if type(vocab) is not int or vocab < 1:
+        raise bad(f"vocab_size {vocab!r} is not a positive integer")
+    check_vocab_fits(vocab, index["dtype"], str(ipath))
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise bad("lists no shards")
+    total = 0
+    for sh in shards:
+        name = sh.get("file") if isinstance(sh, dict) else None
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise bad(f"shard entry {sh!r} needs a plain file name")
+        if type(sh.get("num_tokens")) is not int or sh["num_tokens"] < 0:
+            raise bad(f"shard {name}: num_tokens {sh.get('num_tokens')!r}")
+        if not isinstance(sh.get("sha256"), str):
+            raise bad(f"shard {name}: no sha256")
+        total += sh["num_tokens"]
+    if index.get("num_tokens") != total:
+        raise bad(f"num_tokens {index.get('num_tokens')!r} is not the sum over shards ({total})")
+    return index
+
+
+def _check_shard(d: Path, sh: dict, itemsize: int, checksum: bool) -> Path:
+    p = d / sh["file"]
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        raise DataError(f"shard {p} listed in {d / INDEX_NAME} is missing") from None
+    if not stat.S_ISREG(st.st_mode):  # a symlink (could lead out of DIR) or a FIFO (would hang)
+        raise DataError(f"shard {p} is not a regular file")
+    want = sh["num_tokens"] * itemsize
+    if st.st_size != want:
+        raise DataError(f"shard {p} has {st.st_size:,} bytes, {d / INDEX_NAME} says {want:,} "
+                        "(truncated or changed after prepare-data); rerun prepare-data")
+    if checksum and sha256_file(p) != sh["sha256"]:
+        raise DataError(f"shard {p}: sha256 differs from {d / INDEX_NAME} (changed after "
+                        "prepare-data); rerun prepare-data")
+    return p
+
+
+def open_token_dir(path: os.PathLike, verify: str = "sha256") -> tuple[dict, TokenStream]:
+    """Validate a prepare-data directory and memmap its shards as one stream.
+
+    ``verify``: "sha256" checks every shard's size and checksum against the index, "size"
+    sizes only. Raises :class:`DataError` naming the file at fault."""
+    d = Path(path)
+    index = read_index(d)
+    dtype = DTYPES[index["dtype"]]
+    itemsize = np.dtype(dtype).itemsize
+    parts = []
+    for sh in index["shards"]:
+        p = _check_shard(d, sh, itemsize, verify == "sha256")
+        if sh["num_tokens"]:
+            parts.append(np.memmap(p, dtype=dtype, mode="r", shape=(sh["num_tokens"],)))
+    return index, TokenStream(parts)
+
+
+# ----------------------------------------------------------------------------- the loop's data
+
+
+def _factory_data(table: Mapping[str, Any]) -> TrainingData:
+    from launcher.factory import load_factory
+
+    spec = table["factory"]
+    out = load_factory(spec, "data.factory")(dict(table))
+    if not isinstance(out, Mapping) or not {"train", "val", "vocab_size"} <= set(out):
+        got = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+        raise DataError(f"data.factory = {spec!r} must return a dict with keys 'train', 'val' "
+                        f"(1-D integer arrays) and 'vocab_size'; got {got}")
+    streams = []
+    for key in ("train", "val"):
+        arr = out[key]
+        if hasattr(arr, "numpy") and not isinstance(arr, np.ndarray):  # a torch tensor
+            arr = arr.numpy()
+        if not isinstance(arr, np.ndarray) or arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise DataError(f"data.factory = {spec!r}: {key!r} must be a 1-D integer numpy array "
+                            f"or tensor, got {type(out[key]).__name__} "
+                            f"{getattr(arr, 'dtype', '')}{tuple(getattr(arr, 'shape', ()))}")
+        streams.append(TokenStream([arr]))
+    vocab = out["vocab_size"]
+    if type(vocab) is not int or vocab < 1:
+        raise DataError(f"data.factory = {spec!r}: vocab_size must be a positive int, got {vocab!r}")
+    return TrainingData(streams[0], streams[1], vocab, {"factory": spec, "vocab_size": vocab})
+
+
+def load_training_data(table: Mapping[str, Any], verify: Optional[str] = None) -> TrainingData:
+    """The train/val data a ``[data]`` table describes: ``factory``, ``path`` (prepare-data
+    output, checked with ``verify``, default the table's ``verify``), or the stdlib corpus.
+
+    Raises :class:`DataError` naming the key or file at fault."""
+    val_fraction = table.get("val_fraction", 0.1)
+    if table.get("factory"):
+        return _factory_data(table)
+    if table.get("path"):
+        path = table["path"]
+        index, stream = open_token_dir(path, verify or table.get("verify", "sha256"))
+        train, val = _split(stream, val_fraction, f"data.path {path}")
+        tok = index.get("tokenizer") or {}
+        tok_file = Path(path) / tok["file"] if tok.get("file") else None
+        describe = {"path": str(path), "vocab_size": index["vocab_size"], "tokenizer": tok,
+                    "tokenizer_file": str(tok_file) if tok_file and tok_file.is_file() else None}
+        return TrainingData(train, val, index["vocab_size"], describe)
+    from launcher.data import load_corpus, split
+
+    train, val = split(load_corpus(table.get("max_bytes", 4_000_000)), val_fraction)
+    return TrainingData(train, val, 256, {"corpus": "stdlib", "vocab_size": 256})
