@@ -425,7 +425,7 @@ class ShardedAMS(Optimizer):
 
         Pieces are (name, offset, length) ranges of each param with their state; any set
         of pieces covering every param loads on any world size."""
-        self.finish_param_sync()
+        self._sync.finish_param_sync()
         groups = []
         for g in self.param_groups:
             hp = {k: v for k, v in g.items() if k not in ("params", "param_names")}
@@ -466,7 +466,7 @@ class ShardedAMS(Optimizer):
         for saved in head["param_groups"]:  # as the constructor does, before changing anything
             validate_hparams(saved["lr"], saved["betas"], saved["beta3"], saved["lam"],
                              saved["eps"], saved["weight_decay"])
-        self.finish_param_sync()  # a pending gather must not overwrite what is loaded
+        self._sync.finish_param_sync()  # a pending gather must not overwrite what is loaded
         self._sync.abandon_grad_sync()
         for g, saved in zip(self.param_groups, head["param_groups"]):
             for k, v in saved.items():

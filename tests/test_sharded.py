@@ -556,3 +556,14 @@ def test_duplicate_param_and_grad_reduce_dtype_mismatch():
         ShardedAMS([{"params": [model.weight, model.weight]}])
     with pytest.raises(ValueError, match="grad_reduce_dtype"):
         ShardedAMS(_tiny().to(torch.bfloat16), grad_reduce_dtype=torch.float16, backend="eager")
+
+
+def test_launcher_passes_grad_reduce_dtype():
+    from launcher.config import OptimConfig
+
+    assert "grad_reduce_dtype" not in OptimConfig().optimizer_kwargs()  # fp32: the default
+    kw = OptimConfig(grad_reduce_dtype="bf16").optimizer_kwargs()
+    assert kw["grad_reduce_dtype"] is torch.bfloat16
+    model = nn.Linear(3, 2).to(torch.bfloat16)
+    assert ShardedAMS(model, backend="eager", **{**kw, "backend": "eager"}).shards[0].buf.grad.dtype \
+        == torch.bfloat16
