@@ -565,5 +565,4 @@ def test_launcher_passes_grad_reduce_dtype():
     kw = OptimConfig(grad_reduce_dtype="bf16").optimizer_kwargs()
     assert kw["grad_reduce_dtype"] is torch.bfloat16
     model = nn.Linear(3, 2).to(torch.bfloat16)
-    assert ShardedAMS(model, backend="eager", **{**kw, "backend": "eager"}).shards[0].buf.grad.dtype \
-        == torch.bfloat16
+    assert ShardedAMS(model, **{**kw, "backend": "eager"}).shards[0].buf.grad.dtype == torch.bfloat16
