@@ -229,7 +229,16 @@ def _chunks(values: list, n: int) -> list[list]:
 # --------------------------------------------------------------------------- CLI
 #: --model name -> builder of the model from the args (forward(x, y) -> (logits, loss);
 #: otherwise pass a loss_fn to measure_overlap). Another built-in model is one line here.
-MODELS: dict[str, Callable[[Any], nn.Module]] = {"gpt": make_gpt}
+def _llama_tiny(args) -> nn.Module:
+    """The launcher's tiny Llama (its own shape; --n-layer etc. do not apply)."""
+    from launcher.models import build_model
+    from launcher.models.sizes import resolve_shape
+
+    torch.manual_seed(0)
+    return build_model(dict(arch="llama", **resolve_shape("llama", "tiny", {"vocab_size": 256})))
+
+
+MODELS: dict[str, Callable[[Any], nn.Module]] = {"gpt": make_gpt, "llama_tiny": _llama_tiny}
 
 
 def _rank_main(rank: int, world: int, args) -> dict:
@@ -251,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     help="ShardedAMS step kernel (default compiled)")
     add_gpt_args(ap)
     ap.add_argument("--model", default="gpt", choices=sorted(MODELS),
-                    help="the model (its size from --n-layer etc.)")
+                    help="the model (gpt: sized by --n-layer etc.; llama_tiny: the launcher's)")
     ap.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
     ap.add_argument("--bucket-sweep", nargs="*", default=None, metavar="NUMEL",
                     type=lambda v: None if v == "None" else int(v),
@@ -267,17 +276,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rows = r0["rows"]
     meta = dict(env_info(), world_size=args.world_size, threads_per_rank=args.threads,
                 backend=args.backend, steps=args.steps, rounds=args.rounds, params=r0["params"],
-                model=dict(gpt_model_info(args), name=args.model),
+                model=dict(gpt_model_info(args), name=args.model) if args.model == "gpt"
+                else dict(name=args.model, global_batch=args.batch, block_size=args.block_size),
                 hparams={k: list(v) if isinstance(v, tuple) else v for k, v in HP.items()},
                 timers="ShardedAMS: opt.sync_stats (time.perf_counter around waits); "
                        "ddp_zero: by difference with a plain twin",
                 load_avg_1m=[load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None])
     meta["torch_threads"] = args.threads
+    shape = f" (n_layer={args.n_layer}, n_embd={args.n_embd})" if args.model == "gpt" else ""
     print(f"\nOverlap on {args.world_size} gloo ranks, {meta['device']}, torch {meta['torch']}, "
-          f"{args.threads} thread(s)/rank; {args.model} {r0['params']:,} params (n_layer={args.n_layer}, "
-          f"n_embd={args.n_embd}), global batch {args.batch} x {args.block_size}; median of "
-          f"{args.rounds} x {args.steps} steps; ShardedAMS backend {args.backend}; 1-min load "
-          f"average before/after {meta['load_avg_1m']}\n")
+          f"{args.threads} thread(s)/rank; {args.model} {r0['params']:,} params{shape}, global "
+          f"batch {args.batch} x {args.block_size}; median of {args.rounds} x {args.steps} steps; "
+          f"ShardedAMS backend {args.backend}; 1-min load average before/after "
+          f"{meta['load_avg_1m']}\n")
     cols = ["name", "step_ms", "exposed_ms", "grad_wait_ms", "param_wait_ms", "small_wait_ms",
             "fwd_bwd_ms", "opt_ms", "compute_ms", "late_buckets", "n_buckets", "step_ms_x_off",
             "exposed_ms_x_off"]
