@@ -14,7 +14,9 @@ and the update is replayed on the reduced gradient.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from typing import Callable, Optional
 
@@ -225,7 +227,8 @@ def state_equal(a: list[dict], b: list[dict]) -> bool:
 
 # --------------------------------------------------------------------------- shared jobs
 _CACHE: dict = {}
-CKPT_ROOT = tempfile.mkdtemp(prefix="sharded_ams_tests_")
+CKPT_ROOT = tempfile.mkdtemp(prefix="sharded_ams_tests_")  # checkpoints of the shared jobs
+atexit.register(shutil.rmtree, CKPT_ROOT, ignore_errors=True)
 
 
 def cached_job(key, fn: Callable, n: int, *args):
