@@ -227,8 +227,14 @@ def state_equal(a: list[dict], b: list[dict]) -> bool:
 
 # --------------------------------------------------------------------------- shared jobs
 _CACHE: dict = {}
-CKPT_ROOT = tempfile.mkdtemp(prefix="sharded_ams_tests_")  # checkpoints of the shared jobs
-atexit.register(shutil.rmtree, CKPT_ROOT, ignore_errors=True)
+
+
+def _ckpt_dir(name: str) -> str:
+    """A directory for a shared job's checkpoints, removed when this (pytest) process exits."""
+    if "root" not in _CACHE:
+        _CACHE["root"] = tempfile.mkdtemp(prefix="sharded_ams_tests_")
+        atexit.register(shutil.rmtree, _CACHE["root"], ignore_errors=True)
+    return os.path.join(_CACHE["root"], name)
 
 
 def cached_job(key, fn: Callable, n: int, *args):
@@ -250,7 +256,7 @@ def proof_results(n: int) -> list[dict]:
     ``n`` ranks, in one spawned job."""
     from test_sharded import proof_job
 
-    return cached_job(("proof", n), proof_job, n, os.path.join(CKPT_ROOT, f"n{n}"))
+    return cached_job(("proof", n), proof_job, n, _ckpt_dir(f"n{n}"))
 
 
 def features(name: str) -> list:
@@ -258,5 +264,5 @@ def features(name: str) -> list:
     from test_sharded_features import FEATURE_WORLD, features_job
 
     return [r[name] for r in cached_job("features", features_job, FEATURE_WORLD,
-                                        os.path.join(CKPT_ROOT, "features"))]
+                                        _ckpt_dir("features"))]
 
