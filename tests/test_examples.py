@@ -189,14 +189,14 @@ def test_resume_demo_compare(ex, pretrain_tiny, tmp_path):
     import shutil
 
     from ckpt_common import edit_shard
-    from launcher.model import GPT, GPTConfig
+    from launcher.models import build_model
     from sharded_ams import ShardedAMS
     from sharded_ams.checkpoint import consolidate, load_checkpoint, save_checkpoint
 
     _, res = pretrain_tiny
     grams, adamw = (h.result.checkpoint for h in res["histories"])
     extra = consolidate(grams)["extra"]
-    model = GPT(GPTConfig(**extra["model"]))
+    model = build_model(extra["model"])
     opt = ShardedAMS(model, preset="grams", backend="eager")
     step = load_checkpoint(grams, opt, model=model)["step"]
     save_checkpoint(tmp_path / "resaved", opt, model=model, step=step, extra=extra)
