@@ -53,16 +53,19 @@ def study(finals: dict[str, list[float]], sweep: dict[str, dict[float, float]], 
 
 
 def test_best_lr_is_the_lowest_final_loss_and_diverged_runs_never_win():
-    ts = [trial("grams", 1e-3, 0, 3.0), trial("grams", 2e-3, 0, 2.5), trial("grams", 4e-3, 0, 2.7),
+    ts = [trial("grams", 4e-3, 0, 2.7), trial("grams", 1e-3, 0, 3.0), trial("grams", 2e-3, 0, 2.5),
           trial("grams", 8e-3, 0, None), trial("grams", 1.6e-2, 0, math.nan),
           trial("adamw", 1e-3, 0, 2.9), trial("adamw", 2e-3, 0, 3.1),
-          trial("grams", 1e-3, 1, 1.0, "seeds")]  # another seed: not part of the sweep
-    assert sa.best_lrs(ts, 0) == {"grams": 2e-3, "adamw": 1e-3}
+          trial("grams", 1e-3, 1, 1.0, "seeds"),  # another seed: not part of the sweep
+          trial("grams", 4e-3, 0, 1.0, "seeds"),  # nor is another phase
+          trial("cadam", 1e-3, 0, 3.0), trial("cadam", 2e-3, 0, 2.0)]
+    assert sa.best_lrs(ts, 0) == {"grams": 2e-3, "adamw": 1e-3, "cadam": 2e-3}
     grid = sa.sweep_grid(ts, 0)
     assert grid["grams"] == {1e-3: 3.0, 2e-3: 2.5, 4e-3: 2.7, 8e-3: None, 1.6e-2: None}
     assert list(grid["grams"]) == sorted(grid["grams"])
     assert sa.edge_warnings(ts, 0) == [
-        "AdamW: the best lr 0.001 is at the low edge of the grid ['0.001', '0.002']; the optimum may lie outside it"]
+        "AdamW: the best lr 0.001 is at the low edge of the grid ['0.001', '0.002']; the optimum may lie outside it",
+        "C-Adam: the best lr 0.002 is at the high edge of the grid ['0.001', '0.002']; the optimum may lie outside it"]
     table = sa.sweep_table(ts, 0)
     assert "| Grams | 3.0000 | **2.5000** | 2.7000 | diverged | diverged |" in table
     assert "| AdamW | **2.9000** | 3.1000 |  |  |  |" in table
@@ -198,10 +201,20 @@ def spec(data, optimizer="grams", **extra):
             "seed": 1, "final_eval_iters": 2, "threads": 1, "log_path": None}
 
 
-def test_trial_reports_and_resumes_bitwise(smoke_data, tmp_path):
+def test_trial_reports_and_resumes_bitwise(smoke_data, tmp_path, monkeypatch):
+    import launcher.training
+
+    evals = []
+    real_evaluate = launcher.training.evaluate
+    monkeypatch.setattr(launcher.training, "evaluate",
+                        lambda *a, **kw: evals.append((kw["seed"], kw["iters"])) or real_evaluate(*a, **kw))
     full = FakeSession(tmp_path)
     last = study_trial.train_trial(spec(smoke_data, "ams_lam-0.5"), full)
+    # seed 1 trains, the validation windows are seed 0's; data.eval_iters batches, final_eval_iters at the end
+    assert evals == [(study_trial.EVAL_SEED, 1), (study_trial.EVAL_SEED, 2)]
     assert [r["step"] for r in full.reports] == [2, 4, 6]
+    # warmup 2 steps, then cosine to 0.1 x lr at step 6: lr for the next update, by hand
+    assert [r["lr_now"] for r in full.reports] == pytest.approx([1e-2, 1e-2 * (0.1 + 0.9 * 0.5), 1e-3])
     assert [("val_loss" in r) for r in full.reports] == [False, True, True]
     assert sorted(full.ckpts) == [4]  # every job.checkpoint_every steps, not at the end
     assert last == full.reports[-1] and last["final_val_loss"] == last["val_loss"]
@@ -219,6 +232,27 @@ def test_trial_reports_and_resumes_bitwise(smoke_data, tmp_path):
     other = FakeSession(tmp_path)
     study_trial.train_trial(spec(smoke_data, "adamw"), other)
     assert other.reports[-1]["final_val_loss"] != last["final_val_loss"]
+
+
+def test_trial_trains_on_the_launchers_batches(smoke_data, tmp_path):
+    """The first step's loss is the seed's initial model on the launcher's batch of (seed, step 0)."""
+    import dataclasses
+
+    import torch
+
+    from launcher.models import build_model
+    from launcher.token_data import load_training_data
+
+    sess = FakeSession(tmp_path)
+    study_trial.train_trial(spec(smoke_data, "grams", **{"job.log_every": 1}), sess)
+    cfg = study_trial.trial_config(ostudy.PRESETS["smoke"].config, spec(smoke_data)["base"], "grams", 1e-2, 1)
+    data = load_training_data(dataclasses.asdict(cfg.data))
+    torch.manual_seed(1)
+    model = build_model({**dataclasses.asdict(cfg.model), "vocab_size": data.vocab_size})
+    x, y = data.get_batch("train", 0, 4, 32, seed=1, rank=0, world_size=1)
+    with torch.no_grad():  # two micro-batches of 2: the mean of their means
+        want = (model(x[:2], y[:2])[1] + model(x[2:], y[2:])[1]).item() / 2
+    assert sess.reports[0]["step"] == 1 and sess.reports[0]["train_loss"] == pytest.approx(want, rel=1e-6)
 
 
 def test_arms_differ_only_in_optimizer_lr_and_seed(smoke_data):
@@ -239,6 +273,22 @@ def test_arms_differ_only_in_optimizer_lr_and_seed(smoke_data):
     assert (ams.preset, ams.beta3, ams.lam) == (None, 0.0, -0.5)
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
         study_trial.trial_overrides({}, "sgd", 1e-3, 0)
+
+
+def test_tune_reports_to_a_result_last_report_of_a_step_wins():
+    """A trial resumed from its step-4 checkpoint re-reports step 6 (and Tune keeps both)."""
+    import pandas as pd
+
+    df = pd.DataFrame([
+        {"step": 2, "tokens": 16, "train_loss": 5.0, "val_loss": math.nan, "time_total_s": 1.0},
+        {"step": 4, "tokens": 32, "train_loss": 4.5, "val_loss": 4.6, "time_total_s": 2.0},
+        {"step": 6, "tokens": 48, "train_loss": 9.9, "val_loss": 9.9, "final_val_loss": 9.9, "time_total_s": 3.0},
+        {"step": 6, "tokens": 48, "train_loss": 4.0, "val_loss": 4.2, "final_val_loss": 4.2, "time_total_s": 4.0},
+    ])
+    r = ostudy.to_result({"optimizer": "grams", "lr": 1e-3, "seed": 2}, df, "seeds")
+    assert (r.optimizer, r.lr, r.seed, r.phase) == ("grams", 1e-3, 2, "seeds")
+    assert r.steps == [2, 4, 6] and r.tokens == [16, 32, 48] and r.train_loss == [5.0, 4.5, 4.0]
+    assert r.val_loss == [None, 4.6, 4.2] and r.final_val_loss == 4.2 and r.wall_s == 4.0
 
 
 # =============================================================================== command line
