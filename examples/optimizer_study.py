@@ -321,6 +321,15 @@ def environment() -> dict[str, Any]:
             "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
+def trials_span(log: Path) -> dict[str, Any]:
+    """From the trial log: the seconds from the first trial's start to the last one's finish
+    (all invocations, interruptions included) and how many trial starts resumed a checkpoint."""
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    times = [e["time"] for e in events]
+    return {"first_start_to_last_finish_s": max(times) - min(times) if times else None,
+            "resumed_trial_starts": sum(1 for e in events if e["event"] == "start" and e["start_step"] > 0)}
+
+
 def write_outputs(a: argparse.Namespace, settings: dict, trials: list[sa.TrialResult], wall_s: float) -> dict:
     res = a.results
     summ = sa.summary(trials, settings["sweep_seed"])
@@ -328,7 +337,8 @@ def write_outputs(a: argparse.Namespace, settings: dict, trials: list[sa.TrialRe
     tokens = cfg.job.steps * cfg.data.batch_size * cfg.data.block_size
     summ["budget"] = {"about": PRESETS[a.preset].about, "steps": cfg.job.steps, "batch": cfg.data.batch_size,
                       "seq_len": cfg.data.block_size, "tokens_per_trial": tokens, "trials": len(trials),
-                      "trial_seconds": sum(t.wall_s for t in trials), "wall_s_this_invocation": wall_s}
+                      "trial_seconds": sum(t.wall_s for t in trials), "wall_s_this_invocation": wall_s,
+                      **trials_span(a.out / "trials.log")}
     summ["settings"] = settings
     summ["environment"] = environment()
     sa.write_json(res / "summary.json", summ)

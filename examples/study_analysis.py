@@ -22,6 +22,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -427,7 +428,7 @@ def plot_lr_sweep(path: os.PathLike, trials: Sequence[TrialResult], sweep_seed: 
     ax.set(xlabel="peak learning rate", ylabel="final validation loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    ax.set_title(heading, fontsize=9)
+    ax.set_title(textwrap.fill(heading, 90), fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

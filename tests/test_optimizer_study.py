@@ -291,6 +291,17 @@ def test_tune_reports_to_a_result_last_report_of_a_step_wins():
     assert r.val_loss == [None, 4.6, 4.2] and r.final_val_loss == 4.2 and r.wall_s == 4.0
 
 
+def test_trials_span_counts_interruptions_and_resumes(tmp_path):
+    log = tmp_path / "trials.log"
+    log.write_text("\n".join(json.dumps(e) for e in [
+        {"event": "start", "key": "a", "start_step": 0, "time": 100.0},
+        {"event": "start", "key": "b", "start_step": 0, "time": 101.0},
+        {"event": "start", "key": "b", "start_step": 100, "time": 400.0},  # after a kill
+        {"event": "finish", "key": "b", "time": 500.0}, {"event": "finish", "key": "a", "time": 450.0}]) + "\n")
+    assert ostudy.trials_span(log) == {"first_start_to_last_finish_s": 400.0, "resumed_trial_starts": 1}
+    assert ostudy.trials_span(tmp_path / "none") == {"first_start_to_last_finish_s": None, "resumed_trial_starts": 0}
+
+
 # =============================================================================== command line
 
 
