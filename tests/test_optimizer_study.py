@@ -368,12 +368,15 @@ def _terminated(exp: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_smoke_study_killed_and_resumed(tmp_path):
-    """The smoke study through Ray Tune: SIGKILL the driver's process group (the driver, its
-    local Ray, the trials) once Tune has recorded a finished trial, rerun the same command:
-    the finished trials are not run again, the others are (from their checkpoints if they
-    had one), and every output is written."""
+    """The smoke study through Ray Tune, with two of the optimizers (all four are trained by
+    the tests above, without Ray) to keep it short: SIGKILL the driver's process group (the
+    driver, its local Ray, the trials) once Tune has recorded a finished trial, rerun the same
+    command: the finished trials are not run again, the others are (from their checkpoints
+    if they had one), and every output is written."""
     out = tmp_path / "study"
-    cmd = [sys.executable, str(EXAMPLES / "optimizer_study.py"), "--preset", "smoke", "--out", str(out)]
+    opts = ("adamw", "grams")
+    cmd = [sys.executable, str(EXAMPLES / "optimizer_study.py"), "--preset", "smoke", "--out", str(out),
+           "--optimizers", ",".join(opts)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240
@@ -387,7 +390,7 @@ def test_smoke_study_killed_and_resumed(tmp_path):
     done_before = _terminated(out / "tune" / "sweep")
     log = out / "trials.log"
     before = _events(log)
-    assert 1 <= len(done_before) < 8 and not (out / "tune" / "seeds").exists()
+    assert 1 <= len(done_before) < 4 and not (out / "tune" / "seeds").exists()
 
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -396,18 +399,17 @@ def test_smoke_study_killed_and_resumed(tmp_path):
     started_again = {e["key"] for e in after if e["event"] == "start"}
     assert not done_before & started_again  # finished trials are kept
     finished = {e["key"] for e in before + after if e["event"] == "finish"}
-    assert len(finished) == 12  # 4 optimizers x 2 lrs, then seed 1 at each best lr
+    assert len(finished) == 6  # 2 optimizers x 2 lrs, then seed 1 at each best lr
+    best = json.loads((out / "results" / "summary.json").read_text())["best_lr"]
     assert _terminated(out / "tune" / "sweep") | _terminated(out / "tune" / "seeds") == \
-           {study_trial.arm_name(t) for t in
-            [{"optimizer": o, "lr": lr, "seed": 0} for o in study_trial.OPTIMIZERS for lr in (3e-3, 1e-2)]} | \
-           {study_trial.arm_name({"optimizer": o, "lr": json.loads((out / "results" / "summary.json").read_text())
-                                  ["best_lr"][o], "seed": 1}) for o in study_trial.OPTIMIZERS}
+           {study_trial.arm_name({"optimizer": o, "lr": lr, "seed": 0}) for o in opts for lr in (3e-3, 1e-2)} | \
+           {study_trial.arm_name({"optimizer": o, "lr": best[o], "seed": 1}) for o in opts}
 
     r = out / "results"
     summ = json.loads((r / "summary.json").read_text())
     trials = list(csv.DictReader(open(r / "trials.csv")))
-    assert len(trials) == 12 and {t["phase"] for t in trials} == {"sweep", "seeds"}
-    for opt in study_trial.OPTIMIZERS:  # best lr recomputed from the CSV: the min of the sweep
+    assert len(trials) == 6 and {t["phase"] for t in trials} == {"sweep", "seeds"}
+    for opt in opts:  # best lr recomputed from the CSV: the min of the sweep
         sweep = {float(t["lr"]): float(t["final_val_loss"]) for t in trials if t["optimizer"] == opt and t["phase"] == "sweep"}
         assert summ["best_lr"][opt] == min(sweep, key=sweep.get)
         seeds = [float(t["final_val_loss"]) for t in trials if t["optimizer"] == opt and float(t["lr"]) == summ["best_lr"][opt]]
@@ -415,6 +417,6 @@ def test_smoke_study_killed_and_resumed(tmp_path):
     assert summ["verdict"]["headline"] in (r / "table.md").read_text()
     assert summ["budget"]["tokens_per_trial"] == 6 * 4 * 32
     curves = list(csv.DictReader(open(r / "curves.csv")))
-    assert len(curves) == 12 * 3  # steps 2, 4, 6 of every trial, a resumed one's without duplicates
+    assert len(curves) == 6 * 3  # steps 2, 4, 6 of every trial, a resumed one's without duplicates
     for name in ("curves.png", "lr_sweep.png"):
         assert (r / name).read_bytes()[:8] == PNG
