@@ -1,6 +1,6 @@
 """Does Grams help? A tuned, multi-seed comparison of AdamW, C-Adam, Grams and AMS lam=-0.5.
 
-    python examples/optimizer_study.py                     # the CPU study (tiny Llama), ~25 min on 2 idle cores
+    python examples/optimizer_study.py                     # the CPU study (tiny Llama), ~25 min on 2 idle cores (est.)
     python examples/optimizer_study.py --preset smoke      # seconds: CI's end-to-end check
     python examples/optimizer_study.py --preset paper-60m --data /data/c4-tokens --address auto   # GPUs
 
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -293,7 +294,7 @@ def to_result(arm: dict, df, phase: str) -> sa.TrialResult:
 
     def val(r: dict, key: str) -> Optional[float]:
         v = r.get(key)
-        return None if v is None or v != v else float(v)  # NaN: not reported at that step
+        return None if v is None or math.isnan(v) else float(v)  # NaN: not reported at that step
 
     last = rows[steps[-1]]
     return sa.TrialResult(arm["optimizer"], float(arm["lr"]), int(arm["seed"]), phase,
@@ -308,15 +309,14 @@ def to_result(arm: dict, df, phase: str) -> sa.TrialResult:
 
 
 def environment() -> dict[str, Any]:
-    import ray
-    import torch
+    from importlib.metadata import version  # not `import torch`: seconds the driver does not need
 
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10).stdout.strip() or None
     except OSError:
         sha = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+    return {"python": platform.python_version(), "torch": version("torch"), "ray": version("ray"),
             "machine": platform.machine(), "cpus": os.cpu_count(), "git": sha,
             "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 

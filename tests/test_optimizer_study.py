@@ -30,6 +30,11 @@ import study_trial  # noqa: E402
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+def _csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def trial(opt, lr, seed, loss, phase="sweep", steps=(10, 20)):
     n, base = len(steps), 5.0 if loss is None else loss
     return sa.TrialResult(opt, lr, seed, phase, final_val_loss=loss, final_train_loss=loss,
@@ -145,9 +150,9 @@ def test_outputs_csv_json_and_plots(tmp_path):
                {"adamw": 2e-3, "grams": 1e-3})
     sa.write_trials_csv(tmp_path / "trials.csv", ts)
     sa.write_curves_csv(tmp_path / "curves.csv", ts)
-    rows = list(csv.DictReader(open(tmp_path / "trials.csv")))
+    rows = _csv(tmp_path / "trials.csv")
     assert len(rows) == 6 and {r["final_val_loss"] for r in rows if r["lr"] == "0.002" and r["optimizer"] == "grams"} == {"nan"}
-    curves = list(csv.DictReader(open(tmp_path / "curves.csv")))
+    curves = _csv(tmp_path / "curves.csv")
     assert len(curves) == 12 and {c["val_loss"] for c in curves if c["step"] == "10"} == {""}
     summ = sa.summary(ts, 0)
     sa.write_json(tmp_path / "s.json", summ)  # allow_nan=False: NaN/inf written as null
@@ -407,7 +412,7 @@ def test_smoke_study_killed_and_resumed(tmp_path):
 
     r = out / "results"
     summ = json.loads((r / "summary.json").read_text())
-    trials = list(csv.DictReader(open(r / "trials.csv")))
+    trials = _csv(r / "trials.csv")
     assert len(trials) == 6 and {t["phase"] for t in trials} == {"sweep", "seeds"}
     for opt in opts:  # best lr recomputed from the CSV: the min of the sweep
         sweep = {float(t["lr"]): float(t["final_val_loss"]) for t in trials if t["optimizer"] == opt and t["phase"] == "sweep"}
@@ -416,7 +421,7 @@ def test_smoke_study_killed_and_resumed(tmp_path):
         assert summ["seeds"][opt]["n"] == 2 and summ["seeds"][opt]["mean"] == pytest.approx(statistics.fmean(seeds), abs=1e-6)
     assert summ["verdict"]["headline"] in (r / "table.md").read_text()
     assert summ["budget"]["tokens_per_trial"] == 6 * 4 * 32
-    curves = list(csv.DictReader(open(r / "curves.csv")))
+    curves = _csv(r / "curves.csv")
     assert len(curves) == 6 * 3  # steps 2, 4, 6 of every trial, a resumed one's without duplicates
     for name in ("curves.png", "lr_sweep.png"):
         assert (r / name).read_bytes()[:8] == PNG
