@@ -122,6 +122,7 @@ def test_lam_sweep_without_ray(ex, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| lam | final train loss | final val loss |" in printed
     assert "| lam=-1 (Grams) | 2.8571 | **2.9071** |" in printed  # 4 / 1.4 (+ 0.05): the lowest
+    assert "same peak lr (0.003), not tuned per optimizer, and one seed" in printed
 
 
 def test_history_names_missing_steps(ex):
