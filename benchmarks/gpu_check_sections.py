@@ -160,9 +160,9 @@ def _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16) -> str:
     ptr = {"p_ptr": "fp32", "g_ptr": gdtype, "m_ptr": "fp32", "v_ptr": "fp32", "s_ptr": "fp32",
            "out_ptr": "bf16" if has_out else "fp32", "cbase_ptr": "i64", "clo_ptr": "i64",
            "chi_ptr": "i64", "cidx_ptr": "i64", "counts_ptr": "i64", "ss_ptr": "fp32",
-           "dec_ptr": "fp32", "scal_ptr": "fp32"}
+           "dec_ptr": "fp32", "scal_ptr": "fp32", "skip_ptr": "u8"}
     consts = dict(HAS_S=table, HAS_OUT=has_out, MODE=mode, USE_TABLE=table,
-                  SCALARS_ON_DEVICE=False, BLOCK_SIZE=tk.BLOCK, ALIGN_TO=tk.ALIGN)
+                  SCALARS_ON_DEVICE=False, HAS_SKIP=False, BLOCK_SIZE=tk.BLOCK, ALIGN_TO=tk.ALIGN)
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in consts:

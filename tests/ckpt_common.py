@@ -67,6 +67,8 @@ def train(model, opt, steps, *, rank: int = 0, world: int = 1, sched=None,
         if hook is not None:
             hook(model)
         losses.append(loss.item())
+    if hasattr(opt, "finish_param_sync"):  # callers read the params next (overlap: gathers run)
+        opt.finish_param_sync()
     return losses
 
 

@@ -84,7 +84,8 @@ def test_consolidate_loads_into_ams_and_continues_exactly(tmp_path, case):
     assert cons["step"] == K
 
     if case == "rich-bf16":
-        model2, _, _ = RichModel.build(7, hp=hp)
+        model2, unused, _ = RichModel.build(7, hp=hp)
+        unused.close()  # its gradient hooks must not act on model2: AMS trains it here
     else:
         model2 = make_model(7, dtype)
     model2.load_state_dict(cons["model"])       # strict: tied lm_head, buffer, frozen wpe

@@ -122,6 +122,7 @@ def test_lam_sweep_without_ray(ex, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| lam | final train loss | final val loss |" in printed
     assert "| lam=-1 (Grams) | 2.8571 | **2.9071** |" in printed  # 4 / 1.4 (+ 0.05): the lowest
+    assert "same peak lr (0.003), not tuned per optimizer, and one seed" in printed
 
 
 def test_history_names_missing_steps(ex):
@@ -189,14 +190,14 @@ def test_resume_demo_compare(ex, pretrain_tiny, tmp_path):
     import shutil
 
     from ckpt_common import edit_shard
-    from launcher.model import GPT, GPTConfig
+    from launcher.models import build_model
     from sharded_ams import ShardedAMS
     from sharded_ams.checkpoint import consolidate, load_checkpoint, save_checkpoint
 
     _, res = pretrain_tiny
     grams, adamw = (h.result.checkpoint for h in res["histories"])
     extra = consolidate(grams)["extra"]
-    model = GPT(GPTConfig(**extra["model"]))
+    model = build_model(extra["model"])
     opt = ShardedAMS(model, preset="grams", backend="eager")
     step = load_checkpoint(grams, opt, model=model)["step"]
     save_checkpoint(tmp_path / "resaved", opt, model=model, step=step, extra=extra)

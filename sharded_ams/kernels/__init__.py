@@ -101,7 +101,8 @@ def host_scalar(x: Scalar) -> Scalar:
 def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
               out: Optional[Tensor], *, lr: Scalar, step: Scalar, hp: GroupHParams,
               pieces: Sequence[Piece] = (), num_tensors: int = 0, backend: str = "eager",
-              count_reduce: Optional[Callable[[Tensor], None]] = None) -> None:
+              count_reduce: Optional[Callable[[Tensor], None]] = None,
+              skip: Optional[Tensor] = None) -> None:
     """One AMS step on a flat range, in place.
 
     ``p`` is the fp32 master range, ``g`` the gradient range (any float dtype), ``out``
@@ -114,7 +115,9 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     vector of length ``num_tensors`` (through the cached piece table of ``pieces``),
     ``count_reduce`` (an all-reduce when tensors are split across ranks) combines it,
     and one apply pass steps every piece with its tensor's scale. Elements in no piece
-    (padding) are stepped with scale 1, as the one-pass step steps them.
+    (padding) are stepped with scale 1, as the one-pass step steps them. ``skip``: an
+    optional 0-d bool tensor on p's device; where true nothing is written (a step skipped
+    without a host sync).
     """
     ops = get_ops(backend)
     lr, step = host_scalar(lr), host_scalar(step)
@@ -123,12 +126,13 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
     if lam_is_unit(hp.lam):
         if p.numel():
-            ops.fused_step(p, g, m, v, s, out, step_scalars(lr, bc1, bc2, hp.weight_decay), hp)
+            ops.fused_step(p, g, m, v, s, out, step_scalars(lr, bc1, bc2, hp.weight_decay), hp,
+                           skip)
         return
     table = run_table(as_pieces(pieces), p.numel(), num_tensors, p.device)
     counts = torch.zeros(num_tensors + 1, dtype=torch.int64, device=p.device)
     if p.numel():
-        ops.count_run(g, m, v, s, hp, table, counts)
+        ops.count_run(g, m, v, s, hp, table, counts, skip)
     if count_reduce is not None:
         count_reduce(counts[:num_tensors])
     # per-tensor eta^/eta (slot num_tensors, elements in no piece: numel 0, so scale 1)
@@ -136,4 +140,5 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     sc = step_scalars(lr * lrs if isinstance(lr, float) else lr.double() * lrs, bc1, bc2,
                       hp.weight_decay)
     if p.numel():
-        ops.apply_run(p, g, m, v, s, out, sc.inv_sqrt_bc2, hp, table, sc.step_size, sc.decay)
+        ops.apply_run(p, g, m, v, s, out, sc.inv_sqrt_bc2, hp, table, sc.step_size, sc.decay,
+                      skip)

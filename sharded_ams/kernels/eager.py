@@ -36,50 +36,47 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.float()
 
 
-def _store(dst: Optional[Tensor], value: Optional[Tensor]) -> None:
+def _store(dst: Optional[Tensor], value: Optional[Tensor], skip: Optional[Tensor]) -> None:
+    """dst = value, or dst kept where ``skip`` (a 0-d bool on the device) is true."""
     if dst is not None:
-        dst.copy_(value)
+        dst.copy_(value if skip is None else torch.where(skip, dst, value))
 
 
 def _fused_step(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, beta1: float,
-                beta2: float, beta3: float, lam: float, eps: float) -> None:
+                beta2: float, beta3: float, lam: float, eps: float, skip=None) -> None:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
     wm = weighted(m1, gf if s1 is None else s1, lam)
     p1 = new_param(p, wm, denominator(v1, inv_sqrt_bc2, eps), step_size, decay)
-    m.copy_(m1)
-    v.copy_(v1)
-    _store(s, s1)
-    p.copy_(p1)
-    _store(out, p1)
+    for dst, value in ((m, m1), (v, v1), (s, s1), (out, p1), (p, p1)):
+        _store(dst, value, skip)
 
 
-def _moments_flags(g, m, v, s, beta1: float, beta2: float, beta3: float) -> Tensor:
+def _moments_flags(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None) -> Tensor:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
-    m.copy_(m1)
-    v.copy_(v1)
-    _store(s, s1)
+    for dst, value in ((m, m1), (v, v1), (s, s1)):
+        _store(dst, value, skip)
     return agreement(m1, gf if s1 is None else s1)[1]
 
 
-def _moments_count(g, m, v, s, beta1: float, beta2: float, beta3: float) -> Tensor:
-    return _moments_flags(g, m, v, s, beta1, beta2, beta3).sum(dtype=torch.int64)
+def _moments_count(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None) -> Tensor:
+    return _moments_flags(g, m, v, s, beta1, beta2, beta3, skip).sum(dtype=torch.int64)
 
 
-def _apply(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, lam: float,
-           eps: float) -> None:
+def _apply(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, lam: float, eps: float,
+           skip=None) -> None:
     mf = m.float()
     wm = weighted(mf, g.float() if s is None else s.float(), lam)
     p1 = new_param(p, wm, denominator(v.float(), inv_sqrt_bc2, eps), step_size, decay)
-    p.copy_(p1)
-    _store(out, p1)
+    _store(out, p1, skip)
+    _store(p, p1, skip)
 
 
 def _apply_indexed(p, g, m, v, s, out, step_sizes, decays, index, inv_sqrt_bc2, lam: float,
-                   eps: float) -> None:
+                   eps: float, skip=None) -> None:
     idx = index.long()
-    _apply(p, g, m, v, s, out, step_sizes[idx], decays[idx], inv_sqrt_bc2, lam, eps)
+    _apply(p, g, m, v, s, out, step_sizes[idx], decays[idx], inv_sqrt_bc2, lam, eps, skip)
 
 
 class EagerOps:
@@ -88,14 +85,16 @@ class EagerOps:
     name = "eager"
 
     @classmethod
-    def fused_step(cls, p, g, m, v, s, out, sc, hp) -> None:
+    def fused_step(cls, p, g, m, v, s, out, sc, hp, skip: Optional[Tensor] = None) -> None:
         decay = sc.decay if hp.weight_decay else None  # no decay: no multiply (p * 1 == p)
         cls._call(_fused_step, (p, g, m, v, s, out, sc.step_size, decay, sc.inv_sqrt_bc2),
-                  dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps))
+                  dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps,
+                       skip=skip))
 
     @classmethod
-    def count_run(cls, g, m, v, s, hp, table: RunTable, counts: Tensor) -> None:
-        consts = dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3)
+    def count_run(cls, g, m, v, s, hp, table: RunTable, counts: Tensor,
+                  skip: Optional[Tensor] = None) -> None:
+        consts = dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, skip=skip)
         one = table.single
         if one is not None:  # one piece: a plain sum, no per-element flags
             counts[one.index:one.index + 1].add_(cls._call(_moments_count, (g, m, v, s), consts))
@@ -104,8 +103,8 @@ class EagerOps:
 
     @classmethod
     def apply_run(cls, p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable,
-                  step_sizes: Tensor, decays: Tensor) -> None:
-        consts = dict(lam=hp.lam, eps=hp.eps)
+                  step_sizes: Tensor, decays: Tensor, skip: Optional[Tensor] = None) -> None:
+        consts = dict(lam=hp.lam, eps=hp.eps, skip=skip)
         one = table.single
         if one is not None:
             i = one.index

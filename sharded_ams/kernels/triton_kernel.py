@@ -112,11 +112,11 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
 @triton.jit
 def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
                 cbase_ptr, clo_ptr, chi_ptr, cidx_ptr, counts_ptr, ss_ptr, dec_ptr, scal_ptr,
-                n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
+                skip_ptr, n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
                 step_size, decay, inv_sqrt_bc2,
                 HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
                 USE_TABLE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, ALIGN_TO: tl.constexpr):
+                HAS_SKIP: tl.constexpr, BLOCK_SIZE: tl.constexpr, ALIGN_TO: tl.constexpr):
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_SIZE)
     if USE_TABLE:  # one chunk of one piece per program
@@ -133,6 +133,10 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
         whole = base + BLOCK_SIZE <= n
         mask = offs < n
         idx = piece_index
+    if HAS_SKIP:  # a skipped step (decided on the device) loads and stores nothing
+        skip = tl.load(skip_ptr).to(tl.int32)
+        whole = whole & (skip == 0)
+        mask = mask & ((tl.full([BLOCK_SIZE], 0, tl.int32) + skip) == 0)
     if whole:
         _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
                    ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie,
@@ -170,7 +174,7 @@ def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp,
             p: Optional[Tensor] = None, out: Optional[Tensor] = None,
             sc: Optional[StepScalars] = None, inv_sqrt_bc2=None, table: Optional[RunTable] = None,
             counts: Optional[Tensor] = None, step_sizes: Optional[Tensor] = None,
-            decays: Optional[Tensor] = None) -> None:
+            decays: Optional[Tensor] = None, skip: Optional[Tensor] = None) -> None:
     n = g.numel()
     if n == 0:
         return
@@ -193,12 +197,14 @@ def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp,
             out if out is not None else dummy, cbase, clo, chi, cidx,
             counts if counts is not None else dummy, step_sizes if step_sizes is not None else dummy,
             decays if decays is not None else dummy, scal if on_device else dummy,
+            skip.view(torch.uint8) if skip is not None else dummy,
             n, one.index if one is not None else 0,
             float(hp.beta1), float(hp.beta2), float(hp.beta3), 1.0 - hp.beta1, 1.0 - hp.beta2,
             1.0 - hp.beta3, float(hp.lam), max(float(hp.lam), 0.0), float(hp.eps),
             step_size, decay, sq,
             HAS_S=s is not None, HAS_OUT=out is not None, MODE=mode, USE_TABLE=use_table,
-            SCALARS_ON_DEVICE=on_device, BLOCK_SIZE=BLOCK, ALIGN_TO=ALIGN, **LAUNCH_OPTIONS)
+            SCALARS_ON_DEVICE=on_device, HAS_SKIP=skip is not None, BLOCK_SIZE=BLOCK,
+            ALIGN_TO=ALIGN, **LAUNCH_OPTIONS)
 
 
 class TritonOps:
@@ -208,15 +214,15 @@ class TritonOps:
     name = "triton"
 
     @staticmethod
-    def fused_step(p, g, m, v, s, out, sc: StepScalars, hp) -> None:
-        _launch(MODE_FUSED, g, m, v, s, hp, p=p, out=out, sc=sc)
+    def fused_step(p, g, m, v, s, out, sc: StepScalars, hp, skip=None) -> None:
+        _launch(MODE_FUSED, g, m, v, s, hp, p=p, out=out, sc=sc, skip=skip)
 
     @staticmethod
-    def count_run(g, m, v, s, hp, table: RunTable, counts: Tensor) -> None:
-        _launch(MODE_COUNT, g, m, v, s, hp, table=table, counts=counts)
+    def count_run(g, m, v, s, hp, table: RunTable, counts: Tensor, skip=None) -> None:
+        _launch(MODE_COUNT, g, m, v, s, hp, table=table, counts=counts, skip=skip)
 
     @staticmethod
     def apply_run(p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable, step_sizes: Tensor,
-                  decays: Tensor) -> None:
+                  decays: Tensor, skip=None) -> None:
         _launch(MODE_APPLY, g, m, v, s, hp, p=p, out=out, inv_sqrt_bc2=inv_sqrt_bc2, table=table,
-                step_sizes=step_sizes, decays=decays)
+                step_sizes=step_sizes, decays=decays, skip=skip)
