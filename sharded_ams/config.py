@@ -96,6 +96,6 @@ def check_params(params: Iterable[Tensor], names: Optional[Sequence[str]] = None
             raise ValueError(f"AMS needs floating-point parameters, got {p.dtype} "
                              f"(parameter {what})")
         if id(p) in seen:
-            raise ValueError(f"Parameter {what} is listed twice in one param group (also at "
+            raise ValueError(f"Parameter {what} appears twice in one param group (also at "
                              f"position {seen[id(p)]}); list each parameter once")
         seen[id(p)] = i

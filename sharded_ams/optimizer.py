@@ -178,13 +178,14 @@ class AMS(Optimizer):
         return "foreach"
 
     def _foreach_group(self, group, hp: GroupHParams, params, states, step: float) -> None:
+        device = params[0].device
         bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
         lowp = [i for i, st in enumerate(states) if "master" in st]
         foreach_step([st.get("master", p) for p, st in zip(params, states)],
                      [p.grad for p in params], [st["exp_avg"] for st in states],
                      [st["exp_avg_sq"] for st in states],
                      [st["exp_avg_s"] for st in states] if hp.beta3 > 0 else None, None,
-                     lr=host_scalar(group["lr"]), bc1=bc1, bc2=bc2, beta1=hp.beta1,
+                     lr=host_scalar(group["lr"], device), bc1=bc1, bc2=bc2, beta1=hp.beta1,
                      beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps, wd=hp.weight_decay)
         if lowp:
             torch._foreach_copy_([params[i] for i in lowp], [states[i]["master"] for i in lowp])

@@ -305,14 +305,14 @@ def test_triton_launches_without_fma_contraction():
 
 def test_duplicate_param_is_refused_naming_it():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
-    with pytest.raises(ValueError, match=r"position 2 \(shape \(2, 2\)\) is listed twice.*position 1"):
+    with pytest.raises(ValueError, match=r"position 2 \(shape \(2, 2\)\) appears twice.*position 1"):
         AMS([a, b, b])
-    with pytest.raises(ValueError, match=r"'w' is listed twice"):
+    with pytest.raises(ValueError, match=r"'w' appears twice"):
         AMS([("v", a), ("w", b), ("w2", b)][:2] + [("w", b)])
-    with pytest.raises(ValueError, match="listed twice"):
+    with pytest.raises(ValueError, match="appears twice"):
         ShardedAMS([a, b, a], broadcast_params=False)
     opt = AMS([a])
-    with pytest.raises(ValueError, match="listed twice"):
+    with pytest.raises(ValueError, match="appears twice"):
         opt.add_param_group({"params": [b, b]})
     assert len(opt.param_groups) == 1  # the bad group was not kept
 

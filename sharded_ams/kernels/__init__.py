@@ -12,10 +12,10 @@ else eager. Every backend's ops class has three primitives, called on 1-D contig
 ranges: ``fused_step`` (|lam| == 1: one pass), ``count_run`` and ``apply_run`` (the two
 passes of the per-tensor-scaled case, each once per run, through a :class:`RunTable`).
 
-No primitive copies anything from the host to the device or waits for the device when
-lr and the step are Python numbers (or CPU tensors): the scalars travel as kernel
-arguments. When either is a device tensor, the scalars are computed on the device (the
-path a CUDA graph can capture).
+No primitive copies anything from the host to the device or waits for the device: lr and
+the step as Python numbers travel as kernel arguments; as tensors on the range's device
+the scalars are computed there (the path a CUDA graph can capture, and the one
+``ShardedAMS`` takes, its step count living on the device).
 """
 
 from __future__ import annotations
@@ -90,11 +90,12 @@ class GroupHParams:
                    float(group["eps"]), float(group["weight_decay"]))
 
 
-def host_scalar(x: Scalar) -> Scalar:
-    """A Python float for numbers and CPU tensors (read without any device sync); a
-    device tensor stays as it is (its value is only known on the device)."""
+def host_scalar(x: Scalar, device: torch.device) -> Scalar:
+    """A tensor on ``device`` stays a tensor (its value is used where it lives: no read);
+    a CPU tensor for another device is read on the host (no device sync, and no
+    host-to-device copy); numbers stay numbers."""
     if isinstance(x, Tensor):
-        return float(x) if x.device.type == "cpu" else x
+        return x if x.device == device or x.device.type != "cpu" else float(x)
     return float(x)
 
 
@@ -107,8 +108,9 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
 
     ``p`` is the fp32 master range, ``g`` the gradient range (any float dtype), ``out``
     an optional model-dtype range that receives the new p in the same pass. ``lr`` and
-    ``step`` are numbers (or CPU tensors: nothing is copied to the device) or device
-    tensors (computed on the device; capturable in a CUDA graph).
+    ``step`` are numbers (kernel arguments: nothing is copied to the device), tensors on
+    p's device (the scalars are computed there: no read, and capturable in a CUDA graph),
+    or CPU tensors for a GPU range (read on the host).
 
     With |lam| == 1 this is one pass. Otherwise the step scale is per logical tensor:
     one count pass over the whole run adds each tensor's count of u*s < 0 into a device
@@ -120,7 +122,7 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     without a host sync).
     """
     ops = get_ops(backend)
-    lr, step = host_scalar(lr), host_scalar(step)
+    lr, step = host_scalar(lr, p.device), host_scalar(step, p.device)
     if p.numel() == 0 and count_reduce is None:
         return
     bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
