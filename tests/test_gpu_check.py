@@ -37,7 +37,9 @@ def test_gpu_check_dry_run(tmp_path):
                          "training", "overlap"]
     for name, res in sec.items():
         assert res["status"] in ("ok", "skipped"), (name, res)
-    assert sec["overlap"]["status"] == "skipped"  # the hook, until it is wired
+    # overlap: bench_overlap's rows at world size 1 (hook overhead; no bytes to hide)
+    assert [r["name"] for r in sec["overlap"]["rows"]] == ["off", "on", "ddp_zero"]
+    assert all(r["step_ms"] > 0 and r["world_size"] == 1 for r in sec["overlap"]["rows"])
     # static: the kernel compiled for sm_90 has 16-byte vector loads and, fusion off, no fma
     static = {r["variant"]: r for r in sec["static"]["rows"]}
     assert all(r["v4_loads"] > 0 for r in static.values())
