@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 #: CUDA-only tests that the check runs (each skips without CUDA)
 GPU_TEST_FILES = ("tests/test_gpu.py",)
 #: dense bf16 peak of the datasheet, for MFU (substring of the device name -> FLOP/s)
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 #: the dry run's model (~14K params: the interpreter runs ~1.5 s per million elements)
 TINY_GPT = GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)
 
@@ -325,10 +324,19 @@ def _sync(plan: Plan) -> None:
 
 
 def section_training(plan: Plan) -> dict:
-    """~50 bf16 (autocast) steps of the model: ShardedAMS vs DDP + AdamW(fused) at one batch."""
+    """~50 bf16-autocast steps through the launcher's training pieces
+    (``launcher.training.forward_backward``: 2 micro-batches, all but the last under
+    ``no_sync()``; its FLOP count and bf16 peak table): ShardedAMS vs DDP + AdamW(fused)
+    at one batch."""
+    import contextlib
+
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from launcher.training import autocast, forward_backward, model_flops_per_token, throughput
+
     builder = MODELS[plan.model]
+    amp = (lambda: autocast("bf16-autocast", plan.device)) if plan.device.type == "cuda" \
+        else contextlib.nullcontext
     rows = []
     with _process_group(plan):
         for name in ("ShardedAMS (Grams)", "DDP + AdamW(fused=True)"):
@@ -345,6 +353,7 @@ def section_training(plan: Plan) -> dict:
                 fwd = DDP(model, device_ids=[plan.device.index or 0]
                           if plan.device.type == "cuda" else None)
                 opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+                opt.no_sync = fwd.no_sync  # forward_backward's accumulation contract
             gen = torch.Generator(device=plan.device).manual_seed(2)
             losses, t0 = [], None
             for step in range(plan.train_steps):
@@ -352,9 +361,7 @@ def section_training(plan: Plan) -> dict:
                     _sync(plan)
                     t0 = time.perf_counter()
                 x, y = _batch(model, plan, gen)
-                with torch.autocast(plan.device.type, dtype=torch.bfloat16):
-                    loss = fwd(x, y)[1]
-                loss.backward()
+                loss = forward_backward(fwd, opt, list(zip(x.chunk(2), y.chunk(2))), amp=amp)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if step in (0, plan.train_steps - 1):
@@ -362,18 +369,18 @@ def section_training(plan: Plan) -> dict:
             _sync(plan)
             seconds = time.perf_counter() - t0
             tokens = x.numel() * (plan.train_steps - plan.train_warmup)
-            cfg = model.cfg
-            flops_per_token = (model.flops_per_token(cfg.block_size)
-                               if hasattr(model, "flops_per_token")
-                               else 6 * nparams + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
-            peak = _peak_flops(plan)
+            rate = throughput(tokens, seconds, model_flops_per_token(model, x.shape[1]), 1,
+                              _peak_flops(plan))
             rows.append(dict(optimizer=name, model=plan.model, params=nparams,
-                             batch=f"{x.shape[0]}x{x.shape[1]}", steps_timed=plan.train_steps - plan.train_warmup,
-                             tokens_per_s=tokens / seconds,
-                             mfu=flops_per_token * tokens / seconds / peak if peak else None,
+                             batch=f"{x.shape[0]}x{x.shape[1]} (2 micro-batches)",
+                             steps_timed=plan.train_steps - plan.train_warmup,
+                             tokens_per_s=rate["tokens_per_s"], tflops=rate.get("tflops"),
+                             mfu=rate.get("mfu"),
                              peak_mem_gib=(torch.cuda.max_memory_allocated(plan.device) / 2 ** 30
                                            if plan.device.type == "cuda" else None),
                              loss_first=losses[0], loss_last=losses[-1]))
+            if hasattr(opt, "close"):
+                opt.close()
             del fwd, opt, model
     if len(rows) == 2:
         rows[0]["tokens_per_s_vs_ddp_adamw"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
@@ -381,10 +388,9 @@ def section_training(plan: Plan) -> dict:
 
 
 def _peak_flops(plan: Plan) -> Optional[float]:
-    if plan.device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(plan.device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    from launcher.training import peak_bf16_flops
+
+    return peak_bf16_flops(plan.device)
 
 
 # --- overlap: the hook ----------------------------------------------------------------------
