@@ -221,8 +221,8 @@ def _progress_line(m: dict, total_steps: int) -> str:
         speed += f" | MFU {100 * m['mfu']:.1f}%"
     elif "tflops" in m:
         speed += f" | {m['tflops']:.3g} TFLOP/s"
-    return (f"step {m['step']:>{len(str(total_steps))}}/{total_steps} | {workers} | loss {m['loss']:.4f}{val} | "
-            f"{speed} | {m['step_time_ms']:.1f} ms/step | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f}")
+    return (f"step {m['step']:>{len(str(total_steps))}}/{total_steps} | loss {m['loss']:.4f}{val} | "
+            f"{speed} | {m['step_time_ms']:.1f} ms/step | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | {workers}")
 
 
 def train_loop(config: dict) -> dict[str, Any]:
