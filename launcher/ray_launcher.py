@@ -98,7 +98,7 @@ class RunResult:
 
     ``history``: the run's metrics reports, one dict per reported step in step order.
     ``size_history``: ``(first_step, last_step, workers)`` spans of the whole run.
-    ``restart_events``: the run's start events that followed a failure, a resize or a
+    ``restart_events``: this launch's start events that followed a failure, a resize or a
     relaunch (``restart_s``: seconds from the failure to the first trained step after it;
     ``steps_lost``; ``previous_world_size``, ``world_size``; see :mod:`launcher.run_log`).
     All three are empty where the run dir is on an object store.
@@ -481,7 +481,7 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
         metrics=metrics,
         history=read_history(run_dir),
         size_history=size_history(events, step),
-        restart_events=[ev for ev in events if ev.get("restart_s") is not None],
+        restart_events=[ev for ev in events if ev.get("restart_s") is not None and ev.get("launch_id") == launch_id],
         ray_result=result,
     )
     print(out.summary(), flush=True)

@@ -380,6 +380,21 @@ def test_cli_checks_on_the_driver_exit_2_in_one_line_before_ray(args, match, tmp
     assert not (tmp_path / "r").exists()  # nothing was started
 
 
+def test_cli_launch_errors_inside_run_exit_2(monkeypatch, capsys):
+    """A LaunchError raised once run() started (e.g. a local Ray without the GPUs asked for)
+    is a usage error too, not a traceback."""
+    pytest.importorskip("ray.train")
+    import launcher.ray_launcher as rl
+
+    def run(*a, **k):
+        raise rl.LaunchError("job.use_gpu with 2 workers needs 2 GPUs;\nthis machine has 0")
+
+    monkeypatch.setattr(rl, "run", run)
+    assert cli_main(["train", str(GPT_TINY)]) == 2
+    assert capsys.readouterr().err == ("sharded-ams train: error: job.use_gpu with 2 workers needs 2 GPUs; "
+                                       "this machine has 0\n")
+
+
 def test_warns_when_workers_exceed_the_cpus_ray_sees(monkeypatch, capsys):
     """An embedded Ray gives every worker a logical CPU: more workers than cores share
     them (~20x slower) -> a warning. On a cluster Ray never oversubscribes; a minimum the
