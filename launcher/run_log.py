@@ -2,11 +2,13 @@
 the workers, read by the driver. No torch, no Ray.
 
 * ``metrics.jsonl``: every metrics dict rank 0 reports, one JSON object a line (plus
-  ``launch_id``, ``attempt``, ``time``), and one ``{"event": "start", ...}`` line for each
-  start of a worker group, written once that group trained its first step: its size, the
-  checkpoint step it resumed from and, after a failure, a resize or a relaunch, the restart's
-  cost (see :class:`Heartbeat`). :func:`read_history` and :func:`read_events` read them back;
-  :func:`size_history` turns the events into "which steps ran on how many workers".
+  ``launch_id``, ``attempt``, ``time``, ``world_size``). The first record of each start of
+  a worker group also carries ``"start": {...}``, the start event: its size, the checkpoint
+  step it resumed from and, after a failure, a resize or a relaunch, the restart's cost
+  (seconds from the failure to its first trained step, see :class:`Heartbeat`) and the
+  steps lost. :func:`read_history` and :func:`read_events` read them back;
+  :func:`size_history` turns the events into "which steps ran on how many workers". (A
+  group that dies before its first report committed nothing; its start is not recorded.)
 * ``heartbeat.json``: rank 0's last sign of life: the wall time and the step after each
   step (at most every ``HEARTBEAT_S``), before and after each checkpoint. The next group
   dates the failure by it, so a restart's cost (failure to first trained step) is an upper
@@ -127,7 +129,7 @@ class MetricsHistory:
 
     One JSON object a line: the reported metrics plus ``launch_id`` (one ``run()``),
     ``attempt`` (one start of the worker group: a restart is a new attempt) and ``time``;
-    start events (:meth:`event`) carry ``"event": "start"`` and no ``step``. Non-finite
+    the start event (:meth:`event`) rides on the attempt's first record. Non-finite
     numbers (a NaN grad norm) are written as null. A restarted attempt re-reports the steps
     after its checkpoint; :func:`read_history` keeps the newest record of each step and
     drops what an abandoned attempt reported past that checkpoint.
@@ -138,12 +140,16 @@ class MetricsHistory:
         self.ids = {"launch_id": launch_id, "attempt": attempt}
         self.enabled = True
         self._first = True
+        self._start: Optional[dict] = None
         self._log = log
 
     def append(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        line = json.dumps(_json_safe({**metrics, **self.ids, "time": time.time()}), allow_nan=False) + "\n"
+        rec = {**metrics, **self.ids, "time": time.time()}
+        if self._start is not None:
+            rec["start"], self._start = _json_safe(self._start), None
+        line = json.dumps(_json_safe(rec), allow_nan=False) + "\n"
         if self._first:  # a line an earlier attempt left unfinished must not swallow ours
             self._first = False
             if "://" not in self.path and _ends_without_newline(self.path):
@@ -157,8 +163,8 @@ class MetricsHistory:
                           "local or NFS run dir")
 
     def event(self, record: dict) -> None:
-        """Append a start event (see :func:`describe_start`)."""
-        self.append({"event": "start", **record})
+        """The start event (:func:`start_event`), written with the next record."""
+        self._start = record
 
 
 class Heartbeat:
@@ -211,8 +217,9 @@ def start_event(previous: Optional[dict], *, start_step: int, world_size: int, f
     """The start event of a worker group that just trained its first step, given the
     heartbeat ``previous`` groups left (None: a new run)."""
     rec: dict[str, Any] = {"start_step": start_step, "world_size": world_size, "resumed_from": resumed_from,
-                           "previous_world_size": None, "previous_step": None, "relaunch": False,
-                           "after_finish": False, "restart_s": None, "steps_lost": None}
+                           "first_step_time": first_step_time, "previous_world_size": None,
+                           "previous_step": None, "relaunch": False, "after_finish": False,
+                           "restart_s": None, "steps_lost": None}
     if previous:
         rec.update(previous_world_size=previous.get("world_size"), previous_step=previous["step"],
                    relaunch=previous.get("launch_id") != launch_id, after_finish=bool(previous.get("done")))
@@ -245,13 +252,12 @@ def read_history(run_dir: str) -> list[dict]:
     and reports the steps after it again: its records replace every earlier record of a
     step after ``start_step`` (so a re-trained step keeps only its last record, and steps
     the abandoned attempt reported past the checkpoint do not linger). Lines that are not
-    JSON objects with an integer ``step`` (one cut short by a crash; start events) are
-    skipped. [] if there is no history (a new run, or an object-store run dir).
+    JSON objects with an integer ``step`` (one cut short by a crash) are skipped. [] if there is no history (a new run, or an object-store run dir).
     """
     by_step: dict[int, dict] = {}
     attempt = None
     for rec in _records(run_dir):
-        if "event" in rec or type(rec.get("step")) is not int:
+        if type(rec.get("step")) is not int:
             continue
         if rec.get("attempt") != attempt:  # a new start of the worker group
             attempt = rec.get("attempt")
@@ -263,9 +269,14 @@ def read_history(run_dir: str) -> list[dict]:
 
 
 def read_events(run_dir: str) -> list[dict]:
-    """The run's start events (one per worker group that trained a step), oldest first."""
-    return [r for r in _records(run_dir) if r.get("event") == "start"
-            and type(r.get("start_step")) is int and type(r.get("world_size")) is int]
+    """The run's start events (one per worker group that reported), oldest first, each with
+    its group's ``launch_id`` and ``attempt``."""
+    out = []
+    for rec in _records(run_dir):
+        ev = rec.get("start")
+        if isinstance(ev, dict) and type(ev.get("start_step")) is int and type(ev.get("world_size")) is int:
+            out.append({**ev, "launch_id": rec.get("launch_id"), "attempt": rec.get("attempt")})
+    return out
 
 
 def size_history(events: list[dict], final_step: int) -> list[tuple[int, int, int]]:

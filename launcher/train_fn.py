@@ -314,7 +314,7 @@ def train_loop(config: dict) -> dict[str, Any]:
             torch.cuda.synchronize(device)
         window_time += time.perf_counter() - t0
         if rank == 0:
-            heartbeat.beat(step, done=step == total_steps)
+            heartbeat.beat(step)
             if step == start_step + 1:  # this group's first step: what its start cost
                 event = start_event(previous, start_step=start_step, world_size=world_size,
                                     first_step_time=time.time(), launch_id=launch_id,
@@ -329,6 +329,8 @@ def train_loop(config: dict) -> dict[str, Any]:
         do_eval = final or (job.eval_every and step % job.eval_every == 0)
         if not (save or do_eval or step % job.log_every == 0):
             continue
+        if save and rank == 0:  # before the collectives that lead every rank into the save
+            heartbeat.beat(step, force=True)
         info = optimizer.last_step
         metrics = {
             "step": step,
@@ -351,10 +353,8 @@ def train_loop(config: dict) -> dict[str, Any]:
             tb.log(metrics, step)
             _log(_progress_line(metrics, total_steps))
         if save:
-            if rank == 0:
-                heartbeat.beat(step, force=True, done=final)
             _save_and_report(metrics, optimizer, model, scheduler, step, extra)
-            if rank == 0:
+            if rank == 0:  # done: the final checkpoint is committed
                 heartbeat.beat(step, force=True, done=final)
         else:
             ray.train.report(metrics)  # [Ray] barrier; metrics only

@@ -322,7 +322,7 @@ def check_restart(ev: dict, t_fault: float, committed_before: int, drv: Driver, 
     as the launcher measured it, from the previous group's last heartbeat, is at least what
     the outside saw from a failure (the heartbeat precedes it), at most what it saw from a
     node's arrival (the group trained on until Ray resized it)."""
-    seen_s = ev["time"] - t_fault  # the fault to the first trained step after it, from outside
+    seen_s = ev["first_step_time"] - t_fault  # the fault to the first trained step after it, from outside
     assert ev["restart_s"] is not None, ev
     if resize:
         assert ev["restart_s"] <= seen_s + 0.05, (ev, seen_s)

@@ -18,12 +18,13 @@ from launcher.run_log import (HISTORY_FILE, Heartbeat, MetricsHistory, describe_
 def test_metrics_history_write_and_read(tmp_path):
     """Rank 0's metrics.jsonl (MetricsHistory) read back by the driver (read_history): one
     record per step in step order, the newest record of a step re-trained after a restart,
-    no records an abandoned attempt left past its checkpoint, start events skipped."""
+    no records an abandoned attempt left past its checkpoint; every line a step record."""
     run_dir = str(tmp_path / "run")
     assert read_history(run_dir) == []  # a new run
 
     def attempt(name, launch, start, steps, extra=None):
         h = MetricsHistory(run_dir, launch, name)
+        h.event({"start_step": start, "world_size": 2})  # rides on the attempt's first record
         for s in steps:
             h.append({"step": s, "start_step": start, "loss": 5.0 - s / 100 - (name == "b") / 10,
                       "grad_norm": float("nan"), "lr": 1e-3, "world_size": 2, **(extra or {}).get(s, {})})
@@ -31,7 +32,6 @@ def test_metrics_history_write_and_read(tmp_path):
     attempt("a", "L1", 0, [5, 10, 15], {10: {"val_loss": 4.9}})  # checkpoint at 10; dies after 15
     with open(tmp_path / "run" / HISTORY_FILE, "a") as f:
         f.write('{"step": 16, "lo')  # a line cut short: skipped
-    MetricsHistory(run_dir, "L1", "b").event({"start_step": 10, "world_size": 1})  # not a step record
     attempt("b", "L1", 10, [15, 20, 25])  # restarted from step 10; the driver dies after 25
     attempt("c", "L2", 20, [30])  # relaunched from the step-20 checkpoint, log_every=10
     hist = read_history(run_dir)
@@ -40,8 +40,12 @@ def test_metrics_history_write_and_read(tmp_path):
     assert hist[1]["val_loss"] == 4.9 and "val_loss" not in hist[0]
     assert hist[2]["loss"] == pytest.approx(5.0 - 0.15 - 0.1) and hist[2]["start_step"] == 10
     assert hist[-1]["launch_id"] == "L2" and hist[0]["grad_norm"] is None  # NaN -> null
-    for line in (tmp_path / "run" / HISTORY_FILE).read_text().splitlines()[:3]:
+    lines = (tmp_path / "run" / HISTORY_FILE).read_text().splitlines()
+    for line in lines[:3]:
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert all("step" in json.loads(ln) for ln in lines if ln.endswith("}"))  # readers may rely on it
+    assert [(e["attempt"], e["start_step"]) for e in read_events(run_dir)] == [("a", 0), ("b", 10), ("c", 20)]
+    assert "start" in hist[0] and "start" not in hist[1]
     assert read_history(run_dir + "/") == hist
     uri = f"file://{tmp_path}/uri-run"  # a URI run dir: pyarrow's filesystem, where it can append
     for s in (1, 2):
@@ -63,10 +67,12 @@ def test_start_events_size_history_and_restart_cost(tmp_path, monkeypatch):
         previous = Heartbeat.read(run_dir)
         ev = start_event(previous, start_step=start, world_size=world, first_step_time=first_step_at,
                          launch_id=launch, resumed_from=None if start == 0 else f"step-{start}")
-        MetricsHistory(run_dir, launch, attempt).event(ev)
+        history = MetricsHistory(run_dir, launch, attempt)
+        history.event(ev)
         hb = Heartbeat(run_dir, {"launch_id": launch, "attempt": attempt}, world)
         for s in range(start + 1, last + 1):
             clock["t"] += 0.5
+            history.append({"step": s, "start_step": start, "loss": 1.0, "world_size": world})
             hb.beat(s, force=True, done=done and s == last)
         return ev
 
@@ -77,8 +83,8 @@ def test_start_events_size_history_and_restart_cost(tmp_path, monkeypatch):
     ev.append(group("L1", "c", 2, 70, 100, clock["t"], done=True))
     clock["t"] += 3600.0                                   # relaunched an hour later, with more steps
     ev.append(group("L2", "d", 2, 100, 120, clock["t"]))
-    assert read_events(run_dir) == [{**e, "event": "start", "launch_id": l, "attempt": a, "time": e_t}
-                                    for e, l, a, e_t in zip(ev, "L1 L1 L1 L2".split(), "abcd", _times(run_dir))]
+    assert read_events(run_dir) == [{**e, "launch_id": launch, "attempt": a}
+                                    for e, launch, a in zip(ev, "L1 L1 L1 L2".split(), "abcd")]
     assert ev[0]["restart_s"] is None and ev[0]["previous_step"] is None
     assert (ev[1]["restart_s"], ev[1]["steps_lost"], ev[1]["previous_world_size"]) == (30.0, 2, 2)
     assert (ev[2]["restart_s"], ev[2]["steps_lost"], ev[2]["previous_world_size"]) == (18.0, 8, 1)
@@ -92,12 +98,8 @@ def test_start_events_size_history_and_restart_cost(tmp_path, monkeypatch):
     assert describe_start(ev[1]) == ("restarted on 1 worker (was 2) after step 22: resumed from step 20 "
                                      "(2 steps lost); 30.0 s from the failure to the next trained step")
     assert describe_start(ev[3]) == "continued a finished run on 2 workers from step 100"
-    assert read_history(run_dir) == []  # events are not step records
-
-
-def _times(run_dir):
-    with open(f"{run_dir}/{HISTORY_FILE}") as f:
-        return [json.loads(line)["time"] for line in f]
+    sizes = {r["step"]: r["world_size"] for r in read_history(run_dir)}  # the steps kept
+    assert [sizes[s] for s in (20, 21, 70, 71, 120)] == [2, 1, 1, 2, 2]
 
 
 def test_heartbeat_is_throttled_and_forced(tmp_path):
