@@ -84,7 +84,7 @@ def test_start_events_size_history_and_restart_cost(tmp_path, monkeypatch):
     clock["t"] += 3600.0                                   # relaunched an hour later, with more steps
     ev.append(group("L2", "d", 2, 100, 120, clock["t"]))
     assert read_events(run_dir) == [{**e, "launch_id": launch, "attempt": a}
-                                    for e, launch, a in zip(ev, "L1 L1 L1 L2".split(), "abcd")]
+                                    for e, launch, a in zip(ev, "L1 L1 L1 L2".split(), "abcd", strict=True)]
     assert ev[0]["restart_s"] is None and ev[0]["previous_step"] is None
     assert (ev[1]["restart_s"], ev[1]["steps_lost"], ev[1]["previous_world_size"]) == (30.0, 2, 2)
     assert (ev[2]["restart_s"], ev[2]["steps_lost"], ev[2]["previous_world_size"]) == (18.0, 8, 1)
