@@ -164,6 +164,19 @@ def cluster():
 # =============================================================================== runs
 
 
+_DRIVERS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _no_driver_outlives_its_test():
+    """A test that fails midway must not leave its run on the shared cluster."""
+    yield
+    while _DRIVERS:
+        drv = _DRIVERS.pop()
+        if drv.proc is not None and drv.running():
+            drv.kill()
+
+
 class Driver:
     """``sharded-ams train`` in its own process (session), output to ``<name>.log``."""
 
@@ -179,6 +192,7 @@ class Driver:
         self.start()
 
     def start(self) -> None:
+        _DRIVERS.append(self)
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                          cwd=self.run_dir.parent, start_new_session=True)
