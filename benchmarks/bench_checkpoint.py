@@ -1,4 +1,4 @@
-"""Checkpoint save/load throughput of ShardedAMS (``sharded_ams/checkpoint.py``).
+"""Checkpoint save/load throughput of ShardedAMS (``sharded_ams/checkpoint/``).
 
 For world size 1 (no process group) and 2+ (gloo, spawned processes) it times, per repeat:
 

@@ -1,4 +1,4 @@
-"""Time one optimizer step on a GPT-like parameter set.
+"""Time one optimizer step on a GPT-like parameter set, every row side by side.
 
 Parameter set (``gpt_shapes``; exact count printed): a 32000 x 512 token embedding,
 ``--layers`` transformer blocks of 4 attention matrices 512 x 512 (q, k, v, o), an MLP
@@ -10,14 +10,20 @@ first dimension of every tensor by s (rounded up) for quick runs.
 Rows (one function each, ``row_*``), all Grams (beta3 = 0, lam = -1) except torch's AdamW;
 fp32 params, grads set once, weight decay 0:
 
-* ``adamw_foreach``: ``torch.optim.AdamW(foreach=True)`` (the baseline of the ratios).
-* ``adamw_fused``: ``torch.optim.AdamW(fused=True)``; "n/a" where the build has no such
-  kernel for the device.
-* ``ams_foreach``: ``sharded_ams.Grams`` on the ``_foreach`` path (the default).
+* ``adamw_default``: ``torch.optim.AdamW(params)``, torch's default path for the device
+  (the single-tensor loop on CPU, ``_foreach`` on CUDA).
+* ``adamw_foreach``: ``torch.optim.AdamW(foreach=True)`` (the baseline of "speedup").
+* ``adamw_fused``: ``torch.optim.AdamW(fused=True)``, the peer to beat; "n/a" where the
+  build has no such kernel for the device.
+* ``ams_default``: ``sharded_ams.Grams(params)``, what a user gets
+  (``optimizer.default_path``: compiled per tensor on CPU at this size, Triton on CUDA).
+* ``ams_foreach``: ``Grams(foreach=True)``.
 * ``ams_fused_compiled``: ``Grams(fused="compiled")``: one torch.compile'd pass per tensor
   (``fused="auto"`` on CUDA, i.e. Triton).
 * ``flat_compiled``: the compiled kernel over ONE flat buffer holding all parameters,
-  ``sharded_ams.kernels.flat_step(...)`` (a ShardedAMS with world size 1 will replace it).
+  ``sharded_ams.kernels.flat_step(...)``: ShardedAMS's kernel path.
+* ``sharded_ams``: ``ShardedAMS(params, preset="grams")`` at world size 1 (no process
+  group): the flat pass plus its global grad norm (the non-finite check), a read of g.
 * ``copy_floor``: the memory-traffic floor of the step: ONE torch.compile'd pass that moves
   the same bytes in place, ``p += g; m += g; v += g`` over four flat fp32 buffers of the
   same total size (one fused loop): reads 16 B (p, g, m, v) and writes 12 B (p, m, v) per
@@ -29,19 +35,24 @@ fp32 params, grads set once, weight decay 0:
   buffers it did not read (write-allocate caches add up to 12 B of reads), so it is slower
   than the one-pass floor; shown for reference.
 
-Timing: the first step of each row (torch.compile included) is reported separately as
-``first_step_s``; then 2 warm-up steps; then ``--repeats`` timed steps, median (and min)
-reported. The foreach rows allocate full-size temporaries every step; where page faults
-are expensive (VMs) and glibc returns big blocks to the OS, that dominates their time:
-e.g. ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184`` (recorded
-in the JSON as ``malloc_env``) cut ams_foreach ~4x on the 2-core dev VM.
+Timing: every row is built first; the first step of each row (torch.compile included) is
+reported as ``first_step_s``; then 2 warm-up steps each; then ``--repeats`` ROUNDS, each
+timing one step of every row in turn (rows interleaved, so load from other processes
+hits all rows alike; ``--threads 1 --clock thread`` times the calling thread's CPU time
+instead, which a shared machine disturbs far less). Reported: median and min per row, and the ratios to AdamW fused
+and to the copy floor as the median of the per-round ratios (robust to load drift
+between rounds). The foreach rows allocate full-size temporaries every step; where
+page faults are expensive (VMs) and glibc returns big blocks to the OS, that dominates
+their time: e.g. ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184``
+(recorded in the JSON as ``malloc_env``) cut ams_foreach ~4x on the 2-core dev VM.
 GB/s = 28 B x numel / median time (the nominal bytes of an fp32 AMS/Adam step).
-"speedup" = t(adamw_foreach) / t(row); "x copy" = t(row) / t(copy_floor).
+"speedup" = t(adamw_foreach) / t(row); "vs fused" = t(adamw_fused) / t(row) (>= 1: at
+least as fast as torch's fused AdamW); "x copy" = t(row) / t(copy_floor).
 
 Writes JSON to ``--out`` (default benchmarks/results/bench_step.json) with device, torch
 version, git SHA and date, and prints a Markdown table.
 
-    PYTHONPATH=. python benchmarks/bench_step.py --repeats 10
+    PYTHONPATH=. python benchmarks/bench_step.py --repeats 20
 """
 
 from __future__ import annotations
@@ -65,7 +76,7 @@ for _p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(_p))
 
 from bench_common import device_name, env_info, loadavg  # noqa: E402
-from sharded_ams import Grams  # noqa: E402
+from sharded_ams import Grams, ShardedAMS  # noqa: E402
 from sharded_ams.kernels import GroupHParams, flat_step  # noqa: E402
 from sharded_ams.kernels.eager import compile_available  # noqa: E402
 
@@ -75,8 +86,9 @@ BETAS = (0.9, 0.999)
 EPS = 1e-8
 GRAMS_HP = GroupHParams(beta1=BETAS[0], beta2=BETAS[1], beta3=0.0, lam=-1.0, eps=EPS,
                         weight_decay=0.0)
-ROW_NAMES = ("adamw_foreach", "adamw_fused", "ams_foreach", "ams_fused_compiled",
-             "flat_compiled", "copy_floor", "copy_floor_eager")
+ROW_NAMES = ("adamw_default", "adamw_foreach", "adamw_fused", "ams_default", "ams_foreach",
+             "ams_fused_compiled", "flat_compiled", "sharded_ams", "copy_floor",
+             "copy_floor_eager")
 
 
 # --- the parameter set ------------------------------------------------------------------
@@ -112,6 +124,12 @@ def make_params(shapes, device) -> list[torch.nn.Parameter]:
 # --- rows: each returns (step function, note) or raises NotImplementedError for "n/a" ---
 
 
+def row_adamw_default(shapes, device):
+    params = make_params(shapes, device)
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
+    return opt.step, "torch.optim.AdamW(params): torch's default path"
+
+
 def row_adamw_foreach(shapes, device):
     params = make_params(shapes, device)
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, foreach=True)
@@ -127,6 +145,15 @@ def row_adamw_fused(shapes, device):
     except (RuntimeError, ValueError, NotImplementedError) as exc:
         raise NotImplementedError(f"fused AdamW unsupported here: {exc}") from None
     return opt.step, "torch.optim.AdamW(fused=True)"
+
+
+def row_ams_default(shapes, device):
+    from sharded_ams.optimizer import default_path
+
+    params = make_params(shapes, device)
+    opt = Grams(params, lr=LR, betas=BETAS, eps=EPS)
+    numel = sum(p.numel() for p in params)
+    return opt.step, f"sharded_ams.Grams(params): default path {default_path(device, numel)!r}"
 
 
 def row_ams_foreach(shapes, device):
@@ -159,6 +186,15 @@ def row_flat_compiled(shapes, device):
                   backend=backend)
 
     return step, f"kernels.flat_step(backend={backend!r}) over one flat buffer"
+
+
+def row_sharded_ams(shapes, device):
+    params = make_params(shapes, device)
+    grads = [p.grad for p in params]
+    opt = ShardedAMS(params, preset="grams", lr=LR, betas=BETAS, eps=EPS)
+    for p, g in zip(params, grads):  # ShardedAMS moved the params into its buffers
+        p.grad = g
+    return opt.step, f"ShardedAMS(preset='grams') at world size 1, backend {opt.backend!r}"
 
 
 def _floor_pass(p, g, m, v):
@@ -197,11 +233,14 @@ def row_copy_floor_eager(shapes, device):
 
 
 ROWS: dict[str, Callable] = {
+    "adamw_default": row_adamw_default,
     "adamw_foreach": row_adamw_foreach,
     "adamw_fused": row_adamw_fused,
+    "ams_default": row_ams_default,
     "ams_foreach": row_ams_foreach,
     "ams_fused_compiled": row_ams_fused_compiled,
     "flat_compiled": row_flat_compiled,
+    "sharded_ams": row_sharded_ams,
     "copy_floor": row_copy_floor,
     "copy_floor_eager": row_copy_floor_eager,
 }
@@ -215,45 +254,69 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_row(name: str, shapes, device, repeats: int, warmup: int = 2) -> dict:
-    numel = sum(math.prod(s) for s in shapes)
-    out = {"name": name, "status": "ok", "numel": numel}
-    try:
-        step, note = ROWS[name](shapes, device)
-    except NotImplementedError as exc:
-        return {**out, "status": "n/a", "note": str(exc)}
-    out["note"] = note
-    _sync(device)
-    t0 = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+_clock = time.perf_counter
+
+
+def _timed(step, device) -> float:
+    t0 = _clock()
     step()
     _sync(device)
-    out["first_step_s"] = time.perf_counter() - t0
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
+    return _clock() - t0
+
+
+def time_rows(names, shapes, device, repeats: int, warmup: int = 2) -> list[dict]:
+    """Build every row, then time them interleaved: ``repeats`` rounds of one step each."""
+    numel = sum(math.prod(s) for s in shapes)
+    out, steps = [], {}
+    for name in names:
+        r = {"name": name, "status": "ok", "numel": numel}
+        try:
+            step, r["note"] = ROWS[name](shapes, device)
+        except NotImplementedError as exc:
+            r.update(status="n/a", note=str(exc))
+            out.append(r)
+            continue
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    out.update(ms_median=med * 1e3, ms_min=min(times) * 1e3, times_ms=[t * 1e3 for t in times],
-               gb_per_s=BYTES_PER_ELEMENT * numel / med / 1e9)
-    del step
+        r["first_step_s"] = _timed(step, device)
+        for _ in range(warmup):
+            step()
+        steps[name] = step
+        r["times_ms"] = []
+        out.append(r)
+        print(f"  {name}: built, first step {r['first_step_s']:.2f} s", flush=True)
+    by = {r["name"]: r for r in out}
+    for k in range(repeats):
+        order = list(steps)
+        order = order[k % len(order):] + order[:k % len(order)]  # rotate who goes first
+        for name in order:
+            by[name]["times_ms"].append(_timed(steps[name], device) * 1e3)
+    for r in out:
+        if r["status"] == "ok":
+            med = statistics.median(r["times_ms"])
+            r.update(ms_median=med, ms_min=min(r["times_ms"]),
+                     gb_per_s=BYTES_PER_ELEMENT * numel / med / 1e6)
+    steps.clear()
     gc.collect()
     return out
 
 
 def add_ratios(rows: list[dict]) -> None:
+    """Ratios as medians of per-round ratios (rounds share the load of the moment)."""
     by = {r["name"]: r for r in rows if r["status"] == "ok"}
-    base = by.get("adamw_foreach", {}).get("ms_median")
-    floor = by.get("copy_floor", {}).get("ms_median")
+
+    def ratio(num: Optional[dict], den: Optional[dict]) -> Optional[float]:
+        if not num or not den:
+            return None
+        return statistics.median(a / b for a, b in zip(num["times_ms"], den["times_ms"]))
+
     for r in rows:
         if r["status"] != "ok":
             continue
-        r["speedup_vs_adamw_foreach"] = base / r["ms_median"] if base else None
-        r["x_copy_floor"] = r["ms_median"] / floor if floor else None
+        r["speedup_vs_adamw_foreach"] = ratio(by.get("adamw_foreach"), r)
+        r["vs_adamw_fused"] = ratio(by.get("adamw_fused"), r)
+        r["vs_adamw_default"] = ratio(by.get("adamw_default"), r)
+        r["x_copy_floor"] = ratio(r, by.get("copy_floor"))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -261,20 +324,24 @@ def markdown_table(rows: list[dict]) -> str:
         return "n/a" if x is None else format(x, fmt)
 
     lines = ["| row | ms/step (median) | min ms | GB/s (28 B/elem) | speedup vs AdamW foreach "
-             "| x copy floor | first step (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| vs AdamW default | vs AdamW fused | x copy floor | first step (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | n/a | n/a | n/a | n/a | n/a | n/a |")
+            lines.append(f"| {r['name']} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
             continue
         lines.append(f"| {r['name']} | {f(r['ms_median'], '.2f')} | {f(r['ms_min'], '.2f')} "
                      f"| {f(r['gb_per_s'], '.1f')} | {f(r.get('speedup_vs_adamw_foreach'), '.2f')} "
+                     f"| {f(r.get('vs_adamw_default'), '.2f')} | {f(r.get('vs_adamw_fused'), '.2f')} "
                      f"| {f(r.get('x_copy_floor'), '.2f')} | {f(r['first_step_s'], '.2f')} |")
     return "\n".join(lines)
 
 
 def run(numel_scale: float = 1.0, repeats: int = 10, layers: int = 4, device: str = "cpu",
-        rows: Optional[list[str]] = None, out: Optional[str] = None) -> dict:
+        rows: Optional[list[str]] = None, out: Optional[str] = None,
+        clock: str = "wall") -> dict:
+    global _clock
+    _clock = CLOCKS[clock]
     dev = torch.device(device)
     load_before = loadavg()
     shapes = gpt_shapes(numel_scale, layers)
@@ -282,12 +349,7 @@ def run(numel_scale: float = 1.0, repeats: int = 10, layers: int = 4, device: st
     print(f"GPT-like set: {len(shapes)} tensors, {numel:,} parameters "
           f"(numel_scale={numel_scale}, layers={layers}), device {device_name(dev)}",
           flush=True)
-    results = []
-    for name in rows or ROW_NAMES:
-        r = time_row(name, shapes, dev, repeats)
-        msg = f"{r['ms_median']:.2f} ms" if r["status"] == "ok" else r["status"]
-        print(f"  {name}: {msg}", flush=True)
-        results.append(r)
+    results = time_rows(rows or ROW_NAMES, shapes, dev, repeats)
     add_ratios(results)
     report = {
         "benchmark": "bench_step",
@@ -301,6 +363,7 @@ def run(numel_scale: float = 1.0, repeats: int = 10, layers: int = 4, device: st
             "load_average_1m_before": load_before,
             "load_average_1m_after": loadavg(),
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+            "clock": clock,
             "bytes_per_element": BYTES_PER_ELEMENT,
             "optimizer": "Grams (beta3=0, lam=-1), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, wd=0",
         },
@@ -323,17 +386,30 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--numel-scale", type=float, default=1.0,
                     help="multiply every tensor's first dimension (default 1: ~29M params)")
-    ap.add_argument("--repeats", type=int, default=10, help="timed steps per row (median)")
+    ap.add_argument("--repeats", type=int, default=10,
+                    help="timed rounds (one step of every row each; median)")
     ap.add_argument("--layers", type=int, default=4, help="transformer blocks (default 4)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rows", nargs="*", choices=ROW_NAMES, default=None,
                     help="run only these rows (default: all)")
     ap.add_argument("--out", default=None,
                     help="JSON output (default benchmarks/results/bench_step.json)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's); 1 measures "
+                         "per-core efficiency, unaffected by parallel regions waiting for a "
+                         "core that another process holds")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                    help="wall (default) or thread: the calling thread's CPU time, which "
+                         "leaves out time the scheduler gave to other processes (only "
+                         "meaningful with --threads 1, where all work runs in that thread)")
     a = ap.parse_args(argv)
+    if a.clock == "thread" and a.threads != 1:
+        ap.error("--clock thread needs --threads 1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.repeats < 1 or a.numel_scale <= 0:
         ap.error("--repeats must be >= 1 and --numel-scale > 0")
-    return run(a.numel_scale, a.repeats, a.layers, a.device, a.rows, a.out)
+    return run(a.numel_scale, a.repeats, a.layers, a.device, a.rows, a.out, a.clock)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,11 @@ ranks (the slowest rank sets the pace); the median over steps is reported.
 
 * ``step_ms``: forward + backward + optimizer step (+ zero_grad): the whole iteration.
 * ``fwd_bwd_ms``: forward + backward. For DDP rows this includes DDP's gradient
-  all-reduce (overlapped with backward); ShardedAMS communicates inside ``step()``.
-* ``opt_ms``: ``optimizer.step()`` (+ ``zero_grad``). ShardedAMS: grad reduction + norm
-  + update + all-gather; ZeRO: local AdamW + broadcasts; DDP + AdamW: the local update.
+  all-reduce (overlapped with backward); ShardedAMS (overlap on, its default) launches
+  its reductions during backward and waits for its param gathers in the next forward.
+* ``opt_ms``: ``optimizer.step()`` (+ ``zero_grad``). ShardedAMS: waiting for the grad
+  reductions + norm + update + launching the all-gather (see bench_overlap.py for
+  overlap on/off side by side); ZeRO: local AdamW + broadcasts; DDP + AdamW: the local update.
 * ``compute_ms``: forward + backward of a plain twin of the model (no DDP, no hooks, no
   communication) on the same batch, timed in the same iteration just before the real
   step, so both see the same machine load (this box may be shared).
@@ -57,16 +59,10 @@ version, git SHA and date, and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import pickle
-import shutil
-import socket
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -78,6 +74,8 @@ for p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 from bench_common import env_info, print_table, write_json  # noqa: E402
+from dist_bench import (add_gpt_args, check_gpt_args, gpt_batch, gpt_model_info,  # noqa: E402
+                        make_gpt, max_over_ranks, run_on_ranks)
 
 ROW_NAMES = ("sharded_grams", "sharded_adamw", "zero_adamw", "ddp_adamw")
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -96,22 +94,6 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def _make_model(args):
-    from launcher.model import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=256, block_size=args.block_size, n_layer=args.n_layer,
-                         n_head=args.n_head, n_embd=args.n_embd))
-
-
-def _batch(args, step: int, rank: int, world: int):
-    g = torch.Generator().manual_seed(step)
-    x = torch.randint(256, (args.batch, args.block_size + 1), generator=g)
-    per = args.batch // world
-    x = x[rank * per:(rank + 1) * per]
-    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
-
-
 def _build(name: str, args):
     """(module to call, optimizer, state-bytes function) for row ``name``."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -119,7 +101,7 @@ def _build(name: str, args):
 
     from sharded_ams import ShardedAMS
 
-    model = _make_model(args)
+    model = make_gpt(args)
     if name.startswith("sharded_"):
         opt = ShardedAMS(model, preset=name.split("_", 1)[1], backend=args.backend, **HP)
         return model, opt, opt.state_bytes
@@ -130,14 +112,6 @@ def _build(name: str, args):
         return ddp, opt, lambda: _tensor_bytes(opt.optim.state)
     opt = torch.optim.AdamW(model.parameters(), foreach=True, **HP)
     return ddp, opt, lambda: _tensor_bytes(opt.state)
-
-
-def _max_over_ranks(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def _time_loop(args, step_fn: Callable[[int], tuple[float, float]], n_phases: int = 2):
@@ -153,7 +127,7 @@ def _time_loop(args, step_fn: Callable[[int], tuple[float, float]], n_phases: in
         times = step_fn(1 + args.warmup + s)
         for k, t in enumerate(times):
             per_phase[k].append(t * 1e3)
-    flat = _max_over_ranks([t for ph in per_phase for t in ph])
+    flat = max_over_ranks([t for ph in per_phase for t in ph])
     n = args.steps
     return [flat[k * n:(k + 1) * n] for k in range(n_phases)]
 
@@ -162,10 +136,10 @@ def _run_row(name: str, args, rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     module, opt, state_bytes = _build(name, args)
-    plain = _make_model(args)  # compute-only twin: no DDP, no optimizer, no communication
+    plain = make_gpt(args)  # compute-only twin: no DDP, no optimizer, no communication
 
     def one_step(step: int):
-        x, y = _batch(args, step, rank, world)
+        x, y = gpt_batch(args, step, rank, world)
         t0 = time.perf_counter()
         _, loss = plain(x, y)
         loss.backward()
@@ -184,7 +158,7 @@ def _run_row(name: str, args, rank: int, world: int) -> dict:
     dist.barrier()
     t0 = time.perf_counter()
     one_step(0)  # the first step: torch.compile (sharded rows) and lazy state allocation
-    first = _max_over_ranks([time.perf_counter() - t0])[0]
+    first = max_over_ranks([time.perf_counter() - t0])[0]
     compute, fwd_bwd, opt_t = _time_loop(args, one_step, n_phases=3)
     step_ms = [a + b for a, b in zip(fwd_bwd, opt_t)]
     sb = torch.tensor([float(state_bytes())], dtype=torch.float64)
@@ -206,29 +180,9 @@ def _run_row(name: str, args, rank: int, world: int) -> dict:
     return row
 
 
-def _worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(args.threads)
-    result: dict = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=600))
-        result["params"] = sum(p.numel() for p in _make_model(args).parameters())
-        result["rows"] = [_run_row(name, args, rank, world) for name in args.rows]
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()  # gloo aborts at exit otherwise (3+ ranks)
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank_main(rank: int, world: int, args) -> dict:
+    return {"params": sum(p.numel() for p in make_gpt(args).parameters()),
+            "rows": [_run_row(name, args, rank, world) for name in args.rows]}
 
 
 # --------------------------------------------------------------------------- driver
@@ -248,52 +202,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--backend", default="compiled",
                     choices=("auto", "compiled", "eager", "triton"),
                     help="ShardedAMS step kernel (default compiled)")
-    ap.add_argument("--world-size", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads per rank (default: cores // world size, >= 1)")
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-embd", type=int, default=512)
-    ap.add_argument("--n-head", type=int, default=8)
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=4, help="global batch (sequences)")
+    add_gpt_args(ap)
     ap.add_argument("--rows", nargs="*", choices=ROW_NAMES, default=list(ROW_NAMES))
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--timeout", type=float, default=1200, help="seconds for the whole run")
     args = ap.parse_args(argv)
-    if args.batch % args.world_size:
-        ap.error("--batch must be divisible by --world-size")
-    if args.threads is None:
-        args.threads = max(1, (os.cpu_count() or 1) // args.world_size)
-
-    import multiprocessing as mp
+    check_gpt_args(ap, args)
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    ctx = mp.get_context("spawn")
-    out_dir = tempfile.mkdtemp(prefix="bench_zero_")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, args.world_size, port, args, out_dir))
-             for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + args.timeout
-    for p in procs:
-        p.join(max(1.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    results = []
-    for r in range(args.world_size):
-        try:
-            with open(os.path.join(out_dir, f"rank{r}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
-        except FileNotFoundError:
-            results.append({"error": f"rank {r} exited with code {procs[r].exitcode} "
-                                     "and wrote no result (killed or timed out?)"})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if "error" in res]
-    if errors:
-        raise RuntimeError("bench_zero failed:\n" + "\n".join(errors))
+    results = run_on_ranks(_rank_main, args.world_size, args, timeout=args.timeout,
+                           threads=args.threads)
 
     r0 = results[0]
     rows = r0["rows"]
@@ -301,9 +219,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     meta = dict(env_info(), world_size=args.world_size, threads_per_rank=args.threads,
                 backend=args.backend, steps=args.steps, warmup=args.warmup,
                 params=r0["params"],
-                model=dict(vocab_size=256, n_layer=args.n_layer, n_embd=args.n_embd,
-                           n_head=args.n_head, block_size=args.block_size,
-                           global_batch=args.batch),
+                model=gpt_model_info(args),
                 hparams={k: list(v) if isinstance(v, tuple) else v for k, v in HP.items()},
                 # the box may be shared: the 1-minute load average before and after the run
                 load_avg_1m=[load_before[0] if load_before else None,

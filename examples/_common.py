@@ -276,6 +276,13 @@ def save_figure(fig, path: os.PathLike | str) -> Path:
     return path
 
 
+def untuned_note(lr: float) -> str:
+    """What the examples print under their tables: the lr is shared, not tuned, one seed."""
+    return (f"note: every run uses the same peak lr ({lr:g}), not tuned per optimizer, and one seed: a "
+            "difference here is not evidence for one optimizer. examples/optimizer_study.py tunes the lr "
+            "per optimizer and runs several seeds (benchmarks/RESULTS.md, \"Optimizer study\").")
+
+
 def describe(cfg: Config) -> str:
     """One line about the task shared by the runs."""
     m, d, o = cfg.model, cfg.data, cfg.optim

@@ -10,7 +10,8 @@ dropped), lam = -1 is Grams (they are flipped: sign(g) |u|); 0.5 and -0.5 lie be
 For |lam| != 1 the step is rescaled per tensor by d / (#agree + |lam| #disagree).
 
 Each lam trains the same job as ``examples/pretrain_compare.py`` (same config, seed,
-data, lr schedule and the same lr; same flags) with ``optim.preset = ""`` (no preset),
+data, lr schedule and the same lr for every lam, untuned, as the script says under its
+table; same flags) with ``optim.preset = ""`` (no preset),
 ``optim.beta3 = 0`` and ``optim.lam = lam``. Written to ``--out`` (default out/lam_sweep):
 
 * ``losses.csv``: lam, step, train_loss, val_loss (as pretrain_compare's CSV);
@@ -107,10 +108,11 @@ def main(argv: Optional[list[str]] = None, runner: Optional[Runner] = None) -> d
     cfg = pretrain_compare.config_for(a, "x", {})
     png = plot(out / "lam_sweep.png", histories, a.lams,
                f"AMS lam sweep (beta3 = 0): GPT {cfg.model.n_layer}x{cfg.model.n_embd}, {a.steps} steps, "
-               f"{a.workers} workers, lr {cfg.optim.lr:g}")
+               f"{a.workers} workers, lr {cfg.optim.lr:g} (same for all, untuned)")
     table = _common.markdown_table(histories, "lam")
     wall = time.perf_counter() - t0
-    print(f"\n{table}\n\nwrote {csv_path} and {png} ({wall:.0f} s in all)", flush=True)
+    print(f"\n{table}\n\n{_common.untuned_note(cfg.optim.lr)}\nwrote {csv_path} and {png} ({wall:.0f} s in all)",
+          flush=True)
     return {"histories": histories, "csv": csv_path, "png": png, "table": table, "wall_time_s": wall}
 
 

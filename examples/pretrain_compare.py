@@ -10,8 +10,9 @@ embedded local Ray (the runs one after the other). Everything but the preset is 
 seed (model init and batch order), data, ``--steps``, the LR schedule (warmup 20 steps,
 cosine to 0.1 lr at the last step) and the SAME peak lr for all (3e-3 from the config;
 ``--lr`` sets another, still shared), betas (0.9, 0.95), weight decay 0.1, gradient
-clipping at 1.0. One seed and a few hundred steps: check that a small difference holds
-with another seed (``--set data.seed=1``) before reading much into it. The defaults take
+clipping at 1.0. One seed, a few hundred steps and an lr tuned for none of them: the
+script says so under its table. ``examples/optimizer_study.py`` is the tuned, multi-seed
+comparison (benchmarks/RESULTS.md, "Optimizer study"). The defaults take
 ~45 s per run on 2 CPU cores.
 
 The per-step losses come from the launcher's ``RunResult.history`` (see
@@ -131,10 +132,11 @@ def main(argv: Optional[list[str]] = None, runner: Optional[Runner] = None) -> d
     cfg = config_for(a, "x", {})
     png = _common.plot_curves(out / "losses.png", histories,
                               f"{' vs '.join(h.title for h in histories)}: GPT {cfg.model.n_layer}x{cfg.model.n_embd}, "
-                              f"{a.steps} steps, {a.workers} workers, lr {cfg.optim.lr:g} (same for all)")
+                              f"{a.steps} steps, {a.workers} workers, lr {cfg.optim.lr:g} (same for all, untuned)")
     table = _common.markdown_table(histories, "optimizer")
     wall = time.perf_counter() - t0
-    print(f"\n{table}\n\nwrote {csv_path} and {png} ({wall:.0f} s in all)", flush=True)
+    print(f"\n{table}\n\n{_common.untuned_note(cfg.optim.lr)}\nwrote {csv_path} and {png} ({wall:.0f} s in all)",
+          flush=True)
     return {"histories": histories, "csv": csv_path, "png": png, "table": table, "wall_time_s": wall}
 
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["add_ckpt_subparser", "main", "inspect_checkpoint"]
@@ -24,8 +22,10 @@ __all__ = ["add_ckpt_subparser", "main", "inspect_checkpoint"]
 
 def inspect_checkpoint(path: str, *, checksums: bool = True) -> dict:
     """Summary of a checkpoint directory as a JSON-able dict (``valid`` and ``reason``
-    say whether it loads; whatever the manifest tells is filled in even if it does not)."""
-    from sharded_ams.checkpoint import CheckpointError, _read_manifest, validate_checkpoint
+    say whether it loads; whatever a well-formed manifest tells is filled in even if a
+    file is bad). The hyperparameters shown are the ones a load applies: a shard whose
+    own differ is refused by the load."""
+    from sharded_ams.checkpoint import CheckpointError, read_manifest, validate_checkpoint
 
     out: dict = {"path": str(path), "valid": False, "reason": None}
     man = None
@@ -34,8 +34,8 @@ def inspect_checkpoint(path: str, *, checksums: bool = True) -> dict:
         out["valid"] = True
     except CheckpointError as exc:
         out["reason"] = str(exc)
-        try:
-            man = _read_manifest(Path(path))
+        try:  # a manifest that passes its own rules is still worth showing
+            man = read_manifest(path)
         except CheckpointError:
             man = None
     if man is None:
@@ -101,21 +101,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_consolidate(args: argparse.Namespace) -> int:
     import torch
 
-    from sharded_ams.checkpoint import CheckpointError, consolidate
+    from sharded_ams.checkpoint import CheckpointError, export_consolidated
 
     try:
-        full = consolidate(args.dir)
-    except CheckpointError as exc:
+        full = export_consolidated(args.dir, args.out)
+    except (CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(full, tmp)
-    os.replace(tmp, out)
     n = sum(t.numel() for t in full["model"].values() if isinstance(t, torch.Tensor))
-    print(f"wrote {out}: step {full['step']}, {len(full['param_names'])} optimized params, "
+    print(f"wrote {args.out}: step {full['step']}, {len(full['param_names'])} optimized params, "
           f"{len(full['model'])} model state_dict entries ({n:,} elements); load with "
           "AMS.load_state_dict(torch.load(OUT)['optimizer']) and "
           "model.load_state_dict(torch.load(OUT)['model'])")

@@ -294,7 +294,10 @@ class OptimConfig:
             kw["preset"] = self.preset
         else:
             kw.update(beta3=self.beta3, lam=self.lam)
-        # grad_reduce_dtype: wired at merge, when ShardedAMS(grad_reduce_dtype=...) lands (overlap branch)
+        if self.grad_reduce_dtype == "bf16":
+            import torch  # the driver imports this module without needing torch for it
+
+            kw["grad_reduce_dtype"] = torch.bfloat16
         return kw
 
 

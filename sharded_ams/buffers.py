@@ -1,8 +1,19 @@
-"""Contiguous param and grad buffers; the model's params and grads become views into them."""
+"""Contiguous param and grad buffers; the model's params (and, in direct mode, grads) are views.
+
+Two ways a gradient reaches the grad buffer, chosen per dtype:
+
+* **direct** (grad dtype == param dtype): ``p.grad`` is a view into ``grad``, so backward
+  accumulates straight into the buffer that is reduced (as DDP's ``gradient_as_bucket_view``).
+* **main grad** (e.g. bf16 params reduced in fp32, Megatron's ``grad_reduce_in_fp32``):
+  autograd needs ``p.grad`` in p's dtype, so each accumulated ``p.grad`` is added into the
+  fp32 buffer by :meth:`collect` (called from the post-accumulate-grad hook) and freed,
+  as Megatron's ``main_grad``. The first gradient after a step (or ``zero_grad``) is
+  copied rather than added, so the buffer never needs a separate zeroing pass.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -13,22 +24,26 @@ from .layout import BufferLayout, ParamSlot
 class FlatParamGradBuffer:
     """One dtype's flat param buffer and grad buffer (Megatron's ``param_and_grad_buffer``).
 
-    Params are relocated into ``param`` (their values kept) and grads are views into
-    ``grad``, so backward accumulates straight into the buffer that is reduced.
-    Anything that replaces ``p.grad`` (``set_to_none``, a user assignment) is folded
-    back in by :meth:`attach_grads` before the reduction, so results never depend on it.
+    Params are relocated into ``param`` (their values kept). Anything that replaces
+    ``p.grad`` (``set_to_none``, a user assignment) is folded in by :meth:`collect`
+    before the reduction, so results never depend on it.
     """
 
     def __init__(self, layout: BufferLayout, params: Sequence[Tensor], dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, grad_dtype: Optional[torch.dtype] = None):
         self.layout, self.params, self.dtype = layout, list(params), dtype
+        self.grad_dtype = grad_dtype or dtype
+        self.main_grad = self.grad_dtype != dtype
         self.param = torch.zeros(layout.numel, dtype=dtype, device=device)
-        self.grad = torch.zeros(layout.numel, dtype=dtype, device=device)
-        for slot, p in zip(layout.slots, self.params):
+        self.grad = torch.zeros(layout.numel, dtype=self.grad_dtype, device=device)
+        # main-grad mode: True while a param's view holds no gradient of the current step
+        self.fresh = [True] * len(self.params)
+        for i, (slot, p) in enumerate(zip(layout.slots, self.params)):
             view = self.param_view(slot)
             view.copy_(p.detach().reshape(slot.shape))
             p.data = view
-            self.attach_grad(slot, p)
+            if not self.main_grad:
+                self.collect(i)
 
     def param_view(self, slot: ParamSlot) -> Tensor:
         return self.param[slot.start:slot.end].view(slot.shape)
@@ -36,20 +51,47 @@ class FlatParamGradBuffer:
     def grad_view(self, slot: ParamSlot) -> Tensor:
         return self.grad[slot.start:slot.end].view(slot.shape)
 
-    def attach_grad(self, slot: ParamSlot, p: Tensor) -> None:
+    def collect(self, i: int) -> None:
+        """Make param ``i``'s current gradient part of the buffer (None counts as zero).
+
+        Direct: ``p.grad`` becomes the buffer view again (a replaced grad is copied in).
+        Main grad: ``p.grad`` is added into the buffer (copied if it is the first of the
+        step) and set to None."""
+        slot, p = self.layout.slots[i], self.params[i]
         view = self.grad_view(slot)
         g = p.grad
+        if self.main_grad:
+            if g is not None:
+                if self.fresh[i]:
+                    view.copy_(g)
+                else:
+                    view.add_(g)
+                p.grad = None
+            elif self.fresh[i]:
+                view.zero_()
+            self.fresh[i] = False
+            return
         if g is None:
             view.zero_()
         elif g.data_ptr() != view.data_ptr() or g.shape != view.shape:
             view.copy_(g)
         p.grad = view
 
-    def attach_grads(self) -> None:
-        """Make every param's grad the buffer view again (None counts as zero)."""
-        for slot, p in zip(self.layout.slots, self.params):
-            self.attach_grad(slot, p)
-
     def zero_grad(self) -> None:
+        """Direct: zero the buffer (grads stay views). Main grad: mark every param fresh
+        (no pass over memory; the next gradient overwrites) and drop any ``p.grad``."""
+        if self.main_grad:
+            self.consumed()
+            for p in self.params:
+                p.grad = None
+            return
         self.grad.zero_()
-        self.attach_grads()
+        for i in range(len(self.params)):
+            self.collect(i)
+
+    def consumed(self) -> None:
+        """The step has used the gradients: in main-grad mode the next ones start afresh
+        (the buffer is the optimizer's, users never see it). Direct mode keeps torch's
+        rule: grads accumulate until ``zero_grad``."""
+        if self.main_grad:
+            self.fresh = [True] * len(self.params)

@@ -12,8 +12,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+import itertools
+import struct
+from typing import Optional, Sequence
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -97,6 +101,31 @@ class Comm:
             return _Done()
         src = dist.get_global_rank(self.group, src_rank) if self.group is not None else src_rank
         return dist.broadcast(t, src=src, group=self.group, async_op=True)
+
+    def check_same(self, what: str, items: Sequence[str], device: torch.device) -> None:
+        """Raise ValueError on every rank unless every rank has the same ``items``.
+
+        One all-gather of a 32-byte digest; only on a mismatch are the lists exchanged,
+        to name the first difference (so every rank raises the same clear error instead
+        of dying in a later collective or training on silently different settings)."""
+        if not self.active:
+            return
+        digest = torch.tensor(struct.unpack("<4q", hashlib.sha256("\n".join(items).encode()).digest()),
+                              dtype=torch.int64, device=device)
+        got = [torch.empty_like(digest) for _ in range(self.world_size)]
+        dist.all_gather(got, digest, group=self.group)
+        if all(torch.equal(g, got[0]) for g in got):
+            return
+        lists: list = [None] * self.world_size
+        dist.all_gather_object(lists, list(items), group=self.group)
+        diffs = []
+        for r, theirs in enumerate(lists[1:], 1):
+            for a, b in itertools.zip_longest(lists[0], theirs, fillvalue="<nothing>"):
+                if a != b:
+                    diffs.append(f"rank {r} has {b!r} where rank 0 has {a!r}")
+                    break
+        raise ValueError(f"ShardedAMS: ranks disagree on {what}: " + "; ".join(diffs)
+                         + " (every rank must build the same model and optimizer)")
 
     def barrier(self) -> None:
         if self.active:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -83,10 +83,19 @@ def check_grad(p: Tensor, name: Optional[str] = None) -> None:
         raise RuntimeError(f"AMS needs floating-point gradients ({what} has {g.dtype})")
 
 
-def check_params(params: Iterable[Tensor]) -> None:
-    for p in params:
+def check_params(params: Iterable[Tensor], names: Optional[Sequence[str]] = None) -> None:
+    """Params of one group must be real floating-point tensors, each listed once (a
+    duplicate would be stepped twice per step, and its state saved twice)."""
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        what = repr(names[i]) if names else f"at position {i} (shape {tuple(p.shape)})"
         if torch.is_complex(p):
-            raise ValueError(f"AMS does not support complex parameters (shape {tuple(p.shape)}); "
+            raise ValueError(f"AMS does not support complex parameters (parameter {what}); "
                              "view them as real with torch.view_as_real")
         if not p.is_floating_point():
-            raise ValueError(f"AMS needs floating-point parameters, got {p.dtype}")
+            raise ValueError(f"AMS needs floating-point parameters, got {p.dtype} "
+                             f"(parameter {what})")
+        if id(p) in seen:
+            raise ValueError(f"Parameter {what} appears twice in one param group (also at "
+                             f"position {seen[id(p)]}); list each parameter once")
+        seen[id(p)] = i

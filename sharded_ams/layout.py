@@ -2,10 +2,15 @@
 
 Pure data, no ``torch.distributed``. Index spaces (Megatron-Core's names):
 
-* **buffer**: one flat buffer per dtype; params in canonical order (param group, then
-  order within the group), each start aligned to ``ALIGN`` elements.
+* **buffer**: one flat buffer per dtype, cut into buckets; each param start aligned to
+  ``ALIGN`` elements.
 * **bucket**: a contiguous span of the buffer, padded so it splits into ``world_size``
-  equal shards; one reduction and one gather per bucket.
+  equal shards; one reduction and one gather per bucket. Params fill buckets in the order
+  their gradients are expected (the reverse of forward order, as Megatron-Core's
+  ``param_and_grad_buffer``): bucket 0 is complete first during backward, so it is reduced
+  first, and the last bucket (the first layers) is gathered first for the next forward.
+  Inside a bucket params are stored group by group, so each (bucket, param group) is one
+  contiguous run for the fused step.
 * **local**: rank r's optimizer state, the concatenation of its shard of every bucket.
 * **param**: [offset, offset + length) inside one parameter (its unpadded index space,
   the space checkpoints use).
@@ -16,11 +21,15 @@ the per-tensor count, which is combined across ranks.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 ALIGN = 64
+#: Runs handed to the step kernel end on a multiple of this many elements where the
+#: extension covers only padding (the Triton kernel's vector loads need 16-aligned lengths).
+KERNEL_MULTIPLE = 16
 
 
 def pad_to(n: int, multiple: int) -> int:
@@ -73,7 +82,11 @@ class LocalPiece:
 
 @dataclass(frozen=True)
 class Run:
-    """A contiguous local range of one (bucket, group) with the pieces in it."""
+    """A contiguous local range of one (bucket, group) with the pieces in it.
+
+    ``local_end`` is rounded up to a multiple of ``KERNEL_MULTIPLE`` where the elements
+    past the last piece are padding (they hold zeros and stay zero: zero gradient, zero
+    state), so the kernel sees aligned lengths; it never reaches another param."""
 
     bucket: int
     group: int
@@ -97,26 +110,32 @@ class BufferLayout:
     @classmethod
     def build(cls, params: Sequence[tuple[str, tuple[int, ...], int]], world_size: int,
               bucket_numel: Optional[int] = None, align: int = ALIGN) -> "BufferLayout":
-        """``params``: (name, shape, group) in canonical order. ``bucket_numel``: start a
-        new bucket once one holds at least this many elements (None: one bucket)."""
+        """``params``: (name, shape, group) in fill order (the order gradients are expected
+        during backward). A bucket closes once its params hold at least ``bucket_numel``
+        elements (None: one bucket); inside it, params are stored by group (stable)."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        groups = [g for _, _, g in params]
-        if groups != sorted(groups):
-            raise ValueError("params must come in group-major order (a run per group is contiguous)")
+        members: list[list[int]] = [[]]
+        filled = 0
+        for i, (_, shape, _) in enumerate(params):
+            members[-1].append(i)
+            filled += math.prod(shape)
+            if bucket_numel is not None and filled >= bucket_numel and i < len(params) - 1:
+                members.append([])
+                filled = 0
         slots, buckets = [], []
         shard_align = world_size * align
-        bstart = pos = 0
-        for i, (name, shape, group) in enumerate(params):
-            numel = math.prod(shape)
-            pos = pad_to(pos, align)
-            slots.append(ParamSlot(i, name, tuple(shape), group, len(buckets), pos, numel))
-            pos += numel
-            last = i == len(params) - 1
-            if last or (bucket_numel is not None and pos - bstart >= bucket_numel):
-                end = bstart + pad_to(max(pos - bstart, 1), shard_align)
-                buckets.append(Bucket(bstart, end, world_size))
-                bstart = pos = end
+        pos = 0
+        for idx in (m for m in members if m):
+            bstart = pos
+            for i in sorted(idx, key=lambda i: params[i][2]):
+                name, shape, group = params[i]
+                pos = pad_to(pos, align)
+                slots.append(ParamSlot(len(slots), name, tuple(shape), group, len(buckets), pos,
+                                       math.prod(shape)))
+                pos += slots[-1].numel
+            pos = bstart + pad_to(max(pos - bstart, 1), shard_align)
+            buckets.append(Bucket(bstart, pos, world_size))
         return cls(slots, buckets, world_size)
 
     @property
@@ -147,13 +166,25 @@ class BufferLayout:
             by_key.setdefault((slot.bucket, slot.group), [])
         for pc in self.pieces(rank):
             by_key[(pc.slot.bucket, pc.slot.group)].append(pc)
+        starts = sorted(s.start for s in self.slots)
         runs = []
         for (bucket, group), pcs in sorted(by_key.items()):
             if group not in groups:
                 continue
             if pcs:
                 lo, hi = pcs[0].local_start, pcs[-1].local_start + pcs[-1].length
+                hi += self._padding_after(pcs[-1], rank, starts, hi)
             else:
                 lo = hi = self.local_offset(bucket)
             runs.append(Run(bucket, group, lo, hi, tuple(pcs)))
         return runs
+
+    def _padding_after(self, pc: LocalPiece, rank: int, starts: list[int], local_end: int) -> int:
+        """Elements after ``pc`` (up to the next multiple of KERNEL_MULTIPLE) that are
+        padding: before the next param's start and inside the rank's shard."""
+        end = pc.buffer_start + pc.length
+        limit = self.buckets[pc.slot.bucket].shard(rank)[1]
+        k = bisect.bisect_left(starts, end)
+        if k < len(starts):
+            limit = min(limit, starts[k])
+        return min(pad_to(local_end, KERNEL_MULTIPLE) - local_end, limit - end)

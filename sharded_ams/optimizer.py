@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from itertools import chain
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -11,10 +12,35 @@ from torch.optim import Optimizer
 
 from .config import (DEFAULTS, check_grad, check_params, preset_hparams, validate_group,
                      validate_hparams)
-from .kernels import GroupHParams, Piece, flat_step, resolve_backend, step_scalars
+from .kernels import (GroupHParams, Piece, flat_step, host_scalar, resolve_backend,
+                      triton_available)
+from .kernels.eager import SERIAL_NUMEL, compile_available
 from .kernels.foreach import foreach_step
+from .update import bias_corrections
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_s", "master")
+#: on CPU, the default path compiles once a group holds this many elements (see default_path)
+COMPILE_MIN_NUMEL = 1 << 20
+
+
+def default_path(device: torch.device, numel: int) -> str:
+    """The step path ``AMS`` takes when neither ``fused`` nor ``foreach`` is set: the
+    fastest correct one for the device (measured in ``benchmarks/bench_step.py``; the
+    reasoning is in ``docs/maths.md``, "Which path runs").
+
+    * CUDA: the Triton kernel when triton is importable (one pass per tensor, no host
+      sync), else ``_foreach`` (torch's own CUDA default for AdamW).
+    * CPU: one torch.compile'd pass per tensor when a C++ compiler works and the group
+      holds at least ``COMPILE_MIN_NUMEL`` elements (tensors under ``SERIAL_NUMEL``
+      elements together in one ``_foreach`` call: a compiled call costs ~0.1 ms); the first
+      step pays the compile (seconds; cached on disk for later runs). Smaller groups, or no
+      compiler: ``_foreach``.
+    """
+    if device.type == "cuda":
+        return "triton" if triton_available() else "foreach"
+    if device.type == "cpu" and numel >= COMPILE_MIN_NUMEL and compile_available():
+        return "compiled"
+    return "foreach"
 
 
 class AMS(Optimizer):
@@ -41,7 +67,9 @@ class AMS(Optimizer):
         lam: negative-momentum scale lambda. Default -1 (Grams).
         eps: added to sqrt(v^) after bias correction, as AdamW. Default 1e-8.
         weight_decay: decoupled weight decay gamma. Default 0.
-        foreach: multi-tensor ``_foreach`` path (default when ``fused`` is not set).
+        foreach: ``True``: the multi-tensor ``_foreach`` path; ``False``: plain ops per
+            tensor. Default (neither set): the fastest path for the device, see
+            :func:`default_path`.
         fused: single-pass kernel per tensor: ``True``/``"auto"`` (Triton on CUDA,
             torch.compile on CPU) or a backend name ``"triton"``, ``"compiled"``, ``"eager"``.
 
@@ -62,17 +90,24 @@ class AMS(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        """As torch.optim, and the group's hyperparameters and params are validated."""
-        super().add_param_group(param_group)
+        """As torch.optim, and the group's hyperparameters and params are validated (a
+        param listed twice is an error, not torch's warning); a bad group is not added."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*duplicate parameters")
+            super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_params(group["params"])
-        validate_group(group)
+        try:
+            check_params(group["params"], group.get("param_names"))
+            validate_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def _init_state(self, p: Tensor, beta3: float) -> dict:
         state = self.state[p]
         if not state:
             opts = dict(dtype=torch.float32, memory_format=torch.contiguous_format)
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0)  # on the CPU: read without a device sync
             state["exp_avg"] = torch.zeros_like(p, **opts)
             state["exp_avg_sq"] = torch.zeros_like(p, **opts)
             if beta3 > 0:
@@ -103,36 +138,61 @@ class AMS(Optimizer):
             states = [self._init_state(p, hp.beta3) for p in params]
             for st in states:
                 st["step"] += 1
-            if group["fused"]:
-                self._fused_group(group, hp, params, states)
-            elif group["foreach"] is False:
-                self._fused_group(group, hp, params, states, backend="eager")
-            else:
-                self._foreach_group(group, hp, params, states)
+            # one call per (device, step count); the step is a CPU tensor: no sync to read
+            buckets: dict[tuple, list[int]] = {}
+            for i, (p, st) in enumerate(zip(params, states)):
+                buckets.setdefault((p.device, float(st["step"])), []).append(i)
+            for (device, step), idx in buckets.items():
+                path = self._path(group, device, sum(params[i].numel() for i in idx))
+                small = []
+                if path == "compiled" and device.type == "cpu" and self._is_default(group):
+                    # a compiled call costs ~0.1 ms of Python and dynamo: small tensors
+                    # (biases, norms) go through one _foreach call together
+                    small = [i for i in idx if params[i].numel() < SERIAL_NUMEL]
+                    idx = [i for i in idx if params[i].numel() >= SERIAL_NUMEL]
+                for part, name in ((small, "foreach"), (idx, path)):
+                    if not part:
+                        continue
+                    args = (group, hp, [params[i] for i in part], [states[i] for i in part], step)
+                    if name == "foreach":
+                        self._foreach_group(*args)
+                    else:
+                        self._fused_group(*args, backend=name)
         return loss
 
-    def _foreach_group(self, group, hp: GroupHParams, params, states) -> None:
-        # foreach needs one step count per call: bucket by (device, step).
-        buckets: dict[tuple, list[int]] = {}
-        for i, (p, st) in enumerate(zip(params, states)):
-            buckets.setdefault((p.device, float(st["step"])), []).append(i)
-        for (device, step), idx in buckets.items():
-            lr, bc1, bc2 = step_scalars(group["lr"], step, hp, device)
-            masters = [states[i].get("master", params[i]) for i in idx]
-            lowp = [params[i] for i in idx if "master" in states[i]]
-            foreach_step(masters, [params[i].grad for i in idx],
-                         [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx],
-                         [states[i]["exp_avg_s"] for i in idx] if hp.beta3 > 0 else None, None,
-                         lr=lr, bc1=bc1, bc2=bc2, beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3,
-                         lam=hp.lam, eps=hp.eps, wd=hp.weight_decay)
-            if lowp:
-                torch._foreach_copy_(lowp, [states[i]["master"] for i in idx if "master" in states[i]])
+    @staticmethod
+    def _is_default(group: dict) -> bool:
+        return group["fused"] is None and group["foreach"] is None
 
-    def _fused_group(self, group, hp: GroupHParams, params, states,
-                     backend: Optional[str] = None) -> None:
-        fused = group["fused"]
+    @staticmethod
+    def _path(group: dict, device: torch.device, numel: int) -> str:
+        """"foreach", or a flat_step backend name."""
+        fused, foreach = group["fused"], group["foreach"]
+        if fused:
+            return resolve_backend("auto" if fused is True else fused, device)
+        if foreach is False:
+            return "eager"
+        if foreach is None and fused is None:
+            path = default_path(device, numel)
+            return path if path == "foreach" else resolve_backend(path, device)
+        return "foreach"
+
+    def _foreach_group(self, group, hp: GroupHParams, params, states, step: float) -> None:
+        device = params[0].device
+        bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
+        lowp = [i for i, st in enumerate(states) if "master" in st]
+        foreach_step([st.get("master", p) for p, st in zip(params, states)],
+                     [p.grad for p in params], [st["exp_avg"] for st in states],
+                     [st["exp_avg_sq"] for st in states],
+                     [st["exp_avg_s"] for st in states] if hp.beta3 > 0 else None, None,
+                     lr=host_scalar(group["lr"], device), bc1=bc1, bc2=bc2, beta1=hp.beta1,
+                     beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps, wd=hp.weight_decay)
+        if lowp:
+            torch._foreach_copy_([params[i] for i in lowp], [states[i]["master"] for i in lowp])
+
+    def _fused_group(self, group, hp: GroupHParams, params, states, step: float, *,
+                     backend: str) -> None:
         for p, st in zip(params, states):
-            name = backend or resolve_backend("auto" if fused is True else fused, p.device)
             master = st.get("master", p)
             work = master if master.is_contiguous() else master.contiguous()
             out = p if "master" in st and p.is_contiguous() else None
@@ -141,8 +201,8 @@ class AMS(Optimizer):
                       st["exp_avg_sq"].view(-1),
                       st["exp_avg_s"].view(-1) if "exp_avg_s" in st else None,
                       out.view(-1) if out is not None else None, lr=group["lr"],
-                      step=st["step"], hp=hp, pieces=(Piece(0, n, 0, n),), num_tensors=1,
-                      backend=name)
+                      step=step, hp=hp, pieces=(Piece(0, n, 0, n),), num_tensors=1,
+                      backend=backend)
             if work is not master:
                 master.copy_(work)
             if "master" in st and out is None:

@@ -2,37 +2,58 @@
 
 Per step, for each dtype buffer and bucket: reduce the gradients to their owner
 (reduce-scatter; all-reduce on gloo), one small all-reduce for the global grad norm
-(clipping and the non-finite check: every rank skips together), the fused AMS step on
-the local shard (fp32 masters, m, v[, s]), and an all-gather of the params.
+(clipping and the non-finite check: every rank skips together, decided on the device),
+the fused AMS step on the local shard (fp32 masters, m, v[, s]), and an all-gather of the
+params. With ``overlap=True`` (default) the reductions run during backward and the
+gathers during the next forward (``bucket_sync.py``); the maths is the same bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .bucket_sync import BucketSync, SyncStats
 from .buffers import FlatParamGradBuffer
 from .collectives import Comm, bytes_of
-from .config import DEFAULTS, check_grad, check_params, preset_hparams, validate_hparams
+from .config import DEFAULTS, check_params, preset_hparams, validate_hparams
 from .kernels import GroupHParams, Piece, flat_step, resolve_backend
 from .layout import BufferLayout, Run
 
 STATE_FORMAT_VERSION = 1
 
+#: Default ``bucket_numel`` with overlap, per backend (see docs/sharding.md, "Overlap").
+#: gloo: measured on 2 CPU ranks (benchmarks/bench_overlap.py --bucket-sweep). NCCL: not
+#: measured yet; DDP's default bucket_cap_mb=25 (25 MiB of fp32 gradients).
+DEFAULT_BUCKET_NUMEL = {"gloo": 1_000_000, "nccl": 6_553_600}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-@dataclass
+
 class StepInfo:
-    """What the last ``step()`` did: the global grad norm (before clipping) and whether
-    the step was skipped because a gradient was not finite on some rank."""
+    """What the last ``step()`` did: the global grad norm (before clipping) and whether the
+    step was skipped because a gradient was not finite on some rank.
 
-    grad_norm: Optional[float]
-    skipped: bool
+    Both live on the device (``step()`` never waits for them); reading ``grad_norm`` or
+    ``skipped`` is the host sync, paid only by whoever reads them."""
+
+    def __init__(self, norm: Optional[Tensor] = None, skip: Optional[Tensor] = None):
+        self.grad_norm_tensor, self.skipped_tensor = norm, skip
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        return None if self.grad_norm_tensor is None else float(self.grad_norm_tensor)
+
+    @property
+    def skipped(self) -> bool:
+        return False if self.skipped_tensor is None else bool(self.skipped_tensor)
+
+    def __repr__(self) -> str:
+        return f"StepInfo(grad_norm={self.grad_norm}, skipped={self.skipped})"
 
 
 class _DtypeShard:
@@ -40,9 +61,10 @@ class _DtypeShard:
 
     def __init__(self, layout: BufferLayout, params: list[Tensor], dtype: torch.dtype,
                  device: torch.device, rank: int, with_s: bool,
-                 state_dtype: torch.dtype = torch.float32):
+                 state_dtype: torch.dtype = torch.float32,
+                 grad_dtype: Optional[torch.dtype] = None):
         self.layout, self.rank = layout, rank
-        self.buf = FlatParamGradBuffer(layout, params, dtype, device)
+        self.buf = FlatParamGradBuffer(layout, params, dtype, device, grad_dtype)
         n = layout.shard_numel
         f32 = dict(dtype=torch.float32, device=device)
         moments = dict(dtype=state_dtype, device=device)
@@ -57,10 +79,6 @@ class _DtypeShard:
             for b in range(len(layout.buckets)):
                 self.master_view(b).copy_(self.param_shard(b))
         self.runs: list[Run] = []
-
-    def bucket_range(self, b: int) -> tuple[int, int]:
-        bk = self.layout.buckets[b]
-        return bk.start, bk.end
 
     def param_shard(self, b: int) -> Tensor:
         s0, s1 = self.layout.buckets[b].shard(self.rank)
@@ -101,16 +119,33 @@ class ShardedAMS(Optimizer):
         lr, betas, beta3, lam, eps, weight_decay: as :class:`AMS`.
         max_grad_norm: clip the global grad norm (as ``clip_grad_norm_`` on the full grads).
         skip_nonfinite: skip the step on every rank when any gradient is inf/NaN.
-        bucket_numel: elements per communication bucket (None: one bucket per dtype).
+        bucket_numel: elements per communication bucket: ``"auto"`` (default: with overlap
+            the backend's :data:`DEFAULT_BUCKET_NUMEL`, without it one bucket per dtype),
+            None (one bucket per dtype) or a number.
         backend: step kernel: "auto", "triton", "compiled" or "eager".
         broadcast_params: copy rank 0's initial params to every rank, as DDP does.
         state_dtype: storage of m, v[, s]: ``torch.float32`` (default) or ``torch.bfloat16``
             (halves their memory; the maths stays fp32, values are rounded on store;
             masters stay fp32). See ``docs/maths.md`` for the measured effect.
+        overlap: reduce each bucket's gradients during backward, as soon as backward has
+            produced them all, and wait for each bucket's param all-gather in the next
+            forward, just before the first module that uses it (default True; for equal
+            ``bucket_numel`` bitwise the same results as False). See docs/sharding.md.
+        grad_reduce_dtype: dtype gradients of bf16/fp16 params are accumulated and reduced
+            in: None or ``torch.float32`` (default: fp32, as Megatron's
+            ``grad_reduce_in_fp32``; ``p.grad`` is then None after backward, the gradient
+            lives in the optimizer's fp32 buffer) or the params' own dtype (today's
+            16-bit reduction: half the bytes). fp32 params always reduce in fp32.
+        module: the model, when ``params`` are params or groups rather than the module
+            itself: its parameter order sets the bucket order, and its modules get the
+            forward pre-hooks that overlap the param gather (without it the gather is
+            waited for at the end of ``step()``).
 
     Use it in place of both DDP and the optimizer: ``loss.backward(); opt.step();
-    opt.zero_grad()``. Gradients are averaged over ranks. A param that got no gradient
-    on any rank is treated as having a zero gradient (as DDP + AdamW do).
+    opt.zero_grad()``; for gradient accumulation run every micro-batch's backward but the
+    last under :meth:`no_sync`. Gradients are averaged over ranks. A param that got no
+    gradient on any rank is treated as having a zero gradient (as DDP + AdamW do).
+    Read params outside a forward only after :meth:`finish_param_sync`.
     """
 
     def __init__(self, params: Union[nn.Module, Iterable], process_group: Optional[Any] = None,
@@ -119,8 +154,10 @@ class ShardedAMS(Optimizer):
                  lam: Optional[float] = None, eps: float = DEFAULTS["eps"],
                  weight_decay: float = DEFAULTS["weight_decay"],
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = True,
-                 bucket_numel: Optional[int] = None, backend: str = "auto",
-                 broadcast_params: bool = True, state_dtype: torch.dtype = torch.float32):
+                 bucket_numel: Union[int, str, None] = "auto", backend: str = "auto",
+                 broadcast_params: bool = True, state_dtype: torch.dtype = torch.float32,
+                 overlap: bool = True, grad_reduce_dtype: Optional[torch.dtype] = None,
+                 module: Optional[nn.Module] = None):
         fixed = preset_hparams(preset) if preset else {}
         if fixed and (beta3 is not None or lam is not None):
             raise ValueError(f"preset={preset!r} fixes beta3 and lam; do not pass them too")
@@ -131,33 +168,46 @@ class ShardedAMS(Optimizer):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm}")
         if state_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"Invalid state_dtype: {state_dtype} (use torch.float32 or torch.bfloat16)")
-        if bucket_numel is not None and bucket_numel < 1:
-            raise ValueError(f"Invalid bucket_numel: {bucket_numel}")
+        if bucket_numel != "auto" and bucket_numel is not None and (
+                isinstance(bucket_numel, (str, bool)) or bucket_numel < 1):
+            raise ValueError(f"Invalid bucket_numel: {bucket_numel!r}")
+        if grad_reduce_dtype not in (None, torch.float32) + LOW_PRECISION:
+            raise ValueError(f"Invalid grad_reduce_dtype: {grad_reduce_dtype} (use None, "
+                             "torch.float32 or the params' 16-bit dtype)")
         names: dict[int, str] = {}
         if isinstance(params, nn.Module):
-            named = [(n, p) for n, p in params.named_parameters() if p.requires_grad]
-            names = {id(p): n for n, p in named}
-            params = [p for _, p in named]
+            module = params
+            params = [p for p in module.parameters() if p.requires_grad]
+        if module is not None:
+            names = {id(p): n for n, p in module.named_parameters()}
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, lam=lam, eps=eps,
                         weight_decay=weight_decay, step=0)
         super().__init__(params, defaults)
+        self._sync: Optional[BucketSync] = None
         self.comm = Comm(process_group)
         self.max_grad_norm, self.skip_nonfinite = max_grad_norm, skip_nonfinite
-        self.last_step = StepInfo(None, False)
-        self.skipped_steps = 0
+        self.overlap, self.grad_reduce_dtype = overlap, grad_reduce_dtype
         self._names: dict[Tensor, str] = {}
+        seen: set[int] = set()
         for gi, group in enumerate(self.param_groups):
             check_params(group["params"])
             validate_hparams(group["lr"], group["betas"], group["beta3"], group["lam"],
                              group["eps"], group["weight_decay"])
             pnames = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                self._names[p] = names.get(id(p)) or (pnames[i] if pnames else f"group{gi}.param{i}")
+                name = names.get(id(p)) or (pnames[i] if pnames else f"group{gi}.param{i}")
+                if id(p) in seen:
+                    raise ValueError(f"Parameter {name!r} appears twice in the param groups")
+                seen.add(id(p))
+                self._names[p] = name
+        if module is not None:
+            _refuse_sparse_modules(module, self._names)
         self.state_dtype = state_dtype
-        self._build(bucket_numel, backend, broadcast_params)
+        self._build(bucket_numel, backend, broadcast_params, module)
 
     # ------------------------------------------------------------------ layout
-    def _build(self, bucket_numel: Optional[int], backend: str, broadcast: bool) -> None:
+    def _build(self, bucket_numel: Union[int, str, None], backend: str, broadcast: bool,
+               module: Optional[nn.Module]) -> None:
         by_dtype: dict[tuple, list[tuple[int, Tensor]]] = {}
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -165,17 +215,37 @@ class ShardedAMS(Optimizer):
                     by_dtype.setdefault((p.dtype, p.device), []).append((gi, p))
         if len({d for _, d in by_dtype}) > 1:
             raise ValueError("ShardedAMS needs all trainable params on one device")
+        self.device = next(iter(by_dtype))[1] if by_dtype else torch.device("cpu")
+        # fill order: the order gradients are expected in backward, the reverse of the
+        # module's parameter order (params the module does not hold come last)
+        rank_in_module = {id(p): i for i, p in enumerate(module.parameters())} if module else {}
+        listed = [p for _, items in by_dtype.items() for _, p in items]
+        fwd = sorted(listed, key=lambda p: rank_in_module.get(id(p), len(rank_in_module)))
+        fill_pos = {id(p): len(fwd) - 1 - i for i, p in enumerate(fwd)}
+        if bucket_numel == "auto":
+            bucket_numel = DEFAULT_BUCKET_NUMEL.get(self.comm.backend) \
+                if self.overlap and self.comm.active else None
+        self.bucket_numel = bucket_numel
+        grad_dtypes = {dtype: self._grad_dtype(dtype) for dtype, _ in by_dtype}
+        self.backend = resolve_backend(backend, self.device)  # before any collective
         with_s = any(g["beta3"] > 0 for g in self.param_groups)
+        groups_of = {id(p): gi for items in by_dtype.values() for gi, p in items}
+        specs = []
+        for (dtype, _device), items in sorted(by_dtype.items(), key=lambda kv: str(kv[0][0])):
+            ordered = sorted((p for _, p in items), key=lambda p: fill_pos[id(p)])
+            specs.append((dtype, ordered))
+        self.comm.check_same("the params and optimizer settings", self._fingerprint(specs),
+                             self.device)
         self.shards: list[_DtypeShard] = []
-        for (dtype, device), items in sorted(by_dtype.items(), key=lambda kv: str(kv[0][0])):
-            spec = [(self._names[p], tuple(p.shape), gi) for gi, p in items]
+        for dtype, ordered in specs:
+            spec = [(self._names[p], tuple(p.shape), groups_of[id(p)]) for p in ordered]
             layout = BufferLayout.build(spec, self.comm.world_size, bucket_numel)
-            shard = _DtypeShard(layout, [p for _, p in items], dtype, device, self.comm.rank,
-                                with_s, self.state_dtype)
+            by_name = {self._names[p]: p for p in ordered}
+            shard = _DtypeShard(layout, [by_name[s.name] for s in layout.slots], dtype,
+                                self.device, self.comm.rank, with_s, self.state_dtype,
+                                grad_dtypes[dtype])
             shard.runs = layout.runs(self.comm.rank, range(len(self.param_groups)))
             self.shards.append(shard)
-        self.device = next(iter(by_dtype))[1] if by_dtype else torch.device("cpu")
-        self.backend = resolve_backend(backend, self.device)
         if broadcast and self.comm.active:
             handles = [self.comm.broadcast(sh.buf.param) for sh in self.shards]
             for h in handles:
@@ -184,41 +254,89 @@ class ShardedAMS(Optimizer):
                 if sh.own_master:
                     for b in range(len(sh.layout.buckets)):
                         sh.master_view(b).copy_(sh.param_shard(b))
+        for group in self.param_groups:  # step counts live on the device (no host sync)
+            group["step"] = torch.tensor(float(group["step"]), dtype=torch.float32,
+                                         device=self.device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.last_step = StepInfo()
+        self._sync = BucketSync(self.shards, self.comm, fill_pos, self._names, self.overlap)
+        self._sync.register_grad_hooks(
+            collect_in_hook=self.overlap or any(sh.buf.main_grad for sh in self.shards))
+        if module is not None:
+            self._sync.register_module_hooks(module)
+
+    def _grad_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if dtype not in LOW_PRECISION or self.grad_reduce_dtype in (None, torch.float32):
+            return torch.float32 if dtype in LOW_PRECISION else dtype
+        if self.grad_reduce_dtype != dtype:
+            raise ValueError(f"grad_reduce_dtype={self.grad_reduce_dtype} does not match the "
+                             f"{dtype} params: use None (fp32) or {dtype}")
+        return dtype
+
+    def _fingerprint(self, specs: list) -> list[str]:
+        """What every rank must agree on: params (names, shapes, dtypes, groups, order),
+        group hyperparameters and the optimizer's options."""
+        items = [f"world_size={self.comm.world_size}"]
+        for dtype, ordered in specs:
+            items += [f"param {self._names[p]!r}: shape {tuple(p.shape)}, {dtype}" for p in ordered]
+        for gi, g in enumerate(self.param_groups):
+            hp = {k: float(g[k]) if k != "betas" else tuple(map(float, g[k]))
+                  for k in ("lr", "betas", "beta3", "lam", "eps", "weight_decay")}
+            items.append(f"group {gi}: {hp}, params "
+                         f"{[self._names[p] for p in g['params'] if p.requires_grad]}")
+        items.append(f"options: max_grad_norm={self.max_grad_norm}, skip_nonfinite="
+                     f"{self.skip_nonfinite}, bucket_numel={self.bucket_numel}, state_dtype="
+                     f"{self.state_dtype}, overlap={self.overlap}, grad_reduce_dtype="
+                     f"{self.grad_reduce_dtype}")
+        return items
 
     # ------------------------------------------------------------------ sync API
     @contextlib.contextmanager
-    def no_sync(self):
+    def no_sync(self) -> Iterator[None]:
         """Backward passes inside this context accumulate gradients locally without
         starting their reduction (as DDP's ``no_sync``): run every micro-batch but the last
         of an optimizer step under it. Without overlap the reduction happens in ``step()``
-        anyway, so this changes nothing but is always safe to use."""
-        yield
+        anyway, so it changes nothing there but is always safe to use."""
+        with self._sync.no_sync():
+            yield
 
     def finish_param_sync(self) -> None:
         """Wait until every parameter holds its gathered value. Call before reading params
-        outside a forward (evaluation, ``state_dict``, checkpoints); a no-op when no gather
-        is pending."""
+        outside a forward (evaluation by hand, checkpoints, export); forwards through the
+        module, ``state_dict()`` / ``load_state_dict()`` of the module or this optimizer
+        wait by themselves. A no-op when no gather is pending."""
+        self._sync.finish_param_sync()
+
+    def close(self) -> None:
+        """Detach from the params: remove this optimizer's backward and forward hooks (they
+        would otherwise keep collecting gradients). Call it before training the same params
+        with another optimizer; this one cannot step afterwards. A new ShardedAMS built on
+        the same params closes the old one itself."""
+        self._sync.finish_param_sync()
+        self._sync.abandon_grad_sync()
+        self._sync.remove_hooks()
+
+    @property
+    def sync_stats(self) -> SyncStats:
+        """Host time blocked on communication, by where (see :class:`SyncStats`)."""
+        return self._sync.stats
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient (reading it is a host sync)."""
+        return int(self._skipped)
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped.fill_(int(value))
 
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the flat grad buffers; grads stay views into them (``set_to_none`` is ignored)."""
+        """Zero the gradients: the flat grad buffers (fp32 params: grads stay views into
+        them; ``set_to_none`` is ignored), after waiting for reductions still running."""
+        self._sync.abandon_grad_sync()
         for sh in self.shards:
             sh.buf.zero_grad()
-
-    def _reduce_grads(self) -> None:
-        world = self.comm.world_size
-        handles = []
-        for sh in self.shards:
-            sh.buf.attach_grads()
-            for p in sh.buf.params:
-                check_grad(p, self._names.get(p))
-            for b in range(len(sh.layout.buckets)):
-                s, e = sh.bucket_range(b)
-                if world > 1:
-                    sh.buf.grad[s:e].div_(world)
-                handles.append(self.comm.reduce_grads(sh.buf.grad[s:e], sh.grad_shard(b)))
-        for h in handles:
-            h.wait()
 
     def _global_grad_norm(self) -> Tensor:
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -227,41 +345,49 @@ class ShardedAMS(Optimizer):
                 # fp32 norm (as clip_grad_norm_; a float64 one is ~30x slower on CPU),
                 # squared and summed in float64; an fp32 overflow is inf and skips the step.
                 sq += torch.linalg.vector_norm(sh.grad_shard(b), dtype=torch.float32).double() ** 2
-        self.comm.all_reduce(sq).wait()
+        self._sync.wait_small(self.comm.all_reduce(sq))
         return sq.sqrt()
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """Reduce grads, clip, check, update the local shard, gather params. Returns the
-        closure's loss; :attr:`last_step` says the grad norm and whether it was skipped."""
+        closure's loss; :attr:`last_step` says the grad norm and whether it was skipped.
+
+        No host sync: clipping and the non-finite skip are decided on the device."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._reduce_grads()
-        norm = None
+        if self._sync.closed:
+            raise RuntimeError("This ShardedAMS was closed, or replaced by another one built "
+                               "on the same params; step the new one")
+        self._sync.finish_param_sync()  # gathers no forward waited for: unused params
+        self._sync.finish_grad_sync()
+        norm = skip = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
-            norm_t = self._global_grad_norm()
-            norm = float(norm_t)  # one host sync: every rank must agree on skipping
-            if self.skip_nonfinite and not math.isfinite(norm):
-                self.skipped_steps += 1
-                self.last_step = StepInfo(norm, True)
-                return loss
+            norm = self._global_grad_norm()
+            if self.skip_nonfinite:
+                skip = ~torch.isfinite(norm)
             if self.max_grad_norm is not None:
                 coef = self.max_grad_norm / (norm + 1e-6)
-                if coef < 1.0:
-                    for sh in self.shards:
-                        for b in range(len(sh.layout.buckets)):
-                            sh.grad_shard(b).mul_(coef)
+                # 1.0 (an exact no-op) unless clipping; NaN (not skipped) leaves grads as they are
+                coef = torch.where(coef < 1.0, coef, torch.ones_like(coef))
+                for sh in self.shards:
+                    for b in range(len(sh.layout.buckets)):
+                        sh.grad_shard(b).mul_(coef)
         for group in self.param_groups:
-            group["step"] += 1
+            group["step"] += 1 if skip is None else (~skip).float()
         for sh in self.shards:
-            self._step_shard(sh)
-        self._gather_params()
-        self.last_step = StepInfo(norm, False)
+            self._step_shard(sh, skip)
+            sh.buf.consumed()
+        if skip is not None:
+            self._skipped += skip
+        self._sync.start_param_sync()
+        self._sync.stats.steps += 1
+        self.last_step = StepInfo(norm, skip)
         return loss
 
-    def _step_shard(self, sh: _DtypeShard) -> None:
+    def _step_shard(self, sh: _DtypeShard, skip: Optional[Tensor]) -> None:
         num = len(sh.layout.slots)
         low = sh.own_master
         for run in sh.runs:
@@ -279,17 +405,12 @@ class ShardedAMS(Optimizer):
                       sh.local("exp_avg_s", b)[r0:r1] if "exp_avg_s" in sh.state else None,
                       sh.param_shard(b)[r0:r1] if low else None, lr=group["lr"],
                       step=group["step"], hp=GroupHParams.from_group(group), pieces=pieces,
-                      num_tensors=num, backend=self.backend,
-                      count_reduce=lambda c: self.comm.all_reduce(c).wait())
+                      num_tensors=num, backend=self.backend, skip=skip,
+                      count_reduce=lambda c: self._sync.wait_small(self.comm.all_reduce(c)))
 
-    def _gather_params(self) -> None:
-        handles = []
-        for sh in self.shards:
-            for b in range(len(sh.layout.buckets)):
-                s, e = sh.bucket_range(b)
-                handles.append(self.comm.gather_params(sh.buf.param[s:e], sh.param_shard(b)))
-        for h in handles:
-            h.wait()
+    def _gather_params_now(self) -> None:
+        self._sync.start_param_sync()
+        self._sync.finish_param_sync()
 
     # ------------------------------------------------------------------ state
     def state_bytes(self) -> int:
@@ -304,10 +425,12 @@ class ShardedAMS(Optimizer):
 
         Pieces are (name, offset, length) ranges of each param with their state; any set
         of pieces covering every param loads on any world size."""
+        self._sync.finish_param_sync()
         groups = []
         for g in self.param_groups:
             hp = {k: v for k, v in g.items() if k not in ("params", "param_names")}
             hp["lr"] = float(hp["lr"]) if isinstance(hp["lr"], Tensor) else hp["lr"]
+            hp["step"] = int(hp["step"])
             hp["params"] = [self._names[p] for p in g["params"] if p.requires_grad]
             groups.append(hp)
         params, pieces = {}, []
@@ -340,9 +463,16 @@ class ShardedAMS(Optimizer):
             raise ValueError("Not a ShardedAMS state dict (missing format='sharded_ams'); "
                              "for a single-process AMS state dict use AMS.load_state_dict")
         self._check_compatible(head)
+        for saved in head["param_groups"]:  # as the constructor does, before changing anything
+            validate_hparams(saved["lr"], saved["betas"], saved["beta3"], saved["lam"],
+                             saved["eps"], saved["weight_decay"])
+        self._sync.finish_param_sync()  # a pending gather must not overwrite what is loaded
+        self._sync.abandon_grad_sync()
         for g, saved in zip(self.param_groups, head["param_groups"]):
             for k, v in saved.items():
-                if k != "params":
+                if k == "step":
+                    g[k] = torch.tensor(float(v), dtype=torch.float32, device=self.device)
+                elif k != "params":
                     g[k] = tuple(v) if k == "betas" else v
         self.skipped_steps = head.get("skipped_steps", 0)
         by_name: dict[str, list[dict]] = {}
@@ -355,7 +485,7 @@ class ShardedAMS(Optimizer):
             for b in range(len(sh.layout.buckets)):
                 if sh.own_master:
                     sh.param_shard(b).copy_(sh.master_view(b))
-        self._gather_params()
+        self._gather_params_now()
 
     def _check_compatible(self, sd: dict) -> None:
         mine = {s.name: list(s.shape) for sh in self.shards for s in sh.layout.slots}
@@ -390,3 +520,13 @@ class ShardedAMS(Optimizer):
         if covered != pc.length:
             raise ValueError(f"Checkpoint does not cover param {pc.slot.name!r} elements "
                              f"[{lo}, {hi}) (covered {covered} of {pc.length})")
+
+
+def _refuse_sparse_modules(module: nn.Module, names: dict[Tensor, str]) -> None:
+    """Embeddings built with ``sparse=True`` produce sparse gradients, which AMS refuses:
+    say so at construction (other sparse gradients are refused by a hook in backward)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight in names:
+            raise ValueError(f"AMS does not support sparse gradients: parameter "
+                             f"{names[m.weight]!r} belongs to {type(m).__name__}(sparse=True); "
+                             "build it with sparse=False")

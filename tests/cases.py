@@ -82,12 +82,13 @@ class Case:
         """The optimizer for this case; ``extra`` adds e.g. ``foreach=``/``fused=``."""
         return _PRESET_CLASSES[self.preset](params, **self.ctor_kwargs, **extra)
 
-    def with_(self, name: Optional[str] = None, **hp) -> "Case":
+    def with_(self, name: Optional[str] = None, desc: Optional[str] = None, **hp) -> "Case":
         """A copy with some hyperparameters replaced (keeps no preset if beta3/lam change)."""
         preset = self.preset
         if any(k in _PRESET_FIXED.get(preset, {}) for k in hp):
             preset = None
-        return Case(name or self.name, {**self.hparams, **hp}, preset, self.desc)
+        return Case(name or self.name, {**self.hparams, **hp}, preset,
+                    self.desc if desc is None else desc)
 
     def __post_init__(self):
         missing = {"lr", "betas", "beta3", "lam", "eps", "weight_decay"} - set(self.hparams)
@@ -121,6 +122,14 @@ CONFIGS: list[Case] = [
 ]
 
 CONFIGS_BY_NAME: dict[str, Case] = {c.name: c for c in CONFIGS}
+
+#: Checked against the independent numpy oracle (``tests/oracle.py``) on every backend:
+#: the three presets (with decay) and general AMS with an EMA sign reference. beta3 = 0.9
+#: with beta1 = 0.95: at beta1 = beta3 the reference s equals m and the step is AdamW's.
+ORACLE_CASES: list[Case] = [CONFIGS_BY_NAME[n] for n in ("grams_wd", "cadam_wd", "adamw_wd")] + [
+    CONFIGS_BY_NAME["lam-0.5_beta3-0.5_wd"].with_("lam-0.5_beta3-0.9_wd", beta3=0.9,
+                                                  betas=(0.95, 0.999),
+                                                  desc="lam=-0.5, beta3=0.9, beta1=0.95")]
 
 
 @dataclass(frozen=True)

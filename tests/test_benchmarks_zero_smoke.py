@@ -46,8 +46,14 @@ def test_bench_zero_smoke(tmp_path, capsys):
         assert r["step_ms"] > 0 and len(r["times_ms"]) == steps
         assert len(r["state_bytes_ranks"]) == 2 and min(r["state_bytes_ranks"]) > 0
         assert r["step_ms_x_zero"] is not None and r["state_mb_x_ddp"] is not None
-    assert rows["zero_adamw"]["step_ms_x_zero"] == pytest.approx(1.0)
-    assert rows["ddp_adamw"]["state_mb_x_ddp"] == pytest.approx(1.0)
+    # every ratio, recomputed from the rows' own numbers (not a row against itself)
+    for r in rows.values():
+        for ref, tag in (("zero_adamw", "x_zero"), ("ddp_adamw", "x_ddp")):
+            for key in ("step_ms", "opt_comm_ms", "state_mb"):
+                assert r[f"{key}_{tag}"] == pytest.approx(r[key] / rows[ref][key]), (r["name"], key, tag)
+    # ShardedAMS on 2 ranks: each rank holds about half of DDP's optimizer state (+ padding)
+    for name in ("sharded_grams", "sharded_adamw"):
+        assert 0.45 <= rows[name]["state_mb_x_ddp"] <= 0.6, (name, rows[name]["state_mb_x_ddp"])
     # memory: ShardedAMS splits m and v evenly (plus padding); ZeRO's ranks together hold
     # exactly the unsharded AdamW state (whole params assigned to ranks)
     ddp = rows["ddp_adamw"]["state_bytes_ranks"]

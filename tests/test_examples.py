@@ -122,6 +122,7 @@ def test_lam_sweep_without_ray(ex, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| lam | final train loss | final val loss |" in printed
     assert "| lam=-1 (Grams) | 2.8571 | **2.9071** |" in printed  # 4 / 1.4 (+ 0.05): the lowest
+    assert "same peak lr (0.003), not tuned per optimizer, and one seed" in printed
 
 
 def test_history_names_missing_steps(ex):
@@ -181,14 +182,39 @@ def test_lam_sweep_tiny(ex, ray_session, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_demo_compare(ex, pretrain_tiny):
-    """resume_demo's comparison of two checkpoints (on pretrain_compare's, no new run)."""
+def test_resume_demo_compare(ex, pretrain_tiny, tmp_path):
+    """resume_demo's comparison on pretrain_compare's checkpoints (no extra run). The
+    2-rank Grams checkpoint against: the same state loaded and saved again on 1 rank
+    (other files, the same tensors): none differ; a copy with one element of one state
+    changed (checksums recomputed): exactly one differs; the AdamW run: many differ."""
+    import shutil
+
+    from ckpt_common import edit_shard
+    from launcher.models import build_model
+    from sharded_ams import ShardedAMS
+    from sharded_ams.checkpoint import consolidate, load_checkpoint, save_checkpoint
+
     _, res = pretrain_tiny
     grams, adamw = (h.result.checkpoint for h in res["histories"])
-    n, differing = ex.resume.compare(grams, grams)
+    extra = consolidate(grams)["extra"]
+    model = build_model(extra["model"])
+    opt = ShardedAMS(model, preset="grams", backend="eager")
+    step = load_checkpoint(grams, opt, model=model)["step"]
+    save_checkpoint(tmp_path / "resaved", opt, model=model, step=step, extra=extra)
+    assert sorted(os.listdir(tmp_path / "resaved")) != sorted(os.listdir(grams))  # 1 shard, not 2
+    n, differing = ex.resume.compare(grams, tmp_path / "resaved")
     assert n > 10 and differing == 0
+
+    poked = tmp_path / "poked"
+    shutil.copytree(grams, poked)
+
+    def poke(shard):
+        shard["optimizer"]["pieces"][0]["exp_avg"][0] += 1.0
+
+    edit_shard(poked, "shard-rank00000-of-00002.pt", poke)
+    assert ex.resume.compare(grams, poked) == (n, 1)
     n2, differing = ex.resume.compare(grams, adamw)
-    assert n2 == n and 0 < differing <= n
+    assert n2 == n and 1 < differing <= n
 
 
 @pytest.mark.slow

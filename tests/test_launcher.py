@@ -456,4 +456,4 @@ def test_torchrun_example_trains_checkpoints_and_resumes(tmp_path):
     second = torchrun(1, 15)  # resumes, resharded 2 -> 1
     assert f"resumed from {ckpt / 'step-00000010'} (step 10)" in second
     assert "done: step 15/15" in second
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000010", "step-00000015"]
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step-00000010", "step-00000015"]

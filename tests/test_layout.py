@@ -9,7 +9,11 @@ than a tensor has elements, several param groups, several buckets):
   of world_size * ALIGN and params start on ALIGN boundaries, without overlaps;
 * ``runs()`` lists the same (bucket, group) sequence on every rank (collectives inside
   a run must line up), including runs that are empty on some ranks;
-* ``bucket_numel`` closes a bucket as soon as it holds that many elements.
+* ``bucket_numel`` closes a bucket as soon as it holds that many elements; params fill
+  buckets in the order given (the order gradients are expected) and are stored group by
+  group inside a bucket;
+* every run handed to the kernel ends on a multiple of KERNEL_MULTIPLE, and the elements
+  added for that are padding only.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import random
 
 import pytest
 
-from sharded_ams.layout import ALIGN, BufferLayout, pad_to
+from sharded_ams.layout import ALIGN, KERNEL_MULTIPLE, BufferLayout, pad_to
 
 WORLD_SIZES = [1, 2, 3, 4, 5]
 
-#: (name, shape, group) in canonical order (group, then order within the group), the only
-#: order ShardedAMS builds (runs assume a group's params are contiguous in a bucket)
+#: (name, shape, group) in fill order; groups may interleave (the layout sorts each bucket
+#: by group, so every (bucket, group) run is contiguous)
 SPECS = {
     "gpt_like": [("wte", (256, 32), 0), ("qkv.w", (96, 32), 0), ("ln.w", (32,), 1),
                  ("ln.b", (32,), 1), ("qkv.b", (96,), 1)],
@@ -34,6 +38,8 @@ SPECS = {
     "single_element": [("x", (1,), 0)],
     "groups": [("a", (70,), 0), ("b", (1,), 0), ("c", (130,), 1), ("d", (0,), 1),
                ("e", (5, 13), 2)],
+    "interleaved": [("l2.w", (40, 3), 0), ("l2.b", (3,), 1), ("l1.w", (3, 40), 0),
+                    ("l1.b", (3,), 1), ("emb", (23, 5), 0), ("norm", (5,), 2)],
     "big_and_small": [("big", (1000, 3), 0), ("small", (7,), 0), ("mid", (200,), 1)],
 }
 
@@ -204,21 +210,69 @@ def test_bucket_numel_splits(world_size):
     spec = [(f"p{i}", (n,), 0) for i, n in enumerate([100, 30, 30, 30, 500, 1, 1, 64])]
     for bucket_numel in (1, 50, 150, 10_000):
         layout = BufferLayout.build(spec, world_size, bucket_numel)
+        assert [s.name for s in layout.slots] == [n for n, _, _ in spec], "fill order kept"
         for b, bucket in enumerate(layout.buckets):
             slots = [s for s in layout.slots if s.bucket == b]
             assert slots, "no empty buckets"
-            content = slots[-1].end - bucket.start
+            filled = sum(s.numel for s in slots)
             if b < len(layout.buckets) - 1:
-                assert content >= bucket_numel, "a bucket closes only once it is full"
+                assert filled >= bucket_numel, "a bucket closes only once it is full"
             # ... and as soon as it is: without its last param it was not yet full
-            assert slots[-1].start - bucket.start < bucket_numel or len(slots) == 1 or \
-                slots[-2].end - bucket.start < bucket_numel
-            assert all(s.end - bucket.start < bucket_numel for s in slots[:-1])
+            assert filled - slots[-1].numel < bucket_numel
         if bucket_numel == 1:
             assert len(layout.buckets) == len(spec)
             assert [s.bucket for s in layout.slots] == list(range(len(spec)))
         if bucket_numel == 10_000:
             assert len(layout.buckets) == 1
+
+
+def test_fill_order_and_groups_inside_a_bucket():
+    """Buckets follow the fill order (here: one layer each, as backward produces them);
+    inside a bucket params are stored by group, so each (bucket, group) is one run."""
+    layout = BufferLayout.build(SPECS["interleaved"], 2, bucket_numel=121)
+    by_bucket = [[(s.name, s.group) for s in layout.slots if s.bucket == b]
+                 for b in range(len(layout.buckets))]
+    assert by_bucket == [[("l2.w", 0), ("l2.b", 1)], [("l1.w", 0), ("l1.b", 1)],
+                         [("emb", 0), ("norm", 2)]]
+    # groups interleaved in the fill order: still sorted by group inside each bucket
+    layout = BufferLayout.build([("b1", (5,), 1), ("w1", (7,), 0), ("b2", (5,), 1)], 3)
+    assert [s.name for s in layout.slots] == ["w1", "b1", "b2"]
+    for rank in range(3):
+        assert [(r.bucket, r.group) for r in layout.runs(rank, [0, 1])] == [(0, 0), (0, 1)]
+
+
+@pytest.mark.parametrize("bucket_numel", BUCKETS)
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_runs_padded_to_kernel_multiple(spec, world_size, bucket_numel):
+    """Every non-empty run has a length that is a multiple of KERNEL_MULTIPLE and starts on
+    one; the elements between its last piece and its end belong to no param and lie in
+    the rank's shard of the run's bucket."""
+    layout = _build(spec, world_size, bucket_numel)
+    groups = sorted({s.group for s in layout.slots})
+    occupied = set()
+    for s in layout.slots:
+        occupied.update(range(s.start, s.end))
+    for rank in range(world_size):
+        for run in layout.runs(rank, groups):
+            if not run.pieces:
+                continue
+            assert run.local_start % KERNEL_MULTIPLE == 0
+            assert (run.local_end - run.local_start) % KERNEL_MULTIPLE == 0, run
+            last = run.pieces[-1]
+            s0, s1 = layout.buckets[run.bucket].shard(rank)
+            buf = lambda local: s0 + local - layout.local_offset(run.bucket)  # noqa: E731
+            tail = range(buf(last.local_start + last.length), buf(run.local_end))
+            assert len(tail) < KERNEL_MULTIPLE
+            assert tail.stop <= s1 and not occupied.intersection(tail), (run, tail)
+
+
+def test_run_padding_stops_at_the_next_param():
+    """With a small alignment the tail may not reach a multiple of 16: it stops where the
+    next param (of any group) starts, never covering it."""
+    layout = BufferLayout.build([("a", (5,), 0), ("b", (6,), 1)], 1, align=8)
+    runs = layout.runs(0, [0, 1])
+    assert [(r.local_start, r.local_end) for r in runs] == [(0, 8), (8, 16)]
 
 
 def test_random_layouts():

@@ -58,7 +58,9 @@ def _train(cfg, micro: int, steps: int, rank: int = 0, world: int = 1):
     data = load_training_data(dataclasses.asdict(cfg.data))
     torch.manual_seed(cfg.data.seed)
     model = build_model_for_training(dataclasses.asdict(cfg.model), torch.device("cpu"), "fp32")
-    opt = ShardedAMS(model, **cfg.optim.optimizer_kwargs())
+    # overlap=False: p.grad after backward is then still the local gradient this test reads
+    # (with overlap, buckets are reduced in place during backward)
+    opt = ShardedAMS(model, **cfg.optim.optimizer_kwargs(), overlap=False)
     accum = accumulation_steps(cfg.data.batch_size, world, micro)
     grads = None
     for step in range(steps):

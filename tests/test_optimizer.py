@@ -32,8 +32,8 @@ pytestmark = pytest.mark.usefixtures("compiled_budget")
 needs_compile = pytest.mark.skipif(not compile_available(), reason="torch.compile unavailable here")
 
 BACKENDS = {
-    "foreach": dict(),
-    "foreach_true": dict(foreach=True),
+    "default": dict(),  # small params: the _foreach path (optimizer.default_path)
+    "foreach": dict(foreach=True),
     "single": dict(foreach=False),
     "fused_eager": dict(fused="eager"),
     "fused_compiled": dict(fused="compiled"),
@@ -89,7 +89,7 @@ def _adam_eps_before_bias_correction(p0, gs, lr, betas, eps, wd):
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
-@pytest.mark.parametrize("backend", ["foreach", "foreach_true", "single", "fused_eager",
+@pytest.mark.parametrize("backend", ["default", "foreach", "single", "fused_eager",
                                      pytest.param("fused_compiled", marks=needs_compile)])
 def test_adamw_preset_matches_torch_adamw(backend, wd):
     lr, betas, eps = 1e-2, (0.9, 0.999), 1e-8

@@ -1,13 +1,21 @@
 """Backends for the AMS step on flat ranges, and the driver that runs one step.
 
-Backends (all tested against ``sharded_ams.update``):
+Backends (all tested against ``sharded_ams.update`` and the independent oracle in
+``tests/oracle.py``):
 
-* ``"triton"``: one Triton kernel launch (CUDA; CPU only under ``TRITON_INTERPRET=1``).
-* ``"compiled"``: ``torch.compile`` of the reference functions, one fused loop (CPU default).
+* ``"triton"``: one Triton kernel launch per pass (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+* ``"compiled"``: ``torch.compile`` of the ``update.py`` functions, one fused loop per pass.
 * ``"eager"``: plain torch ops (any device and dtype; the fallback).
 
 ``"auto"`` picks triton on CUDA when importable, compiled on CPU when a compiler works,
-else eager.
+else eager. Every backend's ops class has three primitives, called on 1-D contiguous
+ranges: ``fused_step`` (|lam| == 1: one pass), ``count_run`` and ``apply_run`` (the two
+passes of the per-tensor-scaled case, each once per run, through a :class:`RunTable`).
+
+No primitive copies anything from the host to the device or waits for the device: lr and
+the step as Python numbers travel as kernel arguments; as tensors on the range's device
+the scalars are computed there (the path a CUDA graph can capture, and the one
+``ShardedAMS`` takes, its step count living on the device).
 """
 
 from __future__ import annotations
@@ -21,15 +29,20 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..update import lam_is_unit, step_scale
+from ..update import bias_corrections, lam_is_unit, step_scalars, step_scale
 from .eager import CompiledOps, EagerOps, compile_available
+from .tables import Piece, RunTable, as_pieces, run_table
 
 Scalar = Union[float, Tensor]
 BACKENDS = ("auto", "triton", "compiled", "eager")
 
+__all__ = ["BACKENDS", "GroupHParams", "Piece", "RunTable", "flat_step", "get_ops",
+           "resolve_backend", "triton_available", "compile_available", "host_scalar"]
+
 
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
+    """The triton package is installed (an error in the project's kernel then raises)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -62,17 +75,6 @@ def get_ops(backend: str):
 
 
 @dataclass(frozen=True)
-class Piece:
-    """A piece [start, end) of the flat range that belongs to logical tensor ``index``
-    (``numel`` elements in full); used only for the per-tensor scale."""
-
-    start: int
-    end: int
-    index: int
-    numel: int
-
-
-@dataclass(frozen=True)
 class GroupHParams:
     beta1: float
     beta2: float
@@ -88,55 +90,57 @@ class GroupHParams:
                    float(group["eps"]), float(group["weight_decay"]))
 
 
-def step_scalars(lr: Scalar, step: Scalar, hp: GroupHParams, device: torch.device):
-    """lr and the bias corrections as 0-d fp32 tensors on ``device`` (no host sync)."""
-    if isinstance(step, Tensor):
-        t = step.to(device=device, dtype=torch.float64)
-        bc1, bc2 = 1 - torch.pow(hp.beta1, t), 1 - torch.pow(hp.beta2, t)
-    else:
-        bc1 = torch.tensor(1 - hp.beta1 ** step, dtype=torch.float64, device=device)
-        bc2 = torch.tensor(1 - hp.beta2 ** step, dtype=torch.float64, device=device)
-    lr_t = lr.to(device=device, dtype=torch.float64) if isinstance(lr, Tensor) else \
-        torch.tensor(float(lr), dtype=torch.float64, device=device)
-    return lr_t.float(), bc1.float(), bc2.float()
+def host_scalar(x: Scalar, device: torch.device) -> Scalar:
+    """A tensor on ``device`` stays a tensor (its value is used where it lives: no read);
+    a CPU tensor for another device is read on the host (no device sync, and no
+    host-to-device copy); numbers stay numbers."""
+    if isinstance(x, Tensor):
+        return x if x.device == device or x.device.type != "cpu" else float(x)
+    return float(x)
 
 
 def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
               out: Optional[Tensor], *, lr: Scalar, step: Scalar, hp: GroupHParams,
               pieces: Sequence[Piece] = (), num_tensors: int = 0, backend: str = "eager",
-              count_reduce: Optional[Callable[[Tensor], None]] = None) -> None:
+              count_reduce: Optional[Callable[[Tensor], None]] = None,
+              skip: Optional[Tensor] = None) -> None:
     """One AMS step on a flat range, in place.
 
     ``p`` is the fp32 master range, ``g`` the gradient range (any float dtype), ``out``
-    an optional model-dtype range that receives the new p in the same pass. With
-    |lam| == 1 this is one pass. Otherwise the step scale is per logical tensor: the
-    first pass counts u*s < 0 per piece, ``count_reduce`` (an all-reduce when tensors
-    are split across ranks) combines the counts of length ``num_tensors``, and the second
-    pass applies the step with each tensor's scale.
+    an optional model-dtype range that receives the new p in the same pass. ``lr`` and
+    ``step`` are numbers (kernel arguments: nothing is copied to the device), tensors on
+    p's device (the scalars are computed there: no read, and capturable in a CUDA graph),
+    or CPU tensors for a GPU range (read on the host).
+
+    With |lam| == 1 this is one pass. Otherwise the step scale is per logical tensor:
+    one count pass over the whole run adds each tensor's count of u*s < 0 into a device
+    vector of length ``num_tensors`` (through the cached piece table of ``pieces``),
+    ``count_reduce`` (an all-reduce when tensors are split across ranks) combines it,
+    and one apply pass steps every piece with its tensor's scale. Elements in no piece
+    (padding) are stepped with scale 1, as the one-pass step steps them. ``skip``: an
+    optional 0-d bool tensor on p's device; where true nothing is written (a step skipped
+    without a host sync).
     """
     ops = get_ops(backend)
-    lr_t, bc1, bc2 = step_scalars(lr, step, hp, p.device)
-    if lam_is_unit(hp.lam):
-        if p.numel() == 0:
-            return
-        ops.fused_step(p, g, m, v, s, out, lr_t, bc1, bc2, hp.beta1, hp.beta2, hp.beta3,
-                       hp.lam, hp.eps, hp.weight_decay)
+    lr, step = host_scalar(lr, p.device), host_scalar(step, p.device)
+    if p.numel() == 0 and count_reduce is None:
         return
-    counts = torch.zeros(num_tensors, dtype=torch.int64, device=p.device)
-    numels = torch.zeros(num_tensors, dtype=torch.int64, device=p.device)
-    pieces = [pc for pc in pieces if pc.end > pc.start]
-    for pc in pieces:
-        sl = slice(pc.start, pc.end)
-        neg = ops.moments_count(g[sl], m[sl], v[sl], s[sl] if s is not None else None, bc1,
-                                bc2, hp.beta1, hp.beta2, hp.beta3, hp.lam, hp.eps)
-        counts[pc.index] += neg
-        numels[pc.index] = pc.numel
+    bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
+    if lam_is_unit(hp.lam):
+        if p.numel():
+            ops.fused_step(p, g, m, v, s, out, step_scalars(lr, bc1, bc2, hp.weight_decay), hp,
+                           skip)
+        return
+    table = run_table(as_pieces(pieces), p.numel(), num_tensors, p.device)
+    counts = torch.zeros(num_tensors + 1, dtype=torch.int64, device=p.device)
+    if p.numel():
+        ops.count_run(g, m, v, s, hp, table, counts, skip)
     if count_reduce is not None:
-        count_reduce(counts)
-    scales = step_scale(numels, counts, hp.lam)  # numels is only read where pieces exist
-    lrs = (lr_t.double() * scales).float()
-    for pc in pieces:
-        sl = slice(pc.start, pc.end)
-        ops.apply_only(p[sl], g[sl], m[sl], v[sl], s[sl] if s is not None else None,
-                       out[sl] if out is not None else None, lrs[pc.index], bc1, bc2, hp.lam,
-                       hp.eps, hp.weight_decay)
+        count_reduce(counts[:num_tensors])
+    # per-tensor eta^/eta (slot num_tensors, elements in no piece: numel 0, so scale 1)
+    lrs = step_scale(table.numels, counts, hp.lam)
+    sc = step_scalars(lr * lrs if isinstance(lr, float) else lr.double() * lrs, bc1, bc2,
+                      hp.weight_decay)
+    if p.numel():
+        ops.apply_run(p, g, m, v, s, out, sc.inv_sqrt_bc2, hp, table, sc.step_size, sc.decay,
+                      skip)

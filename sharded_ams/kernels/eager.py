@@ -1,16 +1,18 @@
 """Flat-range step primitives built from ``update.py``: eager, and compiled by torch.compile.
 
-Each primitive works in place on 1-D contiguous ranges:
+Each primitive works in place on 1-D contiguous ranges (``kernels/__init__.py`` states
+the contract every backend follows):
 
 * ``fused_step``: moments and parameter update in one pass (reads p, g, m, v[, s];
   writes p, m, v[, s] and optionally a low-precision copy of p).
-* ``moments_count``: first pass of the per-tensor-scaled case (lam not in {1, -1}):
-  updates the moments and returns how many elements have u*s < 0.
-* ``apply_only``: second pass: the parameter update from the already-updated moments.
+* ``count_run``: first pass of the per-tensor-scaled case (lam not in {1, -1}) over a
+  whole run: updates the moments and adds each tensor's count of u*s < 0 to ``counts``.
+* ``apply_run``: second pass: the parameter update from the already-updated moments,
+  each element with its tensor's step size and decay (gathered from per-tensor tables).
 
 m, v, s may be stored in a lower precision than fp32; they are read into fp32 and
-rounded once on store. The eager versions are the single-tensor path (and what the
-compiled ones trace).
+rounded once on store. Scalars are Python floats (no tensor is created per step) or
+0-d tensors (a device step or lr).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..update import apply_update, direction, update_moments
+from ..update import agreement, denominator, new_param, update_moments, weighted
+from .tables import RunTable, piece_counts
 
 log = logging.getLogger(__name__)
 
@@ -33,97 +36,131 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.float()
 
 
-def _fused_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
-                out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, beta1: float,
-                beta2: float, beta3: float, lam: float, eps: float, wd: float) -> None:
+def _store(dst: Optional[Tensor], value: Optional[Tensor], skip: Optional[Tensor]) -> None:
+    """dst = value, or dst kept where ``skip`` (a 0-d bool on the device) is true."""
+    if dst is not None:
+        dst.copy_(value if skip is None else torch.where(skip, dst, value))
+
+
+def _fused_step(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, beta1: float,
+                beta2: float, beta3: float, lam: float, eps: float, skip=None) -> None:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
-    wu, _ = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
-    p1 = apply_update(p, wu, lr, wd)
-    m.copy_(m1)
-    v.copy_(v1)
-    if s is not None:
-        s.copy_(s1)
-    p.copy_(p1)
-    if out is not None:
-        out.copy_(p1)
+    wm = weighted(m1, gf if s1 is None else s1, lam)
+    p1 = new_param(p, wm, denominator(v1, inv_sqrt_bc2, eps), step_size, decay)
+    for dst, value in ((m, m1), (v, v1), (s, s1), (out, p1), (p, p1)):
+        _store(dst, value, skip)
 
 
-def _moments_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], bc1: Tensor,
-                   bc2: Tensor, beta1: float, beta2: float, beta3: float, lam: float,
-                   eps: float) -> Tensor:
+def _moments_flags(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None) -> Tensor:
     gf = g.float()
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
-    _, neg = direction(gf, m1, v1, s1, bc1, bc2, eps, lam)
-    m.copy_(m1)
-    v.copy_(v1)
-    if s is not None:
-        s.copy_(s1)
-    return neg.sum(dtype=torch.int64)
+    for dst, value in ((m, m1), (v, v1), (s, s1)):
+        _store(dst, value, skip)
+    return agreement(m1, gf if s1 is None else s1)[1]
 
 
-def _apply_only(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
-                out: Optional[Tensor], lr: Tensor, bc1: Tensor, bc2: Tensor, lam: float,
-                eps: float, wd: float) -> None:
-    wu, _ = direction(g.float(), m.float(), v.float(), _f32(s), bc1, bc2, eps, lam)
-    p1 = apply_update(p, wu, lr, wd)
-    p.copy_(p1)
-    if out is not None:
-        out.copy_(p1)
+def _moments_count(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None) -> Tensor:
+    return _moments_flags(g, m, v, s, beta1, beta2, beta3, skip).sum(dtype=torch.int64)
+
+
+def _apply(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, lam: float, eps: float,
+           skip=None) -> None:
+    mf = m.float()
+    wm = weighted(mf, g.float() if s is None else s.float(), lam)
+    p1 = new_param(p, wm, denominator(v.float(), inv_sqrt_bc2, eps), step_size, decay)
+    _store(out, p1, skip)
+    _store(p, p1, skip)
+
+
+def _apply_indexed(p, g, m, v, s, out, step_sizes, decays, index, inv_sqrt_bc2, lam: float,
+                   eps: float, skip=None) -> None:
+    idx = index.long()
+    _apply(p, g, m, v, s, out, step_sizes[idx], decays[idx], inv_sqrt_bc2, lam, eps, skip)
 
 
 class EagerOps:
-    """Plain torch ops: any device, any dtype (float64 included). Several passes."""
+    """Plain torch ops: any device, any dtype (float64 included). Several passes each."""
 
     name = "eager"
-    fused_step = staticmethod(_fused_step)
-    moments_count = staticmethod(_moments_count)
-    apply_only = staticmethod(_apply_only)
+
+    @classmethod
+    def fused_step(cls, p, g, m, v, s, out, sc, hp, skip: Optional[Tensor] = None) -> None:
+        decay = sc.decay if hp.weight_decay else None  # no decay: no multiply (p * 1 == p)
+        cls._call(_fused_step, (p, g, m, v, s, out, sc.step_size, decay, sc.inv_sqrt_bc2),
+                  dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps,
+                       skip=skip))
+
+    @classmethod
+    def count_run(cls, g, m, v, s, hp, table: RunTable, counts: Tensor,
+                  skip: Optional[Tensor] = None) -> None:
+        consts = dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, skip=skip)
+        one = table.single
+        if one is not None:  # one piece: a plain sum, no per-element flags
+            counts[one.index:one.index + 1].add_(cls._call(_moments_count, (g, m, v, s), consts))
+            return
+        counts.add_(piece_counts(cls._call(_moments_flags, (g, m, v, s), consts), table))
+
+    @classmethod
+    def apply_run(cls, p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable,
+                  step_sizes: Tensor, decays: Tensor, skip: Optional[Tensor] = None) -> None:
+        consts = dict(lam=hp.lam, eps=hp.eps, skip=skip)
+        one = table.single
+        if one is not None:
+            i = one.index
+            cls._call(_apply, (p, g, m, v, s, out, step_sizes[i], decays[i], inv_sqrt_bc2),
+                      consts)
+            return
+        cls._call(_apply_indexed, (p, g, m, v, s, out, step_sizes, decays,
+                                   table.element_tensor(), inv_sqrt_bc2), consts)
+
+    @staticmethod
+    def _call(fn, args: tuple, consts: dict):
+        return fn(*args, **consts)
+
+
+#: ranges shorter than this run a single-threaded kernel (ATen's grain size): a parallel
+#: region per small tensor costs more than its work, and far more when cores are shared
+SERIAL_NUMEL = 32768
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    # dynamic=True: one compile serves every range length; hyperparameters are
-    # Python floats (specialised once per value), lr and bias corrections are tensors.
-    # Variants multiply with dtypes, presets and sizes 0/1; allow more than dynamo's 8.
+def _compiled(fn, serial: bool = False):
+    # dynamic=True: one compile serves every range length; the per-step scalars and the
+    # hyperparameters are Python floats, which dynamo keeps as dynamic inputs (no
+    # recompile when lr or the step changes; lam is specialised where it branches;
+    # constants folded into the code were measured no faster). Variants multiply with
+    # dtypes, None-ness of s/out/decay and sizes 0/1; allow more than dynamo's 8.
+    # ``serial``: the same kernel without OpenMP.
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    options = {"cpp.threads": 1} if serial else None
+    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
 
 
 def _alias(t: Tensor) -> Tensor:
     """The same memory as a plain 1-D tensor: not a view, not a Parameter.
 
-    A view (a slice of a flat buffer) that the compiled function mutates is written
-    back by AOTAutograd after the kernel, a second pass (measured 2x slower on CPU); a
-    Parameter or another rank would be a new compiled variant.
+    A view of a 2-D param, or a Parameter, would be a new compiled variant (dynamo guards
+    on the base's rank and on requires_grad); a mutated view input was also measured to
+    cost AOTAutograd a second write-back pass on earlier torch versions. ``detach`` after
+    ``view`` gives a tensor with no base, for ~1 us (``set_`` on a new tensor: ~7 us).
     """
-    t = t.detach().view(-1)
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
-        t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    return t.view(-1).detach()
 
 
-def _plain(args: tuple) -> tuple:
-    return tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
-
-
-class CompiledOps:
-    """The same functions fused into one loop by torch.compile (Inductor's C++ backend on CPU)."""
+class CompiledOps(EagerOps):
+    """The same functions fused into one loop each by torch.compile (Inductor's C++
+    backend on CPU)."""
 
     name = "compiled"
 
     @staticmethod
-    def fused_step(*args):
-        return _compiled(_fused_step)(*_plain(args))
-
-    @staticmethod
-    def moments_count(*args):
-        return _compiled(_moments_count)(*_plain(args))
-
-    @staticmethod
-    def apply_only(*args):
-        return _compiled(_apply_only)(*_plain(args))
+    def _call(fn, args: tuple, consts: dict):
+        args = tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
+        serial = args[0].device.type == "cpu" and args[0].numel() < SERIAL_NUMEL
+        return _compiled(fn, serial)(*args, **consts)
 
 
 @functools.lru_cache(maxsize=None)

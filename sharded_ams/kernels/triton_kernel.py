@@ -1,15 +1,33 @@
 """The AMS step as one Triton kernel over a flat range.
 
-One launch reads p, g, m, v[, s] once and writes p, m, v[, s] (and the model-dtype
-copy of p) once. lr and the bias corrections are read from device memory, so no
-host sync is needed and the step can be captured in a CUDA graph. ``MODE`` selects
-the full step, or the two passes of the per-tensor-scaled case (lam not in {1, -1}).
+One launch reads p, g, m, v[, s] once and writes p, m, v[, s] (and the model-dtype copy
+of p) once. ``MODE`` selects the full step (|lam| == 1), or one of the two passes of the
+per-tensor-scaled case, each ONE launch over a whole run: the count pass updates the
+moments and atomically adds each program's count of u*s < 0 to its tensor's slot; the
+apply pass reads its tensor's step size and decay from per-tensor tables. A run of many
+pieces is addressed through a chunk table (``tables.RunTable.chunks``: one program per
+chunk, each inside one piece, starting on a 16-element boundary). A whole block (every
+block but a range's or a piece's edges) takes an unmasked path, so its loads and stores
+are 16-byte vectors whatever the range length; edge blocks are masked.
+
+Scalars: Python floats (rounded once to fp32 from float64 on the host; nothing is copied
+to the device, so the launch never synchronises) or, when the step or lr lives on the
+device, an fp32[3] device tensor (step size, decay, 1/sqrt(1 - beta2^t)) read in the kernel:
+that path can be captured in a CUDA graph and replayed as the step tensor advances.
 1 - beta is computed on the host in float64 (1 - fp32(0.999) in fp32 would be off by
-1e-5 relative). Runs on CPU tensors under ``TRITON_INTERPRET=1`` for tests.
+1e-5 relative).
+
+Rounding: launched with ``enable_fp_fusion=False``, so every multiply and add rounds as
+eager torch rounds them (no fma contraction); with the same order of operations as
+``update.py`` the kernel then matches the eager ops bit for bit in fp32 (see
+``docs/maths.md``). The launch is guarded by the tensors' device, not the current one.
+
+Runs on CPU tensors under ``TRITON_INTERPRET=1`` for tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -18,88 +36,193 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from ..update import StepScalars
+from .tables import ALIGN, RunTable
+
 MODE_FUSED, MODE_COUNT, MODE_APPLY = 0, 1, 2
 BLOCK = 1024
+#: compile options of every launch: no fma contraction (see the module docstring)
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
-def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, neg_ptr, lr_ptr, bc_ptr, n,
-                beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps, wd,
-                HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _ld(ptr, offs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offs, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def _st(ptr, offs, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, value.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
+               ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
+               step_size, decay, inv_sqrt_bc2, HAS_S: tl.constexpr, HAS_OUT: tl.constexpr,
+               MODE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, MASKED: tl.constexpr):
+    """One block of the step; MASKED=False for whole blocks (unpredicated vector loads)."""
+    g = _ld(g_ptr, offs, mask, MASKED).to(tl.float32)
+    m = _ld(m_ptr, offs, mask, MASKED).to(tl.float32)
+    v = _ld(v_ptr, offs, mask, MASKED).to(tl.float32)
     if HAS_S:
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = _ld(s_ptr, offs, mask, MASKED).to(tl.float32)
     if MODE != 2:
         m = m * beta1 + g * omb1
         v = v * beta2 + g * g * omb2
+        _st(m_ptr, offs, m, mask, MASKED)
+        _st(v_ptr, offs, v, mask, MASKED)
         if HAS_S:
             s = s * beta3 + g * omb3
-    bc1 = tl.load(bc_ptr)
-    bc2 = tl.load(bc_ptr + 1)
-    u = tl.math.div_rn(tl.math.div_rn(m, bc1), tl.math.sqrt_rn(tl.math.div_rn(v, bc2)) + eps)
+            _st(s_ptr, offs, s, mask, MASKED)
     if HAS_S:
-        prod = u * s
+        ref = s
     else:
-        prod = u * g
-    if MODE != 2:
-        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
-        if HAS_S:
-            tl.store(s_ptr + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+        ref = g
+    # sign(u * s) = sign(m) * sign(s): u = m / (positive), and no product can underflow
+    agree = ((m > 0.0) & (ref > 0.0)) | ((m < 0.0) & (ref < 0.0))
+    disagree = ((m > 0.0) & (ref < 0.0)) | ((m < 0.0) & (ref > 0.0))
     if MODE == 1:
-        neg = tl.sum(((prod < 0.0) & mask).to(tl.int32), axis=0)
-        tl.atomic_add(neg_ptr, neg.to(tl.int64))
+        neg = tl.sum((disagree & mask).to(tl.int32), axis=0)
+        tl.atomic_add(counts_ptr + idx, neg.to(tl.int64))
     else:
-        w = tl.where(prod > 0.0, 1.0, tl.where(prod < 0.0, lam, tie))
-        lr = tl.load(lr_ptr)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        p = p * (1.0 - lr * wd) - lr * (w * u)
-        tl.store(p_ptr + offs, p, mask=mask)
+        if SCALARS_ON_DEVICE:
+            inv_sqrt_bc2 = tl.load(scal_ptr + 2)
+            if MODE == 0:
+                step_size = tl.load(scal_ptr)
+                decay = tl.load(scal_ptr + 1)
+        if MODE == 2:
+            step_size = tl.load(ss_ptr + idx)
+            decay = tl.load(dec_ptr + idx)
+        w = tl.where(agree, 1.0, tl.where(disagree, lam, tie))
+        den = tl.math.sqrt_rn(v) * inv_sqrt_bc2 + eps
+        upd = tl.math.div_rn(w * m, den)
+        p = _ld(p_ptr, offs, mask, MASKED)
+        p = p * decay - step_size * upd
+        _st(p_ptr, offs, p, mask, MASKED)
         if HAS_OUT:
-            tl.store(out_ptr + offs, p.to(out_ptr.dtype.element_ty), mask=mask)
+            _st(out_ptr, offs, p, mask, MASKED)
 
 
-def _launch(mode: int, p: Optional[Tensor], g: Tensor, m: Tensor, v: Tensor,
-            s: Optional[Tensor], out: Optional[Tensor], neg: Optional[Tensor],
-            lr: Optional[Tensor], bc1: Tensor, bc2: Tensor, beta1: float, beta2: float,
-            beta3: float, lam: float, eps: float, wd: float) -> None:
+@triton.jit
+def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
+                cbase_ptr, clo_ptr, chi_ptr, cidx_ptr, counts_ptr, ss_ptr, dec_ptr, scal_ptr,
+                skip_ptr, n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
+                step_size, decay, inv_sqrt_bc2,
+                HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
+                USE_TABLE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr,
+                HAS_SKIP: tl.constexpr, BLOCK_SIZE: tl.constexpr, ALIGN_TO: tl.constexpr):
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK_SIZE)
+    if USE_TABLE:  # one chunk of one piece per program
+        base = tl.multiple_of(tl.load(cbase_ptr + pid), ALIGN_TO)
+        lo = tl.load(clo_ptr + pid)
+        hi = tl.load(chi_ptr + pid)
+        idx = tl.load(cidx_ptr + pid)
+        offs = base + lanes
+        whole = (lo == base) & (hi == base + BLOCK_SIZE)
+        mask = (offs >= lo) & (offs < hi)
+    else:  # a contiguous range of one piece (or of |lam| == 1: no pieces)
+        base = pid.to(tl.int64) * BLOCK_SIZE
+        offs = base + lanes
+        whole = base + BLOCK_SIZE <= n
+        mask = offs < n
+        idx = piece_index
+    if HAS_SKIP:  # a skipped step (decided on the device) loads and stores nothing
+        skip = tl.load(skip_ptr).to(tl.int32)
+        whole = whole & (skip == 0)
+        mask = mask & ((tl.full([BLOCK_SIZE], 0, tl.int32) + skip) == 0)
+    if whole:
+        _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
+                   ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie,
+                   eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
+                   SCALARS_ON_DEVICE, False)
+    else:
+        _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
+                   ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie,
+                   eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
+                   SCALARS_ON_DEVICE, True)
+
+
+def _device_guard(t: Tensor):
+    """Launch on the tensors' GPU, not the current one (a bare optimizer on cuda:1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _scalars(sc: Optional[StepScalars], ref: Tensor):
+    """(fp32[3] device tensor or None, step_size, decay, inv_sqrt_bc2): floats go to the
+    kernel as arguments; if any scalar is a tensor, all three go through device memory
+    (``torch.full`` for the floats: a fill kernel, not a host-to-device copy)."""
+    if sc is None:
+        return None, 0.0, 1.0, 1.0
+    vals = (sc.step_size, sc.decay, sc.inv_sqrt_bc2)
+    if not any(isinstance(x, Tensor) for x in vals):
+        return None, float(vals[0]), float(vals[1]), float(vals[2])
+    scal = torch.stack([x.to(device=ref.device, dtype=torch.float32).reshape(())
+                        if isinstance(x, Tensor) else
+                        torch.full((), float(x), dtype=torch.float32, device=ref.device)
+                        for x in vals])
+    return scal, 0.0, 1.0, 1.0
+
+
+def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp, *,
+            p: Optional[Tensor] = None, out: Optional[Tensor] = None,
+            sc: Optional[StepScalars] = None, inv_sqrt_bc2=None, table: Optional[RunTable] = None,
+            counts: Optional[Tensor] = None, step_sizes: Optional[Tensor] = None,
+            decays: Optional[Tensor] = None, skip: Optional[Tensor] = None) -> None:
     n = g.numel()
     if n == 0:
         return
-    bc = torch.stack([bc1.float().reshape(()), bc2.float().reshape(())])
-    lr = lr.float().reshape(()) if lr is not None else bc  # unused in MODE_COUNT
-    grid = (triton.cdiv(n, BLOCK),)
-    _ams_kernel[grid](p if p is not None else m, g, m, v, s if s is not None else m,
-                      out if out is not None else m, neg if neg is not None else bc, lr, bc, n,
-                      float(beta1), float(beta2), float(beta3), 1.0 - beta1, 1.0 - beta2,
-                      1.0 - beta3, float(lam), max(float(lam), 0.0),
-                      float(eps), float(wd), HAS_S=s is not None, HAS_OUT=out is not None,
-                      MODE=mode, BLOCK_SIZE=BLOCK)
+    if inv_sqrt_bc2 is not None:  # the apply pass: only 1/sqrt(1 - beta2^t) is a step scalar
+        sc = StepScalars(0.0, 1.0, inv_sqrt_bc2)
+    scal, step_size, decay, sq = _scalars(sc, g)
+    on_device = scal is not None
+    one = table.single if table is not None else None
+    use_table = table is not None and one is None
+    if use_table:
+        cbase, clo, chi, cidx = table.chunks(BLOCK)
+        grid = (cbase.numel(),)
+    else:
+        cbase = clo = chi = cidx = g
+        grid = (triton.cdiv(n, BLOCK),)
+    dummy = m
+    with _device_guard(g):
+        _ams_kernel[grid](
+            p if p is not None else dummy, g, m, v, s if s is not None else dummy,
+            out if out is not None else dummy, cbase, clo, chi, cidx,
+            counts if counts is not None else dummy, step_sizes if step_sizes is not None else dummy,
+            decays if decays is not None else dummy, scal if on_device else dummy,
+            skip.view(torch.uint8) if skip is not None else dummy,
+            n, one.index if one is not None else 0,
+            float(hp.beta1), float(hp.beta2), float(hp.beta3), 1.0 - hp.beta1, 1.0 - hp.beta2,
+            1.0 - hp.beta3, float(hp.lam), max(float(hp.lam), 0.0), float(hp.eps),
+            step_size, decay, sq,
+            HAS_S=s is not None, HAS_OUT=out is not None, MODE=mode, USE_TABLE=use_table,
+            SCALARS_ON_DEVICE=on_device, HAS_SKIP=skip is not None, BLOCK_SIZE=BLOCK,
+            ALIGN_TO=ALIGN, **LAUNCH_OPTIONS)
 
 
 class TritonOps:
-    """Triton implementation of the flat-range primitives (see ``eager.py``)."""
+    """Triton implementation of the flat-range primitives (see ``eager.py``): one launch
+    per call."""
 
     name = "triton"
 
     @staticmethod
-    def fused_step(p, g, m, v, s, out, lr, bc1, bc2, beta1, beta2, beta3, lam, eps, wd):
-        _launch(MODE_FUSED, p, g, m, v, s, out, None, lr, bc1, bc2, beta1, beta2, beta3, lam,
-                eps, wd)
+    def fused_step(p, g, m, v, s, out, sc: StepScalars, hp, skip=None) -> None:
+        _launch(MODE_FUSED, g, m, v, s, hp, p=p, out=out, sc=sc, skip=skip)
 
     @staticmethod
-    def moments_count(g, m, v, s, bc1, bc2, beta1, beta2, beta3, lam, eps):
-        neg = torch.zeros((), dtype=torch.int64, device=g.device)
-        _launch(MODE_COUNT, None, g, m, v, s, None, neg, None, bc1, bc2, beta1, beta2, beta3,
-                lam, eps, 0.0)
-        return neg
+    def count_run(g, m, v, s, hp, table: RunTable, counts: Tensor, skip=None) -> None:
+        _launch(MODE_COUNT, g, m, v, s, hp, table=table, counts=counts, skip=skip)
 
     @staticmethod
-    def apply_only(p, g, m, v, s, out, lr, bc1, bc2, lam, eps, wd):
-        _launch(MODE_APPLY, p, g, m, v, s, out, None, lr, bc1, bc2, 0.0, 0.0, 0.0, lam, eps, wd)
+    def apply_run(p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable, step_sizes: Tensor,
+                  decays: Tensor, skip=None) -> None:
+        _launch(MODE_APPLY, g, m, v, s, hp, p=p, out=out, inv_sqrt_bc2=inv_sqrt_bc2, table=table,
+                step_sizes=step_sizes, decays=decays, skip=skip)

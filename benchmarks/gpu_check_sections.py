@@ -1,0 +1,437 @@
+"""The sections of ``gpu_check.py``: what each one checks or measures, at its plan's sizes
+(the correctness section is in ``gpu_check_correctness.py``).
+
+Every section takes the :class:`Plan` and returns a dict with ``status`` ("ok", "fail",
+"skipped") and its rows or checks; :func:`run_section` adds the time and turns an
+exception into status "error" with its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from bench_common import env_info, markdown_table
+from bench_gpu import COLUMNS as BW_COLUMNS, HEADERS as BW_HEADERS, bandwidth_rows
+from gpu_check_correctness import FP32_RTOL, norm_err, section_correctness
+from launcher.model import GPT, GPTConfig
+from sharded_ams import AMS, ShardedAMS
+
+ROOT = Path(__file__).resolve().parent.parent
+#: CUDA-only tests that the check runs (each skips without CUDA)
+GPU_TEST_FILES = ("tests/test_gpu.py",)
+#: dense bf16 peak of the datasheet, for MFU (substring of the device name -> FLOP/s)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+#: the dry run's model (~14K params: the interpreter runs ~1.5 s per million elements)
+TINY_GPT = GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)
+
+
+@dataclass
+class Plan:
+    """Sizes and settings of one run of the check (CUDA: the real one; CPU: the dry run)."""
+
+    device: torch.device
+    backend: str
+    dist_backend: str
+    correctness_n: int
+    correctness_steps: int
+    bandwidth_sizes: tuple
+    graph_sizes: tuple
+    multi_piece_scale: float
+    model: str
+    train_steps: int
+    train_warmup: int
+    sharded_steps: int
+    quick: bool
+    deadline: float = field(default=0.0)
+
+    def time_left(self) -> float:
+        return self.deadline - time.time()
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["device"] = str(self.device)
+        return d
+
+
+def make_plan(device: str, model: str, budget_s: float) -> Plan:
+    now = time.time()
+    if device == "cuda":
+        return Plan(torch.device("cuda"), "triton", "nccl", 50_000_000, 100,
+                    (2 ** 20, 50_000_017, 2 ** 26, 2 ** 28, 2 ** 30), (2 ** 20, 2 ** 24), 1.0,
+                    model, 50, 10, 20, False, now + budget_s)
+    return Plan(torch.device("cpu"), "triton", "gloo", 3000, 5, (2048, 2051), (2 ** 12,),
+                0.0003, model, 3, 1, 2, True, now + budget_s)
+
+
+def run_section(name: str, plan: Plan) -> dict:
+    t0 = time.time()
+    if plan.time_left() < 10 and name not in ("env", "overlap"):
+        return {"status": "skipped", "reason": "time budget spent", "seconds": 0.0}
+    try:
+        res = SECTIONS[name](plan)
+    except Exception:  # noqa: BLE001 - recorded, and the other sections still run
+        res = {"status": "error", "error": traceback.format_exc()[-4000:]}
+    res["seconds"] = time.time() - t0
+    return res
+
+
+# --- env --------------------------------------------------------------------------------
+
+
+def section_env(plan: Plan) -> dict:
+    info = env_info(plan.device)
+    info.update(python=platform.python_version(), cuda=torch.version.cuda,
+                triton=_version("triton"), machine=platform.machine())
+    if plan.device.type == "cuda":
+        props = torch.cuda.get_device_properties(plan.device)
+        info.update(capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=props.total_memory / 2 ** 30,
+                    l2_mib=getattr(props, "L2_cache_size", 0) / 2 ** 20)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20).stdout.strip()
+    return {"status": "ok", "info": info}
+
+
+def _version(pkg: str) -> Optional[str]:
+    try:
+        return __import__(pkg).__version__
+    except ImportError:
+        return None
+
+
+# --- static: the compiled kernel, without launching it ----------------------------------
+
+
+def section_static(plan: Plan) -> dict:
+    """PTX of the production variants (fp fusion off) and one with fusion on, for contrast."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {"status": "skipped", "reason": "the interpreter compiles nothing"}
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    import sharded_ams.kernels.triton_kernel as tk
+
+    if plan.device.type == "cuda":
+        target = triton.runtime.driver.active.get_current_target()
+    else:
+        target = GPUTarget("cuda", 90, 32)
+    variants = [("one pass, fp32", tk.MODE_FUSED, False, False, "fp32", False, True),
+                ("one pass, fp32, n % 16 != 0", tk.MODE_FUSED, False, False, "fp32", False, False),
+                ("one pass, fp32, fp fusion ON", tk.MODE_FUSED, False, False, "fp32", True, True),
+                ("one pass, bf16 params + fp32 master", tk.MODE_FUSED, False, True, "bf16", False,
+                 True),
+                ("count pass, chunk table, s", tk.MODE_COUNT, True, False, "fp32", False, True),
+                ("apply pass, chunk table, s", tk.MODE_APPLY, True, False, "fp32", False, True)]
+    rows, ok = [], True
+    for name, mode, table, has_out, gdtype, fusion, n16 in variants:
+        ptx = _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16)
+        row = dict(variant=name, target=f"{target.backend} sm_{target.arch}", fp_fusion=fusion,
+                   v4_loads=ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4"),
+                   scalar_loads=sum(ptx.count(f"ld.global{q}.b32") for q in ("", ".nc")),
+                   v4_stores=ptx.count("st.global.v4"), fma=ptx.count("fma.rn.f32"))
+        rows.append(row)
+        if (not fusion and row["fma"] != 0) or row["v4_loads"] < 4:
+            ok = False
+    return {"status": "ok" if ok else "fail", "rows": rows,
+            "expect": "fma = 0 wherever fp fusion is off; 16-byte vector loads (the whole-block "
+                      "path) in every variant"}
+
+
+def _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16) -> str:
+    import triton
+    from triton.compiler import ASTSource
+
+    kernel = tk._ams_kernel
+    ptr = {"p_ptr": "fp32", "g_ptr": gdtype, "m_ptr": "fp32", "v_ptr": "fp32", "s_ptr": "fp32",
+           "out_ptr": "bf16" if has_out else "fp32", "cbase_ptr": "i64", "clo_ptr": "i64",
+           "chi_ptr": "i64", "cidx_ptr": "i64", "counts_ptr": "i64", "ss_ptr": "fp32",
+           "dec_ptr": "fp32", "scal_ptr": "fp32", "skip_ptr": "u8"}
+    consts = dict(HAS_S=table, HAS_OUT=has_out, MODE=mode, USE_TABLE=table,
+                  SCALARS_ON_DEVICE=False, HAS_SKIP=False, BLOCK_SIZE=tk.BLOCK, ALIGN_TO=tk.ALIGN)
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptr:
+            sig[name] = "*" + ptr[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("n", "piece_index"):
+            sig[name] = "i32"
+            if name == "n" and n16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32"
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=target, options={"enable_fp_fusion": fusion}).asm["ptx"]
+
+
+# --- pytest -----------------------------------------------------------------------------
+
+
+def section_pytest(plan: Plan) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+           *GPU_TEST_FILES]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    timeout = max(30.0, min(300.0, plan.time_left() - 5))
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        return {"status": "fail", "reason": f"timed out after {timeout:.0f} s",
+                "output": (exc.stdout or "")[-3000:] if isinstance(exc.stdout, str) else ""}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return {"status": "ok" if proc.returncode == 0 else "fail", "returncode": proc.returncode,
+            "summary": lines[-1] if lines else "", "command": " ".join(cmd[2:]),
+            "output": (proc.stdout + proc.stderr)[-3000:]}
+
+
+# --- bandwidth ----------------------------------------------------------------------------
+
+
+def section_bandwidth(plan: Plan) -> dict:
+    rows = bandwidth_rows(plan.bandwidth_sizes, plan.device, backend=plan.backend,
+                          quick=plan.quick, multi_piece_scale=plan.multi_piece_scale,
+                          graph_sizes=plan.graph_sizes,
+                          log=lambda *a, **k: print(*a, **k) if not plan.quick else None)
+    by = {(r["n"], r["mode"], r["impl"]): r for r in rows if "ms" in r}
+    targets = []
+    for n in plan.bandwidth_sizes:
+        grams = by.get((n, "grams", f"sharded-ams {plan.backend}"))
+        fused = by.get((n, "adamw_fused", "torch AdamW(fused=True)"))
+        if grams and n >= 2 ** 26:
+            targets.append(dict(n=n, target=">= 90% of copy bandwidth",
+                                value=grams["frac_copy"], met=grams["frac_copy"] >= 0.9))
+        if grams and fused:
+            targets.append(dict(n=n, target="not slower than AdamW(fused) at equal bytes",
+                                value=fused["ms"] / grams["ms"], met=grams["ms"] <= fused["ms"]))
+    return {"status": "ok", "rows": rows, "targets": targets}
+
+
+# --- the whole path on one GPU --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _process_group(plan: Plan):
+    import torch.distributed as dist
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group(plan.dist_backend, init_method=f"file://{tmp}/store",
+                                rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def build_gpt(plan: Plan) -> torch.nn.Module:
+    """A GPT-2-small-sized GPT (124M) on CUDA; a tiny one in the dry run."""
+    if plan.device.type == "cuda":
+        cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    else:
+        cfg = TINY_GPT
+    return GPT(cfg)
+
+
+def build_llama_60m(plan: Plan) -> torch.nn.Module:
+    """The launcher's Llama 60M (GaLore's shape, 32000-token vocabulary) on CUDA; a tiny
+    Llama in the dry run."""
+    from launcher.models import build_model
+    from launcher.models.sizes import resolve_shape
+
+    if plan.device.type == "cuda":
+        shape = resolve_shape("llama", "60m", {"vocab_size": 32000})
+    else:
+        shape = resolve_shape("llama", None, dict(vocab_size=64, block_size=32, n_layer=1,
+                                                  n_head=2, n_kv_head=1, n_embd=32,
+                                                  intermediate_size=64))
+    return build_model({**shape, "arch": "llama"})
+
+
+#: training-section model builders (``--model``); the default is the Llama 60M
+MODELS: dict[str, Callable[[Plan], torch.nn.Module]] = {"llama-60m": build_llama_60m,
+                                                          "gpt": build_gpt}
+
+
+def _batch(model, plan, gen, batch=None):
+    cfg = model.cfg
+    b = batch or (16 if plan.device.type == "cuda" else 4)
+    x = torch.randint(cfg.vocab_size, (b, cfg.block_size), device=plan.device, generator=gen)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def section_sharded(plan: Plan) -> dict:
+    """ShardedAMS at world size 1 on the device's collective backend, against an unsharded
+    AMS stepped with the same gradients, for Grams (one pass) and lam=-0.5 (count pass and
+    the count all-reduce)."""
+    rows = []
+    with _process_group(plan):
+        for preset, extra in (("grams", {}), (None, dict(lam=-0.5, beta3=0.9, betas=(0.95, 0.999)))):
+            torch.manual_seed(0)
+            small = (GPTConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=256)
+                     if plan.device.type == "cuda" else TINY_GPT)
+            model = GPT(small).to(plan.device)
+            ref = copy.deepcopy(model)
+            hp = dict(lr=1e-3, weight_decay=0.1, **extra)
+            opt = ShardedAMS(model, preset=preset, backend=plan.backend, **hp)
+            ref_opt = AMS(ref.parameters(), fused="eager",
+                          **({"lam": -1.0, "beta3": 0.0} if preset else {}), **hp)
+            gen = torch.Generator(device=plan.device).manual_seed(1)
+            times = []
+            for _ in range(plan.sharded_steps):
+                x, y = _batch(model, plan, gen, batch=8 if plan.device.type == "cuda" else 2)
+                model(x, y)[1].backward()
+                for (_, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+                    q.grad = p.grad.detach().clone()
+                _sync(plan)
+                t0 = time.perf_counter()
+                opt.step()
+                _sync(plan)
+                times.append((time.perf_counter() - t0) * 1e3)
+                ref_opt.step()
+                opt.zero_grad()
+                ref.zero_grad()
+            opt.finish_param_sync()
+            err = max(norm_err(p.detach(), q.detach().double())
+                      for p, q in zip(model.parameters(), ref.parameters()))
+            rows.append(dict(optimizer=f"ShardedAMS({preset or 'lam=-0.5, beta3=0.9'})",
+                             collectives=plan.dist_backend, params=sum(p.numel() for p in model.parameters()),
+                             steps=plan.sharded_steps, step_ms=sorted(times)[len(times) // 2],
+                             max_rel_err_vs_unsharded=err, status="ok" if err < FP32_RTOL else "fail"))
+    return {"status": "fail" if any(r["status"] == "fail" for r in rows) else "ok", "rows": rows}
+
+
+def _sync(plan: Plan) -> None:
+    if plan.device.type == "cuda":
+        torch.cuda.synchronize(plan.device)
+
+
+def section_training(plan: Plan) -> dict:
+    """~50 bf16 (autocast) steps of the model: ShardedAMS vs DDP + AdamW(fused) at one batch."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    builder = MODELS[plan.model]
+    rows = []
+    with _process_group(plan):
+        for name in ("ShardedAMS (Grams)", "DDP + AdamW(fused=True)"):
+            torch.manual_seed(0)
+            if plan.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(plan.device)
+            model = builder(plan).to(plan.device)
+            nparams = sum(p.numel() for p in model.parameters())
+            if name.startswith("ShardedAMS"):
+                fwd, opt = model, ShardedAMS(model, preset="grams", lr=3e-4, weight_decay=0.1,
+                                             backend=plan.backend)
+            else:
+                fwd = DDP(model, device_ids=[plan.device.index or 0]
+                          if plan.device.type == "cuda" else None)
+                opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+            gen = torch.Generator(device=plan.device).manual_seed(2)
+            losses, t0 = [], None
+            for step in range(plan.train_steps):
+                if step == plan.train_warmup:
+                    _sync(plan)
+                    t0 = time.perf_counter()
+                x, y = _batch(model, plan, gen)
+                with torch.autocast(plan.device.type, dtype=torch.bfloat16):
+                    loss = fwd(x, y)[1]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if step in (0, plan.train_steps - 1):
+                    losses.append(float(loss))
+            _sync(plan)
+            seconds = time.perf_counter() - t0
+            tokens = x.numel() * (plan.train_steps - plan.train_warmup)
+            cfg = model.cfg
+            flops_per_token = (model.flops_per_token(cfg.block_size)
+                               if hasattr(model, "flops_per_token")
+                               else 6 * nparams + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size)
+            peak = _peak_flops(plan)
+            rows.append(dict(optimizer=name, model=plan.model, params=nparams,
+                             batch=f"{x.shape[0]}x{x.shape[1]}", steps_timed=plan.train_steps - plan.train_warmup,
+                             tokens_per_s=tokens / seconds,
+                             mfu=flops_per_token * tokens / seconds / peak if peak else None,
+                             peak_mem_gib=(torch.cuda.max_memory_allocated(plan.device) / 2 ** 30
+                                           if plan.device.type == "cuda" else None),
+                             loss_first=losses[0], loss_last=losses[-1]))
+            del fwd, opt, model
+    if len(rows) == 2:
+        rows[0]["tokens_per_s_vs_ddp_adamw"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    return {"status": "ok", "rows": rows, "peak_flops": _peak_flops(plan)}
+
+
+def _peak_flops(plan: Plan) -> Optional[float]:
+    if plan.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(plan.device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+# --- overlap: the hook ----------------------------------------------------------------------
+
+
+def overlap_rows(plan: Plan) -> Optional[list[dict]]:
+    """HOOK for the overlap work: return its benchmark's rows (overlap off / on, exposed
+    communication and step time on ``plan.dist_backend``), or None while not wired."""
+    return None
+
+
+def section_overlap(plan: Plan) -> dict:
+    rows = overlap_rows(plan)
+    if rows is None:
+        return {"status": "skipped", "reason": "overlap_rows is not wired to a benchmark yet"}
+    return {"status": "ok", "rows": rows}
+
+
+SECTIONS: dict[str, Callable[[Plan], dict]] = {
+    "env": section_env, "static": section_static, "correctness": section_correctness,
+    "pytest": section_pytest, "bandwidth": section_bandwidth, "sharded": section_sharded,
+    "training": section_training, "overlap": section_overlap,
+}
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    secs = report["sections"]
+    env = secs.get("env", {}).get("info", {})
+    lines = [f"# gpu_check on {env.get('device', report['device'])}", "",
+             f"torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
+             f"driver {env.get('driver', 'n/a')}, git {env.get('git_sha')}, {env.get('date')}; "
+             f"{'PASSED' if report['passed'] else 'FAILED'} in {report['seconds']:.0f} s", "",
+             "| section | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {n} | {r['status']} | {r.get('seconds', 0):.1f} |" for n, r in secs.items()]
+    for name, res in secs.items():
+        rows = res.get("rows")
+        if res["status"] in ("error",):
+            lines += ["", f"## {name}: error", "", "```", res.get("error", "")[-1500:], "```"]
+        if not rows:
+            if res.get("reason"):
+                lines += ["", f"## {name}: {res['status']} ({res['reason']})"]
+            continue
+        lines += ["", f"## {name}", ""]
+        cols = BW_COLUMNS if name == "bandwidth" else list(dict.fromkeys(k for r in rows for k in r))
+        lines.append(markdown_table(rows, cols, BW_HEADERS if name == "bandwidth" else None))
+        if res.get("targets"):
+            lines += ["", markdown_table(res["targets"], ["n", "target", "value", "met"])]
+    if "pytest" in secs and secs["pytest"].get("summary"):
+        lines += ["", f"pytest: `{secs['pytest']['summary']}`"]
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""Loading a checkpoint on any world size (resharding N -> M).
+
+State is stored per parameter as ``(name, offset, length)`` pieces, so a rank reads only
+the shard files whose pieces overlap the ranges it owns under the *current* layout and
+``ShardedAMS.load_state_dict`` copies the overlaps. Everything a rank reads passes the
+rules of ``validate.py`` first, and the ranks agree on any failure before the optimizer
+is touched: every rank raises the same :class:`CheckpointError`, none is left waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from torch import nn
+
+from .commit import model_info, optimizer_params
+from .format import (MANIFEST_NAME, MODEL_EXTRA_NAME, TRAINER_NAME, CheckpointError, Manifest,
+                     PathLike)
+from .group import Group
+from .snapshot import set_rng_state
+from .validate import load_checked, open_checked, read_manifest
+
+log = logging.getLogger("sharded_ams.checkpoint")
+
+__all__ = ["load_checkpoint"]
+
+
+def _current_state_keys(optimizer) -> set[str]:
+    shards = getattr(optimizer, "shards", None)
+    if shards is not None:
+        return {k for sh in shards for k in sh.state} | {"master"}
+    keys = {"exp_avg", "exp_avg_sq", "master"}
+    if any(g["beta3"] > 0 for g in optimizer.param_groups):
+        keys.add("exp_avg_s")
+    return keys
+
+
+def _diff_list(what: str, items: list[str], limit: int = 8) -> str:
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return f"{what}: {', '.join(items[:limit])}{more}"
+
+
+def check_against(man: Manifest, optimizer, model: Optional[nn.Module]) -> None:
+    """The checkpoint fits this optimizer (and model): names, shapes, state keys, groups."""
+    mpath = man.path / MANIFEST_NAME
+    opt = man.optimizer
+    if opt.get("class") != type(optimizer).__name__ or not hasattr(optimizer, "comm"):
+        raise CheckpointError(
+            f"{mpath}: saved by optimizer {opt.get('class')!r}, loading into "
+            f"{type(optimizer).__name__!r} (for a single-process AMS use consolidate())",
+            path=mpath, kind="optimizer_mismatch")
+    mine = {n: (list(p.shape), str(p.dtype)) for p, n in optimizer_params(optimizer)}
+    theirs = {n: (list(p["shape"]), p["dtype"]) for n, p in man.params.items()}
+    if set(mine) != set(theirs) or any(mine[n][0] != theirs[n][0] for n in mine):
+        parts = []
+        missing = [n for n in mine if n not in theirs]       # in param order
+        unexpected = [n for n in theirs if n not in mine]
+        if missing:
+            parts.append(_diff_list("params of the model not in the checkpoint", missing))
+        if unexpected:
+            parts.append(_diff_list("params in the checkpoint not in the model", unexpected))
+        shapes = [f"{n} (checkpoint {theirs[n][0]}, model {mine[n][0]})"
+                  for n in mine if n in theirs and mine[n][0] != theirs[n][0]]
+        if shapes:
+            parts.append(_diff_list("shape mismatch", shapes))
+        raise CheckpointError(f"{mpath}: checkpoint is for a different model: "
+                              + "; ".join(parts), path=mpath, kind="model_mismatch")
+    dtypes = [n for n in mine if mine[n][1] != theirs[n][1]]
+    if dtypes:
+        log.warning("%s: param dtypes differ from the checkpoint for %s (state is fp32; "
+                    "params are re-cast from the masters)", mpath, dtypes[:5])
+    want, have = set(opt["state_keys"]), _current_state_keys(optimizer)
+    if want != have:
+        raise CheckpointError(
+            f"{mpath}: optimizer state keys differ: checkpoint {sorted(want)}, optimizer "
+            f"{sorted(have)} (different optimizer configuration, e.g. beta3 > 0 vs beta3 == 0)",
+            path=mpath, kind="optimizer_mismatch")
+    groups = opt["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{mpath}: checkpoint has {len(groups)} param groups, the "
+                              f"optimizer {len(optimizer.param_groups)}", path=mpath,
+                              kind="optimizer_mismatch")
+    by_id = {id(p): n for p, n in optimizer_params(optimizer)}
+    for i, (saved, g) in enumerate(zip(groups, optimizer.param_groups)):
+        cur = [by_id[id(p)] for p in g["params"] if id(p) in by_id]
+        if list(saved["params"]) != cur:
+            raise CheckpointError(f"{mpath}: param group {i} holds different params in the "
+                                  "checkpoint and the optimizer", path=mpath,
+                                  kind="optimizer_mismatch")
+    if model is not None and man.model is not None:
+        _check_model(man, mpath, model_info(model, optimizer)[0])
+
+
+def _check_model(man: Manifest, mpath: Path, info: dict) -> None:
+    def strip(d):  # dtypes may differ (load_state_dict casts), the rest may not
+        return {k: {f: x for f, x in v.items() if f != "dtype"} for k, v in d.items()}
+
+    a, b = strip(man.model["keys"]), strip(info["keys"])
+    if a == b:
+        return
+    parts = []
+    if set(a) - set(b):
+        parts.append(_diff_list("state_dict keys in the checkpoint not in the model",
+                                sorted(set(a) - set(b))))
+    if set(b) - set(a):
+        parts.append(_diff_list("state_dict keys of the model not in the checkpoint",
+                                sorted(set(b) - set(a))))
+    diff = [f"{k} (checkpoint {a[k]}, model {b[k]})" for k in sorted(set(a) & set(b))
+            if a[k] != b[k]]
+    if diff:
+        parts.append(_diff_list("entries differ", diff, 4))
+    raise CheckpointError(f"{mpath}: checkpoint is for a different model (buffers / "
+                          "frozen params / tied weights): " + "; ".join(parts),
+                          path=mpath, kind="model_mismatch")
+
+
+def needed_shards(man: Manifest, optimizer, rank: int) -> Optional[list[str]]:
+    """Shard files holding a piece of any range ``rank`` owns (None if unknown)."""
+    shards = getattr(optimizer, "shards", None)
+    if shards is None:
+        return None
+    mine: dict[str, list[tuple[int, int]]] = {}
+    for sh in shards:
+        for pc in sh.layout.pieces(rank):
+            mine.setdefault(pc.slot.name, []).append((pc.param_offset,
+                                                      pc.param_offset + pc.length))
+    out = []
+    for name in man.shard_files():
+        for pname, off, length in man.files[name]["pieces"]:
+            if any(a < off + length and off < b for a, b in mine.get(pname, ())):
+                out.append(name)
+                break
+    return out
+
+
+def files_to_verify(man: Manifest, optimizer, ctx: Group, needed: list[str]) -> set[str]:
+    """sha256 duty of this rank: every file it reads itself (the checkpoint directory may be
+    a per-node copy, e.g. downloaded by Ray Train), plus a round-robin share of the shard
+    files that no rank reads, so that together the ranks checksum every file."""
+    verify = set(needed) | {n for n in (TRAINER_NAME, MODEL_EXTRA_NAME) if n in man.files}
+    read_by_someone: set[str] = set()
+    for r in range(ctx.world_size):
+        got = needed if r == ctx.rank else needed_shards(man, optimizer, r)
+        read_by_someone |= set(got if got is not None else ())
+    others = [n for n in man.files if n not in read_by_someone and n not in verify]
+    verify |= {n for i, n in enumerate(others) if i % ctx.world_size == ctx.rank}
+    return verify
+
+
+def _read(man: Manifest, optimizer, ctx: Group, model, restore_rng: bool) -> dict[str, Any]:
+    """Everything this rank needs from disk, every file checked (size, sha256, content)."""
+    needed = needed_shards(man, optimizer, ctx.rank)
+    if needed is None:
+        needed = man.shard_files()
+    own = man.shard_files()[ctx.rank] if man.world_size == ctx.world_size else None
+    if not needed:  # a rank that owns nothing still needs the hyperparameters
+        needed = [man.shard_files()[0]]
+    verify = files_to_verify(man, optimizer, ctx, needed)
+    read = set(needed) | {n for n in (TRAINER_NAME, MODEL_EXTRA_NAME) if n in man.files}
+    if restore_rng and own:
+        read.add(own)
+    loaded: dict[str, Any] = {}
+    for n in man.files:  # sizes of every file (cheap); sha256 and content of this rank's share
+        if n in read or n in verify:
+            loaded[n] = load_checked(man, n, checksum=n in verify or n in read,
+                                     mmap=n not in (TRAINER_NAME, MODEL_EXTRA_NAME))
+        else:
+            with open_checked(man, n, checksum=False):
+                pass
+    return {"sds": [loaded[n]["optimizer"] for n in needed],
+            "rng": loaded[own].get("rng") if restore_rng and own else None,
+            "trainer": loaded.get(TRAINER_NAME),
+            "model_extra": loaded[MODEL_EXTRA_NAME]["tensors"]
+            if model is not None and MODEL_EXTRA_NAME in loaded else None}
+
+
+def load_checkpoint(path: PathLike, optimizer, *, model: Optional[nn.Module] = None,
+                    lr_scheduler=None, restore_rng: bool = True) -> dict:
+    """Load a checkpoint saved on any world size into ``optimizer`` (a ShardedAMS).
+    Every rank calls it (collectives inside).
+
+    Checks the manifest (``validate.py``); the optimizer's params (names, shapes), state
+    keys and groups and, with ``model``, its buffers/frozen params against it; the size of
+    every file, and the sha256 and content of every file this rank reads plus a share of
+    the others (so that together the ranks check every file). Failures are agreed
+    collectively: every rank raises the same :class:`CheckpointError`. Then the shard
+    files that overlap this rank's ranges go to ``optimizer.load_state_dict``
+    (hyperparameters and step come from the checkpoint, as with torch.optim), and
+    ``optimizer.finish_param_sync()`` makes sure the params hold the loaded masters.
+    Restores ``model``'s extra state, the ``lr_scheduler`` and, only when the world size
+    is unchanged (each rank then gets its own states back), the RNG states.
+
+    Returns ``{"step", "extra", "path"}``.
+    """
+    path = Path(path)
+    ctx = Group.of(optimizer)
+    err: Optional[BaseException] = None
+    man = got = None
+    try:
+        man = read_manifest(path)
+        check_against(man, optimizer, model)
+        got = _read(man, optimizer, ctx, model, restore_rng)
+    except CheckpointError as exc:
+        err = exc
+    except Exception as exc:
+        err = CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})",
+                              path=path, kind="corrupt")
+    ctx.agree(err)
+    assert man is not None and got is not None
+    try:
+        optimizer.load_state_dict(got["sds"])
+    except ValueError as exc:  # checked above; deterministic, so every rank raises
+        raise CheckpointError(f"{path}: {exc}", path=path, kind="optimizer_mismatch") from exc
+    sync = getattr(optimizer, "finish_param_sync", None)
+    if sync is not None:
+        sync()  # the load's re-gather of the params is complete before anyone reads them
+    trainer = got["trainer"]
+    if model is not None:
+        if got["model_extra"]:
+            res = model.load_state_dict(got["model_extra"], strict=False)
+            if res.unexpected_keys:
+                raise CheckpointError(f"{path / MODEL_EXTRA_NAME}: keys not in the model: "
+                                      f"{res.unexpected_keys[:8]}", path=path / MODEL_EXTRA_NAME,
+                                      kind="model_mismatch")
+        elif man.model is None:
+            log.info("%s was saved without model=; buffers and frozen params not restored",
+                     path)
+    if lr_scheduler is not None:
+        if trainer is None or trainer.get("lr_scheduler") is None:
+            log.warning("%s holds no lr_scheduler state; the scheduler is left as is", path)
+        else:
+            lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    if restore_rng:
+        if got["rng"] is not None:
+            set_rng_state(got["rng"])
+        else:
+            log.info("%s: saved on %d ranks, loading on %d: RNG states not restored",
+                     path, man.world_size, ctx.world_size)
+    return {"step": man.step, "extra": trainer.get("extra") if trainer else None,
+            "path": str(path)}

@@ -1,0 +1,546 @@
+"""Every rule a checkpoint directory must pass before anything in it is used.
+
+A checkpoint is input from disk: it may be damaged, hand-edited or planted. So:
+
+1. **Files.** Every file is opened with ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat``-ed: a
+   symlink, FIFO, device or directory is refused before a byte is read (no hang on a FIFO
+   or ``/dev/zero``, nothing read from outside the directory). Its size must equal the
+   manifest's, and its sha256 too (``checksums=True``); a file is then loaded from that
+   same open file (``torch.load(weights_only=True)``), never re-opened by name.
+2. **The manifest** (at most ``MAX_MANIFEST_BYTES``) is JSON whose every field is checked
+   for type and range, and every number against the others and the files' real sizes,
+   before anything is allocated from it (``read_manifest``): the shard entries are
+   exactly ``world_size`` files named for their ranks; each piece is ``[name, offset,
+   length]``; the pieces of all shards tile every param exactly once; ``numel`` is the
+   product of ``shape``; a shard file is large enough for the elements it claims; dtypes
+   and state keys come from fixed lists; the hyperparameters pass the optimizer
+   constructor's checks (``sharded_ams.config.validate_hparams``).
+3. **File contents** (``check_shard`` and friends): what a file holds must agree with its
+   manifest entry: the same pieces, one 1-D tensor of the right length and dtype per state
+   key, the same param groups and hyperparameters (so what ``inspect`` shows is what a
+   load applies), valid RNG states.
+
+Every refusal is a :class:`CheckpointError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import random
+import stat
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from ..config import validate_hparams
+from .format import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MODEL_EXTRA_NAME, PARAM_DTYPES,
+                     REQUIRED_STATE_KEYS, SHARD_RE, STATE_KEYS, TRAINER_NAME, CheckpointError,
+                     Manifest, PathLike, prod, shard_file_name)
+from .snapshot import tuplify
+
+__all__ = ["read_manifest", "validate_checkpoint", "open_checked", "load_checked",
+           "check_shard", "check_trainer", "check_model_extra", "MAX_MANIFEST_BYTES"]
+
+#: a manifest is a few KB per rank; a larger one is refused unread
+MAX_MANIFEST_BYTES = 64 << 20
+_MAX_NAME = 1024
+_MAX_DIMS = 64
+_HASH_CHUNK = 16 << 20
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0))
+_HEX = frozenset("0123456789abcdef")
+_FILE_KINDS = {MODEL_EXTRA_NAME: "model-extra", TRAINER_NAME: "trainer"}
+
+
+# ---------------------------------------------------------------------------- files
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+@contextlib.contextmanager
+def open_regular(fpath: Path, *, max_size: Optional[int] = None) -> Iterator[tuple[int, int]]:
+    """Yield ``(fd, size)`` of ``fpath`` if it is a regular file (not a symlink, FIFO,
+    device...); never blocks. CheckpointError otherwise."""
+    try:
+        fd = os.open(fpath, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise CheckpointError(f"{fpath}: missing file (listed in the manifest)", path=fpath,
+                              kind="missing") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{fpath}: is a symbolic link; refused (a checkpoint holds "
+                                  "only regular files)", path=fpath, kind="unsafe") from None
+        raise CheckpointError(f"{fpath}: cannot open ({exc.strerror})", path=fpath,
+                              kind="missing") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{fpath}: is {_file_kind(st.st_mode)}, not a regular file; "
+                                  "refused", path=fpath, kind="unsafe")
+        if max_size is not None and st.st_size > max_size:
+            raise CheckpointError(f"{fpath}: {st.st_size} bytes, more than the {max_size} a "
+                                  "valid one can have", path=fpath, kind="format")
+        yield fd, st.st_size
+    finally:
+        os.close(fd)
+
+
+def _sha256_fd(fd: int) -> str:
+    h = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+        chunk = os.read(fd, _HASH_CHUNK)
+        if not chunk:
+            break
+        h.update(chunk)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def open_checked(man: Manifest, name: str, *, checksum: bool = True) -> Iterator[int]:
+    """Yield an fd of ``name`` once it is a regular file with the manifest's size (and
+    sha256): whatever is later read from this fd is what was checked."""
+    entry = man.files[name]
+    fpath = man.path / name
+    with open_regular(fpath) as (fd, size):
+        if size != entry["size"]:
+            raise CheckpointError(f"{fpath}: size is {size} bytes, the manifest says "
+                                  f"{entry['size']} (truncated or corrupt)", path=fpath,
+                                  kind="corrupt", field="size")
+        if checksum:
+            digest = _sha256_fd(fd)
+            if digest != entry["sha256"]:
+                raise CheckpointError(
+                    f"{fpath}: sha256 checksum mismatch (file {digest[:12]}..., manifest "
+                    f"{entry['sha256'][:12]}...): the file is corrupt", path=fpath,
+                    kind="corrupt", field="sha256")
+        yield fd
+
+
+def _torch_load_fd(fd: int, fpath: Path, mmap: bool) -> Any:
+    try:
+        if mmap and os.path.isdir("/proc/self/fd"):
+            # the same open file (not the name again): map it instead of reading it
+            return torch.load(f"/proc/self/fd/{fd}", map_location="cpu", weights_only=True,
+                              mmap=True)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{fpath}: cannot be loaded ({type(exc).__name__}: {exc})",
+                              path=fpath, kind="corrupt") from exc
+
+
+def load_checked(man: Manifest, name: str, *, checksum: bool = True, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of a checked file, then its content checked
+    against the manifest (shards, trainer.pt, model-extra.pt)."""
+    with open_checked(man, name, checksum=checksum) as fd:
+        obj = _torch_load_fd(fd, man.path / name, mmap)
+    if name == TRAINER_NAME:
+        check_trainer(man, obj)
+    elif name == MODEL_EXTRA_NAME:
+        check_model_extra(man, obj)
+    else:
+        check_shard(man, name, obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------- manifest
+class _Rules:
+    """Typed reads of one JSON document; every failure names the file and the field."""
+
+    def __init__(self, fpath: Path, kind: str = "format"):
+        self.fpath, self.kind = fpath, kind
+
+    def fail(self, where: str, msg: str) -> CheckpointError:
+        return CheckpointError(f"{self.fpath}: field {where}: {msg}", path=self.fpath,
+                               kind=self.kind, field=where)
+
+    def get(self, d: dict, key: str, where: str) -> Any:
+        if key not in d:
+            raise self.fail(f"{where}.{key}" if where else key, "missing")
+        return d[key]
+
+    def dict_(self, v: Any, where: str) -> dict:
+        if not isinstance(v, dict):
+            raise self.fail(where, f"expected an object, got {type(v).__name__}")
+        return v
+
+    def list_(self, v: Any, where: str, length: Optional[int] = None) -> list:
+        if not isinstance(v, (list, tuple)):
+            raise self.fail(where, f"expected a list, got {type(v).__name__}")
+        if length is not None and len(v) != length:
+            raise self.fail(where, f"expected {length} items, got {len(v)}")
+        return list(v)
+
+    def int_(self, v: Any, where: str, lo: int = 0, hi: Optional[int] = None) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(where, f"expected an integer, got {v!r:.60}")
+        if v < lo or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise self.fail(where, f"{v} is not {rng}")
+        return v
+
+    def str_(self, v: Any, where: str) -> str:
+        if not isinstance(v, str):
+            raise self.fail(where, f"expected a string, got {v!r:.60}")
+        return v
+
+    def name(self, v: Any, where: str) -> str:
+        s = self.str_(v, where)
+        if not s or len(s) > _MAX_NAME or "\x00" in s:
+            raise self.fail(where, f"{s!r:.80} is not a valid name (empty, too long or "
+                            "holds a NUL)")
+        return s
+
+
+def _read_json(mpath: Path) -> dict:
+    with open_regular(mpath, max_size=MAX_MANIFEST_BYTES) as (fd, size):
+        data = os.read(fd, size + 1)
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{mpath}: corrupt manifest ({type(exc).__name__}: {exc})",
+                              path=mpath, kind="format") from exc
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{mpath}: corrupt manifest (not a JSON object)", path=mpath,
+                              kind="format")
+    return d
+
+
+def read_step(path: Path) -> Optional[int]:
+    """The manifest's step, or None if there is none / it is unreadable (for ordering)."""
+    try:
+        step = _read_json(path / MANIFEST_NAME).get("step")
+    except CheckpointError:
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
+
+def read_manifest(path: PathLike) -> Manifest:
+    """Parse ``path/manifest.json`` and check every rule of the manifest (section 2 of
+    this module's docstring). No other file is opened; nothing is allocated from an
+    unchecked number."""
+    path = Path(path)
+    mpath = path / MANIFEST_NAME
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory", path=path, kind="missing")
+    if not os.path.lexists(mpath):
+        raise CheckpointError(f"{path}: not a committed checkpoint (no {MANIFEST_NAME}; "
+                              "the save did not finish)", path=mpath, kind="uncommitted")
+    d = _read_json(mpath)
+    r = _Rules(mpath)
+    if d.get("format") != FORMAT:
+        raise r.fail("format", f"{d.get('format')!r:.60}, expected {FORMAT!r}")
+    version = r.int_(r.get(d, "version", ""), "version", 1)
+    if version > FORMAT_VERSION:
+        raise r.fail("version", f"{version} is newer than this code reads ({FORMAT_VERSION})")
+    step = r.int_(r.get(d, "step", ""), "step")
+    world = r.int_(r.get(d, "world_size", ""), "world_size", 1)
+    opt = _check_optimizer(r, r.dict_(r.get(d, "optimizer", ""), "optimizer"))
+    params = _check_params(r, r.dict_(r.get(d, "params", ""), "params"), opt["param_groups"])
+    files = r.dict_(r.get(d, "files", ""), "files")
+    model = d.get("model")
+    if model is not None:
+        model = _check_model(r, model, params, files)
+    _check_files(r, files, world, params, opt["state_keys"])
+    created_unix = d.get("created_unix", 0.0)
+    if isinstance(created_unix, bool) or not isinstance(created_unix, (int, float)):
+        raise r.fail("created_unix", f"expected a number, got {created_unix!r:.60}")
+    for key in ("created", "torch_version", "sharded_ams_version"):
+        r.str_(d.get(key, ""), key)
+    return Manifest(path=path, step=step, world_size=world, params=params, optimizer=opt,
+                    files=files, model=model, created=d.get("created", ""),
+                    created_unix=float(created_unix), format=FORMAT, version=version,
+                    torch_version=d.get("torch_version", ""),
+                    sharded_ams_version=d.get("sharded_ams_version", ""), raw=d)
+
+
+def check_hparams(r: _Rules, g: dict, where: str) -> None:
+    """A param group's hyperparameters, exactly as the optimizer constructor checks them."""
+    args = [r.get(g, k, where) for k in ("lr", "betas", "beta3", "lam", "eps", "weight_decay")]
+    try:
+        validate_hparams(*args)
+    except ValueError as exc:
+        raise r.fail(where, str(exc)) from None
+    r.int_(r.get(g, "step", where), f"{where}.step")
+
+
+def _check_optimizer(r: _Rules, opt: dict) -> dict:
+    r.str_(r.get(opt, "class", "optimizer"), "optimizer.class")
+    keys = r.list_(r.get(opt, "state_keys", "optimizer"), "optimizer.state_keys")
+    for i, k in enumerate(keys):
+        if k not in STATE_KEYS:
+            raise r.fail(f"optimizer.state_keys[{i}]", f"unknown state {k!r:.60} "
+                         f"(known: {', '.join(STATE_KEYS)})")
+    if len(set(keys)) != len(keys) or not set(REQUIRED_STATE_KEYS) <= set(keys):
+        raise r.fail("optimizer.state_keys", f"{keys} must be distinct and hold "
+                     f"{', '.join(REQUIRED_STATE_KEYS)}")
+    groups = r.list_(r.get(opt, "param_groups", "optimizer"), "optimizer.param_groups")
+    if not groups:
+        raise r.fail("optimizer.param_groups", "empty")
+    for i, g in enumerate(groups):
+        where = f"optimizer.param_groups[{i}]"
+        r.dict_(g, where)
+        check_hparams(r, g, where)
+        for j, n in enumerate(r.list_(r.get(g, "params", where), f"{where}.params")):
+            r.name(n, f"{where}.params[{j}]")
+    r.int_(opt.get("skipped_steps", 0), "optimizer.skipped_steps")
+    return opt
+
+
+def _check_params(r: _Rules, params: dict, groups: list[dict]) -> dict:
+    group_of: dict[str, int] = {}
+    for gi, g in enumerate(groups):
+        for n in g["params"]:
+            if n in group_of:
+                raise r.fail(f"optimizer.param_groups[{gi}].params", f"param {n!r} listed twice")
+            group_of[n] = gi
+    for n, info in params.items():
+        where = f"params[{n!r:.80}]"
+        r.name(n, where)
+        r.dict_(info, where)
+        shape = r.list_(r.get(info, "shape", where), f"{where}.shape")
+        if len(shape) > _MAX_DIMS:
+            raise r.fail(f"{where}.shape", f"{len(shape)} dimensions")
+        for i, s in enumerate(shape):
+            r.int_(s, f"{where}.shape[{i}]")
+        numel = r.int_(r.get(info, "numel", where), f"{where}.numel")
+        if numel != prod(shape):
+            raise r.fail(f"{where}.numel", f"{numel} is not the product of shape {shape} "
+                         f"({prod(shape)})")
+        dtype = r.get(info, "dtype", where)
+        if dtype not in PARAM_DTYPES:
+            raise r.fail(f"{where}.dtype", f"{dtype!r:.60} is not one of {sorted(PARAM_DTYPES)}")
+        gi = r.int_(r.get(info, "group", where), f"{where}.group", 0, len(groups) - 1)
+        if group_of.get(n) != gi:
+            raise r.fail(f"{where}.group", f"{gi}, but param group {group_of.get(n)} lists it")
+    if set(group_of) != set(params):
+        extra = sorted(set(group_of) - set(params))[:5]
+        raise r.fail("params", f"param groups list params without an entry: {extra}")
+    return params
+
+
+def _check_model(r: _Rules, model: Any, params: dict, files: dict) -> dict:
+    keys = r.dict_(r.get(r.dict_(model, "model"), "keys", "model"), "model.keys")
+    extra = False
+    for k, info in keys.items():
+        where = f"model.keys[{k!r:.80}]"
+        r.name(k, where)
+        r.dict_(info, where)
+        if "param" in info:
+            if info["param"] not in params:
+                raise r.fail(f"{where}.param", f"{info['param']!r:.80} is not a saved param")
+        elif info.get("extra") is True:
+            extra = True
+            if "shape" in info:
+                for i, s in enumerate(r.list_(info["shape"], f"{where}.shape")):
+                    r.int_(s, f"{where}.shape[{i}]")
+        else:
+            raise r.fail(where, "neither a param nor extra state")
+    if extra and MODEL_EXTRA_NAME not in files:
+        raise r.fail("files", f"{MODEL_EXTRA_NAME} is not listed, but model.keys has extra state")
+    return model
+
+
+def _check_files(r: _Rules, files: dict, world: int, params: dict, state_keys: list) -> None:
+    """File entries, the shard set, the piece tiling and the sizes the pieces need."""
+    ranks: dict[int, str] = {}
+    spans: dict[str, list[tuple[int, int, str]]] = {n: [] for n in params}
+    # the least bytes one element costs in a shard: an fp32 master, the rest at least bf16
+    min_bytes = 4 + 2 * (len(state_keys) - 1)
+    for name, entry in files.items():
+        where = f"files[{name!r:.80}]"
+        r.name(name, where)
+        r.dict_(entry, where)
+        size = r.int_(r.get(entry, "size", where), f"{where}.size")
+        sha = r.str_(r.get(entry, "sha256", where), f"{where}.sha256")
+        if len(sha) != 64 or not set(sha) <= _HEX:
+            raise r.fail(f"{where}.sha256", f"{sha!r:.80} is not a sha256 hex digest")
+        m = SHARD_RE.match(name)
+        kind = "shard" if m else _FILE_KINDS.get(name)
+        if kind is None:
+            raise r.fail(where, "not a file name this format uses")
+        if entry.get("kind") != kind:
+            raise r.fail(f"{where}.kind", f"{entry.get('kind')!r:.60}, expected {kind!r}")
+        if not m:
+            continue
+        rank, of = int(m.group(1)), int(m.group(2))
+        if of != world or rank >= world:
+            raise r.fail(where, f"a shard of rank {rank} of {of}; the checkpoint has "
+                         f"world_size {world}")
+        if r.int_(r.get(entry, "rank", where), f"{where}.rank") != rank:
+            raise r.fail(f"{where}.rank", f"{entry['rank']}, but the file name says {rank}")
+        ranks[rank] = name
+        elems = 0
+        for i, pc in enumerate(r.list_(r.get(entry, "pieces", where), f"{where}.pieces")):
+            pw = f"{where}.pieces[{i}]"
+            pname, off, length = r.list_(pc, pw, 3)
+            if pname not in params:
+                raise r.fail(pw, f"unknown param {pname!r:.80}")
+            numel = params[pname]["numel"]
+            off = r.int_(off, f"{pw}[1] (offset)", 0, numel)
+            length = r.int_(length, f"{pw}[2] (length)", 0, numel - off)
+            spans[pname].append((off, off + length, name))
+            elems += length
+        if elems * min_bytes > size:
+            raise r.fail(f"{where}.size", f"{size} bytes cannot hold the {elems} elements "
+                         f"its pieces claim ({min_bytes} bytes each at least)")
+    if len(ranks) != world:
+        missing = [shard_file_name(q, world) for q in range(world) if q not in ranks][:3]
+        raise r.fail("files", f"world_size is {world} but {len(ranks)} shard files are listed "
+                     f"(missing e.g. {missing})")
+    for pname, iv in spans.items():
+        pos = 0
+        for a, b, fname in sorted(iv):
+            if a != pos:
+                raise r.fail(f"files[{fname!r}].pieces", f"param {pname!r:.80}: the pieces do "
+                             f"not tile [0, numel) at element {pos}")
+            pos = b
+        if pos != params[pname]["numel"]:
+            raise r.fail("files", f"param {pname!r:.80}: the pieces cover {pos} of "
+                         f"{params[pname]['numel']} elements")
+
+
+# ---------------------------------------------------------------------------- contents
+def _content_rules(man: Manifest, name: str) -> _Rules:
+    return _Rules(man.path / name, kind="corrupt")
+
+
+def _jsonable(x: Any) -> Any:
+    """As the manifest stores it (tuples become lists; repr for the rest)."""
+    return json.loads(json.dumps(x, default=repr))
+
+
+def check_shard(man: Manifest, name: str, obj: Any) -> None:
+    """A loaded shard file agrees with its manifest entry (pieces, tensors, groups, RNG)."""
+    r = _content_rules(man, name)
+    rank = man.files[name]["rank"]
+    r.dict_(obj, "")
+    for key, want in (("format", "sharded_ams.shard"), ("rank", rank),
+                      ("world_size", man.world_size), ("step", man.step)):
+        if obj.get(key) != want:
+            raise r.fail(key, f"{obj.get(key)!r:.60}, the manifest says {want!r}")
+    osd = r.dict_(r.get(obj, "optimizer", ""), "optimizer")
+    if osd.get("format") != "sharded_ams":
+        raise r.fail("optimizer.format", f"{osd.get('format')!r:.60}, expected 'sharded_ams'")
+    groups = r.list_(r.get(osd, "param_groups", "optimizer"), "optimizer.param_groups")
+    for i, g in enumerate(groups):
+        check_hparams(r, r.dict_(g, f"optimizer.param_groups[{i}]"),
+                      f"optimizer.param_groups[{i}]")
+    if _jsonable(groups) != man.param_groups:
+        raise r.fail("optimizer.param_groups", "differ from the manifest's (the hyperparameters "
+                     "a load would apply are not the ones the manifest shows)")
+    if list(r.get(osd, "state_keys", "optimizer")) != man.state_keys:
+        raise r.fail("optimizer.state_keys", f"{osd['state_keys']!r:.80}, the manifest says "
+                     f"{man.state_keys}")
+    sparams = r.dict_(r.get(osd, "params", "optimizer"), "optimizer.params")
+    mine = {n: (list(p.get("shape", ())), p.get("dtype"), p.get("group"))
+            for n, p in sparams.items() if isinstance(p, dict)}
+    theirs = {n: (p["shape"], p["dtype"], p["group"]) for n, p in man.params.items()}
+    if mine != theirs:
+        raise r.fail("optimizer.params", "differ from the manifest's params")
+    pieces = r.list_(r.get(osd, "pieces", "optimizer"), "optimizer.pieces")
+    want = man.files[name]["pieces"]
+    if len(pieces) != len(want):
+        raise r.fail("optimizer.pieces", f"{len(pieces)} pieces, the manifest lists {len(want)}")
+    for i, (rec, (pname, off, length)) in enumerate(zip(pieces, want)):
+        where = f"optimizer.pieces[{i}]"
+        r.dict_(rec, where)
+        got = (rec.get("name"), rec.get("offset"), rec.get("length"))
+        if got != (pname, off, length):
+            raise r.fail(where, f"(name, offset, length) is {got!r:.120}, the manifest says "
+                         f"{(pname, off, length)!r:.120}")
+        for k in man.state_keys:
+            t = r.get(rec, k, where)
+            ok_dtypes = (torch.float32,) if k == "master" else (torch.float32, torch.bfloat16)
+            if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() != length \
+                    or t.dtype not in ok_dtypes:
+                desc = (f"{t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, Tensor)
+                        else type(t).__name__)
+                raise r.fail(f"{where}.{k}", f"{desc}, expected a 1-D tensor of {length} "
+                             f"elements ({' or '.join(map(str, ok_dtypes))})")
+    if "rng" in obj:
+        _check_rng(r, obj["rng"])
+
+
+def _check_rng(r: _Rules, rng: Any) -> None:
+    """RNG states that restoring would accept (tried on scratch generators)."""
+    r.dict_(rng, "rng")
+    try:
+        torch.Generator().set_state(r.get(rng, "torch", "rng"))
+        random.Random().setstate(tuplify(r.get(rng, "python", "rng")))
+        if "numpy" in rng:
+            import numpy as np
+
+            ns = rng["numpy"]
+            np.random.RandomState().set_state({
+                "bit_generator": ns["bit_generator"],
+                "state": {"key": ns["key"].numpy().astype("uint32"), "pos": ns["pos"]},
+                "has_gauss": ns["has_gauss"], "gauss": ns["gauss"]})
+        if "cuda" in rng:
+            for t in r.list_(rng["cuda"], "rng.cuda"):
+                if not isinstance(t, Tensor) or t.dtype != torch.uint8:
+                    raise ValueError("a CUDA RNG state is not a uint8 tensor")
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise r.fail("rng", f"not a valid RNG state ({type(exc).__name__}: {exc})") from None
+
+
+def check_trainer(man: Manifest, obj: Any) -> None:
+    r = _content_rules(man, TRAINER_NAME)
+    r.dict_(obj, "")
+    for key, want in (("format", "sharded_ams.trainer"), ("step", man.step)):
+        if obj.get(key) != want:
+            raise r.fail(key, f"{obj.get(key)!r:.60}, the manifest says {want!r}")
+    if obj.get("lr_scheduler") is not None:
+        r.dict_(obj["lr_scheduler"], "lr_scheduler")
+
+
+def check_model_extra(man: Manifest, obj: Any) -> None:
+    r = _content_rules(man, MODEL_EXTRA_NAME)
+    r.dict_(obj, "")
+    if obj.get("format") != "sharded_ams.model_extra":
+        raise r.fail("format", f"{obj.get('format')!r:.60}, expected 'sharded_ams.model_extra'")
+    tensors = r.dict_(r.get(obj, "tensors", ""), "tensors")
+    want = {k: v for k, v in (man.model or {"keys": {}})["keys"].items() if "param" not in v}
+    if set(tensors) != set(want):
+        raise r.fail("tensors", f"keys differ from the manifest's model.keys: "
+                     f"{sorted(set(tensors) ^ set(want))[:5]}")
+    for k, info in want.items():
+        t = tensors[k]
+        if "shape" in info and (not isinstance(t, Tensor) or list(t.shape) != info["shape"]):
+            got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise r.fail(f"tensors[{k!r:.80}]", f"{got}, the manifest says {info['shape']}")
+
+
+# ---------------------------------------------------------------------------- all of it
+def validate_checkpoint(path: PathLike, *, checksums: bool = True) -> Manifest:
+    """Check that ``path`` is a committed, intact checkpoint and return its manifest.
+
+    Checks every rule of this module: the manifest's; every listed file is a regular file
+    with the listed size; with ``checksums`` (the default) also every file's sha256 and
+    content (each file is loaded, memory-mapped, and compared with its manifest entry).
+    ``checksums=False`` reads only the manifest and ``fstat``s the files (fast).
+    Raises :class:`CheckpointError` naming the file (and field) otherwise.
+    """
+    man = read_manifest(path)
+    for name in man.files:
+        if checksums:
+            load_checked(man, name, checksum=True, mmap=True)
+        else:
+            with open_checked(man, name, checksum=False):
+                pass
+    return man

@@ -1,0 +1,546 @@
+"""A checkpoint directory is input from disk: damaged, hand-edited or planted input is
+refused cleanly and quickly, and the checkpoint code never loses what it committed.
+
+Each case plants one problem in the newer of two committed checkpoints of a run and
+checks every entry point (``assert_refused_everywhere``): ``validate_checkpoint``,
+``find_latest_checkpoint``, ``load_checkpoint``, ``CheckpointManager.load_latest``,
+``consolidate``, both CLI commands and the launcher's resume scan. Each must raise a
+``CheckpointError`` naming the file and the field (or fall back to the older checkpoint),
+and none may hang (``deadline``). Then: pruning, the writer lock, a full disk, re-saving a
+committed step, and ``ckpt consolidate``'s output path. Single process, fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher import ckpt_cli
+from sharded_ams import ShardedAMS
+from sharded_ams import checkpoint as C
+from sharded_ams.checkpoint import (CheckpointError, CheckpointManager, commit, consolidate,
+                                    find_latest_checkpoint, load_checkpoint, save_checkpoint,
+                                    validate_checkpoint)
+
+from ckpt_common import (GRAMS, REPO, deadline, edit_shard, flip_bit, fresh, make_model,
+                         manifest_json, rewrite_manifest, sha256_of, short_first_piece, train)
+
+OLD, NEW = "step-00000001", "step-00000002"
+SHARD = "shard-rank00000-of-00001.pt"
+
+
+@pytest.fixture(scope="module")
+def run_ckpts(tmp_path_factory) -> Path:
+    """A run dir with two committed checkpoints of one run (steps 1 and 2); read-only."""
+    root = tmp_path_factory.mktemp("run")
+    model = make_model(0)
+    opt = ShardedAMS(model, backend="eager", **GRAMS)
+    for s in (1, 2):
+        train(model, opt, range(s - 1, s))
+        save_checkpoint(root / C.step_dir_name(s), opt, model=model, step=s)
+    return root
+
+
+@pytest.fixture
+def root(run_ckpts, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run_ckpts, dst)
+    return dst
+
+
+def resume_scan(run_dir: Path) -> tuple:
+    """(source, step) of the launcher's resume point for a job whose run dir is ``run_dir``."""
+    pytest.importorskip("ray.train")
+    from launcher.config import load_config
+    from launcher.ray_launcher import find_resume_point
+
+    cfg = load_config(None, {"job.storage_path": str(run_dir.parent), "job.name": run_dir.name},
+                      environ={})
+    point = find_resume_point(cfg)
+    return point.source, point.step
+
+
+def assert_refused_everywhere(root: Path, *needles: str, shallow: bool = True) -> CheckpointError:
+    """Every entry point refuses ``root/NEW`` with a CheckpointError whose message holds
+    ``needles``, or skips it for ``root/OLD``; nothing hangs. ``shallow``: the problem is
+    visible without checksums (``checksums=False`` refuses it too)."""
+    bad = root / NEW
+    with deadline(60, "an API call on a bad checkpoint"):
+        for checksums in (True, False) if shallow else (True,):
+            with pytest.raises(CheckpointError) as ei:
+                validate_checkpoint(bad, checksums=checksums)
+            for s in needles:
+                assert s in str(ei.value), (s, str(ei.value))
+            assert find_latest_checkpoint(root, checksums=checksums) == root / OLD
+        if not shallow:
+            assert validate_checkpoint(bad, checksums=False).step == 2
+        model, opt = fresh()
+        with pytest.raises(CheckpointError) as el:
+            load_checkpoint(bad, opt, model=model)
+        assert all(s in str(el.value) for s in needles), str(el.value)
+        model, opt = fresh()
+        assert CheckpointManager(root).load_latest(opt, model=model)["step"] == 1
+        with pytest.raises(CheckpointError):
+            consolidate(bad)
+        assert ckpt_cli.main(["inspect", str(bad)]) == 1
+        out = root.parent / "full.pt"
+        assert ckpt_cli.main(["consolidate", str(bad), str(out)]) == 1 and not out.exists()
+        assert not list(root.parent.glob("*.tmp"))
+        # the launcher's scan checks sizes, not contents (the workers' load does that)
+        assert resume_scan(root) == ("scan", 1 if shallow else 2)
+    return ei.value
+
+
+# ----------------------------------------------------------------------------- files
+@pytest.mark.parametrize("victim", [SHARD, C.TRAINER_NAME, C.MANIFEST_NAME])
+def test_symlinked_file_refused(root, victim):
+    """A file that is a symlink to something outside (here: an exact copy, so sizes and
+    checksums match) is refused, never read or copied into consolidate's output."""
+    outside = root.parent / f"outside-{victim}"
+    shutil.move(root / NEW / victim, outside)
+    os.symlink(outside, root / NEW / victim)
+    err = assert_refused_everywhere(root, victim, "symbolic link")
+    assert err.kind == "unsafe"
+
+
+def _plant(path: Path, what: str) -> None:
+    path.unlink()
+    if what == "fifo":
+        os.mkfifo(path)
+    elif what == "dev-zero":
+        os.symlink("/dev/zero", path)
+    else:  # the device node itself, as root could plant it
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 5))
+        except PermissionError:
+            pytest.skip("mknod needs CAP_MKNOD here")
+
+
+@pytest.mark.parametrize("what,victim", [("fifo", SHARD), ("fifo", C.TRAINER_NAME),
+                                         ("fifo", C.MANIFEST_NAME), ("dev-zero", SHARD),
+                                         ("dev-zero", C.MANIFEST_NAME),
+                                         ("char-device", C.MODEL_EXTRA_NAME)])
+def test_fifo_or_device_never_hangs(root, what, victim):
+    """A FIFO (whose open blocks until a writer comes) or /dev/zero (endless) placed as a
+    file: every API call, both CLI commands and the resume scan return at once."""
+    _plant(root / NEW / victim, what)
+    err = assert_refused_everywhere(root, victim)
+    assert err.kind == "unsafe"
+
+
+# ----------------------------------------------------------------------------- sizes
+def test_world_size_1e9_refused_without_allocating(root):
+    """A 2 KB manifest claiming 10**9 ranks: refused from the shard entries it really
+    lists, before anything of size world_size exists (peak Python memory stays small)."""
+    rewrite_manifest(root / NEW, world_size=10**9)
+    tracemalloc.start()
+    try:
+        with deadline(30, "find_latest_checkpoint"):
+            assert find_latest_checkpoint(root, checksums=False) == root / OLD
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20, peak
+    err = assert_refused_everywhere(root, C.MANIFEST_NAME, "world_size 1000000000")
+    assert err.kind == "format"
+
+
+@pytest.mark.parametrize("claim", ["numel", "shape"])
+def test_element_counts_checked_against_shape_and_file_sizes(root, claim):
+    """2e9 elements claimed for a 256x32 param (pieces edited to match): refused because
+    numel is not the product of the shape, or (shape edited too) because the shard file
+    is far too small to hold them; consolidate never allocates for the claim."""
+    man = manifest_json(root / NEW)
+    big = 2_000_000_000
+    man["params"]["wte.weight"]["numel"] = big
+    if claim == "shape":
+        man["params"]["wte.weight"]["shape"] = [big]
+    pieces = man["files"][SHARD]["pieces"]
+    pieces[[p[0] for p in pieces].index("wte.weight")][2] = big
+    (root / NEW / C.MANIFEST_NAME).write_text(json.dumps(man))
+    needle = ("params['wte.weight'].numel" if claim == "numel"
+              else f"files['{SHARD}'].size")
+    err = assert_refused_everywhere(root, C.MANIFEST_NAME, needle)
+    assert err.field.startswith(needle.split(".")[0])
+
+
+# ----------------------------------------------------------------------------- manifests
+def _rename_param(man: dict, old: str, new: str) -> None:
+    man["params"] = {new if k == old else k: v for k, v in man["params"].items()}
+    for g in man["optimizer"]["param_groups"]:
+        g["params"] = [new if n == old else n for n in g["params"]]
+    for f in man["files"].values():
+        for pc in f.get("pieces", ()):
+            pc[0] = new if pc[0] == old else pc[0]
+    for v in man["model"]["keys"].values():
+        if v.get("param") == old:
+            v["param"] = new
+
+
+def _dup_param(man: dict) -> None:
+    g = man["optimizer"]["param_groups"][0]
+    g["params"].append(g["params"][0])
+
+
+MANIFEST_CASES = {  # name: (edit, the field named in the error, a phrase of the message)
+    "nul-in-name": (lambda m: _rename_param(m, "wte.weight", "wte\x00weight"),
+                    "optimizer.param_groups[0].params[0]", "holds a NUL"),
+    "missing-pieces": (lambda m: m["files"][SHARD].pop("pieces"),
+                       f"files['{SHARD}'].pieces", "missing"),
+    "piece-with-two-fields": (lambda m: m["files"][SHARD]["pieces"][0].pop(),
+                              f"files['{SHARD}'].pieces[0]", "expected 3 items"),
+    "size-big": (lambda m: m["files"][C.TRAINER_NAME].update(size="big"),
+                 "files['trainer.pt'].size", "expected an integer"),
+    "bad-dtype": (lambda m: m["params"]["wte.weight"].update(dtype="torch.Tensor"),
+                  "params['wte.weight'].dtype", "is not one of"),
+    "unknown-state": (lambda m: m["optimizer"]["state_keys"].append("evil"),
+                      "optimizer.state_keys[3]", "unknown state"),
+    "negative-lr": (lambda m: m["optimizer"]["param_groups"][0].update(lr=-5.0),
+                    "optimizer.param_groups[0]", "Invalid learning rate: -5.0"),
+    "param-twice": (_dup_param, "optimizer.param_groups[0].params", "listed twice"),
+    "world-size-string": (lambda m: m.update(world_size="1"), "world_size",
+                          "expected an integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_CASES))
+def test_malformed_manifest(root, case):
+    """Each malformed manifest is a CheckpointError(kind="format") naming manifest.json
+    and the field; the scans skip it and the manager falls back."""
+    edit, fld, phrase = MANIFEST_CASES[case]
+    man = manifest_json(root / NEW)
+    edit(man)
+    (root / NEW / C.MANIFEST_NAME).write_text(json.dumps(man))
+    err = assert_refused_everywhere(root, C.MANIFEST_NAME, fld, phrase)
+    assert err.kind == "format" and err.field == fld, (err.kind, err.field)
+
+
+# ----------------------------------------------------------------------------- contents
+def _groups(obj: dict) -> dict:
+    return obj["optimizer"]["param_groups"][0]
+
+
+SHARD_CASES = {  # name: (edit, the field, a phrase of the message)
+    "short-tensor": (short_first_piece, "optimizer.pieces[0].exp_avg", "expected a 1-D tensor"),
+    "renamed-piece": (lambda o: o["optimizer"]["pieces"][0].update(name="lm_head.weight"),
+                      "optimizer.pieces[0]", "the manifest says"),
+    "other-lr": (lambda o: _groups(o).update(lr=0.5), "optimizer.param_groups",
+                 "differ from the manifest's"),
+    "lr-5": (lambda o: _groups(o).update(lr=-5.0), "optimizer.param_groups[0]",
+             "Invalid learning rate: -5.0"),
+    "betas": (lambda o: _groups(o).update(betas=(1.5, 2.0)), "optimizer.param_groups[0]",
+              "Invalid beta parameter at index 0: 1.5"),
+    "eps-0": (lambda o: _groups(o).update(eps=0.0), "optimizer.param_groups[0]",
+              "Invalid epsilon value: 0.0"),
+    "rng": (lambda o: o["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "rng",
+            "not a valid RNG state"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARD_CASES))
+def test_shard_content_disagrees_with_manifest(root, case):
+    """A shard whose content disagrees with its manifest entry, checksums recomputed:
+    a CheckpointError naming the shard and the field (never a raw RuntimeError, never
+    a silent load of other hyperparameters), and load_latest falls back."""
+    edit, fld, phrase = SHARD_CASES[case]
+    edit_shard(root / NEW, SHARD, edit)
+    err = assert_refused_everywhere(root, SHARD, fld, phrase, shallow=False)
+    assert err.kind == "corrupt" and err.field == fld, (err.kind, err.field)
+
+
+def test_load_state_dict_validates_hyperparameters():
+    """ShardedAMS.load_state_dict checks saved hyperparameters as the constructor does,
+    before it changes anything."""
+    model, opt = fresh()
+    for bad, msg in (({"lr": -5.0}, "Invalid learning rate: -5.0"),
+                     ({"betas": (1.5, 2.0)}, "Invalid beta parameter at index 0: 1.5"),
+                     ({"eps": 0.0}, "Invalid epsilon value: 0.0")):
+        sd = opt.state_dict()
+        sd["param_groups"][0].update(bad)
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(".", r"\.")):
+            opt.load_state_dict(sd)
+        assert opt.param_groups[0]["lr"] == GRAMS["lr"] and opt.param_groups[0]["eps"] == 1e-8
+
+
+def test_inspect_shows_what_a_load_applies(root, capsys):
+    """``inspect`` shows the hyperparameters and step that load_checkpoint applies."""
+    assert ckpt_cli.main(["inspect", str(root / NEW), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    model, opt = fresh(**{})
+    for g in opt.param_groups:
+        g.update(lr=0.5, weight_decay=0.0)
+    load_checkpoint(root / NEW, opt, model=model)
+    assert info["step"] == opt.param_groups[0]["step"] == 2
+    for shown, g in zip(info["hyperparameters"], opt.param_groups):
+        for k in ("lr", "beta3", "lam", "eps", "weight_decay", "step"):
+            assert shown[k] == g[k], k
+        assert tuple(shown["betas"]) == g["betas"]
+
+
+# ----------------------------------------------------------------------------- pruning
+def test_prune_deletes_only_its_own_real_directories(root, tmp_path):
+    """A symlinked step dir is never followed (the checkpoint it points to keeps its
+    manifest), a user's ``best/`` copy and other names stay; leftovers are removed."""
+    outside = tmp_path / "elsewhere" / "ck"
+    shutil.copytree(root / OLD, outside)
+    os.symlink(outside, root / "step-00000000")                    # planted: older step name
+    shutil.copytree(root / OLD, root / "best")                     # the user's copy
+    (root / "step-00000001.new-0123abcd").mkdir()                  # an interrupted re-save
+    model = make_model(0)
+    opt = ShardedAMS(model, backend="eager", **GRAMS)
+    os.symlink(outside, root / "step-00000004")                    # planted where a save goes
+    with CheckpointManager(root, keep_last=1) as mgr:
+        mgr.save(3, opt, model=model)
+        with pytest.raises(CheckpointError, match="symbolic link") as ei:
+            mgr.save(4, opt, model=model)                          # never written through
+        assert ei.value.kind == "unsafe"
+    os.unlink(root / "step-00000004")
+    assert (outside / C.MANIFEST_NAME).is_file() and validate_checkpoint(outside).step == 1
+    assert os.path.islink(root / "step-00000000")
+    assert validate_checkpoint(root / "best").step == 1
+    assert sorted(p.name for p in root.iterdir()) == [C.LOCK_NAME, "best", "step-00000000",
+                                                      "step-00000003"]
+
+
+def test_keep_last_counts_valid_checkpoints(tmp_path):
+    """keep_last=2 with the newest checkpoint corrupt: the last valid one is kept, the
+    corrupt one is not counted (and is removed once a newer valid one exists)."""
+    model = make_model(0)
+    opt = ShardedAMS(model, backend="eager", **GRAMS)
+    with CheckpointManager(tmp_path, keep_last=2) as mgr:
+        for s in (1, 2, 3):
+            train(model, opt, range(s - 1, s))
+            mgr.save(s, opt, model=model)
+        flip_bit(tmp_path / "step-00000003" / SHARD)
+        assert mgr.prune() == []                  # 2 valid (1, 2) kept; the corrupt 3 is newer
+        mgr.save(4, opt, model=model)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert validate_checkpoint(tmp_path / "step-00000002").step == 2
+
+
+# ----------------------------------------------------------------------------- lock
+def test_two_managers_on_one_root(tmp_path, monkeypatch):
+    """The second writer gets a clear error naming the owner; it may write once the first
+    closed. Without flock (some file systems) the lock file's content decides: a dead pid
+    on this host is taken over, a live one is refused."""
+    model = make_model(0)
+    opt = ShardedAMS(model, backend="eager", **GRAMS)
+    first, second = CheckpointManager(tmp_path), CheckpointManager(tmp_path)
+    first.save(1, opt)
+    with pytest.raises(CheckpointError, match=f"pid {os.getpid()}") as ei:
+        second.save(2, opt)
+    assert ei.value.kind == "locked" and socket.gethostname() in str(ei.value)
+    assert not (tmp_path / "step-00000002").exists()
+    first.save(3, opt)                            # the owner goes on
+    first.close()
+    second.save(4, opt)
+    second.close()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
+
+    import sharded_ams.checkpoint.manager as M
+
+    def no_flock(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(M.fcntl, "flock", no_flock)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    lock = tmp_path / C.LOCK_NAME
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead), "since": "x"}))
+    with CheckpointManager(tmp_path) as mgr:      # stale: taken over
+        mgr.save(5, opt)
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "since": "x"}))
+    with pytest.raises(CheckpointError, match=f"pid {os.getppid()}"):
+        CheckpointManager(tmp_path).save(6, opt)
+
+
+_LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from sharded_ams.checkpoint.manager import WriterLock
+    lock = WriterLock(Path(sys.argv[1]))
+    lock.acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_lock_of_another_job_and_its_takeover_after_a_kill(tmp_path):
+    """Another process (job) holds the root: refused, naming its pid; once it is killed
+    (SIGKILL: no cleanup), its lock is stale and taken over."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        model = make_model(0)
+        opt = ShardedAMS(model, backend="eager", **GRAMS)
+        with pytest.raises(CheckpointError, match=f"pid {holder.pid}"):
+            CheckpointManager(tmp_path).save(1, opt)
+    finally:
+        holder.kill()
+        holder.wait()
+    with CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, opt)
+    assert validate_checkpoint(tmp_path / "step-00000001").step == 1
+
+
+# ----------------------------------------------------------------------------- full disk
+def test_full_disk_names_errno_and_leaves_no_temp_file(root, monkeypatch):
+    """ENOSPC in the middle of a shard write (injected): the error names the errno and
+    the file, no temporary file or partial checkpoint is left, the previous one is intact."""
+    class FullDisk:  # the file under torch.save's writer: the disk fills after 2000 bytes
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 2000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    real = commit._HashingWriter.__init__
+    monkeypatch.setattr(commit._HashingWriter, "__init__", lambda self, f: real(self, FullDisk(f)))
+    model, opt = fresh()
+    with pytest.raises(CheckpointError) as ei:
+        save_checkpoint(root / "step-00000003", opt, model=model, step=3)
+    msg = str(ei.value)
+    assert ei.value.kind == "save_failed" and "ENOSPC" in msg and "No space left" in msg
+    assert SHARD in msg
+    assert not (root / "step-00000003").exists()
+    assert not list(root.rglob("*.tmp"))
+    assert find_latest_checkpoint(root) == root / NEW
+
+
+_TMPFS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from sharded_ams import ShardedAMS
+    from sharded_ams.checkpoint import CheckpointError, save_checkpoint, validate_checkpoint
+    root = Path(sys.argv[1])
+    small = torch.nn.Linear(8, 8)
+    save_checkpoint(root / "small", ShardedAMS(small, backend="eager"), step=1)
+    big = torch.nn.Linear(512, 512)
+    out = {}
+    try:
+        save_checkpoint(root / "big", ShardedAMS(big, backend="eager"), step=1)
+    except CheckpointError as exc:
+        out["error"] = str(exc)
+    out["left"] = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    out["small_step"] = validate_checkpoint(root / "small").step
+    print(json.dumps(out))
+""")
+
+
+def test_full_disk_on_a_real_tmpfs(tmp_path):
+    """The same on a real full file system: a 1 MiB tmpfs mounted in a private mount
+    namespace (``unshare``); skipped where unprivileged namespaces are not allowed."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m none {mnt}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = (f"mount -t tmpfs -o size=1m none {mnt} && "
+           f"{sys.executable} -c '{_TMPFS_SCRIPT}' {mnt}")
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "ENOSPC" in out["error"] and "No space left on device" in out["error"], out
+    assert not [p for p in out["left"] if p.endswith(".tmp") or p.startswith("big/")], out
+    assert out["small_step"] == 1
+
+
+# ----------------------------------------------------------------------------- re-save
+class _Killed(BaseException):
+    """Stands for SIGKILL at one point of a save: nothing after it runs, no cleanup."""
+
+
+def _kill(*a, **k):
+    raise _Killed
+
+
+@pytest.mark.parametrize("point", ["before-manifest", "before-swap", "between-renames"])
+def test_resave_killed_loses_nothing(root, monkeypatch, point):
+    """Re-saving committed step 2 and dying at any point leaves a valid checkpoint of
+    step 2 that the scans and the manager find; the next save cleans up."""
+    model, opt = fresh()
+    load_checkpoint(root / NEW, opt, model=model)
+    train(model, opt, range(2, 3))
+    if point == "before-manifest":
+        monkeypatch.setattr(commit, "_commit_manifest", _kill)
+    elif point == "before-swap":
+        monkeypatch.setattr(commit, "_swap_in", _kill)
+    else:
+        monkeypatch.setattr(commit, "_exchange", lambda a, b: False)
+        real = os.rename
+        calls = []
+
+        def rename(a, b):
+            calls.append(a)
+            if len(calls) == 2:
+                raise _Killed
+            return real(a, b)
+
+        monkeypatch.setattr(commit.os, "rename", rename)
+    with pytest.raises(_Killed):
+        save_checkpoint(root / NEW, opt, model=model, step=2)
+    monkeypatch.undo()
+    found = find_latest_checkpoint(root)
+    assert found is not None and validate_checkpoint(found).step == 2
+    model2, opt2 = fresh()
+    assert CheckpointManager(root).load_latest(opt2, model=model2)["step"] == 2
+    names = sorted(p.name for p in root.iterdir())
+    assert (NEW in names) == (point != "between-renames"), names
+    with CheckpointManager(root, keep_last=1) as mgr:
+        mgr.save(3, opt, model=model)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000003"]
+
+
+def test_resave_swaps_in_the_new_copy(root):
+    """A completed re-save replaces the committed copy: the new state, nothing left over."""
+    model, opt = fresh()
+    load_checkpoint(root / NEW, opt, model=model)
+    train(model, opt, range(2, 3))
+    save_checkpoint(root / NEW, opt, model=model, step=2, extra={"again": True})
+    assert load_checkpoint(root / NEW, fresh()[1])["extra"] == {"again": True}
+    assert sorted(p.name for p in root.iterdir()) == [OLD, NEW]
+    assert not list(root.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- consolidate
+def test_consolidate_output_path_refusals(root, tmp_path, capsys):
+    """OUT an existing directory: a clear error, nothing left behind; OUT inside the
+    checkpoint (its manifest.json, or any new file there): refused, the checkpoint intact."""
+    before = sha256_of(root / NEW / C.MANIFEST_NAME)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    assert ckpt_cli.main(["consolidate", str(root / NEW), str(outdir)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+    assert list(outdir.iterdir()) == [] and not list(tmp_path.glob("*.tmp"))
+    for inside in (root / NEW / C.MANIFEST_NAME, root / NEW / "full.pt", root / NEW):
+        assert ckpt_cli.main(["consolidate", str(root / NEW), str(inside)]) == 1
+        assert "inside the checkpoint" in capsys.readouterr().err
+    assert sha256_of(root / NEW / C.MANIFEST_NAME) == before
+    assert sorted(os.listdir(root / NEW)) == sorted([*manifest_json(root / NEW)["files"],
+                                                     C.MANIFEST_NAME])
+    assert validate_checkpoint(root / NEW).step == 2
