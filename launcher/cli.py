@@ -1,6 +1,6 @@
 """``sharded-ams``: the command line.
 
-    sharded-ams train CONFIG [--address auto] [--num-workers N] [--gpus]
+    sharded-ams train CONFIG [--address auto] [--num-workers N|MIN-MAX] [--gpus]
                              [--storage-path P] [--name NAME] [--steps N]
                              [--max-failures N] [--fail-at-step K --fail-rank R]
                              [--resume-from CKPT] [--set section.key=value ...]
@@ -13,9 +13,12 @@
 ``RAY_ADDRESS`` as set by ``ray job submit``). Running the same command again resumes the
 run ``storage_path/name`` from its last checkpoint. Named flags override ``--set``, which
 overrides the environment (``SHARDED_AMS_FAIL_AT_STEP``, ``SHARDED_AMS_FAIL_RANK``), which
-overrides the config file. Before Ray starts, ``train`` checks the data and the model
-(:mod:`launcher.preflight`): a missing or damaged prepare-data directory, a factory that
-does not import, a vocabulary that does not fit fail here, with exit status 2.
+overrides the config file. Before Ray starts, ``train`` checks what it can on this machine
+(:mod:`launcher.preflight`, and the checkpoint it will resume from): a missing or damaged
+prepare-data directory, a factory that does not import, a vocabulary that does not fit, an
+unwritable ``--storage-path``, a ``--resume-from`` that is not a checkpoint, a global batch
+that some worker count of ``--num-workers MIN-MAX`` cannot split fail here, with one line
+and exit status 2. More workers than this machine's cores (embedded Ray) is a warning.
 
 Exit status: 0 done, 1 training failed (the message says where a rerun resumes),
 2 bad command line or config.
@@ -42,7 +45,9 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--address", default=None,
                    help="Ray cluster to use: 'auto' (on a cluster node), 'HOST:6379' or "
                         "'ray://HOST:10001'; default: $RAY_ADDRESS, else an embedded local Ray")
-    p.add_argument("--num-workers", type=int, metavar="N", help="training workers (job.num_workers)")
+    p.add_argument("--num-workers", metavar="N|MIN-MAX",
+                   help="training workers (job.num_workers): N, or an elastic range MIN-MAX that "
+                        "shrinks when nodes are lost and grows when they return")
     p.add_argument("--gpus", action="store_true", default=None,
                    help="one GPU per worker and NCCL (job.use_gpu=true)")
     p.add_argument("--storage-path", metavar="P",
@@ -93,18 +98,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
         from launcher.preflight import preflight
 
-        config = preflight(config).config
+        local = args.address is None and not os.environ.get("RAY_ADDRESS")
+        checked = preflight(config, local=local)
+        from launcher.ray_launcher import check_resume
+
+        check_resume(checked.config)  # the checkpoint a rerun resumes from: usable, same model
     except (ValueError, FileNotFoundError) as exc:
-        print(f"sharded-ams train: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(exc)
+    for msg in checked.warnings:
+        print(f"[sharded-ams] {msg}", file=sys.stderr, flush=True)
     if args.dry_run:
-        print(json.dumps(config.to_dict(), indent=2))
+        print(json.dumps(checked.config.to_dict(), indent=2))
         return 0
 
-    from launcher.ray_launcher import TrainingFailed, run
+    from launcher.ray_launcher import LaunchError, TrainingFailed, run
 
     try:
-        run(config, address=args.address, verbose=args.verbose, checked=True)
+        run(checked.config, address=args.address, verbose=args.verbose, checked=True)
+    except LaunchError as exc:  # found on the driver before training started
+        return _usage_error(exc)
     except TrainingFailed as exc:
         print(f"[sharded-ams] TRAINING FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -113,6 +125,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def _usage_error(exc: BaseException) -> int:
+    """A bad command line, config, storage or resume point: one line on stderr, status 2."""
+    print(f"sharded-ams train: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
 
 
 def _add_ckpt_parser(subparsers) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from .config_checks import (check_bool, check_choice, check_factory, check_float, check_int,
                             check_table, fail)
 from .models.sizes import ARCH_DEFAULTS, ARCHES, SHAPE_FIELDS, resolve_shape
+from .scaling import accumulation_steps, check_batch_split, parse_num_workers, worker_range
 
 try:
     import tomllib
@@ -63,29 +64,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def _absolute(path: Optional[str]) -> Optional[str]:
     return path if path is None or is_uri(path) else str(Path(path).expanduser().absolute())
-
-
-def accumulation_steps(global_batch: int, num_workers: int, micro_batch_size: Optional[int]) -> int:
-    """Micro-batches each worker runs per optimizer step, so that
-    ``global_batch = micro_batch_size * accumulation_steps * num_workers``.
-
-    ``micro_batch_size`` None: one micro-batch of ``global_batch / num_workers`` sequences.
-    The one place this is computed (config checks, the training loop, a worker count that
-    changes between launches). Raises ValueError naming ``data.batch_size`` /
-    ``data.micro_batch_size`` / ``job.num_workers`` when they do not divide.
-    """
-    if global_batch % num_workers:
-        raise ValueError(f"data.batch_size ({global_batch}) is the global batch and must be "
-                         f"divisible by job.num_workers ({num_workers})")
-    per_worker = global_batch // num_workers
-    if micro_batch_size is None:
-        return 1
-    if per_worker % micro_batch_size:
-        raise ValueError(
-            f"data.micro_batch_size ({micro_batch_size}) must divide the per-worker batch "
-            f"data.batch_size / job.num_workers = {global_batch} / {num_workers} = {per_worker} "
-            "(global batch = micro_batch_size x accumulation steps x workers)")
-    return per_worker // micro_batch_size
 
 
 def is_uri(path: str) -> bool:
@@ -207,8 +185,8 @@ class DataConfig:
     """Standard-library corpus only: bytes to load (train + validation)."""
     batch_size: int = 16
     """GLOBAL batch size in sequences per optimizer step = micro_batch_size x gradient
-    accumulation steps x workers; must be divisible by the number of workers (also by the
-    worker count you may resume on)."""
+    accumulation steps x workers, whatever the worker count; must be divisible by every
+    worker count job.num_workers allows (also by the worker count you may resume on)."""
     micro_batch_size: Optional[int] = None
     """Sequences per forward/backward on one worker; must divide batch_size / workers, the
     quotient being the gradient accumulation steps. Unset: batch_size / workers (no accumulation)."""
@@ -331,8 +309,17 @@ class JobConfig:
     """Run name; the run lives in storage_path/name. Rerunning with the same name resumes it."""
     steps: int = 200
     """Total optimizer steps. Raise it and rerun to train a finished run further."""
-    num_workers: int = 2
-    """Ray Train workers (ranks); with use_gpu, one GPU each."""
+    num_workers: Union[int, list] = 2
+    """Ray Train workers (ranks); with use_gpu, one GPU each. A fixed count (4), or an
+    elastic range [min, max] ("2-4" on the command line): Ray Train starts as many as the
+    cluster has room for, at least min, shrinks when a node is lost and grows back when one
+    joins, each time restarting the group from the last checkpoint, resharded
+    (docs/fault-tolerance.md). data.batch_size must split evenly at every size in the range."""
+    resize_interval_s: float = 15.0
+    """Elastic ranges only: seconds between Ray Train's checks whether the running group can
+    grow to use workers that joined (Ray's elastic_resize_monitor_interval_s; Ray's default
+    is 60). Each resize restarts the group from the last checkpoint: a shorter interval uses
+    a returned node sooner; Ray also sees node changes only every ~20 s."""
     use_gpu: bool = False
     """One GPU per worker and NCCL; otherwise CPU workers and gloo."""
     storage_path: str = "./runs"
@@ -370,7 +357,8 @@ class JobConfig:
         if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
             fail(s, "name", "must be letters, digits, '.', '_' or '-' (a directory name)", self.name)
         check_int(s, "steps", self.steps, 1)
-        check_int(s, "num_workers", self.num_workers, 1)
+        self.num_workers = parse_num_workers(self.num_workers)
+        check_float(s, "resize_interval_s", self.resize_interval_s, low=0.0, low_open=True)
         check_bool(s, "use_gpu", self.use_gpu)
         if not isinstance(self.storage_path, str) or not self.storage_path:
             fail(s, "storage_path", "must be a non-empty path or URI", self.storage_path)
@@ -389,8 +377,9 @@ class JobConfig:
         if self.fail_at_step is not None and self.fail_at_step > self.steps:
             fail(s, "fail_at_step", f"must be <= job.steps ({self.steps})", self.fail_at_step)
         check_int(s, "fail_rank", self.fail_rank, 0)
-        if self.fail_at_step is not None and self.fail_rank >= self.num_workers:
-            fail(s, "fail_rank", f"must be < job.num_workers ({self.num_workers})", self.fail_rank)
+        if self.fail_at_step is not None and self.fail_rank >= self.min_workers:
+            fail(s, "fail_rank", f"must be < job.num_workers ({self.min_workers}: a rank every size has)",
+                 self.fail_rank)
         if self.working_dir is not None:
             if not isinstance(self.working_dir, str) or not self.working_dir:
                 fail(s, "working_dir", "must be a directory", self.working_dir)
@@ -408,6 +397,21 @@ class JobConfig:
         if self.py_modules:
             env["py_modules"] = list(self.py_modules)
         return env
+
+    @property
+    def min_workers(self) -> int:
+        """The smallest worker count (num_workers itself when fixed)."""
+        return worker_range(self.num_workers)[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The largest worker count (num_workers itself when fixed)."""
+        return worker_range(self.num_workers)[1]
+
+    @property
+    def elastic(self) -> bool:
+        """num_workers is a range: Ray Train resizes the group within it."""
+        return self.min_workers != self.max_workers
 
     @property
     def run_dir(self) -> str:
@@ -446,7 +450,7 @@ class Config:
         if self.model.block_size is not None and self.data.block_size > self.model.block_size:
             raise ValueError(f"data.block_size ({self.data.block_size}) must be <= "
                              f"model.block_size ({self.model.block_size})")
-        accumulation_steps(self.data.batch_size, self.job.num_workers, self.data.micro_batch_size)
+        check_batch_split(self.data.batch_size, self.job.num_workers, self.data.micro_batch_size)
         if self.model.vocab_size is None and self.data.path is None and self.data.factory is None:
             self.model.vocab_size = 256  # the byte-level standard-library corpus
 

@@ -4,35 +4,41 @@
 (``address="auto"``, ``"ray://head:10001"``, or ``RAY_ADDRESS``), and runs
 :func:`launcher.train_fn.train_loop` on ``job.num_workers`` workers with a
 ``TorchTrainer`` (gloo on CPU; NCCL and one GPU per worker with ``job.use_gpu``).
+``job.num_workers`` is a fixed size or an elastic range ``[min, max]`` (Ray Train's
+elastic ``ScalingConfig``): the group starts on as many workers as the cluster has room
+for (at least min), shrinks when a node is lost, and grows back at the next resize check
+(``job.resize_interval_s``) after nodes join.
 
-Fault tolerance, in layers:
+Fault tolerance, in layers (docs/fault-tolerance.md):
 
-* a worker that dies is restarted with the whole worker group, from the run's latest
-  committed checkpoint, up to ``job.max_failures`` times (Ray Train's ``FailureConfig``);
+* a worker that dies (or a node that is lost) restarts the whole worker group, from the
+  run's newest committed checkpoint, resharded to the new size, up to
+  ``job.max_failures`` times (Ray Train's ``FailureConfig``; resizes do not count);
 * launching the same run again (same ``job.name`` and ``job.storage_path``; e.g. after the
   driver died, or with a larger ``job.steps``) resumes it: Ray Train 2.60 (Train V2) finds
   ``checkpoint_manager_snapshot.json`` in ``storage_path/name`` and hands the latest
-  checkpoint it lists to the workers (``ray.train.get_checkpoint()``). When there is no
-  snapshot (written by an older Ray, deleted, or the checkpoints were copied in by hand)
-  the driver scans the run directory with ``sharded_ams.checkpoint.find_latest_checkpoint``
-  (committed = has a valid manifest) and passes that checkpoint to the workers instead;
-* resuming on another number of workers reshards the optimizer state (the checkpoint
-  format is world-size independent).
+  checkpoint it lists to the workers (``ray.train.get_checkpoint()``);
+* the workers resume from the newest of that checkpoint and the newest committed one in
+  the run directory (``sharded_ams.checkpoint.find_latest_checkpoint``: Ray's can lag
+  behind, and may be missing: deleted snapshot, checkpoints copied in by hand), else from
+  ``job.resume_from`` (see :func:`find_resume_point`, and ``launcher.train_fn``).
 
-Per-step metrics: rank 0 appends every report to ``run_dir/.sharded_ams/metrics.jsonl``
-(local or NFS run dirs); :func:`read_history` reads it into ``RunResult.history``.
+Before Ray starts, the driver checks what it can (:mod:`launcher.preflight`; the resume
+point and its model, here): errors raise :class:`LaunchError` (exit status 2 in the CLI).
 
-Ray's own log lines are filtered on the driver so that progress lines stay readable
-(``verbose=True`` shows everything).
+Records: rank 0 appends every report and one event per start of the worker group to
+``run_dir/.sharded_ams/metrics.jsonl`` (:mod:`launcher.run_log`), read back into
+``RunResult.history``, ``RunResult.size_history`` (which steps ran on how many workers)
+and ``RunResult.restart_events`` (each restart's cost and steps lost).
+
+Ray's own console output is filtered on the driver (:mod:`launcher.ray_logs`;
+``verbose=True`` shows everything).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import sys
 import time
 import uuid
 from contextlib import ExitStack, contextmanager
@@ -41,51 +47,24 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from launcher.config import Config, is_uri
+from launcher.preflight import LaunchError
+from launcher.ray_logs import TAG, quiet_ray_logs, short_error
+from launcher.run_log import (HISTORY_FILE, STATE_DIR, describe_start, exists,  # noqa: F401
+                              format_sizes, read_events, read_history, size_history)
+from launcher.scaling import oversubscription_warning
 
-__all__ = ["run", "RunResult", "TrainingFailed", "ResumePoint", "find_resume_point", "read_history"]
+__all__ = ["run", "RunResult", "TrainingFailed", "LaunchError", "ResumePoint", "find_resume_point",
+           "check_resume", "read_history"]
 
-TAG = "[sharded-ams]"  # same as launcher.train_fn.PROGRESS_TAG (not imported: it imports ray)
-HISTORY_FILE = ".sharded_ams/metrics.jsonl"  # train_fn's STATE_DIR/METRICS_FILE
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-# Ray lines that say nothing a user of this launcher needs; hidden unless verbose.
-_NOISE = re.compile("|".join(re.escape(s) for s in (
-    "Failed to query Ray Train Controller actor state",      # no dashboard -> no state API
-    "has constructor arguments in the object store",
-    "Reporting training result",
-    "Checkpoint successfully created at",
-    "Requesting resources:",
-    "Attempting to start training worker group",
-    "Setting up process group for",
-    "A run snapshot was found in storage folder",            # we print our own resume line
-    "This snapshot contains a list of checkpoints",
-    "If you meant to start a brand new training job",
-    "Ray deduplicates logs by default",
-    "- (ip=",                                                 # per-worker placement lines
-    # a worker failure: Ray prints the same error 2-3 times with every traceback frame and
-    # actor detail; the short form (policy, error count, exception lines) stays visible
-    "Traceback (most recent call last)",
-    "Worker info: Worker(",
-    "Error Snippet]:",
-    "Graceful shutdown of backend failed",
-    "The actor died unexpectedly before finishing this task",
-    "ray.exceptions.ActorDiedError",
-    "ray.train.WorkerGroupError: Training failed due to worker errors",
-)) + r"|committed checkpoint \S*sharded-ams-ckpt-"  # a rank's temp dir, before Ray's upload
-   + r"|^\s*[)^~]*\s*$")                               # traceback carets, closing brackets
-_KEEP_INDENTED = re.compile(r"^\s+(Source:|Error count:)")
-_CUT = " Some common causes include"  # Ray's long OOM/SIGSEGV advice after "actor is dead"
-
-
-def _filter_line(line: str) -> Optional[str]:
-    """The line to show in place of one of Ray's (None: hide it)."""
-    if _NOISE.search(line):
-        return None
-    if line[:1] in (" ", "\t") and not _KEEP_INDENTED.match(line):
-        return None  # traceback frames, dumped object fields
-    if _CUT in line:
-        line = line[: line.index(_CUT)]
-    return line
+# Elastic runs: how long Ray Train waits to place a worker group before it decides the size
+# again (Ray's default is 60 s). After a node is lost, Ray's view of the cluster lags (the
+# GCS marks the node dead after missed heartbeats; the elastic policy's resource view
+# refreshes every ~20 s), so the first restart may ask for workers on the dead node: with
+# 60 s it waits that long, here 10 s, then retries with the nodes left. Unlimited retries
+# (a controller error, not a worker failure). The environment variable wins if set.
+ELASTIC_START_TIMEOUT_S = "10"
+_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def _say(msg: str) -> None:
@@ -117,8 +96,14 @@ class ResumePoint:
 class RunResult:
     """What one ``run()`` did. ``ray_result`` is Ray Train's ``Result``.
 
-    ``history``: the run's metrics reports, one dict per reported step in step order (see
-    :func:`read_history`; empty where the run dir is on an object store)."""
+    ``history``: the run's metrics reports, one dict per reported step in step order.
+    ``size_history``: ``(first_step, last_step, workers)`` spans of the whole run.
+    ``restart_events``: this launch's start events that followed a failure, a resize or a
+    relaunch (``restart_s``: seconds from the failure to the first trained step after it;
+    ``steps_lost``; ``previous_world_size``, ``world_size``; see :mod:`launcher.run_log`).
+    All three are empty where the run dir is on an object store.
+    ``restarts``: worker-group starts in this launch beyond the first (failures and resizes).
+    """
 
     name: str
     run_dir: str
@@ -130,11 +115,13 @@ class RunResult:
     restarts: int
     wall_time_s: float
     checkpoint: Optional[str]
-    num_workers: int
+    num_workers: Any
     use_gpu: bool
     resumed_from: ResumePoint = field(default_factory=ResumePoint)
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    size_history: list = field(default_factory=list)
+    restart_events: list = field(default_factory=list)
     ray_result: Any = None
 
     def summary(self) -> str:
@@ -143,14 +130,19 @@ class RunResult:
 
         trained = (f"this launch trained steps {self.start_step} -> {self.step}" if self.step > self.start_step
                    else "nothing left to train: raise job.steps (--steps) to train further")
+        asked = (f"{self.num_workers[0]}-{self.num_workers[1]}" if isinstance(self.num_workers, (list, tuple))
+                 else str(self.num_workers))
         lines = [
             f"run {self.name!r} finished",
             f"  steps       {self.step}/{self.steps} ({trained})",
             f"  train loss  {f(self.train_loss)}",
             f"  val loss    {f(self.val_loss)}",
             f"  wall time   {self.wall_time_s:.1f} s",
-            f"  restarts    {self.restarts} (worker-group restarts from the last checkpoint)",
-            f"  workers     {self.num_workers} x {'GPU (nccl)' if self.use_gpu else 'CPU (gloo)'}",
+            f"  workers     {asked} x {'GPU (nccl)' if self.use_gpu else 'CPU (gloo)'}"
+            + (f": {format_sizes(self.size_history)}" if self.size_history else ""),
+            f"  restarts    {self.restarts} in this launch (failures and resizes restart the "
+            "worker group from the last checkpoint)",
+            *(f"    {describe_start(ev)}" for ev in self.restart_events),
             f"  checkpoint  {self.checkpoint or 'none'}",
         ]
         return "\n".join(f"{TAG} {ln}" for ln in lines)
@@ -159,9 +151,13 @@ class RunResult:
 # ----------------------------------------------------------------------------- Ray session
 
 
+def _is_local(address: Optional[str]) -> bool:
+    return address is None and not os.environ.get("RAY_ADDRESS")
+
+
 def _prepare_env(address: Optional[str]) -> None:
     """Environment Ray reads at import/init time (and Ray Train at each ``fit()``)."""
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    if _is_local(address):
         # Ray 2.60 turns on token auth by default; an embedded single-user cluster needs none.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # Ray Train's controller collects the workers' ray.train.report()s when it polls
@@ -181,97 +177,63 @@ def _prepare_env(address: Optional[str]) -> None:
 
 
 @contextmanager
+def _env(name: str, value: Optional[str]) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block (unless already set; None: nothing)."""
+    if value is None or name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+@contextmanager
 def _ray_session(address: Optional[str], cfg: Config, verbose: bool) -> Iterator[bool]:
     """Start (no address) or connect to Ray, with Ray's log lines filtered on this driver
-    (see :func:`_quiet_ray_logs`); yields whether this call started Ray."""
+    (see :mod:`launcher.ray_logs`); yields whether this call started Ray."""
     _prepare_env(address)
     import ray
 
     if ray.is_initialized():  # e.g. a test or notebook that already started Ray
-        with _quiet_ray_logs(enabled=not verbose):
+        with quiet_ray_logs(enabled=not verbose):
             yield False
         return
     log_level = logging.INFO if verbose else logging.WARNING
-    if address is None and not os.environ.get("RAY_ADDRESS"):
+    if _is_local(address):
         t0 = time.perf_counter()
-        ray.init(address="local", num_cpus=max(2, cfg.job.num_workers), include_dashboard=False,
+        cpus = max(2, cfg.job.max_workers)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                  logging_level=log_level, runtime_env=cfg.job.runtime_env() or None)
-        _say(f"started a local Ray ({max(2, cfg.job.num_workers)} CPUs) in {time.perf_counter() - t0:.1f} s")
+        _say(f"started a local Ray ({cpus} CPUs) in {time.perf_counter() - t0:.1f} s")
     else:
         target = address or os.environ["RAY_ADDRESS"]
         ray.init(address=target, logging_level=log_level, runtime_env=cfg.job.runtime_env() or None)
         _say(f"connected to the Ray cluster at {target}")
     with ExitStack() as stack:
         # entered first, so exited last: the filter stays on while Ray shuts down
-        stack.enter_context(_quiet_ray_logs(enabled=not verbose))
+        stack.enter_context(quiet_ray_logs(enabled=not verbose))
         stack.callback(ray.shutdown)
         yield True
 
 
-@contextmanager
-def _quiet_ray_logs(enabled: bool) -> Iterator[None]:
-    """Hide Ray's routine log lines and show progress lines without Ray's prefix.
+def _check_cluster_resources(cfg: Config, started_locally: bool) -> None:
+    """Warn (or, for an embedded Ray without the GPUs, fail) when the workers do not fit
+    the resources Ray sees."""
+    import ray
 
-    Hooks the driver's worker-log dispatcher (a private Ray API): if it is not there, all
-    lines are shown as Ray prints them.
-    """
-    try:
-        from ray._private import worker as ray_worker
-
-        dispatcher = ray_worker.global_worker_stdstream_dispatcher
-        original = dict(dispatcher.handlers).get("ray_print_logs")
-    except Exception:  # private API moved: leave Ray's printing alone
-        original = None
-    if original is None:  # or log_to_driver=False: nothing is printed anyway
-        yield
-        return
-    seen: dict[str, float] = {}  # line -> when last shown
-
-    def fresh(text: str) -> bool:
-        # Ray repeats a failure's error text (and a line may come both from stdout and
-        # from Ray's logger); show each line once per 30 s.
-        now = time.monotonic()
-        if now - seen.get(text, -1e9) < 30.0:
-            return False
-        seen[text] = now
-        if len(seen) > 512:
-            for k in sorted(seen, key=seen.get)[:256]:
-                del seen[k]
-        return True
-
-    def handler(data: dict) -> None:
-        keep = []
-        for line in data.get("lines", []):
-            if TAG in line:
-                text = line[line.index(TAG):]
-                if fresh(text):
-                    print(text, file=sys.stdout, flush=True)
-            elif not enabled:
-                keep.append(line)
-            else:
-                shown = _filter_line(line)
-                if shown is not None and fresh(shown):
-                    keep.append(shown)
-        if keep:
-            original({**data, "lines": keep})
-
-    try:
-        dispatcher.remove_handler("ray_print_logs")
-        dispatcher.add_handler("ray_print_logs", handler)
-    except Exception:
-        yield
-        return
-    try:
-        yield
-    finally:
-        # Put Ray's printer back, unless ray.shutdown() already removed ours (then a later
-        # ray.init adds its own: adding it here too would print every line twice).
-        try:
-            if any(h is handler for _, h in dispatcher.handlers):
-                dispatcher.remove_handler("ray_print_logs")
-                dispatcher.add_handler("ray_print_logs", original)
-        except Exception:
-            pass
+    job = cfg.job
+    resources = ray.cluster_resources()
+    kind = "GPU" if job.use_gpu else "CPU"
+    have = resources.get(kind, 0)
+    if started_locally and job.use_gpu and have < job.min_workers:
+        raise LaunchError(f"job.use_gpu with {job.min_workers} workers needs {job.min_workers} GPUs; "
+                          f"this machine has {have:g}")
+    if not started_locally or job.use_gpu:  # an embedded CPU Ray: checked against the cores by preflight
+        msg = oversubscription_warning(job.num_workers, have, kind, local=False)
+        if msg:
+            _say(msg)
 
 
 # ----------------------------------------------------------------------------- resume
@@ -291,9 +253,7 @@ def _ray_train_logs_at(level: int) -> Iterator[None]:
 def _ray_latest(run_dir: str) -> ResumePoint:
     """The latest checkpoint in the run's Ray Train snapshot, if any."""
     snapshot = f"{run_dir}/{RAY_SNAPSHOT}"
-    from launcher.train_fn import _exists
-
-    if not _exists(snapshot):
+    if not exists(snapshot):
         return ResumePoint()
     from ray.train import Result
 
@@ -301,10 +261,11 @@ def _ray_latest(run_dir: str) -> ResumePoint:
         with _ray_train_logs_at(logging.WARNING):
             result = Result.from_path(run_dir)
     except Exception as exc:  # corrupt snapshot or deleted checkpoints
-        raise TrainingFailed(
+        raise LaunchError(
             f"cannot resume run dir {run_dir}: Ray Train's {RAY_SNAPSHOT} there is unusable "
-            f"({type(exc).__name__}: {exc}). Move or delete that file to resume from the newest "
-            "committed checkpoint in the directory, or pick a new job.name.", cause=exc) from exc
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Move or delete "
+            "that file to resume from the newest committed checkpoint in the directory, or pick a "
+            "new job.name.") from exc
     if result.checkpoint is None:
         return ResumePoint()
     step = (result.metrics or {}).get("step")
@@ -312,26 +273,40 @@ def _ray_latest(run_dir: str) -> ResumePoint:
 
 
 def find_resume_point(cfg: Config) -> ResumePoint:
-    """Where a launch of ``cfg`` will start (see the module docstring for the order)."""
+    """Where a launch of ``cfg`` starts: the newest of the run's Ray snapshot's latest
+    checkpoint and the newest committed checkpoint in the run dir (Ray's wins a tie); else
+    ``job.resume_from``; else nothing (a new run). The workers make the same choice
+    (``launcher.train_fn``). Raises :class:`LaunchError` for an unusable snapshot or
+    ``resume_from``."""
+    from sharded_ams.checkpoint import CheckpointError, find_latest_checkpoint, validate_checkpoint
+
     run_dir = cfg.job.run_dir
     point = _ray_latest(run_dir)
-    if point.source:
-        return point
     if not is_uri(run_dir) and Path(run_dir).is_dir():
-        from sharded_ams.checkpoint import find_latest_checkpoint, validate_checkpoint
-
         # sizes only (every file present, none truncated): the workers verify checksums on load
         latest = find_latest_checkpoint(run_dir, checksums=False)
         if latest is not None:
-            return ResumePoint("scan", str(latest), validate_checkpoint(latest, checksums=False).step)
-    if cfg.job.resume_from:
-        step = None
-        if not is_uri(cfg.job.resume_from):
-            from sharded_ams.checkpoint import validate_checkpoint
-
+            step = validate_checkpoint(latest, checksums=False).step
+            if point.source is None or (point.step is not None and step > point.step):
+                point = ResumePoint("scan", str(latest), step)
+    if point.source or not cfg.job.resume_from:
+        return point
+    step = None
+    if not is_uri(cfg.job.resume_from):
+        try:
             step = validate_checkpoint(cfg.job.resume_from, checksums=False).step
-        return ResumePoint("config", cfg.job.resume_from, step)
-    return ResumePoint()
+        except (CheckpointError, OSError) as exc:
+            raise LaunchError(f"job.resume_from {cfg.job.resume_from} is not a usable checkpoint: "
+                              f"{str(exc).splitlines()[0]}") from exc
+    return ResumePoint("config", cfg.job.resume_from, step)
+
+
+def check_resume(cfg: Config) -> ResumePoint:
+    """The launch's resume point (:func:`find_resume_point`), its model checked against the
+    config; :class:`LaunchError` if it cannot be used."""
+    point = find_resume_point(cfg)
+    _check_same_model(cfg, point)
+    return point
 
 
 def _check_same_model(cfg: Config, point: ResumePoint) -> None:
@@ -356,13 +331,23 @@ def _check_same_model(cfg: Config, point: ResumePoint) -> None:
     diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
             for k, v in cfg.model.shape().items() if k in saved and saved[k] != v]
     if diff:
-        raise TrainingFailed(
+        raise LaunchError(
             f"{point.path} holds a different model ({'; '.join(diff)}). Use a new job.name "
             "(--name) for a new model, or restore these settings to resume this run.")
 
 
+def _scaling_config(job):
+    """Ray Train's ScalingConfig: a fixed size, or an elastic (min, max) range."""
+    from ray.train import ScalingConfig
+
+    if job.elastic:
+        return ScalingConfig(num_workers=(job.min_workers, job.max_workers), use_gpu=job.use_gpu,
+                             elastic_resize_monitor_interval_s=job.resize_interval_s)
+    return ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu)
+
+
 def _count_attempts(run_dir: str, launch_id: str) -> int:
-    path = f"{run_dir}/.sharded_ams/attempts"
+    path = f"{run_dir}/{STATE_DIR}/attempts"
     try:
         if is_uri(path):
             import pyarrow.fs
@@ -376,59 +361,6 @@ def _count_attempts(run_dir: str, launch_id: str) -> int:
     return sum(1 for n in names if n.startswith(launch_id + "-") and n.endswith(".json"))
 
 
-def read_history(run_dir: str) -> list[dict]:
-    """The run's per-step metrics, from ``run_dir/.sharded_ams/metrics.jsonl`` (rank 0's
-    reports, appended by ``launcher.train_fn``), one dict per step in step order.
-
-    A restarted worker group (or a relaunch) resumes from a checkpoint at ``start_step``
-    and reports the steps after it again: its records replace every earlier record of a
-    step after ``start_step`` (so a re-trained step keeps only its last record, and steps
-    the abandoned attempt reported past the checkpoint do not linger). Lines that are not
-    JSON objects with an integer ``step`` (one cut short by a crash) are skipped. [] if
-    there is no history (a new run, or an object-store run dir: those cannot append).
-    """
-    path = f"{run_dir.rstrip('/')}/{HISTORY_FILE}"
-    try:
-        if is_uri(path):
-            import pyarrow.fs
-
-            fs, p = pyarrow.fs.FileSystem.from_uri(path)
-            if fs.get_file_info(p).type == pyarrow.fs.FileType.NotFound:
-                return []
-            with fs.open_input_stream(p) as f:
-                text = f.read().decode(errors="replace")
-        else:
-            with open(path, errors="replace") as f:
-                text = f.read()
-    except FileNotFoundError:
-        return []
-    by_step: dict[int, dict] = {}
-    attempt = None
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(rec, dict) or type(rec.get("step")) is not int:
-            continue
-        if rec.get("attempt") != attempt:  # a new start of the worker group
-            attempt = rec.get("attempt")
-            start = rec.get("start_step")
-            if isinstance(start, int):
-                by_step = {s: r for s, r in by_step.items() if s <= start}
-        by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def _short_error(exc: BaseException, verbose: bool = False) -> str:
-    """Ray's (long) error text without traceback frames and object dumps."""
-    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
-    if verbose:
-        return "\n".join(lines)
-    keep = [ln for ln in (_filter_line(ln) for ln in lines) if ln is not None]
-    return "\n".join("  " + ln for ln in (keep or lines)[:12])
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -437,34 +369,41 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
     """Run (or resume) the job described by ``config``; see the module docstring.
 
     Args:
-        config: a validated :class:`launcher.config.Config` (``load_config``). Its data and
-            model are checked on this driver before Ray starts (:mod:`launcher.preflight`;
-            ValueError names the key or file at fault) unless ``checked``.
+        config: a validated :class:`launcher.config.Config` (``load_config``). It is checked
+            on this driver before Ray starts (:func:`launcher.preflight.preflight`: data,
+            model, storage, resources) unless ``checked`` (the caller did it).
         address: None: an embedded local Ray (or ``RAY_ADDRESS`` if set, as inside
             ``ray job submit``); ``"auto"`` / ``"host:6379"`` / ``"ray://host:10001"``: a cluster.
         verbose: show all of Ray's log lines.
 
-    Returns a :class:`RunResult` and prints a summary. Raises :class:`TrainingFailed` if
-    the run failed beyond ``job.max_failures`` (its ``checkpoint`` says where a rerun resumes).
+    Returns a :class:`RunResult` and prints a summary. Raises :class:`LaunchError` (a
+    ValueError) for what is wrong before training starts (bad data, storage, resume point),
+    :class:`TrainingFailed` if the run failed beyond ``job.max_failures`` (its
+    ``checkpoint`` says where a rerun resumes).
     """
     t_start = time.perf_counter()
     if not checked:
         from launcher.preflight import preflight
 
-        config = preflight(config).config
+        pf = preflight(config, local=_is_local(address))
+        config = pf.config
+        for msg in pf.warnings:
+            _say(msg)
     job = config.job
     run_dir = job.run_dir
     if not is_uri(job.storage_path):
-        os.makedirs(job.storage_path, exist_ok=True)
+        try:
+            os.makedirs(job.storage_path, exist_ok=True)
+        except OSError as exc:
+            raise LaunchError(f"job.storage_path {job.storage_path}: {exc.strerror or exc}") from None
 
     _prepare_env(address)
-    resume = find_resume_point(config)
-    _check_same_model(config, resume)
+    resume = check_resume(config)
     if resume.source == "ray":
         _say(f"resuming run {job.name!r} from its checkpoint at step {resume.step}: {resume.path}")
     elif resume.source == "scan":
-        _say(f"resuming run {job.name!r} from the newest committed checkpoint in {run_dir} "
-             f"(no Ray run snapshot there): step {resume.step}: {resume.path}")
+        _say(f"resuming run {job.name!r} from the newest committed checkpoint in {run_dir}: "
+             f"step {resume.step}: {resume.path}")
     elif resume.source == "config":
         _say(f"starting run {job.name!r} from job.resume_from (step {resume.step}): {resume.path}")
     else:
@@ -473,31 +412,24 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
         _say(f"fault injection: rank {job.fail_rank} will exit after step {job.fail_at_step} "
              f"(once per run), max_failures={job.max_failures}")
 
-    with _ray_session(address, config, verbose) as started:
-        import ray
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    with ExitStack() as stack:
+        started = stack.enter_context(_ray_session(address, config, verbose))
+        stack.enter_context(_env(_START_TIMEOUT_ENV, ELASTIC_START_TIMEOUT_S if job.elastic else None))
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from launcher.train_fn import train_loop
 
-        if job.use_gpu:
-            gpus = ray.cluster_resources().get("GPU", 0)
-            if gpus < job.num_workers:
-                msg = (f"job.use_gpu with {job.num_workers} workers needs {job.num_workers} GPUs; "
-                       f"the Ray cluster has {gpus:g}")
-                if started and address is None:
-                    raise TrainingFailed(msg)
-                _say(f"warning: {msg} now (waiting for more nodes to join)")
-
+        _check_cluster_resources(config, started and _is_local(address))
         launch_id = uuid.uuid4().hex[:12]
         loop_config = config.to_dict()
         loop_config.update(run_dir=run_dir, launch_id=launch_id,
-                           resume_from=resume.path if resume.source in ("scan", "config") else None)
+                           resume_from=resume.path if resume.source == "config" else None)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config=loop_config,
             torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu),
+            scaling_config=_scaling_config(job),
             run_config=RunConfig(
                 name=job.name,
                 storage_path=job.storage_path,
@@ -505,8 +437,11 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
                 checkpoint_config=CheckpointConfig(num_to_keep=job.keep_last),
             ),
         )
-        _say(f"training {job.steps} steps on {job.num_workers} {'GPU' if job.use_gpu else 'CPU'} worker(s); "
-             f"checkpoints every {job.checkpoint_every} steps in {run_dir}")
+        kind = "GPU" if job.use_gpu else "CPU"
+        size = (f"{job.min_workers} to {job.max_workers} {kind} workers (elastic: resize checks every "
+                f"{job.resize_interval_s:g} s)" if job.elastic else f"{job.num_workers} {kind} worker(s)")
+        _say(f"training {job.steps} steps on {size}; checkpoints every {job.checkpoint_every} steps "
+             f"in {run_dir}")
         from ray.train.v2.api.exceptions import TrainingFailedError
 
         try:
@@ -522,16 +457,18 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
                      "no checkpoint was committed; a rerun starts from scratch")
             raise TrainingFailed(
                 f"run {job.name!r} failed after {restarts} restart(s) "
-                f"(job.max_failures={job.max_failures}):\n{_short_error(exc, verbose)}\n{where}",
+                f"(job.max_failures={job.max_failures}):\n{short_error(exc, verbose)}\n{where}",
                 checkpoint=last.path, cause=exc) from exc
 
     rv = result.return_value or {}
     metrics = dict(result.metrics or {})
+    step = int(rv.get("step", metrics.get("step", 0)))
+    events = read_events(run_dir)
     out = RunResult(
         name=job.name,
         run_dir=run_dir,
         start_step=int(rv.get("start_step", metrics.get("start_step", 0))),
-        step=int(rv.get("step", metrics.get("step", 0))),
+        step=step,
         steps=job.steps,
         train_loss=rv.get("train_loss") if rv.get("train_loss") is not None else metrics.get("loss"),
         val_loss=rv.get("val_loss") if rv.get("val_loss") is not None else metrics.get("val_loss"),
@@ -543,6 +480,8 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
         resumed_from=resume,
         metrics=metrics,
         history=read_history(run_dir),
+        size_history=size_history(events, step),
+        restart_events=[ev for ev in events if ev.get("restart_s") is not None and ev.get("launch_id") == launch_id],
         ray_result=result,
     )
     print(out.summary(), flush=True)

@@ -3,30 +3,33 @@
 ``train_loop(config)`` builds the model (a built-in GPT or Llama, or your factory's; the
 same seed on every rank), a :class:`sharded_ams.ShardedAMS` over the process group that
 Ray Train's ``TorchTrainer`` set up (gloo on CPU, NCCL on GPU; no DDP wrapper: the
-optimizer reduces the gradients itself), and an LR schedule; resumes from the run's latest
-checkpoint; trains on this rank's slice of each global batch, in ``accumulation_steps``
-micro-batches (:func:`launcher.config.accumulation_steps`; all but the last under
-``optimizer.no_sync()``); reports metrics every ``log_every`` steps and checkpoints every
-``checkpoint_every`` steps and at the end. The pieces without Ray (precision, the
-micro-batch step, evaluation, throughput/MFU, TensorBoard) are in :mod:`launcher.training`.
-The Ray calls are the lines marked ``# [Ray]``:
+optimizer reduces the gradients itself), and an LR schedule; resumes from the run's newest
+committed checkpoint, at whatever world size it was saved (the format reshards); trains on
+this rank's slice of each global batch, in ``accumulation_steps`` micro-batches
+(:func:`launcher.scaling.accumulation_steps` for the world size this start has; all but
+the last under ``optimizer.no_sync()``); reports metrics every ``log_every`` steps and
+checkpoints every ``checkpoint_every`` steps and at the end. The pieces without Ray
+(precision, the micro-batch step, evaluation, throughput/MFU, TensorBoard) are in
+:mod:`launcher.training`. The Ray calls are the lines marked ``# [Ray]``:
 
 * ``ray.train.torch.get_device()``: this worker's GPU (or the CPU);
-* ``ray.train.get_checkpoint()``: the run's latest committed checkpoint, after a worker
-  failure or when the same run is launched again (Ray Train V2 restores it by run name);
+* ``ray.train.get_checkpoint()``: the run's latest registered checkpoint, after a worker
+  failure, a resize of an elastic group, or when the same run is launched again (Ray
+  Train V2 restores it by run name). It can lag the newest committed checkpoint in the run
+  dir, which is used then (:func:`_resume_candidates`);
 * ``ray.train.report(metrics, checkpoint=...)``: a barrier across ranks. Each rank writes
   its own shard file (rank-unique names) into its own temporary directory, and Ray Train
   uploads every rank's directory into one checkpoint folder of the run.
 
-Rank 0 also appends every metrics dict it reports, as one JSON line, to the run's
-``.sharded_ams/metrics.jsonl`` (the per-step history; Ray Train V2 keeps the metrics of
-retained checkpoints only; the driver reads it back with
-``launcher.ray_launcher.read_history``) and writes the same numbers as TensorBoard events
-to ``run_dir/tensorboard``.
+Rank 0 also keeps the run's records in ``run_dir/.sharded_ams`` (:mod:`launcher.run_log`):
+every metrics dict it reports and, once each start of the group trained its first step, a
+start event (size, resumed step, and after a restart its cost and the steps lost; also
+printed as a progress line); a heartbeat that dates the next failure; and TensorBoard
+events in ``run_dir/tensorboard``.
 
 ``config`` is ``launcher.config.Config.to_dict()`` (sections model, data, optim, job) plus
-``run_dir`` (where the run lives), ``launch_id`` and ``resume_from`` (a checkpoint to
-start from when Ray has none for this run, found by the driver).
+``run_dir`` (where the run lives), ``launch_id`` and ``resume_from`` (``job.resume_from``
+when the run has no checkpoint of its own).
 
 Steps are counted as completed optimizer steps: the checkpoint "at step s" holds the
 state after s steps, and the global batch that step s+1 trains on is a function of
@@ -57,14 +60,15 @@ from launcher.token_data import load_training_data
 from launcher.training import (TensorBoardLog, autocast, build_model_for_training, evaluate,
                                forward_backward, model_flops_per_token, peak_bf16_flops,
                                resolve_precision, split_micro, throughput)
+from launcher.run_log import (METRICS_FILE, STATE_DIR, Heartbeat, MetricsHistory, describe_start,  # noqa: F401
+                              exists, start_event, write_text)
 from sharded_ams import ShardedAMS
-from sharded_ams.checkpoint import load_checkpoint, save_checkpoint, step_dir_name
+from sharded_ams.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
+                                    save_checkpoint, step_dir_name, validate_checkpoint)
 
 # Lines that start with this tag are progress lines; the driver shows them without
 # Ray's "(RayTrainWorker pid=...)" prefix (see launcher.ray_launcher).
 PROGRESS_TAG = "[sharded-ams]"
-STATE_DIR = ".sharded_ams"  # launcher bookkeeping inside the run dir (markers, attempts)
-METRICS_FILE = "metrics.jsonl"  # in STATE_DIR: every report of rank 0, one JSON object a line
 # Ray's controller collects reports by polling workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
 # 2 s by default); a worker that dies sooner than that after ray.train.report can lose the
 # report, checkpoint included.
@@ -91,102 +95,6 @@ def _log(msg: str) -> None:
     sys.stdout.flush()
 
 
-# ----------------------------------------------------------------------------- storage
-# Small marker files in the run directory, which may be a local/NFS path or a URI.
-
-
-def _fs_and_path(path: str):
-    if "://" in path:
-        import pyarrow.fs
-
-        return pyarrow.fs.FileSystem.from_uri(path)
-    return None, path
-
-
-def _exists(path: str) -> bool:
-    fs, p = _fs_and_path(path)
-    if fs is None:
-        return os.path.exists(p)
-    import pyarrow.fs
-
-    return fs.get_file_info(p).type != pyarrow.fs.FileType.NotFound
-
-
-def _write_text(path: str, text: str) -> None:
-    fs, p = _fs_and_path(path)
-    if fs is None:
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        tmp = f"{p}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        return
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode())
-
-
-def _append_text(path: str, text: str) -> None:
-    """Append ``text`` to a file, creating it. Object stores (s3://, gs://) cannot append:
-    pyarrow raises there (the caller gives up on the file)."""
-    fs, p = _fs_and_path(path)
-    if fs is None:
-        os.makedirs(os.path.dirname(p), exist_ok=True)
-        with open(p, "a") as f:  # no fsync: the reader skips a line cut short by a crash
-            f.write(text)
-        return
-    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_append_stream(p) as f:
-        f.write(text.encode())
-
-
-def _ends_without_newline(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) != b"\n"
-    except OSError:  # missing or empty
-        return False
-
-
-class MetricsHistory:
-    """Rank 0's append-only log of its reports: ``run_dir/.sharded_ams/metrics.jsonl``.
-
-    One JSON object a line: the reported metrics plus ``launch_id`` (one ``run()``),
-    ``attempt`` (one start of the worker group: a restart is a new attempt) and ``time``.
-    Non-finite numbers (a NaN grad norm) are written as null. A restarted attempt
-    re-reports the steps after its checkpoint; the reader keeps the newest record of each
-    step and drops what an abandoned attempt reported past that checkpoint
-    (``launcher.ray_launcher.read_history``). On storage that cannot append (S3, GCS)
-    the history is not kept: it needs a local or shared (NFS) run dir.
-    """
-
-    def __init__(self, run_dir: str, launch_id: str, attempt: str):
-        self.path = f"{run_dir}/{STATE_DIR}/{METRICS_FILE}"
-        self.ids = {"launch_id": launch_id, "attempt": attempt}
-        self.enabled = True
-        self._first = True
-
-    def append(self, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-               for k, v in {**metrics, **self.ids, "time": time.time()}.items()}
-        line = json.dumps(rec, allow_nan=False) + "\n"
-        if self._first:  # a line an earlier attempt left unfinished must not swallow ours
-            self._first = False
-            if "://" not in self.path and _ends_without_newline(self.path):
-                line = "\n" + line
-        try:
-            _append_text(self.path, line)
-        except Exception as exc:  # noqa: BLE001 - an object store; history is optional
-            self.enabled = False
-            _log(f"metrics history not kept ({type(exc).__name__}: {exc}); it needs a local "
-                 "or NFS run dir")
-
-
 # ----------------------------------------------------------------------------- pieces
 
 
@@ -203,9 +111,9 @@ def _maybe_fail(fail_at_step, fail_rank: int, step: int, rank: int, run_dir: str
     if fail_at_step != step or rank != fail_rank:
         return
     marker = f"{run_dir}/{STATE_DIR}/failed-at-step{step}-rank{rank}"
-    if _exists(marker):
+    if exists(marker):
         return  # this run already failed here once: the restarted worker carries on
-    _write_text(marker, f"{time.time()}\n")
+    write_text(marker, f"{time.time()}\n")
     _log(f"fault injection: rank {rank} exits (os._exit(1)) after step {step}")
     # Do not die right after a report: Ray could lose it (see REPORT_SETTLE_S).
     time.sleep(max(0.0, REPORT_SETTLE_S - (time.monotonic() - last_report)))
@@ -214,6 +122,78 @@ def _maybe_fail(fail_at_step, fail_rank: int, step: int, rank: int, run_dir: str
 
 def _load(path: str, optimizer, model, scheduler) -> int:
     return int(load_checkpoint(path, optimizer, model=model, lr_scheduler=scheduler)["step"])
+
+
+def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int, str, str]]:
+    """``(step, path, source)`` of the checkpoints a start may resume from, newest first.
+
+    Ray's latest registered checkpoint (``ray.train.get_checkpoint()``) can be older than
+    the newest committed one in the run dir: a worker killed within one controller poll of
+    reporting loses that report, checkpoint included (see REPORT_SETTLE_S). So on a
+    local/NFS run dir the newest committed checkpoint there is a candidate too (committed:
+    a valid manifest, every file present with its size); the driver's ``resume_from`` is
+    used only when the run has none of its own."""
+    found: dict[str, tuple[int, str, str]] = {}
+
+    def add(path, source: str, step=None) -> None:
+        path = str(path)
+        if step is None:
+            try:
+                step = validate_checkpoint(path, checksums=False).step
+            except CheckpointError as exc:
+                _log(f"not resuming from {path}: {exc}")
+                return
+        found.setdefault(path, (int(step), path, source))
+
+    if checkpoint is not None:
+        if "://" in checkpoint.path:  # an object store: downloaded when loaded
+            found[checkpoint.path] = (-1, checkpoint.path, "ray")
+        else:
+            add(checkpoint.path, "ray")
+    if "://" not in run_dir and os.path.isdir(run_dir):
+        latest = find_latest_checkpoint(run_dir, checksums=False)
+        if latest is not None:
+            add(latest, "scan")
+    if not found and checkpoint is not None:  # never restart from scratch over a checkpoint
+        raise CheckpointError(f"Ray Train's latest checkpoint {checkpoint.path} is not a valid "
+                              f"checkpoint and the run dir holds no other")
+    if not found and config.get("resume_from"):
+        add(config["resume_from"], "config")
+    return sorted(found.values(), key=lambda c: (c[0], c[2] == "ray"), reverse=True)
+
+
+def _resume(config: dict, run_dir: str, rank: int, world_size: int, optimizer, model, scheduler):
+    """Load the newest committed checkpoint (rank 0 picks, every rank loads; any world size:
+    the format reshards); on a checkpoint that fails to load (checksums: the loader agrees
+    the error over all ranks) fall back to the next. Returns ``(step, path)``; ``(0, None)``
+    for a new run."""
+    checkpoint = ray.train.get_checkpoint()  # [Ray] the latest registered one; None for a new run
+    candidates: Any = None
+    if rank == 0:
+        try:
+            candidates = _resume_candidates(config, run_dir, checkpoint)
+        except CheckpointError as exc:
+            candidates = str(exc)
+    if world_size > 1:  # one choice for all ranks (and every rank learns of an error)
+        box = [candidates]
+        dist.broadcast_object_list(box, src=0)
+        candidates = box[0]
+    if isinstance(candidates, str):
+        raise CheckpointError(candidates)
+    errors = []
+    for _, path, source in candidates:
+        try:
+            if source == "ray" and "://" in path:
+                with checkpoint.as_directory() as local:  # [Ray] a download
+                    return _load(local, optimizer, model, scheduler), path
+            return _load(path, optimizer, model, scheduler), path
+        except CheckpointError as exc:
+            errors.append(f"{path}: {exc}")
+            if rank == 0:
+                _log(f"cannot resume from {path} ({exc}); trying the next newest checkpoint")
+    if errors:  # never restart from scratch over checkpoints that exist
+        raise CheckpointError("no checkpoint of the run could be loaded:\n" + "\n".join(errors))
+    return 0, None
 
 
 def _save_and_report(metrics: dict, optimizer, model, scheduler, step: int, extra: dict) -> None:
@@ -235,13 +215,14 @@ def _save_and_report(metrics: dict, optimizer, model, scheduler, step: int, extr
 
 def _progress_line(m: dict, total_steps: int) -> str:
     val = f" | val {m['val_loss']:.4f}" if "val_loss" in m else ""
+    workers = f"{m['world_size']} worker{'s' if m['world_size'] != 1 else ''}"
     speed = f"{m['tokens_per_s']:,.0f} tok/s"
     if "mfu" in m:
         speed += f" | MFU {100 * m['mfu']:.1f}%"
     elif "tflops" in m:
         speed += f" | {m['tflops']:.3g} TFLOP/s"
     return (f"step {m['step']:>{len(str(total_steps))}}/{total_steps} | loss {m['loss']:.4f}{val} | "
-            f"{speed} | {m['step_time_ms']:.1f} ms/step | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f}")
+            f"{speed} | {m['step_time_ms']:.1f} ms/step | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | {workers}")
 
 
 def train_loop(config: dict) -> dict[str, Any]:
@@ -281,25 +262,20 @@ def train_loop(config: dict) -> dict[str, Any]:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    # ---- resume: the run's own latest checkpoint, else the one the driver found
-    step, resumed_from = 0, None
-    checkpoint = ray.train.get_checkpoint()  # [Ray] None on the first start of a new run
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:  # local/NFS: the folder itself; URI: a download
-            step = _load(path, optimizer, model, scheduler)
-        resumed_from = checkpoint.path
-    elif config.get("resume_from"):
-        resumed_from = config["resume_from"]
-        step = _load(resumed_from, optimizer, model, scheduler)
+    # ---- resume: the newest committed checkpoint of the run, at whatever size it was saved
+    step, resumed_from = _resume(config, run_dir, rank, world_size, optimizer, model, scheduler)
     start_step = step
 
     launch_id = config.get("launch_id", "x")
     attempt = f"{launch_id}-{time.time_ns()}"  # this start of the worker group
-    history = MetricsHistory(run_dir, launch_id, attempt) if rank == 0 else None
+    history = MetricsHistory(run_dir, launch_id, attempt, log=_log) if rank == 0 else None
     tb = TensorBoardLog(run_dir, start_step, log=_log) if rank == 0 else None
+    # the last sign of life of the group before this one (dates a failure), then ours
+    previous = Heartbeat.read(run_dir) if rank == 0 else None
+    heartbeat = Heartbeat(run_dir, {"launch_id": launch_id, "attempt": attempt}, world_size) if rank == 0 else None
     batch_size, block_size, seed = dcfg.batch_size, dcfg.block_size, dcfg.seed
     if rank == 0:
-        _write_text(f"{run_dir}/{STATE_DIR}/attempts/{attempt}.json",
+        write_text(f"{run_dir}/{STATE_DIR}/attempts/{attempt}.json",
                     json.dumps({"start_step": start_step, "world_size": world_size,
                                 "resumed_from": resumed_from, "time": time.time()}))
         how = f"resuming from {resumed_from} (step {start_step})" if resumed_from else "starting from scratch"
@@ -337,6 +313,14 @@ def train_loop(config: dict) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         window_time += time.perf_counter() - t0
+        if rank == 0:
+            heartbeat.beat(step)
+            if step == start_step + 1:  # this group's first step: what its start cost
+                event = start_event(previous, start_step=start_step, world_size=world_size,
+                                    first_step_time=time.time(), launch_id=launch_id,
+                                    resumed_from=resumed_from)
+                history.event(event)
+                _log(describe_start(event))
 
         _maybe_fail(job.fail_at_step, job.fail_rank, step, rank, run_dir, last_report)
 
@@ -345,6 +329,8 @@ def train_loop(config: dict) -> dict[str, Any]:
         do_eval = final or (job.eval_every and step % job.eval_every == 0)
         if not (save or do_eval or step % job.log_every == 0):
             continue
+        if save and rank == 0:  # before the collectives that lead every rank into the save
+            heartbeat.beat(step, force=True)
         info = optimizer.last_step
         metrics = {
             "step": step,
@@ -368,6 +354,8 @@ def train_loop(config: dict) -> dict[str, Any]:
             _log(_progress_line(metrics, total_steps))
         if save:
             _save_and_report(metrics, optimizer, model, scheduler, step, extra)
+            if rank == 0:  # done: the final checkpoint is committed
+                heartbeat.beat(step, force=True, done=final)
         else:
             ray.train.report(metrics)  # [Ray] barrier; metrics only
         last_report = time.monotonic()

@@ -1,28 +1,18 @@
-"""The Ray launcher: config parsing and the CLI (fast), Ray Train runs and torchrun (slow).
+"""The Ray launcher without Ray runs: config parsing (fixed and elastic worker counts,
+the batch-split rule), the CLI and its driver-side checks (exit status 2 before Ray
+starts), the run's records (metrics, start events, size history), the console filter; and
+``examples/torchrun_example.py`` under torchrun.
 
-The slow tests share one embedded Ray (module fixture) and tiny jobs (eager backend, a
-200 kB corpus, 30-60 steps); each ``TorchTrainer.fit`` still costs ~20-45 s here, so the
-runs are shared where a test only reads them:
-
-* ``reference``: 2 workers, 30 steps, checkpoints every 10, no failure;
-* a run whose rank 1 exits after step 25 ends BITWISE equal to it (params and state);
-* ``max_failures=0`` with a kill raises ``TrainingFailed`` naming the last checkpoint;
-* rerunning the reference's command resumes at step 30 and trains nothing;
-* a driver killed mid-run (SIGKILL, with its local Ray) is rerun on ONE worker: it
-  resumes from the last committed checkpoint, resharded 2 -> 1;
-* ``examples/torchrun_example.py`` trains, checkpoints and resumes under torchrun.
+Runs on Ray, with faults injected from outside, are in ``tests/test_faults.py``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
-import signal
+import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,9 +25,11 @@ from launcher.config import (  # noqa: E402
     JobConfig,
     ModelConfig,
     OptimConfig,
+    accumulation_steps,
     load_config,
     parse_override,
 )
+from launcher.scaling import check_batch_split, oversubscription_warning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT_TINY = ROOT / "launcher" / "configs" / "gpt_tiny.toml"
@@ -148,6 +140,17 @@ def test_toml_and_yaml_give_the_same_config(tmp_path, monkeypatch):
     ("[model]\nvocab_size = 0\n", r"model\.vocab_size must be >= 1"),
     ("[model]\ndropout = 1.0\n", r"model\.dropout must be < 1"),
     ("[job\n", r"invalid TOML"),
+    # elastic ranges: every size must split the global batch (the rule in launcher/scaling.py)
+    ("[job]\nnum_workers = [2, 4]\n", r"data\.batch_size \(16\) does not split evenly over 3 worker\(s\), "
+                                    r"which the elastic job\.num_workers \[2, 4\] allows.* multiple of 12"),
+    ("[job]\nnum_workers = [1, 4]\n[data]\nbatch_size = 24\nmicro_batch_size = 4\n",
+     r"does not split evenly over 4 worker\(s\).*x data\.micro_batch_size \(4\)\. Use a multiple of 48"),
+    ("[job]\nnum_workers = [3, 2]\n", r"job\.num_workers must be \[min, max\] with 1 <= min <= max, got \[3, 2\]"),
+    ("[job]\nnum_workers = [0, 2]\n", r"job\.num_workers must be \[min, max\] with 1 <= min"),
+    ("[job]\nnum_workers = [1, 2, 4]\n", r"job\.num_workers must be a worker count \(4\) or an elastic range"),
+    ("[job]\nnum_workers = \"2-x\"\n", r"job\.num_workers must be a worker count"),
+    ("[job]\nresize_interval_s = 0\n", r"job\.resize_interval_s must be > 0"),
+    ("[job]\nnum_workers = [1, 2]\nfail_at_step = 5\nfail_rank = 1\n", r"job\.fail_rank must be < job\.num_workers \(1"),
 ])
 def test_invalid_configs_name_the_field(tmp_path, text, match):
     path = tmp_path / "bad.toml"
@@ -201,6 +204,44 @@ def test_to_dict_round_trip():
     assert Config.from_dict(d) == cfg
 
 
+def test_num_workers_range_in_the_file_on_the_cli_and_for_ray(tmp_path, capsys):
+    (tmp_path / "e.toml").write_text("[job]\nnum_workers = [2, 4]\n[data]\nbatch_size = 24\n")
+    cfg = load_config(tmp_path / "e.toml", environ={})
+    job = cfg.job
+    assert (job.num_workers, job.min_workers, job.max_workers, job.elastic) == ([2, 4], 2, 4, True)
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # what the workers get
+    assert cli_main(["train", str(GPT_TINY), "--dry-run", "--num-workers", "2-4", "--set", "data.batch_size=24"]) == 0
+    assert json.loads(capsys.readouterr().out)["job"]["num_workers"] == [2, 4]
+    for value, want in (("3", 3), ([2, 2], 2), ("1 - 2", [1, 2]), ((1, 2), [1, 2])):
+        assert load_config(None, {"job.num_workers": value, "data.batch_size": 12},
+                           environ={}).job.num_workers == want, value
+    pytest.importorskip("ray.train")
+    from launcher.ray_launcher import _scaling_config
+
+    sc = _scaling_config(job)  # Ray's own ScalingConfig: elastic, with our resize interval
+    assert sc.elasticity_enabled and (sc.min_workers, sc.max_workers) == (2, 4)
+    assert sc.elastic_resize_monitor_interval_s == job.resize_interval_s == JobConfig().resize_interval_s
+    sc = _scaling_config(load_config(GPT_TINY, environ={}).job)
+    assert not sc.elasticity_enabled and sc.num_workers == 2
+
+
+@pytest.mark.parametrize("batch, micro, lo, hi", [(24, None, 1, 4), (48, 2, 2, 4), (60, 5, 2, 3), (16, 2, 1, 8)])
+def test_the_global_batch_is_the_same_at_every_worker_count(batch, micro, lo, hi):
+    """global batch = micro-batch x accumulation steps x workers, for every size of the
+    range; when a size cannot split it, the error's suggested batch splits at every size."""
+    try:
+        check_batch_split(batch, [lo, hi], micro)
+    except ValueError as exc:
+        unit = int(re.search(r"multiple of (\d+)", str(exc)).group(1))
+        bad = [w for w in range(lo, hi + 1) if batch % (w * (micro or 1))]
+        assert bad and all(str(w) in str(exc).split("over ")[1].split(" worker")[0] for w in bad)
+        batch = unit
+        check_batch_split(batch, [lo, hi], micro)
+    for w in range(lo, hi + 1):
+        steps = accumulation_steps(batch, w, micro)
+        assert (micro or batch // w) * steps * w == batch
+
+
 def test_lr_schedule():
     pytest.importorskip("ray.train")
     from launcher.train_fn import lr_factor
@@ -214,16 +255,20 @@ def test_lr_schedule():
     assert lr_factor(50, **{**kw, "schedule": "constant"}) == 1.0
 
 
-def test_find_resume_point_without_ray_snapshot(tmp_path):
-    """No Ray run snapshot (older Ray, deleted, or checkpoints copied in): the newest
-    committed checkpoint in the run dir is found; a differently shaped model is refused."""
+def test_resume_point_is_the_newest_committed_checkpoint(tmp_path):
+    """The driver (find_resume_point) and the workers (train_fn._resume_candidates) pick
+    the newest committed checkpoint: in the run dir when Ray's snapshot is missing or
+    lags (a report lost with a worker killed right after it), Ray's on a tie; resume_from
+    only for a run without checkpoints; a differently shaped model is refused."""
     import dataclasses
+    from types import SimpleNamespace
 
     pytest.importorskip("ray.train")
     from launcher.models import build_model
-    from launcher.ray_launcher import TrainingFailed, _check_same_model, find_resume_point
+    from launcher.ray_launcher import LaunchError, _check_same_model, find_resume_point
+    from launcher.train_fn import _resume_candidates
     from sharded_ams import ShardedAMS
-    from sharded_ams.checkpoint import save_checkpoint
+    from sharded_ams.checkpoint import CheckpointError, save_checkpoint
 
     cfg = _config(tmp_path, "scan")
     assert find_resume_point(cfg).source is None
@@ -237,55 +282,27 @@ def test_find_resume_point_without_ray_snapshot(tmp_path):
     point = find_resume_point(cfg)
     assert (point.source, point.step, point.path) == ("scan", 10, str(run_dir / "step-00000010"))
     _check_same_model(cfg, point)
-    with pytest.raises(TrainingFailed, match=r"model\.n_layer: checkpoint 2, config 3"):
+    with pytest.raises(LaunchError, match=r"model\.n_layer: checkpoint 2, config 3"):
         _check_same_model(_config(tmp_path, "scan", model__n_layer=3), point)
     point = find_resume_point(_config(tmp_path, "other", job__resume_from=point.path))
     assert (point.source, point.step) == ("config", 10)
 
-
-def test_metrics_history_write_and_read(tmp_path):
-    """Rank 0's metrics.jsonl (launcher.train_fn.MetricsHistory) read back by the driver
-    (read_history): one record per step in step order, the newest record of a step
-    re-trained after a restart, no records an abandoned attempt left past its checkpoint."""
-    pytest.importorskip("ray.train")
-    from launcher.ray_launcher import HISTORY_FILE, read_history
-    from launcher.train_fn import METRICS_FILE, STATE_DIR, MetricsHistory
-
-    assert HISTORY_FILE == f"{STATE_DIR}/{METRICS_FILE}"
-    run_dir = str(tmp_path / "run")
-    assert read_history(run_dir) == []  # a new run
-
-    def attempt(name, launch, start, steps, extra=None):
-        h = MetricsHistory(run_dir, launch, name)
-        for s in steps:
-            h.append({"step": s, "start_step": start, "loss": 5.0 - s / 100 - (name == "b") / 10,
-                      "grad_norm": float("nan"), "lr": 1e-3, "world_size": 2, **(extra or {}).get(s, {})})
-
-    attempt("a", "L1", 0, [5, 10, 15], {10: {"val_loss": 4.9}})  # checkpoint at 10; dies after 15
-    with open(tmp_path / "run" / HISTORY_FILE, "a") as f:
-        f.write('{"step": 16, "lo')  # a line cut short: skipped
-    attempt("b", "L1", 10, [15, 20, 25])  # restarted from step 10; the driver dies after 25
-    attempt("c", "L2", 20, [30])  # relaunched from the step-20 checkpoint, log_every=10
-    hist = read_history(run_dir)
-    assert [(r["step"], r["attempt"]) for r in hist] == [(5, "a"), (10, "a"), (15, "b"), (20, "b"),
-                                                         (30, "c")]
-    assert hist[1]["val_loss"] == 4.9 and "val_loss" not in hist[0]
-    assert hist[2]["loss"] == pytest.approx(5.0 - 0.15 - 0.1) and hist[2]["start_step"] == 10
-    assert hist[-1]["launch_id"] == "L2" and hist[0]["grad_norm"] is None  # NaN -> null
-    for line in (tmp_path / "run" / HISTORY_FILE).read_text().splitlines()[:3]:
-        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert read_history(run_dir + "/") == hist
-    uri = f"file://{tmp_path}/uri-run"  # a URI run dir: pyarrow's filesystem, where it can append
-    for s in (1, 2):
-        MetricsHistory(uri, "L", f"x{s}").append({"step": s, "start_step": s - 1, "loss": 1.0})
-    assert [r["step"] for r in read_history(uri)] == [1, 2] and read_history(uri + "x") == []
+    ray_ckpt = SimpleNamespace(path=str(run_dir / "step-00000005"))  # Ray lags: it registered step 5
+    loop = {"resume_from": str(run_dir / "step-00000005")}
+    assert _resume_candidates(loop, str(run_dir), ray_ckpt) == [
+        (10, str(run_dir / "step-00000010"), "scan"), (5, str(run_dir / "step-00000005"), "ray")]
+    assert _resume_candidates(loop, str(run_dir), SimpleNamespace(path=str(run_dir / "step-00000010")))[0][2] == "ray"
+    assert _resume_candidates(loop, str(tmp_path / "new"), None) == [(5, loop["resume_from"], "config")]
+    assert _resume_candidates({}, str(tmp_path / "new"), None) == []
+    with pytest.raises(CheckpointError, match="not a valid checkpoint and the run dir holds no other"):
+        _resume_candidates(loop, str(tmp_path / "new"), SimpleNamespace(path=str(run_dir / "step-00000015")))
 
 
 # =============================================================================== CLI
 
 
-def test_cli_dry_run_applies_flags_over_set(capsys):
-    rc = cli_main(["train", str(GPT_TINY), "--dry-run", "--num-workers", "4", "--gpus", "--steps", "9",
+def test_cli_dry_run_applies_flags_over_set(capsys, monkeypatch):
+    rc = cli_main(["train", str(GPT_TINY), "--dry-run", "--address", "auto", "--num-workers", "4", "--gpus", "--steps", "9",
                    "--set", "job.steps=5", "--set", "optim.lr=0.01", "--storage-path", "/mnt/ckpt/runs",
                    "--fail-at-step", "3", "--fail-rank", "2", "--name", "n1", "--max-failures", "-1"])
     assert rc == 0
@@ -294,6 +311,11 @@ def test_cli_dry_run_applies_flags_over_set(capsys):
             "fail_at_step": 3, "fail_rank": 2, "max_failures": -1}
     assert {k: d["job"][k] for k in want} == want
     assert d["optim"]["lr"] == 0.01
+    import torch  # an embedded Ray (no --address) has this machine's GPUs only
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli_main(["train", str(GPT_TINY), "--dry-run", "--num-workers", "4", "--gpus"]) == 2
+    assert "job.use_gpu with 4 workers needs 4 GPUs; this machine has 1" in capsys.readouterr().err
 
 
 def test_cli_errors_exit_2(capsys, tmp_path):
@@ -328,25 +350,76 @@ def test_python_dash_m_launcher():
     assert json.loads(out.stdout)["job"]["name"] == "gpt-tiny"
 
 
-def test_ray_log_filter():
-    pytest.importorskip("ray")
-    from launcher.ray_launcher import _filter_line
+@pytest.mark.parametrize("args, match", [
+    (["--storage-path", "{file}/runs"], r"job\.storage_path .*/file/runs is not writable \(.*Not a directory\)"),
+    (["--storage-path", "/proc/sharded-ams-test/runs"], r"job\.storage_path /proc/sharded-ams-test/runs is not writable"),
+    (["--name", "file"], r"job\.storage_path/job\.name .*/file exists and is not a directory"),
+    (["--resume-from", "{tmp}/missing"], r"job\.resume_from .*/missing is not a usable checkpoint: .*no such checkpoint"),
+    (["--resume-from", "{tmp}"], r"job\.resume_from .* is not a usable checkpoint: .*no manifest\.json"),
+    (["--set", "data.max_bytes=1"], r"corpus of 1 bytes is too small"),
+    (["--num-workers", "2-4"], r"data\.batch_size \(16\) does not split evenly over 3 worker"),
+    (["--num-workers", "3"], r"divisible by job\.num_workers \(3\)"),
+    (["--set", "optim.backend=triton"], r'optim\.backend = "triton" needs GPU workers'),
+    (["--set", "job.working_dir=/nonexistent-dir"], r"job\.working_dir /nonexistent-dir is not a directory"),
+    (["--set", "job.py_modules=[\"/nonexistent-pkg\"]"], r"job\.py_modules: /nonexistent-pkg does not exist"),
+])
+def test_cli_checks_on_the_driver_exit_2_in_one_line_before_ray(args, match, tmp_path, capsys, monkeypatch):
+    """What can be checked on the driver is, before Ray starts: exit status 2 and one line
+    naming the key (the CLI's docstring), also without --dry-run."""
+    pytest.importorskip("ray.train")
+    import launcher.ray_launcher as rl
 
-    for noise in ("Failed to query Ray Train Controller actor state. State API may be temporarily",
-                  "Reporting training result 3: TrainingReport(...)",
-                  "Traceback (most recent call last):",
-                  '  File "/x/train_fn.py", line 273, in train_loop',
-                  "    ^^^^^^^^^^^^",
-                  "committed checkpoint /tmp/sharded-ams-ckpt-abc123 (step 20)"):
-        assert _filter_line(noise) is None, noise
-    for keep in ("[FailurePolicy] RETRY", "  Error count: 1 (max allowed: 3)",
-                 "RuntimeError: Connection closed by peer", "my own print from the train loop"):
-        assert _filter_line(keep) == keep
-    long = "The actor is dead because its worker process has died. Some common causes include: OOM"
-    assert _filter_line(long) == "The actor is dead because its worker process has died."
+    monkeypatch.setattr(rl, "_ray_session", lambda *a, **k: pytest.fail("Ray was started"))
+    (tmp_path / "file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(file=tmp_path / "file", tmp=tmp_path) for a in args]
+    rc = cli_main(["train", str(GPT_TINY), "--storage-path", str(tmp_path), "--name", "r", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("sharded-ams train: error: ") and re.search(match, err[0]), err[0]
+    assert not (tmp_path / "r").exists()  # nothing was started
 
 
-# =============================================================================== Ray runs
+def test_cli_launch_errors_inside_run_exit_2(monkeypatch, capsys):
+    """A LaunchError raised once run() started (e.g. a local Ray without the GPUs asked for)
+    is a usage error too, not a traceback."""
+    pytest.importorskip("ray.train")
+    import launcher.ray_launcher as rl
+
+    def run(*a, **k):
+        raise rl.LaunchError("job.use_gpu with 2 workers needs 2 GPUs;\nthis machine has 0")
+
+    monkeypatch.setattr(rl, "run", run)
+    assert cli_main(["train", str(GPT_TINY)]) == 2
+    assert capsys.readouterr().err == ("sharded-ams train: error: job.use_gpu with 2 workers needs 2 GPUs; "
+                                       "this machine has 0\n")
+
+
+def test_warns_when_workers_exceed_the_cpus_ray_sees(monkeypatch, capsys):
+    """An embedded Ray gives every worker a logical CPU: more workers than cores share
+    them (~20x slower) -> a warning. On a cluster Ray never oversubscribes; a minimum the
+    cluster cannot hold waits -> a warning."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cli_main(["train", str(GPT_TINY), "--num-workers", "8", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 8 workers on a machine with 2 CPUs" in err and "lower job.num_workers" in err
+    assert cli_main(["train", str(GPT_TINY), "--num-workers", "2", "--dry-run"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert "up to 4 workers" in oversubscription_warning([1, 4], 2, "CPU", local=True)
+    assert oversubscription_warning([1, 4], 2, "CPU", local=False) is None  # elastic: starts on 2
+    assert "3 workers needed to start, the Ray cluster has 2 CPUs" in oversubscription_warning(3, 2, "CPU", local=False)
+    assert "lower the minimum" in oversubscription_warning([3, 4], 2, "GPU", local=False)
+    pytest.importorskip("ray.train")
+    import ray
+
+    from launcher.ray_launcher import _check_cluster_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    _check_cluster_resources(load_config(GPT_TINY, {"job.num_workers": 4}, environ={}), started_locally=False)
+    assert "4 workers needed to start, the Ray cluster has 2 CPUs now" in capsys.readouterr().out
+
+
+# =============================================================================== helpers, torchrun
 
 STEPS = 30
 
@@ -360,167 +433,6 @@ def _config(storage: Path, name: str, **overrides) -> Config:
     }
     base.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(GPT_TINY, base, environ={})
-
-
-def _consolidated(path):
-    from sharded_ams.checkpoint import consolidate
-
-    return consolidate(path)
-
-
-def _assert_bitwise_equal(a: dict, b: dict) -> None:
-    import torch
-
-    assert a["step"] == b["step"]
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for k in sa[i]:
-            assert torch.equal(sa[i][k], sb[i][k]), (a["param_names"][i], k)
-    assert a["lr_scheduler"] == b["lr_scheduler"]
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.train.torch")
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def reference(ray_session, tmp_path_factory):
-    """An uninterrupted 2-worker run of STEPS steps."""
-    from launcher.ray_launcher import run
-
-    storage = tmp_path_factory.mktemp("ref")
-    res = run(_config(storage, "ref"))
-    assert res.start_step == 0 and res.step == STEPS and res.restarts == 0
-    return res
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_killed_worker_resumes_bitwise_equal(reference, tmp_path):
-    from launcher.ray_launcher import run
-
-    res = run(_config(tmp_path, "killed", job__fail_at_step=25, job__fail_rank=1))
-    assert res.restarts == 1
-    assert res.start_step == 20  # the restarted group resumed from the step-20 checkpoint
-    assert res.step == STEPS
-    assert (Path(res.run_dir) / ".sharded_ams" / "failed-at-step25-rank1").exists()
-    assert Path(res.checkpoint).name == Path(reference.checkpoint).name == f"step-{STEPS:08d}"
-    _assert_bitwise_equal(_consolidated(reference.checkpoint), _consolidated(res.checkpoint))
-    assert res.train_loss == reference.train_loss and res.val_loss == reference.val_loss
-    # the metrics history: the restarted group's records replace the dead one's after step 20
-    steps = [r["step"] for r in res.history]
-    assert steps == sorted(set(steps)) and steps[-1] == STEPS
-    assert steps == [r["step"] for r in reference.history] == [10, 20, 30]
-    assert [r["loss"] for r in res.history] == [r["loss"] for r in reference.history]
-    assert [r["start_step"] for r in res.history] == [0, 0, 20]
-    assert res.history[-1]["val_loss"] == res.val_loss
-    assert len({r["attempt"] for r in res.history}) == 2 and len({r["launch_id"] for r in res.history}) == 1
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_max_failures_zero_fails_with_a_clear_error(ray_session, tmp_path):
-    from launcher.ray_launcher import TrainingFailed, run
-
-    t0 = time.monotonic()
-    with pytest.raises(TrainingFailed) as info:
-        run(_config(tmp_path, "fail0", job__fail_at_step=15, job__fail_rank=1, job__max_failures=0))
-    assert time.monotonic() - t0 < 300  # an error, not a hang
-    msg = str(info.value)
-    assert "max_failures=0" in msg and "rerun the same command" in msg
-    assert info.value.checkpoint is not None and info.value.checkpoint.endswith("step-00000010")
-    assert "Traceback" not in msg  # Ray's traceback frames are trimmed from the summary
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_rerun_after_completion_resumes_at_the_last_step(reference):
-    from launcher.ray_launcher import find_resume_point, run
-
-    cfg = _config(Path(reference.run_dir).parent, "ref")
-    point = find_resume_point(cfg)
-    assert point.source == "ray" and point.step == STEPS  # Ray Train V2 keeps a run snapshot
-    res = run(cfg)
-    assert res.start_step == res.step == STEPS and res.restarts == 0
-    assert res.checkpoint == reference.checkpoint
-    assert res.val_loss == reference.val_loss  # the same params, restored exactly
-
-
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process of the session ``sid`` (the driver we started and its Ray)."""
-    for _ in range(3):
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.getsid(int(entry)) == sid:
-                        pids.append(int(entry))
-                except OSError:
-                    pass
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(1)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_driver_crash_then_rerun_on_one_worker(ray_session, tmp_path):
-    """The CLI driver (with its own local Ray) is SIGKILLed once a checkpoint is committed;
-    the same run, relaunched on 1 worker, resumes from that checkpoint (resharded 2 -> 1)."""
-    from launcher.ray_launcher import find_resume_point, run
-
-    steps = 60
-    log = tmp_path / "driver.log"
-    cmd = [sys.executable, "-m", "launcher", "train", str(GPT_TINY), "--storage-path", str(tmp_path),
-           "--name", "crash", "--steps", str(steps), "--set", "job.checkpoint_every=10",
-           "--set", "job.log_every=10", "--set", "optim.backend=eager", "--set", "data.max_bytes=200000",
-           "--set", "data.eval_iters=2", "--set", "job.eval_every=0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-    snapshot = tmp_path / "crash" / "checkpoint_manager_snapshot.json"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.2)
-        assert proc.poll() is None, f"driver exited before a checkpoint:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"no checkpoint committed in time:\n{log.read_text()}"
-    finally:
-        _kill_session(proc.pid)
-        proc.wait()
-
-    cfg = _config(tmp_path, "crash", job__steps=steps, job__num_workers=1)
-    point = find_resume_point(cfg)
-    assert point.source == "ray" and point.step is not None and 10 <= point.step < steps
-    from sharded_ams.checkpoint import validate_checkpoint
-
-    assert validate_checkpoint(point.path).world_size == 2
-    res = run(cfg)
-    assert res.start_step == point.step  # resumed where the dead driver's run had got to
-    assert res.step == steps and res.num_workers == 1
-    assert validate_checkpoint(res.checkpoint).world_size == 1
-    assert math.isfinite(res.train_loss) and res.train_loss < 3.5 and math.isfinite(res.val_loss)
 
 
 @pytest.mark.slow
