@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,18 +275,39 @@ def test_killed_prepare_data_leaves_no_output(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "launcher", "prepare-data", str(src), "--out", str(out),
            "--tokenizer", "bpe:1000", "--shard-tokens", "20000", "--no-progress"]
-    interrupted = 0
-    for delay in np.random.default_rng(0).uniform(0.0, 1.5, size=2):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = np.random.default_rng(0)
+
+    def start_and_wait_for_writes(dest: Path) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd[:6] + [str(dest)] + cmd[7:], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
-        while not any(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)  # wait until it writes, then kill it at a random moment
-        time.sleep(delay)
+        while (not any(tmp_path.glob(f".{dest.name}.partial-*")) and proc.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+        return proc
+
+    # how long a run spends writing on this machine, so the kills land inside that window
+    t0 = time.monotonic()
+    cal = start_and_wait_for_writes(tmp_path / "cal")
+    t1 = time.monotonic()
+    while not (tmp_path / "cal").exists() and cal.poll() is None:
+        time.sleep(0.005)
+    window = time.monotonic() - t1
+    assert cal.wait() == 0, cal.stderr.read().decode()
+    assert window > 0.02, f"prepare-data wrote for only {window:.3f} s (started {t1 - t0:.1f} s)"
+    shutil.rmtree(tmp_path / "cal")
+    interrupted = 0
+    for _ in range(8):
+        proc = start_and_wait_for_writes(out)
+        time.sleep(rng.uniform(0.0, 0.9 * window))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if out.exists():  # it finished before the kill: then it is whole
+        if out.exists():  # it finished before the kill: then it is whole; write it again
             open_token_dir(out)
+            shutil.rmtree(out)
         interrupted += any(tmp_path.glob(".out.partial-*"))  # killed mid-write
+        if interrupted >= 2:
+            break
     assert interrupted, "no kill landed while prepare-data was writing"
     _prep([src], out, force=True)
     open_token_dir(out)
