@@ -15,6 +15,8 @@ fp32 params, grads set once, weight decay 0:
 * ``adamw_foreach``: ``torch.optim.AdamW(foreach=True)`` (the baseline of "speedup").
 * ``adamw_fused``: ``torch.optim.AdamW(fused=True)``, the peer to beat; "n/a" where the
   build has no such kernel for the device.
+* ``adamw_fused_clip``: ``clip_grad_norm_(foreach=True)`` then fused AdamW: the peer of
+  ``sharded_ams`` (both read the gradients once more for their norm).
 * ``ams_default``: ``sharded_ams.Grams(params)``, what a user gets
   (``optimizer.default_path``: compiled per tensor on CPU at this size, Triton on CUDA).
 * ``ams_foreach``: ``Grams(foreach=True)``.
@@ -24,6 +26,8 @@ fp32 params, grads set once, weight decay 0:
   ``sharded_ams.kernels.flat_step(...)``: ShardedAMS's kernel path.
 * ``sharded_ams``: ``ShardedAMS(params, preset="grams")`` at world size 1 (no process
   group): the flat pass plus its global grad norm (the non-finite check), a read of g.
+* ``sharded_ams_no_check``: the same with ``skip_nonfinite=False`` (no norm pass): the
+  work of fused AdamW, so "vs fused" compares like with like.
 * ``copy_floor``: the memory-traffic floor of the step: ONE torch.compile'd pass that moves
   the same bytes in place, ``p += g; m += g; v += g`` over four flat fp32 buffers of the
   same total size (one fused loop): reads 16 B (p, g, m, v) and writes 12 B (p, m, v) per
@@ -47,7 +51,8 @@ their time: e.g. ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=171
 (recorded in the JSON as ``malloc_env``) cut ams_foreach ~4x on the 2-core dev VM.
 GB/s = 28 B x numel / median time (the nominal bytes of an fp32 AMS/Adam step).
 "speedup" = t(adamw_foreach) / t(row); "vs fused" = t(adamw_fused) / t(row) (>= 1: at
-least as fast as torch's fused AdamW); "x copy" = t(row) / t(copy_floor).
+least as fast as torch's fused AdamW); "vs fused + clip" = t(adamw_fused_clip) / t(row);
+"x copy" = t(row) / t(copy_floor).
 
 Writes JSON to ``--out`` (default benchmarks/results/bench_step.json) with device, torch
 version, git SHA and date, and prints a Markdown table.
@@ -86,9 +91,6 @@ BETAS = (0.9, 0.999)
 EPS = 1e-8
 GRAMS_HP = GroupHParams(beta1=BETAS[0], beta2=BETAS[1], beta3=0.0, lam=-1.0, eps=EPS,
                         weight_decay=0.0)
-ROW_NAMES = ("adamw_default", "adamw_foreach", "adamw_fused", "ams_default", "ams_foreach",
-             "ams_fused_compiled", "flat_compiled", "sharded_ams", "copy_floor",
-             "copy_floor_eager")
 
 
 # --- the parameter set ------------------------------------------------------------------
@@ -136,15 +138,30 @@ def row_adamw_foreach(shapes, device):
     return opt.step, "torch.optim.AdamW(foreach=True)"
 
 
-def row_adamw_fused(shapes, device):
-    params = make_params(shapes, device)
+def _fused_adamw(params):
     try:
         opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0,
                                 fused=True)
         opt.step()  # some builds only fail at the first step
     except (RuntimeError, ValueError, NotImplementedError) as exc:
         raise NotImplementedError(f"fused AdamW unsupported here: {exc}") from None
-    return opt.step, "torch.optim.AdamW(fused=True)"
+    return opt
+
+
+def row_adamw_fused(shapes, device):
+    return _fused_adamw(make_params(shapes, device)).step, "torch.optim.AdamW(fused=True)"
+
+
+def row_adamw_fused_clip(shapes, device):
+    params = make_params(shapes, device)
+    opt = _fused_adamw(params)
+
+    def clipped_step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+
+    return clipped_step, ("clip_grad_norm_(foreach=True) + AdamW(fused=True): the peer with "
+                          "a grad-norm pass, like ShardedAMS's default")
 
 
 def row_ams_default(shapes, device):
@@ -188,13 +205,24 @@ def row_flat_compiled(shapes, device):
     return step, f"kernels.flat_step(backend={backend!r}) over one flat buffer"
 
 
-def row_sharded_ams(shapes, device):
+def _sharded(shapes, device, **kw):
     params = make_params(shapes, device)
     grads = [p.grad for p in params]
-    opt = ShardedAMS(params, preset="grams", lr=LR, betas=BETAS, eps=EPS)
-    for p, g in zip(params, grads):  # ShardedAMS moved the params into its buffers
-        p.grad = g
+    opt = ShardedAMS(params, preset="grams", lr=LR, betas=BETAS, eps=EPS, **kw)
+    for p, g in zip(params, grads):  # ShardedAMS moved the params into its buffers; the
+        p.grad = g                   # first step copies g in, later ones use the views
+    return opt
+
+
+def row_sharded_ams(shapes, device):
+    opt = _sharded(shapes, device)
     return opt.step, f"ShardedAMS(preset='grams') at world size 1, backend {opt.backend!r}"
+
+
+def row_sharded_ams_no_check(shapes, device):
+    opt = _sharded(shapes, device, skip_nonfinite=False)
+    return opt.step, ("ShardedAMS(preset='grams', skip_nonfinite=False): no grad-norm pass, "
+                      "the same work as fused AdamW")
 
 
 def _floor_pass(p, g, m, v):
@@ -236,14 +264,17 @@ ROWS: dict[str, Callable] = {
     "adamw_default": row_adamw_default,
     "adamw_foreach": row_adamw_foreach,
     "adamw_fused": row_adamw_fused,
+    "adamw_fused_clip": row_adamw_fused_clip,
     "ams_default": row_ams_default,
     "ams_foreach": row_ams_foreach,
     "ams_fused_compiled": row_ams_fused_compiled,
     "flat_compiled": row_flat_compiled,
     "sharded_ams": row_sharded_ams,
+    "sharded_ams_no_check": row_sharded_ams_no_check,
     "copy_floor": row_copy_floor,
     "copy_floor_eager": row_copy_floor_eager,
 }
+ROW_NAMES = tuple(ROWS)
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -315,6 +346,7 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         r["speedup_vs_adamw_foreach"] = ratio(by.get("adamw_foreach"), r)
         r["vs_adamw_fused"] = ratio(by.get("adamw_fused"), r)
+        r["vs_adamw_fused_clip"] = ratio(by.get("adamw_fused_clip"), r)
         r["vs_adamw_default"] = ratio(by.get("adamw_default"), r)
         r["x_copy_floor"] = ratio(r, by.get("copy_floor"))
 
@@ -324,15 +356,16 @@ def markdown_table(rows: list[dict]) -> str:
         return "n/a" if x is None else format(x, fmt)
 
     lines = ["| row | ms/step (median) | min ms | GB/s (28 B/elem) | speedup vs AdamW foreach "
-             "| vs AdamW default | vs AdamW fused | x copy floor | first step (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| vs AdamW default | vs AdamW fused | vs fused + clip | x copy floor | first step (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['name']} | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+            lines.append(f"| {r['name']} |" + " n/a |" * 9)
             continue
         lines.append(f"| {r['name']} | {f(r['ms_median'], '.2f')} | {f(r['ms_min'], '.2f')} "
                      f"| {f(r['gb_per_s'], '.1f')} | {f(r.get('speedup_vs_adamw_foreach'), '.2f')} "
                      f"| {f(r.get('vs_adamw_default'), '.2f')} | {f(r.get('vs_adamw_fused'), '.2f')} "
+                     f"| {f(r.get('vs_adamw_fused_clip'), '.2f')} "
                      f"| {f(r.get('x_copy_floor'), '.2f')} | {f(r['first_step_s'], '.2f')} |")
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """``ckpt`` commands: inspect and consolidate sharded-ams checkpoints (no Ray needed).
 
-    sharded-ams ckpt inspect DIR [--json] [--no-checksums]
+    sharded-ams ckpt inspect DIR [--json] [--no-checksums]    # DIR: a checkpoint or a run
     sharded-ams ckpt consolidate DIR OUT
     sharded-ams ckpt export CKPT OUT --format hf|safetensors    # launcher/export.py
     python -m launcher.ckpt_cli inspect DIR          # the same, standalone
@@ -61,6 +61,23 @@ def inspect_checkpoint(path: str, *, checksums: bool = True) -> dict:
     return out
 
 
+def _checkpoint_dir(path: str) -> str:
+    """``path`` itself, or, for a run directory (no manifest.json, committed checkpoints in
+    it), its newest committed checkpoint, so ``ckpt inspect runs/NAME`` works like
+    ``ckpt export``. Anything else is passed on to give its usual error."""
+    import os
+
+    from sharded_ams.checkpoint import find_latest_checkpoint
+
+    if not os.path.isdir(path) or os.path.lexists(os.path.join(path, "manifest.json")):
+        return path
+    latest = find_latest_checkpoint(path, checksums=False)
+    if latest is None:
+        return path
+    print(f"{path}: newest committed checkpoint {latest}", file=sys.stderr)
+    return str(latest)
+
+
 def _fmt_bytes(n: int) -> str:
     """'1.5 MiB (1,572,864 B)': human size plus the exact byte count."""
     if n < 1024:
@@ -74,7 +91,7 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    info = inspect_checkpoint(args.dir, checksums=not args.no_checksums)
+    info = inspect_checkpoint(_checkpoint_dir(args.dir), checksums=not args.no_checksums)
     if args.json:
         print(json.dumps(info, indent=2, default=repr))
         return 0 if info["valid"] else 1
@@ -104,7 +121,7 @@ def _cmd_consolidate(args: argparse.Namespace) -> int:
     from sharded_ams.checkpoint import CheckpointError, export_consolidated
 
     try:
-        full = export_consolidated(args.dir, args.out)
+        full = export_consolidated(_checkpoint_dir(args.dir), args.out)
     except (CheckpointError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -121,7 +138,8 @@ def _add_commands(sub) -> None:
                        description="Print step, world size, params, state sizes, "
                                    "hyperparameters and whether the checkpoint is valid "
                                    "(manifest, file sizes, sha256). Exit code 1 if invalid.")
-    p.add_argument("dir", help="checkpoint directory (holding manifest.json)")
+    p.add_argument("dir", help="checkpoint directory (holding manifest.json), or a run "
+                                   "directory: its newest committed checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--no-checksums", action="store_true",
                    help="check sizes only, skip the sha256 of every file (faster)")
@@ -130,7 +148,8 @@ def _add_commands(sub) -> None:
                        description="torch.save the unsharded state of a checkpoint of any "
                                    "world size: {'model', 'optimizer', 'param_names', 'step', "
                                    "...}, loadable by a single-process sharded_ams.AMS.")
-    c.add_argument("dir", help="checkpoint directory")
+    c.add_argument("dir", help="checkpoint directory, or a run directory: its newest "
+                                   "committed checkpoint")
     c.add_argument("out", help="output file (.pt)")
     c.set_defaults(func=_cmd_consolidate)
     from launcher.export import add_export_command  # `ckpt export` (launcher/export.py)

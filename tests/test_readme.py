@@ -1,4 +1,12 @@
-"""The README's Python snippets run as written (in order, one namespace, one process)."""
+"""The README's code runs as written.
+
+* Python snippets: in order, one namespace, one process.
+* ``bash`` blocks: every block is either run by a named test or excluded with a reason
+  (:data:`BASH_BLOCKS`); a new block that is neither fails
+  :func:`test_every_bash_block_is_run_or_excluded`. The launcher block runs here with the
+  compile backend on, as a user gets it, on step numbers scaled down 10x (see
+  :func:`scaled`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,57 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+
+# (section heading, index of the bash block in that section) -> who runs it, or why not
+BASH_BLOCKS = {
+    ("Set-up: two commands", 0): "the install is the test command's (run by .ci/run); the job, "
+                                 "`sharded-ams train launcher/configs/gpt_tiny.toml`, is the "
+                                 "launcher block's first line: test_readme_launcher_commands",
+    ("Set-up: two commands", 1): "excluded: it is the test command; .ci/run runs it verbatim "
+                                 "(test_ci_runs_the_readme_test_command)",
+    ("The launcher: `sharded-ams train`", 0): "test_readme_launcher_commands",
+    ("The launcher: `sharded-ams train`", 1): "excluded: needs a Ray cluster with GPUs and a "
+                                              "shared file system",
+    ("Pre-train an LLM", 0): "tests/test_llm_e2e.py::test_readme_pretrain_an_llm",
+    ("Does Grams help?", 0): "excluded: the full CPU study takes ~25-60 min and the paper "
+                             "preset needs GPUs and C4; the smoke line's path runs in "
+                             "tests/test_optimizer_study.py::test_smoke_study_killed_and_resumed "
+                             "(two of the four optimizers)",
+}
+
+
+def bash_blocks() -> dict[tuple[str, int], str]:
+    """Every ```bash block of the README, keyed by (section heading, index in section)."""
+    out: dict[tuple[str, int], str] = {}
+    for section in re.split(r"\n## ", README.read_text())[1:]:
+        heading = section.split("\n", 1)[0].strip()
+        for i, block in enumerate(re.findall(r"```bash\n(.*?)```", section, re.S)):
+            out[(heading, i)] = block
+    return out
+
+
+def test_every_bash_block_is_run_or_excluded():
+    assert set(bash_blocks()) == set(BASH_BLOCKS)
+
+
+def test_ci_runs_the_readme_test_command():
+    test_cmd = bash_blocks()[("Set-up: two commands", 1)].strip()
+    assert test_cmd.splitlines()[-1] in (ROOT / ".ci/run").read_text().splitlines()
+
+
+def test_the_main_job_is_the_launcher_blocks_first_line():
+    setup = bash_blocks()[("Set-up: two commands", 0)].strip()
+    job = setup.rsplit("&&", 1)[1].strip()
+    first = bash_blocks()[("The launcher: `sharded-ams train`", 0)].splitlines()[0]
+    assert job == first.split("#")[0].strip() == "sharded-ams train launcher/configs/gpt_tiny.toml"
 
 
 def test_readme_python_snippets_run(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert len(blocks) >= 3
     script = "\n".join(blocks) + "\nimport torch.distributed as dist\ndist.destroy_process_group()\n"
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517", "RANK": "0",
@@ -23,3 +77,59 @@ def test_readme_python_snippets_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "99"  # the checkpoint saved at the last step
     assert (tmp_path / "ckpts").is_dir()
+
+
+# Prepended to every `sharded-ams train` line (the line's own flags come after and win):
+# the config's step-valued keys scaled down 10x, and a smaller corpus.
+SHORT = ("--steps 20 --set job.checkpoint_every=5 --set job.log_every=5 --set job.eval_every=10 "
+         "--set optim.warmup_steps=2 --set data.max_bytes=200000")
+
+
+def scaled(line: str) -> str:
+    """A README launcher line at a tenth of its steps: SHORT after the config, and every
+    ``--steps N`` / ``--fail-at-step K`` divided by 10."""
+    cmd = line.split("#")[0].strip()
+    if cmd.startswith("sharded-ams train "):
+        head, rest = cmd.split(".toml", 1)
+        cmd = f"{head}.toml {SHORT}{rest}"
+        cmd = re.sub(r"(--steps|--fail-at-step) (\d+)", lambda m: f"{m[1]} {int(m[2]) // 10}", cmd)
+    return cmd
+
+
+def test_scaled():
+    assert scaled("sharded-ams train c.toml --steps 300 --fail-at-step 120  # x") == \
+        f"sharded-ams train c.toml {SHORT.replace('--steps 20', '--steps 2')} --steps 30 --fail-at-step 12"
+    assert scaled("sharded-ams ckpt inspect runs/x  # y") == "sharded-ams ckpt inspect runs/x"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_readme_launcher_commands(tmp_path):
+    """The launcher block, line by line, in a fresh directory: train 2 workers, rerun on 1
+    (resumes and reshards), a run whose rank 1 dies once, an elastic run, a dry run, then
+    inspect and consolidate the first run."""
+    lines = [ln for ln in bash_blocks()[("The launcher: `sharded-ams train`", 0)].splitlines() if ln.strip()]
+    (tmp_path / "launcher").symlink_to(ROOT / "launcher")  # the README runs from the repo root
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    env.pop("SHARDED_AMS_NO_COMPILE", None)  # the compile backend, as a user gets it
+    outs = []
+    for line in lines:
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", scaled(line)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        outs.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 0, f"{scaled(line)}\n{outs[-1][-5000:]}"
+    first, rerun, fault, elastic, dry, inspect, consolidate = outs
+    assert "backend 'compiled'" in first, first[-3000:]
+    assert re.search(r"step 20/20 \| loss \d", first), first[-3000:]
+    assert "resum" in rerun and "from step 20" in rerun and re.search(r"step 30/30 \| loss", rerun), rerun[-3000:]
+    assert "1 worker" in rerun, rerun[-3000:]
+    assert "injected failure" in fault.lower() and re.search(r"step 20/20 \| loss", fault), fault[-3000:]
+    assert re.search(r"step 20/20 \| loss", elastic), elastic[-3000:]
+    assert '"preset": "adamw"' in dry or "preset = \"adamw\"" in dry or "adamw" in dry
+    assert "status:     valid" in inspect and "step:       30" in inspect, inspect
+    import torch
+
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    assert full["step"] == 30 and full["model"], consolidate
