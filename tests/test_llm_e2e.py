@@ -1,7 +1,8 @@
 """End to end through the CLI and a fresh local Ray (each ~30-60 s here):
 
 * the README's "Pre-train an LLM" commands, extracted from README.md and run as written
-  (the train line gets flags appended to stay short: fewer steps, the eager backend);
+  (the train line gets flags appended to stay short: fewer steps; the compile backend
+  stays on, as a user gets it);
 * a run of a user's model and data factories living in the current directory, which the
   Ray workers must import too.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ("--steps 20 --set optim.backend=eager --set job.checkpoint_every=20 --set job.eval_every=20 "
+SHORT = ("--steps 20 --set job.checkpoint_every=20 --set job.eval_every=20 "
          "--set job.log_every=10")
 
 
