@@ -225,6 +225,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    # the same test as sharded_ams.checkpoint.manager's; not imported: prepare-data stays
+    # free of torch (start-up time and memory on data-prep machines)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
