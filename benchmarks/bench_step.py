@@ -15,8 +15,10 @@ fp32 params, grads set once, weight decay 0:
 * ``adamw_foreach``: ``torch.optim.AdamW(foreach=True)`` (the baseline of "speedup").
 * ``adamw_fused``: ``torch.optim.AdamW(fused=True)``, the peer to beat; "n/a" where the
   build has no such kernel for the device.
-* ``adamw_fused_clip``: ``clip_grad_norm_(foreach=True)`` then fused AdamW: the peer of
+* ``adamw_fused_norm``: ``get_total_norm(foreach=True)`` then fused AdamW: the peer of
   ``sharded_ams`` (both read the gradients once more for their norm).
+* ``adamw_fused_clip``: ``clip_grad_norm_(1.0, foreach=True)`` then fused AdamW: the peer
+  of ``sharded_ams_clip`` (norm, then the gradients scaled in place).
 * ``ams_default``: ``sharded_ams.Grams(params)``, what a user gets
   (``optimizer.default_path``: compiled per tensor on CPU at this size, Triton on CUDA).
 * ``ams_foreach``: ``Grams(foreach=True)``.
@@ -28,6 +30,7 @@ fp32 params, grads set once, weight decay 0:
   group): the flat pass plus its global grad norm (the non-finite check), a read of g.
 * ``sharded_ams_no_check``: the same with ``skip_nonfinite=False`` (no norm pass): the
   work of fused AdamW, so "vs fused" compares like with like.
+* ``sharded_ams_clip``: ``ShardedAMS(max_grad_norm=1.0)``.
 * ``copy_floor``: the memory-traffic floor of the step: ONE torch.compile'd pass that moves
   the same bytes in place, ``p += g; m += g; v += g`` over four flat fp32 buffers of the
   same total size (one fused loop): reads 16 B (p, g, m, v) and writes 12 B (p, m, v) per
@@ -51,7 +54,8 @@ their time: e.g. ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=171
 (recorded in the JSON as ``malloc_env``) cut ams_foreach ~4x on the 2-core dev VM.
 GB/s = 28 B x numel / median time (the nominal bytes of an fp32 AMS/Adam step).
 "speedup" = t(adamw_foreach) / t(row); "vs fused" = t(adamw_fused) / t(row) (>= 1: at
-least as fast as torch's fused AdamW); "vs fused + clip" = t(adamw_fused_clip) / t(row);
+least as fast as torch's fused AdamW); "vs peer" = t(peer) / t(row), the peer being the
+torch row that does the same work (``PEERS``);
 "x copy" = t(row) / t(copy_floor).
 
 Writes JSON to ``--out`` (default benchmarks/results/bench_step.json) with device, torch
@@ -152,16 +156,29 @@ def row_adamw_fused(shapes, device):
     return _fused_adamw(make_params(shapes, device)).step, "torch.optim.AdamW(fused=True)"
 
 
+def row_adamw_fused_norm(shapes, device):
+    params = make_params(shapes, device)
+    opt = _fused_adamw(params)
+    grads = [p.grad for p in params]
+    sink = []
+
+    def step():
+        sink[:] = [torch.nn.utils.get_total_norm(grads, foreach=True)]
+        opt.step()
+
+    return step, ("get_total_norm(foreach=True) + AdamW(fused=True): the peer with a grad-norm "
+                  "read, like ShardedAMS's non-finite check")
+
+
 def row_adamw_fused_clip(shapes, device):
     params = make_params(shapes, device)
     opt = _fused_adamw(params)
 
-    def clipped_step():
+    def step():
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
 
-    return clipped_step, ("clip_grad_norm_(foreach=True) + AdamW(fused=True): the peer with "
-                          "a grad-norm pass, like ShardedAMS's default")
+    return step, "clip_grad_norm_(1.0, foreach=True) + AdamW(fused=True): the peer with clipping"
 
 
 def row_ams_default(shapes, device):
@@ -225,6 +242,11 @@ def row_sharded_ams_no_check(shapes, device):
                       "the same work as fused AdamW")
 
 
+def row_sharded_ams_clip(shapes, device):
+    opt = _sharded(shapes, device, max_grad_norm=1.0)
+    return opt.step, "ShardedAMS(preset='grams', max_grad_norm=1.0): norm, then grads scaled"
+
+
 def _floor_pass(p, g, m, v):
     # one fused loop, in place: reads p, g, m, v (16 B), writes p, m, v (12 B) per element;
     # each output depends only on its own old value and g, so no temporaries are needed
@@ -264,6 +286,7 @@ ROWS: dict[str, Callable] = {
     "adamw_default": row_adamw_default,
     "adamw_foreach": row_adamw_foreach,
     "adamw_fused": row_adamw_fused,
+    "adamw_fused_norm": row_adamw_fused_norm,
     "adamw_fused_clip": row_adamw_fused_clip,
     "ams_default": row_ams_default,
     "ams_foreach": row_ams_foreach,
@@ -271,10 +294,16 @@ ROWS: dict[str, Callable] = {
     "flat_compiled": row_flat_compiled,
     "sharded_ams": row_sharded_ams,
     "sharded_ams_no_check": row_sharded_ams_no_check,
+    "sharded_ams_clip": row_sharded_ams_clip,
     "copy_floor": row_copy_floor,
     "copy_floor_eager": row_copy_floor_eager,
 }
 ROW_NAMES = tuple(ROWS)
+#: The torch row doing the same work as a row of ours ("vs peer" = t(peer) / t(row)).
+PEERS = {"ams_default": "adamw_default", "ams_foreach": "adamw_foreach",
+         "ams_fused_compiled": "adamw_fused", "flat_compiled": "adamw_fused",
+         "sharded_ams_no_check": "adamw_fused", "sharded_ams": "adamw_fused_norm",
+         "sharded_ams_clip": "adamw_fused_clip"}
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -346,9 +375,17 @@ def add_ratios(rows: list[dict]) -> None:
             continue
         r["speedup_vs_adamw_foreach"] = ratio(by.get("adamw_foreach"), r)
         r["vs_adamw_fused"] = ratio(by.get("adamw_fused"), r)
-        r["vs_adamw_fused_clip"] = ratio(by.get("adamw_fused_clip"), r)
+        if r["name"] in PEERS:
+            r["peer"] = PEERS[r["name"]]
+            r["vs_peer"] = ratio(by.get(PEERS[r["name"]]), r)
         r["vs_adamw_default"] = ratio(by.get("adamw_default"), r)
         r["x_copy_floor"] = ratio(r, by.get("copy_floor"))
+
+
+def _vs_peer(r: dict) -> str:
+    if r.get("vs_peer") is None:
+        return "" if "peer" not in r else f"n/a ({r['peer']})"
+    return f"{r['vs_peer']:.2f} ({r['peer']})"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -356,7 +393,7 @@ def markdown_table(rows: list[dict]) -> str:
         return "n/a" if x is None else format(x, fmt)
 
     lines = ["| row | ms/step (median) | min ms | GB/s (28 B/elem) | speedup vs AdamW foreach "
-             "| vs AdamW default | vs AdamW fused | vs fused + clip | x copy floor | first step (s) |",
+             "| vs AdamW default | vs AdamW fused | vs peer (row) | x copy floor | first step (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["status"] != "ok":
@@ -365,7 +402,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {f(r['ms_median'], '.2f')} | {f(r['ms_min'], '.2f')} "
                      f"| {f(r['gb_per_s'], '.1f')} | {f(r.get('speedup_vs_adamw_foreach'), '.2f')} "
                      f"| {f(r.get('vs_adamw_default'), '.2f')} | {f(r.get('vs_adamw_fused'), '.2f')} "
-                     f"| {f(r.get('vs_adamw_fused_clip'), '.2f')} "
+                     f"| {_vs_peer(r)} "
                      f"| {f(r.get('x_copy_floor'), '.2f')} | {f(r['first_step_s'], '.2f')} |")
     return "\n".join(lines)
 

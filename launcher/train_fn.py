@@ -294,12 +294,11 @@ def train_loop(config: dict) -> dict[str, Any]:
              "world_size": world_size, "precision": precision}
 
     loss_sum = torch.zeros((), device=device)
-    window_steps, window_time = 0, 0.0
+    window_steps, window_start = 0, time.perf_counter()
     last_report = time.monotonic()
     metrics: dict[str, Any] = {}
     model.train()
     while step < total_steps:
-        t0 = time.perf_counter()
         x, y = data.get_batch("train", step, batch_size, block_size, seed=seed, rank=rank,
                               world_size=world_size)
         loss = forward_backward(model, optimizer, split_micro(x.to(device), y.to(device), accum),
@@ -310,12 +309,13 @@ def train_loop(config: dict) -> dict[str, Any]:
         step += 1
         loss_sum += loss
         window_steps += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        window_time += time.perf_counter() - t0
+        # no per-step host sync: the CPU queues ahead; the device is waited for only where
+        # a time is taken (this start's first step, and each report below)
         if rank == 0:
             heartbeat.beat(step)
             if step == start_step + 1:  # this group's first step: what its start cost
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
                 event = start_event(previous, start_step=start_step, world_size=world_size,
                                     first_step_time=time.time(), launch_id=launch_id,
                                     resumed_from=resumed_from)
@@ -329,6 +329,9 @@ def train_loop(config: dict) -> dict[str, Any]:
         do_eval = final or (job.eval_every and step % job.eval_every == 0)
         if not (save or do_eval or step % job.log_every == 0):
             continue
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        window_time = time.perf_counter() - window_start  # steps since the last report
         if save and rank == 0:  # before the collectives that lead every rank into the save
             heartbeat.beat(step, force=True)
         info = optimizer.last_step
@@ -360,7 +363,7 @@ def train_loop(config: dict) -> dict[str, Any]:
             ray.train.report(metrics)  # [Ray] barrier; metrics only
         last_report = time.monotonic()
         loss_sum.zero_()
-        window_steps, window_time = 0, 0.0
+        window_steps, window_start = 0, time.perf_counter()
 
     if start_step >= total_steps:  # nothing to train: the run was already complete
         # (not added to the metrics history: no step was trained, the record of this step is there)
