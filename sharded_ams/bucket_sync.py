@@ -206,7 +206,7 @@ class BucketSync:
         for bk in late:
             buf = bk.shard.buf
             for k, i in enumerate(bk.slots):
-                if not bk.ready[k]:
+                if not bk.ready[k] and not buf.holds_grad(i):
                     check_grad(buf.params[i], self.names.get(buf.params[i]))
                     buf.collect(i)
             self.start_grad_sync(bk)

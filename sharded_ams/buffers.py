@@ -36,6 +36,8 @@ class FlatParamGradBuffer:
         self.main_grad = self.grad_dtype != dtype
         self.param = torch.zeros(layout.numel, dtype=dtype, device=device)
         self.grad = torch.zeros(layout.numel, dtype=self.grad_dtype, device=device)
+        # each param's view into ``grad``, made once (the buffer is never reallocated)
+        self.grad_views = [self.grad_view(slot) for slot in layout.slots]
         # main-grad mode: True while a param's view holds no gradient of the current step
         self.fresh = [True] * len(self.params)
         for i, (slot, p) in enumerate(zip(layout.slots, self.params)):
@@ -57,9 +59,10 @@ class FlatParamGradBuffer:
         Direct: ``p.grad`` becomes the buffer view again (a replaced grad is copied in).
         Main grad: ``p.grad`` is added into the buffer (copied if it is the first of the
         step) and set to None."""
-        slot, p = self.layout.slots[i], self.params[i]
-        view = self.grad_view(slot)
+        p, view = self.params[i], self.grad_views[i]
         g = p.grad
+        if g is view:  # direct mode, backward accumulated into the buffer: nothing to do
+            return
         if self.main_grad:
             if g is not None:
                 if self.fresh[i]:
@@ -88,6 +91,10 @@ class FlatParamGradBuffer:
         self.grad.zero_()
         for i in range(len(self.params)):
             self.collect(i)
+
+    def holds_grad(self, i: int) -> bool:
+        """Param ``i``'s ``p.grad`` is its view into the buffer (direct mode, untouched)."""
+        return self.params[i].grad is self.grad_views[i]
 
     def consumed(self) -> None:
         """The step has used the gradients: in main-grad mode the next ones start afresh
