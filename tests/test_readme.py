@@ -29,8 +29,9 @@ BASH_BLOCKS = {
     ("Set-up: two commands", 1): "excluded: it is the test command; .ci/run runs it verbatim "
                                  "(test_ci_runs_the_readme_test_command)",
     ("The launcher: `sharded-ams train`", 0): "test_readme_launcher_commands",
-    ("The launcher: `sharded-ams train`", 1): "excluded: needs a Ray cluster with GPUs and a "
-                                              "shared file system",
+    ("The launcher: `sharded-ams train`", 1): "not run: needs a Ray cluster with GPUs and a "
+                                              "shared file system; its config passes the driver's "
+                                              "checks: test_readme_cluster_line_is_a_valid_config",
     ("Pre-train an LLM", 0): "tests/test_llm_e2e.py::test_readme_pretrain_an_llm",
     ("Does Grams help?", 0): "excluded: the full CPU study takes ~25-60 min and the paper "
                              "preset needs GPUs and C4; the smoke line's path runs in "
@@ -77,6 +78,26 @@ def test_readme_python_snippets_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "99"  # the checkpoint saved at the last step
     assert (tmp_path / "ckpts").is_dir()
+
+
+def test_readme_cluster_line_is_a_valid_config(tmp_path):
+    """The cluster line cannot run here (no cluster, no GPUs), but a user must not meet a
+    config error on it: ``--dry-run`` with its /nfs paths pointed into tmp_path passes every
+    driver-side check (batch split, data, storage)."""
+    from launcher.prepare_data import prepare_data
+
+    line = bash_blocks()[("The launcher: `sharded-ams train`", 1)].strip()
+    assert "/nfs/runs" in line and "/nfs/data/c4" in line
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text(README.read_text() * 20)  # > the 60m's sequences
+    prepare_data([str(tmp_path / "txt")], tmp_path / "c4", progress=False, log=lambda *_: None)
+    cmd = line.replace("/nfs/runs", str(tmp_path / "runs")).replace("/nfs/data/c4", str(tmp_path / "c4"))
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(["bash", "-c", cmd + " --dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"size": "60m"' in proc.stdout and '"use_gpu": true' in proc.stdout
 
 
 # Prepended to every `sharded-ams train` line (the line's own flags come after and win):
