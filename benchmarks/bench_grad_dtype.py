@@ -42,7 +42,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_grad_dtype.json"
 def _rank_main(rank: int, world: int, args) -> Optional[list[dict]]:
     import torch.distributed as dist
 
-    from launcher.model import GPT, GPTConfig
+    from launcher.train.models.gpt import GPT, GPTConfig
     from sharded_ams import ShardedAMS
 
     def model():

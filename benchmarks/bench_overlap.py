@@ -231,8 +231,8 @@ def _chunks(values: list, n: int) -> list[list]:
 #: otherwise pass a loss_fn to measure_overlap). Another built-in model is one line here.
 def _llama_tiny(args) -> nn.Module:
     """The launcher's tiny Llama (its own shape; --n-layer etc. do not apply)."""
-    from launcher.models import build_model
-    from launcher.models.sizes import resolve_shape
+    from launcher.train.models import build_model
+    from launcher.train.models.sizes import resolve_shape
 
     torch.manual_seed(0)
     return build_model(dict(arch="llama", **resolve_shape("llama", "tiny", {"vocab_size": 256})))

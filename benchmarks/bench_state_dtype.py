@@ -15,8 +15,8 @@ import time
 import torch
 
 from bench_common import env_info, print_table, write_json
-from launcher.data import estimate_loss, get_batch, load_corpus, split
-from launcher.model import GPT, GPTConfig
+from launcher.data.corpus import estimate_loss, get_batch, load_corpus, split
+from launcher.train.models.gpt import GPT, GPTConfig
 from sharded_ams import ShardedAMS
 
 

@@ -17,7 +17,7 @@ All with lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01. ShardedAMS us
 ``--backend`` (default "compiled": torch.compile of the flat step; its compile time is in
 the first step, reported as ``first_step_s`` and excluded from the timings).
 
-Model (default): the project's GPT (``launcher/model.py``), byte vocabulary 256,
+Model (default): the project's GPT (``launcher/train/models/gpt.py``), byte vocabulary 256,
 ``n_layer=4, n_embd=512, n_head=8, block_size=64``: 12.7M params (printed), tied
 embedding; global batch 4 x 64 tokens (2 sequences per rank). Chosen so one training
 step takes a few hundred ms per rank on this 2-core CPU box, with the optimizer step and

@@ -118,7 +118,7 @@ def make_gpt(args: Namespace):
     """The launcher's GPT from the args, seeded: the same weights on every call."""
     import torch
 
-    from launcher.model import GPT, GPTConfig
+    from launcher.train.models.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=256, block_size=args.block_size, n_layer=args.n_layer,

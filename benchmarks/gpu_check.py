@@ -55,6 +55,7 @@ for _p in (ROOT, HERE):
         sys.path.insert(0, str(_p))
 
 import gpu_check_sections as sections  # noqa: E402
+from gpu_check_plan import make_plan  # noqa: E402
 
 #: sections that launch the Triton kernel (under the interpreter in the dry run)
 KERNEL_SECTIONS = ("correctness", "bandwidth", "sharded", "training", "overlap")
@@ -107,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.device = "cpu"
     args.budget_s = args.budget_s or (420.0 if args.device == "cuda" else 120.0)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    plan = sections.make_plan(args.device, args.model, args.budget_s)
+    plan = make_plan(args.device, args.model, args.budget_s)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
 
     if args.child_json:  # the dry run's interpreted subprocess

@@ -12,7 +12,7 @@ from sharded_ams.kernels import GroupHParams, Piece, flat_step
 from sharded_ams.update import reference_init, reference_step, step_scale
 
 if TYPE_CHECKING:
-    from gpu_check_sections import Plan
+    from gpu_check_plan import Plan
 
 #: correctness cases: name -> (beta1, beta3, lam). beta3 = 0.9 with beta1 = 0.95: at
 #: beta1 = beta3 the reference s equals m (u*s >= 0 everywhere) and the step is AdamW's

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +25,8 @@ import torch
 from bench_common import env_info, markdown_table
 from bench_gpu import COLUMNS as BW_COLUMNS, HEADERS as BW_HEADERS, bandwidth_rows
 from gpu_check_correctness import FP32_RTOL, norm_err, section_correctness
-from launcher.model import GPT, GPTConfig
+from gpu_check_plan import Plan
+from launcher.train.models.gpt import GPT, GPTConfig
 from sharded_ams import AMS, ShardedAMS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,47 +35,6 @@ GPU_TEST_FILES = ("tests/test_gpu.py",)
 #: dense bf16 peak of the datasheet, for MFU (substring of the device name -> FLOP/s)
 #: the dry run's model (~14K params: the interpreter runs ~1.5 s per million elements)
 TINY_GPT = GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)
-
-
-@dataclass
-class Plan:
-    """Sizes and settings of one run of the check (CUDA: the real one; CPU: the dry run)."""
-
-    device: torch.device
-    backend: str
-    dist_backend: str
-    correctness_n: int
-    correctness_steps: int
-    bandwidth_sizes: tuple
-    graph_sizes: tuple
-    multi_piece_scale: float
-    model: str
-    train_steps: int
-    train_warmup: int
-    sharded_steps: int
-    quick: bool
-    deadline: float = field(default=0.0)
-    overlap_steps: int = 1
-    overlap_rounds: int = 1
-
-    def time_left(self) -> float:
-        return self.deadline - time.time()
-
-    def describe(self) -> dict:
-        d = asdict(self)
-        d["device"] = str(self.device)
-        return d
-
-
-def make_plan(device: str, model: str, budget_s: float) -> Plan:
-    now = time.time()
-    if device == "cuda":
-        return Plan(torch.device("cuda"), "triton", "nccl", 50_000_000, 100,
-                    (2 ** 20, 50_000_017, 2 ** 26, 2 ** 28, 2 ** 30), (2 ** 20, 2 ** 24), 1.0,
-                    model, 50, 10, 20, False, now + budget_s, overlap_steps=5,
-                    overlap_rounds=2)
-    return Plan(torch.device("cpu"), "triton", "gloo", 3000, 5, (2048, 2051), (2 ** 12,),
-                0.0003, model, 3, 1, 2, True, now + budget_s)
 
 
 def run_section(name: str, plan: Plan) -> dict:
@@ -253,8 +212,8 @@ def build_gpt(plan: Plan) -> torch.nn.Module:
 def build_llama_60m(plan: Plan) -> torch.nn.Module:
     """The launcher's Llama 60M (GaLore's shape, 32000-token vocabulary) on CUDA; a tiny
     Llama in the dry run."""
-    from launcher.models import build_model
-    from launcher.models.sizes import resolve_shape
+    from launcher.train.models import build_model
+    from launcher.train.models.sizes import resolve_shape
 
     if plan.device.type == "cuda":
         shape = resolve_shape("llama", "60m", {"vocab_size": 32000})
@@ -325,14 +284,14 @@ def _sync(plan: Plan) -> None:
 
 def section_training(plan: Plan) -> dict:
     """~50 bf16-autocast steps through the launcher's training pieces
-    (``launcher.training.forward_backward``: 2 micro-batches, all but the last under
+    (``launcher.train.step.forward_backward``: 2 micro-batches, all but the last under
     ``no_sync()``; its FLOP count and bf16 peak table): ShardedAMS vs DDP + AdamW(fused)
     at one batch."""
     import contextlib
 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from launcher.training import autocast, forward_backward, model_flops_per_token, throughput
+    from launcher.train.step import autocast, forward_backward, model_flops_per_token, throughput
 
     builder = MODELS[plan.model]
     amp = (lambda: autocast("bf16-autocast", plan.device)) if plan.device.type == "cuda" \
@@ -388,7 +347,7 @@ def section_training(plan: Plan) -> dict:
 
 
 def _peak_flops(plan: Plan) -> Optional[float]:
-    from launcher.training import peak_bf16_flops
+    from launcher.train.step import peak_bf16_flops
 
     return peak_bf16_flops(plan.device)
 

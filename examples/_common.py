@@ -1,6 +1,6 @@
 """Shared pieces of the launcher examples (``pretrain_compare.py``, ``lam_sweep.py``,
 ``resume_demo.py``): build a job config from ``launcher/configs/gpt_tiny.toml``, run it
-with :func:`launcher.ray_launcher.run` in one embedded Ray session, collect its loss
+with :func:`launcher.run.driver.run` in one embedded Ray session, collect its loss
 history, and write the CSV, the loss-curve plot and the Markdown table.
 
 The loss history is the launcher's ``RunResult.history``: rank 0's metrics reports, one per
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Read by Ray at import/init time, as launcher.ray_launcher sets them: an embedded
+# Read by Ray at import/init time, as launcher.run.driver sets them: an embedded
 # single-user Ray needs no token auth (Ray 2.60's default), and the launcher uses Train V2.
 # (The launcher's run() also sets Ray Train's faster report polling for a local Ray.)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -61,7 +61,7 @@ class History:
     final_train: Optional[float] = None
     final_val: Optional[float] = None
     wall_time_s: float = 0.0
-    result: Any = field(default=None, repr=False)  # launcher.ray_launcher.RunResult
+    result: Any = field(default=None, repr=False)  # launcher.run.driver.RunResult
 
     def val_points(self) -> tuple[list[int], list[float]]:
         pts = [(s, v) for s, v in zip(self.steps, self.val_loss) if v is not None]
@@ -120,7 +120,7 @@ def make_config(storage: os.PathLike | str, name: str, *, steps: int, workers: i
 
 @contextmanager
 def local_ray(num_workers: int = 2) -> Iterator[None]:
-    """One embedded Ray for all the runs of an example: ``launcher.ray_launcher.run`` uses
+    """One embedded Ray for all the runs of an example: ``launcher.run.driver.run`` uses
     an already started Ray as it is (and leaves it running). Nothing is started if Ray is
     already up (e.g. a test fixture's)."""
     import ray
@@ -166,7 +166,7 @@ def run_with_history(cfg: Config, key: str, title: str, *, fresh: bool = True) -
 
     ``fresh``: delete ``storage_path/name`` first, so that an earlier run of the example is
     not resumed (the launcher resumes a run dir that exists)."""
-    from launcher.ray_launcher import run
+    from launcher.run.driver import run
 
     if fresh and Path(cfg.job.run_dir).exists():
         shutil.rmtree(cfg.job.run_dir)

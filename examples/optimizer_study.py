@@ -219,7 +219,7 @@ def prepare(a: argparse.Namespace) -> str:
     """The data directory: ``--data``, or the preset's text prepared into OUT/data."""
     if a.data:
         return a.data
-    from launcher.prepare_data import prepare_data
+    from launcher.data.prepare import prepare_data
 
     preset = PRESETS[a.preset]
     out = a.out / "data"

@@ -61,7 +61,7 @@ def config(a: argparse.Namespace, name: str, fail: bool):
 
 
 def _run(cfg):
-    from launcher.ray_launcher import run
+    from launcher.run.driver import run
 
     shutil.rmtree(cfg.job.run_dir, ignore_errors=True)  # a fresh run, not a resume of the last demo
     return run(cfg)

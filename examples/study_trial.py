@@ -1,13 +1,13 @@
 """One trial of the optimizer study: train one (optimizer, lr, seed) arm in this process.
 
 A trial is the launcher's job at world size 1, built from the same pieces as the Ray Train
-worker (``launcher/train_fn.py``): the ``[model]``/``[data]``/``[optim]``/``[job]`` config
+worker (``launcher/train/loop.py``): the ``[model]``/``[data]``/``[optim]``/``[job]`` config
 (:func:`launcher.config.load_config`, so every setting is validated as for
-``sharded-ams train``), the data (:func:`launcher.token_data.load_training_data`), the
-model (:func:`launcher.training.build_model_for_training`), :class:`sharded_ams.ShardedAMS`
-with no process group, the micro-batch step (:func:`launcher.training.forward_backward`),
-the warmup + cosine schedule (:func:`launcher.train_fn.lr_factor`), the evaluation
-(:func:`launcher.training.evaluate`) and checkpoints (:mod:`sharded_ams.checkpoint`). Step
+``sharded-ams train``), the data (:func:`launcher.data.tokens.load_training_data`), the
+model (:func:`launcher.train.step.build_model_for_training`), :class:`sharded_ams.ShardedAMS`
+with no process group, the micro-batch step (:func:`launcher.train.step.forward_backward`),
+the warmup + cosine schedule (:func:`launcher.train.loop.lr_factor`), the evaluation
+(:func:`launcher.train.step.evaluate`) and checkpoints (:mod:`sharded_ams.checkpoint`). Step
 ``s`` trains on the global batch of ``(seed, s)``, exactly the batch the launcher's loop
 would draw, so a trial restarted from its checkpoint continues bit for bit.
 
@@ -111,9 +111,9 @@ def train_trial(spec: Mapping[str, Any], session: Session) -> dict[str, Any]:
     import torch
 
     from launcher.config import accumulation_steps
-    from launcher.token_data import load_training_data
-    from launcher.train_fn import lr_factor
-    from launcher.training import (autocast, build_model_for_training, evaluate, forward_backward,
+    from launcher.data.tokens import load_training_data
+    from launcher.train.loop import lr_factor
+    from launcher.train.step import (autocast, build_model_for_training, evaluate, forward_backward,
                                    resolve_precision, split_micro)
     from sharded_ams import ShardedAMS
     from sharded_ams.checkpoint import load_checkpoint, save_checkpoint

@@ -17,7 +17,7 @@ What it shows:
   newest ``--keep-last``, and ``load_latest`` resumes from the newest complete one: run
   the same command again, with as many ranks as you like (the state is resharded).
 
-The launcher's Ray version of this loop is ``launcher/train_fn.py``.
+The launcher's Ray version of this loop is ``launcher/train/loop.py``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from launcher.data import estimate_loss, get_batch, load_corpus, split  # noqa: E402
-from launcher.model import GPT, GPTConfig  # noqa: E402
+from launcher.data.corpus import estimate_loss, get_batch, load_corpus, split  # noqa: E402
+from launcher.train.models.gpt import GPT, GPTConfig  # noqa: E402
 from sharded_ams import ShardedAMS  # noqa: E402
 from sharded_ams.checkpoint import CheckpointManager  # noqa: E402
 

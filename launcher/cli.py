@@ -14,7 +14,7 @@
 run ``storage_path/name`` from its last checkpoint. Named flags override ``--set``, which
 overrides the environment (``SHARDED_AMS_FAIL_AT_STEP``, ``SHARDED_AMS_FAIL_RANK``), which
 overrides the config file. Before Ray starts, ``train`` checks what it can on this machine
-(:mod:`launcher.preflight`, and the checkpoint it will resume from): a missing or damaged
+(:mod:`launcher.run.preflight`, and the checkpoint it will resume from): a missing or damaged
 prepare-data directory, a factory that does not import, a vocabulary that does not fit, an
 unwritable ``--storage-path``, a ``--resume-from`` that is not a checkpoint, a global batch
 that some worker count of ``--num-workers MIN-MAX`` cannot split fail here, with one line
@@ -96,11 +96,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if value is not None:
                 overrides[key] = value
         config = load_config(args.config, overrides)
-        from launcher.preflight import preflight
+        from launcher.run.preflight import preflight
 
         local = args.address is None and not os.environ.get("RAY_ADDRESS")
         checked = preflight(config, local=local)
-        from launcher.ray_launcher import check_resume
+        from launcher.run.driver import check_resume
 
         check_resume(checked.config)  # the checkpoint a rerun resumes from: usable, same model
     except (ValueError, FileNotFoundError) as exc:
@@ -111,7 +111,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(checked.config.to_dict(), indent=2))
         return 0
 
-    from launcher.ray_launcher import LaunchError, TrainingFailed, run
+    from launcher.run.driver import LaunchError, TrainingFailed, run
 
     try:
         run(checked.config, address=args.address, verbose=args.verbose, checked=True)
@@ -134,9 +134,9 @@ def _usage_error(exc: BaseException) -> int:
 
 
 def _add_ckpt_parser(subparsers) -> None:
-    """``sharded-ams ckpt ...`` lives in launcher/ckpt_cli.py (imported only when needed)."""
+    """``sharded-ams ckpt ...`` lives in launcher/commands/ckpt.py (imported only when needed)."""
     try:
-        from launcher.ckpt_cli import add_ckpt_subparser
+        from launcher.commands.ckpt import add_ckpt_subparser
     except ImportError as exc:
         reason = f"{type(exc).__name__}: {exc}"
         p = subparsers.add_parser("ckpt", help="checkpoint tools (unavailable)", add_help=False)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sharded-ams {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_parser(subparsers)
-    from launcher.prepare_data import add_prepare_parser
+    from launcher.data.prepare import add_prepare_parser
 
     add_prepare_parser(subparsers)
     _add_ckpt_parser(subparsers)

@@ -15,7 +15,7 @@ later wins: the dataclass defaults, the file, the environment variables
 
 This module does not import torch or ray, so the CLI can parse and check a config in
 milliseconds. What needs the data or user code (the vocabulary, shard checksums, that a
-factory imports) is checked by :mod:`launcher.preflight`, still before Ray starts.
+factory imports) is checked by :mod:`launcher.run.preflight`, still before Ray starts.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from .config_checks import (check_bool, check_choice, check_factory, check_float, check_int,
                             check_table, fail)
-from .models.sizes import ARCH_DEFAULTS, ARCHES, SHAPE_FIELDS, resolve_shape
-from .scaling import accumulation_steps, check_batch_split, parse_num_workers, worker_range
+from .train.models.sizes import ARCH_DEFAULTS, ARCHES, SHAPE_FIELDS, resolve_shape
+from .run.scaling import accumulation_steps, check_batch_split, parse_num_workers, worker_range
 
 try:
     import tomllib
@@ -83,7 +83,7 @@ class ModelConfig:
     shape); fields an architecture does not use must stay unset."""
 
     arch: str = "gpt"
-    """Built-in architecture: "gpt" (launcher/models/gpt.py) or "llama" (launcher/models/llama.py,
+    """Built-in architecture: "gpt" (launcher/train/models/gpt.py) or "llama" (launcher/train/models/llama.py,
     parameter names and shapes of Hugging Face's LlamaForCausalLM). Ignored with factory."""
     size: Optional[str] = None
     """Named shape of arch: llama "tiny", "60m", "130m", "350m", "1b" (GaLore's configs, see
@@ -117,8 +117,9 @@ class ModelConfig:
     """Share the token embedding with the output head."""
     precision: str = "auto"
     """"fp32"; "bf16-autocast" (fp32 params, bf16 autocast of forward/backward); "bf16"
-    (bf16 params and grads, fp32 master weights in ShardedAMS); "auto": bf16-autocast on
-    GPU, fp32 on CPU."""
+    (bf16 params and grads, fp32 master weights in ShardedAMS); "auto": bf16 on GPU (6 + 12/N
+    bytes per param and 2-byte param gathers, against 8 + 8/N and 4-byte gathers with
+    bf16-autocast), fp32 on CPU."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them (built-in
     models only)."""
@@ -253,6 +254,12 @@ class OptimConfig:
     """Dtype gradients are reduced in across workers when params are bf16 (model.precision =
     "bf16"): "fp32" (default, as Megatron's grad_reduce_in_fp32 and FSDP's reduce_dtype) or
     "bf16" (half the bytes, less precise as workers grow). fp32 params always reduce in fp32."""
+    bucket_numel: Optional[int] = None
+    """Elements per communication bucket (gradient reduce and param gather are issued per
+    bucket, overlapped with backward and forward). Unset: ShardedAMS's default for the
+    backend, which on NCCL grows with the number of workers (each rank's slice of a bucket
+    must stay large enough that per-collective latency does not dominate). See
+    docs/sharding.md, "Overlap"."""
 
     def __post_init__(self) -> None:
         s = "optim"
@@ -283,6 +290,7 @@ class OptimConfig:
         check_int(s, "warmup_steps", self.warmup_steps, 0)
         check_float(s, "min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
         check_choice(s, "grad_reduce_dtype", self.grad_reduce_dtype, _REDUCE_DTYPES)
+        check_int(s, "bucket_numel", self.bucket_numel, 1, allow_none=True)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``sharded_ams.ShardedAMS`` (everything but the schedule): the
@@ -294,6 +302,8 @@ class OptimConfig:
             kw["preset"] = self.preset
         else:
             kw.update(beta3=self.beta3, lam=self.lam)
+        if self.bucket_numel is not None:
+            kw["bucket_numel"] = self.bucket_numel
         if self.grad_reduce_dtype == "bf16":
             import torch  # the driver imports this module without needing torch for it
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.data import get_batch, load_corpus
-from launcher.model import GPT, GPTConfig
+from launcher.data.corpus import get_batch, load_corpus
+from launcher.train.models.gpt import GPT, GPTConfig
 from sharded_ams import ShardedAMS
 from sharded_ams import checkpoint as C
 from sharded_ams.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

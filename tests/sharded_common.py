@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_utils import run_distributed
-from launcher.data import get_batch, load_corpus
-from launcher.model import GPT, GPTConfig
+from launcher.data.corpus import get_batch, load_corpus
+from launcher.train.models.gpt import GPT, GPTConfig
 from sharded_ams import AMS, PRESETS
 
 GPT_CFG = GPTConfig(n_layer=1, n_embd=32, block_size=16)

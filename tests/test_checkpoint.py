@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from launcher import ckpt_cli
+from launcher.commands import ckpt as ckpt_cli
 from sharded_ams import AMS, ShardedAMS
 from sharded_ams import checkpoint as C
 from sharded_ams.checkpoint import (CheckpointError, CheckpointManager, commit, consolidate,
@@ -362,7 +362,7 @@ def test_cli_inspect_and_consolidate(base_ckpt, ckpt_copy, tmp_path, capsys):
 
 def test_cli_standalone_module(base_ckpt):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "launcher.ckpt_cli", "inspect", str(base_ckpt),
+    r = subprocess.run([sys.executable, "-m", "launcher.commands.ckpt", "inspect", str(base_ckpt),
                         "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["step"] == 2

@@ -42,8 +42,8 @@ _CRASH_SCRIPT = textwrap.dedent("""
     from sharded_ams import ShardedAMS
     import sharded_ams.checkpoint as C
     import sharded_ams.checkpoint.commit as CM
-    from launcher.model import GPT, GPTConfig
-    from launcher.data import get_batch, load_corpus
+    from launcher.train.models.gpt import GPT, GPTConfig
+    from launcher.data.corpus import get_batch, load_corpus
 
     mode, root = sys.argv[1], Path(sys.argv[2])
     torch.manual_seed(0)

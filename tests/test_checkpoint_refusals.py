@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import ckpt_cli
+from launcher.commands import ckpt as ckpt_cli
 from sharded_ams import ShardedAMS
 from sharded_ams import checkpoint as C
 from sharded_ams.checkpoint import (CheckpointError, CheckpointManager, commit, consolidate,
@@ -64,7 +64,7 @@ def resume_scan(run_dir: Path) -> tuple:
     """(source, step) of the launcher's resume point for a job whose run dir is ``run_dir``."""
     pytest.importorskip("ray.train")
     from launcher.config import load_config
-    from launcher.ray_launcher import find_resume_point
+    from launcher.run.driver import find_resume_point
 
     cfg = load_config(None, {"job.storage_path": str(run_dir.parent), "job.name": run_dir.name},
                       environ={})

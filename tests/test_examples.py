@@ -84,7 +84,7 @@ def test_bad_flags_exit_2(ex, capsys):
 
 
 def _fake_result(cfg, loss0: float):
-    """What ``launcher.ray_launcher.run`` returns, as far as ``history_from_result`` reads it."""
+    """What ``launcher.run.driver.run`` returns, as far as ``history_from_result`` reads it."""
     job = cfg.job
     rows = []
     for s in range(job.log_every, job.steps + 1, job.log_every):
@@ -190,7 +190,7 @@ def test_resume_demo_compare(ex, pretrain_tiny, tmp_path):
     import shutil
 
     from ckpt_common import edit_shard
-    from launcher.models import build_model
+    from launcher.train.models import build_model
     from sharded_ams import ShardedAMS
     from sharded_ams.checkpoint import consolidate, load_checkpoint, save_checkpoint
 

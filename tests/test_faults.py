@@ -49,7 +49,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # before ray is imported (2.
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from launcher.run_log import Heartbeat, read_events, read_history  # noqa: E402
+from launcher.run.records import Heartbeat, read_events, read_history  # noqa: E402
 from sharded_ams.checkpoint import CheckpointError, consolidate, validate_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -453,7 +453,7 @@ class _LossOracle:
         import dataclasses
 
         from launcher.config import load_config
-        from launcher.token_data import load_training_data
+        from launcher.data.tokens import load_training_data
 
         self.drv = drv
         self.cfg = load_config(GPT_TINY, [s for s in JOB if s != "--set"], environ={})
@@ -464,7 +464,7 @@ class _LossOracle:
 
         import torch
 
-        from launcher.models import build_model
+        from launcher.train.models import build_model
 
         torch.manual_seed(self.cfg.data.seed)  # as every worker does before building it
         return build_model({**dataclasses.asdict(self.cfg.model), "vocab_size": self.data.vocab_size})

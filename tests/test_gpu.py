@@ -192,7 +192,7 @@ def test_bf16_moments_round_to_nearest_even():
 def test_sharded_ams_on_nccl_world_size_1(kw):
     import torch.distributed as dist
 
-    from launcher.model import GPT, GPTConfig
+    from launcher.train.models.gpt import GPT, GPTConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("nccl", init_method=f"file://{tmp}/store", rank=0, world_size=1)

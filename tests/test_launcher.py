@@ -29,7 +29,7 @@ from launcher.config import (  # noqa: E402
     load_config,
     parse_override,
 )
-from launcher.scaling import check_batch_split, oversubscription_warning  # noqa: E402
+from launcher.run.scaling import check_batch_split, oversubscription_warning  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT_TINY = ROOT / "launcher" / "configs" / "gpt_tiny.toml"
@@ -54,9 +54,9 @@ def test_model_config_defaults_are_the_gpt_defaults():
     builds exactly GPTConfig() / the Llama "tiny" size."""
     import dataclasses
 
-    from launcher.model import GPTConfig
-    from launcher.models import build_model
-    from launcher.models.sizes import ARCH_DEFAULTS
+    from launcher.train.models.gpt import GPTConfig
+    from launcher.train.models import build_model
+    from launcher.train.models.sizes import ARCH_DEFAULTS
 
     gpt = build_model(dataclasses.asdict(ModelConfig(vocab_size=256)))
     assert gpt.cfg == GPTConfig()
@@ -134,13 +134,15 @@ def test_toml_and_yaml_give_the_same_config(tmp_path, monkeypatch):
     ("[model]\nfactory = \"m:f\"\nactivation_checkpointing = true\n", r"built-in models only"),
     ("[model]\nfactory = \"m:f\"\n", r"data\.block_size .* must be set"),
     ("[optim]\ngrad_reduce_dtype = \"fp16\"\n", r"optim\.grad_reduce_dtype must be one of \['fp32', 'bf16'\]"),
+    ("[optim]\nbucket_numel = 0\n", r"optim\.bucket_numel must be >= 1"),
+    ("[optim]\nbucket_numel = \"big\"\n", r"optim\.bucket_numel must be an integer"),
     ("[job]\npy_modules = \"x\"\n", r"job\.py_modules must be a list"),
     ("[data]\nblock_size = 128\n", r"data\.block_size \(128\) must be <= model\.block_size \(64\)"),
     ("[model]\nn_head = 3\n", r"model\.n_embd \(64\) must be divisible by model\.n_head \(3\)"),
     ("[model]\nvocab_size = 0\n", r"model\.vocab_size must be >= 1"),
     ("[model]\ndropout = 1.0\n", r"model\.dropout must be < 1"),
     ("[job\n", r"invalid TOML"),
-    # elastic ranges: every size must split the global batch (the rule in launcher/scaling.py)
+    # elastic ranges: every size must split the global batch (the rule in launcher/run/scaling.py)
     ("[job]\nnum_workers = [2, 4]\n", r"data\.batch_size \(16\) does not split evenly over 3 worker\(s\), "
                                     r"which the elastic job\.num_workers \[2, 4\] allows.* multiple of 12"),
     ("[job]\nnum_workers = [1, 4]\n[data]\nbatch_size = 24\nmicro_batch_size = 4\n",
@@ -157,6 +159,19 @@ def test_invalid_configs_name_the_field(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_config(path, environ={})
+
+
+def test_bucket_numel_reaches_the_optimizer():
+    """Unset: ShardedAMS's own default (not passed); set: passed through as given."""
+    import torch
+
+    from sharded_ams import ShardedAMS
+
+    assert "bucket_numel" not in load_config(None, {}, environ={}).optim.optimizer_kwargs()
+    kw = load_config(None, {"optim.bucket_numel": 300}, environ={}).optim.optimizer_kwargs()
+    assert kw["bucket_numel"] == 300
+    opt = ShardedAMS(torch.nn.Linear(40, 20), **{**kw, "backend": "eager"})
+    assert opt.bucket_numel == 300
 
 
 def test_custom_beta3_lam_without_preset():
@@ -216,7 +231,7 @@ def test_num_workers_range_in_the_file_on_the_cli_and_for_ray(tmp_path, capsys):
         assert load_config(None, {"job.num_workers": value, "data.batch_size": 12},
                            environ={}).job.num_workers == want, value
     pytest.importorskip("ray.train")
-    from launcher.ray_launcher import _scaling_config
+    from launcher.run.driver import _scaling_config
 
     sc = _scaling_config(job)  # Ray's own ScalingConfig: elastic, with our resize interval
     assert sc.elasticity_enabled and (sc.min_workers, sc.max_workers) == (2, 4)
@@ -244,7 +259,7 @@ def test_the_global_batch_is_the_same_at_every_worker_count(batch, micro, lo, hi
 
 def test_lr_schedule():
     pytest.importorskip("ray.train")
-    from launcher.train_fn import lr_factor
+    from launcher.train.loop import lr_factor
 
     kw = dict(total_steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert lr_factor(0, **kw) == pytest.approx(0.1)
@@ -264,9 +279,9 @@ def test_resume_point_is_the_newest_committed_checkpoint(tmp_path):
     from types import SimpleNamespace
 
     pytest.importorskip("ray.train")
-    from launcher.models import build_model
-    from launcher.ray_launcher import LaunchError, _check_same_model, find_resume_point
-    from launcher.train_fn import _resume_candidates
+    from launcher.train.models import build_model
+    from launcher.run.driver import LaunchError, _check_same_model, find_resume_point
+    from launcher.train.resume import _resume_candidates
     from sharded_ams import ShardedAMS
     from sharded_ams.checkpoint import CheckpointError, save_checkpoint
 
@@ -367,7 +382,7 @@ def test_cli_checks_on_the_driver_exit_2_in_one_line_before_ray(args, match, tmp
     """What can be checked on the driver is, before Ray starts: exit status 2 and one line
     naming the key (the CLI's docstring), also without --dry-run."""
     pytest.importorskip("ray.train")
-    import launcher.ray_launcher as rl
+    import launcher.run.driver as rl
 
     monkeypatch.setattr(rl, "_ray_session", lambda *a, **k: pytest.fail("Ray was started"))
     (tmp_path / "file").write_text("x")
@@ -384,7 +399,7 @@ def test_cli_launch_errors_inside_run_exit_2(monkeypatch, capsys):
     """A LaunchError raised once run() started (e.g. a local Ray without the GPUs asked for)
     is a usage error too, not a traceback."""
     pytest.importorskip("ray.train")
-    import launcher.ray_launcher as rl
+    import launcher.run.driver as rl
 
     def run(*a, **k):
         raise rl.LaunchError("job.use_gpu with 2 workers needs 2 GPUs;\nthis machine has 0")
@@ -412,7 +427,7 @@ def test_warns_when_workers_exceed_the_cpus_ray_sees(monkeypatch, capsys):
     pytest.importorskip("ray.train")
     import ray
 
-    from launcher.ray_launcher import _check_cluster_resources
+    from launcher.run.driver import _check_cluster_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     _check_cluster_resources(load_config(GPT_TINY, {"job.num_workers": 4}, environ={}), started_locally=False)

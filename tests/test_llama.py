@@ -10,9 +10,9 @@ import torch
 import transformers  # in the test extra: an import error must fail, not skip
 
 from launcher.config import ModelConfig
-from launcher.models import build_model
-from launcher.models.gpt import GPT, GPTConfig
-from launcher.models.llama import Llama, LlamaConfig
+from launcher.train.models import build_model
+from launcher.train.models.gpt import GPT, GPTConfig
+from launcher.train.models.llama import Llama, LlamaConfig
 
 
 def _hf_twin(model: Llama, attn: str = "sdpa") -> transformers.LlamaForCausalLM:

@@ -127,7 +127,7 @@ def test_user_model_and_data_factories_reach_the_workers(tmp_path):
     assert history[-1]["loss"] < 0.5 * history[0]["loss"] and history[-1]["val_loss"] < 1.0
     from safetensors.torch import load_file
 
-    from launcher.export import export_checkpoint
+    from launcher.commands.export import export_checkpoint
 
     export_checkpoint(tmp_path / "runs/mine", tmp_path / "export", "safetensors", log=lambda *_: None)
     assert load_file(tmp_path / "export/model.safetensors")["head.weight"].shape == (64, 32)

@@ -15,10 +15,10 @@ import transformers  # in the test extra: an import error must fail, not skip
 from dist_utils import run_distributed
 from launcher.cli import main as cli_main
 from launcher.config import accumulation_steps, load_config
-from launcher.export import ExportError, export_checkpoint
-from launcher.preflight import preflight
-from launcher.token_data import load_training_data
-from launcher.training import (TensorBoardLog, build_model_for_training, evaluate, forward_backward,
+from launcher.commands.export import ExportError, export_checkpoint
+from launcher.run.preflight import preflight
+from launcher.data.tokens import load_training_data
+from launcher.train.step import (TensorBoardLog, build_model_for_training, evaluate, forward_backward,
                                loss_of, peak_bf16_flops, resolve_precision, split_micro, throughput)
 from sharded_ams import ShardedAMS
 from sharded_ams.checkpoint import save_checkpoint
@@ -151,6 +151,7 @@ def test_loss_of_contract():
 def test_bf16_params_train_with_fp32_masters():
     cfg = _config()
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"  # bf16 params, fp32 masters
     torch.manual_seed(0)
     model = build_model_for_training(dataclasses.asdict(cfg.model), torch.device("cpu"), "bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

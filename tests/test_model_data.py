@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from launcher.data import estimate_loss, get_batch, load_corpus, split
-from launcher.model import GPT, GPTConfig
+from launcher.data.corpus import estimate_loss, get_batch, load_corpus, split
+from launcher.train.models.gpt import GPT, GPTConfig
 
 SMALL_BYTES = 200_000
 
@@ -108,7 +108,7 @@ def test_corpus_basic_properties(corpus: torch.Tensor) -> None:
 
 def test_corpus_deterministic_across_processes(corpus: torch.Tensor) -> None:
     code = (
-        "import hashlib; from launcher.data import load_corpus; "
+        "import hashlib; from launcher.data.corpus import load_corpus; "
         f"print(hashlib.sha256(load_corpus({SMALL_BYTES}).numpy().tobytes()).hexdigest())"
     )
     # A fresh interpreter: no shared lru_cache, a different os.walk history.

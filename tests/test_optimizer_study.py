@@ -169,7 +169,7 @@ def test_outputs_csv_json_and_plots(tmp_path):
 
 @pytest.fixture(scope="module")
 def smoke_data(tmp_path_factory):
-    from launcher.prepare_data import prepare_data
+    from launcher.data.prepare import prepare_data
 
     out = tmp_path_factory.mktemp("data") / "json"
     prepare_data([f"{sysconfig.get_paths()['stdlib']}/json/*.py"], out, tokenizer="bpe:300", progress=False,
@@ -207,11 +207,11 @@ def spec(data, optimizer="grams", **extra):
 
 
 def test_trial_reports_and_resumes_bitwise(smoke_data, tmp_path, monkeypatch):
-    import launcher.training
+    import launcher.train.step
 
     evals = []
-    real_evaluate = launcher.training.evaluate
-    monkeypatch.setattr(launcher.training, "evaluate",
+    real_evaluate = launcher.train.step.evaluate
+    monkeypatch.setattr(launcher.train.step, "evaluate",
                         lambda *a, **kw: evals.append((kw["seed"], kw["iters"])) or real_evaluate(*a, **kw))
     full = FakeSession(tmp_path)
     last = study_trial.train_trial(spec(smoke_data, "ams_lam-0.5"), full)
@@ -245,8 +245,8 @@ def test_trial_trains_on_the_launchers_batches(smoke_data, tmp_path):
 
     import torch
 
-    from launcher.models import build_model
-    from launcher.token_data import load_training_data
+    from launcher.train.models import build_model
+    from launcher.data.tokens import load_training_data
 
     sess = FakeSession(tmp_path)
     study_trial.train_trial(spec(smoke_data, "grams", **{"job.log_every": 1}), sess)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.model import GPT
+from launcher.train.models.gpt import GPT
 from sharded_ams import ShardedAMS
 from sharded_ams.checkpoint import load_checkpoint, save_checkpoint
 

@@ -84,7 +84,7 @@ def test_readme_cluster_line_is_a_valid_config(tmp_path):
     """The cluster line cannot run here (no cluster, no GPUs), but a user must not meet a
     config error on it: ``--dry-run`` with its /nfs paths pointed into tmp_path passes every
     driver-side check (batch split, data, storage)."""
-    from launcher.prepare_data import prepare_data
+    from launcher.data.prepare import prepare_data
 
     line = bash_blocks()[("The launcher: `sharded-ams train`", 1)].strip()
     assert "/nfs/runs" in line and "/nfs/data/c4" in line

@@ -1,5 +1,5 @@
-"""The run's own records (launcher.run_log: metrics history, start events, heartbeat, size
-history, restart cost) and what of Ray's console output the driver shows (launcher.ray_logs).
+"""The run's own records (launcher.run.records: metrics history, start events, heartbeat, size
+history, restart cost) and what of Ray's console output the driver shows (launcher.run.console).
 No Ray runs: the fault tests (tests/test_faults.py) check the same records on real runs."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from launcher.ray_logs import filter_line, filter_text, quiet_ray_logs
-from launcher.run_log import (HISTORY_FILE, Heartbeat, MetricsHistory, describe_start, format_sizes,
+from launcher.run.console import filter_line, filter_text, quiet_ray_logs
+from launcher.run.records import (HISTORY_FILE, Heartbeat, MetricsHistory, describe_start, format_sizes,
                               read_events, read_history, size_history, start_event)
 
 
@@ -57,7 +57,7 @@ def test_start_events_size_history_and_restart_cost(tmp_path, monkeypatch):
     """A run that loses a worker, grows back, then is relaunched to train further: each
     start's event dates the failure by the previous group's heartbeat and counts the steps
     lost; the size history keeps the steps each group owns in the final trajectory."""
-    import launcher.run_log as rl
+    import launcher.run.records as rl
 
     run_dir = str(tmp_path / "run")
     clock = {"t": 1000.0}
@@ -118,7 +118,7 @@ def test_heartbeat_is_throttled_and_forced(tmp_path):
 
 def test_run_summary_shows_sizes_and_restarts():
     pytest.importorskip("ray.train")
-    from launcher.ray_launcher import RunResult
+    from launcher.run.driver import RunResult
 
     ev = {"start_step": 20, "world_size": 1, "previous_world_size": 2, "previous_step": 22, "relaunch": False,
           "after_finish": False, "restart_s": 31.25, "steps_lost": 2}

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from launcher.cli import main as cli_main
-from launcher.data import get_batch
-from launcher.prepare_data import collect_inputs, prepare_data
-from launcher.token_data import DataError, TokenStream, get_stream_batch, load_training_data, open_token_dir
-from launcher.tokenizer import byte_tokenizer, load_tokenizer_file
+from launcher.data.corpus import get_batch
+from launcher.data.prepare import collect_inputs, prepare_data
+from launcher.data.tokens import DataError, TokenStream, get_stream_batch, load_training_data, open_token_dir
+from launcher.data.tokenizer import byte_tokenizer, load_tokenizer_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EMAIL = Path(json.__file__).parent.parent / "email"  # stdlib sources: text that ships with Python
@@ -95,7 +95,7 @@ def test_byte_tokenizer_json_is_the_byte_map():
 
 def test_long_lines_are_cut_on_character_boundaries(tmp_path):
     """A file read in pieces smaller than its lines: no character split, bytes preserved."""
-    from launcher.prepare_data import _text_chunks
+    from launcher.data.prepare import _text_chunks
 
     data = ("x" * 5 + "é☃😀" * 7 + "\n") * 3 + "tail without newline 😀"
     path = tmp_path / "t.txt"
@@ -192,7 +192,7 @@ def test_bad_input_names_the_problem_and_writes_nothing(tmp_path, monkeypatch, c
     else:  # a tokenizer.json with more ids than --dtype uint16 holds
         (inp / "a.txt").write_text("abc")
         inputs, kw = [inp], {"dtype": "uint16"}
-        import launcher.prepare_data as pd
+        import launcher.data.prepare as pd
 
         def big_vocab():
             t = byte_tokenizer()

@@ -2,7 +2,7 @@
 
 ``run(config)`` starts an embedded single-machine Ray, or connects to a cluster
 (``address="auto"``, ``"ray://head:10001"``, or ``RAY_ADDRESS``), and runs
-:func:`launcher.train_fn.train_loop` on ``job.num_workers`` workers with a
+:func:`launcher.train.loop.train_loop` on ``job.num_workers`` workers with a
 ``TorchTrainer`` (gloo on CPU; NCCL and one GPU per worker with ``job.use_gpu``).
 ``job.num_workers`` is a fixed size or an elastic range ``[min, max]`` (Ray Train's
 elastic ``ScalingConfig``): the group starts on as many workers as the cluster has room
@@ -21,17 +21,17 @@ Fault tolerance, in layers (docs/fault-tolerance.md):
 * the workers resume from the newest of that checkpoint and the newest committed one in
   the run directory (``sharded_ams.checkpoint.find_latest_checkpoint``: Ray's can lag
   behind, and may be missing: deleted snapshot, checkpoints copied in by hand), else from
-  ``job.resume_from`` (see :func:`find_resume_point`, and ``launcher.train_fn``).
+  ``job.resume_from`` (see :func:`find_resume_point`, and ``launcher.train.loop``).
 
-Before Ray starts, the driver checks what it can (:mod:`launcher.preflight`; the resume
+Before Ray starts, the driver checks what it can (:mod:`launcher.run.preflight`; the resume
 point and its model, here): errors raise :class:`LaunchError` (exit status 2 in the CLI).
 
 Records: rank 0 appends every report and one event per start of the worker group to
-``run_dir/.sharded_ams/metrics.jsonl`` (:mod:`launcher.run_log`), read back into
+``run_dir/.sharded_ams/metrics.jsonl`` (:mod:`launcher.run.records`), read back into
 ``RunResult.history``, ``RunResult.size_history`` (which steps ran on how many workers)
 and ``RunResult.restart_events`` (each restart's cost and steps lost).
 
-Ray's own console output is filtered on the driver (:mod:`launcher.ray_logs`;
+Ray's own console output is filtered on the driver (:mod:`launcher.run.console`;
 ``verbose=True`` shows everything).
 """
 
@@ -47,11 +47,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from launcher.config import Config, is_uri
-from launcher.preflight import LaunchError
-from launcher.ray_logs import TAG, quiet_ray_logs, short_error
-from launcher.run_log import (HISTORY_FILE, STATE_DIR, describe_start, exists,  # noqa: F401
+from launcher.run.preflight import LaunchError
+from launcher.run.console import TAG, quiet_ray_logs, short_error
+from launcher.run.records import (HISTORY_FILE, STATE_DIR, describe_start, exists,  # noqa: F401
                               format_sizes, read_events, read_history, size_history)
-from launcher.scaling import oversubscription_warning
+from launcher.run.scaling import oversubscription_warning
 
 __all__ = ["run", "RunResult", "TrainingFailed", "LaunchError", "ResumePoint", "find_resume_point",
            "check_resume", "read_history"]
@@ -100,7 +100,7 @@ class RunResult:
     ``size_history``: ``(first_step, last_step, workers)`` spans of the whole run.
     ``restart_events``: this launch's start events that followed a failure, a resize or a
     relaunch (``restart_s``: seconds from the failure to the first trained step after it;
-    ``steps_lost``; ``previous_world_size``, ``world_size``; see :mod:`launcher.run_log`).
+    ``steps_lost``; ``previous_world_size``, ``world_size``; see :mod:`launcher.run.records`).
     All three are empty where the run dir is on an object store.
     ``restarts``: worker-group starts in this launch beyond the first (failures and resizes).
     """
@@ -192,7 +192,7 @@ def _env(name: str, value: Optional[str]) -> Iterator[None]:
 @contextmanager
 def _ray_session(address: Optional[str], cfg: Config, verbose: bool) -> Iterator[bool]:
     """Start (no address) or connect to Ray, with Ray's log lines filtered on this driver
-    (see :mod:`launcher.ray_logs`); yields whether this call started Ray."""
+    (see :mod:`launcher.run.console`); yields whether this call started Ray."""
     _prepare_env(address)
     import ray
 
@@ -276,7 +276,7 @@ def find_resume_point(cfg: Config) -> ResumePoint:
     """Where a launch of ``cfg`` starts: the newest of the run's Ray snapshot's latest
     checkpoint and the newest committed checkpoint in the run dir (Ray's wins a tie); else
     ``job.resume_from``; else nothing (a new run). The workers make the same choice
-    (``launcher.train_fn``). Raises :class:`LaunchError` for an unusable snapshot or
+    (``launcher.train.loop``). Raises :class:`LaunchError` for an unusable snapshot or
     ``resume_from``."""
     from sharded_ams.checkpoint import CheckpointError, find_latest_checkpoint, validate_checkpoint
 
@@ -370,7 +370,7 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
 
     Args:
         config: a validated :class:`launcher.config.Config` (``load_config``). It is checked
-            on this driver before Ray starts (:func:`launcher.preflight.preflight`: data,
+            on this driver before Ray starts (:func:`launcher.run.preflight.preflight`: data,
             model, storage, resources) unless ``checked`` (the caller did it).
         address: None: an embedded local Ray (or ``RAY_ADDRESS`` if set, as inside
             ``ray job submit``); ``"auto"`` / ``"host:6379"`` / ``"ray://host:10001"``: a cluster.
@@ -382,89 +382,121 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
     ``checkpoint`` says where a rerun resumes).
     """
     t_start = time.perf_counter()
+    config = _checked(config, address, checked)
+    _prepare_env(address)
+    resume = check_resume(config)
+    _announce(config.job, resume)
+    launch_id = uuid.uuid4().hex[:12]
+    with ExitStack() as stack:
+        started = stack.enter_context(_ray_session(address, config, verbose))
+        stack.enter_context(_env(_START_TIMEOUT_ENV,
+                                 ELASTIC_START_TIMEOUT_S if config.job.elastic else None))
+        _check_cluster_resources(config, started and _is_local(address))
+        result = _fit(_trainer(config, resume, launch_id), config, launch_id, verbose)
+    out = _run_result(config, resume, result, launch_id, time.perf_counter() - t_start)
+    print(out.summary(), flush=True)
+    return out
+
+
+def _checked(config: Config, address: Optional[str], checked: bool) -> Config:
+    """The driver's checks before Ray starts (unless the caller made them), and the runs
+    directory made on local storage."""
     if not checked:
-        from launcher.preflight import preflight
+        from launcher.run.preflight import preflight
 
         pf = preflight(config, local=_is_local(address))
         config = pf.config
         for msg in pf.warnings:
             _say(msg)
-    job = config.job
-    run_dir = job.run_dir
-    if not is_uri(job.storage_path):
+    storage = config.job.storage_path
+    if not is_uri(storage):
         try:
-            os.makedirs(job.storage_path, exist_ok=True)
+            os.makedirs(storage, exist_ok=True)
         except OSError as exc:
-            raise LaunchError(f"job.storage_path {job.storage_path}: {exc.strerror or exc}") from None
+            raise LaunchError(f"job.storage_path {storage}: {exc.strerror or exc}") from None
+    return config
 
-    _prepare_env(address)
-    resume = check_resume(config)
+
+def _announce(job, resume: ResumePoint) -> None:
+    """Say where the run starts from (and any fault injection) before Ray's start-up."""
     if resume.source == "ray":
         _say(f"resuming run {job.name!r} from its checkpoint at step {resume.step}: {resume.path}")
     elif resume.source == "scan":
-        _say(f"resuming run {job.name!r} from the newest committed checkpoint in {run_dir}: "
+        _say(f"resuming run {job.name!r} from the newest committed checkpoint in {job.run_dir}: "
              f"step {resume.step}: {resume.path}")
     elif resume.source == "config":
         _say(f"starting run {job.name!r} from job.resume_from (step {resume.step}): {resume.path}")
     else:
-        _say(f"starting new run {job.name!r} in {run_dir}")
+        _say(f"starting new run {job.name!r} in {job.run_dir}")
     if job.fail_at_step is not None:
         _say(f"fault injection: rank {job.fail_rank} will exit after step {job.fail_at_step} "
              f"(once per run), max_failures={job.max_failures}")
 
-    with ExitStack() as stack:
-        started = stack.enter_context(_ray_session(address, config, verbose))
-        stack.enter_context(_env(_START_TIMEOUT_ENV, ELASTIC_START_TIMEOUT_S if job.elastic else None))
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
 
-        from launcher.train_fn import train_loop
+def _trainer(config: Config, resume: ResumePoint, launch_id: str):
+    """Ray Train's TorchTrainer for the worker loop (inside a Ray session)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-        _check_cluster_resources(config, started and _is_local(address))
-        launch_id = uuid.uuid4().hex[:12]
-        loop_config = config.to_dict()
-        loop_config.update(run_dir=run_dir, launch_id=launch_id,
-                           resume_from=resume.path if resume.source == "config" else None)
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config=loop_config,
-            torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
-            scaling_config=_scaling_config(job),
-            run_config=RunConfig(
-                name=job.name,
-                storage_path=job.storage_path,
-                failure_config=FailureConfig(max_failures=job.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=job.keep_last),
-            ),
-        )
-        kind = "GPU" if job.use_gpu else "CPU"
-        size = (f"{job.min_workers} to {job.max_workers} {kind} workers (elastic: resize checks every "
-                f"{job.resize_interval_s:g} s)" if job.elastic else f"{job.num_workers} {kind} worker(s)")
-        _say(f"training {job.steps} steps on {size}; checkpoints every {job.checkpoint_every} steps "
-             f"in {run_dir}")
-        from ray.train.v2.api.exceptions import TrainingFailedError
+    from launcher.train.loop import train_loop
 
+    job = config.job
+    loop_config = config.to_dict()
+    loop_config.update(run_dir=job.run_dir, launch_id=launch_id,
+                       resume_from=resume.path if resume.source == "config" else None)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        scaling_config=_scaling_config(job),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=job.storage_path,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.keep_last),
+        ),
+    )
+    kind = "GPU" if job.use_gpu else "CPU"
+    size = (f"{job.min_workers} to {job.max_workers} {kind} workers (elastic: resize checks every "
+            f"{job.resize_interval_s:g} s)" if job.elastic else f"{job.num_workers} {kind} worker(s)")
+    _say(f"training {job.steps} steps on {size}; checkpoints every {job.checkpoint_every} steps "
+         f"in {job.run_dir}")
+    return trainer
+
+
+def _fit(trainer, config: Config, launch_id: str, verbose: bool):
+    """``trainer.fit()``; a run that failed beyond ``job.max_failures`` becomes
+    :class:`TrainingFailed`, saying where a rerun of the same command resumes."""
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    job = config.job
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        restarts = max(0, _count_attempts(job.run_dir, launch_id) - 1)
         try:
-            result = trainer.fit()
-        except TrainingFailedError as exc:
-            restarts = max(0, _count_attempts(run_dir, launch_id) - 1)
-            try:
-                last = find_resume_point(config)  # where a rerun of this command would start
-            except Exception:  # noqa: BLE001 - only for the message
-                last = ResumePoint()
-            where = (f"the last committed checkpoint is step {last.step}: {last.path}; rerun the "
-                     "same command to resume from it" if last.path else
-                     "no checkpoint was committed; a rerun starts from scratch")
-            raise TrainingFailed(
-                f"run {job.name!r} failed after {restarts} restart(s) "
-                f"(job.max_failures={job.max_failures}):\n{short_error(exc, verbose)}\n{where}",
-                checkpoint=last.path, cause=exc) from exc
+            last = find_resume_point(config)  # where a rerun of this command would start
+        except Exception:  # noqa: BLE001 - only for the message
+            last = ResumePoint()
+        where = (f"the last committed checkpoint is step {last.step}: {last.path}; rerun the "
+                 "same command to resume from it" if last.path else
+                 "no checkpoint was committed; a rerun starts from scratch")
+        raise TrainingFailed(
+            f"run {job.name!r} failed after {restarts} restart(s) "
+            f"(job.max_failures={job.max_failures}):\n{short_error(exc, verbose)}\n{where}",
+            checkpoint=last.path, cause=exc) from exc
 
+
+def _run_result(config: Config, resume: ResumePoint, result, launch_id: str,
+                wall_time_s: float) -> RunResult:
+    """The :class:`RunResult` of a finished fit: rank 0's return value and last metrics,
+    and the run's records read back from the run dir."""
+    job, run_dir = config.job, config.job.run_dir
     rv = result.return_value or {}
     metrics = dict(result.metrics or {})
     step = int(rv.get("step", metrics.get("step", 0)))
     events = read_events(run_dir)
-    out = RunResult(
+    return RunResult(
         name=job.name,
         run_dir=run_dir,
         start_step=int(rv.get("start_step", metrics.get("start_step", 0))),
@@ -473,7 +505,7 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
         train_loss=rv.get("train_loss") if rv.get("train_loss") is not None else metrics.get("loss"),
         val_loss=rv.get("val_loss") if rv.get("val_loss") is not None else metrics.get("val_loss"),
         restarts=max(0, _count_attempts(run_dir, launch_id) - 1),
-        wall_time_s=time.perf_counter() - t_start,
+        wall_time_s=wall_time_s,
         checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
         num_workers=job.num_workers,
         use_gpu=job.use_gpu,
@@ -484,5 +516,3 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
         restart_events=[ev for ev in events if ev.get("restart_s") is not None and ev.get("launch_id") == launch_id],
         ray_result=result,
     )
-    print(out.summary(), flush=True)
-    return out

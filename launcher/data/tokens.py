@@ -1,7 +1,7 @@
 """Training data as token streams: prepare-data shards (memmap), the stdlib corpus, or a
 user factory's arrays; deterministic, rank-sliced batches and a held-out split.
 
-A prepare-data directory (written by :mod:`launcher.prepare_data`; nanoGPT's flat token
+A prepare-data directory (written by :mod:`launcher.data.prepare`; nanoGPT's flat token
 files plus a sidecar index as Megatron's indexed datasets have)::
 
     DIR/index.json          format, tokenizer, vocab_size, dtype, num_tokens, shards
@@ -11,7 +11,7 @@ files plus a sidecar index as Megatron's indexed datasets have)::
 
 The shards, concatenated in order, are one token stream; the last ``val_fraction`` of it is
 the validation split. The global batch of step ``s`` is ``batch_size`` windows whose starts
-are a function of ``(seed, s)`` only (:func:`launcher.data.batch_starts`, the same
+are a function of ``(seed, s)`` only (:func:`launcher.data.corpus.batch_starts`, the same
 generator as the stdlib corpus); rank ``r`` reads only its rows, from the memmaps.
 """
 
@@ -95,11 +95,11 @@ class TokenStream:
 
 def get_stream_batch(stream: TokenStream, step: int, batch_size: int, block_size: int, *,
                      seed: int = 0, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of the global batch of ``step`` (as :func:`launcher.data.get_batch`,
+    """This rank's rows of the global batch of ``step`` (as :func:`launcher.data.corpus.get_batch`,
     reading only those windows from the stream)."""
     import torch
 
-    from launcher.data import batch_starts
+    from launcher.data.corpus import batch_starts
     if len(stream) <= block_size:
         raise DataError(f"a split of {len(stream):,} tokens is too short for block_size {block_size}")
     starts = batch_starts(len(stream) - block_size, step, batch_size, seed=seed, rank=rank,
@@ -122,7 +122,7 @@ class TrainingData:
                   seed: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         data = self.train if split_name == "train" else self.val
         if not isinstance(data, TokenStream):  # a 1-D tensor: the stdlib corpus
-            from launcher.data import get_batch
+            from launcher.data.corpus import get_batch
 
             return get_batch(data, step, batch_size, block_size, seed=seed, rank=rank, world_size=world_size)
         return get_stream_batch(data, step, batch_size, block_size, seed=seed, rank=rank,
@@ -273,7 +273,7 @@ def load_training_data(table: Mapping[str, Any], verify: Optional[str] = None) -
         describe = {"path": str(path), "vocab_size": index["vocab_size"], "tokenizer": tok,
                     "tokenizer_file": str(tok_file) if tok_file and tok_file.is_file() else None}
         return TrainingData(train, val, index["vocab_size"], describe)
-    from launcher.data import load_corpus, split
+    from launcher.data.corpus import load_corpus, split
 
     train, val = split(load_corpus(table.get("max_bytes", 4_000_000)), val_fraction)
     return TrainingData(train, val, 256, {"corpus": "stdlib", "vocab_size": 256})

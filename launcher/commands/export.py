@@ -68,7 +68,7 @@ def _hf_files(state: dict, extra: dict, dtype_name: str) -> tuple[dict, dict]:
     """(tensors, config.json) for ``transformers.LlamaForCausalLM``."""
     import torch
 
-    from launcher.models import build_model
+    from launcher.train.models import build_model
 
     table = extra.get("model")
     if not isinstance(table, dict) or table.get("factory") or table.get("arch") != "llama":
@@ -146,7 +146,7 @@ def export_checkpoint(ckpt: os.PathLike, out: os.PathLike, fmt: str = "hf", *,
 
 
 def _copy_tokenizer(extra: dict, dest: Path, log) -> None:
-    from launcher.tokenizer import tokenizer_config
+    from launcher.data.tokenizer import tokenizer_config
 
     data = extra.get("data") or {}
     src = data.get("tokenizer_file")

@@ -2,8 +2,8 @@
 
     sharded-ams ckpt inspect DIR [--json] [--no-checksums]    # DIR: a checkpoint or a run
     sharded-ams ckpt consolidate DIR OUT
-    sharded-ams ckpt export CKPT OUT --format hf|safetensors    # launcher/export.py
-    python -m launcher.ckpt_cli inspect DIR          # the same, standalone
+    sharded-ams ckpt export CKPT OUT --format hf|safetensors    # launcher/commands/export.py
+    python -m launcher.commands.ckpt inspect DIR          # the same, standalone
 
 ``launcher/cli.py`` registers them with :func:`add_ckpt_subparser`. Every leaf parser sets
 ``func``: call ``args.func(args)``; it returns the process exit code (0 ok, 1 invalid or
@@ -152,7 +152,7 @@ def _add_commands(sub) -> None:
                                    "committed checkpoint")
     c.add_argument("out", help="output file (.pt)")
     c.set_defaults(func=_cmd_consolidate)
-    from launcher.export import add_export_command  # `ckpt export` (launcher/export.py)
+    from launcher.commands.export import add_export_command  # `ckpt export` (launcher/commands/export.py)
 
     add_export_command(sub)
 
@@ -168,7 +168,7 @@ def add_ckpt_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher.ckpt_cli",
+    parser = argparse.ArgumentParser(prog="python -m launcher.commands.ckpt",
                                      description="Inspect or consolidate sharded-ams checkpoints.")
     sub = parser.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate,export}")
     sub.required = True

@@ -3,7 +3,7 @@
 Inputs are files, directories (walked for ``--ext`` files, default ``.txt`` and ``.jsonl``;
 symlinks and special files inside are skipped) and globs. ``.jsonl`` (and ``.json``, as
 C4's files) hold one JSON object per line whose ``--text-field`` (default ``text``) is a
-document; any other file is one document; ``.gz`` files are decompressed on the fly. The output directory's format is described in :mod:`launcher.token_data`.
+document; any other file is one document; ``.gz`` files are decompressed on the fly. The output directory's format is described in :mod:`launcher.data.tokens`.
 
 How it behaves:
 
@@ -34,9 +34,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from launcher.token_data import (DTYPES, FORMAT, FORMAT_VERSION, INDEX_NAME, DataError,
+from launcher.data.tokens import (DTYPES, FORMAT, FORMAT_VERSION, INDEX_NAME, DataError,
                                  check_vocab_fits, dtype_for_vocab, read_index)
-from launcher.tokenizer import (Tokenizer, byte_tokenizer, load_tokenizer_file, parse_tokenizer_spec,
+from launcher.data.tokenizer import (Tokenizer, byte_tokenizer, load_tokenizer_file, parse_tokenizer_spec,
                                 train_bpe)
 
 __all__ = ["prepare_data", "collect_inputs", "add_prepare_parser"]
@@ -275,7 +275,7 @@ def _make_tokenizer(spec: str, files: list[Path], text_field: str, total_bytes: 
 
 def _request(files: list[Path], spec: str, exts, text_field: str, shard_tokens: int, dtype: str) -> dict:
     kind, _, tok_path = parse_tokenizer_spec(spec)
-    from launcher.token_data import sha256_file
+    from launcher.data.tokens import sha256_file
 
     tok = {"spec": spec if kind != "file" else "file",
            "sha256": sha256_file(tok_path) if kind == "file" else None}

@@ -5,12 +5,12 @@
 * ``factory = "pkg.mod:build"``: ``build(model_table)`` (the whole table as a dict, your
   own settings under ``options``) must return an ``nn.Module``; see docs/llm.md for what
   its forward takes and returns;
-* otherwise ``arch`` picks :class:`~launcher.models.gpt.GPT` or
-  :class:`~launcher.models.llama.Llama`, shaped by the table's shape fields (already
+* otherwise ``arch`` picks :class:`~launcher.train.models.gpt.GPT` or
+  :class:`~launcher.train.models.llama.Llama`, shaped by the table's shape fields (already
   resolved from ``size`` by :class:`launcher.config.ModelConfig`).
 
 Importing this package does not import torch (``launcher.config`` reads
-:mod:`launcher.models.sizes`).
+:mod:`launcher.train.models.sizes`).
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ def build_model(table: Mapping[str, Any]):
         return model
     if table.get("vocab_size") is None:
         raise ValueError("model.vocab_size is unset: it is taken from the data on the driver "
-                         "(launcher.preflight); set it to build a model on its own")
+                         "(launcher.run.preflight); set it to build a model on its own")
     arch = table.get("arch", "gpt")
-    from launcher.models.sizes import ARCH_DEFAULTS
+    from launcher.train.models.sizes import ARCH_DEFAULTS
 
     shape = {k: table[k] for k in ("vocab_size", *ARCH_DEFAULTS[arch]) if table.get(k) is not None}
     if arch == "llama":
-        from launcher.models.llama import Llama, LlamaConfig
+        from launcher.train.models.llama import Llama, LlamaConfig
 
         return Llama(LlamaConfig(**shape))
-    from launcher.models.gpt import GPT, GPTConfig
+    from launcher.train.models.gpt import GPT, GPTConfig
 
     return GPT(GPTConfig(**shape))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.config import Config, is_uri
-from launcher.scaling import oversubscription_warning
+from launcher.run.scaling import oversubscription_warning
 
 __all__ = ["preflight", "Preflight", "LaunchError"]
 
@@ -57,9 +57,9 @@ def preflight(cfg: Config, *, local: Optional[bool] = None) -> Preflight:
     check_backend(cfg)
     warnings = check_local_resources(cfg) if local else []
 
-    from launcher.models import build_model
-    from launcher.token_data import load_training_data
-    from launcher.training import model_flops_per_token
+    from launcher.train.models import build_model
+    from launcher.data.tokens import load_training_data
+    from launcher.train.step import model_flops_per_token
 
     data = load_training_data(dataclasses.asdict(cfg.data))
     data.check_block_size(cfg.data.block_size, _where(cfg))

@@ -2,7 +2,7 @@
 
 Deliberately plain (nanoGPT-like) so optimizer behaviour, not model cleverness, is
 what the launcher's runs measure. ``model.arch = "llama"`` selects the Llama decoder
-(:mod:`launcher.models.llama`) instead.
+(:mod:`launcher.train.models.llama`) instead.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 __all__ = ["TAG", "filter_line", "filter_text", "quiet_ray_logs", "short_error"]
 
-TAG = "[sharded-ams]"  # launcher.train_fn.PROGRESS_TAG (not imported: it imports ray.train)
+TAG = "[sharded-ams]"  # launcher.train.step.PROGRESS_TAG (not imported: it imports torch)
 
 # Ray lines that say nothing a user of this launcher needs; hidden unless verbose.
 _NOISE = re.compile("|".join(re.escape(s) for s in (

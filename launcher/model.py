@@ -1,5 +1,0 @@
-"""Compatibility re-export: the GPT now lives in :mod:`launcher.models.gpt`."""
-
-from launcher.models.gpt import GPT, GPTConfig
-
-__all__ = ["GPT", "GPTConfig"]

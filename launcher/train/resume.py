@@ -1,0 +1,114 @@
+"""Where a worker's run starts and how it saves: the checkpoints a start may resume from,
+loading one (any world size: the format reshards), and the save that goes with a report.
+
+The Ray calls are the lines marked ``# [Ray]``: ``ray.train.get_checkpoint()`` (the run's
+latest registered checkpoint, after a failure, a resize or a relaunch) and
+``ray.train.report(metrics, checkpoint=...)`` (a barrier; every rank's directory is uploaded
+into one checkpoint folder of the run).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch.distributed as dist
+
+import ray.train  # [Ray]
+
+from launcher.train.step import log_progress
+from sharded_ams.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
+                                    save_checkpoint, step_dir_name, validate_checkpoint)
+
+__all__ = ["resume", "save_and_report"]
+
+
+def _load(path: str, optimizer, model, scheduler) -> int:
+    return int(load_checkpoint(path, optimizer, model=model, lr_scheduler=scheduler)["step"])
+
+
+def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int, str, str]]:
+    """``(step, path, source)`` of the checkpoints a start may resume from, newest first.
+
+    Ray's latest registered checkpoint (``ray.train.get_checkpoint()``) can be older than
+    the newest committed one in the run dir: a worker killed within one controller poll of
+    reporting loses that report, checkpoint included (see launcher.train.loop.REPORT_SETTLE_S). So on a
+    local/NFS run dir the newest committed checkpoint there is a candidate too (committed:
+    a valid manifest, every file present with its size); the driver's ``resume_from`` is
+    used only when the run has none of its own."""
+    found: dict[str, tuple[int, str, str]] = {}
+
+    def add(path, source: str, step=None) -> None:
+        path = str(path)
+        if step is None:
+            try:
+                step = validate_checkpoint(path, checksums=False).step
+            except CheckpointError as exc:
+                log_progress(f"not resuming from {path}: {exc}")
+                return
+        found.setdefault(path, (int(step), path, source))
+
+    if checkpoint is not None:
+        if "://" in checkpoint.path:  # an object store: downloaded when loaded
+            found[checkpoint.path] = (-1, checkpoint.path, "ray")
+        else:
+            add(checkpoint.path, "ray")
+    if "://" not in run_dir and os.path.isdir(run_dir):
+        latest = find_latest_checkpoint(run_dir, checksums=False)
+        if latest is not None:
+            add(latest, "scan")
+    if not found and checkpoint is not None:  # never restart from scratch over a checkpoint
+        raise CheckpointError(f"Ray Train's latest checkpoint {checkpoint.path} is not a valid "
+                              f"checkpoint and the run dir holds no other")
+    if not found and config.get("resume_from"):
+        add(config["resume_from"], "config")
+    return sorted(found.values(), key=lambda c: (c[0], c[2] == "ray"), reverse=True)
+
+
+def resume(config: dict, run_dir: str, rank: int, world_size: int, optimizer, model, scheduler):
+    """Load the newest committed checkpoint (rank 0 picks, every rank loads; any world size:
+    the format reshards); on a checkpoint that fails to load (checksums: the loader agrees
+    the error over all ranks) fall back to the next. Returns ``(step, path)``; ``(0, None)``
+    for a new run."""
+    checkpoint = ray.train.get_checkpoint()  # [Ray] the latest registered one; None for a new run
+    candidates: Any = None
+    if rank == 0:
+        try:
+            candidates = _resume_candidates(config, run_dir, checkpoint)
+        except CheckpointError as exc:
+            candidates = str(exc)
+    if world_size > 1:  # one choice for all ranks (and every rank learns of an error)
+        box = [candidates]
+        dist.broadcast_object_list(box, src=0)
+        candidates = box[0]
+    if isinstance(candidates, str):
+        raise CheckpointError(candidates)
+    errors = []
+    for _, path, source in candidates:
+        try:
+            if source == "ray" and "://" in path:
+                with checkpoint.as_directory() as local:  # [Ray] a download
+                    return _load(local, optimizer, model, scheduler), path
+            return _load(path, optimizer, model, scheduler), path
+        except CheckpointError as exc:
+            errors.append(f"{path}: {exc}")
+            if rank == 0:
+                log_progress(f"cannot resume from {path} ({exc}); trying the next newest checkpoint")
+    if errors:  # never restart from scratch over checkpoints that exist
+        raise CheckpointError("no checkpoint of the run could be loaded:\n" + "\n".join(errors))
+    return 0, None
+
+
+def save_and_report(metrics: dict, optimizer, model, scheduler, step: int, extra: dict) -> None:
+    """Every rank writes its shard into its own temp dir (rank 0 also the manifest, which
+    lists every rank's file); Ray uploads them all into the run's ``step-XXXXXXXX`` folder."""
+    optimizer.finish_param_sync()  # the model's params must hold their gathered values
+    with tempfile.TemporaryDirectory(prefix="sharded-ams-ckpt-") as tmp:
+        save_checkpoint(tmp, optimizer, model=model, step=step, extra=extra,
+                        lr_scheduler=scheduler, shared_fs=False).wait()
+        ray.train.report(  # [Ray] barrier; uploads tmp into the run's checkpoint folder
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),  # [Ray]
+            checkpoint_dir_name=step_dir_name(step),
+        )
