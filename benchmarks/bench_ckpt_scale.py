@@ -63,11 +63,12 @@ def llama_params(vocab: int, hidden: int, inter: int, layers: int) -> list[tuple
     out = [("lm_head.weight", (vocab, hidden), 0), ("norm.weight", (hidden,), 1)]
     for i in reversed(range(layers)):
         p = f"layers.{i}."
-        out += [(p + "mlp.down.weight", (hidden, inter), 0), (p + "mlp.up.weight", (inter, hidden), 0),
-                (p + "mlp.gate.weight", (inter, hidden), 0), (p + "post_norm.weight", (hidden,), 1),
-                (p + "attn.o.weight", (hidden, hidden), 0), (p + "attn.v.weight", (hidden, hidden), 0),
-                (p + "attn.k.weight", (hidden, hidden), 0), (p + "attn.q.weight", (hidden, hidden), 0),
-                (p + "input_norm.weight", (hidden,), 1)]
+        out += [(p + "mlp.down.weight", (hidden, inter), 0),
+                (p + "mlp.up.weight", (inter, hidden), 0),
+                (p + "mlp.gate.weight", (inter, hidden), 0),
+                (p + "post_norm.weight", (hidden,), 1)]
+        out += [(p + f"attn.{w}.weight", (hidden, hidden), 0) for w in "ovkq"]
+        out += [(p + "input_norm.weight", (hidden,), 1)]
     return out + [("embed.weight", (vocab, hidden), 0)]
 
 
@@ -222,14 +223,7 @@ def bench_save(case: str, dtype: torch.dtype, hp: dict, scale: float,
     torch.manual_seed(0)
     model = LlamaBlob(llama_params(**dims), dtype).to(device)
     opt = ShardedAMS(model, backend="eager", lr=1e-3, bucket_numel=None, **hp)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    opt.step()
-    opt.zero_grad()
-    opt.finish_param_sync()
-    elems = sum(sh.layout.shard_numel for sh in opt.shards)
-    state_bytes = sum(t.numel() * t.element_size() for sh in opt.shards for t in sh.state.values())
-    state_bytes += sum(sh.layout.shard_numel * 4 for sh in opt.shards if not sh.own_master)
+    opt.finish_param_sync()  # (no step: the values do not change what is allocated)
     peak = None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -240,7 +234,11 @@ def bench_save(case: str, dtype: torch.dtype, hp: dict, scale: float,
     with AllocCounter(optimizer_tensors(opt)) as counter:
         sd = opt.state_dict()
     assert sd["pieces"], "state_dict() holds no pieces"
-    per_elem = state_bytes / elems  # 12 (m, v, master) or 16 (+ s) bytes per element
+    # what a save holds: the pieces' tensors (unpadded), 12 or 16 bytes per element
+    elems = sum(rec["length"] for rec in sd["pieces"])
+    state_bytes = sum(rec[k].numel() * rec[k].element_size() for rec in sd["pieces"]
+                      for k in sd["state_keys"])
+    per_elem = state_bytes / elems
     ratio = counter.derived / state_bytes
     return {"case": case, "local_elements": elems, "state_bytes": state_bytes,
             "device_bytes": counter.derived, "device_per_state_byte": ratio,

@@ -454,7 +454,8 @@ def test_cuda_save_copies_into_pinned_memory_with_one_sync(tmp_path, monkeypatch
     live = opt.state_dict()
     assert len(syncs) == 1 and live["pieces"][0]["master"].is_pinned()
     syncs.clear()
-    state_bytes = sum(t.numel() * t.element_size() for sh in opt.shards for t in sh.state.values())
+    state_bytes = sum(t.numel() * t.element_size() for sh in opt.shards
+                      for t in sh.state.values())
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     h = save_checkpoint(tmp_path / "ck", opt, model=model, step=1, async_save=True)

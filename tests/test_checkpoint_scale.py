@@ -49,12 +49,14 @@ class _Allocs(TorchDispatchMode):
         ins = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
                if isinstance(t, Tensor)}
         for t in pytree.tree_leaves(out):
-            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in ins:
-                if ins & self.watched:
-                    self.derived.append((func.overloadpacket.__name__, t.untyped_storage().nbytes()))
-                    self.watched.add(t.untyped_storage().data_ptr())
-                else:
-                    self.host += t.untyped_storage().nbytes()
+            if not isinstance(t, Tensor) or t.untyped_storage().data_ptr() in ins:
+                continue
+            st = t.untyped_storage()
+            if ins & self.watched:
+                self.derived.append((func.overloadpacket.__name__, st.nbytes()))
+                self.watched.add(st.data_ptr())
+            else:
+                self.host += st.nbytes()
         return out
 
 
@@ -185,6 +187,26 @@ def test_needed_shards_with_unsorted_and_empty_pieces(tmp_path):
             assert L.needed_shards(man, as_optimizer(now), r) == oracle_needed(man, now, r)
             assert (L.plan_reads(man, as_optimizer(now), Group(r, loaded, None, False))
                     == oracle_plan(man, now, r, loaded))
+
+
+def test_a_file_with_only_an_empty_piece_is_not_read(tmp_path):
+    """The one deliberate difference from the old scan: an empty piece strictly inside a
+    rank's range made its file "needed" (read for nothing). Now no rank reads it, so it
+    joins the round-robin checksums and is still checksummed by exactly one rank."""
+    params = [("a", (12,), 0)]
+    man = write_manifest(tmp_path, params, BufferLayout.build(params, 3, None, align=1))
+    f0, f1, f2 = man.shard_files()
+    man.files[f0]["pieces"] = [["a", 0, 12]]
+    man.files[f1]["pieces"] = [["a", 5, 0]]
+    man.files[f2]["pieces"] = []
+    now = BufferLayout.build(params, 2, None, align=1)
+    verified = []
+    for r in range(2):
+        needed, verify = L.plan_reads(man, as_optimizer(now), Group(r, 2, None, False))
+        assert needed == [f0]
+        verified += sorted(verify - {f0, "trainer.pt"})
+    assert f1 in oracle_needed(man, now, 0)  # the old scan read it
+    assert sorted(verified) == [f1, f2]
 
 
 def test_overlapping_pieces_are_found_exactly(tmp_path):

@@ -274,7 +274,7 @@ def _prepare(optimizer, ctx: Group, model, step: int, extra, lr_scheduler):
     sync = getattr(optimizer, "finish_param_sync", None)
     if sync is not None:
         sync()  # params and state hold their final values before anything reads them
-    osd = optimizer.state_dict()  # local: this rank's pieces, cloned
+    osd = optimizer.state_dict()  # local: this rank's pieces, copied to the host
     if not isinstance(osd, dict) or osd.get("format") != "sharded_ams":
         raise TypeError("save_checkpoint needs a ShardedAMS optimizer (its state_dict() is in "
                         "the sharded_ams format); for a single-process AMS use torch.save")
@@ -288,7 +288,7 @@ def _prepare(optimizer, ctx: Group, model, step: int, extra, lr_scheduler):
             model_meta, tensors = model_info(model, optimizer)
             if any(not isinstance(v, Tensor) for v in tensors.values()):
                 check_weights_only(tensors, "the model's extra state")
-    # one batch of device-to-host copies and one synchronize for all of it
+    # the model's extra state and the trainer: one batch of copies, one synchronize
     osd, trainer, tensors = cpu_snapshot([osd, trainer, tensors], [False, True, True])
     jobs: list[tuple[str, Any]] = [(shard_file_name(ctx.rank, ctx.world_size), {
         "format": "sharded_ams.shard", "version": FORMAT_VERSION, "step": step,

@@ -121,7 +121,8 @@ def _check_model(man: Manifest, mpath: Path, info: dict) -> None:
 class PieceIndex:
     """The manifest's shard pieces per param, sorted by offset, so that a rank finds the
     files overlapping one of its ranges by bisection: O(log P + hits) per range instead of
-    a scan of every piece of every file (O(N x B) per rank, O(N^2 x B) for all ranks)."""
+    a scan of every piece of every file (O(N x B) per rank, O(N^2 x B) for all ranks).
+    Empty pieces are left out: a file holding only those has nothing to read."""
 
     def __init__(self, man: Manifest):
         files = man.shard_files()
@@ -157,7 +158,8 @@ class PieceIndex:
 
 def needed_shards(man: Manifest, optimizer, rank: int,
                   index: Optional[PieceIndex] = None) -> Optional[list[str]]:
-    """Shard files holding a piece of any range ``rank`` owns (None if unknown)."""
+    """Shard files holding a (non-empty) piece of any range ``rank`` owns, in rank order
+    (None if unknown). ``rank``'s own ranges only: O(its pieces x log) past the index."""
     shards = getattr(optimizer, "shards", None)
     if shards is None:
         return None
@@ -167,26 +169,27 @@ def needed_shards(man: Manifest, optimizer, rank: int,
                                   pc.slot.name, pc.param_offset, pc.param_offset + pc.length))
 
 
-def files_read_by_some_rank(man: Manifest, optimizer, index: PieceIndex) -> set[str]:
-    """Shard files that some rank of the current layout reads: the ranks' ranges together
-    are every element of every param of the layout, so these are the files with a piece
-    that overlaps [0, numel) of a param the layout has. O(pieces), computed once, instead
-    of ``needed_shards`` for every rank (O(N^2 x B))."""
+def files_read_by_some_rank(man: Manifest, optimizer) -> set[str]:
+    """Shard files that some rank of the current layout reads. The ranks' ranges together
+    are every element of every param of the layout, so these are the files with a
+    (non-empty) piece inside [0, numel) of a param the layout has: one pass that stops at
+    each file's first such piece, instead of ``needed_shards`` for every rank
+    (O(N^2 x B))."""
     shards = getattr(optimizer, "shards", None)
     if shards is None:
         return set()
-    return {f for sh in shards for slot in sh.layout.slots
-            for f in index.files_overlapping(slot.name, 0, slot.numel)}
+    numel = {slot.name: slot.numel for sh in shards for slot in sh.layout.slots}
+    return {name for name in man.shard_files()
+            if any(length > 0 and off < numel.get(pname, 0) and off + length > 0
+                   for pname, off, length in man.files[name]["pieces"])}
 
 
-def files_to_verify(man: Manifest, optimizer, ctx: Group, needed: list[str],
-                    index: Optional[PieceIndex] = None) -> set[str]:
+def files_to_verify(man: Manifest, optimizer, ctx: Group, needed: list[str]) -> set[str]:
     """sha256 duty of this rank: every file it reads itself (the checkpoint directory may be
     a per-node copy, e.g. downloaded by Ray Train), plus a round-robin share of the shard
     files that no rank reads, so that together the ranks checksum every file."""
     verify = set(needed) | {n for n in (TRAINER_NAME, MODEL_EXTRA_NAME) if n in man.files}
-    read_by_someone = set(needed) | files_read_by_some_rank(man, optimizer,
-                                                            index or PieceIndex(man))
+    read_by_someone = set(needed) | files_read_by_some_rank(man, optimizer)
     others = [n for n in man.files if n not in read_by_someone and n not in verify]
     verify |= {n for i, n in enumerate(others) if i % ctx.world_size == ctx.rank}
     return verify
@@ -195,13 +198,12 @@ def files_to_verify(man: Manifest, optimizer, ctx: Group, needed: list[str],
 def plan_reads(man: Manifest, optimizer, ctx: Group) -> tuple[list[str], set[str]]:
     """(the shard files this rank loads, in rank order; the files it checksums). A rank
     that owns nothing still reads one shard (for the hyperparameters)."""
-    index = PieceIndex(man)
-    needed = needed_shards(man, optimizer, ctx.rank, index)
+    needed = needed_shards(man, optimizer, ctx.rank)
     if needed is None:
         needed = man.shard_files()
     if not needed:
         needed = [man.shard_files()[0]]
-    return needed, files_to_verify(man, optimizer, ctx, needed, index)
+    return needed, files_to_verify(man, optimizer, ctx, needed)
 
 
 def _read(man: Manifest, optimizer, ctx: Group, model, restore_rng: bool) -> dict[str, Any]:
