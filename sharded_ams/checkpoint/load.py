@@ -10,6 +10,7 @@ is touched: every rank raises the same :class:`CheckpointError`, none is left wa
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import logging
 from pathlib import Path
@@ -127,11 +128,11 @@ class PieceIndex:
     def __init__(self, man: Manifest):
         files = man.shard_files()
         self.order = {n: i for i, n in enumerate(files)}
-        spans: dict[str, list[tuple[int, int, str]]] = {}
+        spans: dict[str, list[tuple[int, int, str]]] = collections.defaultdict(list)
         for name in files:
             for pname, off, length in man.files[name]["pieces"]:
                 if length > 0:
-                    spans.setdefault(pname, []).append((off, off + length, name))
+                    spans[pname].append((off, off + length, name))
         self._spans: dict[str, tuple[list[int], list[int], list[tuple[int, int, str]]]] = {}
         for pname, iv in spans.items():
             iv.sort()
