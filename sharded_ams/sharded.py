@@ -449,7 +449,7 @@ class ShardedAMS(Optimizer):
                 for k, t in sh.state.items():
                     if k != "master":
                         rec[k] = t[sl]  # views here, copied to the host below
-                rec["master"] = sh.master_piece(pc.local_start, pc.length)  # always fp32
+                rec["master"] = sh.master_piece(pc.local_start, pc.length).float()  # no-op: fp32
                 pieces.append(rec)
         keys = [(rec, k) for rec in pieces for k, v in rec.items() if isinstance(v, Tensor)]
         for (rec, k), t in zip(keys, copy_to_host([rec[k] for rec, k in keys])):
