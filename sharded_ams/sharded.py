@@ -424,7 +424,12 @@ class ShardedAMS(Optimizer):
         """This rank's shard in the unpadded per-parameter index space (see docs/checkpoint.md).
 
         Pieces are (name, offset, length) ranges of each param with their state; any set
-        of pieces covering every param loads on any world size."""
+        of pieces covering every param loads on any world size. The tensors are host copies
+        (pinned when the state is on a GPU), copied straight from the state and complete on
+        return: a save needs no device memory (a clone first would need 12-16 bytes per
+        local element)."""
+        from .checkpoint.snapshot import copy_to_host  # here: `import sharded_ams` stays light
+
         self._sync.finish_param_sync()
         groups = []
         for g in self.param_groups:
@@ -443,9 +448,12 @@ class ShardedAMS(Optimizer):
                 sl = slice(pc.local_start, pc.local_start + pc.length)
                 for k, t in sh.state.items():
                     if k != "master":
-                        rec[k] = t[sl].clone()
-                rec["master"] = sh.master_piece(pc.local_start, pc.length).float().clone()
+                        rec[k] = t[sl]  # views here, copied to the host below
+                rec["master"] = sh.master_piece(pc.local_start, pc.length).float()  # no-op: fp32
                 pieces.append(rec)
+        keys = [(rec, k) for rec in pieces for k, v in rec.items() if isinstance(v, Tensor)]
+        for (rec, k), t in zip(keys, copy_to_host([rec[k] for rec, k in keys])):
+            rec[k] = t
         return {"format": "sharded_ams", "version": STATE_FORMAT_VERSION,
                 "world_size": self.comm.world_size, "rank": self.comm.rank,
                 "param_groups": groups, "params": params, "pieces": pieces,

@@ -438,7 +438,8 @@ def test_finish_param_sync_before_reading_and_after_loading(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_save_copies_into_pinned_memory_with_one_sync(tmp_path, monkeypatch):
     """On a GPU the snapshot goes into pinned host memory with non-blocking copies and
-    exactly one synchronize; the files hold the GPU state exactly."""
+    exactly one synchronize per save, with no device memory on top of the state (no clone
+    on the device first); the files hold the GPU state exactly."""
     from sharded_ams.checkpoint import snapshot
 
     model = make_model(0).cuda()
@@ -451,8 +452,15 @@ def test_cuda_save_copies_into_pinned_memory_with_one_sync(tmp_path, monkeypatch
     monkeypatch.setattr(snapshot.torch.cuda, "synchronize", lambda d=None: (syncs.append(d), real_sync(d))[1])
     monkeypatch.setattr(commit, "write_file", lambda d, n, o: (written.append(o), real_write(d, n, o))[1])
     live = opt.state_dict()
+    assert len(syncs) == 1 and live["pieces"][0]["master"].is_pinned()
+    syncs.clear()
+    state_bytes = sum(t.numel() * t.element_size() for sh in opt.shards
+                      for t in sh.state.values())
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     h = save_checkpoint(tmp_path / "ck", opt, model=model, step=1, async_save=True)
     assert len(syncs) == 1
+    assert torch.cuda.max_memory_allocated() - base < state_bytes / 10  # a clone: >= state
     h.wait()
     pieces = written[0]["optimizer"]["pieces"]
     for a, b in zip(pieces, live["pieces"]):

@@ -144,7 +144,9 @@ def _job_same_world(root: str, K: int, J: int) -> dict:
     extra = {"tokens": K * BATCH, "note": "hello"}
     seed_rngs(100 + rank)
     kw = dict(model=model, step=K, extra=extra, lr_scheduler=sched)
+    received = _spy_reports()
     save_checkpoint(root / "sync", opt, **kw)
+    received.close()
     handle = save_checkpoint(root / "async", opt, async_save=True, **kw)
     save_checkpoint(root / "local" / f"rank{rank}", opt, shared_fs=False, **kw)
     rng_after = draw_rngs()
@@ -176,7 +178,36 @@ def _job_same_world(root: str, K: int, J: int) -> dict:
     finally:
         commit.write_file = real
     out["errors"] = errors
+    out["received"] = received.seen
     return out
+
+
+class _spy_reports:
+    """Records what each collective of a save hands this rank: only rank 0, the manifest
+    writer, may receive the ranks' piece lists (issue 26: no all-gather of them)."""
+
+    def __init__(self):
+        from sharded_ams.checkpoint.group import Group
+
+        self.seen: list = []
+        self._cls, self._real = Group, (Group.all_gather, Group.gather0)
+        real_all, real_g0 = self._real
+
+        def all_gather(g, obj):
+            got = real_all(g, obj)
+            self.seen.append(("all_gather", any("pieces" in repr(o) for o in got)))
+            return got
+
+        def gather0(g, obj):
+            got = real_g0(g, obj)
+            self.seen.append(("gather0", None if got is None else
+                              [(i["rank"], len(i["pieces"])) for i in got]))
+            return got
+
+        Group.all_gather, Group.gather0 = all_gather, gather0
+
+    def close(self) -> None:
+        self._cls.all_gather, self._cls.gather0 = self._real
 
 
 def _job_resume(root: str, K: int, J: int) -> dict:
@@ -248,6 +279,12 @@ def test_resume_same_world_size_bitwise(tmp_path):
             for k in ("exp_avg", "exp_avg_sq", "master"):
                 assert torch.equal(pa[k], pb[k]), (pa["name"], k)
     assert ref[0]["rng"] != ref[1]["rng"]             # per-rank RNG states were restored
+    # the save's reports (pieces included) go to rank 0 only
+    assert ref[1]["received"] == [("all_gather", False), ("gather0", None)]
+    (op, reports), = ref[0]["received"][1:]
+    assert ref[0]["received"][0] == ("all_gather", False) and op == "gather0"
+    assert [r for r, _ in reports] == [0, 1] and all(n > 0 for _, n in reports)
+    assert [n for _, n in reports] == [len(ref[r]["pieces"]) for r in range(2)]
     assert ref[0]["errors"] == ["TypeError", ("save_failed", True)]
     assert ref[1]["errors"] == ["CheckpointError", ("save_failed", True)]
     assert not (tmp_path / "bad-write" / C.MANIFEST_NAME).exists()

@@ -15,8 +15,9 @@ The protocol, step by step (``save_checkpoint`` and ``SaveHandle.wait``):
 3. Every rank writes its files: ``NAME.tmp`` (created exclusively, never through a
    symlink), hashed while written, flushed, fsynced, renamed to ``NAME``; then the
    directory is fsynced. A failed write removes its temp file and names the errno.
-4. One all-gather of every rank's file sizes, checksums, pieces and errors. If any rank
-   failed, every rank removes what it wrote and raises ``CheckpointError("save_failed")``.
+4. Every rank's file sizes, checksums, pieces and errors are gathered to rank 0 (the
+   only rank that needs them). If any rank failed, rank 0 says so (step 7), every rank
+   removes what it wrote and raises ``CheckpointError("save_failed")``.
 5. **The commit**: rank 0 writes ``manifest.json.tmp``, fsyncs it, renames it to
    ``manifest.json`` and fsyncs the directory.
 6. A re-save then swaps the new directory into ``path`` (one atomic ``renameat2(
@@ -273,7 +274,7 @@ def _prepare(optimizer, ctx: Group, model, step: int, extra, lr_scheduler):
     sync = getattr(optimizer, "finish_param_sync", None)
     if sync is not None:
         sync()  # params and state hold their final values before anything reads them
-    osd = optimizer.state_dict()  # local: this rank's pieces, cloned
+    osd = optimizer.state_dict()  # local: this rank's pieces, copied to the host
     if not isinstance(osd, dict) or osd.get("format") != "sharded_ams":
         raise TypeError("save_checkpoint needs a ShardedAMS optimizer (its state_dict() is in "
                         "the sharded_ams format); for a single-process AMS use torch.save")
@@ -287,7 +288,7 @@ def _prepare(optimizer, ctx: Group, model, step: int, extra, lr_scheduler):
             model_meta, tensors = model_info(model, optimizer)
             if any(not isinstance(v, Tensor) for v in tensors.values()):
                 check_weights_only(tensors, "the model's extra state")
-    # one batch of device-to-host copies and one synchronize for all of it
+    # the model's extra state and the trainer: one batch of copies, one synchronize
     osd, trainer, tensors = cpu_snapshot([osd, trainer, tensors], [False, True, True])
     jobs: list[tuple[str, Any]] = [(shard_file_name(ctx.rank, ctx.world_size), {
         "format": "sharded_ams.shard", "version": FORMAT_VERSION, "step": step,
@@ -390,6 +391,20 @@ class SaveHandle:
         if self._dir != self.path:
             _swap_in(self._dir, self.path)
 
+    def _decide(self, infos: list[dict]) -> Optional[tuple[str, bool]]:
+        """Rank 0: (why the save failed, whether it committed) or None: commit if no rank
+        reported an error."""
+        failed = [i for i in infos if i["error"]]
+        if failed:
+            return "; ".join(f"rank {i['rank']}: {i['error']}" for i in failed), False
+        try:
+            self._commit(infos)
+        except Exception as exc:
+            committed = os.path.lexists(self._dir / MANIFEST_NAME)
+            return (f"rank 0 could not {'swap in' if committed else 'commit'} the "
+                    f"checkpoint: {type(exc).__name__}: {exc}", committed)
+        return None
+
     def _discard(self) -> None:
         """After a failed save: remove what this rank wrote (collective)."""
         for name in self._files:
@@ -410,19 +425,12 @@ class SaveHandle:
             self._thread.join()
         ctx = self._ctx
         err = None if self._error is None else f"{type(self._error).__name__}: {self._error}"
-        infos = ctx.all_gather({"rank": ctx.rank, "files": self._files, "error": err,
-                                "pieces": self._pieces})
+        # only rank 0 decides and writes the manifest: only it receives the ranks' reports
+        infos = ctx.gather0({"rank": ctx.rank, "files": self._files, "error": err,
+                             "pieces": self._pieces})
         status: Optional[tuple[str, bool]] = None
-        failed = [i for i in infos if i["error"]]
-        if failed:
-            status = ("; ".join(f"rank {i['rank']}: {i['error']}" for i in failed), False)
-        elif ctx.rank == 0:
-            try:
-                self._commit(infos)
-            except Exception as exc:
-                committed = os.path.lexists(self._dir / MANIFEST_NAME)
-                status = (f"rank 0 could not {'swap in' if committed else 'commit'} the "
-                          f"checkpoint: {type(exc).__name__}: {exc}", committed)
+        if infos is not None:
+            status = self._decide(infos)
         status = ctx.broadcast0(status)
         if status is None and ctx.rank != 0 and not self._shared_fs and self._dir != self.path:
             try:  # rank-local directories: each rank swaps its own

@@ -32,6 +32,16 @@ class Group:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def gather0(self, obj: Any) -> Optional[list]:
+        """Every rank's ``obj`` on rank 0, None on the others: for what only the manifest
+        writer needs (an all-gather would send N ranks' piece lists to every rank)."""
+        if not self.active:
+            return [obj]
+        out: Optional[list] = [None] * self.world_size if self.rank == 0 else None
+        dst = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.gather_object(obj, out, dst=dst, group=self.group)
+        return out
+
     def broadcast0(self, obj: Any) -> Any:
         if not self.active:
             return obj

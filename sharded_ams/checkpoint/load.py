@@ -9,9 +9,12 @@ is touched: every rank raises the same :class:`CheckpointError`, none is left wa
 
 from __future__ import annotations
 
+import bisect
+import collections
+import itertools
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from torch import nn
 
@@ -116,23 +119,70 @@ def _check_model(man: Manifest, mpath: Path, info: dict) -> None:
                           path=mpath, kind="model_mismatch")
 
 
-def needed_shards(man: Manifest, optimizer, rank: int) -> Optional[list[str]]:
-    """Shard files holding a piece of any range ``rank`` owns (None if unknown)."""
+class PieceIndex:
+    """The manifest's shard pieces per param, sorted by offset, so that a rank finds the
+    files overlapping one of its ranges by bisection: O(log P + hits) per range instead of
+    a scan of every piece of every file (O(N x B) per rank, O(N^2 x B) for all ranks).
+    Empty pieces are left out: a file holding only those has nothing to read."""
+
+    def __init__(self, man: Manifest):
+        files = man.shard_files()
+        self.order = {n: i for i, n in enumerate(files)}
+        spans: dict[str, list[tuple[int, int, str]]] = collections.defaultdict(list)
+        for name in files:
+            for pname, off, length in man.files[name]["pieces"]:
+                if length > 0:
+                    spans[pname].append((off, off + length, name))
+        self._spans: dict[str, tuple[list[int], list[int], list[tuple[int, int, str]]]] = {}
+        for pname, iv in spans.items():
+            iv.sort()
+            # running max of the ends: correct even for pieces that overlap (validate.py
+            # refuses those, but nothing here relies on it)
+            reach = list(itertools.accumulate((b for _, b, _ in iv), max))
+            self._spans[pname] = ([a for a, _, _ in iv], reach, iv)
+
+    def files_overlapping(self, pname: str, lo: int, hi: int) -> Iterator[str]:
+        """Shard files holding a piece of ``pname`` that overlaps [lo, hi)."""
+        if pname not in self._spans or lo >= hi:
+            return
+        starts, reach, iv = self._spans[pname]
+        i = bisect.bisect_right(reach, lo)  # first piece that may end after lo
+        while i < len(iv) and starts[i] < hi:
+            if iv[i][1] > lo:
+                yield iv[i][2]
+            i += 1
+
+    def sorted_files(self, names: Iterable[str]) -> list[str]:
+        """``names`` without repeats, in rank order."""
+        return sorted(set(names), key=self.order.__getitem__)
+
+
+def needed_shards(man: Manifest, optimizer, rank: int,
+                  index: Optional[PieceIndex] = None) -> Optional[list[str]]:
+    """Shard files holding a (non-empty) piece of any range ``rank`` owns, in rank order
+    (None if unknown). ``rank``'s own ranges only: O(its pieces x log) past the index."""
     shards = getattr(optimizer, "shards", None)
     if shards is None:
         return None
-    mine: dict[str, list[tuple[int, int]]] = {}
-    for sh in shards:
-        for pc in sh.layout.pieces(rank):
-            mine.setdefault(pc.slot.name, []).append((pc.param_offset,
-                                                      pc.param_offset + pc.length))
-    out = []
-    for name in man.shard_files():
-        for pname, off, length in man.files[name]["pieces"]:
-            if any(a < off + length and off < b for a, b in mine.get(pname, ())):
-                out.append(name)
-                break
-    return out
+    index = index or PieceIndex(man)
+    return index.sorted_files(f for sh in shards for pc in sh.layout.pieces(rank)
+                              for f in index.files_overlapping(
+                                  pc.slot.name, pc.param_offset, pc.param_offset + pc.length))
+
+
+def files_read_by_some_rank(man: Manifest, optimizer) -> set[str]:
+    """Shard files that some rank of the current layout reads. The ranks' ranges together
+    are every element of every param of the layout, so these are the files with a
+    (non-empty) piece inside [0, numel) of a param the layout has: one pass that stops at
+    each file's first such piece, instead of ``needed_shards`` for every rank
+    (O(N^2 x B))."""
+    shards = getattr(optimizer, "shards", None)
+    if shards is None:
+        return set()
+    numel = {slot.name: slot.numel for sh in shards for slot in sh.layout.slots}
+    return {name for name in man.shard_files()
+            if any(length > 0 and off < numel.get(pname, 0) and off + length > 0
+                   for pname, off, length in man.files[name]["pieces"])}
 
 
 def files_to_verify(man: Manifest, optimizer, ctx: Group, needed: list[str]) -> set[str]:
@@ -140,24 +190,27 @@ def files_to_verify(man: Manifest, optimizer, ctx: Group, needed: list[str]) -> 
     a per-node copy, e.g. downloaded by Ray Train), plus a round-robin share of the shard
     files that no rank reads, so that together the ranks checksum every file."""
     verify = set(needed) | {n for n in (TRAINER_NAME, MODEL_EXTRA_NAME) if n in man.files}
-    read_by_someone: set[str] = set()
-    for r in range(ctx.world_size):
-        got = needed if r == ctx.rank else needed_shards(man, optimizer, r)
-        read_by_someone |= set(got if got is not None else ())
+    read_by_someone = set(needed) | files_read_by_some_rank(man, optimizer)
     others = [n for n in man.files if n not in read_by_someone and n not in verify]
     verify |= {n for i, n in enumerate(others) if i % ctx.world_size == ctx.rank}
     return verify
 
 
-def _read(man: Manifest, optimizer, ctx: Group, model, restore_rng: bool) -> dict[str, Any]:
-    """Everything this rank needs from disk, every file checked (size, sha256, content)."""
+def plan_reads(man: Manifest, optimizer, ctx: Group) -> tuple[list[str], set[str]]:
+    """(the shard files this rank loads, in rank order; the files it checksums). A rank
+    that owns nothing still reads one shard (for the hyperparameters)."""
     needed = needed_shards(man, optimizer, ctx.rank)
     if needed is None:
         needed = man.shard_files()
-    own = man.shard_files()[ctx.rank] if man.world_size == ctx.world_size else None
-    if not needed:  # a rank that owns nothing still needs the hyperparameters
+    if not needed:
         needed = [man.shard_files()[0]]
-    verify = files_to_verify(man, optimizer, ctx, needed)
+    return needed, files_to_verify(man, optimizer, ctx, needed)
+
+
+def _read(man: Manifest, optimizer, ctx: Group, model, restore_rng: bool) -> dict[str, Any]:
+    """Everything this rank needs from disk, every file checked (size, sha256, content)."""
+    needed, verify = plan_reads(man, optimizer, ctx)
+    own = man.shard_files()[ctx.rank] if man.world_size == ctx.world_size else None
     read = set(needed) | {n for n in (TRAINER_NAME, MODEL_EXTRA_NAME) if n in man.files}
     if restore_rng and own:
         read.add(own)

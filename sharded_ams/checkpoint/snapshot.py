@@ -4,7 +4,8 @@
 CPU buffer per dtype with ``non_blocking=True`` copies and then synchronizes each device
 once, so a save (async or not) blocks only for the transfer itself, not for a round trip
 per tensor. CPU tensors get at most one copy (none when the caller's tensors are fresh
-clones already, as ``ShardedAMS.state_dict()``'s are).
+copies already, as ``ShardedAMS.state_dict()``'s are: it copies its state straight into
+host memory with ``copy_to_host``, no device clone first).
 """
 
 from __future__ import annotations
