@@ -50,6 +50,8 @@ def test_out_holding_an_input_or_inside_one_is_refused(tmp_path, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     with pytest.raises(DataError, match=r"--out .*tok is inside the input .*raw2"):
         _prep([data / "raw2"], data / "raw2" / "tok")
+    with pytest.raises(DataError, match=r"--out .*data holds the input .*data/tokenizer\.json"):
+        _prep([EMAIL / "charset.py"], data, tokenizer=str(data / "tokenizer.json"), force=True)
     assert _tree(data) == before
 
 

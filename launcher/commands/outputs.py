@@ -99,7 +99,7 @@ def newest_usable(ckpt: Any, read: Callable[[Path], Any], log: Callable[[str], N
 
     p = Path(ckpt)
     if not p.is_dir():
-        raise Refused(f"{p} does not exist or is not a directory")
+        raise Refused(f"CKPT {p} does not exist or is not a directory")
     if os.path.lexists(p / "manifest.json"):
         return p, read(p)
     latest = find_latest_checkpoint(p, checksums=False)

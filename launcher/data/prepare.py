@@ -260,7 +260,8 @@ def prepare_data(inputs: Sequence[str], out: os.PathLike, *, tokenizer: str = "b
         raise ValueError(f"--dtype must be auto, uint16 or uint32, got {dtype!r}")
     out = Path(out).expanduser().absolute()
     files = collect_inputs(inputs, ext)
-    check_out_apart(out, inputs, files)
+    tok_file = parse_tokenizer_spec(tokenizer)[2]  # an input too: --force would replace it
+    check_out_apart(out, inputs, [*files, *([Path(tok_file)] if tok_file else [])])
     request = _request(files, tokenizer, ext, text_field, shard_tokens, dtype)
     done = _existing(out, request, force, len(files), log)
     if done is not None:
@@ -398,9 +399,12 @@ def _cmd_prepare(args) -> int:
         prepare_data(args.inputs, args.out, tokenizer=args.tokenizer, ext=exts,
                      text_field=args.text_field, shard_tokens=args.shard_tokens, dtype=args.dtype,
                      force=args.force, progress=not args.no_progress)
-    except (DataError, ValueError) as exc:
-        print(f"sharded-ams prepare-data: error: {exc}", file=sys.stderr)
+    except (DataError, ValueError) as exc:  # refused: nothing written (exit status as every command's)
+        print(f"sharded-ams prepare-data: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except OSError as exc:  # ran and failed (a full disk, a permission): nothing left behind
+        print(f"sharded-ams prepare-data: failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("sharded-ams prepare-data: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -51,7 +51,7 @@ def sha256_file(path: os.PathLike, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-MAX_TOKENIZER_BYTES = 1 << 30
+MAX_TOKENIZER_BYTES = 256 << 20  # the largest Hugging Face tokenizer.json files are ~20 MB
 MAX_INDEX_BYTES = 256 << 20
 
 

@@ -70,7 +70,7 @@ def check_same_optimizer(optim: Any, path: str) -> list[str]:
     beta3, lam = optimizer_identity(optim.preset, optim.beta3, optim.lam)
     where = f"{Path(path) / 'manifest.json'}"
     for i, g in enumerate(groups):
-        if not (_same(g.get("beta3"), beta3) and _same(g.get("lam"), lam)):
+        if "beta3" in g and "lam" in g and not (_same(g["beta3"], beta3) and _same(g["lam"], lam)):
             raise ValueError(
                 f"{where}: param_groups[{i}] was trained with {describe_identity(g.get('beta3'), g.get('lam'))}; "
                 f"the config asks for {describe_identity(beta3, lam)} (optim.preset/optim.lam/optim.beta3). "
@@ -98,7 +98,8 @@ def check_loaded_groups(path: str, param_groups: list) -> None:
     an older checkpoint of the run would not fit either, so there is nothing to fall back to)."""
     saved = _groups(path) or []
     for i, (g, now) in enumerate(zip(saved, param_groups)):
-        if not (_same(g.get("beta3"), now.get("beta3")) and _same(g.get("lam"), now.get("lam"))):
+        if "beta3" in g and "lam" in g and not (_same(g["beta3"], now.get("beta3"))
+                                                and _same(g["lam"], now.get("lam"))):
             raise ValueError(
                 f"{Path(path) / 'manifest.json'}: param_groups[{i}] was trained with "
                 f"{describe_identity(g.get('beta3'), g.get('lam'))}; this optimizer has "
