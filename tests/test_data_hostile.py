@@ -198,7 +198,7 @@ print(before)
 """
 
 
-def test_one_long_jsonl_line_is_tokenized_in_bounded_memory(tmp_path):
+def test_one_long_jsonl_line_is_tokenized_in_bounded_memory(tmp_path, monkeypatch):
     """A 24 MB JSONL line: the peak stays within a few times the line (it was ~19x)."""
     line = 24 << 20
     src = tmp_path / "big.jsonl"
@@ -217,6 +217,11 @@ def test_one_long_jsonl_line_is_tokenized_in_bounded_memory(tmp_path):
     growth = (peak_kib(src, "o1") - peak_kib(small, "o2")) * 1024
     assert growth < 4 * line, f"peak grew by {growth / line:.1f}x the line"
     assert open_token_dir(tmp_path / "o1")[0]["num_tokens"] == (line // 5) * 5
+    import launcher.data.inputs as inputs
+
+    monkeypatch.setattr(inputs, "MAX_LINE_BYTES", 1 << 20)  # and a line beyond the cap is refused
+    with pytest.raises(DataError, match=r"big\.jsonl:1: a JSON line over 1,048,576 bytes"):
+        _prep([src], tmp_path / "o3")
 
 
 # ----------------------------------------------------------------------------- the index

@@ -29,6 +29,7 @@ __all__ = ["collect_inputs", "iter_documents", "ReadStats", "CHUNK_BYTES", "DEFA
 
 CHUNK_BYTES = 1 << 18
 DEFAULT_EXTS = (".txt", ".jsonl")
+MAX_LINE_BYTES = 1 << 30  # one JSONL document; memory peaks at ~3x its line
 SNIFF_BYTES = 8000  # as git: a NUL byte in the first 8000 bytes means binary
 _GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
@@ -191,9 +192,23 @@ def _valid_utf8(piece: bytes, path: Path, stats: Optional[ReadStats]) -> bytes:
         return fixed
 
 
+def _lines(f: BinaryIO, path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(lineno, line)``; a line over MAX_LINE_BYTES is refused before it is all in memory."""
+    lineno = 0
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise DataError(f"{path}:{lineno}: a JSON line over {MAX_LINE_BYTES:,} bytes; split the "
+                            "document into several lines")
+        yield lineno, line
+
+
 def _jsonl_pieces(f: BinaryIO, path: Path, text_field: str, chunk_bytes: int
                   ) -> Iterator[tuple[bytes, bool]]:
-    for lineno, line in enumerate(f, 1):
+    for lineno, line in _lines(f, path):
         if not line.strip():
             yield b"", False
             continue
