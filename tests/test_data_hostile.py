@@ -242,10 +242,19 @@ def _index_edit(out: Path, edit) -> Path:
     (lambda ix: ix.update(vocab_size=70_000), r"index\.json: a vocabulary of 70,000 tokens does not fit in uint16"),
 ])
 def test_index_fields_that_lie_are_refused(tmp_path, edit, match):
+    """Each is accepted by a reader that trusts the index (mutation-checked: drop the check)."""
     out = tmp_path / "out"
     _prep([EMAIL / "charset.py"], out)
     _index_edit(out, edit)
     with pytest.raises(DataError, match=match):
+        read_index(out)
+
+
+def test_a_deeply_nested_index_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    _prep([EMAIL / "charset.py"], out)
+    (out / "index.json").write_text("[" * 100_000)
+    with pytest.raises(DataError, match=r"index\.json: unreadable \(RecursionError"):
         read_index(out)
 
 

@@ -156,7 +156,7 @@ def _ours_and_dead(p: Path, pid: str) -> bool:
         if os.lstat(p / MARKER).st_size > 4096:
             return False
         mark = json.loads((p / MARKER).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # a planted marker: not ours
         return False
     return (isinstance(mark, dict) and mark.get("tool") == "sharded-ams prepare-data"
             and mark.get("host") == socket.gethostname() and str(mark.get("pid")) == pid

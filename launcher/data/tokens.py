@@ -197,8 +197,8 @@ def read_index(path: os.PathLike) -> dict:
     try:
         with open(ipath) as f:
             index = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{ipath}: unreadable ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: "[" x 100,000
+        raise DataError(f"{ipath}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
 
     def bad(msg: str) -> DataError:
         return DataError(f"{ipath}: {msg}")
