@@ -7,7 +7,9 @@ files plus a sidecar index as Megatron's indexed datasets have)::
     DIR/index.json          format, tokenizer, vocab_size, dtype, num_tokens, shards
                             [{file, num_tokens, sha256}], sources; written last
     DIR/shard-00000.bin     flat uint16 (uint32 when the vocabulary needs it) token ids
-    DIR/tokenizer.json      the tokenizer (Hugging Face format)
+    DIR/tokenizer.json      the tokenizer (Hugging Face format); its sha256 goes into every
+                            checkpoint trained on DIR (``ckpt export`` checks it)
+    DIR/.sharded-ams-prepare.json   host and pid of the prepare-data run that made DIR
 
 The shards, concatenated in order, are one token stream; the last ``val_fraction`` of it is
 the validation split. The global batch of step ``s`` is ``batch_size`` windows whose starts
