@@ -20,8 +20,11 @@ unwritable ``--storage-path``, a ``--resume-from`` that is not a checkpoint, a g
 that some worker count of ``--num-workers MIN-MAX`` cannot split fail here, with one line
 and exit status 2. More workers than this machine's cores (embedded Ray) is a warning.
 
-Exit status: 0 done, 1 training failed (the message says where a rerun resumes),
-2 bad command line or config.
+Exit status, the same for every command (``train``, ``prepare-data``, ``ckpt ...``): 0 done;
+1 the command ran and failed (training failed: the message says where a rerun resumes;
+``ckpt inspect`` found the checkpoint invalid; an I/O error while writing); 2 refused before
+doing anything (a bad command line, config, input data, checkpoint or output path), with
+one line on stderr naming the file and field.
 """
 
 from __future__ import annotations

@@ -347,7 +347,7 @@ def test_cli_inspect_and_consolidate(base_ckpt, ckpt_copy, tmp_path, capsys):
     for k, v in ref["model"].items():
         assert torch.equal(full["model"][k], v)
     make_model(5).load_state_dict(full["model"])
-    assert ckpt_cli.main(["consolidate", str(ckpt_copy), str(tmp_path / "bad.pt")]) == 1
+    assert ckpt_cli.main(["consolidate", str(ckpt_copy), str(tmp_path / "bad.pt")]) == 2  # refused: a corrupt checkpoint
     assert "checksum" in capsys.readouterr().err
 
     # registered as a subcommand of another parser (launcher/cli.py does this)

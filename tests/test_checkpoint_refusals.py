@@ -96,7 +96,7 @@ def assert_refused_everywhere(root: Path, *needles: str, shallow: bool = True) -
             consolidate(bad)
         assert ckpt_cli.main(["inspect", str(bad)]) == 1
         out = root.parent / "full.pt"
-        assert ckpt_cli.main(["consolidate", str(bad), str(out)]) == 1 and not out.exists()
+        assert ckpt_cli.main(["consolidate", str(bad), str(out)]) == 2 and not out.exists()
         assert not list(root.parent.glob("*.tmp"))
         # the launcher's scan checks sizes, not contents (the workers' load does that)
         assert resume_scan(root) == ("scan", 1 if shallow else 2)
@@ -534,11 +534,11 @@ def test_consolidate_output_path_refusals(root, tmp_path, capsys):
     before = sha256_of(root / NEW / C.MANIFEST_NAME)
     outdir = tmp_path / "out"
     outdir.mkdir()
-    assert ckpt_cli.main(["consolidate", str(root / NEW), str(outdir)]) == 1
+    assert ckpt_cli.main(["consolidate", str(root / NEW), str(outdir)]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert list(outdir.iterdir()) == [] and not list(tmp_path.glob("*.tmp"))
     for inside in (root / NEW / C.MANIFEST_NAME, root / NEW / "full.pt", root / NEW):
-        assert ckpt_cli.main(["consolidate", str(root / NEW), str(inside)]) == 1
+        assert ckpt_cli.main(["consolidate", str(root / NEW), str(inside)]) == 2
         assert "inside the checkpoint" in capsys.readouterr().err
     assert sha256_of(root / NEW / C.MANIFEST_NAME) == before
     assert sorted(os.listdir(root / NEW)) == sorted([*manifest_json(root / NEW)["files"],

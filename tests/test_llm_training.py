@@ -291,7 +291,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(tmp_path, tie):
     with torch.no_grad():
         diff = (hf(idx).logits - model.eval()(idx)[0]).abs().max().item()
     assert diff < 1e-5, diff
-    export_checkpoint(ckpt, tmp_path / "hf", "hf", dtype="bfloat16", log=lambda *_: None)  # replaces its own
+    export_checkpoint(ckpt, tmp_path / "hf", "hf", dtype="bfloat16", force=True, log=lambda *_: None)  # replaces its own
     assert transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").dtype == torch.bfloat16
 
 
@@ -312,5 +312,5 @@ def test_export_safetensors_is_the_plain_state_dict(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(ExportError, match="not an earlier export; refusing"):
         export_checkpoint(ckpt, tmp_path / "mine", "safetensors", log=lambda *_: None)
-    assert cli_main(["ckpt", "export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 1
+    assert cli_main(["ckpt", "export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2  # refused (exit status convention: launcher/commands/outputs.py)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "x").exists()

@@ -6,8 +6,9 @@
     python -m launcher.commands.ckpt inspect DIR          # the same, standalone
 
 ``launcher/cli.py`` registers them with :func:`add_ckpt_subparser`. Every leaf parser sets
-``func``: call ``args.func(args)``; it returns the process exit code (0 ok, 1 invalid or
-failed).
+``func``: call ``args.func(args)``; it returns the process exit code, the convention of every
+``sharded-ams`` command (:mod:`launcher.commands.outputs`): 0 ok, 1 ran and failed (``inspect``:
+the checkpoint is invalid), 2 refused (bad arguments, checkpoint or OUT; nothing written).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["add_ckpt_subparser", "main", "inspect_checkpoint"]
@@ -116,21 +118,34 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_consolidate(args: argparse.Namespace) -> int:
+    """Exit status as every command's (:mod:`launcher.commands.outputs`): 2 refused, 1 failed."""
     import torch
 
+    from launcher.commands.outputs import (EXIT_FAILED, EXIT_REFUSED, Refused, check_output,
+                                           is_torch_save_file, newest_usable)
     from sharded_ams.checkpoint import CheckpointError, export_consolidated
 
+    out = Path(args.out).expanduser().absolute()
     try:
-        full = export_consolidated(_checkpoint_dir(args.dir), args.out)
-    except (CheckpointError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        check_output(out, [Path(args.dir)], force=args.force, ours=is_torch_save_file,
+                     what="an earlier consolidated file (torch.save)")
+        path, full = newest_usable(args.dir, lambda p: export_consolidated(p, out), _note)
+    except (Refused, CheckpointError, IsADirectoryError) as exc:
+        print(f"sharded-ams ckpt consolidate: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as exc:
+        print(f"sharded-ams ckpt consolidate: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     n = sum(t.numel() for t in full["model"].values() if isinstance(t, torch.Tensor))
-    print(f"wrote {args.out}: step {full['step']}, {len(full['param_names'])} optimized params, "
-          f"{len(full['model'])} model state_dict entries ({n:,} elements); load with "
+    print(f"wrote {args.out} from {path}: step {full['step']}, {len(full['param_names'])} optimized "
+          f"params, {len(full['model'])} model state_dict entries ({n:,} elements); load with "
           "AMS.load_state_dict(torch.load(OUT)['optimizer']) and "
           "model.load_state_dict(torch.load(OUT)['model'])")
     return 0
+
+
+def _note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _add_commands(sub) -> None:
@@ -151,6 +166,8 @@ def _add_commands(sub) -> None:
     c.add_argument("dir", help="checkpoint directory, or a run directory: its newest "
                                    "committed checkpoint")
     c.add_argument("out", help="output file (.pt)")
+    c.add_argument("--force", action="store_true",
+                   help="replace OUT if it is an earlier consolidated file")
     c.set_defaults(func=_cmd_consolidate)
     from launcher.commands.export import add_export_command  # `ckpt export` (launcher/commands/export.py)
 

@@ -3,7 +3,9 @@
 Inputs are files, directories (walked for ``--ext`` files, default ``.txt`` and ``.jsonl``;
 symlinks and special files inside are skipped) and globs. ``.jsonl`` (and ``.json``, as
 C4's files) hold one JSON object per line whose ``--text-field`` (default ``text``) is a
-document; any other file is one document; ``.gz`` files are decompressed on the fly. The output directory's format is described in :mod:`launcher.data.tokens`.
+document; any other file is one document; ``.gz`` files are decompressed on the fly
+(reading them, and what is refused or skipped: :mod:`launcher.data.inputs`). The output
+directory's format is described in :mod:`launcher.data.tokens`.
 
 How it behaves:
 
@@ -16,24 +18,29 @@ How it behaves:
   different inputs need ``--force`` to replace it;
 * atomic: everything is written into a hidden ``.DIR.partial-PID`` directory next to DIR,
   ``index.json`` last, then renamed to DIR. An interrupted run never leaves a DIR (nor
-  anything else with an index) behind; its leftovers are removed by the next run.
+  anything else with an index) behind; its leftovers are removed by the next run, but only
+  directories holding this tool's marker (``.sharded-ams-prepare.json``: host and pid) from a
+  process on this host that is gone: a user's ``.DIR.old-20240101`` or another host's run on
+  a shared filesystem is never touched;
+* OUT never holds an input nor lies inside one (``--force`` would delete the input).
 """
 
 from __future__ import annotations
 
-import glob
-import gzip
 import json
 import os
 import shutil
+import socket
 import stat
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from launcher.data.inputs import (CHUNK_BYTES, DEFAULT_EXTS, ReadStats, _text_chunks,  # noqa: F401
+                                  check_out_apart, collect_inputs, iter_documents)
 from launcher.data.tokens import (DTYPES, FORMAT, FORMAT_VERSION, INDEX_NAME, DataError,
                                  check_vocab_fits, dtype_for_vocab, read_index)
 from launcher.data.tokenizer import (Tokenizer, byte_tokenizer, load_tokenizer_file, parse_tokenizer_spec,
@@ -41,128 +48,8 @@ from launcher.data.tokenizer import (Tokenizer, byte_tokenizer, load_tokenizer_f
 
 __all__ = ["prepare_data", "collect_inputs", "add_prepare_parser"]
 
-CHUNK_BYTES = 1 << 18
-DEFAULT_EXTS = (".txt", ".jsonl")
 DEFAULT_SHARD_TOKENS = 100_000_000
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def _regular(path: Path, given: str) -> Path:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise DataError(f"input {given!r} does not exist") from None
-    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-        raise DataError(f"input {given!r} is not a regular file")
-    return path
-
-
-def collect_inputs(inputs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS) -> list[Path]:
-    """The files ``inputs`` name, absolute, in order (each directory's files sorted), once
-    each. A named file or a glob match is taken whatever its extension; directories
-    contribute their ``exts`` files. Raises DataError for a path that does not exist, a
-    glob that matches nothing, or no files at all."""
-    if not inputs:
-        raise DataError("no INPUT given")
-    exts = tuple(e.lower() for e in exts)
-    files: list[Path] = []
-    for given in inputs:
-        path = Path(given).expanduser()
-        if glob.has_magic(given) and not path.exists():
-            matches = sorted(glob.glob(str(path), recursive=True))
-            if not matches:
-                raise DataError(f"input glob {given!r} matches nothing")
-            files += [_regular(Path(m).absolute(), m) for m in matches if not Path(m).is_dir()]
-        elif path.is_dir():
-            found = []
-            for root, dirs, names in os.walk(path):  # does not descend into symlinked dirs
-                dirs.sort()
-                for name in sorted(names):
-                    p = Path(root) / name
-                    if name.lower().endswith(exts) and p.is_file() and not p.is_symlink():
-                        found.append(p.absolute())
-            if not found:
-                raise DataError(f"input directory {given!r} holds no {'/'.join(exts)} files "
-                                "(choose others with --ext)")
-            files += found
-        else:
-            files.append(_regular(path.absolute(), given))
-    seen: set[Path] = set()
-    return [f for f in files if not (f in seen or seen.add(f))]
-
-
-def _utf8_cut(buf: bytes) -> int:
-    """Length of the longest prefix of ``buf`` that ends on a whole UTF-8 character."""
-    i = len(buf) - 1
-    while i >= 0 and len(buf) - i <= 4 and (buf[i] & 0xC0) == 0x80:
-        i -= 1
-    if i < 0:
-        return len(buf)
-    lead = buf[i]
-    need = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
-    return len(buf) if i + need <= len(buf) else i
-
-
-def _text_chunks(f, size: int) -> Iterator[bytes]:
-    """Pieces of about ``size`` bytes cut after a newline (inside a longer line: on a UTF-8
-    character boundary), so memory stays bounded and no character is split."""
-    carry = b""
-    while True:
-        block = f.read(size)
-        if not block:
-            if carry:
-                yield carry
-            return
-        buf = carry + block
-        cut = buf.rfind(b"\n") + 1 or _utf8_cut(buf)
-        carry = buf[cut:]
-        if cut:
-            yield buf[:cut]
-
-
-def _is_jsonl(path: Path) -> bool:
-    name = path.name.lower().removesuffix(".gz")
-    return name.endswith((".jsonl", ".json"))  # .json(.gz): JSON lines, as C4's files
-
-
-def iter_documents(files: Sequence[Path], text_field: str = "text",
-                   chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[bytes, bool, int]]:
-    """``(utf8_piece, ends_document, bytes_read_from_disk_since_last)`` over every document
-    of ``files`` (``.gz`` files are decompressed as they are read)."""
-    for path in files:
-        with open(path, "rb") as raw:
-            f = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
-            pos = 0
-
-            def read() -> int:
-                nonlocal pos
-                delta, pos = raw.tell() - pos, raw.tell()
-                return delta
-
-            if _is_jsonl(path):
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        yield b"", False, read()
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except ValueError as exc:
-                        raise DataError(f"{path}:{lineno}: not a JSON line ({exc})") from None
-                    text = rec.get(text_field) if isinstance(rec, dict) else None
-                    if not isinstance(text, str):
-                        raise DataError(f"{path}:{lineno}: no string field {text_field!r} "
-                                        "(choose the field with --text-field)")
-                    yield text.encode("utf-8"), True, read()
-            else:
-                last = None
-                for piece in _text_chunks(f, chunk_bytes):
-                    if last is not None:
-                        yield last, False, read()
-                    last = piece
-                if last is not None:
-                    yield last, True, read()
+MARKER = ".sharded-ams-prepare.json"  # in every directory this tool creates: host and pid
 
 
 # ----------------------------------------------------------------------------- output
@@ -172,8 +59,9 @@ class ShardWriter:
     """Appends token ids to ``shard-NNNNN.bin`` files of at most ``shard_tokens`` tokens each,
     hashing as it writes."""
 
-    def __init__(self, directory: Path, dtype: str, shard_tokens: int):
+    def __init__(self, directory: Path, dtype: str, shard_tokens: int, vocab_size: Optional[int] = None):
         self.dir, self.dtype, self.shard_tokens = directory, DTYPES[dtype], shard_tokens
+        self.vocab_size = vocab_size
         self.shards: list[dict] = []
         self._f = None
         self.total = 0
@@ -194,7 +82,13 @@ class ShardWriter:
             self.shards[-1].update(num_tokens=self._count, sha256=self._hash.hexdigest())
             self._f = None
 
-    def write(self, ids: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, source: str = "") -> None:
+        if self.vocab_size is not None and len(ids):  # checked before the cast could wrap it
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                shard = self.shards[-1]["file"] if self.shards else "shard-00000.bin"
+                raise DataError(f"{source or 'input'}: the tokenizer gave id {hi if lo >= 0 else lo:,}, "
+                                f"outside its vocabulary [0, {self.vocab_size:,}) (writing {shard})")
         ids = ids.astype(self.dtype, copy=False)
         while len(ids):
             if self._f is None or self._count == self.shard_tokens:
@@ -236,12 +130,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _mark(d: Path) -> None:
+    """Claim ``d`` as this process's (the clean-up of a later run recognises it)."""
+    (d / MARKER).write_text(json.dumps({"tool": "sharded-ams prepare-data", "host": socket.gethostname(),
+                                        "pid": os.getpid()}))
+
+
+def _make_partial(out: Path) -> Path:
+    """``.OUT.partial-PID``, created with its marker already inside (made as ``.OUT.init-PID``
+    and renamed), so that no partial directory of this tool is ever without one."""
+    init = out.parent / f".{out.name}.init-{os.getpid()}"
+    init.mkdir()
+    _mark(init)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    os.rename(init, tmp)
+    return tmp
+
+
+def _ours_and_dead(p: Path, pid: str) -> bool:
+    """``p`` was created by this tool on this host, by the process ``pid``, now gone. Anything
+    else (a user's ``.tok.old-20240101``, another host's run on a shared filesystem) is kept."""
+    try:
+        if not stat.S_ISDIR(os.lstat(p).st_mode) or not stat.S_ISREG(os.lstat(p / MARKER).st_mode):
+            return False
+        if os.lstat(p / MARKER).st_size > 4096:
+            return False
+        mark = json.loads((p / MARKER).read_text())
+    except (OSError, ValueError, RecursionError):  # a planted marker: not ours
+        return False
+    return (isinstance(mark, dict) and mark.get("tool") == "sharded-ams prepare-data"
+            and mark.get("host") == socket.gethostname() and str(mark.get("pid")) == pid
+            and not _pid_alive(int(pid)))
+
+
 def _remove_stale(out: Path) -> None:
-    """Delete what interrupted earlier runs for ``out`` left (their process is gone)."""
-    for kind in ("partial", "old"):
-        for p in out.parent.glob(f".{out.name}.{kind}-*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+    """Delete what interrupted earlier runs for ``out`` left: only directories with this
+    tool's marker, written on this host by a process that is gone."""
+    for kind in ("init", "partial", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for p in out.parent.iterdir():
+            pid = p.name[len(prefix):]
+            if p.name.startswith(prefix) and pid.isdigit() and _ours_and_dead(p, pid):
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -287,11 +216,41 @@ def _request(files: list[Path], spec: str, exts, text_field: str, shard_tokens: 
             "shard_tokens": shard_tokens, "dtype": dtype, "sources": sources}
 
 
+def _existing(out: Path, request: dict, force: bool, nfiles: int, log) -> Optional[dict]:
+    """The index of an up-to-date ``out`` (nothing to do), None if ``out`` may be written;
+    DataError if it must not be replaced."""
+    if out.is_symlink():
+        raise DataError(f"--out {out} is a symbolic link; refusing to replace it (give the real "
+                        "directory, or another --out)")
+    if not out.exists():
+        return None
+    try:
+        index = read_index(out)
+    except DataError:
+        index = None
+    if index is not None and index.get("request") == request:
+        log(f"{out} is up to date ({index['num_tokens']:,} tokens from {nfiles} file(s)); "
+            "nothing to do")
+        return index
+    if index is None and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"--out {out} exists and is not a prepare-data output; refusing to "
+                        "replace it (choose another --out)")
+    if index is not None and not force:
+        raise DataError(f"--out {out} holds data prepared from other inputs or options; "
+                        "pass --force to replace it, or choose another --out")
+    return None
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def prepare_data(inputs: Sequence[str], out: os.PathLike, *, tokenizer: str = "byte",
                  ext: Sequence[str] = DEFAULT_EXTS, text_field: str = "text",
                  shard_tokens: int = DEFAULT_SHARD_TOKENS, dtype: str = "auto", force: bool = False,
-                 progress: bool = True, log=print) -> dict:
+                 progress: bool = True, log=print, warn=_stderr) -> dict:
     """Tokenize ``inputs`` into ``out`` (see the module docstring); returns the index.
+    ``warn`` gets skipped binary files and replaced invalid UTF-8, per file.
 
     Raises DataError (bad input, nothing written) or ValueError (bad option)."""
     t0 = time.perf_counter()
@@ -301,57 +260,37 @@ def prepare_data(inputs: Sequence[str], out: os.PathLike, *, tokenizer: str = "b
         raise ValueError(f"--dtype must be auto, uint16 or uint32, got {dtype!r}")
     out = Path(out).expanduser().absolute()
     files = collect_inputs(inputs, ext)
+    tok_file = parse_tokenizer_spec(tokenizer)[2]  # an input too: --force would replace it
+    check_out_apart(out, inputs, [*files, *([Path(tok_file)] if tok_file else [])])
     request = _request(files, tokenizer, ext, text_field, shard_tokens, dtype)
-    if out.exists():
-        try:
-            index = read_index(out)
-        except DataError:
-            index = None
-        if index is not None and index.get("request") == request:
-            log(f"{out} is up to date ({index['num_tokens']:,} tokens from {len(files)} file(s)); "
-                "nothing to do")
-            return index
-        if index is None and (not out.is_dir() or any(out.iterdir())):
-            raise DataError(f"--out {out} exists and is not a prepare-data output; refusing to "
-                            "replace it (choose another --out)")
-        if index is not None and not force:
-            raise DataError(f"--out {out} holds data prepared from other inputs or options; "
-                            "pass --force to replace it, or choose another --out")
+    done = _existing(out, request, force, len(files), log)
+    if done is not None:
+        return done
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     total_bytes = sum(s["bytes"] for s in request["sources"])
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.mkdir()
+    tmp = _make_partial(out)
+    stats = ReadStats()
     try:
         tok = _make_tokenizer(tokenizer, files, text_field, total_bytes, progress)
         token_dtype = dtype_for_vocab(tok.vocab_size) if dtype == "auto" else dtype
         check_vocab_fits(tok.vocab_size, token_dtype, f"--tokenizer {tokenizer} with --dtype {dtype}")
         tok.save(tmp / "tokenizer.json")
-        writer = ShardWriter(tmp, token_dtype, shard_tokens)
-        docs = _tokenize(tok, files, text_field, writer, total_bytes, progress)
+        writer = ShardWriter(tmp, token_dtype, shard_tokens, tok.vocab_size)
+        docs = _tokenize(tok, files, text_field, writer, total_bytes, progress, stats)
         shards = writer.close()
+        for msg in stats.warnings():
+            warn(msg)
         if writer.total == 0:
+            skipped = f"; {len(stats.skipped)} skipped as binary" if stats.skipped else ""
             raise DataError(f"empty corpus: no text in {len(files)} input file(s) "
-                            f"({', '.join(inputs)})")
+                            f"({', '.join(inputs)}){skipped}")
         index = {"format": FORMAT, "version": FORMAT_VERSION, "tokenizer": tok.describe(),
                  "vocab_size": tok.vocab_size, "dtype": token_dtype, "num_tokens": writer.total,
                  "documents": docs, "shards": shards, "sources": request["sources"],
                  "request": request, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        ipath = tmp / INDEX_NAME
-        with open(ipath.with_suffix(".tmp"), "w") as f:
-            json.dump(index, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(ipath.with_suffix(".tmp"), ipath)  # the index last: it makes the data valid
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        _write_index(tmp, index)
+        _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -363,8 +302,33 @@ def prepare_data(inputs: Sequence[str], out: os.PathLike, *, tokenizer: str = "b
     return index
 
 
+def _write_index(tmp: Path, index: dict) -> None:
+    ipath = tmp / INDEX_NAME
+    with open(ipath.with_suffix(".tmp"), "w") as f:
+        json.dump(index, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(ipath.with_suffix(".tmp"), ipath)  # the index last: it makes the data valid
+    _fsync_dir(tmp)
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an earlier ``out`` (a prepare-data output:
+    checked) goes aside first, marked as this process's, and is removed."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        _mark(out)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    _fsync_dir(out.parent)
+
+
 def _tokenize(tok: Tokenizer, files: list[Path], text_field: str, writer: ShardWriter,
-              total_bytes: int, progress: bool, batch_bytes: int = 2 << 20) -> int:
+              total_bytes: int, progress: bool, stats: Optional[ReadStats] = None,
+              batch_bytes: int = 2 << 20) -> int:
     """Encode every document into ``writer`` (in batches, for the tokenizer's threads);
     returns the number of documents."""
     bar = _progress(total_bytes, "tokenizing", progress)
@@ -384,7 +348,8 @@ def _tokenize(tok: Tokenizer, files: list[Path], text_field: str, writer: ShardW
                             f"{writer.total / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
 
     try:
-        for piece, end, nbytes in iter_documents(files, text_field):
+        for piece, end, nbytes in iter_documents(files, text_field, repair_utf8=tok.kind != "byte",
+                                                 stats=stats):
             if piece or end:
                 pieces.append(piece)
                 ends.append(end)
@@ -434,9 +399,12 @@ def _cmd_prepare(args) -> int:
         prepare_data(args.inputs, args.out, tokenizer=args.tokenizer, ext=exts,
                      text_field=args.text_field, shard_tokens=args.shard_tokens, dtype=args.dtype,
                      force=args.force, progress=not args.no_progress)
-    except (DataError, ValueError) as exc:
-        print(f"sharded-ams prepare-data: error: {exc}", file=sys.stderr)
+    except (DataError, ValueError) as exc:  # refused: nothing written (exit status as every command's)
+        print(f"sharded-ams prepare-data: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except OSError as exc:  # ran and failed (a full disk, a permission): nothing left behind
+        print(f"sharded-ams prepare-data: failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("sharded-ams prepare-data: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -72,7 +72,9 @@ class Tokenizer:
 
     def __init__(self, kind: str, hf, eos_id: Optional[int]):
         self.kind, self.hf, self.eos_id = kind, hf, eos_id
-        self.vocab_size: int = 256 if kind == "byte" else hf.get_vocab_size(with_added_tokens=True)
+        # the largest id + 1, not the entry count: a tokenizer.json whose ids have gaps (an
+        # added token at 70000 among 257 entries) needs the room (and a dtype that holds it)
+        self.vocab_size: int = 256 if kind == "byte" else _id_bound(hf)
 
     def encode_bytes(self, chunks: list[bytes]) -> list[np.ndarray]:
         """Token ids (int64) of each chunk of UTF-8 text. Chunks must end on a character
@@ -104,6 +106,12 @@ class Tokenizer:
         eos = None if self.eos_id is None else self.hf.id_to_token(self.eos_id)
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                 "eos_token": eos, "file": "tokenizer.json"}
+
+
+def _id_bound(hf) -> int:
+    """1 + the largest id of a Hugging Face tokenizer (its vocabulary and added tokens)."""
+    ids = hf.get_vocab(with_added_tokens=True).values()
+    return max(max(ids, default=-1) + 1, hf.get_vocab_size(with_added_tokens=True))
 
 
 def _sha256(path: os.PathLike) -> str:

@@ -7,7 +7,9 @@ files plus a sidecar index as Megatron's indexed datasets have)::
     DIR/index.json          format, tokenizer, vocab_size, dtype, num_tokens, shards
                             [{file, num_tokens, sha256}], sources; written last
     DIR/shard-00000.bin     flat uint16 (uint32 when the vocabulary needs it) token ids
-    DIR/tokenizer.json      the tokenizer (Hugging Face format)
+    DIR/tokenizer.json      the tokenizer (Hugging Face format); its sha256 goes into every
+                            checkpoint trained on DIR (``ckpt export`` checks it)
+    DIR/.sharded-ams-prepare.json   host and pid of the prepare-data run that made DIR
 
 The shards, concatenated in order, are one token stream; the last ``val_fraction`` of it is
 the validation split. The global batch of step ``s`` is ``batch_size`` windows whose starts
@@ -31,7 +33,7 @@ if TYPE_CHECKING:  # torch is imported where batches are made: prepare-data and 
     import torch
 
 __all__ = ["INDEX_NAME", "FORMAT", "DataError", "TokenStream", "TrainingData", "open_token_dir",
-           "load_training_data", "sha256_file"]
+           "load_training_data", "sha256_file", "tokenizer_sha256"]
 
 INDEX_NAME = "index.json"
 FORMAT = "sharded-ams.tokens"
@@ -51,6 +53,22 @@ def sha256_file(path: os.PathLike, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+MAX_TOKENIZER_BYTES = 256 << 20  # the largest Hugging Face tokenizer.json files are ~20 MB
+MAX_INDEX_BYTES = 256 << 20
+
+
+def tokenizer_sha256(path: Path) -> Optional[str]:
+    """sha256 of the tokenizer file ``path`` if it is a regular file (not a symlink, not a
+    FIFO) of at most MAX_TOKENIZER_BYTES; None otherwise."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_TOKENIZER_BYTES:
+        return None
+    return sha256_file(path)
+
+
 def dtype_for_vocab(vocab_size: int) -> str:
     """The smallest token dtype holding ids 0 .. vocab_size-1."""
     return "uint16" if vocab_size <= 2**16 else "uint32"
@@ -67,17 +85,33 @@ class TokenStream:
     """Consecutive 1-D integer arrays (memmaps or in-memory) read as one stream, or a
     ``[lo, hi)`` window of it."""
 
-    def __init__(self, parts: Sequence[np.ndarray], lo: int = 0, hi: Optional[int] = None):
+    def __init__(self, parts: Sequence[np.ndarray], lo: int = 0, hi: Optional[int] = None, *,
+                 vocab_size: Optional[int] = None, names: Optional[Sequence[str]] = None):
         self.parts = list(parts)
         self.ends = np.cumsum([len(p) for p in self.parts]).tolist()
         total = self.ends[-1] if self.ends else 0
         self.lo, self.hi = lo, total if hi is None else hi
+        # ids read are checked against vocab_size (a shard changed after prepare-data would
+        # otherwise surface as an index error deep inside the model); names: for the message
+        self.vocab_size, self.names = vocab_size, list(names) if names is not None else None
 
     def __len__(self) -> int:
         return self.hi - self.lo
 
     def slice(self, lo: int, hi: int) -> "TokenStream":
-        return TokenStream(self.parts, self.lo + lo, self.lo + hi)
+        return TokenStream(self.parts, self.lo + lo, self.lo + hi, vocab_size=self.vocab_size,
+                           names=self.names)
+
+    def _check_ids(self, i: int, piece: np.ndarray, first: int) -> None:
+        if self.vocab_size is None or not len(piece):
+            return
+        top = int(piece.max())
+        if top >= self.vocab_size:
+            at = first + int(np.argmax(piece >= self.vocab_size))
+            name = self.names[i] if self.names else f"part {i}"
+            raise DataError(f"shard {name}: token id {top:,} at position {at:,} is not below the "
+                            f"index's vocab_size {self.vocab_size:,} (changed after prepare-data); "
+                            "rerun prepare-data")
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of this stream as int64 (may span parts)."""
@@ -88,6 +122,7 @@ class TokenStream:
             first = self.ends[i - 1] if i else 0
             take = min(end, self.ends[i]) - pos
             out.append(self.parts[i][pos - first:pos - first + take])
+            self._check_ids(i, out[-1], pos - first)
             pos += take
             i += 1
         return np.concatenate(out).astype(np.int64) if len(out) > 1 else out[0].astype(np.int64)
@@ -151,16 +186,21 @@ def read_index(path: os.PathLike) -> dict:
     """The validated ``index.json`` of a prepare-data directory (structure only)."""
     d = Path(path)
     if not d.is_dir():
-        raise DataError(f"data.path {str(d)!r} does not exist or is not a directory")
+        raise DataError(f"data.path {str(d)!r} does not exist or is not a directory; make it with "
+                        f"`sharded-ams prepare-data INPUT... --out {d}` (INPUT: text files, "
+                        "directories or globs)")
     ipath = d / INDEX_NAME
     if not ipath.is_file():
         raise DataError(f"{d} is not a prepare-data output: no {INDEX_NAME} (an interrupted "
                         "`sharded-ams prepare-data` never leaves one; rerun it)")
+    st = os.lstat(ipath)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_INDEX_BYTES:  # a link out, or a huge file
+        raise DataError(f"{ipath}: not a regular file of at most {MAX_INDEX_BYTES:,} bytes")
     try:
         with open(ipath) as f:
             index = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{ipath}: unreadable ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: "[" x 100,000
+        raise DataError(f"{ipath}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
 
     def bad(msg: str) -> DataError:
         return DataError(f"{ipath}: {msg}")
@@ -178,11 +218,14 @@ def read_index(path: os.PathLike) -> dict:
     shards = index.get("shards")
     if not isinstance(shards, list) or not shards:
         raise bad("lists no shards")
-    total = 0
+    total, seen = 0, set()
     for sh in shards:
         name = sh.get("file") if isinstance(sh, dict) else None
-        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        if not _plain_name(name):
             raise bad(f"shard entry {sh!r} needs a plain file name")
+        if name in seen:  # the same tokens twice would be trained on twice, silently
+            raise bad(f"shards: {name} is listed more than once")
+        seen.add(name)
         if type(sh.get("num_tokens")) is not int or sh["num_tokens"] < 0:
             raise bad(f"shard {name}: num_tokens {sh.get('num_tokens')!r}")
         if not isinstance(sh.get("sha256"), str):
@@ -190,10 +233,23 @@ def read_index(path: os.PathLike) -> dict:
         total += sh["num_tokens"]
     if index.get("num_tokens") != total:
         raise bad(f"num_tokens {index.get('num_tokens')!r} is not the sum over shards ({total})")
+    tok = index.get("tokenizer")
+    if tok is not None and (not isinstance(tok, dict) or
+                            (tok.get("file") is not None and not _plain_name(tok.get("file")))):
+        raise bad(f"tokenizer.file {tok.get('file') if isinstance(tok, dict) else tok!r} must be "
+                  "a plain file name inside the data directory")
     return index
 
 
-def _check_shard(d: Path, sh: dict, itemsize: int, checksum: bool) -> Path:
+def _plain_name(name: Any) -> bool:
+    """A file name with no directory part: nothing the index names may lead out of DIR."""
+    return (isinstance(name, str) and bool(name) and Path(name).name == name
+            and name not in (".", "..") and "\\" not in name and "\0" not in name)
+
+
+def _check_shard(d: Path, sh: dict, dtype, vocab_size: int, checksum: bool) -> Path:
+    """The shard's path after checking it is a regular file of the indexed size and, with
+    ``checksum``, its sha256 and that every id is below ``vocab_size``."""
     p = d / sh["file"]
     try:
         st = os.lstat(p)
@@ -201,14 +257,31 @@ def _check_shard(d: Path, sh: dict, itemsize: int, checksum: bool) -> Path:
         raise DataError(f"shard {p} listed in {d / INDEX_NAME} is missing") from None
     if not stat.S_ISREG(st.st_mode):  # a symlink (could lead out of DIR) or a FIFO (would hang)
         raise DataError(f"shard {p} is not a regular file")
-    want = sh["num_tokens"] * itemsize
+    want = sh["num_tokens"] * np.dtype(dtype).itemsize
     if st.st_size != want:
         raise DataError(f"shard {p} has {st.st_size:,} bytes, {d / INDEX_NAME} says {want:,} "
                         "(truncated or changed after prepare-data); rerun prepare-data")
-    if checksum and sha256_file(p) != sh["sha256"]:
-        raise DataError(f"shard {p}: sha256 differs from {d / INDEX_NAME} (changed after "
-                        "prepare-data); rerun prepare-data")
+    if checksum:
+        digest, top = _scan_shard(p, dtype)
+        if digest != sh["sha256"]:
+            raise DataError(f"shard {p}: sha256 differs from {d / INDEX_NAME} (changed after "
+                            "prepare-data); rerun prepare-data")
+        if top >= vocab_size:
+            raise DataError(f"shard {p}: holds token id {top:,}, not below vocab_size "
+                            f"{vocab_size:,} of {d / INDEX_NAME}; rerun prepare-data")
     return p
+
+
+def _scan_shard(p: Path, dtype, block: int = 1 << 22) -> tuple[str, int]:
+    """(sha256, largest id) of a shard in one pass over its bytes (-1 if empty)."""
+    h, top = hashlib.sha256(), -1
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+            ids = np.frombuffer(chunk, dtype=dtype)
+            if len(ids):
+                top = max(top, int(ids.max()))
+    return h.hexdigest(), top
 
 
 def open_token_dir(path: os.PathLike, verify: str = "sha256") -> tuple[dict, TokenStream]:
@@ -219,13 +292,13 @@ def open_token_dir(path: os.PathLike, verify: str = "sha256") -> tuple[dict, Tok
     d = Path(path)
     index = read_index(d)
     dtype = DTYPES[index["dtype"]]
-    itemsize = np.dtype(dtype).itemsize
-    parts = []
+    parts, names = [], []
     for sh in index["shards"]:
-        p = _check_shard(d, sh, itemsize, verify == "sha256")
+        p = _check_shard(d, sh, dtype, index["vocab_size"], verify == "sha256")
         if sh["num_tokens"]:
             parts.append(np.memmap(p, dtype=dtype, mode="r", shape=(sh["num_tokens"],)))
-    return index, TokenStream(parts)
+            names.append(str(p))
+    return index, TokenStream(parts, vocab_size=index["vocab_size"], names=names)
 
 
 # ----------------------------------------------------------------------------- the loop's data
@@ -270,8 +343,10 @@ def load_training_data(table: Mapping[str, Any], verify: Optional[str] = None) -
         train, val = _split(stream, val_fraction, f"data.path {path}")
         tok = index.get("tokenizer") or {}
         tok_file = Path(path) / tok["file"] if tok.get("file") else None
+        sha = tokenizer_sha256(tok_file) if tok_file else None
+        # tokenizer_sha256: what `ckpt export` checks the data directory's file against later
         describe = {"path": str(path), "vocab_size": index["vocab_size"], "tokenizer": tok,
-                    "tokenizer_file": str(tok_file) if tok_file and tok_file.is_file() else None}
+                    "tokenizer_file": str(tok_file) if sha else None, "tokenizer_sha256": sha}
         return TrainingData(train, val, index["vocab_size"], describe)
     from launcher.data.corpus import load_corpus, split
 

@@ -306,6 +306,17 @@ def check_resume(cfg: Config) -> ResumePoint:
     config; :class:`LaunchError` if it cannot be used."""
     point = find_resume_point(cfg)
     _check_same_model(cfg, point)
+    if point.path and not is_uri(point.path):  # a changed preset/lam/beta3 refused; lr: says who wins
+        import sys
+
+        from launcher.run.resume_checks import check_same_optimizer
+
+        try:
+            notes = check_same_optimizer(cfg.optim, point.path)
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+        for note in notes:
+            print(f"{TAG} {note}", file=sys.stderr, flush=True)
     return point
 
 

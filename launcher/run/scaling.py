@@ -26,7 +26,7 @@ import re
 from typing import Any, Optional, Union
 
 __all__ = ["parse_num_workers", "worker_range", "accumulation_steps", "check_batch_split",
-           "oversubscription_warning"]
+           "nearest_batches", "oversubscription_warning"]
 
 NumWorkers = Union[int, list]
 _RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
@@ -76,7 +76,8 @@ def accumulation_steps(global_batch: int, num_workers: int, micro_batch_size: Op
     """
     if global_batch % num_workers:
         raise ValueError(f"data.batch_size ({global_batch}) is the global batch and must be "
-                         f"divisible by job.num_workers ({num_workers})")
+                         f"divisible by job.num_workers ({num_workers}); "
+                         f"{nearest_batches(global_batch, num_workers * (micro_batch_size or 1))}")
     per_worker = global_batch // num_workers
     if micro_batch_size is None:
         return 1
@@ -84,8 +85,17 @@ def accumulation_steps(global_batch: int, num_workers: int, micro_batch_size: Op
         raise ValueError(
             f"data.micro_batch_size ({micro_batch_size}) must divide the per-worker batch "
             f"data.batch_size / job.num_workers = {global_batch} / {num_workers} = {per_worker} "
-            "(global batch = micro_batch_size x accumulation steps x workers)")
+            "(global batch = micro_batch_size x accumulation steps x workers); "
+            f"{nearest_batches(global_batch, num_workers * micro_batch_size)}, or a "
+            f"data.micro_batch_size that divides {per_worker}")
     return per_worker // micro_batch_size
+
+
+def nearest_batches(global_batch: int, unit: int) -> str:
+    """'the nearest data.batch_size that work: 15 or 18' (the multiples of ``unit`` around it)."""
+    below, above = (global_batch // unit) * unit, (global_batch // unit + 1) * unit
+    sizes = f"{below} or {above}" if below > 0 else f"{above}"
+    return f"the nearest data.batch_size that work: {sizes}"
 
 
 def check_batch_split(global_batch: int, num_workers: NumWorkers, micro_batch_size: Optional[int]) -> None:
@@ -106,9 +116,9 @@ def check_batch_split(global_batch: int, num_workers: NumWorkers, micro_batch_si
         micro = f" x data.micro_batch_size ({micro_batch_size})" if micro_batch_size else ""
         raise ValueError(
             f"data.batch_size ({global_batch}) does not split evenly over {_counts(bad)} "
-            f"worker(s), which the elastic job.num_workers [{lo}, {hi}] allows: every size in "
-            f"the range must divide the global batch{micro}. Use a multiple of {unit} "
-            f"(e.g. {unit * max(1, round(global_batch / unit))}) or a narrower range")
+            f"worker(s), which the elastic job.num_workers [{lo}, {hi}] allows: the global batch "
+            f"must be a multiple of every worker count in the range{micro}. Use a multiple of "
+            f"{unit} ({nearest_batches(global_batch, unit)}) or a narrower range")
 
 
 def _counts(ws: list[int]) -> str:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 import ray.train  # [Ray]
 
+from launcher.run.resume_checks import check_loaded_groups
 from launcher.train.step import log_progress
 from sharded_ams.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
                                     save_checkpoint, step_dir_name, validate_checkpoint)
@@ -25,6 +26,7 @@ __all__ = ["resume", "save_and_report"]
 
 
 def _load(path: str, optimizer, model, scheduler) -> int:
+    check_loaded_groups(path, optimizer.param_groups)  # a changed preset/lam/beta3: refused
     return int(load_checkpoint(path, optimizer, model=model, lr_scheduler=scheduler)["step"])
 
 
