@@ -221,8 +221,21 @@ def block_hooks_job() -> dict:
         params[blocks], hooked[blocks] = snapshot(model), _hooked(model)
         n_buckets = len(opt.shards[0].layout.buckets)
         opt.close()
+    # bucket_numel="auto" takes default_bucket_numel(backend, N) (patched here to tell)
+    import sharded_ams.sharded as sharded_mod
+
+    real = sharded_mod.default_bucket_numel
+    sharded_mod.default_bucket_numel = lambda backend, n: 1000 + 100 * n if backend == "gloo" else 0
+    try:
+        opt, model = _gpt_run(False)
+        opt.close()
+        auto = ShardedAMS(model, backend="eager")
+        auto_numel = auto.bucket_numel
+        auto.close()
+    finally:
+        sharded_mod.default_bucket_numel = real
     return dict(same=compare_params(params[False], params[True]), hooked=hooked,
-                n_buckets=n_buckets)
+                n_buckets=n_buckets, auto_numel=auto_numel)
 
 
 @pytest.mark.slow
@@ -234,6 +247,7 @@ def test_param_sync_modules_same_training_one_hook_per_block():
                   for b in (False, True)]
         assert inside[True] == [] and len(inside[False]) >= 4 * CFG.n_layer, inside
         assert {"blocks.0", "blocks.1"} <= set(r["hooked"][True])
+        assert r["auto_numel"] == 1200  # "auto": default_bucket_numel("gloo", 2)
 
 
 def test_param_sync_modules_fewer_graph_breaks():
