@@ -64,25 +64,33 @@ def test_local_offset_is_the_prefix_sum():
 
 # ------------------------------------------------------------------ item 5: counts
 class ManyParams(nn.Module):
-    """``N_PARAMS`` small 1-D params of 60-200 elements: with ``bucket_numel=350`` about
-    2-3 per bucket, in two groups (pairs alternate), so > 128 runs, some with 2 pieces."""
+    """``N_PARAMS`` small fp32 1-D params of 60-200 elements: with ``bucket_numel=350``
+    about 2-3 per bucket, in two groups (pairs alternate), so > 128 runs, some with 2
+    pieces; and 40 bf16 params in a second dtype buffer (its counts share the one vector)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.ps = nn.ParameterList(nn.Parameter(torch.randn(60 + (37 * i) % 141) * 0.5)
                                    for i in range(N_PARAMS))
+        self.extra = nn.ParameterList(nn.Parameter(torch.randn(90 + i).to(torch.bfloat16))
+                                      for i in range(40))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum(torch.tanh(p * x[:p.numel()]).sum() * (1 + i % 3)
-                   for i, p in enumerate(self.ps))
+                   for i, p in enumerate(self.ps)) + \
+            sum((p * x[:p.numel()].to(p.dtype)).float().sin().sum() for p in self.extra)
 
 
-def _groups(params: list, lr_scale: float = 1.0) -> list[dict]:
+def _groups(params: list) -> list[dict]:
     return [dict(params=[p for i, p in enumerate(params) if (i // 2) % 2 == 0],
-                 lr=1e-2 * lr_scale, weight_decay=0.1),
+                 lr=1e-2, weight_decay=0.1),
             dict(params=[p for i, p in enumerate(params) if (i // 2) % 2 == 1],
-                 lr=3e-3 * lr_scale, weight_decay=0.0)]
+                 lr=3e-3, weight_decay=0.0)]
+
+
+def _fp32(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k.startswith("ps.")}
 
 
 def many_runs_job(kw: dict) -> dict:
@@ -93,9 +101,12 @@ def many_runs_job(kw: dict) -> dict:
     params = list(model.ps)
     init = snapshot(model)
     # the params live in a ParameterList, which never runs a forward: the root waits
-    opt = ShardedAMS(_groups(params), module=model, param_sync_modules=[model],
+    groups = _groups(params)
+    for g, extra in zip(groups, (model.extra[::2], model.extra[1::2])):
+        g["params"] = g["params"] + list(extra)
+    opt = ShardedAMS(groups, module=model, param_sync_modules=[model],
                      backend="eager", bucket_numel=350, max_grad_norm=1e6, **kw)
-    sh = opt.shards[0]
+    sh = opt.shards[1]  # shards by dtype name: bfloat16, then float32
     rec = GradRecorder(params)
     misses0 = run_table.cache_info().misses
     local, calls, tables = [], [], []
@@ -112,7 +123,8 @@ def many_runs_job(kw: dict) -> dict:
         local.append(rec.pop())
         opt.zero_grad()
     opt.finish_param_sync()
-    out = dict(n_runs=len(sh.runs), n_buckets=len(sh.layout.buckets),
+    out = dict(n_runs=len(sh.runs), dtypes=[str(x.buf.dtype) for x in opt.shards],
+               n_buckets=sum(len(x.layout.buckets) for x in opt.shards),
                multi_piece=sum(len(r.pieces) > 1 for r in sh.runs),
                calls=calls, tables=tables, lru_misses=run_table.cache_info().misses - misses0,
                nonempty=sum(r.local_end > r.local_start for r in sh.runs))
@@ -122,7 +134,10 @@ def many_runs_job(kw: dict) -> dict:
         rparams = list(ref.ps)
         replay(ref, init, means_per_step(everyone), params=rparams, groups=_groups(rparams),
                **ams_kwargs(kw))
-        out["replay"] = compare_params(snapshot(ref), snapshot(model))
+        # the fp32 params: their updates depend on nothing of the bf16 ones (clipping
+        # factor 1), so the single-process AMS on the fp32 params alone is their oracle
+        out["replay"] = compare_params(_fp32(snapshot(ref)), _fp32(snapshot(model)))
+        out["bf16_moved"] = not torch.equal(snapshot(model)["extra.0"], init["extra.0"])
     return out
 
 
@@ -133,7 +148,9 @@ def test_many_runs_exact_with_one_count_all_reduce(kw):
     res = run_distributed(many_runs_job, 2, kw, timeout=300)
     r0 = res[0]
     assert r0["replay"]["equal"], r0["replay"]
+    assert r0["bf16_moved"]
     for r in res:
+        assert r["dtypes"] == ["torch.bfloat16", "torch.float32"]
         assert r["n_runs"] > 128 and r["multi_piece"] > 0
         assert r["n_runs"] > r["n_buckets"]  # two groups share buckets
         # per step: grads and params per bucket, then the norm and ONE count all-reduce
