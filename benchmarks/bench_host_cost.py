@@ -15,7 +15,8 @@ CPU, ``max_grad_norm=1`` so the norm and the clip run) and per lam (-1: Grams, o
   replaced by no-ops, i.e. the host work around the kernels, which is what grows with B.
 * ``fwd_ms`` (lam = -1 only): a forward through B modules, one param each, with every
   bucket's param gather pending (the gathers are stand-ins that are already done): the
-  forward pre-hooks' cost (before issue 26: each hook scanned every bucket, O(B^2)).
+  forward pre-hooks' cost (before issue 26 each hook scanned the buckets for a pending
+  gather; the scan stops at the first one, so in forward order it was cheap already).
 
 Graph breaks (item 10): compiled graphs run per forward of ``torch.compile(GPT)`` (the
 launcher's GPT, ``--layers`` deep; a counting backend, no Inductor), with the forward

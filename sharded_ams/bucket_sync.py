@@ -260,8 +260,9 @@ class BucketSync:
 
     def finish_param_sync(self, buckets: Optional[Sequence[_Bucket]] = None) -> None:
         """Wait for the pending gathers of ``buckets`` (default: all). O(len(buckets)): a
-        count of the pending gathers, not a scan of every bucket, says whether any is
-        left (each forward pre-hook calls this: a scan made a forward O(B^2))."""
+        count of the pending gathers says whether any is left, not a scan of every bucket
+        (each forward pre-hook calls this; the scan stopped at the first pending bucket,
+        cheap in forward order, O(B) per hook in other orders)."""
         if not self._gathers_pending:
             return
         t0 = time.perf_counter()
