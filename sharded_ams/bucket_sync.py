@@ -109,6 +109,7 @@ class BucketSync:
         self._next = 0                      # next bucket (in ``order``) to launch
         self._grad_handles: list[Any] = []
         self._gathers_pending = False
+        self._n_gathers = 0                 # gathers launched and not waited for yet
         self.accumulating = False           # inside no_sync()
         self._hooks: list[Any] = []
         self.closed = False
@@ -129,19 +130,24 @@ class BucketSync:
                 self._hooks.append(p.register_post_accumulate_grad_hook(
                     _grad_hook(ref, bk, k, i)))
 
-    def register_module_hooks(self, module: nn.Module) -> None:
+    def register_module_hooks(self, module: nn.Module,
+                              wait_modules: Optional[Sequence[nn.Module]] = None) -> None:
         """Forward pre-hooks waiting for the gathers of the buckets each module's own params
         live in; state_dict / load_state_dict pre-hooks waiting for them too. A bucket with
-        a param no module owns is gathered synchronously at the end of ``step()``."""
+        a param no module owns is gathered synchronously at the end of ``step()``.
+
+        ``wait_modules`` (e.g. the transformer blocks): each gets ONE hook for every param
+        under it, and the modules inside it get none: under ``torch.compile`` each hook is
+        a graph break (it is ``torch.compiler.disable``-d), so one per block instead of one
+        per Linear / norm. Modules outside them keep their own hooks."""
         ref = weakref.ref(self)
         owned: set[int] = set()
-        for m in module.modules():
-            mine = [self._where[id(p)][0] for p in m.parameters(recurse=False)
-                    if id(p) in self._where]
+        for m, params in _hook_targets(module, wait_modules or ()):
+            mine = [self._where[id(p)][0] for p in params if id(p) in self._where]
             if not mine:
                 continue
             bks = list({id(b): b for b in mine}.values())
-            owned.update(id(p) for p in m.parameters(recurse=False))
+            owned.update(id(p) for p in params)
             wait = _wait_hook(ref, bks)
             self._hooks.append(m.register_forward_pre_hook(
                 lambda mod, args, _w=wait: _w()))
@@ -245,13 +251,18 @@ class BucketSync:
         if not self.comm.active:
             return
         for bk in reversed(self.order):
+            if bk.gather is None:
+                self._n_gathers += 1
             bk.gather = self.comm.gather_params(bk.shard.buf.param[bk.start:bk.end],
                                                 bk.shard.param_shard(bk.index))
         self._gathers_pending = True
         self.finish_param_sync([bk for bk in self.order if not bk.forward_waited])
 
     def finish_param_sync(self, buckets: Optional[Sequence[_Bucket]] = None) -> None:
-        """Wait for the pending gathers of ``buckets`` (default: all)."""
+        """Wait for the pending gathers of ``buckets`` (default: all). O(len(buckets)): a
+        count of the pending gathers says whether any is left, not a scan of every bucket
+        (each forward pre-hook calls this; the scan stopped at the first pending bucket,
+        cheap in forward order, O(B) per hook in other orders)."""
         if not self._gathers_pending:
             return
         t0 = time.perf_counter()
@@ -259,15 +270,34 @@ class BucketSync:
             if bk.gather is not None:
                 bk.gather.wait()
                 bk.gather = None
+                self._n_gathers -= 1
         self.stats.param_wait_s += time.perf_counter() - t0
-        self._gathers_pending = buckets is not None and any(
-            bk.gather is not None for bk in self.order)
+        self._gathers_pending = self._n_gathers > 0
 
     def wait_small(self, handle: Any) -> None:
         """Wait for a small all-reduce (grad norm, per-tensor counts), timed."""
         t0 = time.perf_counter()
         handle.wait()
         self.stats.small_wait_s += time.perf_counter() - t0
+
+
+def _hook_targets(module: nn.Module, wait_modules: Sequence[nn.Module]
+                  ) -> list[tuple[nn.Module, list[Tensor]]]:
+    """(module, the params its hook waits for): each of ``wait_modules`` with every param
+    under it, then every other module of ``module`` not inside one of them, with its own
+    params."""
+    inside: set[int] = set()
+    known = {id(m) for m in module.modules()}
+    targets = []
+    for w in wait_modules:
+        if id(w) not in known:
+            raise ValueError(f"param_sync_modules: {type(w).__name__} is not a submodule of "
+                             "the model given to ShardedAMS")
+        targets.append((w, list(w.parameters())))
+        inside.update(id(m) for m in w.modules())
+    targets += [(m, list(m.parameters(recurse=False))) for m in module.modules()
+                if id(m) not in inside]
+    return targets
 
 
 def _sparse_check(name: str) -> Callable[[Tensor], None]:

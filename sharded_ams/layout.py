@@ -22,6 +22,7 @@ the per-tensor count, which is combined across ranks.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -30,6 +31,36 @@ ALIGN = 64
 #: Runs handed to the step kernel end on a multiple of this many elements where the
 #: extension covers only padding (the Triton kernel's vector loads need 16-aligned lengths).
 KERNEL_MULTIPLE = 16
+
+
+#: gloo's bucket with overlap: measured on 2 CPU ranks (benchmarks/bench_overlap.py
+#: --bucket-sweep); gloo is the CPU test/dev backend, so it is not scaled with N.
+GLOO_BUCKET_NUMEL = 1_000_000
+#: NCCL floor: PyTorch DDP's bucket_cap_mb=25 (25 MiB of fp32 gradients), the old fixed size.
+NCCL_BUCKET_FLOOR = 6_553_600
+#: NCCL per-rank term, Megatron-Core's: each rank's slice of a bucket stays >= 1M elements.
+NCCL_BUCKET_PER_RANK = 1_000_000
+
+
+def default_bucket_numel(backend: str, world_size: int) -> Optional[int]:
+    """Elements per communication bucket for ``bucket_numel="auto"`` (with overlap).
+
+    A ring reduce-scatter or all-gather costs about N - 1 hop latencies whatever its size,
+    and moves bucket / N elements per hop, so a fixed bucket becomes latency-bound as N
+    grows (6.55M at N = 1,024: 6.4K elements, 25 KB, per hop). NCCL: max(6.55M, 1M x N),
+    Megatron-Core's per-rank term (max(40M, 1M x N)) with DDP's 25 MiB as the floor
+    instead of 40M, so models of 60M-1B params keep several buckets (overlap) at small N;
+    from N = 7 on it is 1M x N (1.02G elements at N = 1,024). gloo: the measured 1M.
+    N = 1 and unknown backends: None (one bucket per dtype)."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if world_size == 1:
+        return None
+    if backend == "gloo":
+        return GLOO_BUCKET_NUMEL
+    if backend == "nccl":
+        return max(NCCL_BUCKET_FLOOR, NCCL_BUCKET_PER_RANK * world_size)
+    return None
 
 
 def pad_to(n: int, multiple: int) -> int:
@@ -103,9 +134,13 @@ class BufferLayout:
     buckets: list[Bucket]
     world_size: int
     numel: int = field(init=False)
+    _offsets: list[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.numel = self.buckets[-1].end if self.buckets else 0
+        # prefix sums of the shard sizes: local_offset is O(1), not O(B) per call
+        self._offsets = list(itertools.accumulate((b.shard_size for b in self.buckets),
+                                                  initial=0))
 
     @classmethod
     def build(cls, params: Sequence[tuple[str, tuple[int, ...], int]], world_size: int,
@@ -141,10 +176,13 @@ class BufferLayout:
     @property
     def shard_numel(self) -> int:
         """Elements of local state on every rank (the same on all ranks)."""
-        return sum(b.shard_size for b in self.buckets)
+        return self._offsets[-1]
 
     def local_offset(self, bucket: int) -> int:
-        return sum(b.shard_size for b in self.buckets[:bucket])
+        """Where bucket ``bucket``'s shard starts in the local index space."""
+        if not 0 <= bucket <= len(self.buckets):
+            raise IndexError(f"bucket {bucket} out of range (0..{len(self.buckets)})")
+        return self._offsets[bucket]
 
     def pieces(self, rank: int) -> list[LocalPiece]:
         """Every (part of a) parameter that ``rank`` owns, in buffer order."""

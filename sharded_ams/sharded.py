@@ -22,15 +22,13 @@ from .bucket_sync import BucketSync, SyncStats
 from .buffers import FlatParamGradBuffer
 from .collectives import Comm, bytes_of
 from .config import DEFAULTS, check_params, preset_hparams, validate_hparams
-from .kernels import GroupHParams, Piece, flat_step, resolve_backend
-from .layout import BufferLayout, Run
+from .kernels import resolve_backend
+from .kernels.tables import RunTable
+from .layout import BufferLayout, Run, default_bucket_numel
+from .shard_step import clip_grads, global_grad_norm, step_shards
 
 STATE_FORMAT_VERSION = 1
 
-#: Default ``bucket_numel`` with overlap, per backend (see docs/sharding.md, "Overlap").
-#: gloo: measured on 2 CPU ranks (benchmarks/bench_overlap.py --bucket-sweep). NCCL: not
-#: measured yet; DDP's default bucket_cap_mb=25 (25 MiB of fp32 gradients).
-DEFAULT_BUCKET_NUMEL = {"gloo": 1_000_000, "nccl": 6_553_600}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -63,7 +61,7 @@ class _DtypeShard:
                  device: torch.device, rank: int, with_s: bool,
                  state_dtype: torch.dtype = torch.float32,
                  grad_dtype: Optional[torch.dtype] = None):
-        self.layout, self.rank = layout, rank
+        self.layout, self.rank, self.device = layout, rank, device
         self.buf = FlatParamGradBuffer(layout, params, dtype, device, grad_dtype)
         n = layout.shard_numel
         f32 = dict(dtype=torch.float32, device=device)
@@ -79,6 +77,8 @@ class _DtypeShard:
             for b in range(len(layout.buckets)):
                 self.master_view(b).copy_(self.param_shard(b))
         self.runs: list[Run] = []
+        self.tables: dict[int, RunTable] = {}  # run index -> its table (shard_step.py)
+        self.numels: Optional[Tensor] = None    # each slot's numel (+ 0: padding), on device
 
     def param_shard(self, b: int) -> Tensor:
         s0, s1 = self.layout.buckets[b].shard(self.rank)
@@ -120,8 +120,9 @@ class ShardedAMS(Optimizer):
         max_grad_norm: clip the global grad norm (as ``clip_grad_norm_`` on the full grads).
         skip_nonfinite: skip the step on every rank when any gradient is inf/NaN.
         bucket_numel: elements per communication bucket: ``"auto"`` (default: with overlap
-            the backend's :data:`DEFAULT_BUCKET_NUMEL`, without it one bucket per dtype),
-            None (one bucket per dtype) or a number.
+            :func:`sharded_ams.layout.default_bucket_numel` of the backend and world size,
+            NCCL max(6.55M, 1M x N); without it one bucket per dtype), None (one bucket per
+            dtype) or a number.
         backend: step kernel: "auto", "triton", "compiled" or "eager".
         broadcast_params: copy rank 0's initial params to every rank, as DDP does.
         state_dtype: storage of m, v[, s]: ``torch.float32`` (default) or ``torch.bfloat16``
@@ -140,6 +141,12 @@ class ShardedAMS(Optimizer):
             itself: its parameter order sets the bucket order, and its modules get the
             forward pre-hooks that overlap the param gather (without it the gather is
             waited for at the end of ``step()``).
+        param_sync_modules: submodules of the model (e.g. its transformer blocks) that each
+            wait for the param gather of every param under them, in one forward pre-hook,
+            instead of one hook per module that owns params: under ``torch.compile`` every
+            hook is a graph break, so this leaves one per block (docs/sharding.md). Params
+            under none of them keep their own module's hook. A param under one of them
+            must be read only inside its forward.
 
     Use it in place of both DDP and the optimizer: ``loss.backward(); opt.step();
     opt.zero_grad()``; for gradient accumulation run every micro-batch's backward but the
@@ -157,7 +164,8 @@ class ShardedAMS(Optimizer):
                  bucket_numel: Union[int, str, None] = "auto", backend: str = "auto",
                  broadcast_params: bool = True, state_dtype: torch.dtype = torch.float32,
                  overlap: bool = True, grad_reduce_dtype: Optional[torch.dtype] = None,
-                 module: Optional[nn.Module] = None):
+                 module: Optional[nn.Module] = None,
+                 param_sync_modules: Optional[Iterable[nn.Module]] = None):
         fixed = preset_hparams(preset) if preset else {}
         if fixed and (beta3 is not None or lam is not None):
             raise ValueError(f"preset={preset!r} fixes beta3 and lam; do not pass them too")
@@ -202,7 +210,14 @@ class ShardedAMS(Optimizer):
                 self._names[p] = name
         if module is not None:
             _refuse_sparse_modules(module, self._names)
+        elif param_sync_modules is not None:
+            raise ValueError("param_sync_modules needs the model (pass it as params or module=)")
+        param_sync_modules = list(param_sync_modules or ())
+        if module is not None and not {id(m) for m in param_sync_modules} <= {
+                id(m) for m in module.modules()}:
+            raise ValueError("param_sync_modules must be submodules of the model")
         self.state_dtype = state_dtype
+        self._sync_modules = param_sync_modules
         self._build(bucket_numel, backend, broadcast_params, module)
 
     # ------------------------------------------------------------------ layout
@@ -223,7 +238,7 @@ class ShardedAMS(Optimizer):
         fwd = sorted(listed, key=lambda p: rank_in_module.get(id(p), len(rank_in_module)))
         fill_pos = {id(p): len(fwd) - 1 - i for i, p in enumerate(fwd)}
         if bucket_numel == "auto":
-            bucket_numel = DEFAULT_BUCKET_NUMEL.get(self.comm.backend) \
+            bucket_numel = default_bucket_numel(self.comm.backend, self.comm.world_size) \
                 if self.overlap and self.comm.active else None
         self.bucket_numel = bucket_numel
         grad_dtypes = {dtype: self._grad_dtype(dtype) for dtype, _ in by_dtype}
@@ -263,7 +278,7 @@ class ShardedAMS(Optimizer):
         self._sync.register_grad_hooks(
             collect_in_hook=self.overlap or any(sh.buf.main_grad for sh in self.shards))
         if module is not None:
-            self._sync.register_module_hooks(module)
+            self._sync.register_module_hooks(module, self._sync_modules)
 
     def _grad_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if dtype not in LOW_PRECISION or self.grad_reduce_dtype in (None, torch.float32):
@@ -338,15 +353,9 @@ class ShardedAMS(Optimizer):
         for sh in self.shards:
             sh.buf.zero_grad()
 
-    def _global_grad_norm(self) -> Tensor:
-        sq = torch.zeros((), dtype=torch.float64, device=self.device)
-        for sh in self.shards:
-            for b in range(len(sh.layout.buckets)):
-                # fp32 norm (as clip_grad_norm_; a float64 one is ~30x slower on CPU),
-                # squared and summed in float64; an fp32 overflow is inf and skips the step.
-                sq += torch.linalg.vector_norm(sh.grad_shard(b), dtype=torch.float32).double() ** 2
-        self._sync.wait_small(self.comm.all_reduce(sq))
-        return sq.sqrt()
+    def _reduce_small(self, t: Tensor) -> None:
+        """All-reduce a small tensor (the squared norm, the per-tensor counts) and wait."""
+        self._sync.wait_small(self.comm.all_reduce(t))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -365,20 +374,19 @@ class ShardedAMS(Optimizer):
         self._sync.finish_grad_sync()
         norm = skip = None
         if self.max_grad_norm is not None or self.skip_nonfinite:
-            norm = self._global_grad_norm()
+            norm = global_grad_norm(self.shards, self.device, self._reduce_small)
             if self.skip_nonfinite:
                 skip = ~torch.isfinite(norm)
             if self.max_grad_norm is not None:
                 coef = self.max_grad_norm / (norm + 1e-6)
                 # 1.0 (an exact no-op) unless clipping; NaN (not skipped) leaves grads as they are
                 coef = torch.where(coef < 1.0, coef, torch.ones_like(coef))
-                for sh in self.shards:
-                    for b in range(len(sh.layout.buckets)):
-                        sh.grad_shard(b).mul_(coef)
+                clip_grads(self.shards, coef)
         for group in self.param_groups:
             group["step"] += 1 if skip is None else (~skip).float()
+        step_shards(self.shards, self.param_groups, self.device, self.backend, skip,
+                    self._reduce_small)
         for sh in self.shards:
-            self._step_shard(sh, skip)
             sh.buf.consumed()
         if skip is not None:
             self._skipped += skip
@@ -386,27 +394,6 @@ class ShardedAMS(Optimizer):
         self._sync.stats.steps += 1
         self.last_step = StepInfo(norm, skip)
         return loss
-
-    def _step_shard(self, sh: _DtypeShard, skip: Optional[Tensor]) -> None:
-        num = len(sh.layout.slots)
-        low = sh.own_master
-        for run in sh.runs:
-            group = self.param_groups[run.group]
-            lo, hi = run.local_start, run.local_end
-            if hi == lo and abs(group["lam"]) == 1:
-                continue
-            b = run.bucket
-            off = sh.layout.local_offset(b)
-            r0, r1 = lo - off, hi - off
-            pieces = tuple(Piece(pc.local_start - lo, pc.local_start - lo + pc.length,
-                                 pc.slot.index, pc.slot.numel) for pc in run.pieces)
-            flat_step(sh.master_view(b)[r0:r1], sh.grad_shard(b)[r0:r1],
-                      sh.local("exp_avg", b)[r0:r1], sh.local("exp_avg_sq", b)[r0:r1],
-                      sh.local("exp_avg_s", b)[r0:r1] if "exp_avg_s" in sh.state else None,
-                      sh.param_shard(b)[r0:r1] if low else None, lr=group["lr"],
-                      step=group["step"], hp=GroupHParams.from_group(group), pieces=pieces,
-                      num_tensors=num, backend=self.backend, skip=skip,
-                      count_reduce=lambda c: self._sync.wait_small(self.comm.all_reduce(c)))
 
     def _gather_params_now(self) -> None:
         self._sync.start_param_sync()

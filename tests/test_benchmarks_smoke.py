@@ -4,6 +4,8 @@ present in the JSON. No timing assertions (timings on shared CI machines mean no
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
 import pytest
 
 from scripts import load_script
@@ -55,3 +57,51 @@ def test_gpt_shapes_count():
 
     assert sum(math.prod(s) for s in shapes) == 28_976_128
     assert sum(math.prod(s) for s in bench.gpt_shapes(layers=8)) == 41_567_232
+
+
+def _host_cost_bench():
+    import importlib
+    import sys
+
+    # a real import (not exec from a spec): the spawned ranks unpickle its job by name
+    bench_dir = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    if bench_dir not in sys.path:
+        sys.path.insert(0, bench_dir)
+    return importlib.import_module("bench_host_cost")
+
+
+def test_bench_host_cost_smoke(tmp_path, capsys):
+    """benchmarks/bench_host_cost.py: tiny B, one repeat, no ranks, no compile trace.
+    Launch counts are deterministic: the step kernels once per run (twice with per-tensor
+    scaling), and the same number of other launches for 3 and 6 buckets."""
+    bench = _host_cost_bench()
+    out = tmp_path / "bench_host_cost.json"
+    bench.main(["--buckets", "3", "6", "--ranks", "0", "--repeats", "1", "--layers",
+                "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = {(r["buckets"], r["lam"]): r for r in report["rows"]}
+    assert set(rows) == {(b, lam) for b in (3, 6) for lam in bench.LAMS}
+    rest = {}
+    for (b, lam), r in rows.items():
+        assert r["runs"] == b and r["syncs"] == 0
+        assert r["step_ms"] > 0 and r["host_ms"] > 0
+        prims = sum(r["ops"].get(k, 0) for k in bench.PRIMITIVES)
+        assert prims == (b if lam == -1.0 else 2 * b)
+        rest.setdefault(lam, set()).add(r["launches"] - prims)
+    assert all(len(v) == 1 for v in rest.values()), rest
+    assert report["comm_rows"] == [] and report["graph_break_rows"] == []
+    for key in ("device", "torch", "git_sha", "date", "label"):
+        assert key in report["meta"]
+    assert "| buckets |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_host_cost_collectives(tmp_path):
+    """The 2-rank part: collectives per step, one count all-reduce with lam = 0."""
+    bench = _host_cost_bench()
+    out = tmp_path / "bench_host_cost.json"
+    bench.main(["--buckets", "2", "--dist-buckets", "3", "--repeats", "1", "--layers",
+                "--out", str(out)])
+    calls = {r["lam"]: r["calls"] for r in json.loads(out.read_text())["comm_rows"]}
+    assert calls[-1.0] == {"all_reduce": 3, "all_gather": 3, "all_reduce_small": 1}
+    assert calls[0.0] == {"all_reduce": 3, "all_gather": 3, "all_reduce_small": 2}

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import sharded_ams.sharded as sharded_mod
+import sharded_ams.shard_step as shard_step_mod
 from sharded_ams import ShardedAMS
 from sharded_ams.layout import KERNEL_MULTIPLE
 
@@ -371,13 +371,14 @@ def test_padding_stays_zero_and_kernel_runs_are_aligned(monkeypatch):
     per-tensor count pass and bf16 masters included), and the result is bitwise AMS's
     (so the padding was not counted in the per-tensor step scale)."""
     lengths = []
-    real = sharded_mod.flat_step
+    real = shard_step_mod._ranges  # the (p, g, m, v, s, out) ranges of each kernel call
 
-    def spy(p, g, *args, **kwargs):
-        lengths.append(p.numel())
-        return real(p, g, *args, **kwargs)
+    def spy(sh, run):
+        ranges = real(sh, run)
+        lengths.append(ranges[0].numel())
+        return ranges
 
-    monkeypatch.setattr(sharded_mod, "flat_step", spy)
+    monkeypatch.setattr(shard_step_mod, "_ranges", spy)
     kw = dict(lam=-0.5, beta3=0.5, lr=1e-2, weight_decay=0.5)
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)

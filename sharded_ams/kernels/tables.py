@@ -105,7 +105,16 @@ class RunTable:
 @functools.lru_cache(maxsize=128)
 def run_table(pieces: tuple[Piece, ...], n: int, num_tensors: int,
               device: torch.device) -> RunTable:
-    """The cached table of a run: built (and copied to ``device``) once per layout."""
+    """The cached table of a run, for callers that do not keep their tables (``flat_step``
+    on one tensor at a time). ``ShardedAMS`` has more than 128 runs at scale: it keeps its
+    own tables (:func:`build_run_table`), so a cache miss never rebuilds one per step."""
+    return build_run_table(pieces, n, num_tensors, device)
+
+
+def build_run_table(pieces: tuple[Piece, ...], n: int, num_tensors: int,
+                    device: torch.device) -> RunTable:
+    """A run's table, built and copied to ``device`` (a host-to-device copy each): build
+    it once per layout and keep it."""
     pieces = tuple(pc for pc in pieces if pc.end > pc.start)
     for pc in pieces:
         if not (0 <= pc.start < pc.end <= n and 0 <= pc.index < num_tensors

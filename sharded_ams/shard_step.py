@@ -1,0 +1,165 @@
+"""The per-step work of ``ShardedAMS`` on its local shards, with host cost independent of
+the number of buckets B where it can be (issue 26, items 5 and 6).
+
+* Global grad norm and clipping: one ``_foreach_norm`` and one ``_foreach_mul_`` per
+  dtype shard over every bucket's shard (not ~5 launches per bucket), then one small
+  all-reduce of the squared norm.
+* Per-step scalars (bias corrections, step size, decay) once per param group, not once
+  per (bucket, group) run.
+* lam not in {1, -1} (per-tensor scale): every run's count pass adds into ONE count vector
+  (all dtype shards, one slot per tensor), ONE all-reduce per step combines it, then the
+  per-tensor step sizes are computed once per (shard, group) and every run is applied.
+  Before, each run had its own count -> all-reduce -> apply chain: hundreds of small
+  all-reduces per step, each between two kernels.
+* Run tables (where each tensor's pieces lie in a run) are built once per run and kept on
+  the shard (``shard.tables``), instead of an LRU cache of 128 that missed on every call
+  past 128 runs (each rebuild a host-to-device copy).
+
+The maths is that of :func:`sharded_ams.kernels.flat_step` element for element: the same
+primitives with the same scalars, computed by the same functions (``update.py``) in the
+same float64 -> fp32 order, so results are bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .kernels import GroupHParams, Piece, get_ops, host_scalar
+from .kernels.tables import RunTable, build_run_table
+from .layout import Run
+from .update import Scalar, StepScalars, bias_corrections, lam_is_unit, step_scalars, step_scale
+
+
+@dataclass(frozen=True)
+class GroupStep:
+    """One param group's per-step values, computed once per step (not once per run)."""
+
+    hp: GroupHParams
+    lr: Scalar
+    bc1: Scalar
+    bc2: Scalar
+    unit: bool                      # |lam| == 1: one pass, no counts
+    sc: Optional[StepScalars]       # the one-pass scalars (unit groups only)
+
+    @classmethod
+    def of(cls, group: dict, device: torch.device) -> "GroupStep":
+        hp = GroupHParams.from_group(group)
+        lr, step = host_scalar(group["lr"], device), host_scalar(group["step"], device)
+        bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
+        unit = lam_is_unit(hp.lam)
+        sc = step_scalars(lr, bc1, bc2, hp.weight_decay) if unit else None
+        return cls(hp, lr, bc1, bc2, unit, sc)
+
+    def scaled(self, numels: Tensor, counts: Tensor) -> StepScalars:
+        """Per-tensor scalars from every tensor's full numel and global count of u*s < 0
+        (a tensor with numel 0, the padding slot, gets scale 1)."""
+        lrs = step_scale(numels, counts, self.hp.lam)
+        lr = self.lr * lrs if isinstance(self.lr, float) else self.lr.double() * lrs
+        return step_scalars(lr, self.bc1, self.bc2, self.hp.weight_decay)
+
+
+def global_grad_norm(shards: Sequence[Any], device: torch.device,
+                     reduce: Callable[[Tensor], None]) -> Tensor:
+    """sqrt of the sum over ranks of every local grad element squared: fp32 norms per
+    bucket shard (as ``clip_grad_norm_``; an fp32 overflow is inf and skips the step),
+    squared and summed in float64, then ``reduce`` (the all-reduce, waited)."""
+    parts = []
+    for sh in shards:
+        grads = [sh.grad_shard(b) for b in range(len(sh.layout.buckets))]
+        if grads:
+            parts.append(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+    if parts:
+        sq = torch.cat(parts).double().square().sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+    reduce(sq)
+    return sq.sqrt()
+
+
+def clip_grads(shards: Sequence[Any], coef: Tensor) -> None:
+    """Multiply every local grad shard by ``coef`` (a 0-d device tensor): one
+    ``_foreach_mul_`` per dtype shard. ``coef`` is rounded to fp32 first, as the
+    per-bucket ``mul_`` rounded it."""
+    coef32 = coef.float()
+    for sh in shards:
+        grads = [sh.grad_shard(b) for b in range(len(sh.layout.buckets))]
+        if grads:
+            torch._foreach_mul_(grads, coef32)
+
+
+def run_table_of(sh: Any, i: int, run: Run) -> RunTable:
+    """Run ``i``'s table, built on first use and kept on the shard."""
+    table = sh.tables.get(i)
+    if table is None:
+        lo = run.local_start
+        pieces = tuple(Piece(pc.local_start - lo, pc.local_start - lo + pc.length,
+                             pc.slot.index, pc.slot.numel) for pc in run.pieces)
+        table = build_run_table(pieces, run.local_end - lo, len(sh.layout.slots), sh.device)
+        sh.tables[i] = table
+    return table
+
+
+def _ranges(sh: Any, run: Run) -> tuple:
+    """(p, g, m, v, s, out) of a run: slices of the bucket's local shard."""
+    b = run.bucket
+    off = sh.layout.local_offset(b)
+    r = slice(run.local_start - off, run.local_end - off)
+    s = sh.local("exp_avg_s", b)[r] if "exp_avg_s" in sh.state else None
+    out = sh.param_shard(b)[r] if sh.own_master else None
+    return (sh.master_view(b)[r], sh.grad_shard(b)[r], sh.local("exp_avg", b)[r],
+            sh.local("exp_avg_sq", b)[r], s, out)
+
+
+def numels_of(sh: Any) -> Tensor:
+    """int64[slots + 1] on the shard's device: each tensor's full numel, 0 for the
+    padding slot (built once, kept)."""
+    if sh.numels is None:
+        sh.numels = torch.tensor([s.numel for s in sh.layout.slots] + [0], dtype=torch.int64,
+                                 device=sh.device)
+    return sh.numels
+
+
+def step_shards(shards: Sequence[Any], groups: Sequence[dict], device: torch.device,
+                backend: str, skip: Optional[Tensor],
+                reduce: Callable[[Tensor], None]) -> None:
+    """One AMS step on every run of every shard (see the module docstring); ``reduce``
+    all-reduces the count vector and waits (called once, only when some group has
+    |lam| != 1, on every rank alike: the runs are the same on every rank)."""
+    ops = get_ops(backend)
+    gs = [GroupStep.of(g, device) for g in groups]
+    sizes = [len(sh.layout.slots) + 1 for sh in shards]
+    scaled = any(not gs[run.group].unit for sh in shards for run in sh.runs)
+    counts = torch.zeros(sum(sizes), dtype=torch.int64, device=device) if scaled else None
+    views, pos = [], 0
+    for sh, size in zip(shards, sizes):
+        views.append(counts[pos:pos + size] if scaled else None)
+        pos += size
+    for sh, cnt in zip(shards, views):  # one-pass runs, and the count pass of the others
+        for i, run in enumerate(sh.runs):
+            if run.local_end == run.local_start:
+                continue
+            g = gs[run.group]
+            p, gr, m, v, s, out = _ranges(sh, run)
+            if g.unit:
+                ops.fused_step(p, gr, m, v, s, out, g.sc, g.hp, skip)
+            else:
+                ops.count_run(gr, m, v, s, g.hp, run_table_of(sh, i, run), cnt, skip)
+    if not scaled:
+        return
+    reduce(counts)
+    for sh, cnt in zip(shards, views):  # the apply pass, scalars once per (shard, group)
+        per_group: dict[int, StepScalars] = {}
+        for i, run in enumerate(sh.runs):
+            g = gs[run.group]
+            if g.unit or run.local_end == run.local_start:
+                continue
+            if run.group not in per_group:
+                per_group[run.group] = g.scaled(numels_of(sh), cnt)
+            sc = per_group[run.group]
+            p, gr, m, v, s, out = _ranges(sh, run)
+            ops.apply_run(p, gr, m, v, s, out, sc.inv_sqrt_bc2, g.hp, run_table_of(sh, i, run),
+                          sc.step_size, sc.decay, skip)
