@@ -314,3 +314,25 @@ def test_export_safetensors_is_the_plain_state_dict(tmp_path):
         export_checkpoint(ckpt, tmp_path / "mine", "safetensors", log=lambda *_: None)
     assert cli_main(["ckpt", "export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2  # refused (exit status convention: launcher/commands/outputs.py)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- the worker's build
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt"])
+def test_worker_waits_for_param_gathers_once_per_block(monkeypatch, tmp_path, arch):
+    """The worker's optimizer waits for the param gather once per transformer block (one
+    graph break per block under torch.compile): every block is a sync module, and no module
+    inside a block keeps a hook of its own."""
+    import launcher.train.loop as loop
+
+    monkeypatch.setattr(loop.ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    over = {} if arch == "llama" else {"model.arch": "gpt", "model.intermediate_size": None}
+    cfg = preflight(load_config(None, {k: v for k, v in {**LLAMA, **over}.items() if v is not None},
+                                environ={})).config
+    w = loop._build({**cfg.to_dict(), "run_dir": str(tmp_path)})
+    blocks = list(w.model.transformer_blocks())
+    assert len(blocks) == 2
+    assert [id(m) for m in w.optimizer._sync_modules] == [id(b) for b in blocks]
+    inside = {id(m) for b in blocks for m in b.modules() if m is not b}
+    assert not any(id(m) in inside and m._forward_pre_hooks for m in w.model.modules())

@@ -174,7 +174,7 @@ def _build(config: dict) -> _Worker:
         model_table["vocab_size"] = data.vocab_size
     torch.manual_seed(dcfg.seed)  # identical initial weights on every rank
     model = build_model_for_training(model_table, device, precision)
-    optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs())
+    optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs(), param_sync_modules=_blocks(model))
     if mcfg.compile:
         model.compile()  # in place: parameter names (and checkpoints) are unchanged
     schedule = functools.partial(lr_factor, total_steps=cfg.job.steps, warmup_steps=ocfg.warmup_steps,
@@ -187,6 +187,15 @@ def _build(config: dict) -> _Worker:
         where=f"model.factory {mcfg.factory!r}" if mcfg.factory else f"model.arch {mcfg.arch!r}",
         data=data, model_table=model_table, model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+
+
+def _blocks(model: torch.nn.Module):
+    """A model's ``transformer_blocks()`` (the built-in GPT and Llama have it; a factory's
+    model may): the optimizer then waits for the param gather once per block, one graph
+    break per block under torch.compile instead of one per module that owns params. Params
+    under a block must be read only inside its forward. None: one wait per module."""
+    get = getattr(model, "transformer_blocks", None)
+    return list(get()) if callable(get) else None
 
 
 class _Records:

@@ -110,6 +110,11 @@ class GPT(ModelStats, nn.Module):
         self.activation_checkpointing = False  # recompute each block in backward (set by the launcher)
         self.apply(self._init_weights)
 
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The repeated blocks, in forward order (the launcher waits for each block's param
+        gather once, at its start)."""
+        return self.blocks
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         # GPT-2 style N(0, 0.02): keeps initial logits small, so the loss starts near ln(vocab).

@@ -207,6 +207,11 @@ class Llama(ModelStats, nn.Module):
         self.activation_checkpointing = False  # recompute each block in backward (set by the launcher)
         self.init_weights()
 
+    def transformer_blocks(self) -> nn.ModuleList:
+        """The decoder layers, in forward order (the launcher waits for each layer's param
+        gather once, at its start)."""
+        return self.model.layers
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """N(0, init_std) for every matrix, ones for the norms (Hugging Face's init)."""
