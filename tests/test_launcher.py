@@ -472,3 +472,57 @@ def test_torchrun_example_trains_checkpoints_and_resumes(tmp_path):
     assert f"resumed from {ckpt / 'step-00000010'} (step 10)" in second
     assert "done: step 15/15" in second
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step-00000010", "step-00000015"]
+
+
+# =============================================================================== schedule on resume
+
+
+def _scheduler_at(total_steps: int, optim: OptimConfig, start_step: int = 0):
+    """A ShardedAMS and its LambdaLR as ``launcher.train.loop._build`` makes them."""
+    import torch
+
+    from launcher.train.loop import Schedule
+    from sharded_ams import ShardedAMS
+
+    opt = ShardedAMS(torch.nn.Linear(4, 2), backend="eager", lr=optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, Schedule(optim.schedule_steps or total_steps, optim.warmup_steps, optim.schedule,
+                      optim.min_lr_ratio))
+    for _ in range(start_step):
+        opt.step()
+        sched.step()
+    return opt, sched
+
+
+@pytest.mark.parametrize("schedule_steps", [None, 300])
+def test_raising_steps_on_resume_keeps_the_schedule_unless_asked(tmp_path, schedule_steps):
+    """gpt_tiny's cosine run of 200 steps, resumed with job.steps = 300: the schedule it
+    started with stays in force (lr stays at min_lr_ratio), and one line says so with the lr
+    the other length would give; optim.schedule_steps = 300 re-plans the decay (~0.35x)."""
+    pytest.importorskip("ray.train")
+    from launcher.train.loop import lr_factor, settle_schedule
+    from sharded_ams.checkpoint import load_checkpoint, save_checkpoint
+
+    optim = load_config(GPT_TINY, environ={}).optim
+    opt, sched = _scheduler_at(200, optim, start_step=200)
+    save_checkpoint(tmp_path / "ck", opt, step=200, lr_scheduler=sched)
+    optim.schedule_steps = schedule_steps
+    opt2, sched2 = _scheduler_at(300, optim)  # the rerun's _build: job.steps = 300
+    load_checkpoint(tmp_path / "ck", opt2, lr_scheduler=sched2)
+    line = settle_schedule(sched2, optim, 300, 200)
+    kept, replanned = (lr_factor(200, total_steps=n, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1)
+                       for n in (200, 300))
+    assert kept == pytest.approx(0.1) and replanned == pytest.approx(0.35, abs=0.02)
+    want, other = (kept, replanned) if schedule_steps is None else (replanned, kept)
+    assert sched2.lr_lambdas[0].total_steps == (schedule_steps or 200)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(optim.lr * want)
+    sched2.step()  # the scheduler goes on from there
+    assert opt2.param_groups[0]["lr"] == pytest.approx(
+        optim.lr * lr_factor(201, total_steps=schedule_steps or 200, warmup_steps=20, schedule="cosine",
+                             min_lr_ratio=0.1))
+    assert len(line.splitlines()) == 1 and f"cosine over {schedule_steps or 200} steps" in line
+    assert f"is {optim.lr * want:.3g} (over {300 if schedule_steps is None else 200} steps it would be " \
+           f"{optim.lr * other:.3g})" in line
+    assert ("set optim.schedule_steps=300" in line) == (schedule_steps is None)
+    if schedule_steps is None:
+        assert settle_schedule(sched2, optim, 200, 200) == ""  # the same length: nothing to say
