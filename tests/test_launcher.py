@@ -137,6 +137,11 @@ def test_toml_and_yaml_give_the_same_config(tmp_path, monkeypatch):
     ("[optim]\nbucket_numel = 0\n", r"optim\.bucket_numel must be >= 1"),
     ("[optim]\nbucket_numel = \"big\"\n", r"optim\.bucket_numel must be an integer"),
     ("[job]\npy_modules = \"x\"\n", r"job\.py_modules must be a list"),
+    ("[job]\nenv = {NCCL_IB_DISABLE = 1}\n", r'job\.env\.NCCL_IB_DISABLE must be a string \(quote it: "1"\), got 1'),
+    ("[job]\nenv = {\"1X\" = \"a\"}\n", r"job\.env names must be letters, digits and '_'.*got '1X'"),
+    ("[job]\nenv = \"NCCL_DEBUG=INFO\"\n", r"job\.env must be a table of settings"),
+    ("[optim]\noverlap = 1\n", r"optim\.overlap must be true or false"),
+    ("[optim]\nschedule_steps = 0\n", r"optim\.schedule_steps must be >= 1"),
     ("[data]\nblock_size = 128\n", r"data\.block_size \(128\) must be <= model\.block_size \(64\)"),
     ("[model]\nn_head = 3\n", r"model\.n_embd \(64\) must be divisible by model\.n_head \(3\)"),
     ("[model]\nvocab_size = 0\n", r"model\.vocab_size must be >= 1"),
@@ -171,7 +176,9 @@ def test_bucket_numel_reaches_the_optimizer():
     kw = load_config(None, {"optim.bucket_numel": 300}, environ={}).optim.optimizer_kwargs()
     assert kw["bucket_numel"] == 300
     opt = ShardedAMS(torch.nn.Linear(40, 20), **{**kw, "backend": "eager"})
-    assert opt.bucket_numel == 300
+    assert opt.bucket_numel == 300 and opt.overlap
+    kw = load_config(None, {"optim.overlap": False}, environ={}).optim.optimizer_kwargs()
+    assert not ShardedAMS(torch.nn.Linear(40, 20), **{**kw, "backend": "eager"}).overlap
 
 
 def test_custom_beta3_lam_without_preset():
@@ -211,6 +218,9 @@ def test_runtime_env_ships_user_code(tmp_path, monkeypatch):
     job = JobConfig(working_dir=".", py_modules=["pkg", "s3://bucket/code.zip"])
     assert job.runtime_env() == {"working_dir": str(tmp_path), "py_modules": [str(tmp_path / "pkg"),
                                                                                "s3://bucket/code.zip"]}
+    cfg = load_config(None, ['job.env={NCCL_DEBUG = "WARN", NCCL_SOCKET_IFNAME = "eth0"}'], environ={})
+    assert cfg.job.runtime_env() == {"env_vars": {"NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "eth0"}}
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # what the workers get
 
 
 def test_to_dict_round_trip():
@@ -331,6 +341,20 @@ def test_cli_dry_run_applies_flags_over_set(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert cli_main(["train", str(GPT_TINY), "--dry-run", "--num-workers", "4", "--gpus"]) == 2
     assert "job.use_gpu with 4 workers needs 4 GPUs; this machine has 1" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_batch_split(capsys):
+    """As the README says: workers x micro-batches (accumulation) x sequences, at every size
+    of an elastic range; on stderr, so stdout stays the JSON config."""
+    assert cli_main(["train", str(GPT_TINY), "--dry-run", "--num-workers", "1-2",
+                     "--set", "data.micro_batch_size=4"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["data"]["micro_batch_size"] == 4
+    assert err.strip() == ("[sharded-ams] batch split: global batch 16 sequences x 64 tokens = 1 worker x "
+                           "4 micro-batches (accumulation steps) x 4 sequences; or 2 workers x 2 "
+                           "micro-batches (accumulation steps) x 4 sequences")
+    assert cli_main(["train", str(GPT_TINY), "--dry-run"]) == 0
+    assert "= 2 workers x 1 micro-batch (accumulation steps) x 8 sequences\n" in capsys.readouterr().err
 
 
 def test_cli_errors_exit_2(capsys, tmp_path):
