@@ -234,7 +234,7 @@ class OptimConfig:
     eps: float = 1e-8
     """Added to the bias-corrected sqrt(v) in the denominator."""
     weight_decay: float = 0.0
-    """Decoupled weight decay (as AdamW)."""
+    """Decoupled weight decay, as in AdamW (0 here; torch.optim.AdamW's default is 0.01)."""
     beta3: Optional[float] = None
     """Decay of the sign-reference momentum s (only without a preset); unset: 0."""
     lam: Optional[float] = None
