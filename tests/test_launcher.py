@@ -221,6 +221,13 @@ def test_runtime_env_ships_user_code(tmp_path, monkeypatch):
     cfg = load_config(None, ['job.env={NCCL_DEBUG = "WARN", NCCL_SOCKET_IFNAME = "eth0"}'], environ={})
     assert cfg.job.runtime_env() == {"env_vars": {"NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "eth0"}}
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # what the workers get
+    pytest.importorskip("ray.train")
+    from launcher.run.driver import ResumePoint, _trainer
+
+    # also in a Ray the driver did not start (ray.init's runtime_env does not apply there)
+    trainer = _trainer(cfg, ResumePoint(), "launch")
+    assert trainer.run_config.worker_runtime_env == {"env_vars": {"NCCL_DEBUG": "WARN",
+                                                                  "NCCL_SOCKET_IFNAME": "eth0"}}
 
 
 def test_to_dict_round_trip():

@@ -40,12 +40,13 @@ BASH_BLOCKS = {
 }
 
 
-def bash_blocks() -> dict[tuple[str, int], str]:
-    """Every ```bash block of the README, keyed by (section heading, index in section)."""
+def bash_blocks(doc: Path = README, lang: str = "bash") -> dict[tuple[str, int], str]:
+    """Every ```bash (or ```lang) block of the README (or another Markdown file), keyed by
+    (section heading, index in section)."""
     out: dict[tuple[str, int], str] = {}
-    for section in re.split(r"\n## ", README.read_text())[1:]:
+    for section in re.split(r"\n## ", doc.read_text())[1:]:
         heading = section.split("\n", 1)[0].strip()
-        for i, block in enumerate(re.findall(r"```bash\n(.*?)```", section, re.S)):
+        for i, block in enumerate(re.findall(rf"```{lang}\n(.*?)```", section, re.S)):
             out[(heading, i)] = block
     return out
 
@@ -80,22 +81,29 @@ def test_readme_python_snippets_run(tmp_path):
     assert (tmp_path / "ckpts").is_dir()
 
 
+def dry_run_cluster_line(line: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A GPU cluster line (its /nfs/runs and /nfs/data/c4 pointed into tmp_path, a small
+    prepared corpus there) run with ``--dry-run``: every driver-side check, no Ray."""
+    from launcher.data.prepare import prepare_data
+
+    assert "/nfs/runs" in line and "/nfs/data/c4" in line
+    if not (tmp_path / "c4").is_dir():
+        (tmp_path / "txt").mkdir()
+        (tmp_path / "txt" / "a.txt").write_text(README.read_text() * 20)  # > the 60m's sequences
+        prepare_data([str(tmp_path / "txt")], tmp_path / "c4", progress=False, log=lambda *_: None)
+    cmd = line.replace("/nfs/runs", str(tmp_path / "runs")).replace("/nfs/data/c4", str(tmp_path / "c4"))
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.run(["bash", "-c", cmd + " --dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_readme_cluster_line_is_a_valid_config(tmp_path):
     """The cluster line cannot run here (no cluster, no GPUs), but a user must not meet a
     config error on it: ``--dry-run`` with its /nfs paths pointed into tmp_path passes every
     driver-side check (batch split, data, storage)."""
-    from launcher.data.prepare import prepare_data
-
     line = bash_blocks()[("The launcher: `sharded-ams train`", 1)].strip()
-    assert "/nfs/runs" in line and "/nfs/data/c4" in line
-    (tmp_path / "txt").mkdir()
-    (tmp_path / "txt" / "a.txt").write_text(README.read_text() * 20)  # > the 60m's sequences
-    prepare_data([str(tmp_path / "txt")], tmp_path / "c4", progress=False, log=lambda *_: None)
-    cmd = line.replace("/nfs/runs", str(tmp_path / "runs")).replace("/nfs/data/c4", str(tmp_path / "c4"))
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(["bash", "-c", cmd + " --dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = dry_run_cluster_line(line, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"size": "60m"' in proc.stdout and '"use_gpu": true' in proc.stdout
 

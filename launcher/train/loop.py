@@ -420,6 +420,9 @@ def train_loop(config: dict) -> dict[str, Any]:
     # the newest committed checkpoint of the run, at whatever size it was saved
     start_step, resumed_from = resume(config, w.run_dir, w.rank, w.world_size, w.optimizer,
                                       w.model, w.scheduler)
+    if w.rank == 0 and w.cfg.job.env:  # what this worker really has, not what was asked
+        _log("job.env in the workers: " + ", ".join(f"{k}={os.environ.get(k, '<unset>')}"
+                                                    for k in sorted(w.cfg.job.env)))
     if resumed_from is not None:
         line = settle_schedule(w.scheduler, w.cfg.optim, w.total_steps, start_step)
         if line and w.rank == 0:
