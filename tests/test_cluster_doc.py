@@ -2,7 +2,7 @@
 ```bash block is run here or excluded with a reason (:data:`BLOCKS`).
 
 What runs: the version check and the one-machine cluster (``ray start --head`` on 127.0.0.1,
-two nodes joining it, the GPT job on them with ``--address`` and ``job.env``), in one shell.
+a node joining it, the GPT job on them with ``--address`` and ``job.env``), in one shell.
 Ray's files go to a private ``RAY_TMPDIR`` (its sockets, logs and the address file that
 ``--address auto`` reads: never another Ray's on this machine), and the block's last line,
 ``ray stop``, is replaced by stopping the processes that carry that ``RAY_TMPDIR`` in their
@@ -110,8 +110,8 @@ def stop_ray_started_with(ray_tmp: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_one_machine_cluster(tmp_path):
-    """Three Ray nodes on 127.0.0.1 started by ``ray start``, the GPT job on the two worker
-    nodes through ``--address``; ``job.env`` is what the workers' own environment holds (the
+    """Two Ray nodes on 127.0.0.1 started by ``ray start`` (a head without CPUs, a node that
+    joins it), the GPT job on the joined node's two workers through ``--address``; ``job.env`` is what the workers' own environment holds (the
     raylets that start them do not have it: only Ray's runtime_env can bring it)."""
     lines = [ln for ln in blocks()[ONE_MACHINE].splitlines() if ln.strip()]
     assert lines[-1] == "ray stop" and all("127.0.0.1" in ln for ln in lines if ln.startswith("ray start"))

@@ -33,6 +33,8 @@ BASH_BLOCKS = {
                                               "shared file system; its config passes the driver's "
                                               "checks: test_readme_cluster_line_is_a_valid_config",
     ("Pre-train an LLM", 0): "tests/test_llm_e2e.py::test_readme_pretrain_an_llm",
+    ("Tests", 0): "excluded: a subset of the test command that .ci/run runs; the marker it "
+                  "selects on is declared: test_the_fast_part_of_the_suite_is_selectable",
     ("Does Grams help?", 0): "excluded: the full CPU study takes ~25-60 min and the paper "
                              "preset needs GPUs and C4; the smoke line's path runs in "
                              "tests/test_optimizer_study.py::test_smoke_study_killed_and_resumed "
@@ -53,6 +55,16 @@ def bash_blocks(doc: Path = README, lang: str = "bash") -> dict[tuple[str, int],
 
 def test_every_bash_block_is_run_or_excluded():
     assert set(bash_blocks()) == set(BASH_BLOCKS)
+
+
+def test_the_fast_part_of_the_suite_is_selectable():
+    """The README's `-m "not slow"` selects on a marker pytest knows (an unknown one would only
+    warn, and select everything)."""
+    assert bash_blocks()[("Tests", 0)].strip() == 'python -m pytest -q -m "not slow"'
+    import tomllib
+
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    assert any(m.startswith("slow:") for m in markers)
 
 
 def test_ci_runs_the_readme_test_command():
