@@ -326,7 +326,8 @@ class JobConfig:
     name: str = "gpt-tiny"
     """Run name; the run lives in storage_path/name. Rerunning with the same name resumes it."""
     steps: int = 200
-    """Total optimizer steps. Raise it and rerun to train a finished run further."""
+    """Total optimizer steps. Raise it and rerun to train a finished run further (the cosine
+    schedule keeps the length the run started with unless optim.schedule_steps is set)."""
     num_workers: Union[int, list] = 2
     """Ray Train workers (ranks); with use_gpu, one GPU each. A fixed count (4), or an
     elastic range [min, max] ("2-4" on the command line): Ray Train starts as many as the
