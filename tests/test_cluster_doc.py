@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from test_readme import bash_blocks, dry_run_cluster_line
+from test_readme import bash_blocks, local_nfs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "cluster.md"
@@ -175,15 +175,23 @@ def test_ray_start_flags_parse():
         assert ctx.params["block"] == ("--block" in line)
 
 
-def test_gpu_lines_pass_the_driver_checks(tmp_path):
+def test_gpu_lines_pass_the_driver_checks(tmp_path, capsys, monkeypatch):
     """The bare-node and SLURM driver lines pass every driver-side check (batch split, data,
-    storage) with --dry-run, on 16 GPU workers."""
+    storage) with --dry-run, on 16 GPU workers (in this process: the CLI's main, the line's
+    environment assignments set first)."""
+    from launcher.cli import main as cli_main
+
+    monkeypatch.chdir(ROOT)
     slurm = [ln for ln in blocks()[SLURM_RAY].splitlines() if "sharded-ams train" in ln]
     for line in (blocks()[BARE_TRAIN].strip(), *slurm):
-        proc = dry_run_cluster_line(_expand(line), tmp_path)
-        assert proc.returncode == 0, (line, proc.stderr[-3000:])
-        assert '"num_workers": 16' in proc.stdout and '"use_gpu": true' in proc.stdout
-        assert "= 16 workers x " in proc.stderr, proc.stderr
+        words = shlex.split(local_nfs(_expand(line), tmp_path))
+        while "=" in words[0]:
+            monkeypatch.setenv(*words.pop(0).split("=", 1))
+        assert words[:2] == ["sharded-ams", "train"]
+        assert cli_main([*words[1:], "--dry-run"]) == 0, capsys.readouterr().err
+        out, err = capsys.readouterr()
+        assert '"num_workers": 16' in out and '"use_gpu": true' in out
+        assert "= 16 workers x " in err, err
 
 
 def test_torchrun_recipe_parses():

@@ -93,9 +93,9 @@ def test_readme_python_snippets_run(tmp_path):
     assert (tmp_path / "ckpts").is_dir()
 
 
-def dry_run_cluster_line(line: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """A GPU cluster line (its /nfs/runs and /nfs/data/c4 pointed into tmp_path, a small
-    prepared corpus there) run with ``--dry-run``: every driver-side check, no Ray."""
+def local_nfs(line: str, tmp_path: Path) -> str:
+    """A GPU cluster line with its /nfs/runs and /nfs/data/c4 pointed into tmp_path, where a
+    small prepared corpus is made (once)."""
     from launcher.data.prepare import prepare_data
 
     assert "/nfs/runs" in line and "/nfs/data/c4" in line
@@ -103,7 +103,13 @@ def dry_run_cluster_line(line: str, tmp_path: Path) -> subprocess.CompletedProce
         (tmp_path / "txt").mkdir()
         (tmp_path / "txt" / "a.txt").write_text(README.read_text() * 20)  # > the 60m's sequences
         prepare_data([str(tmp_path / "txt")], tmp_path / "c4", progress=False, log=lambda *_: None)
-    cmd = line.replace("/nfs/runs", str(tmp_path / "runs")).replace("/nfs/data/c4", str(tmp_path / "c4"))
+    return line.replace("/nfs/runs", str(tmp_path / "runs")).replace("/nfs/data/c4", str(tmp_path / "c4"))
+
+
+def dry_run_cluster_line(line: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A GPU cluster line (:func:`local_nfs`) run with ``--dry-run`` in a shell: every
+    driver-side check, no Ray."""
+    cmd = local_nfs(line, tmp_path)
     env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
            "PYTHONPATH": str(ROOT)}
     return subprocess.run(["bash", "-c", cmd + " --dry-run"], cwd=ROOT, env=env,
