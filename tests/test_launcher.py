@@ -508,25 +508,21 @@ def test_torchrun_example_trains_checkpoints_and_resumes(tmp_path):
 # =============================================================================== schedule on resume
 
 
-def _scheduler_at(total_steps: int, optim: OptimConfig, start_step: int = 0):
-    """A ShardedAMS and its LambdaLR as ``launcher.train.loop._build`` makes them."""
-    import torch
+def _worker_at(steps: int, monkeypatch, **overrides):
+    """The worker that ``launcher.train.loop._build`` makes for gpt_tiny with ``job.steps =
+    steps`` (outside Ray: this process's CPU as the worker's device)."""
+    import ray.train.torch
 
-    from launcher.train.loop import Schedule
-    from sharded_ams import ShardedAMS
+    from launcher.train.loop import _build
 
-    opt = ShardedAMS(torch.nn.Linear(4, 2), backend="eager", lr=optim.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, Schedule(optim.schedule_steps or total_steps, optim.warmup_steps, optim.schedule,
-                      optim.min_lr_ratio))
-    for _ in range(start_step):
-        opt.step()
-        sched.step()
-    return opt, sched
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: __import__("torch").device("cpu"))
+    cfg = load_config(GPT_TINY, {"job.steps": steps, "optim.backend": "eager", "data.max_bytes": 100_000,
+                                 **overrides}, environ={})
+    return _build({**cfg.to_dict(), "run_dir": "unused"})
 
 
 @pytest.mark.parametrize("schedule_steps", [None, 300])
-def test_raising_steps_on_resume_keeps_the_schedule_unless_asked(tmp_path, schedule_steps):
+def test_raising_steps_on_resume_keeps_the_schedule_unless_asked(tmp_path, monkeypatch, schedule_steps):
     """gpt_tiny's cosine run of 200 steps, resumed with job.steps = 300: the schedule it
     started with stays in force (lr stays at min_lr_ratio), and one line says so with the lr
     the other length would give; optim.schedule_steps = 300 re-plans the decay (~0.35x)."""
@@ -534,11 +530,16 @@ def test_raising_steps_on_resume_keeps_the_schedule_unless_asked(tmp_path, sched
     from launcher.train.loop import lr_factor, settle_schedule
     from sharded_ams.checkpoint import load_checkpoint, save_checkpoint
 
-    optim = load_config(GPT_TINY, environ={}).optim
-    opt, sched = _scheduler_at(200, optim, start_step=200)
-    save_checkpoint(tmp_path / "ck", opt, step=200, lr_scheduler=sched)
-    optim.schedule_steps = schedule_steps
-    opt2, sched2 = _scheduler_at(300, optim)  # the rerun's _build: job.steps = 300
+    import warnings
+
+    first = _worker_at(200, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scheduler.step() without optimizer.step()
+        for _ in range(200):
+            first.scheduler.step()
+    save_checkpoint(tmp_path / "ck", first.optimizer, step=200, lr_scheduler=first.scheduler)
+    rerun = _worker_at(300, monkeypatch, **{"optim.schedule_steps": schedule_steps})
+    opt2, sched2, optim = rerun.optimizer, rerun.scheduler, rerun.cfg.optim
     load_checkpoint(tmp_path / "ck", opt2, lr_scheduler=sched2)
     line = settle_schedule(sched2, optim, 300, 200)
     kept, replanned = (lr_factor(200, total_steps=n, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1)
