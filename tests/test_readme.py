@@ -177,6 +177,7 @@ def test_readme_launcher_commands(tmp_path):
     assert re.search(r"step 20/20 \| loss \d", first), first[-3000:]
     assert "resuming run 'gpt-tiny' from its checkpoint at step 20" in rerun, rerun[-3000:]
     assert "steps 1-20 on 2 workers, 21-30 on 1 worker" in rerun, rerun[-3000:]
+    assert "lr schedule: cosine over 20 steps (the schedule the run started with" in rerun, rerun[-3000:]
     assert "rank 1 exits" in fault and "restarted on 2 workers after step 10" in fault, fault[-3000:]
     assert "1 to 2 CPU workers (elastic" in elastic, elastic[-3000:]
     # the same seed, data and steps: a rank killed and resumed, and an elastic group that
