@@ -305,13 +305,15 @@ class OptimConfig:
         one place the launcher builds them."""
         kw: dict[str, Any] = dict(lr=self.lr, betas=tuple(self.betas), eps=self.eps,
                                   weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
-                                  backend=self.backend, overlap=self.overlap)
+                                  backend=self.backend)
         if self.preset is not None:
             kw["preset"] = self.preset
         else:
             kw.update(beta3=self.beta3, lam=self.lam)
         if self.bucket_numel is not None:
             kw["bucket_numel"] = self.bucket_numel
+        if not self.overlap:  # only when off: callers may pass their own overlap=
+            kw["overlap"] = False
         if self.grad_reduce_dtype == "bf16":
             import torch  # the driver imports this module without needing torch for it
 
