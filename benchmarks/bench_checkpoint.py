@@ -39,7 +39,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from bench_common import env_info  # noqa: E402
+from bench_common import add_out_args, env_info, resolve_out  # noqa: E402
 from sharded_ams import ShardedAMS  # noqa: E402
 from sharded_ams.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write checkpoints (default: a temp dir)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "bench_checkpoint.json"))
+    add_out_args(ap, "bench_checkpoint.json")
     args = ap.parse_args(argv)
     root = args.dir or tempfile.mkdtemp(prefix="bench_ckpt_dir_")
     Path(root).mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     print(f"# checkpoint save/load, {args.numel:,} params, median of {args.repeats}, "
           f"{env['device']}, torch {env['torch']}, dir {root}")
     print(table(rows))
-    out = Path(args.out)
+    out = resolve_out(args.out, args.update_record, "bench_checkpoint.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "args": {**vars(args), "dir": root}, "rows": rows},
                               indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -14,6 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+RECORD_DIR = ROOT / "benchmarks" / "results"  # the recorded results RESULTS.md cites
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -81,3 +83,24 @@ def write_json(path: str | os.PathLike, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"wrote {path}", flush=True)
     return path
+
+
+def add_out_args(ap: argparse.ArgumentParser, filename: str) -> None:
+    """``--out`` and ``--update-record``: a run writes into a fresh run directory unless asked
+    to replace the recorded result that RESULTS.md cites."""
+    ap.add_argument("--out", default=None,
+                    help=f"JSON output (default: benchmarks/results/runs/<UTC time>/{filename})")
+    ap.add_argument("--update-record", action="store_true",
+                    help=f"write benchmarks/results/{filename}, the recorded result (RESULTS.md)")
+
+
+def resolve_out(out: Optional[str], update_record: bool, filename: str,
+                now: Optional[_dt.datetime] = None) -> Path:
+    """Where a run's JSON goes: ``--out``; the record with ``--update-record``; else a new
+    ``benchmarks/results/runs/<UTC time>/`` (git-ignored), so a run never overwrites the record."""
+    if out:
+        return Path(out)
+    if update_record:
+        return RECORD_DIR / filename
+    stamp = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return RECORD_DIR / "runs" / stamp / filename

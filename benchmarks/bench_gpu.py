@@ -23,7 +23,7 @@ Bytes per element, per mode (``STEP_BYTES``; GB/s = bytes x n / time):
 Rows also cover a non-power-of-two size and a multi-piece run (the GPT-like set of
 ``bench_step.gpt_shapes`` as pieces of one flat run, two-pass: the chunk table path).
 
-    python benchmarks/bench_gpu.py --out benchmarks/results/bench_gpu.json
+    python benchmarks/bench_gpu.py --update-record   # benchmarks/results/bench_gpu.json
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from bench_common import env_info, print_table, write_json
+from bench_common import add_out_args, env_info, print_table, resolve_out, write_json
 from sharded_ams.kernels import GroupHParams, Piece, flat_step
 
 STEP_BYTES = {"copy": None, "grams": 28, "grams_s": 36, "bf16": 28, "bf16_state": 20,
@@ -194,14 +194,14 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*",
                     default=[2 ** 20, 50_000_017, 2 ** 26, 2 ** 28, 2 ** 30])
     ap.add_argument("--graph-sizes", type=int, nargs="*", default=[2 ** 20, 2 ** 24])
-    ap.add_argument("--out", default="benchmarks/results/bench_gpu.json")
+    add_out_args(ap, "bench_gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py needs a CUDA device (gpu_check.py --device cpu runs "
                          "the same rows at tiny sizes on CPU)")
     rows = bandwidth_rows(args.sizes, torch.device("cuda"), graph_sizes=args.graph_sizes)
     print_table(rows, COLUMNS, HEADERS)
-    write_json(args.out, {"env": env_info(), "rows": rows})
+    write_json(resolve_out(args.out, args.update_record, "bench_gpu.json"), {"env": env_info(), "rows": rows})
 
 
 if __name__ == "__main__":

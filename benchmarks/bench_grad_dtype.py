@@ -33,10 +33,9 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_common import env_info, print_table, write_json  # noqa: E402
+from bench_common import add_out_args, env_info, print_table, resolve_out, write_json  # noqa: E402
 from dist_bench import run_on_ranks  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_grad_dtype.json"
 
 
 def _rank_main(rank: int, world: int, args) -> Optional[list[dict]]:
@@ -106,7 +105,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--n-embd", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4, help="sequences per rank")
     ap.add_argument("--batches", type=int, default=3, help="batches (worst case reported)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    add_out_args(ap, "bench_grad_dtype.json")
     args = ap.parse_args(argv)
     rows = []
     for n in args.world_sizes:
@@ -118,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                  "grad_buffer_bytes": "grad buffer bytes"})
     report = dict(meta=dict(env_info(), n_layer=args.n_layer, n_embd=args.n_embd,
                             batch_per_rank=args.batch, batches=args.batches), rows=rows)
-    write_json(args.out, report)
+    write_json(resolve_out(args.out, args.update_record, "bench_grad_dtype.json"), report)
     return report
 
 

@@ -57,14 +57,13 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_common import env_info, print_table, write_json  # noqa: E402
+from bench_common import add_out_args, env_info, print_table, resolve_out, write_json  # noqa: E402
 from dist_bench import (add_gpt_args, check_gpt_args, gpt_batch, gpt_model_info,  # noqa: E402
                         make_gpt, max_over_ranks, run_on_ranks)
 
 ROWS = ("off", "on", "ddp_zero")
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 SWEEP = (500_000, 1_000_000, 2_000_000, 4_000_000, 8_000_000, None)
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_overlap.json"
 STAT_KEYS = ("grad_wait_s", "param_wait_s", "small_wait_s", "late_buckets")
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -266,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     type=lambda v: None if v == "None" else int(v),
                     help=f"add overlap-on rows with these bucket_numel values (none given: "
                          f"{SWEEP}; None: one bucket)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    add_out_args(ap, "bench_overlap.json")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds for the whole run")
     args = ap.parse_args(argv)
     check_gpt_args(ap, args)
@@ -300,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                "step_ms_x_off": "step / off", "exposed_ms_x_off": "exposed / off"}
     print_table(rows, cols, headers)
     report = dict(meta=meta, rows=rows)
-    write_json(args.out, report)
+    write_json(resolve_out(args.out, args.update_record, "bench_overlap.json"), report)
     return report
 
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench_common import env_info, print_table, write_json
+from bench_common import add_out_args, env_info, print_table, resolve_out, write_json
 from launcher.data.corpus import estimate_loss, get_batch, load_corpus, split
 from launcher.train.models.gpt import GPT, GPTConfig
 from sharded_ams import ShardedAMS
@@ -50,14 +50,14 @@ def main() -> None:
     ap.add_argument("--preset", default="grams")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--backend", default="eager")
-    ap.add_argument("--out", default="benchmarks/results/bench_state_dtype.json")
+    add_out_args(ap, "bench_state_dtype.json")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = [train(dt, args, device) for dt in (torch.float32, torch.bfloat16)]
     rows[1]["val_loss_delta"] = rows[1]["val_loss"] - rows[0]["val_loss"]
     print_table(rows, ["state_dtype", "steps", "train_loss_last20", "val_loss", "val_loss_delta",
                        "state_MiB", "wall_s"])
-    write_json(args.out, {"env": env_info(device), "args": vars(args), "rows": rows})
+    write_json(resolve_out(args.out, args.update_record, "bench_state_dtype.json"), {"env": env_info(device), "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ least as fast as torch's fused AdamW); "vs peer" = t(peer) / t(row), the peer be
 torch row that does the same work (``PEERS``);
 "x copy" = t(row) / t(copy_floor).
 
-Writes JSON to ``--out`` (default benchmarks/results/bench_step.json) with device, torch
+Writes JSON to ``--out`` (default: a new benchmarks/results/runs/<UTC time>/ directory;
+``--update-record``: benchmarks/results/bench_step.json, the record) with device, torch
 version, git SHA and date, and prints a Markdown table.
 
     PYTHONPATH=. python benchmarks/bench_step.py --repeats 20
@@ -84,7 +85,7 @@ for _p in (ROOT, ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench_common import device_name, env_info, loadavg  # noqa: E402
+from bench_common import add_out_args, device_name, env_info, loadavg, resolve_out  # noqa: E402
 from sharded_ams import Grams, ShardedAMS  # noqa: E402
 from sharded_ams.kernels import GroupHParams, flat_step  # noqa: E402
 from sharded_ams.kernels.eager import compile_available  # noqa: E402
@@ -409,7 +410,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run(numel_scale: float = 1.0, repeats: int = 10, layers: int = 4, device: str = "cpu",
         rows: Optional[list[str]] = None, out: Optional[str] = None,
-        clock: str = "wall") -> dict:
+        clock: str = "wall", update_record: bool = False) -> dict:
     global _clock
     _clock = CLOCKS[clock]
     dev = torch.device(device)
@@ -443,7 +444,7 @@ def run(numel_scale: float = 1.0, repeats: int = 10, layers: int = 4, device: st
     print()
     print(table)
     report["table_markdown"] = table
-    out_path = Path(out) if out else ROOT / "benchmarks" / "results" / "bench_step.json"
+    out_path = resolve_out(out, update_record, "bench_step.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -462,8 +463,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rows", nargs="*", choices=ROW_NAMES, default=None,
                     help="run only these rows (default: all)")
-    ap.add_argument("--out", default=None,
-                    help="JSON output (default benchmarks/results/bench_step.json)")
+    add_out_args(ap, "bench_step.json")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the run (default: torch's); 1 measures "
                          "per-core efficiency, unaffected by parallel regions waiting for a "
@@ -479,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         torch.set_num_threads(a.threads)
     if a.repeats < 1 or a.numel_scale <= 0:
         ap.error("--repeats must be >= 1 and --numel-scale > 0")
-    return run(a.numel_scale, a.repeats, a.layers, a.device, a.rows, a.out, a.clock)
+    return run(a.numel_scale, a.repeats, a.layers, a.device, a.rows, a.out, a.clock, a.update_record)
 
 
 if __name__ == "__main__":

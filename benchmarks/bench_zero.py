@@ -50,7 +50,8 @@ whole-parameter assignment is uneven).
 Ratios: ``x_zero`` = row / zero_adamw and ``x_ddp`` = row / ddp_adamw, for ``step_ms``,
 ``opt_comm_ms`` and ``state_mb``.
 
-Writes JSON to ``--out`` (default benchmarks/results/bench_zero.json) with device, torch
+Writes JSON to ``--out`` (default: a new benchmarks/results/runs/<UTC time>/ directory;
+``--update-record``: benchmarks/results/bench_zero.json, the record) with device, torch
 version, git SHA and date, and prints a Markdown table.
 
     PYTHONPATH=. python benchmarks/bench_zero.py --steps 20
@@ -73,13 +74,12 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_common import env_info, print_table, write_json  # noqa: E402
+from bench_common import add_out_args, env_info, print_table, resolve_out, write_json  # noqa: E402
 from dist_bench import (add_gpt_args, check_gpt_args, gpt_batch, gpt_model_info,  # noqa: E402
                         make_gpt, max_over_ranks, run_on_ranks)
 
 ROW_NAMES = ("sharded_grams", "sharded_adamw", "zero_adamw", "ddp_adamw")
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_zero.json"
 
 
 # --------------------------------------------------------------------------- worker side
@@ -204,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     help="ShardedAMS step kernel (default compiled)")
     add_gpt_args(ap)
     ap.add_argument("--rows", nargs="*", choices=ROW_NAMES, default=list(ROW_NAMES))
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    add_out_args(ap, "bench_zero.json")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds for the whole run")
     args = ap.parse_args(argv)
     check_gpt_args(ap, args)
@@ -245,7 +245,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print("\nstate MiB per rank: " + "; ".join(
         f"{r['name']} " + ", ".join(f"{m:.1f}" for m in r["state_mb_ranks"]) for r in rows))
     report = dict(meta=meta, rows=rows)
-    write_json(args.out, report)
+    write_json(resolve_out(args.out, args.update_record, "bench_zero.json"), report)
     return report
 
 

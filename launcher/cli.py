@@ -68,8 +68,8 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.lr=1e-3 --set data.batch_size=32")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the config, data and model, print the resolved config as JSON and "
-                        "exit without starting Ray")
+                   help="check the config, data and model, print the resolved config as JSON "
+                        "(stdout) and the batch split (stderr), and exit without starting Ray")
     p.add_argument("--verbose", "-v", action="store_true", help="show all of Ray's log lines")
     p.set_defaults(func=_cmd_train)
 
@@ -112,6 +112,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"[sharded-ams] {msg}", file=sys.stderr, flush=True)
     if args.dry_run:
         print(json.dumps(checked.config.to_dict(), indent=2))
+        print(f"[sharded-ams] {batch_split(checked.config)}", file=sys.stderr, flush=True)
         return 0
 
     from launcher.run.driver import LaunchError, TrainingFailed, run
@@ -128,6 +129,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         return 130
     return 0
+
+
+def batch_split(config) -> str:
+    """How each optimizer step's global batch splits, at every worker count the job allows
+    (one line; on stderr in --dry-run, so that stdout stays the JSON config)."""
+    from launcher.run.scaling import accumulation_steps, worker_range
+
+    d = config.data
+    lo, hi = worker_range(config.job.num_workers)
+    parts = []
+    for w in range(lo, hi + 1):
+        accum = accumulation_steps(d.batch_size, w, d.micro_batch_size)
+        parts.append(f"{w} worker{'s' if w != 1 else ''} x {accum} micro-batch{'es' if accum != 1 else ''}"
+                     f" (accumulation steps) x {d.batch_size // w // accum} sequences")
+    return (f"batch split: global batch {d.batch_size} sequences x {d.block_size} tokens = "
+            + "; or ".join(parts))
 
 
 def _usage_error(exc: BaseException) -> int:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from .config_checks import (check_bool, check_choice, check_factory, check_float, check_int,
-                            check_table, fail)
+from .config_checks import (check_bool, check_choice, check_env, check_factory, check_float,
+                            check_int, check_table, fail, read_config_file)
 from .train.models.sizes import ARCH_DEFAULTS, ARCHES, SHAPE_FIELDS, resolve_shape
 from .run.scaling import accumulation_steps, check_batch_split, parse_num_workers, worker_range
 
@@ -234,7 +234,7 @@ class OptimConfig:
     eps: float = 1e-8
     """Added to the bias-corrected sqrt(v) in the denominator."""
     weight_decay: float = 0.0
-    """Decoupled weight decay (as AdamW)."""
+    """Decoupled weight decay, as in AdamW (0 here; torch.optim.AdamW's default is 0.01)."""
     beta3: Optional[float] = None
     """Decay of the sign-reference momentum s (only without a preset); unset: 0."""
     lam: Optional[float] = None
@@ -250,6 +250,9 @@ class OptimConfig:
     """Linear warmup from 0 to lr over this many steps."""
     min_lr_ratio: float = 0.1
     """Final LR of the cosine schedule, as a fraction of lr."""
+    schedule_steps: Optional[int] = None
+    """Steps the cosine decay ends at (lr = min_lr_ratio * lr from there on). Unset: job.steps
+    of the run's first launch, kept when a rerun raises job.steps (set it to re-plan the decay)."""
     grad_reduce_dtype: str = "fp32"
     """Dtype gradients are reduced in across workers when params are bf16 (model.precision =
     "bf16"): "fp32" (default, as Megatron's grad_reduce_in_fp32 and FSDP's reduce_dtype) or
@@ -260,6 +263,9 @@ class OptimConfig:
     backend, which on NCCL grows with the number of workers (each rank's slice of a bucket
     must stay large enough that per-collective latency does not dominate). See
     docs/sharding.md, "Overlap"."""
+    overlap: bool = True
+    """Reduce gradients during backward and gather params during the next forward (hooks on
+    every module that owns params: graph breaks under model.compile). false: both in step()."""
 
     def __post_init__(self) -> None:
         s = "optim"
@@ -291,6 +297,8 @@ class OptimConfig:
         check_float(s, "min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
         check_choice(s, "grad_reduce_dtype", self.grad_reduce_dtype, _REDUCE_DTYPES)
         check_int(s, "bucket_numel", self.bucket_numel, 1, allow_none=True)
+        check_int(s, "schedule_steps", self.schedule_steps, 1, allow_none=True)
+        check_bool(s, "overlap", self.overlap)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``sharded_ams.ShardedAMS`` (everything but the schedule): the
@@ -304,6 +312,8 @@ class OptimConfig:
             kw.update(beta3=self.beta3, lam=self.lam)
         if self.bucket_numel is not None:
             kw["bucket_numel"] = self.bucket_numel
+        if not self.overlap:  # only when off: callers may pass their own overlap=
+            kw["overlap"] = False
         if self.grad_reduce_dtype == "bf16":
             import torch  # the driver imports this module without needing torch for it
 
@@ -318,7 +328,8 @@ class JobConfig:
     name: str = "gpt-tiny"
     """Run name; the run lives in storage_path/name. Rerunning with the same name resumes it."""
     steps: int = 200
-    """Total optimizer steps. Raise it and rerun to train a finished run further."""
+    """Total optimizer steps. Raise it and rerun to train a finished run further (the cosine
+    schedule keeps the length the run started with unless optim.schedule_steps is set)."""
     num_workers: Union[int, list] = 2
     """Ray Train workers (ranks); with use_gpu, one GPU each. A fixed count (4), or an
     elastic range [min, max] ("2-4" on the command line): Ray Train starts as many as the
@@ -361,6 +372,9 @@ class JobConfig:
     py_modules: list = field(default_factory=list)
     """Local package directories (or remote .zip URIs) Ray ships to every worker and puts on
     their import path (Ray runtime_env "py_modules")."""
+    env: dict = field(default_factory=dict)
+    """Environment variables set in every worker (Ray runtime_env "env_vars"), e.g.
+    {NCCL_SOCKET_IFNAME = "eth0", NCCL_DEBUG = "WARN"}: names and values are strings."""
 
     def __post_init__(self) -> None:
         s = "job"
@@ -398,14 +412,17 @@ class JobConfig:
             fail(s, "py_modules", "must be a list of package directories or URIs", self.py_modules)
         self.py_modules = [m if is_uri(m) or not Path(m).exists() else str(Path(m).absolute())
                            for m in self.py_modules]
+        check_env(s, "env", self.env)
 
     def runtime_env(self) -> dict[str, Any]:
-        """Ray runtime_env for working_dir / py_modules ({} when neither is set)."""
+        """Ray runtime_env for working_dir / py_modules / env ({} when none is set)."""
         env: dict[str, Any] = {}
         if self.working_dir:
             env["working_dir"] = self.working_dir
         if self.py_modules:
             env["py_modules"] = list(self.py_modules)
+        if self.env:
+            env["env_vars"] = dict(self.env)
         return env
 
     @property
@@ -493,33 +510,6 @@ def _build_section(name: str, values: Any):
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
-    suffix = p.suffix.lower()
-    if suffix == ".toml":
-        with open(p, "rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{p}: invalid TOML: {e}") from None
-    elif suffix in (".yaml", ".yml"):
-        import yaml
-
-        with open(p) as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ValueError(f"{p}: invalid YAML: {e}") from None
-        data = {} if data is None else data
-    else:
-        raise ValueError(f"{p}: config files must end in .toml, .yaml or .yml")
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: the top level must be a table of sections, got {type(data).__name__}")
-    return data
-
-
 def parse_override(item: str) -> tuple[str, Any]:
     """``"optim.lr=3e-4"`` -> ``("optim.lr", 0.0003)``. The value is read as a TOML value
     (numbers, true/false, [lists], "quoted strings"); anything else is a bare string."""
@@ -580,7 +570,7 @@ def load_config(
     Raises:
         ValueError naming the section and key of any unknown or invalid setting.
     """
-    data = _read_file(path) if path is not None else {}
+    data = read_config_file(path) if path is not None else {}
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown config section(s) {unknown}; expected {sorted(_SECTIONS)}")

@@ -4,7 +4,17 @@ and quoting the bad value (``"job.steps must be >= 1, got 0"``)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def fail(section: str, name: str, message: str, value: Any) -> None:
@@ -52,3 +62,43 @@ def check_factory(section: str, value: Any) -> None:
 def check_table(section: str, name: str, value: Any) -> None:
     if not isinstance(value, Mapping):
         fail(section, name, "must be a table of settings", value)
+
+
+def check_env(section: str, name: str, value: Any) -> None:
+    """A table of environment variables: names a shell accepts, string values (a number in
+    TOML must be quoted: the worker's environment holds strings only)."""
+    check_table(section, name, value)
+    for key, val in value.items():
+        if not isinstance(key, str) or not _ENV_NAME_RE.match(key):
+            fail(section, name, "names must be letters, digits and '_', not starting with a digit",
+                 key)
+        if not isinstance(val, str):
+            fail(section, f"{name}.{key}", f'must be a string (quote it: "{val}")', val)
+
+
+def read_config_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """A TOML or YAML job config as a dict of sections (an empty YAML file is {})."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    suffix = p.suffix.lower()
+    if suffix == ".toml":
+        with open(p, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{p}: invalid TOML: {e}") from None
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        with open(p) as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{p}: invalid YAML: {e}") from None
+        data = {} if data is None else data
+    else:
+        raise ValueError(f"{p}: config files must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: the top level must be a table of sections, got {type(data).__name__}")
+    return data

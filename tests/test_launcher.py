@@ -137,6 +137,11 @@ def test_toml_and_yaml_give_the_same_config(tmp_path, monkeypatch):
     ("[optim]\nbucket_numel = 0\n", r"optim\.bucket_numel must be >= 1"),
     ("[optim]\nbucket_numel = \"big\"\n", r"optim\.bucket_numel must be an integer"),
     ("[job]\npy_modules = \"x\"\n", r"job\.py_modules must be a list"),
+    ("[job]\nenv = {NCCL_IB_DISABLE = 1}\n", r'job\.env\.NCCL_IB_DISABLE must be a string \(quote it: "1"\), got 1'),
+    ("[job]\nenv = {\"1X\" = \"a\"}\n", r"job\.env names must be letters, digits and '_'.*got '1X'"),
+    ("[job]\nenv = \"NCCL_DEBUG=INFO\"\n", r"job\.env must be a table of settings"),
+    ("[optim]\noverlap = 1\n", r"optim\.overlap must be true or false"),
+    ("[optim]\nschedule_steps = 0\n", r"optim\.schedule_steps must be >= 1"),
     ("[data]\nblock_size = 128\n", r"data\.block_size \(128\) must be <= model\.block_size \(64\)"),
     ("[model]\nn_head = 3\n", r"model\.n_embd \(64\) must be divisible by model\.n_head \(3\)"),
     ("[model]\nvocab_size = 0\n", r"model\.vocab_size must be >= 1"),
@@ -171,7 +176,9 @@ def test_bucket_numel_reaches_the_optimizer():
     kw = load_config(None, {"optim.bucket_numel": 300}, environ={}).optim.optimizer_kwargs()
     assert kw["bucket_numel"] == 300
     opt = ShardedAMS(torch.nn.Linear(40, 20), **{**kw, "backend": "eager"})
-    assert opt.bucket_numel == 300
+    assert opt.bucket_numel == 300 and opt.overlap
+    kw = load_config(None, {"optim.overlap": False}, environ={}).optim.optimizer_kwargs()
+    assert not ShardedAMS(torch.nn.Linear(40, 20), **{**kw, "backend": "eager"}).overlap
 
 
 def test_custom_beta3_lam_without_preset():
@@ -211,6 +218,16 @@ def test_runtime_env_ships_user_code(tmp_path, monkeypatch):
     job = JobConfig(working_dir=".", py_modules=["pkg", "s3://bucket/code.zip"])
     assert job.runtime_env() == {"working_dir": str(tmp_path), "py_modules": [str(tmp_path / "pkg"),
                                                                                "s3://bucket/code.zip"]}
+    cfg = load_config(None, ['job.env={NCCL_DEBUG = "WARN", NCCL_SOCKET_IFNAME = "eth0"}'], environ={})
+    assert cfg.job.runtime_env() == {"env_vars": {"NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "eth0"}}
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # what the workers get
+    pytest.importorskip("ray.train")
+    from launcher.run.driver import ResumePoint, _trainer
+
+    # also in a Ray the driver did not start (ray.init's runtime_env does not apply there)
+    trainer = _trainer(cfg, ResumePoint(), "launch")
+    assert trainer.run_config.worker_runtime_env == {"env_vars": {"NCCL_DEBUG": "WARN",
+                                                                  "NCCL_SOCKET_IFNAME": "eth0"}}
 
 
 def test_to_dict_round_trip():
@@ -331,6 +348,20 @@ def test_cli_dry_run_applies_flags_over_set(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert cli_main(["train", str(GPT_TINY), "--dry-run", "--num-workers", "4", "--gpus"]) == 2
     assert "job.use_gpu with 4 workers needs 4 GPUs; this machine has 1" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_batch_split(capsys):
+    """As the README says: workers x micro-batches (accumulation) x sequences, at every size
+    of an elastic range; on stderr, so stdout stays the JSON config."""
+    assert cli_main(["train", str(GPT_TINY), "--dry-run", "--num-workers", "1-2",
+                     "--set", "data.micro_batch_size=4"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["data"]["micro_batch_size"] == 4
+    assert err.strip() == ("[sharded-ams] batch split: global batch 16 sequences x 64 tokens = 1 worker x "
+                           "4 micro-batches (accumulation steps) x 4 sequences; or 2 workers x 2 "
+                           "micro-batches (accumulation steps) x 4 sequences")
+    assert cli_main(["train", str(GPT_TINY), "--dry-run"]) == 0
+    assert "= 2 workers x 1 micro-batch (accumulation steps) x 8 sequences\n" in capsys.readouterr().err
 
 
 def test_cli_errors_exit_2(capsys, tmp_path):
@@ -472,3 +503,58 @@ def test_torchrun_example_trains_checkpoints_and_resumes(tmp_path):
     assert f"resumed from {ckpt / 'step-00000010'} (step 10)" in second
     assert "done: step 15/15" in second
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step-00000010", "step-00000015"]
+
+
+# =============================================================================== schedule on resume
+
+
+def _worker_at(steps: int, monkeypatch, **overrides):
+    """The worker that ``launcher.train.loop._build`` makes for gpt_tiny with ``job.steps =
+    steps`` (outside Ray: this process's CPU as the worker's device)."""
+    import ray.train.torch
+
+    from launcher.train.loop import _build
+
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: __import__("torch").device("cpu"))
+    cfg = load_config(GPT_TINY, {"job.steps": steps, "optim.backend": "eager", "data.max_bytes": 100_000,
+                                 **overrides}, environ={})
+    return _build({**cfg.to_dict(), "run_dir": "unused"})
+
+
+@pytest.mark.parametrize("schedule_steps", [None, 300])
+def test_raising_steps_on_resume_keeps_the_schedule_unless_asked(tmp_path, monkeypatch, schedule_steps):
+    """gpt_tiny's cosine run of 200 steps, resumed with job.steps = 300: the schedule it
+    started with stays in force (lr stays at min_lr_ratio), and one line says so with the lr
+    the other length would give; optim.schedule_steps = 300 re-plans the decay (~0.35x)."""
+    pytest.importorskip("ray.train")
+    from launcher.train.loop import lr_factor, settle_schedule
+    from sharded_ams.checkpoint import load_checkpoint, save_checkpoint
+
+    import warnings
+
+    first = _worker_at(200, monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scheduler.step() without optimizer.step()
+        for _ in range(200):
+            first.scheduler.step()
+    save_checkpoint(tmp_path / "ck", first.optimizer, step=200, lr_scheduler=first.scheduler)
+    rerun = _worker_at(300, monkeypatch, **{"optim.schedule_steps": schedule_steps})
+    opt2, sched2, optim = rerun.optimizer, rerun.scheduler, rerun.cfg.optim
+    load_checkpoint(tmp_path / "ck", opt2, lr_scheduler=sched2)
+    line = settle_schedule(sched2, optim, 300, 200)
+    kept, replanned = (lr_factor(200, total_steps=n, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1)
+                       for n in (200, 300))
+    assert kept == pytest.approx(0.1) and replanned == pytest.approx(0.35, abs=0.02)
+    want, other = (kept, replanned) if schedule_steps is None else (replanned, kept)
+    assert sched2.lr_lambdas[0].total_steps == (schedule_steps or 200)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(optim.lr * want)
+    sched2.step()  # the scheduler goes on from there
+    assert opt2.param_groups[0]["lr"] == pytest.approx(
+        optim.lr * lr_factor(201, total_steps=schedule_steps or 200, warmup_steps=20, schedule="cosine",
+                             min_lr_ratio=0.1))
+    assert len(line.splitlines()) == 1 and f"cosine over {schedule_steps or 200} steps" in line
+    assert f"is {optim.lr * want:.3g} (over {300 if schedule_steps is None else 200} steps it would be " \
+           f"{optim.lr * other:.3g})" in line
+    assert ("set optim.schedule_steps=300" in line) == (schedule_steps is None)
+    if schedule_steps is None:
+        assert settle_schedule(sched2, optim, 200, 200) == ""  # the same length: nothing to say

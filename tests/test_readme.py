@@ -33,6 +33,8 @@ BASH_BLOCKS = {
                                               "shared file system; its config passes the driver's "
                                               "checks: test_readme_cluster_line_is_a_valid_config",
     ("Pre-train an LLM", 0): "tests/test_llm_e2e.py::test_readme_pretrain_an_llm",
+    ("Tests", 0): "excluded: a subset of the test command that .ci/run runs; the marker it "
+                  "selects on is declared: test_the_fast_part_of_the_suite_is_selectable",
     ("Does Grams help?", 0): "excluded: the full CPU study takes ~25-60 min and the paper "
                              "preset needs GPUs and C4; the smoke line's path runs in "
                              "tests/test_optimizer_study.py::test_smoke_study_killed_and_resumed "
@@ -40,18 +42,29 @@ BASH_BLOCKS = {
 }
 
 
-def bash_blocks() -> dict[tuple[str, int], str]:
-    """Every ```bash block of the README, keyed by (section heading, index in section)."""
+def bash_blocks(doc: Path = README, lang: str = "bash") -> dict[tuple[str, int], str]:
+    """Every ```bash (or ```lang) block of the README (or another Markdown file), keyed by
+    (section heading, index in section)."""
     out: dict[tuple[str, int], str] = {}
-    for section in re.split(r"\n## ", README.read_text())[1:]:
+    for section in re.split(r"\n## ", doc.read_text())[1:]:
         heading = section.split("\n", 1)[0].strip()
-        for i, block in enumerate(re.findall(r"```bash\n(.*?)```", section, re.S)):
+        for i, block in enumerate(re.findall(rf"```{lang}\n(.*?)```", section, re.S)):
             out[(heading, i)] = block
     return out
 
 
 def test_every_bash_block_is_run_or_excluded():
     assert set(bash_blocks()) == set(BASH_BLOCKS)
+
+
+def test_the_fast_part_of_the_suite_is_selectable():
+    """The README's `-m "not slow"` selects on a marker pytest knows (an unknown one would only
+    warn, and select everything)."""
+    assert bash_blocks()[("Tests", 0)].strip() == 'python -m pytest -q -m "not slow"'
+    import tomllib
+
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    assert any(m.startswith("slow:") for m in markers)
 
 
 def test_ci_runs_the_readme_test_command():
@@ -80,22 +93,35 @@ def test_readme_python_snippets_run(tmp_path):
     assert (tmp_path / "ckpts").is_dir()
 
 
+def local_nfs(line: str, tmp_path: Path) -> str:
+    """A GPU cluster line with its /nfs/runs and /nfs/data/c4 pointed into tmp_path, where a
+    small prepared corpus is made (once)."""
+    from launcher.data.prepare import prepare_data
+
+    assert "/nfs/runs" in line and "/nfs/data/c4" in line
+    if not (tmp_path / "c4").is_dir():
+        (tmp_path / "txt").mkdir()
+        (tmp_path / "txt" / "a.txt").write_text(README.read_text() * 20)  # > the 60m's sequences
+        prepare_data([str(tmp_path / "txt")], tmp_path / "c4", progress=False, log=lambda *_: None)
+    return line.replace("/nfs/runs", str(tmp_path / "runs")).replace("/nfs/data/c4", str(tmp_path / "c4"))
+
+
+def dry_run_cluster_line(line: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A GPU cluster line (:func:`local_nfs`) run with ``--dry-run`` in a shell: every
+    driver-side check, no Ray."""
+    cmd = local_nfs(line, tmp_path)
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.run(["bash", "-c", cmd + " --dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_readme_cluster_line_is_a_valid_config(tmp_path):
     """The cluster line cannot run here (no cluster, no GPUs), but a user must not meet a
     config error on it: ``--dry-run`` with its /nfs paths pointed into tmp_path passes every
     driver-side check (batch split, data, storage)."""
-    from launcher.data.prepare import prepare_data
-
     line = bash_blocks()[("The launcher: `sharded-ams train`", 1)].strip()
-    assert "/nfs/runs" in line and "/nfs/data/c4" in line
-    (tmp_path / "txt").mkdir()
-    (tmp_path / "txt" / "a.txt").write_text(README.read_text() * 20)  # > the 60m's sequences
-    prepare_data([str(tmp_path / "txt")], tmp_path / "c4", progress=False, log=lambda *_: None)
-    cmd = line.replace("/nfs/runs", str(tmp_path / "runs")).replace("/nfs/data/c4", str(tmp_path / "c4"))
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-           "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(["bash", "-c", cmd + " --dry-run"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = dry_run_cluster_line(line, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '"size": "60m"' in proc.stdout and '"use_gpu": true' in proc.stdout
 
@@ -151,6 +177,7 @@ def test_readme_launcher_commands(tmp_path):
     assert re.search(r"step 20/20 \| loss \d", first), first[-3000:]
     assert "resuming run 'gpt-tiny' from its checkpoint at step 20" in rerun, rerun[-3000:]
     assert "steps 1-20 on 2 workers, 21-30 on 1 worker" in rerun, rerun[-3000:]
+    assert "lr schedule: cosine over 20 steps (the schedule the run started with" in rerun, rerun[-3000:]
     assert "rank 1 exits" in fault and "restarted on 2 workers after step 10" in fault, fault[-3000:]
     assert "1 to 2 CPU workers (elastic" in elastic, elastic[-3000:]
     # the same seed, data and steps: a rank killed and resumed, and an elastic group that

@@ -465,6 +465,9 @@ def _trainer(config: Config, resume: ResumePoint, launch_id: str):
             storage_path=job.storage_path,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.keep_last),
+            # job.env for every worker, also in a Ray this driver did not start (where
+            # ray.init's runtime_env does not apply): Ray merges it into the workers' env_vars
+            worker_runtime_env={"env_vars": dict(job.env)} if job.env else None,
         ),
     )
     kind = "GPU" if job.use_gpu else "CPU"

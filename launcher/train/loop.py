@@ -85,6 +85,47 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
 _log = log_progress
 
 
+class Schedule:
+    """The LR multiplier as a callable object, so that ``LambdaLR.state_dict()`` saves its
+    attributes (torch saves a callable object's ``__dict__``, not a function's): a checkpoint
+    then records ``total_steps``, the length of the schedule the run started with, in the
+    trainer state (no change to the checkpoint format)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float):
+        self.total_steps = total_steps
+        self.warmup_steps, self.schedule, self.min_lr_ratio = warmup_steps, schedule, min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                         schedule=self.schedule, min_lr_ratio=self.min_lr_ratio)
+
+
+def settle_schedule(scheduler, optim_cfg, job_steps: int, start_step: int) -> str:
+    """After a resume: which schedule length is in force, and the line that says so.
+
+    The checkpoint restored ``total_steps`` of the schedule the run started with (a
+    checkpoint from before this record keeps the config's). The config's other schedule
+    keys (warmup, shape, min_lr_ratio) apply as set. Kept unless ``optim.schedule_steps``
+    asks for another length: a rerun that raises ``job.steps`` continues the old decay
+    (at min_lr_ratio past its end) instead of jumping back up the cosine. Returns '' when
+    nothing changed."""
+    fn = scheduler.lr_lambdas[0]
+    started = fn.total_steps
+    fn.__init__(optim_cfg.schedule_steps or started, optim_cfg.warmup_steps, optim_cfg.schedule,
+                optim_cfg.min_lr_ratio)
+    if optim_cfg.schedule != "cosine" or started == job_steps == fn.total_steps:
+        return ""
+    other = job_steps if fn.total_steps == started else started
+    lr = scheduler.base_lrs[0]
+    now, alt = lr * fn(start_step), lr * Schedule(other, fn.warmup_steps, fn.schedule, fn.min_lr_ratio)(start_step)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * fn(start_step)  # the step after the resume uses the schedule in force
+    why = ("optim.schedule_steps" if optim_cfg.schedule_steps else "the schedule the run started with;"
+           f" set optim.schedule_steps={job_steps} to decay over the new total")
+    return (f"lr schedule: cosine over {fn.total_steps} steps ({why}): lr at step {start_step + 1} "
+            f"is {now:.3g} (over {other} steps it would be {alt:.3g})")
+
+
 # ----------------------------------------------------------------------------- pieces
 
 
@@ -177,8 +218,8 @@ def _build(config: dict) -> _Worker:
     optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs(), param_sync_modules=_blocks(model))
     if mcfg.compile:
         model.compile()  # in place: parameter names (and checkpoints) are unchanged
-    schedule = functools.partial(lr_factor, total_steps=cfg.job.steps, warmup_steps=ocfg.warmup_steps,
-                                 schedule=ocfg.schedule, min_lr_ratio=ocfg.min_lr_ratio)
+    schedule = Schedule(ocfg.schedule_steps or cfg.job.steps, ocfg.warmup_steps, ocfg.schedule,
+                        ocfg.min_lr_ratio)
     return _Worker(
         config=config, cfg=cfg, run_dir=config.get("run_dir") or cfg.job.run_dir, rank=rank,
         world_size=world_size, device=device,
@@ -388,6 +429,13 @@ def train_loop(config: dict) -> dict[str, Any]:
     # the newest committed checkpoint of the run, at whatever size it was saved
     start_step, resumed_from = resume(config, w.run_dir, w.rank, w.world_size, w.optimizer,
                                       w.model, w.scheduler)
+    if w.rank == 0 and w.cfg.job.env:  # what this worker really has, not what was asked
+        _log("job.env in the workers: " + ", ".join(f"{k}={os.environ.get(k, '<unset>')}"
+                                                    for k in sorted(w.cfg.job.env)))
+    if resumed_from is not None:
+        line = settle_schedule(w.scheduler, w.cfg.optim, w.total_steps, start_step)
+        if line and w.rank == 0:
+            _log(line)
     rec = _Records(w, start_step, resumed_from)
     if start_step < w.total_steps:
         metrics, step = _train(w, rec, start_step), w.total_steps
