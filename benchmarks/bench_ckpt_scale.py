@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from bench_common import env_info, print_table, write_json  # noqa: E402
+from bench_common import add_out_args, env_info, print_table, resolve_out, write_json  # noqa: E402
 from sharded_ams import ShardedAMS  # noqa: E402
 from sharded_ams.checkpoint import load as ckpt_load  # noqa: E402
 from sharded_ams.checkpoint.group import Group  # noqa: E402
@@ -261,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                     help="scale the 7B dims (and buckets, by scale^2) for the planning rows")
     ap.add_argument("--save-scale", type=float, default=1 / 16,
                     help="dims of the model whose state_dict() is counted, vs Llama-7B")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/bench_ckpt_scale.json"))
+    add_out_args(ap, "bench_ckpt_scale.json")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan_rows = []
@@ -278,7 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                        "scale": args.scale, "save_scale": args.save_scale,
                        "bucket_numel": NCCL_BUCKET, "argv": list(argv or sys.argv[1:])},
               "plan": plan_rows, "save": save_rows}
-    write_json(args.out, report)
+    write_json(resolve_out(args.out, args.update_record, "bench_ckpt_scale.json"), report)
     return report
 
 

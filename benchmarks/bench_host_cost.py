@@ -54,7 +54,7 @@ for p in (ROOT, ROOT / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from bench_common import env_info, print_table, write_json  # noqa: E402
+from bench_common import add_out_args, env_info, print_table, resolve_out, write_json  # noqa: E402
 from dist_bench import run_on_ranks  # noqa: E402
 from sharded_ams import ShardedAMS  # noqa: E402
 from sharded_ams.kernels.eager import EagerOps  # noqa: E402
@@ -65,7 +65,6 @@ LAMS = (-1.0, 0.0)
 NUMEL = 256
 PRIMITIVES = ("fused_step", "count_run", "apply_run")
 NO_KERNEL = {"empty", "empty_strided", "lift_fresh", "_local_scalar_dense"}
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "bench_host_cost.json"
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -257,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--layers", type=int, nargs="*", default=[2, 8],
                     help="GPT depths for the graph-break count (none: skip it)")
     ap.add_argument("--label", default="after", help="a tag stored in the JSON (before/after)")
-    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    add_out_args(ap, "bench_host_cost.json")
     args = ap.parse_args(argv)
     rows = [measure(b, lam, args.numel, args.repeats) for b in args.buckets for lam in LAMS]
     print_table(rows, ["buckets", "lam", "runs", "launches", "launches_per_bucket", "syncs",
@@ -273,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     report = dict(meta={**env_info(), "label": args.label, "numel": args.numel,
                         "repeats": args.repeats, "backend": "eager", "argv": list(argv or sys.argv[1:])},
                   rows=rows, comm_rows=comm_rows, graph_break_rows=break_rows)
-    write_json(args.out, report)
+    write_json(resolve_out(args.out, args.update_record, "bench_host_cost.json"), report)
     return report
 
 
