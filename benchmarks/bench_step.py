@@ -231,20 +231,34 @@ def _sharded(shapes, device, **kw):
     return opt
 
 
+def _step_keeping_grads(opt):
+    """``opt.step`` on the same gradients every time: step() consumes ``p.grad`` (it is None
+    afterwards), so each p.grad is pointed back at its buffer view (no copy), as
+    ``zero_grad()`` + backward would leave it."""
+    pairs = [(p, v) for sh in opt.shards for p, v in zip(sh.buf.params, sh.buf.grad_views)]
+
+    def step():
+        opt.step()
+        for p, view in pairs:
+            p.grad = view
+    return step
+
+
 def row_sharded_ams(shapes, device):
     opt = _sharded(shapes, device)
-    return opt.step, f"ShardedAMS(preset='grams') at world size 1, backend {opt.backend!r}"
+    return _step_keeping_grads(opt), f"ShardedAMS(preset='grams') at world size 1, backend {opt.backend!r}"
 
 
 def row_sharded_ams_no_check(shapes, device):
     opt = _sharded(shapes, device, skip_nonfinite=False)
-    return opt.step, ("ShardedAMS(preset='grams', skip_nonfinite=False): no grad-norm pass, "
-                      "the same work as fused AdamW")
+    return _step_keeping_grads(opt), ("ShardedAMS(preset='grams', skip_nonfinite=False): no "
+                                      "grad-norm pass, the same work as fused AdamW")
 
 
 def row_sharded_ams_clip(shapes, device):
     opt = _sharded(shapes, device, max_grad_norm=1.0)
-    return opt.step, "ShardedAMS(preset='grams', max_grad_norm=1.0): norm, then grads scaled"
+    return _step_keeping_grads(opt), ("ShardedAMS(preset='grams', max_grad_norm=1.0): norm, "
+                                      "then grads scaled")
 
 
 def _floor_pass(p, g, m, v):
