@@ -378,7 +378,8 @@ class ShardedAMS(Optimizer):
         """Reduce grads, clip, check, update the local shard, gather params. Returns the
         closure's loss; :attr:`last_step` says the grad norm and whether it was skipped.
 
-        No host sync: clipping and the non-finite skip are decided on the device."""
+        Clipping and the non-finite skip are decided on the device; the only host read
+        is the ranks' error flag at world size > 1 (bucket_sync.py, "Misuse")."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
