@@ -246,7 +246,8 @@ def _step_keeping_grads(opt):
 
 def row_sharded_ams(shapes, device):
     opt = _sharded(shapes, device)
-    return _step_keeping_grads(opt), f"ShardedAMS(preset='grams') at world size 1, backend {opt.backend!r}"
+    return _step_keeping_grads(opt), (f"ShardedAMS(preset='grams') at world size 1, "
+                                      f"backend {opt.backend!r}")
 
 
 def row_sharded_ams_no_check(shapes, device):

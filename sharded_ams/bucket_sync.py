@@ -332,7 +332,8 @@ def quiesce_owners(params: Iterable[Tensor]) -> None:
             h.wait()
 
 
-def _sparse_check(ref: "weakref.ref[BucketSync]", name: str) -> Callable[[Tensor], Optional[Tensor]]:
+def _sparse_check(ref: "weakref.ref[BucketSync]",
+                  name: str) -> Callable[[Tensor], Optional[Tensor]]:
     def hook(grad: Tensor) -> Optional[Tensor]:
         if grad.is_sparse:
             sync = ref()

@@ -207,7 +207,8 @@ def _one_rank_fails(path: str) -> dict:
     rank = dist.get_rank()
     out = {}
     for case, kw in (("twice", {}), ("stale", {}), ("sparse_hook", {}),
-                     ("sparse_step", dict(overlap=False)), ("twice_nonorm", dict(skip_nonfinite=False))):
+                     ("sparse_step", dict(overlap=False)),
+                     ("twice_nonorm", dict(skip_nonfinite=False))):
         model = _Net()
         opt = ShardedAMS(model, backend="eager", lr=0.1, bucket_numel=1, collectives=path, **kw)
         _clean_step(model, opt)  # its gathers stay pending (the "stale" case needs that)

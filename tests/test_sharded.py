@@ -23,7 +23,8 @@ gradients turn that into visible differences within tens of steps (measured belo
 
 Every rank's final params must be identical (the all-gather), on every N. The runs use
 the defaults users get (overlap on); ``test_overlap.py`` proves overlap on == off bitwise
-and ``test_sharded_features.py`` the features. Spawned jobs are few and shared: one per
+and ``test_sharded_features.py`` the features. At N > 1 all of it runs on both collective
+paths (``sharded_common.PATHS``) in the same job; ``ReducedGrads`` reads the reduction. Spawned jobs are few and shared: one per
 world size (with the overlap scenario) and one for the features; the "compiled" backend
 runs once, inside the N = 2 job.
 """

@@ -5,7 +5,8 @@ groups, frozen and tied params, several buckets, gradient accumulation with ``no
 zero_grad / set_to_none, LR scheduler, clipping, inf/NaN skip, state memory, collective
 counts) and the misuse checks (ranks that disagree, sparse gradients, a forward that
 bypasses the param gather, a second backward without ``no_sync``, zero_grad while
-reductions run) share one N = 2 job. N = 2 because there the independent average of the
+reductions run) share one N = 2 job, which runs every check on both collective paths
+(``sharded_common.PATHS``: gloo's all-reduce and NCCL's reduce-scatter + all-gather). N = 2 because there the independent average of the
 ranks' recorded local gradients (``sharded_common``) is bitwise what a correct reduction
 gives, so every replay is exact; shard boundaries still fall inside params. Checks whose
 reference differs by fp32 rounding of the gradient (clipping, accumulation against one
@@ -25,9 +26,9 @@ from torch import nn
 from sharded_ams import AMS, ShardedAMS
 from sharded_ams.layout import ALIGN
 
-from sharded_common import (PATHS, GradRecorder, ams_kwargs, compare_params, compare_state, features,
-                            gather_to_rank0, gpt_batch, make_gpt, make_mlp, means_per_step,
-                            mlp_batch, replay, snapshot, trainable, world)
+from sharded_common import (PATHS, GradRecorder, ams_kwargs, compare_params, compare_state,
+                            features, gather_to_rank0, gpt_batch, make_gpt, make_mlp,
+                            means_per_step, mlp_batch, replay, snapshot, trainable, world)
 
 FEATURE_WORLD = 2
 
