@@ -104,3 +104,16 @@ def resolve_out(out: Optional[str], update_record: bool, filename: str,
         return RECORD_DIR / filename
     stamp = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
     return RECORD_DIR / "runs" / stamp / filename
+
+
+def step_keeping_grads(opt):
+    """``opt.step`` on the same gradients every time: step() consumes ``p.grad`` (it is None
+    afterwards), so each p.grad is pointed back at its buffer view (no copy), as
+    ``zero_grad()`` + backward would leave it."""
+    pairs = [(p, v) for sh in opt.shards for p, v in zip(sh.buf.params, sh.buf.grad_views)]
+
+    def step():
+        opt.step()
+        for p, view in pairs:
+            p.grad = view
+    return step

@@ -85,7 +85,8 @@ for _p in (ROOT, ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from bench_common import add_out_args, device_name, env_info, loadavg, resolve_out  # noqa: E402
+from bench_common import (add_out_args, device_name, env_info, loadavg, resolve_out,  # noqa: E402
+                          step_keeping_grads)
 from sharded_ams import Grams, ShardedAMS  # noqa: E402
 from sharded_ams.kernels import GroupHParams, flat_step  # noqa: E402
 from sharded_ams.kernels.eager import compile_available  # noqa: E402
@@ -234,18 +235,20 @@ def _sharded(shapes, device, **kw):
 
 def row_sharded_ams(shapes, device):
     opt = _sharded(shapes, device)
-    return opt.step, f"ShardedAMS(preset='grams') at world size 1, backend {opt.backend!r}"
+    return step_keeping_grads(opt), (f"ShardedAMS(preset='grams') at world size 1, "
+                                      f"backend {opt.backend!r}")
 
 
 def row_sharded_ams_no_check(shapes, device):
     opt = _sharded(shapes, device, skip_nonfinite=False)
-    return opt.step, ("ShardedAMS(preset='grams', skip_nonfinite=False): no grad-norm pass, "
-                      "the same work as fused AdamW")
+    return step_keeping_grads(opt), ("ShardedAMS(preset='grams', skip_nonfinite=False): no "
+                                      "grad-norm pass, the same work as fused AdamW")
 
 
 def row_sharded_ams_clip(shapes, device):
     opt = _sharded(shapes, device, max_grad_norm=1.0)
-    return opt.step, "ShardedAMS(preset='grams', max_grad_norm=1.0): norm, then grads scaled"
+    return step_keeping_grads(opt), ("ShardedAMS(preset='grams', max_grad_norm=1.0): norm, "
+                                      "then grads scaled")
 
 
 def _floor_pass(p, g, m, v):

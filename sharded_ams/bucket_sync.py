@@ -20,7 +20,13 @@ wait for the gather of just the buckets they need.
 Misuse that would silently give wrong numbers raises instead: a param that receives a
 gradient after its bucket's reduction started (a second backward without ``no_sync``), or
 one that receives a gradient while its gather is still pending (a forward that read it
-without running its module's pre-hook).
+without running its module's pre-hook), or an unsupported (sparse, complex, integer) one.
+Such a check depends on one rank's data, so at world size > 1 it does not raise where it
+fails: raising in a hook would leave the other ranks waiting in a collective this rank
+never joins. The failing rank records the error and keeps issuing the step's collectives
+(a gradient that arrived too late is dropped); ``step()`` carries a flag in its small
+all-reduce and every rank raises there together (:meth:`BucketSync.raise_if_failed`),
+before anything is updated. At world size 1 the error is raised at once.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import contextlib
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +119,7 @@ class BucketSync:
         self.accumulating = False           # inside no_sync()
         self._hooks: list[Any] = []
         self.closed = False
+        self.error: Optional[str] = None    # this rank's deferred error (world size > 1)
 
     # ------------------------------------------------------------------ hooks
     def register_grad_hooks(self, collect_in_hook: bool) -> None:
@@ -125,7 +132,7 @@ class BucketSync:
             if old is not None and old() is not None and old() is not self:
                 old().remove_hooks()
             _OWNERS[p] = ref
-            self._hooks.append(p.register_hook(_sparse_check(self.names.get(p, "?"))))
+            self._hooks.append(p.register_hook(_sparse_check(ref, self.names.get(p, "?"))))
             if collect_in_hook:
                 self._hooks.append(p.register_post_accumulate_grad_hook(
                     _grad_hook(ref, bk, k, i)))
@@ -171,16 +178,19 @@ class BucketSync:
         """Post-accumulate-grad hook body: param ``i`` of bucket ``bk`` has its gradient."""
         p = bk.shard.buf.params[i]
         if bk.gather is not None:
-            raise RuntimeError(
+            self.fail(
                 f"ShardedAMS: parameter {self.names.get(p)!r} received a gradient while its "
                 "all-gather from the last step was still pending, so the forward read stale "
                 "values: it was used without its module's forward running (call "
                 "opt.finish_param_sync() before such a forward)")
-        if bk.launched:
-            raise RuntimeError(
+        if bk.launched:  # the buffer is being reduced: drop this gradient, never write it
+            self.fail(
                 f"ShardedAMS: parameter {self.names.get(p)!r} received a gradient after its "
                 "bucket's reduction had started (a second backward in one step?): run every "
                 "micro-batch but the last under opt.no_sync()")
+            return
+        if p.grad is not None and p.grad.is_sparse:  # refused by its tensor hook already
+            p.grad = None
         bk.shard.buf.collect(i)
         if self.accumulating or not self.overlap:
             return
@@ -195,12 +205,10 @@ class BucketSync:
                 self.start_grad_sync(nxt)
 
     def start_grad_sync(self, bk: _Bucket) -> None:
-        """Average one bucket: divide by N, launch its reduction (no wait)."""
-        sh, world = bk.shard, self.comm.world_size
+        """Launch one bucket's averaging reduction (no wait)."""
+        sh = bk.shard
         grad = sh.buf.grad[bk.start:bk.end]
-        if world > 1:
-            grad.div_(world)
-        self._grad_handles.append(self.comm.reduce_grads(grad, sh.grad_shard(bk.index)))
+        self._grad_handles.append(self.comm.average_grads(grad, sh.grad_shard(bk.index)))
         bk.launched = True
         self._next += 1
 
@@ -213,7 +221,12 @@ class BucketSync:
             buf = bk.shard.buf
             for k, i in enumerate(bk.slots):
                 if not bk.ready[k] and not buf.holds_grad(i):
-                    check_grad(buf.params[i], self.names.get(buf.params[i]))
+                    p = buf.params[i]
+                    try:
+                        check_grad(p, self.names.get(p))
+                    except RuntimeError as exc:
+                        self.fail(str(exc))
+                        p.grad = None  # counts as zero; step() raises before using it
                     buf.collect(i)
             self.start_grad_sync(bk)
         for h in self._grad_handles:
@@ -229,6 +242,38 @@ class BucketSync:
         for h in self._grad_handles:
             h.wait()
         self._reset_grad_state()
+
+    # ------------------------------------------------------------------ errors
+    def fail(self, message: str) -> None:
+        """A check failed on this rank: raise now at world size 1; otherwise remember the
+        first message for :meth:`raise_if_failed` (the other ranks do not know yet)."""
+        if not self.comm.active:
+            raise RuntimeError(message)
+        if self.error is None:
+            self.error = message
+
+    def error_flag(self, device: torch.device) -> Optional[Tensor]:
+        """1.0 if this rank failed, else 0.0 (float64, to ride in the norm all-reduce);
+        None at world size 1, where errors were raised at once."""
+        if not self.comm.active:
+            return None
+        return torch.full((), 0.0 if self.error is None else 1.0, dtype=torch.float64,
+                          device=device)
+
+    def raise_if_failed(self, failed: Tensor) -> None:
+        """``failed``: the flags summed over ranks (reduced already). Raise on every rank
+        if any rank failed: its own message there, a pointer to it elsewhere. A host read
+        of one number (only at world size > 1)."""
+        count = int(failed.item())
+        err, self.error = self.error, None
+        if err is not None:
+            raise RuntimeError(f"{err} [rank {self.comm.rank}; {count} rank(s) failed this "
+                               "step, every rank raises in step() and the step is not applied]")
+        if count:
+            raise RuntimeError(
+                f"ShardedAMS: {count} other rank(s) failed in this step's backward or "
+                f"gradient checks (their error says why); rank {self.comm.rank} raises too, "
+                "so no rank is left waiting in a collective. The step was not applied")
 
     def _reset_grad_state(self) -> None:
         self._grad_handles = []
@@ -300,11 +345,35 @@ def _hook_targets(module: nn.Module, wait_modules: Sequence[nn.Module]
     return targets
 
 
-def _sparse_check(name: str) -> Callable[[Tensor], None]:
-    def hook(grad: Tensor) -> None:
+def quiesce_owners(params: Iterable[Tensor]) -> None:
+    """Before a new optimizer copies ``params`` into its buffers: wait for what the
+    optimizers owning them still have in flight (their param all-gathers write these
+    params, their reductions the grads ``p.grad`` views). Their hooks are removed later,
+    once the new optimizer registers its own."""
+    owners: dict[int, BucketSync] = {}
+    for p in params:
+        ref = _OWNERS.get(p)
+        old = ref() if ref is not None else None
+        if old is not None and not old.closed:
+            owners[id(old)] = old
+    for old in owners.values():
+        old.finish_param_sync()
+        for h in old._grad_handles:
+            h.wait()
+
+
+def _sparse_check(ref: "weakref.ref[BucketSync]",
+                  name: str) -> Callable[[Tensor], Optional[Tensor]]:
+    def hook(grad: Tensor) -> Optional[Tensor]:
         if grad.is_sparse:
-            raise RuntimeError(f"AMS does not support sparse gradients (parameter {name!r}); "
-                               "use dense gradients (e.g. nn.Embedding(sparse=False))")
+            sync = ref()
+            msg = (f"AMS does not support sparse gradients (parameter {name!r}); "
+                   "use dense gradients (e.g. nn.Embedding(sparse=False))")
+            if sync is None:
+                raise RuntimeError(msg)
+            sync.fail(msg)  # world size > 1: recorded; backward goes on with a zero
+            return torch.zeros_like(grad)  # (sparse: a hook may not change the layout)
+        return None
     return hook
 
 

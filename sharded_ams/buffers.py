@@ -81,24 +81,27 @@ class FlatParamGradBuffer:
         p.grad = view
 
     def zero_grad(self) -> None:
-        """Direct: zero the buffer (grads stay views). Main grad: mark every param fresh
-        (no pass over memory; the next gradient overwrites) and drop any ``p.grad``."""
+        """Direct: zero the buffer and make every ``p.grad`` its view again (backward then
+        accumulates in place). Main grad: mark every param fresh (no pass over memory; the
+        next gradient overwrites) and drop any ``p.grad``."""
         if self.main_grad:
             self.consumed()
-            for p in self.params:
-                p.grad = None
             return
         self.grad.zero_()
-        for i in range(len(self.params)):
-            self.collect(i)
+        for p, view in zip(self.params, self.grad_views):
+            p.grad = view
 
     def holds_grad(self, i: int) -> bool:
         """Param ``i``'s ``p.grad`` is its view into the buffer (direct mode, untouched)."""
         return self.params[i].grad is self.grad_views[i]
 
     def consumed(self) -> None:
-        """The step has used the gradients: in main-grad mode the next ones start afresh
-        (the buffer is the optimizer's, users never see it). Direct mode keeps torch's
-        rule: grads accumulate until ``zero_grad``."""
+        """The step has used the gradients: ``p.grad`` is None and the next ones start
+        afresh, in both modes (docs/sharding.md, "p.grad after step()"). Direct mode cannot
+        leave the views readable: after a reduce-scatter the buffer holds the average only
+        on this rank's shard. No pass over memory: the next backward's gradient is copied
+        in by :meth:`collect`, or :meth:`zero_grad` makes the views the grads again."""
         if self.main_grad:
             self.fresh = [True] * len(self.params)
+        for p in self.params:
+            p.grad = None

@@ -1,10 +1,21 @@
 """Collectives for ZeRO-1, chosen per backend, returning handles (waits happen in the optimizer).
 
-* Gradient reduction: reduce-scatter into the owner's shard, except on gloo, whose
-  reduce-scatter is a slow fallback (measured ~5x an all-reduce of the same buffer):
-  there an all-reduce of the bucket, and each rank reads its slice.
-* Parameter gather: all-gather of each rank's shard into the bucket (on gloo: one
-  broadcast per rank, which is faster there than its all-gather).
+Two paths, chosen by ``collectives=`` (default ``"auto"``: per backend):
+
+* ``"reduce_scatter"`` (NCCL's, and every backend but gloo by default): gradients are
+  reduce-scattered into the owner's shard and params all-gathered. After the reduction
+  only this rank's shard of the grad buffer holds the average; the rest holds this rank's
+  own gradient (divided by N where the backend lacks an averaging op).
+* ``"all_reduce"`` (gloo's default: its reduce-scatter is a slow fallback, measured ~5x an
+  all-reduce of the same buffer): an all-reduce of the bucket, each rank reads its slice;
+  params come back by one broadcast per rank (faster on gloo than its all-gather).
+
+Selecting ``"reduce_scatter"`` on gloo runs the NCCL path on CPU, for tests.
+
+* The backend is resolved for the buffers' device (``dist.get_backend`` says "undefined"
+  for ``init_process_group()`` without a backend, "cpu:gloo,cuda:nccl" for a mixed one).
+* Averaging: ``ReduceOp.AVG`` where the backend has it (NCCL), so no separate pass divides
+  the bucket; elsewhere each rank divides by N before a sum (exact for N = 2).
 * Uses ``reduce_scatter_single``/``all_gather_single`` where torch has them (2.13+),
   else ``reduce_scatter_tensor``/``all_gather_into_tensor``.
 * World size 1 (or no process group initialised) does no communication at all.
@@ -23,6 +34,57 @@ from torch import Tensor
 
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+#: values of ``collectives=``
+COLLECTIVES = ("auto", "all_reduce", "reduce_scatter")
+#: backends whose reductions average natively (``ReduceOp.AVG``); others divide first
+AVG_BACKENDS = frozenset({"nccl"})
+
+
+def choose_path(collectives: str, backend: str) -> str:
+    """The collective path for ``collectives=`` on ``backend``: "auto" keeps the
+    all-reduce on gloo (its reduce-scatter is slow) and reduce-scatter elsewhere."""
+    if collectives not in COLLECTIVES:
+        raise ValueError(f"Invalid collectives: {collectives!r} (use one of {COLLECTIVES})")
+    if collectives != "auto":
+        return collectives
+    return "all_reduce" if backend == "gloo" else "reduce_scatter"
+
+
+def reduce_plan(backend: str) -> tuple[dist.ReduceOp, bool]:
+    """(reduce op, divide by N before it) for averaging gradients on ``backend``: AVG
+    saves a pass over every bucket where the backend has it (NCCL)."""
+    if backend in AVG_BACKENDS:
+        return dist.ReduceOp.AVG, False
+    return dist.ReduceOp.SUM, True
+
+
+def parse_backend_config(config: str, device_type: str) -> Optional[str]:
+    """The backend a config string gives ``device_type``: "gloo" -> "gloo",
+    "cpu:gloo,cuda:nccl" -> "nccl" for "cuda"; None when it names none for that device."""
+    if ":" not in config:
+        return None if config in ("", "undefined") else config
+    for item in config.split(","):
+        dev, _, name = item.strip().partition(":")
+        if dev == device_type and name:
+            return name
+    return None
+
+
+def resolve_backend(group: Optional[dist.ProcessGroup], device: torch.device) -> str:
+    """The backend ``group`` uses for tensors on ``device``: the plain name where
+    ``dist.get_backend`` gives one, else the group's backend for that device."""
+    name = dist.get_backend(group)
+    if name != "undefined" and ":" not in name:
+        return name
+    pg = group if group is not None else dist.group.WORLD
+    try:  # private, but exact (torch >= 2.0)
+        return pg._get_backend(device).name()
+    except (AttributeError, RuntimeError):
+        pass
+    get_config = getattr(dist, "get_backend_config", None)
+    found = parse_backend_config(get_config(group) if get_config else name, device.type)
+    return found or name
 
 
 class _Done:
@@ -45,14 +107,21 @@ class _Handles:
 
 
 class Comm:
-    """A data-parallel process group and the collectives the optimizer uses on it."""
+    """A data-parallel process group and the collectives the optimizer uses on it.
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None):
+    ``device``: where the buffers live (the backend is resolved for it); ``collectives``:
+    "auto", "all_reduce" or "reduce_scatter" (see the module docstring)."""
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None,
+                 device: Optional[torch.device] = None, collectives: str = "auto"):
         self.active = dist.is_available() and dist.is_initialized()
         self.group = process_group
         self.world_size = dist.get_world_size(process_group) if self.active else 1
         self.rank = dist.get_rank(process_group) if self.active else 0
-        self.backend = dist.get_backend(process_group) if self.active else "none"
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.backend = resolve_backend(process_group, device) if self.active else "none"
+        self.path = choose_path(collectives, self.backend)
+        self.reduce_op, self.predivide = reduce_plan(self.backend)
         if self.world_size == 1:
             self.active = False
         self.calls: dict[str, int] = {}  # collective name -> count, for tests and profiling
@@ -62,28 +131,33 @@ class Comm:
 
     @property
     def reduce_uses_all_reduce(self) -> bool:
-        return self.backend == "gloo"
+        return self.path == "all_reduce"
 
-    def reduce_grads(self, bucket: Tensor, shard: Tensor):
-        """Sum ``bucket`` over ranks so that ``shard`` (this rank's slice of it) is reduced."""
+    def average_grads(self, bucket: Tensor, shard: Tensor):
+        """Average ``bucket`` over ranks so that ``shard`` (this rank's slice of it) holds
+        the mean (on the all-reduce path the whole bucket does). Divides ``bucket`` by N
+        in place first where the backend has no AVG op."""
         if not self.active:
             return _Done()
+        if self.predivide:
+            bucket.div_(self.world_size)
         if self.reduce_uses_all_reduce:
             self._count("all_reduce")
-            return dist.all_reduce(bucket, group=self.group, async_op=True)
+            return dist.all_reduce(bucket, op=self.reduce_op, group=self.group, async_op=True)
         self._count("reduce_scatter")
-        return _reduce_scatter(shard, bucket, group=self.group, async_op=True)
+        return _reduce_scatter(shard, bucket, op=self.reduce_op, group=self.group,
+                               async_op=True)
 
     def gather_params(self, bucket: Tensor, shard: Tensor):
         """Fill ``bucket`` with every rank's ``shard`` (``shard`` is this rank's slice of it).
 
-        On gloo, one broadcast per rank into its slice of the bucket (in place): measured
-        2.7-3.8x faster than gloo's all-gather at 2-4 ranks on 51 MB. Counted as one gather.
-        """
+        All-reduce path: one broadcast per rank into its slice of the bucket (in place):
+        on gloo measured 2.7-3.8x faster than its all-gather at 2-4 ranks on 51 MB.
+        Counted as one gather."""
         if not self.active:
             return _Done()
         self._count("all_gather")
-        if self.backend == "gloo":
+        if self.reduce_uses_all_reduce:
             n = shard.numel()
             return _Handles([self.broadcast(bucket[k * n:(k + 1) * n], k)
                              for k in range(self.world_size)])

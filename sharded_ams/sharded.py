@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .bucket_sync import BucketSync, SyncStats
+from .bucket_sync import BucketSync, SyncStats, quiesce_owners
 from .buffers import FlatParamGradBuffer
-from .collectives import Comm, bytes_of
+from .collectives import COLLECTIVES, Comm, bytes_of
 from .config import DEFAULTS, check_params, preset_hparams, validate_hparams
 from .kernels import resolve_backend
 from .kernels.tables import RunTable
@@ -147,12 +147,18 @@ class ShardedAMS(Optimizer):
             hook is a graph break, so this leaves one per block (docs/sharding.md). Params
             under none of them keep their own module's hook. A param under one of them
             must be read only inside its forward.
+        collectives: ``"auto"`` (default: all-reduce + broadcasts on gloo, reduce-scatter +
+            all-gather elsewhere), ``"reduce_scatter"`` (NCCL's path, also on gloo: tests
+            run it on CPU) or ``"all_reduce"``. The results are the same up to the
+            backend's summation order; see docs/sharding.md.
 
     Use it in place of both DDP and the optimizer: ``loss.backward(); opt.step();
     opt.zero_grad()``; for gradient accumulation run every micro-batch's backward but the
     last under :meth:`no_sync`. Gradients are averaged over ranks. A param that got no
     gradient on any rank is treated as having a zero gradient (as DDP + AdamW do).
-    Read params outside a forward only after :meth:`finish_param_sync`.
+    ``step()`` consumes the gradients: afterwards every ``p.grad`` is None, on every
+    collective path (the next backward starts afresh; read the norm from
+    :attr:`last_step`). Read params outside a forward only after :meth:`finish_param_sync`.
     """
 
     def __init__(self, params: Union[nn.Module, Iterable], process_group: Optional[Any] = None,
@@ -165,7 +171,8 @@ class ShardedAMS(Optimizer):
                  broadcast_params: bool = True, state_dtype: torch.dtype = torch.float32,
                  overlap: bool = True, grad_reduce_dtype: Optional[torch.dtype] = None,
                  module: Optional[nn.Module] = None,
-                 param_sync_modules: Optional[Iterable[nn.Module]] = None):
+                 param_sync_modules: Optional[Iterable[nn.Module]] = None,
+                 collectives: str = "auto"):
         fixed = preset_hparams(preset) if preset else {}
         if fixed and (beta3 is not None or lam is not None):
             raise ValueError(f"preset={preset!r} fixes beta3 and lam; do not pass them too")
@@ -179,6 +186,8 @@ class ShardedAMS(Optimizer):
         if bucket_numel != "auto" and bucket_numel is not None and (
                 isinstance(bucket_numel, (str, bool)) or bucket_numel < 1):
             raise ValueError(f"Invalid bucket_numel: {bucket_numel!r}")
+        if collectives not in COLLECTIVES:
+            raise ValueError(f"Invalid collectives: {collectives!r} (use one of {COLLECTIVES})")
         if grad_reduce_dtype not in (None, torch.float32) + LOW_PRECISION:
             raise ValueError(f"Invalid grad_reduce_dtype: {grad_reduce_dtype} (use None, "
                              "torch.float32 or the params' 16-bit dtype)")
@@ -192,7 +201,7 @@ class ShardedAMS(Optimizer):
                         weight_decay=weight_decay, step=0)
         super().__init__(params, defaults)
         self._sync: Optional[BucketSync] = None
-        self.comm = Comm(process_group)
+        self._comm_args = (process_group, collectives)  # the Comm is made once the device is known
         self.max_grad_norm, self.skip_nonfinite = max_grad_norm, skip_nonfinite
         self.overlap, self.grad_reduce_dtype = overlap, grad_reduce_dtype
         self._names: dict[Tensor, str] = {}
@@ -231,6 +240,9 @@ class ShardedAMS(Optimizer):
         if len({d for _, d in by_dtype}) > 1:
             raise ValueError("ShardedAMS needs all trainable params on one device")
         self.device = next(iter(by_dtype))[1] if by_dtype else torch.device("cpu")
+        self.comm = Comm(self._comm_args[0], self.device, self._comm_args[1])
+        # an older optimizer on these params may still write them (gather) or their grads
+        quiesce_owners(p for items in by_dtype.values() for _, p in items)
         # fill order: the order gradients are expected in backward, the reverse of the
         # module's parameter order (params the module does not hold come last)
         rank_in_module = {id(p): i for i, p in enumerate(module.parameters())} if module else {}
@@ -302,7 +314,7 @@ class ShardedAMS(Optimizer):
         items.append(f"options: max_grad_norm={self.max_grad_norm}, skip_nonfinite="
                      f"{self.skip_nonfinite}, bucket_numel={self.bucket_numel}, state_dtype="
                      f"{self.state_dtype}, overlap={self.overlap}, grad_reduce_dtype="
-                     f"{self.grad_reduce_dtype}")
+                     f"{self.grad_reduce_dtype}, collectives={self.comm.path}")
         return items
 
     # ------------------------------------------------------------------ sync API
@@ -357,12 +369,28 @@ class ShardedAMS(Optimizer):
         """All-reduce a small tensor (the squared norm, the per-tensor counts) and wait."""
         self._sync.wait_small(self.comm.all_reduce(t))
 
+    def _reduce_with_error_flag(self, t: Optional[Tensor]) -> None:
+        """All-reduce the small tensor ``t`` in place (None: nothing else to reduce) with the
+        ranks' error flags riding along (no extra collective), and raise on every rank if
+        one failed (bucket_sync.py, "Misuse")."""
+        flag = self._sync.error_flag(self.device)
+        if flag is None:
+            if t is not None:
+                self._reduce_small(t)
+            return
+        both = flag.reshape(1) if t is None else torch.stack([t, flag])
+        self._sync.wait_small(self.comm.all_reduce(both))
+        self._sync.raise_if_failed(both[-1])
+        if t is not None:
+            t.copy_(both[0])
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """Reduce grads, clip, check, update the local shard, gather params. Returns the
         closure's loss; :attr:`last_step` says the grad norm and whether it was skipped.
 
-        No host sync: clipping and the non-finite skip are decided on the device."""
+        Clipping and the non-finite skip are decided on the device; the only host read
+        is the ranks' error flag at world size > 1 (bucket_sync.py, "Misuse")."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -373,8 +401,10 @@ class ShardedAMS(Optimizer):
         self._sync.finish_param_sync()  # gathers no forward waited for: unused params
         self._sync.finish_grad_sync()
         norm = skip = None
-        if self.max_grad_norm is not None or self.skip_nonfinite:
-            norm = global_grad_norm(self.shards, self.device, self._reduce_small)
+        if self.max_grad_norm is None and not self.skip_nonfinite:
+            self._reduce_with_error_flag(None)  # world size > 1: the ranks' error flags
+        else:
+            norm = global_grad_norm(self.shards, self.device, self._reduce_with_error_flag)
             if self.skip_nonfinite:
                 skip = ~torch.isfinite(norm)
             if self.max_grad_norm is not None:

@@ -33,6 +33,15 @@ GPT_CFG = GPTConfig(n_layer=1, n_embd=32, block_size=16)
 GLOBAL_BATCH = 12          # divisible by 1, 2, 3, 4
 CORPUS_BYTES = 200_000
 JOB_TIMEOUT = 400
+#: the two collective paths (ShardedAMS(collectives=...)): gloo's default, and the
+#: reduce-scatter + all-gather path NCCL uses, run on gloo. Every multi-process exactness
+#: check loops over both inside one spawned job.
+PATHS = ("all_reduce", "reduce_scatter")
+
+
+def paths_for(n: int) -> tuple[str, ...]:
+    """The paths worth running at world size ``n`` (at 1 no collective runs at all)."""
+    return PATHS if n > 1 else PATHS[:1]
 
 
 def ams_kwargs(kw: dict) -> dict:
@@ -40,7 +49,7 @@ def ams_kwargs(kw: dict) -> dict:
     kw = dict(kw)
     preset = kw.pop("preset", None)
     for k in ("backend", "max_grad_norm", "skip_nonfinite", "bucket_numel", "broadcast_params",
-              "overlap", "grad_reduce_dtype", "module", "state_dtype"):
+              "overlap", "grad_reduce_dtype", "module", "state_dtype", "collectives"):
         kw.pop(k, None)
     if preset:
         kw.update(PRESETS[preset])
@@ -133,6 +142,39 @@ class GradRecorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class ReducedGrads:
+    """This rank's shard of the reduced (averaged) gradients, captured in every ``step()``
+    right after the reduction finished, as (name, offset, values) pieces. ``p.grad`` is None
+    after ``step()`` (and on the reduce-scatter path only the owner's shard is reduced), so
+    the tests read the reduction here; :func:`assemble_reduced` joins every rank's pieces."""
+
+    def __init__(self, opt):
+        self.steps: list[list[tuple[str, int, torch.Tensor]]] = []
+        sync, real = opt._sync, opt._sync.finish_grad_sync
+
+        def finish_and_capture() -> None:
+            real()
+            self.steps.append([
+                (pc.slot.name, pc.param_offset,
+                 sh.buf.grad[pc.buffer_start:pc.buffer_start + pc.length].clone())
+                for sh in opt.shards for pc in sh.layout.pieces(opt.comm.rank)])
+        sync.finish_grad_sync = finish_and_capture
+
+
+def assemble_reduced(per_rank: list[list[list]], params: dict[str, torch.Tensor]) -> list:
+    """``per_rank[r][t]``: rank r's pieces at step t -> per step, the full reduced gradient
+    of every param in ``params`` (name -> a tensor of its shape and dtype), in that order."""
+    out = []
+    for t in range(len(per_rank[0])):
+        full = {n: torch.full((p.numel(),), float("nan"), dtype=torch.float32)
+                for n, p in params.items()}
+        for steps in per_rank:
+            for name, off, vals in steps[t]:
+                full[name][off:off + vals.numel()] = vals.float()
+        out.append([full[n].to(p.dtype).view(p.shape) for n, p in params.items()])
+    return out
 
 
 def independent_mean(per_rank: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -259,10 +301,11 @@ def proof_results(n: int) -> list[dict]:
     return cached_job(("proof", n), proof_job, n, _ckpt_dir(f"n{n}"))
 
 
-def features(name: str) -> list:
-    """Results of feature check ``name`` on every rank (one N = 2 job per session)."""
+def features(name: str, path: str) -> list:
+    """Results of feature check ``name`` on collective path ``path`` on every rank (one
+    N = 2 job per session runs every check on both paths)."""
     from test_sharded_features import FEATURE_WORLD, features_job
 
-    return [r[name] for r in cached_job("features", features_job, FEATURE_WORLD,
-                                        _ckpt_dir("features"))]
+    return [r[path][name] for r in cached_job("features", features_job, FEATURE_WORLD,
+                                              _ckpt_dir("features"))]
 

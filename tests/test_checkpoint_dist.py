@@ -34,6 +34,7 @@ from ckpt_common import (ADAM_S, BATCH, CFG, GRAMS, REPO, assert_loaded_equals, 
                          edit_shard, file_digests, flip_bit, fresh, grouped, make_model,
                          named_params, seed_rngs, short_first_piece, train)
 from dist_utils import run_distributed
+from sharded_common import PATHS
 
 _CRASH_SCRIPT = textwrap.dedent("""
     import os, sys, time
@@ -321,8 +322,15 @@ RESHARD_PAIRS = [(n, m) for n in (1, 2, 3, 4) for m in (1, 2, 3, 4)]  # every pa
 RESHARD_HP = dict(ADAM_S, bucket_numel=4096)
 
 
+def _save_path(n: int) -> str:
+    """The collective path the N-rank run that saves uses: reduce-scatter at N = 3, the
+    default elsewhere (every load runs on both paths)."""
+    return PATHS[1] if n == 3 else PATHS[0]
+
+
 def _job_reshard(root: str, pairs: list, K: int, J: int) -> dict:
-    """On 4 ranks: sub-groups of 1..4 ranks save (true data parallel over N) and load (M)."""
+    """On 4 ranks: sub-groups of 1..4 ranks save (true data parallel over N) and load (M),
+    every load on both collective paths."""
     rank = dist.get_rank()
     root = Path(root)
     groups = {n: dist.new_group(list(range(n))) for n in (1, 2, 3)}
@@ -332,7 +340,7 @@ def _job_reshard(root: str, pairs: list, K: int, J: int) -> dict:
         if rank < n:
             model = make_model(0)
             opt = ShardedAMS(grouped(model), process_group=groups[n], backend="eager",
-                             **RESHARD_HP)
+                             collectives=_save_path(n), **RESHARD_HP)
             train(model, opt, range(K), rank=rank, world=n)
             save_checkpoint(root / f"n{n}", opt, model=model, step=K)
         dist.barrier()
@@ -340,17 +348,17 @@ def _job_reshard(root: str, pairs: list, K: int, J: int) -> dict:
         if rank < n:  # what was written is exactly the live state (every piece, every key)
             assert_loaded_equals(model, opt, cons[n])
     out = {}
-    for n, m in pairs:
+    for (n, m), path in ((pair, path) for pair in pairs for path in PATHS):
         if rank < m:
             model = make_model(1)
             opt = ShardedAMS(grouped(model), process_group=groups[m], backend="eager",
-                             **{**RESHARD_HP, "lr": 0.5})
+                             collectives=path, **{**RESHARD_HP, "lr": 0.5})
             res = load_checkpoint(root / f"n{n}", opt, model=model)
             assert res["step"] == K and opt.comm.world_size == m
             assert_loaded_equals(model, opt, cons[n])
             train(model, opt, range(K, K + J), replicated=True)
             if rank == 0:
-                out[(n, m)] = named_params(model)
+                out[(n, m, path)] = named_params(model)
         dist.barrier()
     return out
 
@@ -358,7 +366,8 @@ def _job_reshard(root: str, pairs: list, K: int, J: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_reshard_n_to_m(tmp_path):
-    """N -> M for all 16 pairs in 1..4 (one 4-rank job; sub-groups of 1, 2, 3 ranks).
+    """N -> M for all 16 pairs in 1..4 (one 4-rank job; sub-groups of 1, 2, 3 ranks), every
+    load on both collective paths (``_save_path``: the N = 3 save ran reduce-scatter).
 
     The oracle, and why: data-parallel runs at different world sizes legitimately differ
     in the last bits (each rank's gradient is a mean over a different slice and gloo sums
@@ -382,7 +391,7 @@ def test_reshard_n_to_m(tmp_path):
     """
     K, J = 3, 3
     out = run_distributed(_job_reshard, 4, str(tmp_path), RESHARD_PAIRS, K, J, timeout=280)[0]
-    assert set(out) == set(RESHARD_PAIRS)
+    assert set(out) == {(n, m, path) for n, m in RESHARD_PAIRS for path in PATHS}
     for n in {n for n, _ in RESHARD_PAIRS}:
         man = validate_checkpoint(tmp_path / f"n{n}")
         assert man.world_size == n and len(man.param_groups) == 2
@@ -397,11 +406,11 @@ def test_reshard_n_to_m(tmp_path):
         torch.set_num_threads(threads)
     lr = ADAM_S["lr"]
     worst = {}
-    for (n, m), params in sorted(out.items()):
+    for (n, m, path), params in sorted(out.items()):
         for name, p in params.items():
             q = oracles[n][name]
             if m in (1, 2):  # no reduction, or g/2 + g/2 == g exactly: bitwise
-                assert torch.equal(p, q), (n, m, name)
+                assert torch.equal(p, q), (n, m, path, name)
             if name.endswith("attn.qkv.bias"):
                 # the key bias: its gradient is 0 in exact arithmetic (softmax is invariant
                 # to adding q.b_k to a whole row), so what backward returns is rounding
@@ -409,11 +418,11 @@ def test_reshard_n_to_m(tmp_path):
                 # order (g/3 summed 3 times) moves it. Bound it by lr per step; check the
                 # query and value biases tightly.
                 e = CFG["n_embd"]
-                assert (p[e:2 * e] - q[e:2 * e]).abs().max() <= lr * J, (n, m)
+                assert (p[e:2 * e] - q[e:2 * e]).abs().max() <= lr * J, (n, m, path)
                 p, q = torch.cat([p[:e], p[2 * e:]]), torch.cat([q[:e], q[2 * e:]])
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7,
-                                       msg=lambda s: f"{n}->{m} {name}: {s}")
-            worst[(n, m)] = max(worst.get((n, m), 0.0), (p - q).abs().max().item())
+                                       msg=lambda s: f"{n}->{m} {path} {name}: {s}")
+            worst[(n, m, path)] = max(worst.get((n, m, path), 0.0), (p - q).abs().max().item())
     print("max |param diff| vs the AMS oracle after", J, "steps (key bias excluded):", worst)
 
 

@@ -1,7 +1,8 @@
 """Overlap (gradient reduction during backward, param gather during the next forward)
 changes no bit, and misuse fails loudly.
 
-**Exactness** (N = 1..4, gloo, 50 steps, inside the per-N proof job of test_sharded.py):
+**Exactness** (N = 1..4, gloo, on both collective paths: 50 steps on the all-reduce
+path, 20 on the reduce-scatter one; inside the per-N proof job of test_sharded.py):
 the same training with ``overlap=False`` and ``overlap=True`` ends with bitwise equal
 params on every rank and bitwise equal state shards. The run has everything users
 combine with overlap: 4 micro-batches per step (the first 3 under ``no_sync()``),
@@ -34,12 +35,14 @@ from launcher.train.models.gpt import GPT
 from sharded_ams import ShardedAMS
 from sharded_ams.checkpoint import load_checkpoint, save_checkpoint
 
-from sharded_common import (GPT_CFG, compare_params, gather_to_rank0, gpt_batch, proof_results,
-                            snapshot, state_equal, world)
+from sharded_common import (GPT_CFG, PATHS, compare_params, gather_to_rank0, gpt_batch,
+                            paths_for, proof_results, snapshot, state_equal, world)
 
-STEPS = 50
+#: steps of the scenario per collective path (a multiple of 5: see the late-bucket count)
+#: and the step whose start saves and reloads a checkpoint
+STEPS = {"all_reduce": 50, "reduce_scatter": 20}
+CKPT_AT = {"all_reduce": 25, "reduce_scatter": 12}
 MICRO = 4
-CKPT_AT = 25
 SKIP_AT = 7
 MAX_NORM = 1.0
 GLOBAL = 48          # sequences per step: 4 micro-batches on 1..4 ranks
@@ -72,12 +75,13 @@ def _uses_side(step: int, rank: int, k: int) -> bool:
     return not (k == 1 and step % 2 == 0) and not (k == MICRO - 1 and (step + rank) % 5 == 0)
 
 
-def _optimizer(model: SideNet, overlap: bool) -> ShardedAMS:
+def _optimizer(model: SideNet, overlap: bool, path: str) -> ShardedAMS:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     return ShardedAMS([dict(params=decay, weight_decay=0.1), dict(params=rest, lr=3e-3)],
                       module=model, overlap=overlap, lam=-1.0, beta3=0.5, lr=1e-2,
-                      max_grad_norm=MAX_NORM, bucket_numel=6000, backend="eager")
+                      max_grad_norm=MAX_NORM, bucket_numel=6000, backend="eager",
+                      collectives=path)
 
 
 def padding_is_zero(opt: ShardedAMS) -> bool:
@@ -94,17 +98,17 @@ def padding_is_zero(opt: ShardedAMS) -> bool:
     return True
 
 
-def _run(overlap: bool, ckpt: str = "") -> dict:
+def _run(overlap: bool, path: str, ckpt: str = "") -> dict:
     rank, n = world()
     model = SideNet(0)
-    opt = _optimizer(model, overlap)
+    opt = _optimizer(model, overlap, path)
     stats, norms = [], []
-    for step in range(STEPS):
-        if ckpt and step == CKPT_AT:
+    for step in range(STEPS[path]):
+        if ckpt and step == CKPT_AT[path]:
             save_checkpoint(ckpt, opt, model=model, step=step)
             stats.append(opt.sync_stats.as_dict())
             model = SideNet(1)   # another init: everything must come from the load
-            opt = _optimizer(model, overlap)
+            opt = _optimizer(model, overlap, path)
             load_checkpoint(ckpt, opt, model=model)
         x, y = gpt_batch(step, global_batch=GLOBAL)
         for k, (xm, ym) in enumerate(zip(x.chunk(MICRO), y.chunk(MICRO))):
@@ -124,61 +128,71 @@ def _run(overlap: bool, ckpt: str = "") -> dict:
                 n_buckets=sum(len(sh.layout.buckets) for sh in opt.shards))
 
 
-def overlap_scenarios(ckpt_dir: str) -> dict:
-    """Overlap off vs on (with the checkpoint round trip), compared on each rank."""
-    off = _run(overlap=False)
-    on = _run(overlap=True, ckpt=os.path.join(ckpt_dir, "ckpt"))
+def overlap_scenarios(ckpt_dir: str, path: str) -> dict:
+    """Overlap off vs on (with the checkpoint round trip) on one collective path,
+    compared on each rank."""
+    off = _run(overlap=False, path=path)
+    on = _run(overlap=True, path=path, ckpt=os.path.join(ckpt_dir, "ckpt"))
     return dict(params=compare_params(on["params"], off["params"]),
                 state=state_equal([on["state"]], [off["state"]]),
                 skipped=(off["skipped"], on["skipped"]), steps=(off["steps"], on["steps"]),
                 norms_equal=[repr(x) for x in on["norms"]] == [repr(x) for x in off["norms"]],
                 norms=off["norms"], stats_on=on["stats"], stats_off=off["stats"],
-                n_buckets=on["n_buckets"], dtypes=on["dtypes"],
+                n_buckets=on["n_buckets"], dtypes=on["dtypes"], path=path,
                 padding_zero=(off["padding_zero"], on["padding_zero"]))
 
 
 WORLD_SIZES = [1, 2, 3, 4]
+#: (world size, collective path): both paths at N > 1 (at N = 1 no collective runs)
+PATH_CASES = [(n, path) for n in WORLD_SIZES for path in paths_for(n)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", WORLD_SIZES)
-def test_overlap_equals_no_overlap_bitwise(n):
+@pytest.mark.parametrize("n, path", PATH_CASES)
+def test_overlap_equals_no_overlap_bitwise(n, path):
+    steps = STEPS[path]
     for rank, res in enumerate(proof_results(n)):
-        r = res["overlap"]
+        r = res[path]["overlap"]
+        assert r["path"] == path
         assert r["dtypes"] == ["torch.bfloat16", "torch.float32"]
         assert r["params"]["equal"], (rank, r["params"])
         assert r["state"], f"rank {rank}: state shards differ"
         assert r["norms_equal"], rank
-        assert r["skipped"] == (1, 1) and r["steps"] == ([STEPS - 1] * 2, [STEPS - 1] * 2)
+        assert r["skipped"] == (1, 1) and r["steps"] == ([steps - 1] * 2, [steps - 1] * 2)
         assert r["padding_zero"] == (True, True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n", WORLD_SIZES)
-def test_overlap_scenario_exercised_what_it_claims(n):
+@pytest.mark.parametrize("n, path", PATH_CASES)
+def test_overlap_scenario_exercised_what_it_claims(n, path):
     """Not vacuous: several buckets; reductions launched during backward and in step()
     (the unused params); clipping active on some steps; the injected inf skipped a step."""
+    steps = STEPS[path]
     for res in proof_results(n):
-        r = res["overlap"]
+        r = res[path]["overlap"]
         assert r["n_buckets"] > 3
         norms = r["norms"]
         assert norms[SKIP_AT] != norms[SKIP_AT] or norms[SKIP_AT] == float("inf")
         assert sum(x > MAX_NORM for x in norms) >= 3 and any(x < MAX_NORM for x in norms)
         on = r["stats_on"]
         late = sum(s["late_buckets"] for s in on)
-        assert sum(s["steps"] for s in on) == STEPS
+        assert sum(s["steps"] for s in on) == steps
         # the bucket holding the never-used param is late on every step; on one step in
         # five the side branch's bucket (the first in order) is too, and with it every
         # bucket after it
-        assert late == STEPS + STEPS // 5 * (r["n_buckets"] - 1), (late, r["n_buckets"])
+        assert late == steps + steps // 5 * (r["n_buckets"] - 1), (late, r["n_buckets"])
         assert all(s["late_buckets"] == 0 for s in r["stats_off"])
 
 
 # --------------------------------------------------------------------------- misuse (N = 2)
-def misuse_checks() -> dict:
-    """Run inside the features job (N = 2); every entry is this rank's outcome."""
+def misuse_checks(path: str) -> dict:
+    """Run inside the features job (N = 2) on collective path ``path``; every entry is
+    this rank's outcome."""
     rank, n = world()
     out: dict = {}
+
+    def sharded(*args, **kw) -> ShardedAMS:
+        return ShardedAMS(*args, collectives=path, **kw)
 
     def error_of(fn) -> str:
         try:
@@ -189,14 +203,15 @@ def misuse_checks() -> dict:
 
     # ranks that disagree: a clear error on every rank, and the group still works after
     out["disagree"] = {
-        "shape": error_of(lambda: ShardedAMS(nn.Linear(3, 2 + rank))),
-        "lr": error_of(lambda: ShardedAMS(nn.Linear(3, 2), lr=1e-3 * (1 + rank))),
-        "name": error_of(lambda: ShardedAMS(nn.Sequential(OrderedDict(
+        "shape": error_of(lambda: sharded(nn.Linear(3, 2 + rank))),
+        "lr": error_of(lambda: sharded(nn.Linear(3, 2), lr=1e-3 * (1 + rank))),
+        "name": error_of(lambda: sharded(nn.Sequential(OrderedDict(
             [(f"layer{rank}", nn.Linear(3, 2))])))),
-        "bucket": error_of(lambda: ShardedAMS(nn.Linear(3, 2), bucket_numel=10 + rank)),
-        "same": error_of(lambda: ShardedAMS(nn.Linear(3, 2), lr=1e-3)),
+        "bucket": error_of(lambda: sharded(nn.Linear(3, 2), bucket_numel=10 + rank)),
+        "same": error_of(lambda: sharded(nn.Linear(3, 2), lr=1e-3)),
+        "collectives": error_of(lambda: ShardedAMS(nn.Linear(3, 2), collectives=PATHS[rank])),
     }
-    out["sparse"] = error_of(lambda: ShardedAMS(nn.Embedding(5, 3, sparse=True)))
+    out["sparse"] = error_of(lambda: sharded(nn.Embedding(5, 3, sparse=True)))
 
     class Bypass(nn.Module):
         def __init__(self):
@@ -211,18 +226,19 @@ def misuse_checks() -> dict:
     x = torch.randn(3, 4) + rank
 
     # a forward that reads a param without its module's pre-hook: stale values, refused
+    # (at world size > 1 by step(), on every rank: see test_collectives.py)
     model = Bypass()
-    opt = ShardedAMS(model, bucket_numel=1, backend="eager", lr=0.1)
+    opt = sharded(model, bucket_numel=1, backend="eager", lr=0.1)
     model(x).backward()
     opt.step()
-    out["stale"] = error_of(lambda: model(x, bypass=True).backward())
+    out["stale"] = error_of(lambda: (model(x, bypass=True).backward(), opt.step()))
     opt.zero_grad()
     opt.finish_param_sync()  # the documented remedy
     out["stale_then_ok"] = error_of(lambda: (model(x, bypass=True).backward(), opt.step()))
     # a second backward without no_sync: refused (the first one's reductions are running)
     opt.zero_grad()
     model(x).backward()
-    out["twice"] = error_of(lambda: model(x).backward())
+    out["twice"] = error_of(lambda: (model(x).backward(), opt.step()))
     opt.zero_grad()
     out["twice_then_ok"] = error_of(lambda: (model(x).backward(), opt.step()))
     # reads outside a forward: the module's state_dict waits for the gathers itself
@@ -235,7 +251,7 @@ def misuse_checks() -> dict:
     results = []
     for overlap in (True, False):
         m = Bypass()
-        o = ShardedAMS(m, overlap=overlap, bucket_numel=1, backend="eager", lr=0.1)
+        o = sharded(m, overlap=overlap, bucket_numel=1, backend="eager", lr=0.1)
         m(x * 3).backward()
         o.zero_grad()
         m(x).backward()
@@ -245,8 +261,8 @@ def misuse_checks() -> dict:
     out["zero_grad_in_flight"] = compare_params(results[0], results[1])["equal"]
     # a second optimizer on the same params takes over; the first one refuses to step
     m = Bypass()
-    first = ShardedAMS(m, backend="eager")
-    second = ShardedAMS(m, backend="eager")
+    first = sharded(m, backend="eager")
+    second = sharded(m, backend="eager")
     m(x).backward()
     second.step()
     out["replaced"] = error_of(first.step)
@@ -254,10 +270,11 @@ def misuse_checks() -> dict:
 
 
 @pytest.mark.slow
-def test_ranks_that_disagree_get_one_clear_error_each():
+@pytest.mark.parametrize("path", PATHS)
+def test_ranks_that_disagree_get_one_clear_error_each(path):
     from sharded_common import features
 
-    for r in features("misuse"):
+    for r in features("misuse", path):
         d = r["disagree"]
         assert d["same"] == ""
         for case, what in (("shape", ["shape (2,)", "shape (3,)"]),
@@ -266,13 +283,16 @@ def test_ranks_that_disagree_get_one_clear_error_each():
                            ("bucket", ["bucket_numel=10,", "bucket_numel=11,"])):
             assert d[case].startswith("ValueError: ShardedAMS: ranks disagree"), (case, d[case])
             assert all(w in d[case] for w in what) and "rank 1 has" in d[case], (case, d[case])
+        assert "collectives=all_reduce" in d["collectives"], d["collectives"]
+        assert "collectives=reduce_scatter" in d["collectives"], d["collectives"]
 
 
 @pytest.mark.slow
-def test_misuse_gives_clear_errors_not_hangs():
+@pytest.mark.parametrize("path", PATHS)
+def test_misuse_gives_clear_errors_not_hangs(path):
     from sharded_common import features
 
-    for r in features("misuse"):
+    for r in features("misuse", path):
         assert "sparse gradients" in r["sparse"] and "'weight'" in r["sparse"]
         assert "while its all-gather from the last step was still pending" in r["stale"]
         assert "'lin.weight'" in r["stale"] or "'lin.bias'" in r["stale"]

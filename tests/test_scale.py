@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from launcher.model import GPT, GPTConfig
+from launcher.train.models.gpt import GPT, GPTConfig
 from sharded_ams import ShardedAMS
 from sharded_ams.kernels.tables import run_table
 from sharded_ams.layout import BufferLayout, default_bucket_numel

@@ -23,7 +23,8 @@ gradients turn that into visible differences within tens of steps (measured belo
 
 Every rank's final params must be identical (the all-gather), on every N. The runs use
 the defaults users get (overlap on); ``test_overlap.py`` proves overlap on == off bitwise
-and ``test_sharded_features.py`` the features. Spawned jobs are few and shared: one per
+and ``test_sharded_features.py`` the features. At N > 1 all of it runs on both collective
+paths (``sharded_common.PATHS``) in the same job; ``ReducedGrads`` reads the reduction. Spawned jobs are few and shared: one per
 world size (with the overlap scenario) and one for the features; the "compiled" backend
 runs once, inside the N = 2 job.
 """
@@ -48,13 +49,16 @@ import sharded_ams.shard_step as shard_step_mod
 from sharded_ams import ShardedAMS
 from sharded_ams.layout import KERNEL_MULTIPLE
 
-from sharded_common import (GPT_CFG, GradRecorder, ams_kwargs, compare_params, compare_state,
-                            gather_to_rank0, gpt_batch, make_gpt, mean_over_ranks,
-                            means_per_step, proof_results, replay, snapshot, trainable,
+from sharded_common import (GPT_CFG, PATHS, GradRecorder, ReducedGrads, ams_kwargs,
+                            assemble_reduced, compare_params, compare_state, gather_to_rank0,
+                            gpt_batch, make_gpt, mean_over_ranks, means_per_step, paths_for,
+                            proof_results, replay, snapshot, trainable,
                             within_summation_error, world)
 
-STEPS = 50                 # (a) and (b)
 DP_STEPS = 20              # (c): see the tolerance comment there
+#: steps of (a) and (b) per collective path: gloo's default path 50; the reduce-scatter
+#: path (NCCL's) 20, to keep the suite in its time budget (the runs are the same code)
+STEPS = {"all_reduce": 50, "reduce_scatter": DP_STEPS}
 
 #: ShardedAMS keyword arguments of each proof configuration (eager backend added later).
 CONFIGS: dict[str, dict] = {
@@ -69,32 +73,37 @@ CONFIGS: dict[str, dict] = {
 def _train_gpt(kw: dict, steps: int, replicated: bool, snapshot_at: int = 0,
                skip_at: int = -1) -> dict:
     """Train the small GPT with ShardedAMS; every rank records its local gradients (tensor
-    hooks), rank 0 also the reduced ones (p.grad after step(): on gloo the whole bucket is
-    all-reduced, so every element holds the average). At ``skip_at`` one rank's loss is
-    infinite: every rank must skip that step (its gradients are then not recorded)."""
+    hooks) and its shard of the reduced ones (``ReducedGrads``), which rank 0 assembles. At
+    ``skip_at`` one rank's loss is infinite: every rank must skip that step (its gradients
+    are then not recorded). ``p.grad`` is None after every step() (the contract)."""
     rank, n = world()
     model = make_gpt()
     opt = ShardedAMS(model, **kw)
     rec = GradRecorder(trainable(model))
+    red = ReducedGrads(opt)
     init = snapshot(model)
-    local, reduced, losses, snap = [], [], [], None
+    local, losses, snap = [], [], None
     for step in range(steps):
         x, y = gpt_batch(step, replicated)
         _, loss = model(x, y)
         (loss * (float("inf") if step == skip_at and rank == 1 % n else 1.0)).backward()
         opt.step()
         assert opt.last_step.skipped == (step == skip_at)
+        assert all(p.grad is None for p in trainable(model))
         grads = rec.pop()
         if step != skip_at:
             local.append(grads)
-            if rank == 0:
-                reduced.append([p.grad.clone() for p in trainable(model)])
+        else:
+            red.steps.pop()
         opt.zero_grad()
         losses.append(mean_over_ranks(loss.item()))
         if step + 1 == snapshot_at:
             opt.finish_param_sync()  # params are read outside a forward
             snap = snapshot(model)
     opt.finish_param_sync()
+    everyone = gather_to_rank0(red.steps)
+    names = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    reduced = assemble_reduced(everyone, names) if rank == 0 else None
     return dict(model=model, opt=opt, init=init, local=local, reduced=reduced, losses=losses,
                 snap=snap, final=snapshot(model), steps=[int(g["step"]) for g in opt.param_groups])
 
@@ -126,54 +135,72 @@ def _check_exact(run: dict, kw: dict) -> Optional[dict]:
 
 
 def proof_job(ckpt_dir: str) -> dict:
-    """Everything the world-size-parametrised tests need from one spawned job."""
+    """Everything the world-size-parametrised tests need from one spawned job: per
+    collective path the proof configs and the overlap scenario; the compiled backend once."""
     from test_overlap import overlap_scenarios
 
     rank, n = world()
+    out: dict = {}
+    for path in paths_for(n):
+        out[path] = _proof_configs(path)
+        out[path]["overlap"] = overlap_scenarios(os.path.join(ckpt_dir, path), path)
+    if n == 2:
+        out["compiled"], out["compiled_skipped"] = _compiled_case()
+    return out
+
+
+def _proof_configs(path: str) -> dict:
+    """(a), (b) and the runs (c) reads, for every proof configuration on one path."""
+    n = world()[1]
     out: dict = {"configs": {}}
+    steps = STEPS[path]
     for name, kw in CONFIGS.items():
-        kw = dict(kw, backend="eager")
+        kw = dict(kw, backend="eager", collectives=path)
         res = {}
-        dp = _train_gpt(kw, STEPS, replicated=False, snapshot_at=DP_STEPS)
+        dp = _train_gpt(kw, steps, replicated=False, snapshot_at=DP_STEPS)
         res["dp_exact"] = _check_exact(dp, kw)
         res["dp_final"], res["dp_snap"], res["dp_losses"] = dp["final"], dp["snap"], dp["losses"]
         res["group_steps"] = dp["steps"]
         if n in (2, 4):
-            rep = _train_gpt(kw, STEPS, replicated=True)
+            rep = _train_gpt(kw, steps, replicated=True)
             res["rep_exact"] = _check_exact(rep, kw)
             res["rep_final"] = rep["final"]
         out["configs"][name] = res
-    if n == 2:
-        # One small case on the torch.compile backend (the CPU default): the eager AMS
-        # replay of the independent mean is the reference, within a tolerance, as
-        # Inductor's C++ may contract a*b+c into FMAs and vectorise tails differently.
-        kw = dict(CONFIGS["grams"], backend="compiled")
-        run = _train_gpt(kw, 20, replicated=False, skip_at=COMPILED_SKIP_AT)
-        locals_all = gather_to_rank0(run["local"])
-        out["compiled_skipped"] = (run["opt"].skipped_steps, run["steps"])
-        if rank == 0:
-            ref_model = make_gpt(seed=1)
-            replay(ref_model, run["init"], means_per_step(locals_all), **ams_kwargs(kw))
-            ref = snapshot(ref_model)
-            out["compiled"] = dict(
-                backend=run["opt"].backend,
-                rel={k: ((run["final"][k].double() - ref[k].double()).abs().max()
-                         / ref[k].double().abs().max()).item() for k in ref},
-                moved=max((run["final"][k] - run["init"][k]).abs().max().item() for k in ref))
-    out["overlap"] = overlap_scenarios(ckpt_dir)
     return out
 
 
+def _compiled_case() -> tuple[Optional[dict], tuple]:
+    """One small case on the torch.compile backend (the CPU default): the eager AMS
+    replay of the independent mean is the reference, within a tolerance, as Inductor's
+    C++ may contract a*b+c into FMAs and vectorise tails differently."""
+    kw = dict(CONFIGS["grams"], backend="compiled")
+    run = _train_gpt(kw, 20, replicated=False, skip_at=COMPILED_SKIP_AT)
+    locals_all = gather_to_rank0(run["local"])
+    skipped = (run["opt"].skipped_steps, run["steps"])
+    if world()[0] != 0:
+        return None, skipped
+    ref_model = make_gpt(seed=1)
+    replay(ref_model, run["init"], means_per_step(locals_all), **ams_kwargs(kw))
+    ref = snapshot(ref_model)
+    return dict(
+        backend=run["opt"].backend,
+        rel={k: ((run["final"][k].double() - ref[k].double()).abs().max()
+                 / ref[k].double().abs().max()).item() for k in ref},
+        moved=max((run["final"][k] - run["init"][k]).abs().max().item() for k in ref)), skipped
+
+
 WORLD_SIZES = [1, 2, 3, 4]
+#: (world size, collective path): both paths at N > 1 (at N = 1 no collective runs)
+PATH_CASES = [(n, path) for n in WORLD_SIZES for path in paths_for(n)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("n", WORLD_SIZES)
-def test_sharded_update_bitwise_equals_single_process_replay(n, config):
+@pytest.mark.parametrize("n, path", PATH_CASES)
+def test_sharded_update_bitwise_equals_single_process_replay(n, path, config):
     """(a) params and every rank's state pieces equal AMS on independently averaged grads
     (N <= 2), or on the reduced grads once those match the independent mean (N = 3, 4)."""
-    results = proof_results(n)
+    results = [r[path] for r in proof_results(n)]
     res = results[0]["configs"][config]
     ex = res["dp_exact"]
     assert ex["exact_mean"] == (n <= 2) and not (n > 1 and ex["identical_ranks"])
@@ -184,7 +211,7 @@ def test_sharded_update_bitwise_equals_single_process_replay(n, config):
     assert ex["params"]["equal"], f"params differ from the AMS replay: {ex['params']}"
     assert ex["state"]["elements"] == ex["numel"], "state pieces cover every element once"
     assert not ex["state"]["mismatches"], ex["state"]["mismatches"][:10]
-    assert res["group_steps"] == [STEPS]
+    assert res["group_steps"] == [STEPS[path]]
     for r, other in enumerate(results[1:], 1):  # the all-gather gave every rank the params
         cmp = compare_params(other["configs"][config]["dp_final"], res["dp_final"])
         assert cmp["equal"], f"rank {r} params differ from rank 0: {cmp}"
@@ -195,12 +222,15 @@ def test_sharded_update_bitwise_equals_single_process_replay(n, config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n", [2, 4])
-def test_replicated_data_bitwise_equals_one_process(n, config):
+def test_replicated_data_bitwise_equals_one_process(n, path, config):
     """(b) every rank fed the one-process batch: the replay of the independent mean is
-    bitwise, and the run is bitwise equal to N = 1 end to end."""
-    results = proof_results(n)
-    base = proof_results(1)[0]["configs"][config]["dp_final"]
+    bitwise, and the run is bitwise equal to N = 1 end to end (the N = 1 run's params
+    after as many steps: its 20-step snapshot for the shorter reduce-scatter runs)."""
+    results = [r[path] for r in proof_results(n)]
+    base_run = proof_results(1)[0][PATHS[0]]["configs"][config]
+    base = base_run["dp_final"] if STEPS[path] == STEPS[PATHS[0]] else base_run["dp_snap"]
     for r, res in enumerate(results):
         cmp = compare_params(res["configs"][config]["rep_final"], base)
         assert cmp["equal"], f"rank {r}: {cmp}"
@@ -236,11 +266,12 @@ DP_TOL_LOSS = 2e-6
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_data_parallel_adamw_close_to_one_process(n):
+def test_data_parallel_adamw_close_to_one_process(n, path):
     """(c) true data parallel (different data per rank) vs N = 1, AdamW, 20 steps."""
-    got = proof_results(n)[0]["configs"]["adamw"]
-    base = proof_results(1)[0]["configs"]["adamw"]
+    got = proof_results(n)[0][path]["configs"]["adamw"]
+    base = proof_results(1)[0][PATHS[0]]["configs"]["adamw"]
     a, b = got["dp_snap"], base["dp_snap"]
     key = "blocks.0.attn.qkv.bias"
     c = GPT_CFG.n_embd

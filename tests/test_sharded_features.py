@@ -5,7 +5,8 @@ groups, frozen and tied params, several buckets, gradient accumulation with ``no
 zero_grad / set_to_none, LR scheduler, clipping, inf/NaN skip, state memory, collective
 counts) and the misuse checks (ranks that disagree, sparse gradients, a forward that
 bypasses the param gather, a second backward without ``no_sync``, zero_grad while
-reductions run) share one N = 2 job. N = 2 because there the independent average of the
+reductions run) share one N = 2 job, which runs every check on both collective paths
+(``sharded_common.PATHS``: gloo's all-reduce and NCCL's reduce-scatter + all-gather). N = 2 because there the independent average of the
 ranks' recorded local gradients (``sharded_common``) is bitwise what a correct reduction
 gives, so every replay is exact; shard boundaries still fall inside params. Checks whose
 reference differs by fp32 rounding of the gradient (clipping, accumulation against one
@@ -25,9 +26,9 @@ from torch import nn
 from sharded_ams import AMS, ShardedAMS
 from sharded_ams.layout import ALIGN
 
-from sharded_common import (GradRecorder, ams_kwargs, compare_params, compare_state, features,
-                            gather_to_rank0, gpt_batch, make_gpt, make_mlp, means_per_step,
-                            mlp_batch, replay, snapshot, trainable, world)
+from sharded_common import (PATHS, GradRecorder, ams_kwargs, compare_params, compare_state,
+                            features, gather_to_rank0, gpt_batch, make_gpt, make_mlp,
+                            means_per_step, mlp_batch, replay, snapshot, trainable, world)
 
 FEATURE_WORLD = 2
 
@@ -42,7 +43,7 @@ def _means(recorded_local: list) -> list:
     return means_per_step(everyone) if everyone is not None else None
 
 
-def _feat_groups_frozen_tied_buckets() -> dict:
+def _feat_groups_frozen_tied_buckets(path: str) -> dict:
     """cadam (per-tensor counts: one small all-reduce per step for all runs), two groups
     with different lr / weight decay, a frozen param inside a group, the tied lm_head,
     several buckets, overlap through ``module=``. Replayed bitwise."""
@@ -57,7 +58,8 @@ def _feat_groups_frozen_tied_buckets() -> dict:
               dict(params=no_decay, lr=3e-3, weight_decay=0.0)]
     by_name = dict(named)
     opt = ShardedAMS([{**g, "params": [by_name[k] for k in g["params"]]} for g in groups],
-                     preset="cadam", backend="eager", bucket_numel=4000, module=model)
+                     preset="cadam", backend="eager", bucket_numel=4000, module=model,
+                     collectives=path)
     init = snapshot(model)
     sh = opt.shards[0]
     lo, hi = sh.buf.param.data_ptr(), sh.buf.param.data_ptr() + sh.buf.param.numel() * 4
@@ -102,12 +104,12 @@ def _extra_term(extra: nn.Parameter, step: int):
     return 0.01 * extra.float().square().sum() if step % 2 == 0 else 0.0
 
 
-def _bf16_run(grad_reduce_dtype) -> dict:
+def _bf16_run(grad_reduce_dtype, path: str) -> dict:
     rank, n = world()
     model = make_gpt().to(torch.bfloat16)
     extra = nn.Parameter(torch.linspace(-1, 1, 7, dtype=torch.bfloat16))
     opt = ShardedAMS(trainable(model) + [extra], module=model, preset="grams", lr=1e-2,
-                     backend="eager", grad_reduce_dtype=grad_reduce_dtype)
+                     backend="eager", grad_reduce_dtype=grad_reduce_dtype, collectives=path)
     init, extra0 = snapshot(model), extra.detach().clone()
     sh = opt.shards[0]
     main = sh.buf.main_grad
@@ -154,16 +156,16 @@ def _bf16_run(grad_reduce_dtype) -> dict:
     return out
 
 
-def _feat_bf16_masters() -> dict:
+def _feat_bf16_masters(path: str) -> dict:
     """bf16 params with fp32 masters, gradients reduced in fp32 (default: ``p.grad`` is
     None after backward, the gradient is in the fp32 buffer) and in bf16."""
-    return {"fp32_reduce": _bf16_run(None), "bf16_reduce": _bf16_run(torch.bfloat16)}
+    return {"fp32_reduce": _bf16_run(None, path), "bf16_reduce": _bf16_run(torch.bfloat16, path)}
 
 
 MICRO = 4
 
 
-def _feat_grad_accumulation() -> dict:
+def _feat_grad_accumulation(path: str) -> dict:
     """4 micro-batches per step, the first 3 under no_sync(): nothing is reduced until the
     last one; replayed bitwise on the independently accumulated and averaged local grads.
     Also an MLP against one step on the concatenated batch, to fp32 rounding."""
@@ -171,7 +173,7 @@ def _feat_grad_accumulation() -> dict:
     out = {}
     model = make_gpt()
     opt = ShardedAMS(model, preset="adamw", lr=1e-2, weight_decay=0.1, backend="eager",
-                     bucket_numel=5000)
+                     bucket_numel=5000, collectives=path)
     rec = GradRecorder(trainable(model))
     init, local, quiet = snapshot(model), [], []
     for step in range(6):
@@ -195,7 +197,8 @@ def _feat_grad_accumulation() -> dict:
         replay(ref, init, means, **ams_kwargs(dict(preset="adamw", lr=1e-2, weight_decay=0.1)))
         out["replay"] = compare_params(snapshot(ref), snapshot(model))
     mlps = [make_mlp(), make_mlp()]
-    opts = [ShardedAMS(m, preset="adamw", lr=1e-2, weight_decay=0.1, backend="eager")
+    opts = [ShardedAMS(m, preset="adamw", lr=1e-2, weight_decay=0.1, backend="eager",
+                       collectives=path)
             for m in mlps]
     for step in range(6):
         x, y = mlp_batch(step)
@@ -215,7 +218,7 @@ def _feat_grad_accumulation() -> dict:
     return out
 
 
-def _feat_zero_grad() -> dict:
+def _feat_zero_grad(path: str) -> dict:
     """opt.zero_grad keeps every grad a view of the flat grad buffer (also after backward);
     model.zero_grad(set_to_none=True) between steps gives bitwise the same training."""
     finals, views = [], []
@@ -223,7 +226,7 @@ def _feat_zero_grad() -> dict:
         model = make_gpt()
         extra = nn.Parameter(torch.linspace(-1, 1, 7))
         opt = ShardedAMS(trainable(model) + [extra], module=model, preset="grams", lr=1e-2,
-                         backend="eager")
+                         backend="eager", collectives=path)
         sh = opt.shards[0]
         for step in range(8):
             if mode == "none":
@@ -247,12 +250,12 @@ def _feat_zero_grad() -> dict:
     return dict(views=views, same=compare_params(finals[0], finals[1]))
 
 
-def _feat_scheduler() -> dict:
+def _feat_scheduler(path: str) -> dict:
     """StepLR changes the group lr; the result equals AMS with the same scheduler."""
     rank, n = world()
     kw = dict(preset="grams", lr=1e-2, weight_decay=0.01)
     model = make_gpt()
-    opt = ShardedAMS(model, backend="eager", **kw)
+    opt = ShardedAMS(model, backend="eager", collectives=path, **kw)
     rec = GradRecorder(trainable(model))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
     init, local, lrs = snapshot(model), [], []
@@ -276,7 +279,7 @@ def _feat_scheduler() -> dict:
     return out
 
 
-def _feat_clipping() -> dict:
+def _feat_clipping(path: str) -> dict:
     """max_grad_norm == clip_grad_norm_ on the independently averaged grads, then AMS (MLP,
     AdamW), on steps that clip and steps that do not; last_step.grad_norm ==
     clip_grad_norm_'s total norm."""
@@ -285,7 +288,8 @@ def _feat_clipping() -> dict:
     kw = dict(preset="adamw", lr=1e-2, weight_decay=0.1)
     model = make_mlp()
     # several buckets: the norm and the clip must cover every bucket's shard
-    opt = ShardedAMS(model, backend="eager", max_grad_norm=max_norm, bucket_numel=1, **kw)
+    opt = ShardedAMS(model, backend="eager", max_grad_norm=max_norm, bucket_numel=1,
+                     collectives=path, **kw)
     rec = GradRecorder(trainable(model))
     norms, local = [], []
     for step in range(10):
@@ -318,13 +322,13 @@ def _state_copy(opt) -> dict:
     return {f"{i}.{k}": t.clone() for i, sh in enumerate(opt.shards) for k, t in sh.state.items()}
 
 
-def _feat_nonfinite_skip() -> dict:
+def _feat_nonfinite_skip(path: str) -> dict:
     """inf on rank 1 at step 2 and NaN on rank 0 at step 4 (one gradient element, through
     the loss): every rank skips, nothing changes (params, every state tensor, step
     counts), training goes on, and the run equals, bitwise, one that never saw those
     two batches."""
     rank, n = world()
-    kw = dict(lam=-0.5, beta3=0.5, lr=1e-2, weight_decay=0.05, backend="eager")
+    kw = dict(lam=-0.5, beta3=0.5, lr=1e-2, weight_decay=0.05, backend="eager", collectives=path)
     inject = {2: (1 % n, float("inf")), 4: (0, float("nan"))}
     model = make_gpt()
     opt = ShardedAMS(model, **kw)
@@ -364,7 +368,7 @@ def _feat_nonfinite_skip() -> dict:
                 same_as_clean=compare_params(final, snapshot(model2)))
 
 
-def _feat_memory_and_calls() -> dict:
+def _feat_memory_and_calls(path: str) -> dict:
     """state_bytes for fp32 (2 and 3 states) and for bf16 (+ master); collective counts
     per step for the default single bucket, without the norm, and with buckets."""
     rank, n = world()
@@ -375,7 +379,7 @@ def _feat_memory_and_calls() -> dict:
                             ("grams_buckets", torch.float32, dict(preset="grams", bucket_numel=3000)),
                             ("grams_nonorm", torch.float32, dict(preset="grams", skip_nonfinite=False))]:
         model = make_gpt().to(dtype)
-        opt = ShardedAMS(model, backend="eager", **kw)
+        opt = ShardedAMS(model, backend="eager", collectives=path, **kw)
         sh = opt.shards[0]
         x, y = gpt_batch(0)
         before = dict(opt.comm.calls)
@@ -389,12 +393,12 @@ def _feat_memory_and_calls() -> dict:
     return out
 
 
-def _feat_misuse() -> dict:
+def _feat_misuse(path: str) -> dict:
     """Misuse that must raise a clear error on every rank instead of hanging or training
     on wrong numbers."""
     from test_overlap import misuse_checks
 
-    return misuse_checks()
+    return misuse_checks(path)
 
 
 FEATURES = {
@@ -411,12 +415,14 @@ FEATURES = {
 
 
 def features_job(ckpt_dir: str) -> dict:
-    return {name: fn() for name, fn in FEATURES.items()}
+    """Every feature check on both collective paths, in one N = 2 job."""
+    return {path: {name: fn(path) for name, fn in FEATURES.items()} for path in PATHS}
 
 
 @pytest.mark.slow
-def test_param_groups_frozen_tied_and_buckets():
-    res = features("groups_frozen_tied_buckets")
+@pytest.mark.parametrize("path", PATHS)
+def test_param_groups_frozen_tied_and_buckets(path):
+    res = features("groups_frozen_tied_buckets", path)
     r0 = res[0]
     assert r0["replay"]["equal"], r0["replay"]
     assert not r0["state"]["mismatches"], r0["state"]["mismatches"][:10]
@@ -439,14 +445,15 @@ def test_param_groups_frozen_tied_and_buckets():
     for r in res:
         assert r["n_runs"] == r0["n_runs"]
         for calls in r["calls"]:
-            assert calls == {"all_reduce": r0["n_buckets"], "all_gather": r0["n_buckets"],
+            assert calls == {path: r0["n_buckets"], "all_gather": r0["n_buckets"],
                              "all_reduce_small": 2}
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("reduce", ["fp32_reduce", "bf16_reduce"])
-def test_bf16_params_fp32_masters(reduce):
-    res = [r[reduce] for r in features("bf16_masters")]
+def test_bf16_params_fp32_masters(reduce, path):
+    res = [r[reduce] for r in features("bf16_masters", path)]
     fp32 = reduce == "fp32_reduce"
     for r in res:
         assert all(r["cast_ok"]), "params == masters cast after every step"
@@ -461,28 +468,31 @@ def test_bf16_params_fp32_masters(reduce):
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_with_no_sync():
-    for r in features("grad_accumulation"):
+@pytest.mark.parametrize("path", PATHS)
+def test_gradient_accumulation_with_no_sync(path):
+    for r in features("grad_accumulation", path):
         assert r["quiet"] and all(r["quiet"]), "no collective inside no_sync()"
         assert r["late_buckets"] == 0, "the last micro-batch's backward reduced every bucket"
         # fp32 rounding: (a/2 + b/2) vs the mean over the concatenated rows; measured
         # 8.2e-8 (MLP params after 6 steps)
         assert r["mlp_rel"] < 1e-6, r["mlp_rel"]
         assert r["mlp_moved"] > 1e-2
-    r0 = features("grad_accumulation")[0]
+    r0 = features("grad_accumulation", path)[0]
     assert r0["replay"]["equal"], r0["replay"]
 
 
 @pytest.mark.slow
-def test_zero_grad_views_and_set_to_none():
-    for r in features("zero_grad"):
+@pytest.mark.parametrize("path", PATHS)
+def test_zero_grad_views_and_set_to_none(path):
+    for r in features("zero_grad", path):
         assert all(r["views"])
         assert r["same"]["equal"], r["same"]
 
 
 @pytest.mark.slow
-def test_lr_scheduler_matches_ams():
-    res = features("scheduler")
+@pytest.mark.parametrize("path", PATHS)
+def test_lr_scheduler_matches_ams(path):
+    res = features("scheduler", path)
     for r in res:
         assert r["lrs"] == pytest.approx([1e-2] * 3 + [5e-3] * 4 + [2.5e-3] * 4 + [1.25e-3])
     assert res[0]["ref_lr"] == res[0]["lrs"][-1]
@@ -490,8 +500,9 @@ def test_lr_scheduler_matches_ams():
 
 
 @pytest.mark.slow
-def test_clipping_equals_clip_grad_norm_then_ams():
-    res = features("clipping")
+@pytest.mark.parametrize("path", PATHS)
+def test_clipping_equals_clip_grad_norm_then_ams(path):
+    res = features("clipping", path)
     r0 = res[0]
     # clipping is active on some steps, not on others (the factor must be exactly 1 there)
     assert sum(nm > r0["max_norm"] for nm in r0["ref_norms"]) >= 3
@@ -508,8 +519,9 @@ def test_clipping_equals_clip_grad_norm_then_ams():
 
 
 @pytest.mark.slow
-def test_nonfinite_gradient_on_one_rank_skips_on_every_rank():
-    res = features("nonfinite_skip")
+@pytest.mark.parametrize("path", PATHS)
+def test_nonfinite_gradient_on_one_rank_skips_on_every_rank(path):
+    res = features("nonfinite_skip", path)
     for r in res:
         assert r["skipped_steps"] == 2
         assert r["same_as_clean"]["equal"], r["same_as_clean"]
@@ -522,20 +534,21 @@ def test_nonfinite_gradient_on_one_rank_skips_on_every_rank():
                 assert ev["steps"] == ev["steps_before"] == [done]
                 # decided on the device: the host does not know, so the step's collectives
                 # (counts of the two-pass case, the gather of unchanged params) all run
-                assert ev["calls"] == {"all_reduce": 1, "all_reduce_small": 2,
+                assert ev["calls"] == {path: 1, "all_reduce_small": 2,
                                        "all_gather": 1}, ev["calls"]
             else:
                 done += 1
-                assert ev["calls"] == {"all_reduce": 1, "all_reduce_small": 2, "all_gather": 1}
+                assert ev["calls"] == {path: 1, "all_reduce_small": 2, "all_gather": 1}
                 assert not ev["skipped"] and math.isfinite(ev["norm"])
                 assert not ev["params_same"] and not ev["state_same"]
                 assert ev["steps"] == [done]
 
 
 @pytest.mark.slow
-def test_state_bytes_and_collective_counts():
+@pytest.mark.parametrize("path", PATHS)
+def test_state_bytes_and_collective_counts(path):
     n = FEATURE_WORLD
-    res = features("memory_and_calls")
+    res = features("memory_and_calls", path)
     for name, n_states in [("adamw_fp32", 2), ("beta3_fp32", 3), ("grams_bf16", 3),
                            ("grams_buckets", 2), ("grams_nonorm", 2)]:
         per_rank = [r[name] for r in res]
@@ -548,11 +561,13 @@ def test_state_bytes_and_collective_counts():
         assert m["state_bytes"] <= (m["param_numel"] + padding) / n * 4 * n_states
         assert m["state_bytes"] < m["param_numel"] * 4 * n_states / n * 1.1  # ~1/N of total
     r = res[0]
-    assert r["adamw_fp32"]["calls"] == {"all_reduce": 1, "all_gather": 1, "all_reduce_small": 1}
-    assert r["grams_nonorm"]["calls"] == {"all_reduce": 1, "all_gather": 1}
+    assert r["adamw_fp32"]["calls"] == {path: 1, "all_gather": 1, "all_reduce_small": 1}
+    # without the norm all-reduce, the ranks' error flags take one of their own
+    # (bucket_sync.py, "Misuse")
+    assert r["grams_nonorm"]["calls"] == {path: 1, "all_gather": 1, "all_reduce_small": 1}
     nb = r["grams_buckets"]["n_buckets"]
     assert nb > 1
-    assert r["grams_buckets"]["calls"] == {"all_reduce": nb, "all_gather": nb,
+    assert r["grams_buckets"]["calls"] == {path: nb, "all_gather": nb,
                                            "all_reduce_small": 1}
     # the two-pass case adds one small all-reduce of the per-tensor counts
-    assert r["beta3_fp32"]["calls"] == {"all_reduce": 1, "all_gather": 1, "all_reduce_small": 2}
+    assert r["beta3_fp32"]["calls"] == {path: 1, "all_gather": 1, "all_reduce_small": 2}
