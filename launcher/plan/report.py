@@ -144,9 +144,11 @@ def build_plan(spec: ModelSpec, inp: PlanInputs) -> dict:
 
     hardware.gpu(inp.gpu)
     tps = _tp_options(spec, inp)
-    if not tps:
-        raise ValueError(f"no tensor-parallel size in 1, 2, 4, 8 divides the model and "
-                         f"--gpus {inp.gpus}; check the batch arithmetic with --tp 1")
+    if not tps:  # none works: say why tp = 1 does not
+        check_tp(spec, 1)
+        geometry(inp, 1, False)
+        raise ValueError(f"no tensor-parallel size in 1, 2, 4, 8 fits the model, --gpus "
+                         f"{inp.gpus} and the batch")
     acs = [inp.checkpointing] if inp.checkpointing is not None else [False, True]
     layouts: dict = {}
     cands = [evaluate(spec, inp, s, tp, ac, layouts) for s in inp.strategies for tp in tps for ac in acs]
