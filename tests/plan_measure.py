@@ -88,11 +88,16 @@ def measure_rank(sizes: tuple[str, ...]) -> dict:
 
 
 def saved_activation_bytes(model: nn.Module, batch: int, seq: int, vocab: int) -> int:
+    """See :func:`saved_storages`: their bytes."""
+    return sum(saved_storages(model, batch, seq, vocab).values())
+
+
+def saved_storages(model: nn.Module, batch: int, seq: int, vocab: int) -> dict[int, int]:
     """Bytes autograd holds for backward after one forward: every tensor the graph saves,
     through ``saved_tensors_hooks``, counted once per storage (views of one tensor and a
     tensor saved by several ops are one allocation) and without the parameters' storages.
     That is the activation memory at the start of backward, the peak of the activations
-    (CPU has no allocator statistics to read it from)."""
+    (CPU has no allocator statistics to read it from). Returns {storage: bytes}."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -105,4 +110,4 @@ def saved_activation_bytes(model: nn.Module, batch: int, seq: int, vocab: int) -
     x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x, x)
-    return sum(seen.values())
+    return seen

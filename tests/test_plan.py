@@ -26,6 +26,9 @@ from launcher.plan import memory
 from launcher.plan.model import load_model
 
 SIZES = ("tiny", "60m", "130m")
+#: the issue asks for activations within 20%; the count is tensor by tensor and lands within
+#: 0.5%, so 5% here, which also catches a term left out (e.g. the fp32 copy in each norm)
+ACT_TOL = 0.05
 
 
 def test_llama3_parameter_counts_are_the_published_ones():
@@ -75,13 +78,14 @@ def test_predicted_activations_match_saved_tensor_bytes(size, dtype):
     spec = load_model(size, seq, vocab)
     act = 4 if dtype == torch.float32 else 2
     pred = memory.activation_memory(spec, batch * seq, act, checkpointing=False)["saved"]
-    assert _close(pred, got, 0.20), (pred, got)
+    assert _close(pred, got, ACT_TOL), (pred, got)
 
 
 def test_predicted_activations_with_checkpointing_match():
-    """With checkpointing the hooks see what lives outside the blocks; the blocks' inputs
-    (kept by the checkpoint for the recompute) are added from forward pre-hooks, and one
-    block recomputed in backward is measured alone: the peak during backward."""
+    """With checkpointing the hooks see what lives outside the blocks and what the
+    checkpoints keep; the blocks' inputs (kept for the recompute) are added from forward
+    pre-hooks where the hooks did not see them (union by storage), and one block recomputed
+    in backward is measured alone: the activations at their peak during backward."""
     batch, seq, vocab = 2, 64, plan_measure.VOCAB
     model = plan_measure.build("60m", torch.bfloat16, seq=seq, init=False)
     model.activation_checkpointing = True
@@ -90,15 +94,15 @@ def test_predicted_activations_with_checkpointing_match():
         lambda m, a: inputs.__setitem__(a[0].untyped_storage().data_ptr(),
                                         a[0].untyped_storage().nbytes()))
         for layer in model.model.layers]
-    outside = plan_measure.saved_activation_bytes(model, batch, seq, vocab)
+    outside = plan_measure.saved_storages(model, batch, seq, vocab)
     for h in hooks:
         h.remove()
     model.activation_checkpointing = False
     one_layer = _one_layer_saved(model, batch, seq)
-    got = outside + sum(inputs.values()) + one_layer
+    got = sum({**outside, **inputs}.values()) + one_layer
     spec = load_model("60m", seq, vocab)
     pred = memory.activation_memory(spec, batch * seq, 2, checkpointing=True)["saved"]
-    assert _close(pred, got, 0.20), (pred, got)
+    assert _close(pred, got, ACT_TOL), (pred, got)
 
 
 def _one_layer_saved(model, batch: int, seq: int) -> int:
