@@ -46,6 +46,11 @@ def measured(request):
     return n, run_distributed(plan_measure.measure_rank, n, SIZES, timeout=400)
 
 
+#: the issue asks for model-state bytes within 1%; the plan builds the same layout (zero1) and
+#: the same dim-0 chunks (fsdp) as the real runs, so they are equal to the byte
+STATE_TOL = 0.0
+
+
 def _close(pred: float, got: float, tol: float) -> bool:
     return abs(pred - got) <= tol * got
 
@@ -62,11 +67,11 @@ def test_predicted_model_state_bytes_equal_real_runs(measured):
                 real = got[(size, "zero1", p)]
                 pred = memory.zero1_memory(spec, n, 1, prec[p], bucket_numel=real["bucket_numel"])
                 for key in ("params", "grads", "optimizer"):
-                    assert _close(pred[key], real[key], 0.01), (size, "zero1", p, rank, key, pred[key], real[key])
+                    assert _close(pred[key], real[key], STATE_TOL), (size, "zero1", p, rank, key, pred[key], real[key])
             real = got[(size, "fsdp", "fp32")]
             pred = memory.fsdp_memory(spec, n, 1, prec["fp32"], rank=rank)
             for key in ("params", "grads", "optimizer"):
-                assert _close(pred[key], real[key], 0.01), (size, "fsdp", rank, key, pred[key], real[key])
+                assert _close(pred[key], real[key], STATE_TOL), (size, "fsdp", rank, key, pred[key], real[key])
 
 
 @pytest.mark.parametrize("size", SIZES)
