@@ -45,10 +45,13 @@ def add_plan_subparser(subparsers) -> None:
     p.add_argument("--state-dtype", default="fp32", choices=("fp32", "bf16"),
                    help="storage of m, v[, s] (ShardedAMS state_dtype)")
     p.add_argument("--beta3", type=float, default=0.0, help="> 0 keeps the third state s")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None,
-                   help="plan with checkpointing only (default: without, then with if needed)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=None, help="plan with (or --no-...: without) checkpointing only "
+                                      "(default: both, checkpointing where it is needed)")
     p.add_argument("--mfu", type=float, default=DEFAULT_MFU,
-                   help=f"utilisation of the GPU's bf16 peak (default {DEFAULT_MFU})")
+                   help=f"model FLOPs utilisation without checkpointing, i.e. the fraction of "
+                        f"the bf16 peak the GPU runs at (default {DEFAULT_MFU}); checkpointing "
+                        f"adds a forward at that rate")
     p.add_argument("--link-efficiency", type=float, default=0.8,
                    help="achieved fraction of the link bandwidths (default 0.8)")
     p.add_argument("--tokens", type=float, help="token budget (default 20 per parameter)")

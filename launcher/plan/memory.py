@@ -107,18 +107,21 @@ def layer_activation_bytes(spec: ModelSpec, act: int, tp: int = 1) -> float:
       are what scaled_dot_product_attention keeps), the attention output (4 act d), and the
       softmax log-sum-exp (4 bytes per head);
     * SwiGLU: gate, silu(gate), up, and their product (4 act f); the rsqrt per norm.
-    Tensor parallelism splits the attention and feed-forward parts (no sequence parallel)."""
+    Tensor parallelism splits all of it: heads and feed-forward by tp, the norms and the
+    residual stream by sequence (sequence parallelism, Megatron's and torchtitan's default
+    with TP)."""
     s = spec.shape
     d, f, heads = s["n_embd"], s["intermediate_size"], s["n_head"]
     norms = 2 * (4 * d + 2 * act * d + 4)
-    return norms + (4 * act * d + 4 * heads + 4 * act * f) / tp
+    return (norms + 4 * act * d + 4 * heads + 4 * act * f) / tp
 
 
 def head_activation_bytes(spec: ModelSpec, act: int, tp: int = 1) -> float:
     """Per token outside the layers: the final norm and the fp32 log-softmax of the logits
-    (the loss is computed in fp32), split by tp (vocabulary-parallel loss)."""
+    (the loss is computed in fp32), split by tp (sequence parallel norm, vocabulary-parallel
+    loss)."""
     d, v = spec.shape["n_embd"], spec.shape["vocab_size"]
-    return 4 * d + 2 * act * d + 4 + 4 * v / tp
+    return (4 * d + 2 * act * d + 4 + 4 * v) / tp
 
 
 def activation_memory(spec: ModelSpec, tokens: int, act: int, *, checkpointing: bool,
@@ -133,7 +136,7 @@ def activation_memory(spec: ModelSpec, tokens: int, act: int, *, checkpointing: 
     layer = layer_activation_bytes(spec, act, tp)
     head = head_activation_bytes(spec, act, tp)
     if checkpointing:
-        saved = tokens * (n_layer * act * d + layer + head)
+        saved = tokens * (n_layer * act * d / tp + layer + head)
     else:
         saved = tokens * (n_layer * layer + head)
     transient = tokens * 8 * spec.shape["vocab_size"] / tp

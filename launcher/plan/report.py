@@ -34,7 +34,7 @@ class PlanInputs:
     state_dtype: str = "fp32"
     beta3: float = 0.0
     checkpointing: Optional[bool] = None   # None: try without, then with
-    mfu: float = DEFAULT_MFU
+    mfu: float = DEFAULT_MFU               # utilisation of the peak, the FLOPs the GPU does
     link_efficiency: float = 0.8
     token_budget: Optional[float] = None   # None: 20 tokens per parameter (Chinchilla)
     bucket_numel: Optional[int] = None     # None: ShardedAMS's NCCL default
