@@ -204,3 +204,30 @@ def test_layout_report_agrees_with_the_loaders_needed_shards():
     assert rep["checkpoint"]["files"] == 16 + 3
     assert rep["layout"]["pieces_total"] >= 16 * rep["layout"]["buckets"]
     assert 1 <= rep["reshard"]["files_per_new_rank"]["max"] <= 16
+
+
+def test_readme_plan_block():
+    """The README's plan lines run as written (``sharded-ams`` as ``python -m launcher``)
+    and say what the README says they say."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_readme import bash_blocks
+
+    root = Path(__file__).resolve().parent.parent
+    lines = [ln.split("#")[0].strip() for ln in
+             bash_blocks()[("Plan a run: `sharded-ams plan`", 0)].splitlines() if ln.strip()]
+    outs = []
+    for line in lines:
+        assert line.startswith("sharded-ams plan ")
+        argv = [sys.executable, "-m", "launcher", *line.split()[1:]]
+        proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(proc.stdout)
+    assert "fits with AC" in outs[0] and "4,481" in outs[0] and "5,775" in outs[0]
+    assert "sharded-ams train launcher/configs/llama_130m.toml" in outs[0]
+    plan = json.loads(outs[1])
+    assert plan["gpu"]["name"] == "h200-141gb" and plan["strategies"]["fsdp"]["tp"] == 8

@@ -33,6 +33,7 @@ BASH_BLOCKS = {
                                               "shared file system; its config passes the driver's "
                                               "checks: test_readme_cluster_line_is_a_valid_config",
     ("Pre-train an LLM", 0): "tests/test_llm_e2e.py::test_readme_pretrain_an_llm",
+    ("Plan a run: `sharded-ams plan`", 0): "tests/test_plan.py::test_readme_plan_block",
     ("Does Grams help?", 0): "excluded: the full CPU study takes ~25-60 min and the paper "
                              "preset needs GPUs and C4; the smoke line's path runs in "
                              "tests/test_optimizer_study.py::test_smoke_study_killed_and_resumed "
