@@ -55,6 +55,7 @@ def _close(pred: float, got: float, tol: float) -> bool:
     return abs(pred - got) <= tol * got
 
 
+@pytest.mark.slow
 def test_predicted_model_state_bytes_equal_real_runs(measured):
     n, ranks = measured
     prec = {"fp32": memory.precision("fp32"), "bf16": memory.precision("bf16")}
