@@ -40,7 +40,7 @@ GPUS: dict[str, GPU] = {
                      "NVIDIA H100 SXM5 datasheet: 80 GB HBM3 at 3.35 TB/s, 989 TFLOP/s dense bf16, "
                      "NVLink 4 900 GB/s bidirectional (450 GB/s each way); DGX H100: one 400 Gb/s "
                      "ConnectX-7 (InfiniBand NDR) per GPU = 50 GB/s"),
-    "h200-141gb": GPU("h200-141gb", 141 * 10**9, _peak("H200"), 450e9, 50e9, 4.8e12,
+    "h200-141gb": GPU("h200-141gb", 141 * GIB, _peak("H200"), 450e9, 50e9, 4.8e12,
                       "NVIDIA H200 SXM datasheet: 141 GB HBM3e at 4.8 TB/s, 989 TFLOP/s dense bf16, "
                       "NVLink 4 900 GB/s bidirectional; DGX H200: 400 Gb/s NDR per GPU = 50 GB/s"),
     "a100-80gb": GPU("a100-80gb", 80 * GIB, _peak("A100"), 300e9, 25e9, 2.039e12,
@@ -48,6 +48,9 @@ GPUS: dict[str, GPU] = {
                      "NVLink 3 600 GB/s bidirectional (300 each way); DGX A100: one 200 Gb/s "
                      "HDR InfiniBand per GPU = 25 GB/s"),
 }
+
+# Memory: the datasheets' "80 GB" / "141 GB" are binary (torch reports 79.1 GiB and 139.8 GiB
+# of them usable after the driver's reserve, which the headroom below covers).
 
 #: fraction of the card kept free for the CUDA context, NCCL buffers and allocator
 #: fragmentation (PyTorch's caching allocator typically reserves 5-10% above allocated)
