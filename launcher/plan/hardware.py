@@ -49,8 +49,8 @@ GPUS: dict[str, GPU] = {
                      "HDR InfiniBand per GPU = 25 GB/s"),
 }
 
-# Memory: the datasheets' "80 GB" / "141 GB" are binary (torch reports 79.1 GiB and 139.8 GiB
-# of them usable after the driver's reserve, which the headroom below covers).
+# Memory: the datasheets' "80 GB" / "141 GB" are taken as GiB (torch shows roughly 78-79 and
+# 139-140 GiB of them after the driver's reserve, which the headroom below covers).
 
 #: fraction of the card kept free for the CUDA context, NCCL buffers and allocator
 #: fragmentation (PyTorch's caching allocator typically reserves 5-10% above allocated)
