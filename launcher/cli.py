@@ -7,6 +7,7 @@
                              [--dry-run] [--verbose]
     sharded-ams prepare-data INPUT... --out DIR [--tokenizer byte|bpe:VOCAB|tokenizer.json]
     sharded-ams ckpt ...      # inspect / consolidate / export checkpoints
+    sharded-ams plan --model llama3-8b --gpus 64 [--gpu h100-80gb] [--json] ...
 
 ``train`` runs the job locally on an embedded Ray (no ``--address``) or on a Ray cluster
 (``--address auto`` on a cluster node, ``--address ray://head:10001`` from outside, or
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prepare_parser(subparsers)
     _add_ckpt_parser(subparsers)
+    from launcher.plan.command import add_plan_subparser
+
+    add_plan_subparser(subparsers)
     return parser
 
 

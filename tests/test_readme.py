@@ -35,6 +35,7 @@ BASH_BLOCKS = {
     ("Pre-train an LLM", 0): "tests/test_llm_e2e.py::test_readme_pretrain_an_llm",
     ("Tests", 0): "excluded: a subset of the test command that .ci/run runs; the marker it "
                   "selects on is declared: test_the_fast_part_of_the_suite_is_selectable",
+    ("Plan a run: `sharded-ams plan`", 0): "tests/test_plan.py::test_readme_plan_block",
     ("Does Grams help?", 0): "excluded: the full CPU study takes ~25-60 min and the paper "
                              "preset needs GPUs and C4; the smoke line's path runs in "
                              "tests/test_optimizer_study.py::test_smoke_study_killed_and_resumed "

@@ -5,7 +5,8 @@ The Llama sizes 60m, 130m, 350m and 1b are the shapes of GaLore's public model c
 setting the Grams paper trains in: hidden / intermediate / heads / layers, RMSNorm eps
 1e-6, ``max_sequence_length`` 1024, untied embeddings (Hugging Face's default; those
 configs do not tie). Their vocabulary (32000, the T5 tokenizer's) is not part of the size
-here: ``model.vocab_size`` comes from the data unless set. See docs/llm.md.
+here: ``model.vocab_size`` comes from the data unless set. The Llama 3 sizes carry their
+vocabulary (128256): the embedding is 7% of the 8B model. See docs/llm.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 
 _GALORE = dict(block_size=1024, norm_eps=1e-6, rope_theta=10000.0, tie_weights=False, n_kv_head=None)
 
+_LLAMA3 = dict(block_size=8192, norm_eps=1e-5, rope_theta=500000.0, tie_weights=False, n_kv_head=8,
+               vocab_size=128256)
+
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "gpt": {"tiny": {}},
     "llama": {
@@ -35,6 +39,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "350m": dict(_GALORE, n_embd=1024, intermediate_size=2736, n_head=16, n_layer=24),
         # configs/llama_1b.json: hidden 2048, intermediate 5461, 32 heads, 24 layers
         "1b": dict(_GALORE, n_embd=2048, intermediate_size=5461, n_head=32, n_layer=24),
+        # Meta's Llama 3 (and 3.1) 8B and 70B (github.com/meta-llama/llama3 params.json, the
+        # Hugging Face config.json): vocabulary 128256, untied, GQA with 8 kv heads, rope_theta
+        # 500000, RMSNorm eps 1e-5; 8.03B and 70.6B parameters (tests/test_plan.py counts them)
+        "llama3-8b": dict(_LLAMA3, n_embd=4096, intermediate_size=14336, n_head=32, n_layer=32),
+        "llama3-70b": dict(_LLAMA3, n_embd=8192, intermediate_size=28672, n_head=64, n_layer=80),
     },
 }
 

@@ -1,0 +1,52 @@
+"""What runs a candidate: the ``sharded-ams train`` line for the ZeRO-1 data-parallel
+configs the launcher runs today, and for FSDP / tensor parallelism the ``[parallel]``
+table they would need once the launcher has one (issue 20), said plainly."""
+
+from __future__ import annotations
+
+from .model import ModelSpec
+
+#: the config a named size's command starts from (its [model] table sets only arch and size)
+BASE_CONFIG = "launcher/configs/llama_130m.toml"
+
+
+def overrides(spec: ModelSpec, inp, cand: dict) -> list[str]:
+    """``--set`` items that make the base config this candidate (tests load them with
+    :func:`launcher.config.load_config`)."""
+    sets = []
+    named = not spec.name.endswith((".toml", ".yaml", ".yml"))
+    if named:
+        sets.append(f"model.size={spec.name}")
+    sets += [f"model.vocab_size={spec.shape['vocab_size']}", f"model.block_size={inp.seq}",
+             f"model.precision={inp.precision}",
+             f"model.activation_checkpointing={str(cand['activation_checkpointing']).lower()}",
+             f"data.block_size={inp.seq}",
+             f"data.batch_size={inp.global_batch_tokens // inp.seq}",
+             f"data.micro_batch_size={inp.micro_batch}",
+             f"optim.grad_reduce_dtype={inp.grad_reduce}"]
+    if inp.beta3 > 0:
+        sets += ["optim.preset=", f"optim.beta3={inp.beta3}", "optim.lam=-1"]
+    return sets
+
+
+def run_line(spec: ModelSpec, inp, cand: dict) -> dict:
+    """{"runnable", "command", "parallel_table", "note"} for one candidate."""
+    base = BASE_CONFIG if not spec.name.endswith((".toml", ".yaml", ".yml")) else \
+        inp.extra.get("config_path", spec.name)
+    sets = " ".join(f"--set {s}" for s in overrides(spec, inp, cand))
+    command = (f"sharded-ams train {base} --address auto --num-workers {inp.gpus} --gpus "
+               f"--storage-path /shared/runs {sets}")
+    notes = []
+    if inp.state_dtype == "bf16":
+        notes.append("bf16 optimizer state is ShardedAMS(state_dtype=torch.bfloat16) in Python; "
+                     "the launcher has no key for it yet")
+    if cand["strategy"] == "zero1" and cand["tp"] == 1:
+        return {"runnable": not notes, "command": command, "parallel_table": None,
+                "note": "; ".join(notes)}
+    table = (f"[parallel]\nstrategy = \"{cand['strategy']}\"   # dp x tp = "
+             f"{cand['dp']} x {cand['tp']}\ntp = {cand['tp']}")
+    notes.insert(0, "the launcher cannot run this yet: it has no [parallel] table, FSDP or "
+                    "tensor parallelism (issue 20); it would need the table below added to "
+                    "the config of the zero1 command")
+    return {"runnable": False, "command": command, "parallel_table": table,
+            "note": "; ".join(notes)}
