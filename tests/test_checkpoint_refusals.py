@@ -306,6 +306,22 @@ def test_deeply_nested_manifest_is_a_refusal_not_a_recursion_error(root, bad, ca
     assert C.manager.WriterLock(root).owner() is None
 
 
+@pytest.mark.parametrize("chunk", [3, 8 << 20])
+def test_nesting_depth_counts_brackets_outside_strings_only(monkeypatch, chunk):
+    """The pre-parse measure is json.loads's depth: brackets inside strings (escaped
+    quotes and backslashes too) do not count, across chunk boundaries; a name of 40 "["
+    in a valid manifest is no refusal."""
+    from sharded_ams.checkpoint import jsonread
+
+    monkeypatch.setattr(jsonread, "_CHUNK", chunk)
+    for doc, depth in [("[]", 1), ('{"a": [1, {"b": []}]}', 4), ('["[[[[", "]"]', 1),
+                       (r'["\\", [["\"[[["]]]', 3), (r'{"k\"[": "\\\"[[]"}', 1),
+                       ("[" * 40 + "]" * 40, 40), ('"' + "[" * 40 + '"', 0)]:
+        json.loads(doc)
+        assert jsonread.max_nesting_depth(doc.encode()) == depth, doc
+    assert jsonread.max_nesting_depth(b"[" * 100_000, 32) > 32
+
+
 # ----------------------------------------------------------------------------- contents
 def _groups(obj: dict) -> dict:
     return obj["optimizer"]["param_groups"][0]

@@ -40,7 +40,9 @@ def max_nesting_depth(data: bytes, stop_above: Optional[int] = None) -> int:
     that matter): no recursion, no Python loop per byte, bounded memory."""
     # escapes removed left to right, as JSON reads them: then every '"' of valid JSON
     # opens or closes a string, and "outside a string" is "an even count of '"' so far"
-    text = data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(_SKELETON, _DROP)
+    if b"\\" in data:  # (a manifest has none: no copies then)
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    text = data.translate(_SKELETON, _DROP)
     depth = peak = quotes = 0
     for i in range(0, len(text), _CHUNK):
         t = torch.frombuffer(bytearray(text[i:i + _CHUNK]), dtype=torch.int8)

@@ -196,12 +196,15 @@ def read_manifest(path: PathLike) -> Manifest:
     d = _read_json(mpath)
     try:
         return _manifest_from(d, path, Rules(mpath))
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:
+        err = exc
     except Exception as exc:  # a rule forgotten above: still a refusal the scans skip past
-        raise CheckpointError(f"{mpath}: malformed manifest ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]})", path=mpath,
-                              kind="format") from exc
+        err = CheckpointError(f"{mpath}: malformed manifest ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})", path=mpath, kind="format")
+    # raised without the frames that hold the parsed JSON (up to MAX_MANIFEST_BYTES of
+    # lists), so that it is freed now, not when the caller's handler ends
+    del d
+    raise err.with_traceback(None)
 
 
 def _manifest_from(d: dict, path: Path, r: Rules) -> Manifest:
