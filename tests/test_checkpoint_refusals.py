@@ -212,6 +212,13 @@ MANIFEST_CASES = {  # name: (edit, the field named in the error, a phrase of the
     "param-twice": (_dup_param, "optimizer.param_groups[0].params", "listed twice"),
     "world-size-string": (lambda m: m.update(world_size="1"), "world_size",
                           "expected an integer"),
+    # unhashable values where a name or dtype is looked up (a TypeError traceback before)
+    "dtype-list": (lambda m: m["params"]["wte.weight"].update(dtype=["torch.float32"]),
+                   "params['wte.weight'].dtype", "is not one of"),
+    "piece-name-list": (lambda m: m["files"][SHARD]["pieces"][0].__setitem__(0, ["ln_f.bias"]),
+                        f"files['{SHARD}'].pieces[0][0] (name)", "expected a string"),
+    "model-param-dict": (lambda m: m["model"]["keys"]["wte.weight"].update(param={"a": 1}),
+                         "model.keys['wte.weight'].param", "expected a string"),
 }
 
 
@@ -225,6 +232,94 @@ def test_malformed_manifest(root, case):
     (root / NEW / C.MANIFEST_NAME).write_text(json.dumps(man))
     err = assert_refused_everywhere(root, C.MANIFEST_NAME, fld, phrase)
     assert err.kind == "format" and err.field == fld, (err.kind, err.field)
+
+
+# ----------------------------------------------------------------------------- pieces
+R0, R1 = C.shard_file_name(0, 2), C.shard_file_name(1, 2)
+
+
+def _two_ranks(man: dict, ckpt: Path, rank1: list, moved: tuple = ()) -> None:
+    """Re-list the one shard as rank 0 of 2, and a copy of it as rank 1 listing ``rank1``
+    (the params in ``moved`` leave rank 0): every size and sha256 stays right."""
+    entry = man["files"].pop(SHARD)
+    os.rename(ckpt / SHARD, ckpt / R0)
+    shutil.copyfile(ckpt / R0, ckpt / R1)
+    man["world_size"] = 2
+    man["files"][R0] = {**entry, "rank": 0,
+                        "pieces": [pc for pc in entry["pieces"] if pc[0] not in moved]}
+    man["files"][R1] = {**entry, "rank": 1, "pieces": rank1}
+
+
+def _split_first_piece(man: dict, ckpt: Path) -> None:
+    name, off, length = man["files"][SHARD]["pieces"].pop(0)
+    man["files"][SHARD]["pieces"] += [[name, off, 1], [name, off + 1, length - 1]]
+
+
+W = 256 * 32  # wte.weight's elements
+PIECE_CASES = {  # name: (edit(manifest, checkpoint dir), the field, a phrase): each accepted before
+    # the pieces of two files overlap, the tiling is otherwise complete (`a != pos` -> `a > pos`)
+    "overlap": (lambda m, d: _two_ranks(m, d, [["wte.weight", 0, 10]]),
+                f"files['{R0}'].pieces", "overlap another file's at element 0"),
+    "zero-length": (lambda m, d: _two_ranks(m, d, [["wte.weight", 5, 0]]),
+                    f"files['{R1}'].pieces[0][2] (length)", "a piece is never empty"),
+    "empty-at-the-end": (lambda m, d: _two_ranks(m, d, [["wte.weight", W, 0]]),
+                         f"files['{R1}'].pieces[0][1] (offset)", "a piece is never empty"),
+    "one-param-twice-in-a-file": (
+        lambda m, d: _two_ranks(m, d, [["wte.weight", 0, 10], ["wte.weight", 10, W - 10]],
+                                moved=("wte.weight",)),
+        f"files['{R1}'].pieces[1]", "a second piece of param 'wte.weight' in this file"),
+    "more-pieces-than-params": (_split_first_piece, f"files['{SHARD}'].pieces",
+                                "17 pieces for 16 params"),
+}
+
+
+@pytest.mark.parametrize("case", list(PIECE_CASES))
+def test_pieces_tile_each_param_once_and_are_never_empty(root, case):
+    """A save writes at most one non-empty piece per param per shard file (validate.py,
+    ``_check_pieces``): overlapping, empty or surplus pieces are refused from the manifest
+    alone, before any piece is used (a 49 MB manifest of 2.7M empty pieces passed)."""
+    edit, fld, phrase = PIECE_CASES[case]
+    man = manifest_json(root / NEW)
+    edit(man, root / NEW)
+    (root / NEW / C.MANIFEST_NAME).write_text(json.dumps(man))
+    err = assert_refused_everywhere(root, C.MANIFEST_NAME, fld, phrase)
+    assert err.kind == "format" and err.field == fld, (err.kind, err.field)
+
+
+@pytest.mark.parametrize("bad", [NEW, OLD])
+def test_deeply_nested_manifest_is_a_refusal_not_a_recursion_error(root, bad, capsys):
+    """``[`` x 100,000 as a manifest (json.loads raises RecursionError): refused unparsed,
+    naming the file; a bad older step does not stop the scans, resume or the CLI from
+    using the newest; a nested writer-lock file is no owner."""
+    (root / bad / C.MANIFEST_NAME).write_text("[" * 100_000)
+    if bad == NEW:
+        err = assert_refused_everywhere(root, C.MANIFEST_NAME, "nested deeper than 32 levels")
+        assert err.kind == "format"
+    else:
+        with deadline(60, "a scan past a nested manifest"):
+            assert find_latest_checkpoint(root) == root / NEW
+            assert CheckpointManager(root).load_latest(fresh()[1])["step"] == 2
+            assert resume_scan(root) == ("scan", 2)
+            assert ckpt_cli.main(["inspect", str(root)]) == 0
+            assert ckpt_cli.main(["consolidate", str(root), str(root.parent / "c.pt")]) == 0
+    (root / C.LOCK_NAME).write_text("[" * 4000)
+    assert C.manager.WriterLock(root).owner() is None
+
+
+@pytest.mark.parametrize("chunk", [3, 8 << 20])
+def test_nesting_depth_counts_brackets_outside_strings_only(monkeypatch, chunk):
+    """The pre-parse measure is json.loads's depth: brackets inside strings (escaped
+    quotes and backslashes too) do not count, across chunk boundaries; a name of 40 "["
+    in a valid manifest is no refusal."""
+    from sharded_ams.checkpoint import jsonread
+
+    monkeypatch.setattr(jsonread, "_CHUNK", chunk)
+    for doc, depth in [("[]", 1), ('{"a": [1, {"b": []}]}', 4), ('["[[[[", "]"]', 1),
+                       (r'["\\", [["\"[[["]]]', 3), (r'{"k\"[": "\\\"[[]"}', 1),
+                       ("[" * 40 + "]" * 40, 40), ('"' + "[" * 40 + '"', 0)]:
+        json.loads(doc)
+        assert jsonread.max_nesting_depth(doc.encode()) == depth, doc
+    assert jsonread.max_nesting_depth(b"[" * 100_000, 32) > 32
 
 
 # ----------------------------------------------------------------------------- contents
@@ -246,6 +341,10 @@ SHARD_CASES = {  # name: (edit, the field, a phrase of the message)
               "Invalid epsilon value: 0.0"),
     "rng": (lambda o: o["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), "rng",
             "not a valid RNG state"),
+    "shape-an-int": (lambda o: o["optimizer"]["params"]["wte.weight"].update(shape=5),
+                     "optimizer.params", "differ from the manifest's params"),
+    "state-keys-an-int": (lambda o: o["optimizer"].update(state_keys=3), "optimizer.state_keys",
+                          "the manifest says"),
 }
 
 
@@ -287,6 +386,68 @@ def test_inspect_shows_what_a_load_applies(root, capsys):
         for k in ("lr", "beta3", "lam", "eps", "weight_decay", "step"):
             assert shown[k] == g[k], k
         assert tuple(shown["betas"]) == g["betas"]
+
+
+# ----------------------------------------------------------------------------- values
+def _poke(key: str, value: float, where: int = 3):
+    def edit(obj: dict) -> None:
+        obj["optimizer"]["pieces"][0][key][where] = value
+    return edit
+
+
+VALUE_CASES = {  # name: (shard edit, the field named, a phrase): each loaded silently before
+    "nan-master": (_poke("master", float("nan")), "optimizer.pieces[0].master",
+                   "1 non-finite values (NaN/inf)"),
+    "inf-exp-avg": (_poke("exp_avg", float("-inf")), "optimizer.pieces[0].exp_avg",
+                    "1 non-finite values (NaN/inf)"),
+    "negative-exp-avg-sq": (_poke("exp_avg_sq", -1e-3), "optimizer.pieces[0].exp_avg_sq",
+                            "1 negative values"),
+}
+
+
+@pytest.mark.parametrize("case", list(VALUE_CASES))
+def test_nonfinite_or_negative_state_is_reported_and_refused(root, case, capsys):
+    """The checkpoint is intact (validate_checkpoint passes, retention keeps it) but holds
+    state no sound step saves: ``inspect`` lists it (JSON ``unsound_values``, and a line)
+    and says a load refuses it; load_checkpoint and consolidate refuse it naming the param
+    and state key, before the optimizer changes; load_latest falls back;
+    ``allow_nonfinite=True`` loads it."""
+    edit, fld, phrase = VALUE_CASES[case]
+    bad = root / NEW
+    edit_shard(bad, SHARD, edit)
+    assert validate_checkpoint(bad).step == 2
+    assert ckpt_cli.main(["inspect", str(bad), "--json"]) == 1
+    info = json.loads(capsys.readouterr().out)
+    key = fld.rsplit(".", 1)[1]
+    assert not info["valid"] and phrase in info["reason"] and "allow_nonfinite" in info["reason"]
+    assert [(u["param"], u["key"]) for u in info["unsound_values"]] == [("ln_f.bias", key)]
+    assert ckpt_cli.main(["inspect", str(bad)]) == 1
+    assert f"unsound:    {SHARD}: {key} of ln_f.bias [0, 32)" in capsys.readouterr().out
+    model, opt = fresh()
+    before = model.ln_f.bias.detach().clone()
+    with pytest.raises(CheckpointError) as ei:
+        load_checkpoint(bad, opt, model=model)
+    msg = str(ei.value)
+    assert ei.value.kind == "values" and ei.value.field == fld, (ei.value.kind, ei.value.field)
+    assert SHARD in msg and fld in msg and "'ln_f.bias'" in msg and phrase in msg, msg
+    assert len(msg.splitlines()) == 1 and torch.equal(model.ln_f.bias, before)
+    with pytest.raises(CheckpointError, match="ln_f.bias"):
+        consolidate(bad)
+    assert CheckpointManager(root).load_latest(fresh()[1])["step"] == 1
+    model, opt = fresh()
+    assert load_checkpoint(bad, opt, model=model, allow_nonfinite=True)["step"] == 2
+    assert consolidate(bad, allow_nonfinite=True)["step"] == 2
+
+
+def test_zero_second_moment_is_sound(root, capsys):
+    """An exp_avg_sq of 0 (or -0.0: a param that never had a gradient) is what training
+    saves: inspect calls it valid and it loads."""
+    edit_shard(root / NEW, SHARD, lambda o: (_poke("exp_avg_sq", 0.0, 3)(o),
+                                             _poke("exp_avg_sq", -0.0, 4)(o)))
+    assert ckpt_cli.main(["inspect", str(root / NEW), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unsound_values"] == []
+    model, opt = fresh()
+    assert load_checkpoint(root / NEW, opt, model=model)["step"] == 2
 
 
 # ----------------------------------------------------------------------------- pruning

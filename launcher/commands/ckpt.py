@@ -28,12 +28,18 @@ def inspect_checkpoint(path: str, *, checksums: bool = True) -> dict:
     file is bad). The hyperparameters shown are the ones a load applies: a shard whose
     own differ is refused by the load."""
     from sharded_ams.checkpoint import CheckpointError, read_manifest, validate_checkpoint
+    from sharded_ams.checkpoint.values import describe_problem
 
-    out: dict = {"path": str(path), "valid": False, "reason": None}
+    out: dict = {"path": str(path), "valid": False, "reason": None, "unsound_values": None}
     man = None
     try:
-        man = validate_checkpoint(path, checksums=checksums)
-        out["valid"] = True
+        bad: list = []  # pieces with NaN/inf or a negative exp_avg_sq: a load refuses them
+        man = validate_checkpoint(path, checksums=checksums, value_report=bad)
+        out["valid"], out["unsound_values"] = not bad, bad if checksums else None
+        if bad:
+            out["reason"] = (f"{Path(path) / bad[0]['file']}: {describe_problem(bad[0])} "
+                             f"({len(bad)} pieces in all); a load refuses it unless "
+                             "allow_nonfinite=True")
     except CheckpointError as exc:
         out["reason"] = str(exc)
         try:  # a manifest that passes its own rules is still worth showing
@@ -111,6 +117,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"state {k + ':':<12}{_fmt_bytes(v)}")
     print(f"state total:      {_fmt_bytes(info['state_bytes_total'])}")
     print(f"files:      {len(info['files'])}, {_fmt_bytes(info['files_bytes'])}")
+    for p in (info["unsound_values"] or [])[:10]:
+        print(f"unsound:    {p['file']}: {p['key']} of {p['param']} [{p['offset']}, "
+              f"{p['offset'] + p['length']}): {p['nonfinite']} NaN/inf, {p['negative']} negative")
     for i, g in enumerate(info["hyperparameters"]):
         hp = ", ".join(f"{k}={v}" for k, v in g.items())
         print(f"group {i}:    {hp}")

@@ -12,16 +12,19 @@ from torch import Tensor
 from .commit import fsync_dir, write_bytes_durably
 from .format import MODEL_EXTRA_NAME, TRAINER_NAME, CheckpointError, PathLike, param_dtype
 from .validate import load_checked, read_manifest
+from .values import check_values
 
 __all__ = ["consolidate", "export_consolidated"]
 
 
 def consolidate(path: PathLike, *, foreach: Optional[bool] = None,
-                fused: Optional[Union[bool, str]] = None) -> dict:
+                fused: Optional[Union[bool, str]] = None, allow_nonfinite: bool = False) -> dict:
     """One unsharded state from a checkpoint of any world size (one process, no group).
 
     Every file is checked as ``validate_checkpoint`` does (rules, sha256, content) before
-    its data is used; nothing is allocated from a number the checks did not bound.
+    its data is used; nothing is allocated from a number the checks did not bound. A shard
+    holding NaN/inf or a negative ``exp_avg_sq`` is refused as ``load_checkpoint`` does,
+    unless ``allow_nonfinite``.
 
     Returns ``{"model", "optimizer", "param_names", "step", "extra", "lr_scheduler"}``:
 
@@ -40,6 +43,9 @@ def consolidate(path: PathLike, *, foreach: Optional[bool] = None,
     """
     man = read_manifest(path)
     loaded = {n: load_checked(man, n, checksum=True, mmap=True) for n in man.files}
+    if not allow_nonfinite:
+        for name in man.shard_files():
+            check_values(man, name, loaded[name])
     full: dict[str, dict[str, Tensor]] = {}
     for n, p in man.params.items():
         full[n] = {k: torch.empty(p["numel"], dtype=torch.float32) for k in man.state_keys}

@@ -67,6 +67,8 @@ class CheckpointError(RuntimeError):
       where a checkpoint file should be: refused without reading it;
     * ``"corrupt"``: a file's size or sha256 differs from the manifest, it does not load,
       or its content disagrees with the manifest;
+    * ``"values"``: a shard holds NaN/inf or a negative ``exp_avg_sq`` (``values.py``):
+      refused by a load unless ``allow_nonfinite=True``;
     * ``"model_mismatch"``: parameter names/shapes (or buffers) differ from the model's;
     * ``"optimizer_mismatch"``: optimizer class, state keys or param groups differ;
     * ``"save_failed"``: a rank could not write its files (nothing was committed);
@@ -83,7 +85,7 @@ class CheckpointError(RuntimeError):
         self.field = field
 
     #: kinds after which an older checkpoint may still be good (used by ``load_latest``)
-    RECOVERABLE = frozenset({"uncommitted", "format", "missing", "unsafe", "corrupt"})
+    RECOVERABLE = frozenset({"uncommitted", "format", "missing", "unsafe", "corrupt", "values"})
 
 
 @dataclass

@@ -24,6 +24,7 @@ from .format import (MANIFEST_NAME, MODEL_EXTRA_NAME, TRAINER_NAME, CheckpointEr
 from .group import Group
 from .snapshot import set_rng_state
 from .validate import load_checked, open_checked, read_manifest
+from .values import check_values
 
 log = logging.getLogger("sharded_ams.checkpoint")
 
@@ -207,8 +208,10 @@ def plan_reads(man: Manifest, optimizer, ctx: Group) -> tuple[list[str], set[str
     return needed, files_to_verify(man, optimizer, ctx, needed)
 
 
-def _read(man: Manifest, optimizer, ctx: Group, model, restore_rng: bool) -> dict[str, Any]:
-    """Everything this rank needs from disk, every file checked (size, sha256, content)."""
+def _read(man: Manifest, optimizer, ctx: Group, model, restore_rng: bool,
+          allow_nonfinite: bool = False) -> dict[str, Any]:
+    """Everything this rank needs from disk, every file checked (size, sha256, content and,
+    unless ``allow_nonfinite``, the values of every shard it loaded: ``values.py``)."""
     needed, verify = plan_reads(man, optimizer, ctx)
     own = man.shard_files()[ctx.rank] if man.world_size == ctx.world_size else None
     read = set(needed) | {n for n in (TRAINER_NAME, MODEL_EXTRA_NAME) if n in man.files}
@@ -222,6 +225,10 @@ def _read(man: Manifest, optimizer, ctx: Group, model, restore_rng: bool) -> dic
         else:
             with open_checked(man, n, checksum=False):
                 pass
+    if not allow_nonfinite:
+        for n, obj in loaded.items():
+            if n not in (TRAINER_NAME, MODEL_EXTRA_NAME):
+                check_values(man, n, obj)
     return {"sds": [loaded[n]["optimizer"] for n in needed],
             "rng": loaded[own].get("rng") if restore_rng and own else None,
             "trainer": loaded.get(TRAINER_NAME),
@@ -230,7 +237,8 @@ def _read(man: Manifest, optimizer, ctx: Group, model, restore_rng: bool) -> dic
 
 
 def load_checkpoint(path: PathLike, optimizer, *, model: Optional[nn.Module] = None,
-                    lr_scheduler=None, restore_rng: bool = True) -> dict:
+                    lr_scheduler=None, restore_rng: bool = True,
+                    allow_nonfinite: bool = False) -> dict:
     """Load a checkpoint saved on any world size into ``optimizer`` (a ShardedAMS).
     Every rank calls it (collectives inside).
 
@@ -245,6 +253,10 @@ def load_checkpoint(path: PathLike, optimizer, *, model: Optional[nn.Module] = N
     Restores ``model``'s extra state, the ``lr_scheduler`` and, only when the world size
     is unchanged (each rank then gets its own states back), the RNG states.
 
+    A shard holding NaN/inf (masters or moments) or a negative ``exp_avg_sq`` is refused
+    (``kind="values"``, naming the param and state key): resuming it would train on
+    garbage. ``allow_nonfinite=True`` loads it anyway (e.g. to debug a diverged run).
+
     Returns ``{"step", "extra", "path"}``.
     """
     path = Path(path)
@@ -254,7 +266,7 @@ def load_checkpoint(path: PathLike, optimizer, *, model: Optional[nn.Module] = N
     try:
         man = read_manifest(path)
         check_against(man, optimizer, model)
-        got = _read(man, optimizer, ctx, model, restore_rng)
+        got = _read(man, optimizer, ctx, model, restore_rng, allow_nonfinite)
     except CheckpointError as exc:
         err = exc
     except Exception as exc:

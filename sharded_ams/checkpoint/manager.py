@@ -31,6 +31,7 @@ from .commit import SaveHandle, fsync_dir, save_checkpoint, uncommit
 from .format import (LOCK_NAME, MANIFEST_NAME, RESAVE_DIR_RE, STEP_DIR_RE, CheckpointError,
                      PathLike, step_dir_name)
 from .group import Group
+from .jsonread import parse_json
 from .load import load_checkpoint
 from .validate import open_regular, read_step, validate_checkpoint
 
@@ -132,9 +133,10 @@ class WriterLock:
         """The owner recorded in the lock file, or None (no file, empty, unreadable)."""
         try:
             with open_regular(self.path, max_size=4096) as (fd, size):
-                d = json.loads(os.read(fd, size).decode("utf-8"))
+                data = os.read(fd, size)
+            d = parse_json(data, self.path, "lock file")  # planted "[" x 4096: refused
             return d if isinstance(d, dict) else None
-        except (CheckpointError, ValueError):
+        except CheckpointError:
             return None
 
     def _refuse(self, owner: Optional[dict]) -> CheckpointError:
@@ -361,17 +363,18 @@ class CheckpointManager:
         return find_latest_checkpoint(self.root)
 
     def load_latest(self, optimizer, *, model: Optional[nn.Module] = None, lr_scheduler=None,
-                    restore_rng: bool = True) -> Optional[dict]:
+                    restore_rng: bool = True, allow_nonfinite: bool = False) -> Optional[dict]:
         """Load the newest loadable checkpoint (collective); None if there is none.
 
         Candidates are tried newest first; one that is uncommitted, unsafe, truncated,
-        corrupt, inconsistent with its manifest or incomplete is skipped with a warning
+        corrupt, inconsistent with its manifest, incomplete or holding NaN/inf or negative
+        second moments (unless ``allow_nonfinite``: see ``values.py``) is skipped with a warning
         (every rank agrees), so a crash in the middle of a save resumes from the previous
         checkpoint. A model/optimizer mismatch is raised, not skipped."""
         for _, p in _list_candidates(self.root):
             try:
                 return load_checkpoint(p, optimizer, model=model, lr_scheduler=lr_scheduler,
-                                       restore_rng=restore_rng)
+                                       restore_rng=restore_rng, allow_nonfinite=allow_nonfinite)
             except CheckpointError as exc:
                 if exc.kind not in CheckpointError.RECOVERABLE:
                     raise

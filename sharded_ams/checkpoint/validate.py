@@ -7,18 +7,24 @@ A checkpoint is input from disk: it may be damaged, hand-edited or planted. So:
    or ``/dev/zero``, nothing read from outside the directory). Its size must equal the
    manifest's, and its sha256 too (``checksums=True``); a file is then loaded from that
    same open file (``torch.load(weights_only=True)``), never re-opened by name.
-2. **The manifest** (at most ``MAX_MANIFEST_BYTES``) is JSON whose every field is checked
-   for type and range, and every number against the others and the files' real sizes,
-   before anything is allocated from it (``read_manifest``): the shard entries are
-   exactly ``world_size`` files named for their ranks; each piece is ``[name, offset,
-   length]``; the pieces of all shards tile every param exactly once; ``numel`` is the
+2. **The manifest** (at most ``MAX_MANIFEST_BYTES``, and nested at most ``MAX_JSON_DEPTH``
+   levels deep, measured before it is parsed: ``jsonread.py``) is JSON whose every field
+   is checked for type (before any lookup: a list is no dict key) and range, and every
+   number against the others and the files' real sizes, before anything is allocated
+   from it (``read_manifest``): the shard entries are exactly ``world_size`` files named
+   for their ranks; each piece is ``[name, offset, length]``, never empty, at most one
+   per param in a file (``_check_pieces`` says why a save never writes more); the pieces
+   of all shards tile every param exactly once; ``numel`` is the
    product of ``shape``; a shard file is large enough for the elements it claims; dtypes
    and state keys come from fixed lists; the hyperparameters pass the optimizer
    constructor's checks (``sharded_ams.config.validate_hparams``).
-3. **File contents** (``check_shard`` and friends): what a file holds must agree with its
+3. **File contents** (``contents.py``): what a file holds must agree with its
    manifest entry: the same pieces, one 1-D tensor of the right length and dtype per state
    key, the same param groups and hyperparameters (so what ``inspect`` shows is what a
    load applies), valid RNG states.
+
+Typed reads that name the file and field are ``rules.py``'s. The *values* (NaN/inf,
+negative second moments) are not a rule of validity but of loading: ``values.py``.
 
 Every refusal is a :class:`CheckpointError` naming the file and the field.
 """
@@ -28,28 +34,24 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
-import random
 import stat
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from torch import Tensor
 
-from ..config import validate_hparams
+from .contents import check_model_extra, check_shard, check_trainer
 from .format import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MODEL_EXTRA_NAME, PARAM_DTYPES,
                      REQUIRED_STATE_KEYS, SHARD_RE, STATE_KEYS, TRAINER_NAME, CheckpointError,
                      Manifest, PathLike, prod, shard_file_name)
-from .snapshot import tuplify
+from .jsonread import MAX_MANIFEST_BYTES, parse_json
+from .rules import Rules, check_hparams
+from .values import shard_value_problems
 
 __all__ = ["read_manifest", "validate_checkpoint", "open_checked", "load_checked",
            "check_shard", "check_trainer", "check_model_extra", "MAX_MANIFEST_BYTES"]
 
-#: a manifest is a few KB per rank; a larger one is refused unread
-MAX_MANIFEST_BYTES = 64 << 20
-_MAX_NAME = 1024
 _MAX_DIMS = 64
 _HASH_CHUNK = 16 << 20
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -147,72 +149,24 @@ def load_checked(man: Manifest, name: str, *, checksum: bool = True, mmap: bool 
     against the manifest (shards, trainer.pt, model-extra.pt)."""
     with open_checked(man, name, checksum=checksum) as fd:
         obj = _torch_load_fd(fd, man.path / name, mmap)
-    if name == TRAINER_NAME:
-        check_trainer(man, obj)
-    elif name == MODEL_EXTRA_NAME:
-        check_model_extra(man, obj)
-    else:
-        check_shard(man, name, obj)
+    check = {TRAINER_NAME: check_trainer, MODEL_EXTRA_NAME: check_model_extra}.get(name)
+    try:
+        check(man, obj) if check is not None else check_shard(man, name, obj)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a value of a type no rule expected: still a refusal
+        fpath = man.path / name
+        raise CheckpointError(f"{fpath}: malformed content ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})", path=fpath,
+                              kind="corrupt") from exc
     return obj
 
 
 # ---------------------------------------------------------------------------- manifest
-class _Rules:
-    """Typed reads of one JSON document; every failure names the file and the field."""
-
-    def __init__(self, fpath: Path, kind: str = "format"):
-        self.fpath, self.kind = fpath, kind
-
-    def fail(self, where: str, msg: str) -> CheckpointError:
-        return CheckpointError(f"{self.fpath}: field {where}: {msg}", path=self.fpath,
-                               kind=self.kind, field=where)
-
-    def get(self, d: dict, key: str, where: str) -> Any:
-        if key not in d:
-            raise self.fail(f"{where}.{key}" if where else key, "missing")
-        return d[key]
-
-    def dict_(self, v: Any, where: str) -> dict:
-        if not isinstance(v, dict):
-            raise self.fail(where, f"expected an object, got {type(v).__name__}")
-        return v
-
-    def list_(self, v: Any, where: str, length: Optional[int] = None) -> list:
-        if not isinstance(v, (list, tuple)):
-            raise self.fail(where, f"expected a list, got {type(v).__name__}")
-        if length is not None and len(v) != length:
-            raise self.fail(where, f"expected {length} items, got {len(v)}")
-        return list(v)
-
-    def int_(self, v: Any, where: str, lo: int = 0, hi: Optional[int] = None) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise self.fail(where, f"expected an integer, got {v!r:.60}")
-        if v < lo or (hi is not None and v > hi):
-            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            raise self.fail(where, f"{v} is not {rng}")
-        return v
-
-    def str_(self, v: Any, where: str) -> str:
-        if not isinstance(v, str):
-            raise self.fail(where, f"expected a string, got {v!r:.60}")
-        return v
-
-    def name(self, v: Any, where: str) -> str:
-        s = self.str_(v, where)
-        if not s or len(s) > _MAX_NAME or "\x00" in s:
-            raise self.fail(where, f"{s!r:.80} is not a valid name (empty, too long or "
-                            "holds a NUL)")
-        return s
-
-
 def _read_json(mpath: Path) -> dict:
     with open_regular(mpath, max_size=MAX_MANIFEST_BYTES) as (fd, size):
         data = os.read(fd, size + 1)
-    try:
-        d = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{mpath}: corrupt manifest ({type(exc).__name__}: {exc})",
-                              path=mpath, kind="format") from exc
+    d = parse_json(data, mpath)  # size and nesting bounded: never a RecursionError
     if not isinstance(d, dict):
         raise CheckpointError(f"{mpath}: corrupt manifest (not a JSON object)", path=mpath,
                               kind="format")
@@ -240,7 +194,21 @@ def read_manifest(path: PathLike) -> Manifest:
         raise CheckpointError(f"{path}: not a committed checkpoint (no {MANIFEST_NAME}; "
                               "the save did not finish)", path=mpath, kind="uncommitted")
     d = _read_json(mpath)
-    r = _Rules(mpath)
+    try:
+        return _manifest_from(d, path, Rules(mpath))
+    except CheckpointError as exc:
+        err = exc
+    except Exception as exc:  # a rule forgotten above: still a refusal the scans skip past
+        err = CheckpointError(f"{mpath}: malformed manifest ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})", path=mpath, kind="format")
+    # raised without the frames that hold the parsed JSON (up to MAX_MANIFEST_BYTES of
+    # lists), so that it is freed now, not when the caller's handler ends
+    del d
+    raise err.with_traceback(None)
+
+
+def _manifest_from(d: dict, path: Path, r: Rules) -> Manifest:
+    """The Manifest of the parsed JSON ``d``, every field checked first."""
     if d.get("format") != FORMAT:
         raise r.fail("format", f"{d.get('format')!r:.60}, expected {FORMAT!r}")
     version = r.int_(r.get(d, "version", ""), "version", 1)
@@ -267,17 +235,7 @@ def read_manifest(path: PathLike) -> Manifest:
                     sharded_ams_version=d.get("sharded_ams_version", ""), raw=d)
 
 
-def check_hparams(r: _Rules, g: dict, where: str) -> None:
-    """A param group's hyperparameters, exactly as the optimizer constructor checks them."""
-    args = [r.get(g, k, where) for k in ("lr", "betas", "beta3", "lam", "eps", "weight_decay")]
-    try:
-        validate_hparams(*args)
-    except ValueError as exc:
-        raise r.fail(where, str(exc)) from None
-    r.int_(r.get(g, "step", where), f"{where}.step")
-
-
-def _check_optimizer(r: _Rules, opt: dict) -> dict:
+def _check_optimizer(r: Rules, opt: dict) -> dict:
     r.str_(r.get(opt, "class", "optimizer"), "optimizer.class")
     keys = r.list_(r.get(opt, "state_keys", "optimizer"), "optimizer.state_keys")
     for i, k in enumerate(keys):
@@ -300,7 +258,7 @@ def _check_optimizer(r: _Rules, opt: dict) -> dict:
     return opt
 
 
-def _check_params(r: _Rules, params: dict, groups: list[dict]) -> dict:
+def _check_params(r: Rules, params: dict, groups: list[dict]) -> dict:
     group_of: dict[str, int] = {}
     for gi, g in enumerate(groups):
         for n in g["params"]:
@@ -321,7 +279,7 @@ def _check_params(r: _Rules, params: dict, groups: list[dict]) -> dict:
             raise r.fail(f"{where}.numel", f"{numel} is not the product of shape {shape} "
                          f"({prod(shape)})")
         dtype = r.get(info, "dtype", where)
-        if dtype not in PARAM_DTYPES:
+        if not isinstance(dtype, str) or dtype not in PARAM_DTYPES:
             raise r.fail(f"{where}.dtype", f"{dtype!r:.60} is not one of {sorted(PARAM_DTYPES)}")
         gi = r.int_(r.get(info, "group", where), f"{where}.group", 0, len(groups) - 1)
         if group_of.get(n) != gi:
@@ -332,7 +290,7 @@ def _check_params(r: _Rules, params: dict, groups: list[dict]) -> dict:
     return params
 
 
-def _check_model(r: _Rules, model: Any, params: dict, files: dict) -> dict:
+def _check_model(r: Rules, model: Any, params: dict, files: dict) -> dict:
     keys = r.dict_(r.get(r.dict_(model, "model"), "keys", "model"), "model.keys")
     extra = False
     for k, info in keys.items():
@@ -340,7 +298,7 @@ def _check_model(r: _Rules, model: Any, params: dict, files: dict) -> dict:
         r.name(k, where)
         r.dict_(info, where)
         if "param" in info:
-            if info["param"] not in params:
+            if r.name(info["param"], f"{where}.param") not in params:
                 raise r.fail(f"{where}.param", f"{info['param']!r:.80} is not a saved param")
         elif info.get("extra") is True:
             extra = True
@@ -354,7 +312,7 @@ def _check_model(r: _Rules, model: Any, params: dict, files: dict) -> dict:
     return model
 
 
-def _check_files(r: _Rules, files: dict, world: int, params: dict, state_keys: list) -> None:
+def _check_files(r: Rules, files: dict, world: int, params: dict, state_keys: list) -> None:
     """File entries, the shard set, the piece tiling and the sizes the pieces need."""
     ranks: dict[int, str] = {}
     spans: dict[str, list[tuple[int, int, str]]] = {n: [] for n in params}
@@ -383,17 +341,8 @@ def _check_files(r: _Rules, files: dict, world: int, params: dict, state_keys: l
         if r.int_(r.get(entry, "rank", where), f"{where}.rank") != rank:
             raise r.fail(f"{where}.rank", f"{entry['rank']}, but the file name says {rank}")
         ranks[rank] = name
-        elems = 0
-        for i, pc in enumerate(r.list_(r.get(entry, "pieces", where), f"{where}.pieces")):
-            pw = f"{where}.pieces[{i}]"
-            pname, off, length = r.list_(pc, pw, 3)
-            if pname not in params:
-                raise r.fail(pw, f"unknown param {pname!r:.80}")
-            numel = params[pname]["numel"]
-            off = r.int_(off, f"{pw}[1] (offset)", 0, numel)
-            length = r.int_(length, f"{pw}[2] (length)", 0, numel - off)
-            spans[pname].append((off, off + length, name))
-            elems += length
+        elems = _check_pieces(r, r.get(entry, "pieces", where), f"{where}.pieces", name,
+                              params, spans)
         if elems * min_bytes > size:
             raise r.fail(f"{where}.size", f"{size} bytes cannot hold the {elems} elements "
                          f"its pieces claim ({min_bytes} bytes each at least)")
@@ -405,129 +354,59 @@ def _check_files(r: _Rules, files: dict, world: int, params: dict, state_keys: l
         pos = 0
         for a, b, fname in sorted(iv):
             if a != pos:
-                raise r.fail(f"files[{fname!r}].pieces", f"param {pname!r:.80}: the pieces do "
-                             f"not tile [0, numel) at element {pos}")
+                how = "overlap another file's" if a < pos else "leave a gap"
+                raise r.fail(f"files[{fname!r}].pieces", f"param {pname!r:.80}: the pieces "
+                             f"{how} at element {min(a, pos)}: they must tile [0, numel) "
+                             "exactly once")
             pos = b
         if pos != params[pname]["numel"]:
             raise r.fail("files", f"param {pname!r:.80}: the pieces cover {pos} of "
                          f"{params[pname]['numel']} elements")
 
 
-# ---------------------------------------------------------------------------- contents
-def _content_rules(man: Manifest, name: str) -> _Rules:
-    return _Rules(man.path / name, kind="corrupt")
+def _check_pieces(r: Rules, pieces: Any, where: str, fname: str, params: dict,
+                  spans: dict[str, list[tuple[int, int, str]]]) -> int:
+    """One shard entry's pieces, into ``spans``; returns the elements they claim.
 
-
-def _jsonable(x: Any) -> Any:
-    """As the manifest stores it (tuples become lists; repr for the rest)."""
-    return json.loads(json.dumps(x, default=repr))
-
-
-def check_shard(man: Manifest, name: str, obj: Any) -> None:
-    """A loaded shard file agrees with its manifest entry (pieces, tensors, groups, RNG)."""
-    r = _content_rules(man, name)
-    rank = man.files[name]["rank"]
-    r.dict_(obj, "")
-    for key, want in (("format", "sharded_ams.shard"), ("rank", rank),
-                      ("world_size", man.world_size), ("step", man.step)):
-        if obj.get(key) != want:
-            raise r.fail(key, f"{obj.get(key)!r:.60}, the manifest says {want!r}")
-    osd = r.dict_(r.get(obj, "optimizer", ""), "optimizer")
-    if osd.get("format") != "sharded_ams":
-        raise r.fail("optimizer.format", f"{osd.get('format')!r:.60}, expected 'sharded_ams'")
-    groups = r.list_(r.get(osd, "param_groups", "optimizer"), "optimizer.param_groups")
-    for i, g in enumerate(groups):
-        check_hparams(r, r.dict_(g, f"optimizer.param_groups[{i}]"),
-                      f"optimizer.param_groups[{i}]")
-    if _jsonable(groups) != man.param_groups:
-        raise r.fail("optimizer.param_groups", "differ from the manifest's (the hyperparameters "
-                     "a load would apply are not the ones the manifest shows)")
-    if list(r.get(osd, "state_keys", "optimizer")) != man.state_keys:
-        raise r.fail("optimizer.state_keys", f"{osd['state_keys']!r:.80}, the manifest says "
-                     f"{man.state_keys}")
-    sparams = r.dict_(r.get(osd, "params", "optimizer"), "optimizer.params")
-    mine = {n: (list(p.get("shape", ())), p.get("dtype"), p.get("group"))
-            for n, p in sparams.items() if isinstance(p, dict)}
-    theirs = {n: (p["shape"], p["dtype"], p["group"]) for n, p in man.params.items()}
-    if mine != theirs:
-        raise r.fail("optimizer.params", "differ from the manifest's params")
-    pieces = r.list_(r.get(osd, "pieces", "optimizer"), "optimizer.pieces")
-    want = man.files[name]["pieces"]
-    if len(pieces) != len(want):
-        raise r.fail("optimizer.pieces", f"{len(pieces)} pieces, the manifest lists {len(want)}")
-    for i, (rec, (pname, off, length)) in enumerate(zip(pieces, want)):
-        where = f"optimizer.pieces[{i}]"
-        r.dict_(rec, where)
-        got = (rec.get("name"), rec.get("offset"), rec.get("length"))
-        if got != (pname, off, length):
-            raise r.fail(where, f"(name, offset, length) is {got!r:.120}, the manifest says "
-                         f"{(pname, off, length)!r:.120}")
-        for k in man.state_keys:
-            t = r.get(rec, k, where)
-            ok_dtypes = (torch.float32,) if k == "master" else (torch.float32, torch.bfloat16)
-            if not isinstance(t, Tensor) or t.dim() != 1 or t.numel() != length \
-                    or t.dtype not in ok_dtypes:
-                desc = (f"{t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, Tensor)
-                        else type(t).__name__)
-                raise r.fail(f"{where}.{k}", f"{desc}, expected a 1-D tensor of {length} "
-                             f"elements ({' or '.join(map(str, ok_dtypes))})")
-    if "rng" in obj:
-        _check_rng(r, obj["rng"])
-
-
-def _check_rng(r: _Rules, rng: Any) -> None:
-    """RNG states that restoring would accept (tried on scratch generators)."""
-    r.dict_(rng, "rng")
-    try:
-        torch.Generator().set_state(r.get(rng, "torch", "rng"))
-        random.Random().setstate(tuplify(r.get(rng, "python", "rng")))
-        if "numpy" in rng:
-            import numpy as np
-
-            ns = rng["numpy"]
-            np.random.RandomState().set_state({
-                "bit_generator": ns["bit_generator"],
-                "state": {"key": ns["key"].numpy().astype("uint32"), "pos": ns["pos"]},
-                "has_gauss": ns["has_gauss"], "gauss": ns["gauss"]})
-        if "cuda" in rng:
-            for t in r.list_(rng["cuda"], "rng.cuda"):
-                if not isinstance(t, Tensor) or t.dtype != torch.uint8:
-                    raise ValueError("a CUDA RNG state is not a uint8 tensor")
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise r.fail("rng", f"not a valid RNG state ({type(exc).__name__}: {exc})") from None
-
-
-def check_trainer(man: Manifest, obj: Any) -> None:
-    r = _content_rules(man, TRAINER_NAME)
-    r.dict_(obj, "")
-    for key, want in (("format", "sharded_ams.trainer"), ("step", man.step)):
-        if obj.get(key) != want:
-            raise r.fail(key, f"{obj.get(key)!r:.60}, the manifest says {want!r}")
-    if obj.get("lr_scheduler") is not None:
-        r.dict_(obj["lr_scheduler"], "lr_scheduler")
-
-
-def check_model_extra(man: Manifest, obj: Any) -> None:
-    r = _content_rules(man, MODEL_EXTRA_NAME)
-    r.dict_(obj, "")
-    if obj.get("format") != "sharded_ams.model_extra":
-        raise r.fail("format", f"{obj.get('format')!r:.60}, expected 'sharded_ams.model_extra'")
-    tensors = r.dict_(r.get(obj, "tensors", ""), "tensors")
-    want = {k: v for k, v in (man.model or {"keys": {}})["keys"].items() if "param" not in v}
-    if set(tensors) != set(want):
-        raise r.fail("tensors", f"keys differ from the manifest's model.keys: "
-                     f"{sorted(set(tensors) ^ set(want))[:5]}")
-    for k, info in want.items():
-        t = tensors[k]
-        if "shape" in info and (not isinstance(t, Tensor) or list(t.shape) != info["shape"]):
-            got = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise r.fail(f"tensors[{k!r:.80}]", f"{got}, the manifest says {info['shape']}")
+    A save writes, per shard file, at most one piece per param, never an empty one: a
+    param is one contiguous span of one bucket, a rank owns one contiguous span of each
+    bucket, and their intersection is one interval (``BufferLayout.pieces`` skips the
+    empty ones). So a file lists at most ``len(params)`` pieces, all ``world_size`` files
+    at most ``len(params) x world_size``: that bound is checked before any piece is
+    looked at, and so no manifest of a few MB can make the checks (or a load) walk
+    millions of pieces that hold nothing."""
+    pieces = r.list_(pieces, where)
+    if len(pieces) > len(params):
+        raise r.fail(where, f"{len(pieces)} pieces for {len(params)} params (a save writes "
+                     "at most one piece per param per shard file)")
+    seen: set[str] = set()
+    elems = 0
+    for i, pc in enumerate(pieces):
+        pw = f"{where}[{i}]"
+        pname, off, length = r.list_(pc, pw, 3)
+        pname = r.name(pname, f"{pw}[0] (name)")
+        if pname not in params:
+            raise r.fail(pw, f"unknown param {pname!r:.80}")
+        if pname in seen:
+            raise r.fail(pw, f"a second piece of param {pname!r:.80} in this file (a save "
+                         "writes at most one piece per param per shard file)")
+        seen.add(pname)
+        numel = params[pname]["numel"]
+        off = r.int_(off, f"{pw}[1] (offset)", 0, numel)
+        if off == numel:
+            raise r.fail(f"{pw}[1] (offset)", f"{off} leaves no element of param "
+                         f"{pname!r:.80} ({numel} elements): a piece is never empty")
+        length = r.int_(length, f"{pw}[2] (length)", 0, numel - off)
+        if length == 0:
+            raise r.fail(f"{pw}[2] (length)", "0: a piece is never empty (a save skips them)")
+        spans[pname].append((off, off + length, fname))
+        elems += length
+    return elems
 
 
 # ---------------------------------------------------------------------------- all of it
-def validate_checkpoint(path: PathLike, *, checksums: bool = True) -> Manifest:
+def validate_checkpoint(path: PathLike, *, checksums: bool = True,
+                        value_report: Optional[list] = None) -> Manifest:
     """Check that ``path`` is a committed, intact checkpoint and return its manifest.
 
     Checks every rule of this module: the manifest's; every listed file is a regular file
@@ -535,11 +414,18 @@ def validate_checkpoint(path: PathLike, *, checksums: bool = True) -> Manifest:
     content (each file is loaded, memory-mapped, and compared with its manifest entry).
     ``checksums=False`` reads only the manifest and ``fstat``s the files (fast).
     Raises :class:`CheckpointError` naming the file (and field) otherwise.
+
+    The values are not a rule here (a diverged run's checkpoint is intact: retention
+    and the scans treat it as such; loads refuse it, see ``values.py``). With
+    ``checksums``, a ``value_report`` list receives every piece holding NaN/inf or a
+    negative ``exp_avg_sq``, found in the same pass (``ckpt inspect`` shows them).
     """
     man = read_manifest(path)
     for name in man.files:
         if checksums:
-            load_checked(man, name, checksum=True, mmap=True)
+            obj = load_checked(man, name, checksum=True, mmap=True)
+            if value_report is not None and SHARD_RE.match(name):
+                value_report.extend(shard_value_problems(man, name, obj))
         else:
             with open_checked(man, name, checksum=False):
                 pass
