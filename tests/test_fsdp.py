@@ -18,6 +18,10 @@ must stay within fp32 rounding of the oracle every step. A count over the local 
 only, a missing all-reduce, or counts summed in a rank-dependent order put C-Adam and
 lam = -0.5 off by ~1e-3 or more after one step.
 
+A third spawn (4 ranks) steps DTensor params on a (2, 2) mesh (Shard on both dims, Shard x
+Replicate either way, all Replicate) against the oracle: counts summed over each sharded
+dim's group and never over a replicated one.
+
 Also checked on every step: one all-reduce per step for lam not in {1, -1} (none for
 |lam| = 1), and no op with a DTensor argument inside ``step()`` after the first (which
 creates the state), seen by a dispatch mode: the kernels step the local shards.
@@ -132,7 +136,7 @@ class Counters:
 
     def __init__(self) -> None:
         self.active, self.all_reduce = False, 0
-        orig_ar = dist.all_reduce
+        orig_ar = self.orig_all_reduce = dist.all_reduce
 
         def all_reduce(*a, **k):
             self.all_reduce += self.active
@@ -306,3 +310,58 @@ def test_layouts_it_cannot_step_are_named():
     assert "blocks.0.attn.weight" in errors["partial"] and "Partial" in errors["partial"]
     assert "head.weight" in errors["grad"] and "Replicate" in errors["grad"]
 
+
+
+# ------------------------------------------------------------------ 2-D mesh, 4 ranks
+MESH_CASES = {"cadam": dict(lam=0.0),
+              "lam-0.5_beta3-0.5_fused": dict(lam=-0.5, beta3=0.5, fused=True),
+              "lam0.3_foreach": dict(lam=0.3, foreach=True), "grams": dict(lam=-1.0)}
+#: (shape, placements on the (2, 2) mesh): sharded on both dims (uneven), HSDP-like
+#: (replicated over dim 0), sharded over dim 0 only, and fully replicated
+MESH_PARAMS = (((37, 1030), ("S0", "S1")), ((301, 117), ("R", "S0")), ((9, 4001), ("S1", "R")),
+               ((5, 7), ("R", "R")))
+
+
+def _mesh_job() -> dict:
+    """DTensor params on a 2-D mesh: counts summed over each sharded dim's group only."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    from sharded_ams import AMS
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    place = {"S0": Shard(0), "S1": Shard(1), "R": Replicate()}
+    out = {}
+    for name, kw in MESH_CASES.items():
+        torch.manual_seed(0)
+        full = [torch.randn(shape) for shape, _ in MESH_PARAMS]
+        pls = [[place[x] for x in pl] for _, pl in MESH_PARAMS]
+        params = [nn.Parameter(distribute_tensor(t, mesh, pl)) for t, pl in zip(full, pls)]
+        opt = AMS(params, lr=LR, **kw)
+        kw = {"beta3": 0.0, **kw}
+        oracle = AMSOracle.start(full, lr=LR, betas=(0.9, 0.999), beta3=kw["beta3"],
+                                 lam=kw["lam"], eps=1e-8, weight_decay=0.0)
+        errs, calls = [], []
+        counters = Counters()
+        for step in range(3):
+            grads = [torch.randn(t.shape) for t in full]  # the same on every rank (seeded)
+            for p, g, pl in zip(params, grads, pls):
+                p.grad = distribute_tensor(g, mesh, pl)
+            calls.append(counters.step(opt)[0])
+            oracle.step(grads)
+            errs.append(max(float((p.detach().full_tensor().double() - torch.from_numpy(o.p))
+                                  .abs().max()) for p, o in zip(params, oracle.tensors)))
+        dist.all_reduce = counters.orig_all_reduce
+        out[name] = dict(err=max(errs), calls=calls)
+    return out
+
+
+def test_dtensor_2d_mesh_counts_over_each_sharded_dim():
+    """(2, 2) mesh: Shard on both dims, Shard x Replicate either way, all Replicate; the
+    counts are summed over the sharded dims' groups only (a replicated dim summed would
+    double them) and equal the float64 oracle on the whole tensors."""
+    res = run_distributed(_mesh_job, 4, timeout=240)
+    for rank_res in res:
+        for name, r in rank_res.items():
+            assert r["err"] < TOL, (name, r)
+            # one per set of groups: (dim 0, dim 1) -> 2 calls, (dim 1,), (dim 0,)
+            assert r["calls"] == [0 if name == "grams" else 4] * 3, (name, r["calls"])
