@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -55,12 +55,25 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
     return inner if inner is not None else t.to_local()
 
 
-def describe(name: Optional[str], index: int, group_index: int, p: Tensor) -> str:
-    """How an error names a parameter: its name when the group has ``param_names``."""
-    if name:
-        return f"parameter {name!r}"
-    return (f"the parameter at position {index} of param group {group_index} "
-            f"(shape {tuple(p.shape)})")
+class ParamName:
+    """How an error names a parameter (its name when the group has ``param_names``, else
+    its position and shape); built for every param every step, so formatted only when an
+    error prints it."""
+
+    __slots__ = ("name", "index", "group_index", "shape")
+
+    def __init__(self, name: Optional[str], index: int, group_index: int, shape) -> None:
+        self.name, self.index, self.group_index, self.shape = name, index, group_index, shape
+
+    def __str__(self) -> str:
+        if self.name:
+            return f"parameter {self.name!r}"
+        return (f"the parameter at position {self.index} of param group {self.group_index} "
+                f"(shape {tuple(self.shape)})")
+
+
+def describe(name: Optional[str], index: int, group_index: int, p: Tensor) -> ParamName:
+    return ParamName(name, index, group_index, p.shape)
 
 
 #: id(param) -> (weakref to it, mesh, placements, count groups): looked up every step
@@ -68,7 +81,7 @@ def describe(name: Optional[str], index: int, group_index: int, p: Tensor) -> st
 _LAYOUTS: dict[int, tuple] = {}
 
 
-def dtensor_layout(p: Tensor, what: str) -> Groups:
+def dtensor_layout(p: Tensor, what: Union[str, ParamName]) -> Groups:
     """The process groups over which ``p``'s per-tensor counts must be summed (empty for
     a plain tensor or a replicated DTensor). ValueError for a placement the local-shard
     step cannot handle (``Partial``: the local values are not the param's values)."""
@@ -84,7 +97,7 @@ def dtensor_layout(p: Tensor, what: str) -> Groups:
     return cached[3]
 
 
-def _groups(p: Tensor, what: str) -> Groups:
+def _groups(p: Tensor, what: Union[str, ParamName]) -> Groups:
     groups = []
     for dim, pl in enumerate(p.placements):
         if isinstance(pl, (Shard, _StridedShard)):
@@ -98,7 +111,7 @@ def _groups(p: Tensor, what: str) -> Groups:
     return tuple(groups)
 
 
-def check_grad_layout(p: Tensor, what: str) -> None:
+def check_grad_layout(p: Tensor, what: Union[str, ParamName]) -> None:
     """A DTensor param's gradient must be laid out as the param (same mesh, same
     placements), so that its local shard lines up element by element with the param's."""
     if not is_dtensor(p):
@@ -117,7 +130,7 @@ def check_grad_layout(p: Tensor, what: str) -> None:
             "redistribute the gradient to the param's layout before step()")
 
 
-def check_state_layout(p: Tensor, state: dict, what: str) -> None:
+def check_state_layout(p: Tensor, state: dict, what: Union[str, ParamName]) -> None:
     """Loaded state of a DTensor param must be DTensors laid out as the param (a plain
     full tensor would be stepped as if it were the local shard)."""
     if not is_dtensor(p):
@@ -144,7 +157,7 @@ class LocalParam:
     key: tuple
 
 
-def local_param(p: Tensor, state: dict, key: tuple, what: str) -> LocalParam:
+def local_param(p: Tensor, state: dict, key: tuple, what: Union[str, ParamName]) -> LocalParam:
     """Plain views of ``p``, its gradient and its state (state tensors of a DTensor param
     are DTensors laid out as the param: DCP saves and reshards them)."""
     groups = dtensor_layout(p, what)
