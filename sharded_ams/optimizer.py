@@ -138,19 +138,14 @@ class AMS(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # every param of every group checked before anything moves: an error leaves no
+        # group half-stepped (the applies of lam not in {1, -1} wait for the last group)
+        groups = [(group, GroupHParams.from_group(group), self._local_params(gi, group))
+                  for gi, group in enumerate(self.param_groups)]
         batch = CountBatch()
-        for gi, group in enumerate(self.param_groups):
-            hp = GroupHParams.from_group(group)
-            names = group.get("param_names")
-            params = []
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                what = describe(names[i] if names else None, i, gi, p)
-                check_grad(p, names[i] if names else None)
-                state = self._init_state(p, hp.beta3)
-                state["step"] += 1
-                params.append(local_param(p, state, (gi, i), what))
+        for group, hp, params in groups:
+            for lp in params:
+                lp.state["step"] += 1
             # one call per (device, step count); the step is a CPU tensor: no sync to read
             buckets: dict[tuple, list[LocalParam]] = {}
             for lp in params:
@@ -159,6 +154,18 @@ class AMS(Optimizer):
                 self._step_bucket(group, hp, part, device, step, batch)
         batch.finish()
         return loss
+
+    def _local_params(self, gi: int, group: dict) -> list[LocalParam]:
+        """The params with a gradient, checked, with their state (created if new) as plain
+        tensors: a DTensor's local shard (``dtensor.py``)."""
+        hp_beta3, names, out = float(group["beta3"]), group.get("param_names"), []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            check_grad(p, names[i] if names else None)
+            what = describe(names[i] if names else None, i, gi, p)
+            out.append(local_param(p, self._init_state(p, hp_beta3), (gi, i), what))
+        return out
 
     def _step_bucket(self, group: dict, hp: GroupHParams, params: list, device: torch.device,
                      step: float, batch: CountBatch) -> None:
