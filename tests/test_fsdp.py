@@ -241,10 +241,17 @@ def _layout_errors() -> dict:
         out["partial"] = str(exc)
     p = nn.Parameter(distribute_tensor(torch.randn(6, 5), mesh, [Shard(0)]))
     p.grad = distribute_tensor(torch.randn(6, 5), mesh, [Replicate()])
+    ok = nn.Parameter(distribute_tensor(torch.randn(7, 3), mesh, [Shard(0)]))
+    ok.grad = distribute_tensor(torch.randn(7, 3), mesh, [Shard(0)])
+    before = ok.detach().full_tensor().clone()
+    opt = AMS([{"params": [("ok.weight", ok)]}, {"params": [("head.weight", p)]}], lam=0.0)
     try:
-        Grams([("head.weight", p)]).step()
+        opt.step()
     except ValueError as exc:
         out["grad"] = str(exc)
+    # nothing moved: the error came before any group was stepped
+    out["untouched"] = (torch.equal(ok.detach().full_tensor(), before)
+                        and all(float(st["step"]) == 0 for st in opt.state.values()))
     return out
 
 
@@ -309,6 +316,7 @@ def test_layouts_it_cannot_step_are_named():
     errors = _results(2)[0]["errors"]
     assert "blocks.0.attn.weight" in errors["partial"] and "Partial" in errors["partial"]
     assert "head.weight" in errors["grad"] and "Replicate" in errors["grad"]
+    assert errors["untouched"]
 
 
 
