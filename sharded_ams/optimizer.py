@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from itertools import chain
 from typing import Any, Callable, Iterable, Optional, Union
@@ -12,10 +13,12 @@ from torch.optim import Optimizer
 
 from .config import (DEFAULTS, check_grad, check_params, preset_hparams, validate_group,
                      validate_hparams)
-from .kernels import (GroupHParams, Piece, flat_step, host_scalar, resolve_backend,
-                      triton_available)
+from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, local_param,
+                      needs_batch)
+from .kernels import (GroupHParams, Piece, flat_apply, flat_count, flat_step, host_scalar,
+                      resolve_backend, triton_available)
 from .kernels.eager import SERIAL_NUMEL, compile_available
-from .kernels.foreach import foreach_step
+from .kernels.foreach import foreach_apply, foreach_count, foreach_moments
 from .update import bias_corrections
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_s", "master")
@@ -99,6 +102,9 @@ class AMS(Optimizer):
         try:
             check_params(group["params"], group.get("param_names"))
             validate_group(group)
+            names, gi = group.get("param_names"), len(self.param_groups) - 1
+            for i, p in enumerate(group["params"]):  # a layout it cannot step: say so now
+                dtensor_layout(p, describe(names[i] if names else None, i, gi, p))
         except Exception:
             self.param_groups.pop()
             raise
@@ -125,40 +131,58 @@ class AMS(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
-        """One optimizer step. Params without a gradient are skipped (torch.optim convention)."""
+        """One optimizer step. Params without a gradient are skipped (torch.optim convention).
+        DTensor params (FSDP2, tensor parallel) are stepped on their local shards; their
+        per-tensor counts are summed across ranks in one all-reduce (``dtensor.py``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            hp = GroupHParams.from_group(group)
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                check_grad(p)
-            states = [self._init_state(p, hp.beta3) for p in params]
-            for st in states:
-                st["step"] += 1
+        # every param of every group checked before anything moves: an error leaves no
+        # group half-stepped (the applies of lam not in {1, -1} wait for the last group)
+        groups = [(group, GroupHParams.from_group(group), self._local_params(gi, group))
+                  for gi, group in enumerate(self.param_groups)]
+        batch = CountBatch()
+        for group, hp, params in groups:
+            for lp in params:
+                lp.state["step"] += 1
             # one call per (device, step count); the step is a CPU tensor: no sync to read
-            buckets: dict[tuple, list[int]] = {}
-            for i, (p, st) in enumerate(zip(params, states)):
-                buckets.setdefault((p.device, float(st["step"])), []).append(i)
-            for (device, step), idx in buckets.items():
-                path = self._path(group, device, sum(params[i].numel() for i in idx))
-                small = []
-                if path == "compiled" and device.type == "cpu" and self._is_default(group):
-                    # a compiled call costs ~0.1 ms of Python and dynamo: small tensors
-                    # (biases, norms) go through one _foreach call together
-                    small = [i for i in idx if params[i].numel() < SERIAL_NUMEL]
-                    idx = [i for i in idx if params[i].numel() >= SERIAL_NUMEL]
-                for part, name in ((small, "foreach"), (idx, path)):
-                    if not part:
-                        continue
-                    args = (group, hp, [params[i] for i in part], [states[i] for i in part], step)
-                    if name == "foreach":
-                        self._foreach_group(*args)
-                    else:
-                        self._fused_group(*args, backend=name)
+            buckets: dict[tuple, list[LocalParam]] = {}
+            for lp in params:
+                buckets.setdefault((lp.p.device, float(lp.state["step"])), []).append(lp)
+            for (device, step), part in buckets.items():
+                self._step_bucket(group, hp, part, device, step, batch)
+        batch.finish()
         return loss
+
+    def _local_params(self, gi: int, group: dict) -> list[LocalParam]:
+        """The params with a gradient, checked, with their state (created if new) as plain
+        tensors: a DTensor's local shard (``dtensor.py``)."""
+        hp_beta3, names, out = float(group["beta3"]), group.get("param_names"), []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            check_grad(p, names[i] if names else None)
+            what = describe(names[i] if names else None, i, gi, p)
+            out.append(local_param(p, self._init_state(p, hp_beta3), (gi, i), what))
+        return out
+
+    def _step_bucket(self, group: dict, hp: GroupHParams, params: list, device: torch.device,
+                     step: float, batch: CountBatch) -> None:
+        path = self._path(group, device, sum(lp.p.numel() for lp in params))
+        small: list = []
+        if path == "compiled" and device.type == "cpu" and self._is_default(group):
+            # a compiled call costs ~0.1 ms of Python and dynamo: small tensors
+            # (biases, norms) go through one _foreach call together
+            small = [lp for lp in params if lp.p.numel() < SERIAL_NUMEL]
+            params = [lp for lp in params if lp.p.numel() >= SERIAL_NUMEL]
+        for part, name in ((small, "foreach"), (params, path)):
+            if not part:
+                continue
+            if name == "foreach":
+                self._foreach_group(group, hp, part, step, batch)
+            else:
+                self._fused_group(group, hp, part, step, batch, backend=name)
 
     @staticmethod
     def _is_default(group: dict) -> bool:
@@ -177,38 +201,75 @@ class AMS(Optimizer):
             return path if path == "foreach" else resolve_backend(path, device)
         return "foreach"
 
-    def _foreach_group(self, group, hp: GroupHParams, params, states, step: float) -> None:
-        device = params[0].device
+    def _foreach_group(self, group, hp: GroupHParams, params: list, step: float,
+                       batch: CountBatch) -> None:
+        device = params[0].p.device
         bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
+        states = [lp.state for lp in params]
         lowp = [i for i, st in enumerate(states) if "master" in st]
-        foreach_step([st.get("master", p) for p, st in zip(params, states)],
-                     [p.grad for p in params], [st["exp_avg"] for st in states],
-                     [st["exp_avg_sq"] for st in states],
-                     [st["exp_avg_s"] for st in states] if hp.beta3 > 0 else None, None,
-                     lr=host_scalar(group["lr"], device), bc1=bc1, bc2=bc2, beta1=hp.beta1,
-                     beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps, wd=hp.weight_decay)
-        if lowp:
-            torch._foreach_copy_([params[i] for i in lowp], [states[i]["master"] for i in lowp])
+        masters = [st.get("master", lp.p) for lp, st in zip(params, states)]
+        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        ss = [st["exp_avg_s"] for st in states] if hp.beta3 > 0 else None
+        kw = dict(lr=host_scalar(group["lr"], device), bc1=bc1, bc2=bc2, lam=hp.lam,
+                  eps=hp.eps, wd=hp.weight_decay)
 
-    def _fused_group(self, group, hp: GroupHParams, params, states, step: float, *,
-                     backend: str) -> None:
-        for p, st in zip(params, states):
+        def finish(counts=None) -> None:
+            foreach_apply(masters, grads, ms, vs, ss, None, counts=counts,
+                          numels=[lp.numel for lp in params], **kw)
+            if lowp:
+                torch._foreach_copy_([params[i].p for i in lowp],
+                                     [states[i]["master"] for i in lowp])
+
+        grads = foreach_moments([lp.grad for lp in params], ms, vs, ss, beta1=hp.beta1,
+                                beta2=hp.beta2, beta3=hp.beta3)
+        if not needs_batch(params, hp.lam):
+            finish()
+            return
+        counts = foreach_count(ms, ss if ss is not None else grads)
+        for lp, c in zip(params, counts):
+            batch.add(lp, c)
+        batch.defer(lambda: finish(counts))
+
+    def _fused_group(self, group, hp: GroupHParams, params: list, step: float,
+                     batch: CountBatch, *, backend: str) -> None:
+        deferred = needs_batch(params, hp.lam)
+        for lp in params:
+            p, st = lp.p, lp.state
             master = st.get("master", p)
             work = master if master.is_contiguous() else master.contiguous()
             out = p if "master" in st and p.is_contiguous() else None
-            n = p.numel()
-            flat_step(work.view(-1), p.grad.contiguous().view(-1), st["exp_avg"].view(-1),
-                      st["exp_avg_sq"].view(-1),
-                      st["exp_avg_s"].view(-1) if "exp_avg_s" in st else None,
-                      out.view(-1) if out is not None else None, lr=group["lr"],
-                      step=step, hp=hp, pieces=(Piece(0, n, 0, n),), num_tensors=1,
-                      backend=backend)
-            if work is not master:
-                master.copy_(work)
-            if "master" in st and out is None:
-                p.copy_(master)
-            elif "master" not in st and work is not p:
-                p.copy_(work)
+            vecs = (work.view(-1), lp.grad.contiguous().view(-1), st["exp_avg"].view(-1),
+                    st["exp_avg_sq"].view(-1),
+                    st["exp_avg_s"].view(-1) if "exp_avg_s" in st else None)
+            outv = out.view(-1) if out is not None else None
+            pieces = (Piece(0, p.numel(), 0, lp.numel),)
+            if deferred:
+                table, counts = flat_count(*vecs[1:], hp=hp, pieces=pieces, num_tensors=1,
+                                           backend=backend)
+                batch.add(lp, counts[:1])
+                batch.defer(functools.partial(
+                    self._apply_one, vecs, outv, group["lr"], step, hp, table, counts,
+                    backend, (p, st, master, work, out)))
+                continue
+            flat_step(*vecs, outv, lr=group["lr"], step=step, hp=hp, pieces=pieces,
+                      num_tensors=1, backend=backend)
+            self._write_back(p, st, master, work, out)
+
+    @classmethod
+    def _apply_one(cls, vecs, outv, lr, step, hp, table, counts, backend, back) -> None:
+        flat_apply(*vecs, outv, lr=lr, step=step, hp=hp, table=table, counts=counts,
+                   backend=backend)
+        cls._write_back(*back)
+
+    @staticmethod
+    def _write_back(p: Tensor, st: dict, master: Tensor, work: Tensor,
+                    out: Optional[Tensor]) -> None:
+        if work is not master:
+            master.copy_(work)
+        if "master" in st and out is None:
+            p.copy_(master)
+        elif "master" not in st and work is not p:
+            p.copy_(work)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim, but optimizer state stays fp32 whatever the param dtype."""

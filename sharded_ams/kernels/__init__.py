@@ -36,7 +36,8 @@ from .tables import Piece, RunTable, as_pieces, run_table
 Scalar = Union[float, Tensor]
 BACKENDS = ("auto", "triton", "compiled", "eager")
 
-__all__ = ["BACKENDS", "GroupHParams", "Piece", "RunTable", "flat_step", "get_ops",
+__all__ = ["BACKENDS", "GroupHParams", "Piece", "RunTable", "flat_apply", "flat_count",
+           "flat_step", "get_ops",
            "resolve_backend", "triton_available", "compile_available", "host_scalar"]
 
 
@@ -121,26 +122,49 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     optional 0-d bool tensor on p's device; where true nothing is written (a step skipped
     without a host sync).
     """
-    ops = get_ops(backend)
     lr, step = host_scalar(lr, p.device), host_scalar(step, p.device)
     if p.numel() == 0 and count_reduce is None:
         return
-    bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
     if lam_is_unit(hp.lam):
         if p.numel():
-            ops.fused_step(p, g, m, v, s, out, step_scalars(lr, bc1, bc2, hp.weight_decay), hp,
-                           skip)
+            bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
+            get_ops(backend).fused_step(p, g, m, v, s, out,
+                                        step_scalars(lr, bc1, bc2, hp.weight_decay), hp, skip)
         return
-    table = run_table(as_pieces(pieces), p.numel(), num_tensors, p.device)
-    counts = torch.zeros(num_tensors + 1, dtype=torch.int64, device=p.device)
-    if p.numel():
-        ops.count_run(g, m, v, s, hp, table, counts, skip)
+    table, counts = flat_count(g, m, v, s, hp=hp, pieces=pieces, num_tensors=num_tensors,
+                               backend=backend, skip=skip)
     if count_reduce is not None:
         count_reduce(counts[:num_tensors])
+    flat_apply(p, g, m, v, s, out, lr=lr, step=step, hp=hp, table=table, counts=counts,
+               backend=backend, skip=skip)
+
+
+def flat_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], *, hp: GroupHParams,
+               pieces: Sequence[Piece], num_tensors: int, backend: str = "eager",
+               skip: Optional[Tensor] = None) -> tuple[RunTable, Tensor]:
+    """First half of the per-tensor-scaled step (lam not in {1, -1}): update the moments
+    of the run and count each tensor's u*s < 0. Returns the run's table and the int64
+    counts (``num_tensors + 1`` slots). Split from :func:`flat_apply` so that a caller can
+    sum the counts of many runs across ranks in one collective before any apply."""
+    table = run_table(as_pieces(pieces), m.numel(), num_tensors, m.device)
+    counts = torch.zeros(num_tensors + 1, dtype=torch.int64, device=m.device)
+    if m.numel():
+        get_ops(backend).count_run(g, m, v, s, hp, table, counts, skip)
+    return table, counts
+
+
+def flat_apply(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
+               out: Optional[Tensor], *, lr: Scalar, step: Scalar, hp: GroupHParams,
+               table: RunTable, counts: Tensor, backend: str = "eager",
+               skip: Optional[Tensor] = None) -> None:
+    """Second half: step every piece with its tensor's scale d / (count term), d the
+    piece's full ``numel`` (the whole logical tensor, also when only a shard is here)."""
+    lr, step = host_scalar(lr, p.device), host_scalar(step, p.device)
+    bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
     # per-tensor eta^/eta (slot num_tensors, elements in no piece: numel 0, so scale 1)
     lrs = step_scale(table.numels, counts, hp.lam)
     sc = step_scalars(lr * lrs if isinstance(lr, float) else lr.double() * lrs, bc1, bc2,
                       hp.weight_decay)
     if p.numel():
-        ops.apply_run(p, g, m, v, s, out, sc.inv_sqrt_bc2, hp, table, sc.step_size, sc.decay,
-                      skip)
+        get_ops(backend).apply_run(p, g, m, v, s, out, sc.inv_sqrt_bc2, hp, table,
+                                   sc.step_size, sc.decay, skip)

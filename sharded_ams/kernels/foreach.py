@@ -25,12 +25,42 @@ def foreach_step(params: Sequence[Tensor], grads: Sequence[Tensor], ms: Sequence
     ``lr``, ``bc1``, ``bc2`` are numbers (no device copy) or device tensors."""
     if not params:
         return
+    grads = foreach_moments(grads, ms, vs, ss, beta1=beta1, beta2=beta2, beta3=beta3)
+    foreach_apply(params, grads, ms, vs, ss, outs, lr=lr, bc1=bc1, bc2=bc2, lam=lam, eps=eps,
+                  wd=wd)
+
+
+def foreach_moments(grads: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tensor],
+                    ss: Optional[Sequence[Tensor]], *, beta1: float, beta2: float,
+                    beta3: float) -> list[Tensor]:
+    """Update m, v[, s] in place; returns the gradients as fp32 (the sign reference when
+    beta3 == 0)."""
     grads = [g.float() for g in grads]
     torch._foreach_lerp_(ms, grads, 1 - beta1)
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
     if ss is not None:
         torch._foreach_lerp_(ss, grads, 1 - beta3)
+    return grads
+
+
+def foreach_count(ms: Sequence[Tensor], refs: Sequence[Tensor]) -> list[Tensor]:
+    """Each tensor's count of u*s < 0 (0-d int64 each) from the updated m and the sign
+    reference (s, or g when beta3 == 0): the numbers a sharded tensor sums across ranks."""
+    sg = torch._foreach_sign(ms)
+    torch._foreach_mul_(sg, torch._foreach_sign(refs))
+    return [(x < 0).sum() for x in sg]
+
+
+def foreach_apply(params: Sequence[Tensor], grads: Sequence[Tensor], ms: Sequence[Tensor],
+                  vs: Sequence[Tensor], ss: Optional[Sequence[Tensor]],
+                  outs: Optional[Sequence[Tensor]], *, lr: Scalar, bc1: Scalar, bc2: Scalar,
+                  lam: float, eps: float, wd: float,
+                  counts: Optional[Sequence[Tensor]] = None,
+                  numels: Optional[Sequence[int]] = None) -> None:
+    """The parameter update from already-updated moments (``grads`` fp32). With lam not
+    in {1, -1} each tensor's scale takes ``counts`` and ``numels`` when given (a shard's
+    counts summed over the whole tensor; its full size), else counts its own elements."""
     ref = ss if ss is not None else grads
     sc = step_scalars(lr, bc1, bc2, wd)
     den = torch._foreach_sqrt(vs)
@@ -63,8 +93,10 @@ def foreach_step(params: Sequence[Tensor], grads: Sequence[Tensor], ms: Sequence
             torch._foreach_mul_(wu, sc.step_size)
             torch._foreach_sub_(params, wu)
     else:  # per-tensor eta^ from each tensor's count (device tensors: no sync)
-        for p, x, d, sgn in zip(params, wm, den, sg):
-            sct = step_scalars(lr * step_scale(p.numel(), (sgn < 0).sum(), lam), bc1, bc2, wd)
+        for i, (p, x, d, sgn) in enumerate(zip(params, wm, den, sg)):
+            neg = (sgn < 0).sum() if counts is None else counts[i]
+            numel = p.numel() if numels is None else numels[i]
+            sct = step_scalars(lr * step_scale(numel, neg, lam), bc1, bc2, wd)
             if wd != 0.0:
                 p.mul_(sct.decay)
             p.sub_(x.div_(d).mul_(sct.step_size))
