@@ -189,5 +189,5 @@ def test_readme_launcher_commands(tmp_path):
     import torch
 
     full = torch.load(tmp_path / "full.pt", weights_only=True)
-    assert full["step"] == 30 and "wrote full.pt: step 30" in consolidate
+    assert full["step"] == 30 and "wrote full.pt from runs/gpt-tiny/step-00000030: step 30" in consolidate
     assert {k: v.shape for k, v in full["model"].items()}["lm_head.weight"] == (256, 64)
