@@ -60,7 +60,8 @@ from launcher.run.records import (METRICS_FILE, STATE_DIR, Heartbeat, MetricsHis
                                   exists, start_event, write_text)
 from launcher.train.resume import resume, save_and_report
 from launcher.train.step import (PROGRESS_TAG, TensorBoardLog, autocast,  # noqa: F401
-                                 build_model_for_training, evaluate, forward_backward,
+                                 build_model_for_training, device_batch, evaluate,
+                                 forward_backward,
                                  log_progress, model_flops_per_token, peak_bf16_flops,
                                  resolve_precision, split_micro, throughput)
 from sharded_ams import ShardedAMS
@@ -325,8 +326,8 @@ def _train_step(w: _Worker, step: int) -> torch.Tensor:
     d = w.cfg.data
     x, y = w.data.get_batch("train", step, d.batch_size, d.block_size, seed=d.seed, rank=w.rank,
                             world_size=w.world_size)
-    loss = forward_backward(w.model, w.optimizer, split_micro(x.to(w.device), y.to(w.device), w.accum),
-                            amp=w.amp, where=w.where)
+    x, y = device_batch(x, y, w.device)  # CUDA: pinned, non-blocking
+    loss = forward_backward(w.model, w.optimizer, split_micro(x, y, w.accum), amp=w.amp, where=w.where)
     w.optimizer.step()  # reduce grads (once per step), AMS step on this rank's shard, gather params
     w.optimizer.zero_grad()
     w.scheduler.step()
