@@ -58,8 +58,8 @@ from gpu_check_report import write_report
 
 #: seconds kept back at the end of the time limit to stop a child and write the report
 RESERVE_S = 8.0
-#: what a section's watchdog adds to its cap before it ends the process (a section that
-#: checks the time itself stops first)
+#: what a section's watchdog adds to its cap (at most half the cap) before it ends the
+#: process (a section that checks the time itself stops first)
 WATCHDOG_GRACE_S = 5.0
 
 
@@ -119,7 +119,8 @@ def _child(args) -> int:
         for name in args.sections:
             plan = gplan.make_plan(args.device, args.model, 0.0)
             plan.deadline = _section_deadline(args, name, args.deadline)
-            faulthandler.dump_traceback_later(max(1.0, plan.time_left() + WATCHDOG_GRACE_S),
+            grace = min(WATCHDOG_GRACE_S, 0.5 * args.caps[name])
+            faulthandler.dump_traceback_later(max(0.5, plan.time_left() + grace),
                                               exit=True, file=wd)
             print(f"[gpu_check] {name}: started (cap {plan.time_left():.0f} s)", flush=True)
             results[name] = sections.run_section(name, plan, inject.get(name))

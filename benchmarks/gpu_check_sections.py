@@ -64,6 +64,8 @@ def run_section(name: str, plan: Plan, inject: str | None = None) -> dict:
 
 def section_env(plan: Plan) -> dict:
     info = env_info(plan.device)
+    # the device machine gets a copy of the tree without .git: the caller may pass the SHA
+    info["git_sha"] = info.get("git_sha") or os.environ.get("GIT_SHA")
     info.update(python=platform.python_version(), cuda=torch.version.cuda,
                 triton=_version("triton"), machine=platform.machine())
     if plan.device.type == "cuda":
