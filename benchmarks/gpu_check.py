@@ -61,6 +61,8 @@ RESERVE_S = 8.0
 #: what a section's watchdog adds to its cap (at most half the cap) before it ends the
 #: process (a section that checks the time itself stops first)
 WATCHDOG_GRACE_S = 5.0
+#: what a child may take to import torch and start, before its first section's clock runs
+CHILD_START_S = 60.0
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -156,28 +158,51 @@ def _run_child(args, names, deadline: float) -> dict:
            "--child-json", str(path), "--deadline", str(deadline),
            *[f"--cap={n}={s}" for n, s in args.caps.items()],
            *[f"--inject={i}" for i in args.inject]]
-    wait_s = min(sum(args.caps[n] for n in names) + WATCHDOG_GRACE_S * 2 * len(names),
-                 deadline - RESERVE_S - time.time()) + WATCHDOG_GRACE_S
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=_child_env(args, names), cwd=ROOT, start_new_session=True)
-    try:
-        rc, why = proc.wait(timeout=max(wait_s, 1.0)), None
-    except subprocess.TimeoutExpired:
-        why = f"stopped by the driver after {time.time() - t0:.0f} s (the time limit)"
-        rc = _stop(proc)
-    results = json.loads(path.read_text()) if path.exists() else {}
+    rc, stopped = _watch(proc, path, names, args.caps, deadline)
+    results = _read_json(path)
     dump = stack.read_text()[-3000:] if stack.exists() else ""
     for p in (path, stack):
         p.unlink(missing_ok=True)
     pending = [n for n in names if n not in results]
-    if pending and (rc != 0 or why):
+    if pending and (rc != 0 or stopped):
         cap = args.caps[pending[0]]
-        why = why or (f"exceeded its cap of {cap:.0f} s: the watchdog ended it" if dump
-                      else f"its process exited {rc}")
+        why = (f"ran past its cap of {cap:.0f} s (or the check's time limit): ended by "
+               f"{'the driver' if stopped else 'its watchdog'}" if stopped or dump
+               else f"its process exited {rc}")
         spent = time.time() - t0 - sum(r.get("seconds", 0.0) for r in results.values())
         results[pending[0]] = {"status": "error", "seconds": spent,
                                "error": f"{pending[0]}: {why}\n{dump}"}
     return results
+
+
+def _watch(proc: subprocess.Popen, path: Path, names, caps: dict, deadline: float):
+    """Wait for the child, stopping it when the section it is in (the first without a
+    result in ``path``) has run past its cap and its watchdog's grace, or the time limit
+    is near. Returns (exit status, whether the driver stopped it)."""
+    done, since = -1, time.time()
+    while True:
+        try:
+            return proc.wait(timeout=0.5), False
+        except subprocess.TimeoutExpired:
+            pass
+        finished = len(_read_json(path))
+        if finished != done:  # a section ended: the next one's clock starts
+            allowance = CHILD_START_S if done < 0 else 0.0
+            done, since = finished, time.time() + allowance
+        if finished >= len(names):
+            continue
+        limit = min(since + caps[names[finished]] + 2 * WATCHDOG_GRACE_S, deadline - 2.0)
+        if time.time() > limit:
+            return _stop(proc), True
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _stop(proc: subprocess.Popen) -> int:
