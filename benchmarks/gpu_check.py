@@ -280,6 +280,9 @@ def _progress(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # progress lines reach a log even without ``python3 -u`` (a killed run keeps its output)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
     args = _parse(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.child_json:

@@ -100,7 +100,7 @@ def test_report_survives_a_broken_formatter(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_check_report as rep
 
-    def broken(name, res):
+    def broken(*args):
         raise KeyError("a formatter bug")
 
     monkeypatch.setitem(rep.FORMATTERS, "bandwidth", broken)
@@ -114,3 +114,10 @@ def test_report_survives_a_broken_formatter(tmp_path, monkeypatch):
     assert saved["sections"]["bandwidth"]["rows"][0]["ms"] == 0.125
     assert "bandwidth: the report could not format this section" in md
     assert "| x | 0.375 |" in md and md == (tmp_path / "gpu_check.md").read_text().rstrip("\n")
+    # a bug outside the per-section formatters: the JSON is on disk before the markdown
+    monkeypatch.setattr(rep, "_header", broken)
+    report["sections"]["training"]["rows"][0]["mfu"] = 0.5
+    with pytest.raises(KeyError):
+        rep.write_report(report, str(tmp_path))
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["sections"]["training"]["rows"][0]["mfu"] == 0.5
