@@ -31,12 +31,14 @@ So that a hang or a crash cannot take the numbers already measured with it:
 * the driver dumps its own stack a minute before ``--time-limit`` and stops what is
   still running at it.
 
-Exit status 1 if any correctness check or section failed.
+The report's state is PASSED, FAILED (a check or a section failed) or INCOMPLETE (the time
+limit or a cap cut something short); the exit status is 0 only for PASSED.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
@@ -160,7 +162,11 @@ def _run_child(args, names, deadline: float) -> dict:
            *[f"--inject={i}" for i in args.inject]]
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=_child_env(args, names), cwd=ROOT, start_new_session=True)
-    rc, stopped = _watch(proc, path, names, args.caps, deadline)
+    _RUNNING.append(proc)
+    try:
+        rc, stopped = _watch(proc, path, names, args.caps, deadline)
+    finally:
+        _RUNNING.remove(proc)
     results = _read_json(path)
     dump = stack.read_text()[-3000:] if stack.exists() else ""
     for p in (path, stack):
@@ -205,6 +211,21 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+#: the child running now: its own session (so a stop reaches all it started), hence not
+#: in the group that an outer ``timeout`` or Ctrl-C signals; :func:`_on_signal` ends it
+_RUNNING: list[subprocess.Popen] = []
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGTERM/SIGINT to the driver: end the running child (a hung one would otherwise hold
+    the GPU after the driver is gone), then exit; the JSON already holds every finished
+    section."""
+    for proc in _RUNNING:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
+
+
 def _stop(proc: subprocess.Popen) -> int:
     """SIGTERM to the child's process group (its faulthandler dumps every thread's stack),
     then SIGKILL if it is still there."""
@@ -234,6 +255,8 @@ def _record(report: dict, args, t0: float) -> None:
 def _drive(args) -> int:
     t0 = time.time()
     deadline = t0 + args.time_limit
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     faulthandler.dump_traceback_later(max(1.0, args.time_limit - 60.0), exit=False)
     names = [n for n in gplan.ALL_SECTIONS if n in args.sections]
     report = {"check": "gpu_check", "device": args.device, "state": "RUNNING",
@@ -263,8 +286,8 @@ def _drive(args) -> int:
         else:
             report["sections"]["pytest"] = _run_pytest(args, deadline)
         _progress({"pytest": report["sections"]["pytest"]})
-    report["passed"] = all(r["status"] in ("ok", "skipped") for r in report["sections"].values())
-    report["state"] = "PASSED" if report["passed"] else "FAILED"
+    report["state"] = _state(report["sections"])
+    report["passed"] = report["state"] == "PASSED"
     faulthandler.cancel_dump_traceback_later()
     report["seconds"] = time.time() - t0
     md = write_report(report, args.out)
@@ -272,6 +295,17 @@ def _drive(args) -> int:
     print(f"\n[gpu_check] {report['state']} in {report['seconds']:.0f} s "
           f"(limit {args.time_limit:.0f} s); wrote {Path(args.out, 'gpu_check.json')}", flush=True)
     return 0 if report["passed"] else 1
+
+
+def _state(secs: dict) -> str:
+    """FAILED if a section failed or raised; INCOMPLETE if the time limit or a cap cut
+    something short (a section, or a correctness case); else PASSED."""
+    if any(r["status"] not in ("ok", "skipped") for r in secs.values()):
+        return "FAILED"
+    if any(r["status"] == "skipped" and "time" in r.get("reason", "") for r in secs.values()) \
+            or secs.get("correctness", {}).get("cases_skipped_for_time"):
+        return "INCOMPLETE"
+    return "PASSED"
 
 
 def _progress(results: dict) -> None:

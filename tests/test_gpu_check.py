@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,25 @@ def test_report_survives_a_broken_formatter(tmp_path, monkeypatch):
         rep.write_report(report, str(tmp_path))
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["sections"]["training"]["rows"][0]["mfu"] == 0.5
+
+
+def test_a_stopped_driver_ends_its_running_child():
+    """SIGTERM/SIGINT to the driver (an outer ``timeout``, Ctrl-C) ends the child running a
+    section: it has a session of its own, so nothing else would, and a hung one would hold
+    the GPU through the rerun."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             start_new_session=True)
+    gpu_check._RUNNING.append(child)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            gpu_check._on_signal(signal.SIGTERM, None)
+        assert exc.value.code == 128 + signal.SIGTERM
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        gpu_check._RUNNING.remove(child)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
