@@ -111,11 +111,11 @@ def _run_ray(job: EncodeJob, blocks: Sequence[Block], address: str, workers: Opt
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts tokens over all workers
         ctx.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         items = [{"block": b.to_json()} for b in blocks]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _ray_encode, fn_kwargs={"job": job}, batch_size=1, num_cpus=1,
-            concurrency=workers or None, max_retries=-1)  # a task lost with its node runs again elsewhere
+            concurrency=workers or None)  # a task lost with its node is retried elsewhere (Ray: 3 times)
         try:
             for row in ds.iter_rows():
                 on_done(json.loads(row["record"]))

@@ -188,6 +188,7 @@ def prepare_data(inputs: Sequence[str], out: os.PathLike, *, tokenizer: str = "b
     info = run_info if run_info is not None else {}
     info.update(resumed=resumed, work_dir=str(tmp))
     try:
+        info["inputs"] = ", ".join(map(str, inputs))
         index = _build(tmp, files, request, tokenizer, progress, warn, info,
                        workers=workers if workers is not None or address else default_workers(),
                        address=address)
@@ -225,13 +226,14 @@ def _build(tmp: Path, files: list[Path], request: dict, spec: str, progress: boo
     info.update(blocks=len(blocks), blocks_before=len(records), workers={})
     _encode_all(job, todo, records, progress, info, workers=workers, address=address,
                 done_bytes=sum(b.nbytes for b in blocks if b.id in records), total_bytes=total_bytes)
-    shards = _assemble(tmp, blocks, records, stats)
+    shards, abandoned = _assemble(tmp, blocks, records, stats)
+    info.update(abandoned_attempts=abandoned)
     for msg in stats.warnings():
         warn(msg)
     ntok = sum(s["num_tokens"] for s in shards)
     if ntok == 0:
         skipped = f"; {len(stats.skipped)} skipped as binary" if stats.skipped else ""
-        raise DataError(f"empty corpus: no text in {len(files)} input file(s){skipped}")
+        raise DataError(f"empty corpus: no text in {len(files)} input file(s) ({info['inputs']}){skipped}")
     info.update(tokens=ntok)
     # no time or host in the index: the same inputs give the same bytes, however they were run
     return {"format": FORMAT, "version": FORMAT_VERSION, "tokenizer": tok.describe(),
@@ -289,9 +291,10 @@ def _encode_all(job: EncodeJob, todo: Sequence[Block], records: dict, progress: 
     info.update(encode_seconds=time.perf_counter() - t0, new_tokens=tokens)
 
 
-def _assemble(tmp: Path, blocks: Sequence[Block], records: dict, stats: ReadStats) -> list[dict]:
+def _assemble(tmp: Path, blocks: Sequence[Block], records: dict, stats: ReadStats) -> tuple[list[dict], int]:
     """Move every block's shards to ``shard-NNNNN.bin`` in block order (renames: the shards
-    are not copied) and drop the block directories; returns the index's shard list."""
+    are not copied) and drop the block directories; returns the index's shard list and the
+    number of abandoned attempts removed (a worker killed while writing a block)."""
     shards: list[dict] = []
     for b in blocks:
         rec = records[b.id]
@@ -300,9 +303,10 @@ def _assemble(tmp: Path, blocks: Sequence[Block], records: dict, stats: ReadStat
             os.replace(block_dir(tmp, b.id) / sh["file"], tmp / name)
             shards.append({"file": name, "num_tokens": sh["num_tokens"], "sha256": sh["sha256"]})
         stats.merge(ReadStats(replaced=rec.get("replaced", {}), nulls=rec.get("nulls", {})))
+    abandoned = sum(p.name.startswith(".") for p in (tmp / BLOCKS).iterdir())
     shutil.rmtree(tmp / BLOCKS)
     (tmp / PLAN).unlink()
-    return shards
+    return shards, abandoned
 
 
 # ----------------------------------------------------------------------------- CLI
