@@ -212,3 +212,28 @@ def test_bad_input_found_by_a_worker_process_removes_the_partial_output(tmp_path
     with pytest.raises(DataError, match=r"z\.jsonl:2: no string field 'text'"):
         _prep([src], tmp_path / "out", tokenizer=str(tok_file), block_bytes=40_000, workers=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_two_attempts_at_one_block_commit_it_once(tmp_path, tok_file):
+    """A task retried while its first attempt still runs (a node cut off, not dead): the
+    second attempt to finish finds the block committed, discards its copy and says so; the
+    committed files are the first's, untouched."""
+    from launcher.data import encode
+    from launcher.data.tokens import sha256_file
+
+    src = _mixed_corpus(tmp_path / "in")
+    block = plan_blocks(sorted(src.iterdir()), "text", 40_000)[1]
+    work = tmp_path / "work"
+    (work / encode.BLOCKS).mkdir(parents=True)
+    (work / "tokenizer.json").write_bytes(tok_file.read_bytes())
+    tok = load_tokenizer_file(tok_file)
+    job = encode.EncodeJob(str(work), "file", sha256_file(tok_file), tok.eos_id, tok.vocab_size, "uint16",
+                           3000, "text")
+    first, won = encode._attempt(job, block)
+    committed = {p.name: (p.stat().st_ino, p.read_bytes()) for p in encode.block_dir(work, 1).iterdir()}
+    second, won_again = encode._attempt(job, block)  # as if it started before the first committed
+    assert won and not won_again and second == first
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in encode.block_dir(work, 1).iterdir()} == committed
+    assert [p.name for p in (work / encode.BLOCKS).iterdir()] == ["000001"]  # the loser's copy is gone
+    again = encode.encode_block(job, block)  # and a rerun of the task only reads the record
+    assert not again["fresh"] and again["shards"] == first["shards"]

@@ -33,7 +33,8 @@ from launcher.data.inputs import ReadStats
 from launcher.data.tokens import DTYPES, DataError
 from launcher.data.tokenizer import Tokenizer, byte_tokenizer
 
-__all__ = ["ShardWriter", "EncodeJob", "encode_block", "read_done", "block_dir", "BLOCKS", "fsync_dir"]
+__all__ = ["ShardWriter", "EncodeJob", "encode_block", "read_done", "block_dir", "BLOCKS", "fsync_dir",
+           "peak_rss_kib"]
 
 BLOCKS = "blocks"
 DONE = "done.json"
@@ -200,16 +201,26 @@ def encode_block(job: EncodeJob, block: Block) -> dict:
     if not (work / BLOCKS).is_dir():
         raise DataError(f"{work / BLOCKS} is not visible on {socket.gethostname()}: on a cluster, "
                         "--out must be on storage every node shares")
-    done = read_done(work, block.id, job.dtype)
-    fresh = done is None
-    if fresh:
-        done = _attempt(job, block)
+    done, fresh = read_done(work, block.id, job.dtype), False
+    if done is None:
+        done, fresh = _attempt(job, block)
     return {**done, "fresh": fresh, "seconds": time.perf_counter() - t0,
             "worker": f"{socket.gethostname()}:{os.getpid()}",
-            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+            "peak_rss_kib": peak_rss_kib()}
 
 
-def _attempt(job: EncodeJob, block: Block) -> dict:
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (KiB): ``VmHWM``, which starts afresh with the
+    process (``ru_maxrss`` carries the parent's peak across fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _attempt(job: EncodeJob, block: Block) -> tuple[dict, bool]:
+    """(the block's record, whether this attempt committed it)."""
     work = Path(job.work_dir)
     attempt = work / BLOCKS / f".{block.id:06d}.attempt-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     attempt.mkdir()
@@ -228,16 +239,17 @@ def _attempt(job: EncodeJob, block: Block) -> dict:
         fsync_dir(attempt)
         try:
             os.rename(attempt, block_dir(work, block.id))
+            committed = True
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             shutil.rmtree(attempt, ignore_errors=True)  # another attempt committed first: keep its
-            record = read_done(work, block.id, job.dtype)
+            record, committed = read_done(work, block.id, job.dtype), False
             if record is None:
                 raise DataError(f"{block_dir(work, block.id)}: committed by another attempt but "
                                 "unreadable") from None
         fsync_dir(work / BLOCKS)
-        return record
+        return record, committed
     except BaseException:
         shutil.rmtree(attempt, ignore_errors=True)
         raise

@@ -168,8 +168,9 @@ def prepare_data(inputs: Sequence[str], out: os.PathLike, *, tokenizer: str = "b
     ``block_bytes``: None for :func:`~launcher.data.blocks.auto_block_bytes`. ``workers``:
     local processes (None: the cores available) or, with ``address``, the most Ray tasks at
     once (None: as many as the cluster's CPUs). ``run_info``, if given, is filled with what
-    this run did: blocks done before (resumed) and now, seconds, tokens, each worker's peak
-    RSS (KiB).
+    this run did: blocks done before (resumed) and committed now (``fresh_blocks``; and
+    ``committed_twice``, which the commit rule keeps at 0), seconds, tokens, each worker's
+    peak RSS (KiB).
 
     Raises DataError (bad input, nothing written) or ValueError (bad option). Any other
     error or an interrupt keeps the blocks done so far for a rerun of the same command."""
@@ -271,7 +272,7 @@ def _encode_all(job: EncodeJob, todo: Sequence[Block], records: dict, progress: 
     """Run the blocks not yet done, a progress bar counting tokens over all workers."""
     sizes = {b.id: b.nbytes for b in todo}
     bar = _progress(total_bytes, "tokenizing", progress, initial=done_bytes)
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, committed = time.perf_counter(), 0, {}
 
     def on_done(rec: dict) -> None:
         nonlocal tokens
@@ -280,6 +281,7 @@ def _encode_all(job: EncodeJob, todo: Sequence[Block], records: dict, progress: 
         peak = info["workers"].get(rec["worker"], 0)
         info["workers"][rec["worker"]] = max(peak, rec["peak_rss_kib"])
         info["fresh_blocks"] = info.get("fresh_blocks", 0) + rec["fresh"]
+        committed[rec["block"]] = committed.get(rec["block"], 0) + rec["fresh"]
         bar.update(sizes.get(rec["block"], 0))
         bar.set_postfix_str(f"{tokens:,} tokens, {tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s, "
                             f"{len(records)}/{info['blocks']} blocks", refresh=False)
@@ -288,7 +290,8 @@ def _encode_all(job: EncodeJob, todo: Sequence[Block], records: dict, progress: 
         run_blocks(job, todo, on_done, workers=workers, address=address)
     finally:
         bar.close()
-    info.update(encode_seconds=time.perf_counter() - t0, new_tokens=tokens)
+    info.update(encode_seconds=time.perf_counter() - t0, new_tokens=tokens,
+                committed_twice=sum(n > 1 for n in committed.values()))
 
 
 def _assemble(tmp: Path, blocks: Sequence[Block], records: dict, stats: ReadStats) -> tuple[list[dict], int]:
