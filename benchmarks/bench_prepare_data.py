@@ -49,6 +49,12 @@ def _rss_mib(children: bool = False) -> float:
     return max(own, kids) / 1024
 
 
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process and its reaped children (pool workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _one_loop(corpus: Path, tok: Path, out: Path) -> dict:
     """A plain loop: encode_batch_fast over ~2 MiB batches of documents, ids + EOS as uint16."""
     import numpy as np
@@ -56,7 +62,7 @@ def _one_loop(corpus: Path, tok: Path, out: Path) -> dict:
 
     hf = Tokenizer.from_file(str(tok))
     eos = hf.token_to_id("<|endoftext|>")
-    t0, n = time.perf_counter(), 0
+    t0, c0, n = time.perf_counter(), _cpu_s(), 0
     with open(out / "loop.bin", "wb") as f:
         for path in sorted(corpus.glob("*.jsonl")):
             batch, size = [], 0
@@ -71,7 +77,8 @@ def _one_loop(corpus: Path, tok: Path, out: Path) -> dict:
                         f.write(ids.tobytes())
                         n += len(ids)
                     batch, size = [], 0
-    return {"tokens": n, "seconds": time.perf_counter() - t0, "peak_rss_mib": _rss_mib()}
+    return {"tokens": n, "seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_s() - c0,
+            "peak_rss_mib": _rss_mib()}
 
 
 def _one_datatrove(corpus: Path, tok: Path, out: Path, workers: int) -> dict:
@@ -79,7 +86,7 @@ def _one_datatrove(corpus: Path, tok: Path, out: Path, workers: int) -> dict:
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.tokens import DocumentTokenizer
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     LocalPipelineExecutor(pipeline=[
         JsonlReader(str(corpus), glob_pattern="*.jsonl"),
         DocumentTokenizer(str(out / "dt"), tokenizer_name_or_path=str(tok), eos_token="<|endoftext|>",
@@ -87,7 +94,8 @@ def _one_datatrove(corpus: Path, tok: Path, out: Path, workers: int) -> dict:
         tasks=8, workers=workers, logging_dir=str(out / "dt_logs")).run()
     secs = time.perf_counter() - t0
     n = sum(p.stat().st_size for p in (out / "dt").glob("*.ds")) // 2
-    return {"tokens": n, "seconds": secs, "peak_rss_mib": _rss_mib(children=workers > 1)}
+    return {"tokens": n, "seconds": secs, "cpu_seconds": _cpu_s() - c0,
+            "peak_rss_mib": _rss_mib(children=workers > 1)}
 
 
 def _one_prepare(corpus: Path, tok: Path, out: Path, workers: int, address: str | None) -> dict:
@@ -95,12 +103,14 @@ def _one_prepare(corpus: Path, tok: Path, out: Path, workers: int, address: str 
     from launcher.data.prepare import prepare_data
 
     info: dict = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     index = prepare_data([str(corpus)], out / "prep", tokenizer=str(tok), workers=workers, address=address,
                          progress=False, log=lambda *_: None, run_info=info)
     secs = time.perf_counter() - t0
     peak = max(info["workers"].values()) / 1024
     return {"tokens": index["num_tokens"], "seconds": secs, "encode_seconds": info["encode_seconds"],
+            # on a cluster the tasks run in Ray's worker processes: not counted here
+            "cpu_seconds": _cpu_s() - c0 if address is None else None,
             "blocks": info["blocks"], "worker_processes": len(info["workers"]),
             "peak_rss_mib": peak}  # per worker process (with --workers 1: this process)
 
@@ -206,8 +216,8 @@ def _drive(args, bench_common) -> None:
             if cluster is not None:
                 cluster.shutdown()
     table = _summarize(rounds, rows)
-    bench_common.print_table(table, ["row", "tokens_per_s", "vs_workers_1", "seconds", "tokens",
-                                     "peak_rss_mib", "workers"])
+    bench_common.print_table(table, ["row", "tokens_per_s", "vs_workers_1", "seconds", "tokens_per_cpu_s",
+                                     "tokens", "peak_rss_mib", "workers"])
     base = statistics.median(r["workers 1"]["tokens_per_s"] for r in rounds)
     two = statistics.median(r["workers 2"]["tokens_per_s"] / r["workers 1"]["tokens_per_s"] for r in rounds)
     est = _fineweb(base, min(1.0, two / 2))
@@ -238,6 +248,8 @@ def _summarize(rounds: list[dict], rows) -> list[dict]:
                       "vs_workers_1": statistics.median(r[row]["tokens_per_s"] / r["workers 1"]["tokens_per_s"]
                                                         for r in rounds),
                       "seconds": statistics.median(x["seconds"] for x in runs),
+                      "tokens_per_cpu_s": (statistics.median(x["tokens"] / x["cpu_seconds"] for x in runs)
+                                           if runs[0].get("cpu_seconds") else None),
                       "tokens": runs[0]["tokens"], "peak_rss_mib": max(x["peak_rss_mib"] for x in runs),
                       "workers": runs[0].get("worker_processes", "")})
     return table
