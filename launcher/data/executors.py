@@ -81,22 +81,14 @@ def _run_local(job: EncodeJob, blocks: Sequence[Block], workers: int, on_done: C
 
 
 def _ray_encode(batch: dict, job: EncodeJob) -> dict:
-    """A Ray Data map_batches function: the batch's blocks (JSON) -> their records (JSON)."""
+    """A Ray Data map_batches function: the batch's blocks (JSON) -> their records (JSON).
+    Bad input comes back as a record ``{"error": message}``: Ray would hand the driver only
+    the exception's traceback text, and retrying bad input cannot help."""
     _pin_threads()
-    return {"record": [json.dumps(encode_block(job, Block.from_json(b))) for b in batch["block"]]}
-
-
-def _data_error(exc: BaseException) -> Optional[DataError]:
-    """The DataError a Ray task raised, found in the chain of errors Ray Data wraps it in."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        cause = getattr(exc, "cause", None)  # RayTaskError keeps the worker's exception here
-        for e in (exc, cause):
-            if isinstance(e, DataError):
-                return DataError(str(e.args[0]) if e.args else str(e))
-        exc = exc.__cause__ or exc.__context__
-    return None
+    try:
+        return {"record": [json.dumps(encode_block(job, Block.from_json(b))) for b in batch["block"]]}
+    except DataError as exc:
+        return {"record": [json.dumps({"error": str(exc)})]}
 
 
 def _run_ray(job: EncodeJob, blocks: Sequence[Block], address: str, workers: Optional[int],
@@ -116,14 +108,11 @@ def _run_ray(job: EncodeJob, blocks: Sequence[Block], address: str, workers: Opt
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _ray_encode, fn_kwargs={"job": job}, batch_size=1, num_cpus=1,
             concurrency=workers or None)  # a task lost with its node is retried elsewhere (Ray: 3 times)
-        try:
-            for row in ds.iter_rows():
-                on_done(json.loads(row["record"]))
-        except Exception as exc:
-            err = _data_error(exc)
-            if err is not None:
-                raise err from None
-            raise
+        for row in ds.iter_rows():
+            record = json.loads(row["record"])
+            if "error" in record:  # then ray.shutdown (below, or the caller's) stops the other tasks
+                raise DataError(record["error"])
+            on_done(record)
     finally:
         if started:
             ray.shutdown()
