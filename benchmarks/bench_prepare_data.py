@@ -66,7 +66,8 @@ def _one_loop(corpus: Path, tok: Path, out: Path) -> dict:
     with open(out / "loop.bin", "wb") as f:
         for path in sorted(corpus.glob("*.jsonl")):
             batch, size = [], 0
-            lines = path.open()
+            with path.open() as fh:
+                lines = fh.readlines()
             for line in [*lines, None]:
                 if line is not None:
                     batch.append(json.loads(line)["text"])
@@ -86,7 +87,7 @@ def _one_datatrove(corpus: Path, tok: Path, out: Path, workers: int) -> dict:
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.tokens import DocumentTokenizer
 
-    t0, c0 = time.perf_counter(), _cpu_s()
+    t0 = time.perf_counter()
     LocalPipelineExecutor(pipeline=[
         JsonlReader(str(corpus), glob_pattern="*.jsonl"),
         DocumentTokenizer(str(out / "dt"), tokenizer_name_or_path=str(tok), eos_token="<|endoftext|>",
@@ -135,13 +136,14 @@ def _make_corpus(d: Path, mib: int) -> Path:
     docs = [Path(full).read_text(errors="replace") for _, full in _stdlib_sources()]
     d.mkdir(parents=True)
     target, written, i = mib << 20, 0, 0
-    files = [open(d / f"part-{k}.jsonl", "w") for k in range(8)]
-    while written < target:
-        doc = docs[i % len(docs)]
-        files[i % 8].write(json.dumps({"text": doc}) + "\n")
-        written, i = written + len(doc), i + 1
-    for f in files:
-        f.close()
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        files = [stack.enter_context(open(d / f"part-{k}.jsonl", "w")) for k in range(8)]
+        while written < target:
+            doc = docs[i % len(docs)]
+            files[i % 8].write(json.dumps({"text": doc}) + "\n")
+            written, i = written + len(doc), i + 1
     return d
 
 

@@ -23,7 +23,7 @@ from launcher.data.prepare import prepare_data  # noqa: E402
 pytestmark = pytest.mark.slow
 
 EMAIL = Path(json.__file__).parent.parent / "email"
-BLOCK = 96 << 10
+BLOCK = 48 << 10
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +50,15 @@ def _tree(d: Path) -> dict:
 
 
 def _corpus(d: Path) -> Path:
-    """~2 MiB of stdlib text in JSON lines and plain text: ~20 blocks of BLOCK bytes."""
+    """~1.1 MiB of stdlib text in JSON lines, plain text and Parquet: ~20 blocks of BLOCK bytes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     d.mkdir()
     docs = [p.read_text() for p in sorted(EMAIL.rglob("*.py"))]
     with open(d / "a.jsonl", "w") as f:
-        for _ in range(3):
-            f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
-    (d / "b.txt").write_text("".join(docs) * 2)
+        f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
+    (d / "b.txt").write_text("".join(docs))
     pq.write_table(pa.table({"text": docs}), d / "c.parquet", row_group_size=4)
     return d
 
