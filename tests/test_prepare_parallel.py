@@ -255,3 +255,18 @@ def test_a_ray_task_hands_bad_input_back_as_a_record(tmp_path, tok_file):
     out = _ray_encode({"block": [block.to_json()]}, job)
     assert [json.loads(r) for r in out["record"]] == [
         {"error": f"{tmp_path / 'z.jsonl'}:2: no string field 'text' (choose the field with --text-field)"}]
+
+
+def test_cli_block_bytes_and_workers(tmp_path, capsys):
+    """``--block-bytes 8K --workers 1`` is the API's ``block_bytes=8192``; a bad size or worker
+    count is refused with exit status 2."""
+    _prep([EMAIL / "charset.py"], tmp_path / "api", block_bytes=8192, workers=1)
+    assert cli_main(["prepare-data", str(EMAIL / "charset.py"), "--out", str(tmp_path / "cli"), "--block-bytes",
+                     "8K", "--workers", "1", "--no-progress"]) == 0
+    assert _tree(tmp_path / "cli") == _tree(tmp_path / "api")
+    assert len(json.loads((tmp_path / "cli" / "index.json").read_text())["shards"]) > 1  # several blocks
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["prepare-data", str(EMAIL / "charset.py"), "--out", str(tmp_path / "x"), "--block-bytes", "8X"])
+    assert exc.value.code == 2 and "not a size: '8X'" in capsys.readouterr().err
+    assert cli_main(["prepare-data", str(EMAIL / "charset.py"), "--out", str(tmp_path / "x"), "--workers", "0"]) == 2
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
