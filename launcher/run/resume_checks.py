@@ -52,10 +52,10 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _groups(path: str) -> Optional[list]:
-    from sharded_ams.checkpoint import CheckpointError, read_manifest
+    from sharded_ams.checkpoint import CheckpointError, validate_checkpoint
 
     try:
-        groups = read_manifest(path).param_groups
+        groups = validate_checkpoint(path, checksums=False).param_groups
     except (CheckpointError, OSError, ValueError):
         return None  # the load reports an unreadable checkpoint properly
     return groups if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None
