@@ -30,8 +30,8 @@ from dist_utils import run_distributed
 from oracle import AMSOracle
 
 STEPS, SAVE_AT = 4, 2
-LR, CLIP = 2e-2, 0.05
-TOL = 2e-5
+LR, CLIP, EPS = 2e-2, 0.05, 1e-4  # eps near the clipped gradients: the clip shows
+TOL = 2e-6  # measured max 1.7e-7 (fp32 rounding)
 
 MODEL = dict(arch="llama", vocab_size=256, block_size=16, n_layer=2, n_head=4, n_kv_head=2,
              n_embd=32, intermediate_size=48, tie_weights=False)
@@ -43,7 +43,8 @@ def _config(run_dir: str, tp: int) -> dict:
     cfg = Config.from_dict({
         "model": MODEL,
         "data": {"batch_size": 8, "micro_batch_size": 2, "max_bytes": 60_000, "seed": 3},
-        "optim": {"preset": "cadam", "lr": LR, "max_grad_norm": CLIP, "backend": "eager"},
+        "optim": {"preset": "cadam", "lr": LR, "max_grad_norm": CLIP, "eps": EPS,
+                  "backend": "eager"},
         "job": {"steps": STEPS, "num_workers": dist.get_world_size(), "storage_path": run_dir},
         "parallel": {"strategy": "fsdp", "tp": tp}})
     return {**cfg.to_dict(), "run_dir": run_dir}
@@ -105,7 +106,7 @@ def _job(ckpt: str, tp: int, resume: bool) -> dict:
     if resume:
         start = load_dcp(ckpt + "/step", w.model, w.optimizer, lr_scheduler=w.scheduler)["step"]
     init = [_full(p) for p in w.model.parameters()]
-    oracle = AMSOracle.start(init, lr=LR, betas=(0.9, 0.999), beta3=0.0, lam=0.0, eps=1e-8,
+    oracle = AMSOracle.start(init, lr=LR, betas=(0.9, 0.999), beta3=0.0, lam=0.0, eps=EPS,
                              weight_decay=0.0)
     if resume:  # the oracle continues from the checkpoint's moments
         for o, p in zip(oracle.tensors, w.model.parameters()):
@@ -130,19 +131,22 @@ def _results() -> tuple:
     return first, second
 
 
+def _check(r: dict, layout: tuple) -> None:
+    assert r["layout"] == layout
+    assert max(r["errs"]) < TOL, r["errs"]
+    for got, want in r["norms"]:  # the global norm before clipping, over dp x tp
+        assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_fsdp_train_step_equals_one_process():
     first, _ = _results()
     for r in first:
-        assert r["layout"] == (2, 1)
-        assert max(r["errs"]) < TOL, r["errs"]
-        for got, want in r["norms"]:
-            assert got == pytest.approx(want, rel=1e-5)
+        _check(r, (2, 1))
 
 
 def test_dcp_resume_on_a_2x2_tp_mesh_equals_the_uninterrupted_run():
     first, second = _results()
     for r in second:
-        assert r["layout"] == (2, 2)
-        assert max(r["errs"]) < TOL, r["errs"]
+        _check(r, (2, 2))
         for a, b in zip(r["final"], first[0]["final"]):
             assert float((a - b).abs().max()) < TOL
