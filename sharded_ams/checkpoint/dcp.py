@@ -33,7 +33,8 @@ from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, DCPManif
 from .format import MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
 from .group import Group
 
-__all__ = ["save_dcp", "load_dcp", "SafeLoadPlanner", "dcp_state_dict"]
+__all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader_of",
+           "dcp_state_dict"]
 
 
 def _world_group() -> Group:
@@ -60,9 +61,16 @@ def _sha256(path: Path) -> dict:
 
 
 def _groups_of(optimizer, step: int) -> list[dict]:
+    """Each group's hyperparameters and step count (its params' AMS step: skipped steps
+    are not counted, as ShardedAMS's group step; the training step if it has no state)."""
     keys = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
-    return [{**{k: (list(g[k]) if k == "betas" else float(g[k])) for k in keys}, "step": step}
-            for g in optimizer.param_groups]
+    out = []
+    for g in optimizer.param_groups:
+        st = next((optimizer.state[p] for p in g["params"] if "step" in optimizer.state.get(p, {})),
+                  None)
+        out.append({**{k: (list(g[k]) if k == "betas" else float(g[k])) for k in keys},
+                    "step": step if st is None else int(st["step"])})
+    return out
 
 
 def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
@@ -76,6 +84,18 @@ def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
     rank hashes its files, rank 0 gathers the hashes and writes ``manifest.json`` last.
     ``mesh``: ``{"strategy", "dp", "tp"}`` recorded in the manifest. Raises
     CheckpointError on every rank if any rank failed (nothing committed)."""
+    return write_dcp_state(
+        path, dcp_state_dict(model, optimizer), step=step, extra=extra,
+        scheduler_state=None if lr_scheduler is None else lr_scheduler.state_dict(), mesh=mesh,
+        groups=_groups_of(optimizer, step), skipped_steps=getattr(optimizer, "skipped_steps", 0),
+        shared_fs=shared_fs)
+
+
+def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict],
+                    scheduler_state: Any, mesh: Optional[dict], groups: list,
+                    skipped_steps: int = 0, shared_fs: bool = True) -> Path:
+    """``save_dcp`` of a state dict already made (``{"model", "optim"}`` as
+    :func:`dcp_state_dict` makes it; plain tensors in one process: ``ckpt convert``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
@@ -90,9 +110,8 @@ def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
     except Exception as exc:
         err = exc
     ctx.agree(err)
-    sd = dcp_state_dict(model, optimizer)
     dcp.save(sd, storage_writer=FileSystemWriter(str(path), single_file_per_rank=True,
-                                                 sync_files=True))
+                                                 sync_files=True), no_dist=not ctx.active)
     try:
         for name in sorted(os.listdir(path)):
             m = DATA_RE.match(name)
@@ -100,8 +119,7 @@ def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
                 files[name] = _sha256(path / name)
         if ctx.rank == 0:
             trainer = {"format": "sharded_ams.trainer", "version": 1, "step": int(step),
-                       "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
-                       "extra": extra}
+                       "lr_scheduler": scheduler_state, "extra": extra}
             files[TRAINER_NAME] = write_file(path, TRAINER_NAME, trainer)
         fsync_dir(path)
     except Exception as exc:
@@ -110,7 +128,7 @@ def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
     everyone = ctx.gather0(files)
     if ctx.rank == 0:
         try:
-            _commit(path, everyone, step, ctx.world_size, mesh, _groups_of(optimizer, step))
+            _commit(path, everyone, step, ctx.world_size, mesh, groups, int(skipped_steps))
         except Exception as exc:
             err = exc
     ctx.agree(err)
@@ -118,7 +136,7 @@ def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
 
 
 def _commit(path: Path, everyone: list, step: int, world: int, mesh: Optional[dict],
-            groups: list) -> None:
+            groups: list, skipped: int) -> None:
     """Rank 0: the manifest, written last (temp name, fsync, rename, fsync dir)."""
     files: dict = {}
     for rank_files in everyone:
@@ -128,7 +146,8 @@ def _commit(path: Path, everyone: list, step: int, world: int, mesh: Optional[di
            "mesh": mesh or {"strategy": "fsdp", "dp": world, "tp": 1},
            "torch_version": torch.__version__, "sharded_ams_version": _version(),
            "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
-           "created_unix": now, "optimizer": {"class": "FSDPAMS", "param_groups": groups},
+           "created_unix": now,
+           "optimizer": {"class": "FSDPAMS", "param_groups": groups, "skipped_steps": skipped},
            "files": dict(sorted(files.items()))}
     data = json.dumps(man, indent=1).encode("utf-8")
     write_bytes_durably(path / MANIFEST_NAME, lambda f, box: f.write(data))
@@ -150,7 +169,7 @@ class _Planner:
     cls = None
 
 
-def SafeLoadPlanner():  # noqa: N802 - a class made on first use
+def SafeLoadPlanner(**kw: Any):  # noqa: N802 - a class made on first use
     """DCP's DefaultLoadPlanner, but non-tensor items are read with
     ``torch.load(weights_only=True)`` (DCP's own uses ``weights_only=False``: a pickle)."""
     if _Planner.cls is None:
@@ -162,14 +181,15 @@ def SafeLoadPlanner():  # noqa: N802 - a class made on first use
                 obj = torch.load(value, weights_only=True)
                 if self.flatten_state_dict:
                     set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-                else:
+                else:  # into the caller's dict (self.state_dict may be a copy of it)
                     self.state_dict[read_item.dest_index.fqn] = obj
+                    self.original_state_dict[read_item.dest_index.fqn] = obj
 
         _Planner.cls = _Safe
-    return _Planner.cls()
+    return _Planner.cls(**kw)
 
 
-def _reader(path: Path, metadata):
+def reader_of(path: Path, metadata):
     """A FileSystemReader that returns the checked metadata instead of unpickling the file."""
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -229,7 +249,7 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None) 
     except Exception as exc:
         err = exc
     ctx.agree(err)
-    dcp.load(sd, storage_reader=_reader(man.path, md), planner=SafeLoadPlanner())
+    dcp.load(sd, storage_reader=reader_of(man.path, md), planner=SafeLoadPlanner())
     set_model_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, optimizer, sd["optim"])
     if lr_scheduler is not None and trainer.get("lr_scheduler") is not None:

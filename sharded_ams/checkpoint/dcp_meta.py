@@ -134,6 +134,7 @@ def read_dcp_manifest(path: PathLike) -> DCPManifest:
     groups = r.list_(r.get(opt, "param_groups", "optimizer"), "optimizer.param_groups")
     for i, g in enumerate(groups):
         check_hparams(r, r.dict_(g, f"optimizer.param_groups[{i}]"), f"optimizer.param_groups[{i}]")
+    r.int_(opt.get("skipped_steps", 0), "optimizer.skipped_steps")
     files = r.dict_(r.get(d, "files", ""), "files")
     _check_files(r, files, world)
     return DCPManifest(path=path, step=step, world_size=world, mesh=mesh, param_groups=groups,
