@@ -33,8 +33,8 @@ STEPS, SAVE_AT = 4, 2
 LR, CLIP, EPS = 2e-2, 0.05, 1e-4  # eps near the clipped gradients: the clip shows
 TOL = 2e-6  # measured max 1.7e-7 (fp32 rounding)
 
-MODEL = dict(arch="llama", vocab_size=256, block_size=16, n_layer=2, n_head=4, n_kv_head=2,
-             n_embd=32, intermediate_size=48, tie_weights=False)
+MODEL = {"arch": "llama", "vocab_size": 256, "block_size": 16, "n_layer": 2, "n_head": 4,
+         "n_kv_head": 2, "n_embd": 32, "intermediate_size": 48, "tie_weights": False}
 
 
 def _config(run_dir: str, tp: int) -> dict:
@@ -123,7 +123,7 @@ def _job(ckpt: str, tp: int, resume: bool) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _results() -> tuple:
     with tempfile.TemporaryDirectory(prefix="parlaunch_") as d:
         first = run_distributed(_job, 2, d, 1, False, timeout=300)
@@ -150,3 +150,35 @@ def test_dcp_resume_on_a_2x2_tp_mesh_equals_the_uninterrupted_run():
         _check(r, (2, 2))
         for a, b in zip(r["final"], first[0]["final"]):
             assert float((a - b).abs().max()) < TOL
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["parallel.strategy=ddp"], r"parallel.strategy must be one of \['zero1', 'fsdp'\]"),
+    (["parallel.tp=2"], r"parallel.tp needs parallel.strategy = \"fsdp\""),
+    (["parallel.strategy=fsdp", "parallel.tp=2", "model.arch=gpt"], r"built-in llama only.*'gpt'"),
+    (["parallel.strategy=fsdp", "parallel.tp=3"], r"must divide model.n_head \(4\)"),
+    (["parallel.strategy=fsdp", "parallel.tp=2", "model.n_kv_head=1"], r"must divide model.n_kv_head \(1\)"),
+    (["parallel.strategy=fsdp", "parallel.tp=2", "model.tie_weights=true"], r"tie_weights"),
+    (["parallel.strategy=fsdp", "parallel.tp=2", "model.factory=x:y", "data.block_size=8"],
+     r"llama only.*'x:y'"),
+    (["parallel.strategy=fsdp", "parallel.tp=2", "job.num_workers=\"2-4\""], r"every worker count.*\(3 do not\)"),
+    (["parallel.strategy=fsdp", "parallel.tp=2", "job.num_workers=4", "data.batch_size=6"],
+     r"4 workers are 2 data-parallel replicas: data.micro_batch_size \(2\) must divide"),
+])
+def test_what_does_not_compose_is_refused_by_name(sets, message):
+    from launcher.config import load_config
+
+    base = ["model.arch=llama", "model.n_head=4", "model.n_embd=32", "model.tie_weights=false",
+            "data.batch_size=8", "data.micro_batch_size=2", "job.num_workers=2"]
+    with pytest.raises(ValueError, match=message):
+        load_config(None, base + sets, environ={})
+
+
+def test_fsdp_and_tp_configs_that_compose():
+    from launcher.config import load_config
+
+    cfg = load_config(None, ["model.arch=llama", "model.n_head=4", "model.n_embd=32",
+                             "model.tie_weights=false", "data.batch_size=6", "job.num_workers=4", "parallel.strategy=fsdp",
+                             "parallel.tp=2"], environ={})  # 6 rows split over 2 replicas, not 4
+    assert (cfg.parallel.strategy, cfg.parallel.tp) == ("fsdp", 2)
+    assert cfg.to_dict()["parallel"] == {"strategy": "fsdp", "tp": 2}

@@ -186,14 +186,14 @@ def read_dcp_metadata(man: DCPManifest, *, checksum: bool = True):
         data = os.read(fd, size + 1)
     try:
         md = _MetadataUnpickler(io.BytesIO(data)).load()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of untrusted bytes is a refusal
         raise CheckpointError(f"{fpath}: refused ({type(exc).__name__}: {str(exc)[:200]})",
                               path=fpath, kind="unsafe") from None
     try:
         _check_metadata(man, md)
     except CheckpointError:
         raise
-    except Exception as exc:  # a field of an unexpected type
+    except Exception as exc:  # noqa: BLE001 - a field of an unexpected type
         raise CheckpointError(f"{fpath}: malformed metadata ({type(exc).__name__}: "
                               f"{str(exc)[:200]})", path=fpath, kind="corrupt") from None
     return md
@@ -205,7 +205,9 @@ def _check_metadata(man: DCPManifest, md: Any) -> None:
                                                        TensorStorageMetadata)
 
     fpath = man.path / METADATA_NAME
-    bad = lambda msg: CheckpointError(f"{fpath}: {msg}", path=fpath, kind="corrupt")  # noqa: E731
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{fpath}: {msg}", path=fpath, kind="corrupt")
+
     if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
             or not isinstance(md.storage_data, dict):
         raise bad("not DCP metadata")

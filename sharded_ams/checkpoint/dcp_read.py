@@ -6,8 +6,8 @@ known to fit in the data files that hold them."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -49,7 +49,7 @@ def read_dcp_full(path: PathLike) -> dict:
             raise CheckpointError(f"{man.path}: no path for {key!r:.80} in the metadata",
                                   path=man.path, kind="corrupt")
         node = nested
-        for part, nxt in zip(where[:-1], where[1:]):
+        for part, nxt in itertools.pairwise(where):
             node = node.setdefault(part, [] if isinstance(nxt, int) else {}) \
                 if isinstance(node, dict) else _at(node, part, nxt)
         if isinstance(node, list):
