@@ -103,7 +103,7 @@ def llama_tp_plan(model: nn.Module, tp_mesh) -> None:
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
         })
 
 
