@@ -73,6 +73,11 @@ def test_round_trip_and_inspect(saved, tmp_path):
             assert torch.equal(fopt.state[a][k], opt.state[b][k])
     info = inspect_checkpoint(str(path))
     assert info["valid"] and info["format"] == "dcp" and info["step"] == 2
+    from launcher.run.resume_checks import check_same_strategy
+
+    check_same_strategy("fsdp", str(path))
+    with pytest.raises(ValueError, match=r"is a dcp checkpoint .* ckpt convert .* --to zero1"):
+        check_same_strategy("zero1", str(path))
     assert info["num_params"] == 4 and info["state_keys"] == ["exp_avg", "exp_avg_sq"]
 
 

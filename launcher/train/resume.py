@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 import ray.train  # [Ray]
 
-from launcher.run.resume_checks import check_loaded_groups
+from launcher.run.resume_checks import check_loaded_groups, check_same_strategy
 from launcher.train.step import log_progress
 from sharded_ams.checkpoint import (DCP_FORMAT, CheckpointError, find_latest_checkpoint,
                                     load_checkpoint, load_dcp, manifest_format, save_checkpoint,
@@ -30,14 +30,8 @@ __all__ = ["resume", "save_and_report"]
 
 def _load(path: str, optimizer, model, scheduler) -> int:
     check_loaded_groups(path, optimizer.param_groups)  # a changed preset/lam/beta3: refused
+    check_same_strategy("fsdp" if _is_fsdp(optimizer) else "zero1", path)
     dcp = manifest_format(path) == DCP_FORMAT
-    if dcp != _is_fsdp(optimizer):
-        have, want = ("dcp", "zero1") if dcp else ("zero1", "dcp")
-        strategy = "fsdp" if want == "dcp" else "zero1"
-        raise ValueError(
-            f"{path} is a {have} checkpoint and this run's parallel.strategy is {strategy!r}: "
-            f"convert it (sharded-ams ckpt convert {path} OUT --to {want}) and start a new run "
-            "from it (job.resume_from = OUT, --name), or keep the strategy")
     if dcp:
         return int(load_dcp(path, model, optimizer, lr_scheduler=scheduler)["step"])
     return int(load_checkpoint(path, optimizer, model=model, lr_scheduler=scheduler)["step"])
