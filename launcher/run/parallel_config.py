@@ -14,6 +14,7 @@ from typing import Any
 
 from launcher.config_checks import check_choice, check_int, fail
 from launcher.run.scaling import accumulation_steps, worker_range
+from launcher.train.parallel.tp import tp_refusals
 
 __all__ = ["ParallelConfig", "STRATEGIES", "check_parallel", "data_parallel_sizes"]
 
@@ -34,9 +35,10 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree: the built-in llama's q/k/v and gate/up projections split by
     output columns, o and down by input rows, the embedding by vocabulary rows and the head
-    by output columns over tp workers; the rest of the workers (workers / tp) form the
-    data-parallel dimension of a 2-D mesh. Needs strategy "fsdp"; tp must divide
-    model.n_head, model.n_kv_head and every worker count."""
+    by output columns over tp workers, with sequence parallelism (torchtitan's plan); the
+    rest of the workers (workers / tp) form the data-parallel dimension of a 2-D mesh.
+    Needs strategy "fsdp" and model.tie_weights = false; tp must divide model.n_head,
+    model.n_kv_head, model.intermediate_size, data.block_size and every worker count."""
 
     def __post_init__(self) -> None:
         s = "parallel"
@@ -57,18 +59,14 @@ def check_parallel(par: ParallelConfig, model: Any, data: Any, job: Any) -> None
     if tp == 1:
         return
     if par.strategy == "zero1":
-        fail("parallel", "tp", "needs parallel.strategy = \"fsdp\" (ZeRO-1 on the "
-             "data-parallel dimension of a tensor-parallel mesh is not in the launcher yet)", tp)
+        fail("parallel", "tp", "needs parallel.strategy = \"fsdp\" (ShardedAMS steps a "
+             "tensor-parallel mesh, but its checkpoints cannot be saved with tp yet)", tp)
     if model.factory is not None or model.arch != "llama":
         what = f"model.factory {model.factory!r}" if model.factory else f"model.arch {model.arch!r}"
         fail("parallel", "tp", f"has a plan for the built-in llama only, not {what}", tp)
-    for key in ("n_head", "n_kv_head"):
-        if getattr(model, key) % tp:
-            fail("parallel", "tp", f"must divide model.{key} ({getattr(model, key)}): each "
-                 "tensor-parallel rank holds whole attention heads", tp)
-    if model.tie_weights:
-        fail("parallel", "tp", "does not compose with model.tie_weights (the embedding is split "
-             "by vocabulary rows, the head by output columns)", tp)
+    problems = tp_refusals(model, tp, seq_len=data.block_size)  # tp.py's, as apply_tp checks
+    if problems:
+        fail("parallel", "tp", "does not fit the model: " + "; ".join(problems), tp)
     lo, hi = worker_range(job.num_workers)
     bad = [w for w in range(lo, hi + 1) if w % tp]
     if bad:

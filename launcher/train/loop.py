@@ -59,7 +59,7 @@ from launcher.data.tokens import load_training_data
 from launcher.run.records import (METRICS_FILE, STATE_DIR, Heartbeat, MetricsHistory, describe_start,  # noqa: F401
                                   exists, start_event, write_text)
 from launcher.train.fsdp_optim import FSDPAMS
-from launcher.train.parallel import Layout, make_layout, parallelize
+from launcher.train.parallel.layout import Layout, make_layout, parallelize
 from launcher.train.resume import resume, save_and_report
 from launcher.train.step import (PROGRESS_TAG, TensorBoardLog, autocast,  # noqa: F401
                                  build_model_for_training, evaluate, forward_backward,

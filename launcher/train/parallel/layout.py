@@ -8,7 +8,8 @@
   steps the local shards;
 * ``tp > 1`` (with ``fsdp``): a 2-D mesh ``(dp, tp)``, tp-major inside each replica (the
   ``tp`` ranks of one replica are consecutive, on one node as torchtitan lays them out);
-  the built-in Llama's projections split as torchtitan's plan does, then FSDP2 over ``dp``.
+  the built-in Llama split by :func:`launcher.train.parallel.tp.apply_tp` (torchtitan's
+  plan, with sequence parallelism), then FSDP2 over ``dp``.
 
 The ``tp`` ranks of one replica train on the same rows: the data is split over
 ``dp_size`` replicas, not over the world.
@@ -23,7 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Layout", "make_layout", "parallelize", "llama_tp_plan", "mixed_precision"]
+from launcher.train.parallel.tp import apply_tp
+
+__all__ = ["Layout", "make_layout", "parallelize", "mixed_precision"]
 
 
 @dataclass
@@ -83,30 +86,6 @@ def mixed_precision(precision: str, grad_reduce_dtype: str):
         reduce_dtype=torch.bfloat16 if grad_reduce_dtype == "bf16" else torch.float32)
 
 
-def llama_tp_plan(model: nn.Module, tp_mesh) -> None:
-    """Tensor-parallel plan of the built-in Llama (torchtitan's, without sequence
-    parallelism): q/k/v and gate/up split by output columns (each rank holds whole heads),
-    o and down by input rows (their outputs summed over tp); the embedding split by
-    vocabulary rows, the head by output columns (logits gathered whole for the loss).
-    The norms stay replicated (their gradients are summed over tp by DTensor)."""
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
-
-    parallelize_module(model, tp_mesh, {
-        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(),
-                                              output_layouts=Replicate()),
-        "lm_head": ColwiseParallel(output_layouts=Replicate()),
-    })
-    for block in model.transformer_blocks():
-        parallelize_module(block, tp_mesh, {
-            "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(),
-        })
-
-
 def parallelize(model: nn.Module, layout: Layout, precision: str,
                 grad_reduce_dtype: str = "fp32") -> nn.Module:
     """``model`` (built the same on every rank, fp32) split as ``layout`` says, in place:
@@ -116,8 +95,8 @@ def parallelize(model: nn.Module, layout: Layout, precision: str,
         return model
     from torch.distributed.fsdp import fully_shard
 
-    if layout.tp > 1:
-        llama_tp_plan(model, layout.mesh["tp"])
+    if layout.tp > 1:  # torchtitan's plan, with sequence parallelism (tp.py)
+        apply_tp(model, layout.mesh["tp"])
     policy = mixed_precision(precision, grad_reduce_dtype)
     kw = {"mesh": layout.mesh["dp"], "reshard_after_forward": True}
     if policy is not None:
