@@ -169,7 +169,7 @@ class _Planner:
     cls = None
 
 
-def SafeLoadPlanner(**kw: Any):  # noqa: N802 - a class made on first use
+def SafeLoadPlanner(**kw: Any):  # a class, made on first use
     """DCP's DefaultLoadPlanner, but non-tensor items are read with
     ``torch.load(weights_only=True)`` (DCP's own uses ``weights_only=False``: a pickle)."""
     if _Planner.cls is None:
