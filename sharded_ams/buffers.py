@@ -9,6 +9,10 @@ Two ways a gradient reaches the grad buffer, chosen per dtype:
   fp32 buffer by :meth:`collect` (called from the post-accumulate-grad hook) and freed,
   as Megatron's ``main_grad``. The first gradient after a step (or ``zero_grad``) is
   copied rather than added, so the buffer never needs a separate zeroing pass.
+
+DTensor params (tensor parallel, ``model_parallel.py``) take the main-grad way whatever
+their dtype: the buffer holds the param's local shard (its local tensor becomes a view),
+and the DTensor gradient autograd leaves is laid out as the param and copied in.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .dtensor import grad_as_param, is_dtensor, local
 from .layout import BufferLayout, ParamSlot
 
 
@@ -40,11 +45,15 @@ class FlatParamGradBuffer:
         self.grad_views = [self.grad_view(slot) for slot in layout.slots]
         # main-grad mode: True while a param's view holds no gradient of the current step
         self.fresh = [True] * len(self.params)
+        # copied in (never a view): main grads, and DTensor params (tensor parallel: the
+        # buffer holds the local shard; autograd's gradient is a DTensor, maybe laid out
+        # unlike the param, see dtensor.grad_as_param)
+        self.copy_in = [self.main_grad or is_dtensor(p) for p in self.params]
         for i, (slot, p) in enumerate(zip(layout.slots, self.params)):
             view = self.param_view(slot)
-            view.copy_(p.detach().reshape(slot.shape))
-            p.data = view
-            if not self.main_grad:
+            view.copy_(local(p).detach().reshape(slot.shape))
+            local(p).data = view  # a DTensor keeps its wrapper; its local tensor moves
+            if not self.copy_in[i]:
                 self.collect(i)
 
     def param_view(self, slot: ParamSlot) -> Tensor:
@@ -57,14 +66,16 @@ class FlatParamGradBuffer:
         """Make param ``i``'s current gradient part of the buffer (None counts as zero).
 
         Direct: ``p.grad`` becomes the buffer view again (a replaced grad is copied in).
-        Main grad: ``p.grad`` is added into the buffer (copied if it is the first of the
-        step) and set to None."""
+        Main grad (and DTensor params): ``p.grad`` is added into the buffer (copied if it
+        is the first of the step) and set to None."""
         p, view = self.params[i], self.grad_views[i]
         g = p.grad
         if g is view:  # direct mode, backward accumulated into the buffer: nothing to do
             return
-        if self.main_grad:
+        if self.copy_in[i]:
             if g is not None:
+                if is_dtensor(p):
+                    g = grad_as_param(p, g, f"the parameter of shape {tuple(p.shape)}")
                 if self.fresh[i]:
                     view.copy_(g)
                 else:
@@ -88,8 +99,9 @@ class FlatParamGradBuffer:
             self.consumed()
             return
         self.grad.zero_()
-        for p, view in zip(self.params, self.grad_views):
-            p.grad = view
+        for p, view, copied in zip(self.params, self.grad_views, self.copy_in):
+            p.grad = None if copied else view
+        self.fresh = [True] * len(self.params)
 
     def holds_grad(self, i: int) -> bool:
         """Param ``i``'s ``p.grad`` is its view into the buffer (direct mode, untouched)."""
@@ -101,7 +113,6 @@ class FlatParamGradBuffer:
         leave the views readable: after a reduce-scatter the buffer holds the average only
         on this rank's shard. No pass over memory: the next backward's gradient is copied
         in by :meth:`collect`, or :meth:`zero_grad` makes the views the grads again."""
-        if self.main_grad:
-            self.fresh = [True] * len(self.params)
+        self.fresh = [True] * len(self.params)
         for p in self.params:
             p.grad = None

@@ -218,3 +218,20 @@ class CountBatch:
 def needs_batch(params: Sequence[LocalParam], lam: float) -> bool:
     """True when some tensor's scale needs counts from other ranks."""
     return abs(float(lam)) != 1.0 and any(lp.groups for lp in params)
+
+
+def grad_as_param(p: Tensor, g: Tensor, what: Union[str, ParamName]) -> Tensor:
+    """The local shard of ``g``, the gradient of DTensor param ``p``, laid out as ``p``.
+
+    Tensor parallelism hands back gradients laid out unlike their param: a replicated
+    param used on sequence-split activations (``SequenceParallel`` norms) gets a
+    ``Partial`` gradient (each tp rank holds a partial sum), a row-parallel embedding a
+    ``Replicate`` one. ``redistribute`` makes them the param's layout (Partial ->
+    Replicate is an all-reduce over that mesh dimension, Replicate -> Shard a local
+    slice), so the local shard lines up element by element with the param's."""
+    if not is_dtensor(g):
+        raise ValueError(f"ShardedAMS cannot step {what}: a DTensor param with a plain-tensor "
+                         "gradient (the gradient must be a DTensor on the param's mesh)")
+    if tuple(g.placements) != tuple(p.placements):
+        g = g.redistribute(p.device_mesh, p.placements)
+    return local(g)

@@ -66,12 +66,17 @@ def global_grad_norm(shards: Sequence[Any], device: torch.device,
                      reduce: Callable[[Tensor], None]) -> Tensor:
     """sqrt of the sum over ranks of every local grad element squared: fp32 norms per
     bucket shard (as ``clip_grad_norm_``; an fp32 overflow is inf and skips the step),
-    squared and summed in float64, then ``reduce`` (the all-reduce, waited)."""
+    squared and summed in float64, then ``reduce`` (the all-reduce, waited).
+
+    A shard with ``counted`` False holds copies another rank counts (params replicated
+    over tensor-parallel ranks, ``model_parallel.py``): its norms are multiplied by 0,
+    which keeps an inf or NaN (0 * inf = NaN), so every rank still skips on it."""
     parts = []
     for sh in shards:
         grads = [sh.grad_shard(b) for b in range(len(sh.layout.buckets))]
         if grads:
-            parts.append(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+            parts.append(norms if getattr(sh, "counted", True) else norms * 0.0)
     if parts:
         sq = torch.cat(parts).double().square().sum()
     else:

@@ -25,6 +25,7 @@ from .config import DEFAULTS, check_params, preset_hparams, validate_hparams
 from .kernels import resolve_backend
 from .kernels.tables import RunTable
 from .layout import BufferLayout, Run, default_bucket_numel
+from .model_parallel import ModelParallel, resolve_groups
 from .shard_step import clip_grads, global_grad_norm, step_shards
 
 STATE_FORMAT_VERSION = 1
@@ -78,7 +79,12 @@ class _DtypeShard:
                 self.master_view(b).copy_(self.param_shard(b))
         self.runs: list[Run] = []
         self.tables: dict[int, RunTable] = {}  # run index -> its table (shard_step.py)
-        self.numels: Optional[Tensor] = None    # each slot's numel (+ 0: padding), on device
+        # each slot's numel (+ 0: padding), on device: the WHOLE tensor's for a tensor-
+        # parallel DTensor (the scale's d), set by ShardedAMS; None: built from the layout
+        self.numels: Optional[Tensor] = None
+        # False: these params are copies another model-parallel rank counts in the grad
+        # norm and the per-tensor counts (model_parallel.py)
+        self.counted = True
 
     def param_shard(self, b: int) -> Tensor:
         s0, s1 = self.layout.buckets[b].shard(self.rank)
@@ -115,6 +121,13 @@ class ShardedAMS(Optimizer):
             as for any torch optimizer. Params are moved into flat buffers (their
             ``.data`` becomes a view); frozen params (``requires_grad=False``) are left alone.
         process_group: data-parallel group (default: the world; none initialised: world size 1).
+        device_mesh: instead of ``process_group``, a DeviceMesh with a dimension named
+            ``"dp"`` (sharded over) and model-parallel ones (e.g. ``("dp", "tp")``). Params
+            may be tensor-parallel DTensors (``parallelize_module`` on the ``tp`` sub-mesh)
+            with either argument: each rank's local shard is sharded again over dp, and the
+            grad norm, the non-finite skip and the per-tensor counts cover the whole grid
+            (``model_parallel.py``; docs/parallelism.md). Plain params of such a model
+            are taken to be replicated over the tp ranks.
         preset: ``"grams"``, ``"cadam"`` or ``"adamw"`` set (beta3, lam).
         lr, betas, beta3, lam, eps, weight_decay: as :class:`AMS`.
         max_grad_norm: clip the global grad norm (as ``clip_grad_norm_`` on the full grads).
@@ -172,7 +185,7 @@ class ShardedAMS(Optimizer):
                  overlap: bool = True, grad_reduce_dtype: Optional[torch.dtype] = None,
                  module: Optional[nn.Module] = None,
                  param_sync_modules: Optional[Iterable[nn.Module]] = None,
-                 collectives: str = "auto"):
+                 collectives: str = "auto", device_mesh: Optional[Any] = None):
         fixed = preset_hparams(preset) if preset else {}
         if fixed and (beta3 is not None or lam is not None):
             raise ValueError(f"preset={preset!r} fixes beta3 and lam; do not pass them too")
@@ -201,6 +214,7 @@ class ShardedAMS(Optimizer):
                         weight_decay=weight_decay, step=0)
         super().__init__(params, defaults)
         self._sync: Optional[BucketSync] = None
+        process_group, self._mp_mesh = resolve_groups(process_group, device_mesh)
         self._comm_args = (process_group, collectives)  # the Comm is made once the device is known
         self.max_grad_norm, self.skip_nonfinite = max_grad_norm, skip_nonfinite
         self.overlap, self.grad_reduce_dtype = overlap, grad_reduce_dtype
@@ -232,15 +246,18 @@ class ShardedAMS(Optimizer):
     # ------------------------------------------------------------------ layout
     def _build(self, bucket_numel: Union[int, str, None], backend: str, broadcast: bool,
                module: Optional[nn.Module]) -> None:
-        by_dtype: dict[tuple, list[tuple[int, Tensor]]] = {}
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.requires_grad:
-                    by_dtype.setdefault((p.dtype, p.device), []).append((gi, p))
-        if len({d for _, d in by_dtype}) > 1:
+        trained = [(gi, p) for gi, g in enumerate(self.param_groups) for p in g["params"]
+                   if p.requires_grad]
+        if len({p.device for _, p in trained}) > 1:
             raise ValueError("ShardedAMS needs all trainable params on one device")
-        self.device = next(iter(by_dtype))[1] if by_dtype else torch.device("cpu")
+        self.device = trained[0][1].device if trained else torch.device("cpu")
         self.comm = Comm(self._comm_args[0], self.device, self._comm_args[1])
+        self.mp = ModelParallel.of([p for _, p in trained], self._names, self.comm.group,
+                                   self._mp_mesh, self.device)
+        # one buffer per (dtype, model-parallel dims the params are replicated over)
+        by_dtype: dict[tuple, list[tuple[int, Tensor]]] = {}
+        for gi, p in trained:
+            by_dtype.setdefault((p.dtype, self.mp.replicated_dims(p)), []).append((gi, p))
         # an older optimizer on these params may still write them (gather) or their grads
         quiesce_owners(p for items in by_dtype.values() for _, p in items)
         # fill order: the order gradients are expected in backward, the reverse of the
@@ -258,21 +275,34 @@ class ShardedAMS(Optimizer):
         with_s = any(g["beta3"] > 0 for g in self.param_groups)
         groups_of = {id(p): gi for items in by_dtype.values() for gi, p in items}
         specs = []
-        for (dtype, _device), items in sorted(by_dtype.items(), key=lambda kv: str(kv[0][0])):
+        for (dtype, rdims), items in sorted(by_dtype.items(),
+                                            key=lambda kv: (str(kv[0][0]), kv[0][1])):
             ordered = sorted((p for _, p in items), key=lambda p: fill_pos[id(p)])
-            specs.append((dtype, ordered))
+            specs.append((dtype, rdims, ordered))
         self.comm.check_same("the params and optimizer settings", self._fingerprint(specs),
                              self.device)
         self.shards: list[_DtypeShard] = []
-        for dtype, ordered in specs:
-            spec = [(self._names[p], tuple(p.shape), groups_of[id(p)]) for p in ordered]
+        for dtype, rdims, ordered in specs:
+            spec = [(self._names[p], ModelParallel.local_shape(p), groups_of[id(p)])
+                    for p in ordered]
             layout = BufferLayout.build(spec, self.comm.world_size, bucket_numel)
             by_name = {self._names[p]: p for p in ordered}
             shard = _DtypeShard(layout, [by_name[s.name] for s in layout.slots], dtype,
                                 self.device, self.comm.rank, with_s, self.state_dtype,
                                 grad_dtypes[dtype])
             shard.runs = layout.runs(self.comm.rank, range(len(self.param_groups)))
+            if self.mp.mesh is not None:
+                shard.counted = self.mp.counted(rdims)
+                shard.numels = torch.tensor([by_name[s.name].numel() for s in layout.slots]
+                                            + [0], dtype=torch.int64, device=self.device)
             self.shards.append(shard)
+        if self.mp.mesh is not None:
+            self._count_mask = torch.cat([torch.full((len(sh.layout.slots) + 1,),
+                                                     int(sh.counted), dtype=torch.int64,
+                                                     device=self.device) for sh in self.shards])
+            self.mp.check_same("the buffers' params (the count vector lines up across "
+                               "model-parallel ranks)", [f"{s.name}@{i}" for i, sh in
+                               enumerate(self.shards) for s in sh.layout.slots], self.device)
         if broadcast and self.comm.active:
             handles = [self.comm.broadcast(sh.buf.param) for sh in self.shards]
             for h in handles:
@@ -303,8 +333,8 @@ class ShardedAMS(Optimizer):
     def _fingerprint(self, specs: list) -> list[str]:
         """What every rank must agree on: params (names, shapes, dtypes, groups, order),
         group hyperparameters and the optimizer's options."""
-        items = [f"world_size={self.comm.world_size}"]
-        for dtype, ordered in specs:
+        items = [f"world_size={self.comm.world_size}", f"model_parallel={self.mp.describe()}"]
+        for dtype, _, ordered in specs:
             items += [f"param {self._names[p]!r}: shape {tuple(p.shape)}, {dtype}" for p in ordered]
         for gi, g in enumerate(self.param_groups):
             hp = {k: float(g[k]) if k != "betas" else tuple(map(float, g[k]))
@@ -369,17 +399,28 @@ class ShardedAMS(Optimizer):
         """All-reduce a small tensor (the squared norm, the per-tensor counts) and wait."""
         self._sync.wait_small(self.comm.all_reduce(t))
 
+    def _reduce_counts(self, counts: Tensor) -> None:
+        """All-reduce the step's per-tensor count vector (shard_step.step_shards) over dp,
+        and over the model-parallel dims: copies another rank counts are zeroed first."""
+        if self.mp.active:
+            counts.mul_(self._count_mask)
+        self._reduce_small(counts)
+        self.mp.all_reduce(counts)
+
     def _reduce_with_error_flag(self, t: Optional[Tensor]) -> None:
         """All-reduce the small tensor ``t`` in place (None: nothing else to reduce) with the
         ranks' error flags riding along (no extra collective), and raise on every rank if
-        one failed (bucket_sync.py, "Misuse")."""
+        one failed (bucket_sync.py, "Misuse"). With model parallelism both are summed over
+        the whole dp x mp grid, so every rank of it skips and raises together."""
         flag = self._sync.error_flag(self.device)
         if flag is None:
             if t is not None:
                 self._reduce_small(t)
+                self.mp.all_reduce(t)
             return
         both = flag.reshape(1) if t is None else torch.stack([t, flag])
         self._sync.wait_small(self.comm.all_reduce(both))
+        self.mp.all_reduce(both)
         self._sync.raise_if_failed(both[-1])
         if t is not None:
             t.copy_(both[0])
@@ -415,7 +456,7 @@ class ShardedAMS(Optimizer):
         for group in self.param_groups:
             group["step"] += 1 if skip is None else (~skip).float()
         step_shards(self.shards, self.param_groups, self.device, self.backend, skip,
-                    self._reduce_small)
+                    self._reduce_counts)
         for sh in self.shards:
             sh.buf.consumed()
         if skip is not None:
@@ -475,7 +516,7 @@ class ShardedAMS(Optimizer):
                 "world_size": self.comm.world_size, "rank": self.comm.rank,
                 "param_groups": groups, "params": params, "pieces": pieces,
                 "state_keys": sorted({k for sh in self.shards for k in sh.state} | {"master"}),
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "model_parallel": self.mp.describe()}
 
     def load_state_dict(self, state_dict: Union[dict, list[dict]]) -> None:
         """Load state saved on any world size: one rank's dict, or a list of them (every
@@ -483,10 +524,11 @@ class ShardedAMS(Optimizer):
         sds = state_dict if isinstance(state_dict, list) else [state_dict]
         if not sds:
             raise ValueError("load_state_dict got an empty list")
-        head = sds[0]
-        if head.get("format") != "sharded_ams":
+        if sds[0].get("format") != "sharded_ams":
             raise ValueError("Not a ShardedAMS state dict (missing format='sharded_ams'); "
                              "for a single-process AMS state dict use AMS.load_state_dict")
+        sds = self.mp.select(sds)  # this rank's tp coordinate; another mp layout: refused
+        head = sds[0]
         self._check_compatible(head)
         for saved in head["param_groups"]:  # as the constructor does, before changing anything
             validate_hparams(saved["lr"], saved["betas"], saved["beta3"], saved["lam"],

@@ -143,10 +143,12 @@ def forward_backward(model: nn.Module, optimizer, micro_batches: list, *, amp=co
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, batch_size: int, micro_batch_size: Optional[int],
              block_size: int, iters: int, seed: int, rank: int, world_size: int,
-             device: torch.device, amp=contextlib.nullcontext, where: str = "the model") -> float:
+             device: torch.device, amp=contextlib.nullcontext, where: str = "the model",
+             group=None) -> float:
     """Mean validation loss over ``iters`` fixed global batches (batches 0..iters-1 of the
     validation split), each rank taking its slice in micro-batches; the same number on any
-    world size, up to float rounding."""
+    world size, up to float rounding. ``rank``/``world_size`` are the data-parallel ones and
+    ``group`` their process group (None: the world), under tensor parallelism."""
     import torch.distributed as dist
 
     was_training = model.training
@@ -160,7 +162,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int, micro_batch_size: Optio
             with amp():
                 total += loss_of(model(cx, cy), cy, where).double() / len(chunks)
     if world_size > 1:
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
     model.train(was_training)
     return total.item() / (iters * world_size)
 
