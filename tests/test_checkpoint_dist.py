@@ -47,6 +47,7 @@ _CRASH_SCRIPT = textwrap.dedent("""
     from launcher.data.corpus import get_batch, load_corpus
 
     mode, root = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)  # as the test's reference: the same kernels, the same bits
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=1, n_head=2, n_embd=32))
     opt = ShardedAMS(model, backend="eager", preset="grams", lr=1e-2, weight_decay=0.1,
@@ -104,9 +105,16 @@ def test_save_killed_mid_write_leaves_previous_checkpoint(tmp_path, caplog):
                 p.wait()
 
     # the reference: the same 2 steps in this process
-    ref_model = make_model(0)
-    ref_opt = ShardedAMS(ref_model, backend="eager", **GRAMS)
-    train(ref_model, ref_opt, range(2))
+    # on one thread, as the script: the thread count a process inherits (OMP_NUM_THREADS,
+    # e.g. left by a Ray session earlier in this process) must not decide the bits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref_model = make_model(0)
+        ref_opt = ShardedAMS(ref_model, backend="eager", **GRAMS)
+        train(ref_model, ref_opt, range(2))
+    finally:
+        torch.set_num_threads(threads)
     for mode in ("exit", "kill", "resave"):
         root = tmp_path / mode
         new, = (p for p in root.iterdir() if p.is_dir() and p.name != "step-00000002")
