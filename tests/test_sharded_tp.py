@@ -20,7 +20,8 @@ Cases: Grams (``process_group=mesh["dp"].get_group()``, sequence parallel, a che
 saved on every rank and loaded into a fresh model and optimizer midway) and C-Adam
 (beta3 = 0, lam = 0: per-tensor counts over the whole tensor; ``device_mesh=``, no sequence
 parallelism), both clipped on every step. In the C-Adam run one rank's replicated norm
-weight gets an inf gradient at one step: every rank must skip it.
+weight gets an inf gradient at one step: every rank must skip it. Each ``step()`` issues
+one small all-reduce for the norm (two with C-Adam's counts) over the whole grid.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def _run_case(name: str, mesh) -> dict:
     oracle = AMSOracle.start([_full(p.detach()) for p in model.parameters()], lr=LR,
                              betas=(0.9, 0.999), eps=1e-8, **hp)
     ref = Llama(_cfg())
-    out = dict(param_err=[], grad_err=[], norm_err=[], skipped=[])
+    out = dict(param_err=[], grad_err=[], norm_err=[], skipped=[], small_all_reduces=[])
     for step in range(STEPS):
         opt.finish_param_sync()
         before = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
@@ -132,7 +133,7 @@ def _run_case(name: str, mesh) -> dict:
             if poison else None
         idx = _batch(step, dp_rank)
         model(idx, idx)[1].backward()
-        opt.step()
+        out["small_all_reduces"].append(_small_all_reduces(opt.step))
         opt.zero_grad()
         if hook is not None:
             hook.remove()
@@ -156,6 +157,23 @@ def _run_case(name: str, mesh) -> dict:
             model, opt, out["refusal"] = _resume(mesh, case, opt)
             reduced = _capture_reduced(model, opt)
     return out
+
+
+def _small_all_reduces(step) -> int:
+    """How many all-reduces of small tensors (the norm, the counts; not the gradient
+    buckets) ``step()`` issues."""
+    real, calls = dist.all_reduce, []
+
+    def counting(t, *args, **kwargs):
+        if t.numel() < 256:
+            calls.append(t.numel())
+        return real(t, *args, **kwargs)
+    dist.all_reduce = counting
+    try:
+        step()
+    finally:
+        dist.all_reduce = real
+    return len(calls)
 
 
 def _resume(mesh, case: dict, opt):
@@ -215,6 +233,14 @@ def test_tp_dp_mesh_equals_one_process(name):
         assert max(r["param_err"]) < PARAM_TOL, (rank, r["param_err"])
 
 
+def test_one_small_all_reduce_each_for_the_norm_and_the_counts():
+    """The grid (dp x tp) is the world: the norm (with the error flags) takes one
+    all-reduce, and C-Adam's per-tensor counts of every tensor one more, per step."""
+    for res in _results():
+        assert res["grams"]["small_all_reduces"] == [1] * STEPS
+        assert res["cadam"]["small_all_reduces"] == [2] * STEPS
+
+
 def test_nonfinite_on_one_rank_skips_everywhere():
     """An inf in one rank's copy of a replicated (norm) weight: every rank skips that step
     (and only that one); the oracle skips it too, so the trajectories above still agree."""
@@ -228,3 +254,24 @@ def test_checkpoint_records_the_mesh_and_refuses_another_tp():
     for res in _results():
         assert "resharding across tp is not supported" in res["grams"]["refusal"]
         assert "FSDP's layout" in res["misuse"]
+
+
+def test_tp_plan_refusals_name_the_problem():
+    """No process group needed: what the plan refuses, one reason each."""
+    from launcher.train.models.gpt import GPT, GPTConfig
+    from launcher.train.models.llama import LlamaConfig
+    from launcher.train.parallel.tp import apply_tp, tp_refusals
+
+    cfg = LlamaConfig(vocab_size=66, n_head=6, n_kv_head=3, n_embd=48, intermediate_size=42)
+    assert tp_refusals(cfg, 3, seq_len=9) == []
+    got = tp_refusals(cfg, 2, seq_len=9)
+    assert got == ["tp = 2 does not divide model.n_kv_head = 3",
+                   "tp = 2 does not divide the sequence length 9 (sequence parallelism "
+                   "splits it)"]
+    assert tp_refusals(cfg, 2, seq_len=9, sequence_parallel=False) == got[:1]
+    assert tp_refusals(cfg, 4) == [f"tp = 4 does not divide model.{k}" for k in
+                                   ("n_head = 6", "n_kv_head = 3", "intermediate_size = 42")]
+    tied = LlamaConfig(vocab_size=66, tie_weights=True)
+    assert any("tie_weights" in r for r in tp_refusals(tied, 2))
+    with pytest.raises(ValueError, match="built-in Llama only, not GPT"):
+        apply_tp(GPT(GPTConfig(vocab_size=66, n_layer=1, n_embd=32, block_size=8)), None)
