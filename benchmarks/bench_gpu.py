@@ -5,8 +5,10 @@ ceiling, bytes read + written), the project's Triton kernel in each mode, and
 ``torch.optim.AdamW(fused=True)`` / ``(foreach=True)`` on the same fp32 tensor. Each time
 is the median of back-to-back calls through ``triton.testing.do_bench`` (which flushes
 the L2 cache before every call, so a working set smaller than the 50-60 MB L2 is not
-timed from cache); the CUDA-graph rows replay a captured step (``do_bench_cudagraph``),
-which removes the launch and Python cost that dominates below ~4M elements. On CPU (the
+timed from cache); the CUDA-graph rows replay a captured step, timed the same way (L2
+flushed before each replay), which removes the launch and Python cost that dominates below
+~4M elements: one row captures the kernel alone (host lr/step), one the whole step with
+lr and step on the device (the kernel plus the small kernels that compute its scalars). On CPU (the
 dry run of ``gpu_check.py``) the same rows are timed with a host clock.
 
 Bytes per element, per mode (``STEP_BYTES``; GB/s = bytes x n / time):
@@ -65,13 +67,30 @@ def make_timer(device: torch.device, quick: bool = False) -> Callable[[Callable]
     return host
 
 
-def graph_timer(device: torch.device) -> Optional[Callable[[Callable], float]]:
-    """Median ms of a CUDA-graph replay of ``fn`` (None where graphs do not exist)."""
+def graph_timer(device: torch.device, quick: bool = False) -> Optional[Callable[[Callable], float]]:
+    """Median ms of a CUDA-graph replay of ``fn``, timed as the other rows are: each replay
+    between CUDA events, after do_bench has flushed the L2 cache (None where graphs do not
+    exist). ``fn`` is warmed up eagerly on a side stream first (compilation stays out of
+    the capture, as torch.cuda.graphs' docs ask)."""
     if device.type != "cuda":
         return None
-    from triton.testing import do_bench_cudagraph
+    from triton.testing import do_bench
 
-    return lambda fn: float(do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    warmup, rep = (5, 20) if quick else (25, 100)
+
+    def timed(fn: Callable) -> float:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return float(do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median"))
+
+    return timed
 
 
 def _state(n: int, device: torch.device, gen: torch.Generator, with_s=False,
@@ -159,16 +178,30 @@ def bandwidth_rows(sizes, device: torch.device, *, backend: str = "triton", quic
         fn = kernel_step("two_pass", n, device, backend, pieces=pieces)
         rows.append(_row(n, "two_pass", f"sharded-ams {backend}, {len(pieces)} pieces (GPT set)",
                          timer(fn), copy_gbs))
-    gtimer = graph_timer(device)
-    for n in graph_sizes:
+    rows += _graph_rows(graph_sizes, device, backend, timer, graph_timer(device, quick))
+    return rows
+
+
+#: the CUDA-graph rows: (label, lr and step on the device?). Host scalars: the graph holds
+#: the Triton kernel alone; device scalars (ShardedAMS's path, what a captured training
+#: step replays): the kernel plus the small kernels that compute its scalars from the step
+GRAPH_ROWS = (("CUDA graph replay: the kernel alone (host lr/step)", False),
+              ("CUDA graph replay: whole step, device lr/step (kernel + its scalar kernels)",
+               True))
+
+
+def _graph_rows(sizes, device, backend, timer, gtimer) -> list[dict]:
+    rows: list[dict] = []
+    for n in sizes:
         if gtimer is None:
-            rows.append(dict(n=n, mode="grams", impl="CUDA graph", status="n/a (no CUDA)"))
+            rows += [dict(n=n, mode="grams", impl=label, status="n/a (no CUDA)")
+                     for label, _ in GRAPH_ROWS]
             continue
-        fn = kernel_step("grams", n, device, backend, device_scalars=True)
-        fn()  # compile before capture
         copy_gbs = 28 * n / _copy_ms(n, device, timer) / 1e6
-        rows.append(_row(n, "grams", f"sharded-ams {backend}, CUDA graph replay", gtimer(fn),
-                         copy_gbs))
+        for label, on_device in GRAPH_ROWS:
+            fn = kernel_step("grams", n, device, backend, device_scalars=on_device)
+            rows.append(_row(n, "grams", f"sharded-ams {backend}, {label}", gtimer(fn), copy_gbs))
+            del fn
     return rows
 
 

@@ -1,6 +1,6 @@
-"""The plan of one GPU check run: sizes and settings for the real run on CUDA and for the
-CPU dry run (CI). Its own module so the sections and the correctness section share it
-without importing each other."""
+"""The plan of one GPU check run: sizes, time caps and process groups for the real run on
+CUDA and for the CPU dry run (CI). Its own module so the sections, the correctness section
+and the driver share it without importing each other."""
 
 from __future__ import annotations
 
@@ -8,6 +8,35 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+#: every section, in the order the check runs them: the kernel and bandwidth numbers first,
+#: then what can hang in a collective (NCCL), then ``pytest -m gpu`` (issue 21)
+ALL_SECTIONS = ("env", "static", "correctness", "bandwidth", "sharded", "training", "overlap",
+                "pytest")
+#: sections that launch the Triton kernel (under the interpreter in the dry run)
+KERNEL_SECTIONS = ("correctness", "bandwidth", "sharded", "training", "overlap")
+
+#: each section's time cap in seconds on one H100/H200 (what it needs, with room to spare;
+#: the whole check's ``--time-limit`` trims the later ones). A section that runs past its
+#: cap is stopped: cooperatively where it checks the time (correctness skips cases), else
+#: its process is killed with its stack recorded.
+CUDA_CAPS = {"env": 20, "static": 45, "correctness": 75, "bandwidth": 90, "sharded": 40,
+             "training": 60, "overlap": 40, "pytest": 120}
+#: the dry run's caps: 2 shared cores, the kernel interpreted; only a hang should reach them
+CPU_CAPS = {name: 240 for name in ALL_SECTIONS}
+#: sections that share one child process (one start-up); a group is killed as a whole when
+#: it overruns, after every section it finished has been written. On CUDA every section
+#: that can hang in a collective has a process to itself; ``pytest`` runs in its own
+#: subprocess from the driver.
+CUDA_GROUPS = (("env", "static", "correctness", "bandwidth"), ("sharded",), ("training",),
+               ("overlap",))
+#: the dry run: the static section cannot run under the interpreter; the rest share one
+#: child to keep CI's time down (the kill path is tested with an injected hang)
+CPU_GROUPS = (("env", "static"), ("correctness", "bandwidth", "sharded", "training", "overlap"))
+#: the default ``--time-limit`` on CUDA: the check and one rerun fit a 15-minute device
+#: lease with the machine's start-up (docs: benchmarks/RESULTS.md "GPU")
+CUDA_TIME_LIMIT_S = 330.0
+CPU_TIME_LIMIT_S = 900.0
 
 
 @dataclass
@@ -49,3 +78,14 @@ def make_plan(device: str, model: str, budget_s: float) -> Plan:
                     overlap_rounds=2)
     return Plan(torch.device("cpu"), "triton", "gloo", 3000, 5, (2048, 2051), (2 ** 12,),
                 0.0003, model, 3, 1, 2, True, now + budget_s)
+
+
+def caps(device: str) -> dict[str, float]:
+    return dict(CUDA_CAPS if device == "cuda" else CPU_CAPS)
+
+
+def groups(device: str, names) -> list[tuple[str, ...]]:
+    """The child-process groups of ``names`` (in check order); ``pytest`` is not in any."""
+    table = CUDA_GROUPS if device == "cuda" else CPU_GROUPS
+    out = [tuple(n for n in grp if n in names) for grp in table]
+    return [g for g in out if g]

@@ -6,6 +6,7 @@
                              [--resume-from CKPT] [--set section.key=value ...]
                              [--dry-run] [--verbose]
     sharded-ams prepare-data INPUT... --out DIR [--tokenizer byte|bpe:VOCAB|tokenizer.json]
+                             [--workers N] [--address auto] [--block-bytes 64M]
     sharded-ams ckpt ...      # inspect / consolidate / export checkpoints
     sharded-ams plan --model llama3-8b --gpus 64 [--gpu h100-80gb] [--json] ...
 

@@ -1,11 +1,12 @@
-"""Launcher configuration: four dataclasses read from one TOML or YAML file.
+"""Launcher configuration: five dataclasses read from one TOML or YAML file.
 
-A config file has up to four sections, each mapping onto one dataclass below::
+A config file has up to five sections, each mapping onto one dataclass below::
 
     [model]   # ModelConfig: architecture (gpt, llama or your factory), size, precision
     [data]    # DataConfig: corpus (stdlib, prepare-data shards or your factory), batches
     [optim]   # OptimConfig: ShardedAMS hyperparameters and the LR schedule
     [job]     # JobConfig: run name, steps, workers, storage, checkpoints, fault tolerance
+    [parallel]  # ParallelConfig (launcher/run/parallel_config.py): zero1 or fsdp, tp
 
 Every field has a default, so an empty file is a valid (tiny) job. Unknown sections
 and unknown keys are errors, not silently ignored. Values are resolved in this order,
@@ -30,6 +31,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from .config_checks import (check_bool, check_choice, check_env, check_factory, check_float,
                             check_int, check_table, fail, read_config_file)
 from .train.models.sizes import ARCH_DEFAULTS, ARCHES, SHAPE_FIELDS, resolve_shape
+from .run.parallel_config import ParallelConfig, check_parallel
 from .run.scaling import accumulation_steps, check_batch_split, parse_num_workers, worker_range
 
 try:
@@ -42,6 +44,7 @@ __all__ = [
     "DataConfig",
     "OptimConfig",
     "JobConfig",
+    "ParallelConfig",
     "Config",
     "load_config",
     "parse_override",
@@ -446,12 +449,13 @@ class JobConfig:
         return f"{self.storage_path.rstrip('/')}/{self.name}"
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "job": JobConfig}
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "job": JobConfig,
+             "parallel": ParallelConfig}
 
 
 @dataclass
 class Config:
-    """A whole launcher job: the four sections, checked against each other."""
+    """A whole launcher job: the five sections, checked against each other."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture, shape and precision."""
@@ -461,6 +465,8 @@ class Config:
     """Optimizer and LR schedule."""
     job: JobConfig = field(default_factory=JobConfig)
     """Run name, length, workers, storage, checkpoints and fault tolerance."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """ZeRO-1 or FSDP2, and the tensor-parallel degree."""
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
@@ -477,7 +483,9 @@ class Config:
         if self.model.block_size is not None and self.data.block_size > self.model.block_size:
             raise ValueError(f"data.block_size ({self.data.block_size}) must be <= "
                              f"model.block_size ({self.model.block_size})")
-        check_batch_split(self.data.batch_size, self.job.num_workers, self.data.micro_batch_size)
+        if self.parallel.tp == 1:
+            check_batch_split(self.data.batch_size, self.job.num_workers, self.data.micro_batch_size)
+        check_parallel(self.parallel, self.model, self.data, self.job)
         if self.model.vocab_size is None and self.data.path is None and self.data.factory is None:
             self.model.vocab_size = 256  # the byte-level standard-library corpus
 

@@ -138,7 +138,7 @@ def test_token_ids_out_of_range_are_found_when_read(tmp_path, monkeypatch):
         return t
 
     monkeypatch.setattr(pd, "byte_tokenizer", lying)
-    with pytest.raises(DataError, match=r"id 1\d\d, outside its vocabulary \[0, 100\) \(writing shard-00000\.bin\)"):
+    with pytest.raises(DataError, match=r"id 1\d\d, outside its vocabulary \[0, 100\) \(writing block 0\)"):
         _prep([EMAIL / "charset.py"], tmp_path / "o2")
     assert not (tmp_path / "o2").exists()
 

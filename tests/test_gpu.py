@@ -230,3 +230,17 @@ def test_launch_follows_the_tensors_device():
         _step(ref, "eager", hp)
     torch.cuda.synchronize(1)
     assert torch.allclose(st["p"].cpu(), ref["p"], rtol=1e-6, atol=1e-7)
+
+
+def test_training_batches_copy_from_pinned_memory_without_blocking():
+    """The training loop's batch copy (``launcher.train.step.device_batch``) returns while
+    the stream is still busy: a copy from pageable memory would have waited for it."""
+    from launcher.train.step import device_batch
+
+    x = torch.randint(50_000, (8, 512))
+    y = torch.roll(x, -1, 1)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU time queued ahead of the copy
+    bx, by = device_batch(x, y, torch.device("cuda"))
+    assert not torch.cuda.current_stream().query()  # the host did not wait
+    assert bx.is_cuda and torch.equal(bx.cpu(), x) and torch.equal(by.cpu(), y)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,19 +23,24 @@ pytestmark = [pytest.mark.slow,
                                  reason="triton not installed")]
 
 
-def test_gpu_check_dry_run(tmp_path):
+def _dry_run(out, *extra) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-u", "benchmarks/gpu_check.py", "--device", "cpu",
+                           "--out", str(out), *extra], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    proc = _dry_run(tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["passed"] and report["device"] == "cpu"
+    assert report["passed"] and report["device"] == "cpu" and report["state"] == "PASSED"
     sec = report["sections"]
-    assert list(sec) == ["env", "static", "correctness", "pytest", "bandwidth", "sharded",
-                         "training", "overlap"]
+    # the kernel and bandwidth numbers first, then what can hang (collectives), pytest last
+    assert list(sec) == ["env", "static", "correctness", "bandwidth", "sharded", "training",
+                         "overlap", "pytest"]
     for name, res in sec.items():
         assert res["status"] in ("ok", "skipped"), (name, res)
     # overlap: bench_overlap's rows at world size 1 (hook overhead; no bytes to hide)
@@ -56,9 +62,85 @@ def test_gpu_check_dry_run(tmp_path):
         assert {(n, m) for m in ("copy", "grams", "grams_s", "bf16", "bf16_state", "two_pass",
                                  "adamw_fused", "adamw_foreach")} <= modes
     assert any("pieces" in r["impl"] for r in sec["bandwidth"]["rows"])
+    graph = [r["impl"] for r in sec["bandwidth"]["rows"] if "CUDA graph" in r["impl"]]
+    assert len(graph) == 2 and any("alone" in g for g in graph)
     assert all(r["status"] == "ok" for r in sec["sharded"]["rows"])
     assert [r["optimizer"] for r in sec["training"]["rows"]] == [
         "ShardedAMS (Grams)", "DDP + AdamW(fused=True)"]
     assert "skipped" in sec["pytest"]["summary"] and sec["pytest"]["returncode"] == 0
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| correctness | ok |" in md and "## bandwidth" in md
+
+
+def test_gpu_check_keeps_numbers_through_a_failure_and_a_hang(tmp_path):
+    """A section that hangs is ended by its watchdog with its stack recorded, one that raises
+    is recorded with its traceback, and the numbers measured before either stay in the JSON;
+    the sections after them run in fresh processes."""
+    proc = _dry_run(tmp_path, "--sections", "bandwidth", "sharded", "training",
+                    "--inject", "sharded:hang", "--inject", "training:raise",
+                    "--cap", "sharded=1")
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-6000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    sec = report["sections"]
+    assert list(sec) == ["bandwidth", "sharded", "training"] and report["state"] == "FAILED"
+    assert sec["bandwidth"]["status"] == "ok"
+    assert all(r["ms"] > 0 for r in sec["bandwidth"]["rows"] if "ms" in r)
+    hung = sec["sharded"]
+    assert hung["status"] == "error" and "ran past its cap of 1 s" in hung["error"]
+    assert "ended by its watchdog" in hung["error"]
+    assert "run_section" in hung["error"]  # the watchdog's stack of the hung section
+    assert sec["training"]["status"] == "error"
+    assert "injected failure in section training" in sec["training"]["error"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "## bandwidth" in md and "## sharded: error" in md
+
+
+def test_report_survives_a_broken_formatter(tmp_path, monkeypatch):
+    """gpu_check.json is written before the markdown, and the markdown is built one section
+    at a time: a formatter that raises loses its own table, not the numbers."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check_report as rep
+
+    def broken(*args):
+        raise KeyError("a formatter bug")
+
+    monkeypatch.setitem(rep.FORMATTERS, "bandwidth", broken)
+    report = {"device": "cuda", "state": "RUNNING", "seconds": 1.0, "sections": {
+        "env": {"status": "ok", "seconds": 0.1, "info": {"device": "NVIDIA H100 80GB HBM3"}},
+        "bandwidth": {"status": "ok", "seconds": 2.0, "rows": [
+            {"n": 1024, "mode": "grams", "ms": 0.125, "gbs": 229.4}]},
+        "training": {"status": "ok", "seconds": 3.0, "rows": [{"optimizer": "x", "mfu": 0.375}]}}}
+    md = rep.write_report(report, str(tmp_path))
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["sections"]["bandwidth"]["rows"][0]["ms"] == 0.125
+    assert "bandwidth: the report could not format this section" in md
+    assert "| x | 0.375 |" in md and md == (tmp_path / "gpu_check.md").read_text().rstrip("\n")
+    # a bug outside the per-section formatters: the JSON is on disk before the markdown
+    monkeypatch.setattr(rep, "_header", broken)
+    report["sections"]["training"]["rows"][0]["mfu"] = 0.5
+    with pytest.raises(KeyError):
+        rep.write_report(report, str(tmp_path))
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["sections"]["training"]["rows"][0]["mfu"] == 0.5
+
+
+def test_a_stopped_driver_ends_its_running_child():
+    """SIGTERM/SIGINT to the driver (an outer ``timeout``, Ctrl-C) ends the child running a
+    section: it has a session of its own, so nothing else would, and a hung one would hold
+    the GPU through the rerun."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             start_new_session=True)
+    gpu_check._RUNNING.append(child)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            gpu_check._on_signal(signal.SIGTERM, None)
+        assert exc.value.code == 128 + signal.SIGTERM
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        gpu_check._RUNNING.remove(child)
+        if child.poll() is None:
+            child.kill()
+            child.wait()

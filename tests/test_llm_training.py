@@ -18,8 +18,9 @@ from launcher.config import accumulation_steps, load_config
 from launcher.commands.export import ExportError, export_checkpoint
 from launcher.run.preflight import preflight
 from launcher.data.tokens import load_training_data
-from launcher.train.step import (TensorBoardLog, build_model_for_training, evaluate, forward_backward,
-                               loss_of, peak_bf16_flops, resolve_precision, split_micro, throughput)
+from launcher.train.step import (TensorBoardLog, build_model_for_training, device_batch, evaluate,
+                               forward_backward, loss_of, peak_bf16_flops, peak_bf16_tflops,
+                               resolve_precision, split_micro, throughput)
 from sharded_ams import ShardedAMS
 from sharded_ams.checkpoint import save_checkpoint
 
@@ -172,6 +173,27 @@ def test_throughput_and_mfu_numbers():
     assert t == {"tokens_per_s": 500.0, "tflops": 6e6 * 500 / 2 / 1e12, "mfu": 6e6 * 500 / 2 / 1e12}
     assert "mfu" not in throughput(1000, 2.0, 6e6, 2, None)
     assert peak_bf16_flops(torch.device("cpu")) is None
+
+
+def test_mfu_peak_follows_the_device_name():
+    """torch.cuda.get_device_name() spellings -> dense bf16 peak: the PCIe and NVL parts are
+    not the SXM part; a name merely containing a known one (A10G, GH200 vs H200) is not it."""
+    names = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+             "NVIDIA H200": 989.0, "NVIDIA H200 NVL": 835.0, "NVIDIA GH200 480GB": 989.0,
+             "NVIDIA H20": 148.0, "NVIDIA H800 PCIe": 756.0, "NVIDIA A100-SXM4-80GB": 312.0,
+             "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L40S": 362.0, "NVIDIA L40": 181.0,
+             "NVIDIA L4": 121.0, "NVIDIA A10": 125.0, "NVIDIA B200": 2250.0,
+             "NVIDIA A10G": None, "NVIDIA GeForce RTX 4090": None}
+    assert {n: peak_bf16_tflops(n) for n in names} == names
+
+
+def test_batches_on_cpu_are_used_as_they_are():
+    """device_batch pins and copies without blocking on CUDA only (tests/test_gpu.py); on
+    the CPU the batch is the loader's own tensors, as before."""
+    x = torch.arange(12).view(3, 4)
+    y = x + 1
+    bx, by = device_batch(x, y, torch.device("cpu"))
+    assert bx is x and by is y
 
 
 def test_tensorboard_events(tmp_path):

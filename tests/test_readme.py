@@ -36,6 +36,11 @@ BASH_BLOCKS = {
     ("Tests", 0): "excluded: a subset of the test command that .ci/run runs; the marker it "
                   "selects on is declared: test_the_fast_part_of_the_suite_is_selectable",
     ("Plan a run: `sharded-ams plan`", 0): "tests/test_plan.py::test_readme_plan_block",
+    ("Checkpoints", 0): "excluded: an fsdp run of llama_tiny takes minutes; its path (the "
+                        "launcher with parallel.strategy=fsdp, DCP checkpoints) runs in "
+                        "tests/test_faults.py::test_e_fsdp_sigkill_a_worker_then_lose_a_node "
+                        "and the convert line's in tests/test_dcp_checkpoint.py::"
+                        "test_convert_zero1_to_dcp_and_back_is_bitwise",
     ("Does Grams help?", 0): "excluded: the full CPU study takes ~25-60 min and the paper "
                              "preset needs GPUs and C4; the smoke line's path runs in "
                              "tests/test_optimizer_study.py::test_smoke_study_killed_and_resumed "

@@ -163,7 +163,7 @@ def test_rerun_is_idempotent_force_replaces(tmp_path):
 @pytest.mark.parametrize("case, match", [
     ("missing", r"input '.*nope' does not exist"),
     ("glob", r"input glob '.*\*\.none' matches nothing"),
-    ("emptydir", r"holds no \.txt/\.jsonl files"),
+    ("emptydir", r"holds no \.txt/\.jsonl/\.parquet files"),
     ("empty", r"empty corpus: no text in 2 input file"),
     ("fifo", r"is not a regular file"),
     ("jsonl", r"bad\.jsonl:2: no string field 'text'"),

@@ -3,6 +3,7 @@
     sharded-ams ckpt inspect DIR [--json] [--no-checksums]    # DIR: a checkpoint or a run
     sharded-ams ckpt consolidate DIR OUT
     sharded-ams ckpt export CKPT OUT --format hf|safetensors    # launcher/commands/export.py
+    sharded-ams ckpt convert SRC OUT --to dcp|zero1             # launcher/commands/ckpt_dcp.py
     python -m launcher.commands.ckpt inspect DIR          # the same, standalone
 
 ``launcher/cli.py`` registers them with :func:`add_ckpt_subparser`. Every leaf parser sets
@@ -27,9 +28,14 @@ def inspect_checkpoint(path: str, *, checksums: bool = True) -> dict:
     say whether it loads; whatever a well-formed manifest tells is filled in even if a
     file is bad). The hyperparameters shown are the ones a load applies: a shard whose
     own differ is refused by the load."""
-    from sharded_ams.checkpoint import CheckpointError, read_manifest, validate_checkpoint
+    from sharded_ams.checkpoint import (DCP_FORMAT, CheckpointError, manifest_format,
+                                        read_manifest, validate_checkpoint)
     from sharded_ams.checkpoint.values import describe_problem
 
+    if manifest_format(path) == DCP_FORMAT:  # an fsdp run's (launcher/commands/ckpt_dcp.py)
+        from launcher.commands.ckpt_dcp import inspect_dcp
+
+        return inspect_dcp(path, checksums=checksums)
     out: dict = {"path": str(path), "valid": False, "reason": None, "unsound_values": None}
     man = None
     try:
@@ -103,6 +109,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=repr))
         return 0 if info["valid"] else 1
+    if info.get("format") == "dcp":
+        from launcher.commands.ckpt_dcp import print_dcp
+
+        return print_dcp(info, _fmt_bytes)
     print(f"checkpoint: {info['path']}")
     print("status:     " + ("valid" if info["valid"] else f"INVALID: {info['reason']}"))
     if "step" not in info:
@@ -181,13 +191,16 @@ def _add_commands(sub) -> None:
     from launcher.commands.export import add_export_command  # `ckpt export` (launcher/commands/export.py)
 
     add_export_command(sub)
+    from launcher.commands.ckpt_dcp import add_convert_command  # `ckpt convert`
+
+    add_convert_command(sub)
 
 
 def add_ckpt_subparser(subparsers) -> argparse.ArgumentParser:
     """Add ``ckpt {inspect,consolidate}`` to ``subparsers`` (from ``add_subparsers()``)."""
     p = subparsers.add_parser("ckpt", help="inspect or consolidate checkpoints",
                               description="Inspect or consolidate sharded-ams checkpoints.")
-    sub = p.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate,export}")
+    sub = p.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate,export,convert}")
     sub.required = True
     _add_commands(sub)
     return p
@@ -196,7 +209,7 @@ def add_ckpt_subparser(subparsers) -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.commands.ckpt",
                                      description="Inspect or consolidate sharded-ams checkpoints.")
-    sub = parser.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate,export}")
+    sub = parser.add_subparsers(dest="ckpt_command", metavar="{inspect,consolidate,export,convert}")
     sub.required = True
     _add_commands(sub)
     args = parser.parse_args(argv)

@@ -1,6 +1,12 @@
 """What ``prepare-data`` reads: the input files its INPUT arguments name, and the documents
 in them, as UTF-8 pieces of bounded size.
 
+Kinds of file (:func:`file_kind`): text (one document per file), JSON lines (``.jsonl``,
+``.json``: one document per line), each possibly ``.gz``; Parquet and Arrow (a Hugging
+Face ``datasets`` directory) are read by :mod:`launcher.data.columnar`. A file is read as a
+whole or, for the plan's blocks, as a byte range of an uncompressed text or JSONL file that
+starts and ends after a newline (:func:`iter_segment`).
+
 Inputs are untrusted: a FIFO or device is refused (it would block or never end), symlinks
 met in a directory walk are skipped, a damaged ``.gz`` is a one-line error naming the file,
 a file that looks binary (a NUL byte in its first 8 KiB, git's test) is skipped with a
@@ -14,6 +20,7 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
+import io
 import json
 import os
 import stat
@@ -24,11 +31,11 @@ from typing import Any, BinaryIO, Iterator, Optional, Sequence
 
 from launcher.data.tokens import DataError
 
-__all__ = ["collect_inputs", "iter_documents", "ReadStats", "CHUNK_BYTES", "DEFAULT_EXTS",
-           "check_out_apart"]
+__all__ = ["collect_inputs", "iter_segment", "doc_pieces", "file_kind", "ReadStats",
+           "CHUNK_BYTES", "DEFAULT_EXTS", "check_out_apart", "looks_binary"]
 
 CHUNK_BYTES = 1 << 18
-DEFAULT_EXTS = (".txt", ".jsonl")
+DEFAULT_EXTS = (".txt", ".jsonl", ".parquet")
 MAX_LINE_BYTES = 1 << 30  # one JSONL document; memory peaks at ~3x its line
 SNIFF_BYTES = 8000  # as git: a NUL byte in the first 8000 bytes means binary
 _GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
@@ -40,13 +47,22 @@ class ReadStats:
 
     replaced: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)
+    nulls: dict = field(default_factory=dict)  # file -> null values in its text column (skipped)
+
+    def merge(self, other: "ReadStats") -> None:
+        """Add ``other``'s counts (a block's, read by another worker) to these."""
+        for mine, theirs in ((self.replaced, other.replaced), (self.nulls, other.nulls)):
+            for path, n in theirs.items():
+                mine[path] = mine.get(path, 0) + n
+        self.skipped += [p for p in other.skipped if p not in self.skipped]
 
     def warnings(self, limit: int = 10) -> list[str]:
         out = [f"warning: {p}: looks binary (a NUL byte in its first {SNIFF_BYTES:,} bytes); "
                "skipped" for p in self.skipped[:limit]]
         out += [f"warning: {p}: {n:,} invalid UTF-8 byte(s) replaced by U+FFFD"
                 for p, n in list(self.replaced.items())[:limit]]
-        more = max(0, len(self.skipped) - limit) + max(0, len(self.replaced) - limit)
+        out += [f"warning: {p}: {n:,} null text value(s) skipped" for p, n in list(self.nulls.items())[:limit]]
+        more = sum(max(0, len(x) - limit) for x in (self.skipped, self.replaced, self.nulls))
         return out + ([f"warning: ... and {more} more file(s)"] if more else [])
 
 
@@ -63,11 +79,54 @@ def _regular(path: Path, given: str) -> Path:
     return path
 
 
+def _datasets_files(d: Path, given: str) -> Optional[list[Path]]:
+    """The Arrow files of a Hugging Face ``datasets`` directory (``save_to_disk``), in the
+    order its ``state.json`` lists them; None if ``d`` is not one. A ``DatasetDict`` (one
+    directory per split) is refused: which split to train on is the user's choice."""
+    if (d / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in d.iterdir() if (p / "state.json").is_file())
+        raise DataError(f"input {given!r} is a Hugging Face DatasetDict with splits {splits}; give "
+                        f"one split's directory (e.g. {d / (splits[0] if splits else 'train')})")
+    state_path = d / "state.json"
+    if not (state_path.is_file() and (d / "dataset_info.json").is_file()):
+        return None
+    try:
+        if os.path.getsize(state_path) > 16 << 20:
+            raise ValueError("over 16 MiB")
+        state = json.loads(state_path.read_text())
+        names = [f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise DataError(f"{state_path}: not a Hugging Face datasets state.json ({exc})") from None
+    if not names:
+        raise DataError(f"input {given!r}: a Hugging Face datasets directory with no data files")
+    files = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise DataError(f"{state_path}: data file {name!r} is not a plain file name")
+        files.append(_regular((d / name).absolute(), str(d / name)))
+    return files
+
+
+def _walk(path: Path, given: str, exts: tuple) -> list[Path]:
+    found = []
+    for root, dirs, names in os.walk(path):  # does not descend into symlinked dirs
+        dirs.sort()
+        for name in sorted(names):
+            p = Path(root) / name
+            if name.lower().endswith(exts) and p.is_file() and not p.is_symlink():
+                found.append(p.absolute())
+    if not found:
+        raise DataError(f"input directory {given!r} holds no {'/'.join(exts)} files "
+                        "(choose others with --ext)")
+    return found
+
+
 def collect_inputs(inputs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS) -> list[Path]:
     """The files ``inputs`` name, absolute, in order (each directory's files sorted), once
     each. A named file or a glob match is taken whatever its extension; directories
-    contribute their ``exts`` files. Raises DataError for a path that does not exist, a
-    glob that matches nothing, or no files at all."""
+    contribute their ``exts`` files, a Hugging Face ``datasets`` directory its Arrow files.
+    Raises DataError for a path that does not exist, a glob that matches nothing, or no
+    files at all."""
     if not inputs:
         raise DataError("no INPUT given")
     exts = tuple(e.lower() for e in exts)
@@ -80,21 +139,22 @@ def collect_inputs(inputs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS) ->
                 raise DataError(f"input glob {given!r} matches nothing")
             files += [_regular(Path(m).absolute(), m) for m in matches if not Path(m).is_dir()]
         elif path.is_dir():
-            found = []
-            for root, dirs, names in os.walk(path):  # does not descend into symlinked dirs
-                dirs.sort()
-                for name in sorted(names):
-                    p = Path(root) / name
-                    if name.lower().endswith(exts) and p.is_file() and not p.is_symlink():
-                        found.append(p.absolute())
-            if not found:
-                raise DataError(f"input directory {given!r} holds no {'/'.join(exts)} files "
-                                "(choose others with --ext)")
-            files += found
+            files += _datasets_files(path, given) or _walk(path, given, exts)
         else:
             files.append(_regular(path.absolute(), given))
     seen: set[Path] = set()
     return [f for f in files if not (f in seen or seen.add(f))]
+
+
+def file_kind(path: Path) -> str:
+    """How a file is read: "parquet", "arrow" (Arrow IPC, as ``datasets`` writes), "jsonl"
+    (one JSON document per line, also ``.json`` and ``.gz``), or "text" (one document)."""
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "arrow"
+    return "jsonl" if _is_jsonl(path) else "text"
 
 
 def check_out_apart(out: Path, inputs: Sequence[str], files: Sequence[Path]) -> None:
@@ -162,10 +222,16 @@ def _is_gz(path: Path) -> bool:
     return path.name.lower().endswith(".gz")
 
 
-def _looks_binary(path: Path) -> bool:
-    with open(path, "rb") as raw:
-        f: Any = gzip.GzipFile(fileobj=raw) if _is_gz(path) else raw
-        return b"\0" in f.read(SNIFF_BYTES)
+def looks_binary(path: Path) -> bool:
+    """A NUL byte in the first SNIFF_BYTES (decompressed) bytes: git's test for binary."""
+    try:
+        with open(path, "rb") as raw:
+            f: Any = gzip.GzipFile(fileobj=raw) if _is_gz(path) else raw
+            return b"\0" in f.read(SNIFF_BYTES)
+    except _GZIP_ERRORS as exc:
+        raise DataError(f"{path}: not a complete gzip file ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 _replaced = [0]
@@ -192,93 +258,114 @@ def _valid_utf8(piece: bytes, path: Path, stats: Optional[ReadStats]) -> bytes:
         return fixed
 
 
-def _lines(f: BinaryIO, path: Path) -> Iterator[tuple[int, bytes]]:
-    """``(lineno, line)``; a line over MAX_LINE_BYTES is refused before it is all in memory."""
-    lineno = 0
+def _lines(f: BinaryIO, where) -> Iterator[tuple[str, bytes]]:
+    """``(location, line)``; a line over MAX_LINE_BYTES is refused before it is all in memory.
+    ``where(lineno, offset)`` names a line for messages."""
+    lineno, offset = 0, 0
     while True:
         line = f.readline(MAX_LINE_BYTES + 1)
         if not line:
             return
         lineno += 1
         if len(line) > MAX_LINE_BYTES:
-            raise DataError(f"{path}:{lineno}: a JSON line over {MAX_LINE_BYTES:,} bytes; split the "
+            raise DataError(f"{where(lineno, offset)}: a JSON line over {MAX_LINE_BYTES:,} bytes; split the "
                             "document into several lines")
-        yield lineno, line
+        yield where(lineno, offset), line
+        offset += len(line)
 
 
-def _jsonl_pieces(f: BinaryIO, path: Path, text_field: str, chunk_bytes: int
+def _jsonl_pieces(f: BinaryIO, where, text_field: str, chunk_bytes: int
                   ) -> Iterator[tuple[bytes, bool]]:
-    for lineno, line in _lines(f, path):
+    for loc, line in _lines(f, where):
         if not line.strip():
             yield b"", False
             continue
         try:
             rec = json.loads(line)
         except ValueError as exc:
-            raise DataError(f"{path}:{lineno}: not a JSON line ({exc})") from None
+            raise DataError(f"{loc}: not a JSON line ({exc})") from None
         del line
         text = rec.get(text_field) if isinstance(rec, dict) else None
         del rec
         if not isinstance(text, str):
-            raise DataError(f"{path}:{lineno}: no string field {text_field!r} "
+            raise DataError(f"{loc}: no string field {text_field!r} "
                             "(choose the field with --text-field)")
-        parts = _str_chunks(text, chunk_bytes)  # a long line: bounded pieces for the tokenizer
-        last = next(parts)
-        for part in parts:
-            yield _encode(last, path, lineno, text_field), False
-            last = part
-        yield _encode(last, path, lineno, text_field), True
+        yield from doc_pieces(text, loc, text_field, chunk_bytes)
 
 
-def _encode(text: str, path: Path, lineno: int, text_field: str) -> bytes:
+def doc_pieces(text: str, loc: str, text_field: str, chunk_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """One document as UTF-8 pieces of at most ``chunk_bytes`` characters (bounded memory
+    for the tokenizer), the last marked as its end; ``loc`` names it in errors."""
+    parts = _str_chunks(text, chunk_bytes)
+    last = next(parts)
+    for part in parts:
+        yield _encode(last, loc, text_field), False
+        last = part
+    yield _encode(last, loc, text_field), True
+
+
+def _encode(text: str, loc: str, text_field: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in the JSON)
-        raise DataError(f"{path}:{lineno}: field {text_field!r} holds {text[exc.start]!r}, a lone "
+        raise DataError(f"{loc}: field {text_field!r} holds {text[exc.start]!r}, a lone "
                         "surrogate (not valid Unicode); fix or drop that line") from None
 
 
-def _file_pieces(path: Path, text_field: str, chunk_bytes: int, repair_utf8: bool,
-                 stats: Optional[ReadStats]) -> Iterator[tuple[bytes, bool, int]]:
-    with open(path, "rb") as raw:
-        f: Any = gzip.GzipFile(fileobj=raw) if _is_gz(path) else raw
-        pos = 0
-        if _is_jsonl(path):
-            pieces = _jsonl_pieces(f, path, text_field, chunk_bytes)
-        else:
-            pieces = ((c, False) for c in _text_chunks(f, chunk_bytes))
-        for piece, end in pieces:
-            if repair_utf8:
-                piece = _valid_utf8(piece, path, stats)
-            delta, pos = raw.tell() - pos, raw.tell()
-            yield piece, end, delta
+class _ByteRange(io.RawIOBase):
+    """Bytes ``[start, end)`` of an open file as a stream of their own."""
+
+    def __init__(self, f: BinaryIO, start: int, end: int):
+        f.seek(start)
+        self._f, self._left = f, end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self._f.read(min(len(b), self._left)) if self._left > 0 else b""
+        b[:len(data)] = data
+        self._left -= len(data)
+        return len(data)
 
 
-def iter_documents(files: Sequence[Path], text_field: str = "text", chunk_bytes: int = CHUNK_BYTES,
-                   *, repair_utf8: bool = True, stats: Optional[ReadStats] = None
-                   ) -> Iterator[tuple[bytes, bool, int]]:
-    """``(utf8_piece, ends_document, bytes_read_from_disk_since_last)`` over every document
-    of ``files`` (``.gz`` decompressed as read; binary-looking files skipped). ``repair_utf8``:
-    replace invalid UTF-8 (counted in ``stats``); off for the byte tokenizer, which takes
-    any bytes. Raises DataError naming the file (and line) for unreadable input."""
-    for path in files:
-        try:
-            if _looks_binary(path):
-                if stats is not None:
-                    stats.skipped.append(str(path))
-                yield b"", False, os.stat(path).st_size
-                continue
-            if _is_jsonl(path):
-                yield from _file_pieces(path, text_field, chunk_bytes, repair_utf8, stats)
-                continue
-            last = None
-            for piece, _, nbytes in _file_pieces(path, text_field, chunk_bytes, repair_utf8, stats):
-                if last is not None:
-                    yield last[0], False, last[1]
-                last = (piece, nbytes)
-            if last is not None:
-                yield last[0], True, last[1]
-        except _GZIP_ERRORS as exc:
-            raise DataError(f"{path}: not a complete gzip file ({type(exc).__name__}: {exc})") from None
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+def iter_segment(path: Path, jsonl: bool, start: int, end: Optional[int], ends_doc: bool,
+                 text_field: str = "text", chunk_bytes: int = CHUNK_BYTES, *, repair_utf8: bool = True,
+                 stats: Optional[ReadStats] = None) -> Iterator[tuple[bytes, bool, int]]:
+    """``(utf8_piece, ends_document, bytes_read_from_disk_since_last)`` of bytes
+    ``[start, end)`` of a text or JSONL file (``end`` None: to its end; a ``.gz`` file is
+    always read whole). A text segment ends its document when ``ends_doc``. Raises
+    DataError naming the file (and line) for unreadable input."""
+    try:
+        with open(path, "rb") as raw:
+            if _is_gz(path):
+                f: Any = gzip.GzipFile(fileobj=raw)
+            else:
+                f = io.BufferedReader(_ByteRange(raw, start, os.fstat(raw.fileno()).st_size if end is None else end))
+            pos = raw.tell()
+            if jsonl:
+                where = ((lambda n, off: f"{path}:{n}") if start == 0 else
+                         (lambda n, off: f"{path}: the line at byte {start + off:,}"))
+                pieces: Iterator = _jsonl_pieces(f, where, text_field, chunk_bytes)
+            else:
+                pieces = _ends_last(_text_chunks(f, chunk_bytes), ends_doc)
+            for piece, end_doc in pieces:
+                if repair_utf8:
+                    piece = _valid_utf8(piece, path, stats)
+                delta, pos = raw.tell() - pos, raw.tell()
+                yield piece, end_doc, delta
+    except _GZIP_ERRORS as exc:
+        raise DataError(f"{path}: not a complete gzip file ({type(exc).__name__}: {exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _ends_last(chunks: Iterator[bytes], ends_doc: bool) -> Iterator[tuple[bytes, bool]]:
+    """The chunks, the last one marked ``ends_doc``."""
+    last = None
+    for chunk in chunks:
+        if last is not None:
+            yield last, False
+        last = chunk
+    if last is not None:
+        yield last, ends_doc

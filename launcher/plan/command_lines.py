@@ -1,6 +1,6 @@
-"""What runs a candidate: the ``sharded-ams train`` line for the ZeRO-1 data-parallel
-configs the launcher runs today, and for FSDP / tensor parallelism the ``[parallel]``
-table they would need once the launcher has one (issue 20), said plainly."""
+"""What runs a candidate: the ``sharded-ams train`` line (``[parallel]`` set for FSDP and
+tensor parallelism), and for what the launcher refuses (ZeRO-1 with tp > 1) the table it
+would need, said plainly."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def overrides(spec: ModelSpec, inp, cand: dict) -> list[str]:
              f"optim.grad_reduce_dtype={inp.grad_reduce}"]
     if inp.beta3 > 0:
         sets += ["optim.preset=", f"optim.beta3={inp.beta3}", "optim.lam=-1"]
+    if cand["strategy"] == "fsdp":
+        sets += ["parallel.strategy=fsdp", f"parallel.tp={cand['tp']}"]
     return sets
 
 
@@ -40,13 +42,12 @@ def run_line(spec: ModelSpec, inp, cand: dict) -> dict:
     if inp.state_dtype == "bf16":
         notes.append("bf16 optimizer state is ShardedAMS(state_dtype=torch.bfloat16) in Python; "
                      "the launcher has no key for it yet")
-    if cand["strategy"] == "zero1" and cand["tp"] == 1:
+    if cand["strategy"] == "fsdp" or cand["tp"] == 1:
         return {"runnable": not notes, "command": command, "parallel_table": None,
                 "note": "; ".join(notes)}
     table = (f"[parallel]\nstrategy = \"{cand['strategy']}\"   # dp x tp = "
              f"{cand['dp']} x {cand['tp']}\ntp = {cand['tp']}")
-    notes.insert(0, "the launcher cannot run this yet: it has no [parallel] table, FSDP or "
-                    "tensor parallelism (issue 20); it would need the table below added to "
-                    "the config of the zero1 command")
+    notes.insert(0, "the launcher cannot run this yet: ZeRO-1 on the data-parallel dimension "
+                    "of a tensor-parallel mesh is not in it (parallel.tp needs strategy fsdp)")
     return {"runnable": False, "command": command, "parallel_table": table,
             "note": "; ".join(notes)}

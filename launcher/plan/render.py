@@ -85,8 +85,8 @@ def render(plan: dict) -> str:
     ]
     for label, vals in _rows(plan):
         lines.append(f"{label:46}" + "".join(f"{v:>22}" for v in vals))
-    lines += ["", "CONFIGS THAT FIT, fastest first (FSDP and tp > 1 cannot run in the launcher yet: "
-              "no [parallel] table, issue 20; their row shows the table they would need):"]
+    lines += ["", "CONFIGS THAT FIT, fastest first (ZeRO-1 with tp > 1 cannot run in the launcher "
+              "yet; its row shows the table it would need):"]
     if not plan["ranked"]:
         lines.append("  none: more GPUs, a larger --tp, a smaller --micro-batch or a bigger card")
     for i, c in enumerate(plan["ranked"], 1):

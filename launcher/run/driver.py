@@ -309,9 +309,10 @@ def check_resume(cfg: Config) -> ResumePoint:
     if point.path and not is_uri(point.path):  # a changed preset/lam/beta3 refused; lr: says who wins
         import sys
 
-        from launcher.run.resume_checks import check_same_optimizer
+        from launcher.run.resume_checks import check_same_optimizer, check_same_strategy
 
         try:
+            check_same_strategy(cfg.parallel.strategy, point.path)
             notes = check_same_optimizer(cfg.optim, point.path)
         except ValueError as exc:
             raise LaunchError(str(exc)) from None

@@ -9,6 +9,8 @@ and again in each worker before a load).
 * ``optim.lr``, ``betas``, ``eps``, ``weight_decay``: **the checkpoint's values win** on resume
   (the optimizer's groups and the LR scheduler's ``base_lrs`` are restored from it); a
   config that differs gets a note saying so.
+* ``parallel.strategy``: a ``zero1`` run resumes native checkpoints, an ``fsdp`` run DCP
+  ones; the other is refused with the ``sharded-ams ckpt convert`` command that fits.
 * The schedule's shape (``optim.schedule``, ``warmup_steps``, ``min_lr_ratio``, ``job.steps``)
   **comes from the config** (the schedule is a function, rebuilt from the config, applied to
   the checkpoint's peak lr at the resumed step); raising ``--steps`` is how a run is extended.
@@ -20,7 +22,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["optimizer_identity", "check_same_optimizer", "check_loaded_groups", "describe_identity"]
+__all__ = ["optimizer_identity", "check_same_optimizer", "check_loaded_groups", "describe_identity",
+           "check_same_strategy"]
 
 
 def optimizer_identity(preset: Optional[str], beta3: Optional[float], lam: Optional[float]) -> tuple[float, float]:
@@ -52,10 +55,10 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _groups(path: str) -> Optional[list]:
-    from sharded_ams.checkpoint import CheckpointError, read_manifest
+    from sharded_ams.checkpoint import CheckpointError, validate_checkpoint
 
     try:
-        groups = read_manifest(path).param_groups
+        groups = validate_checkpoint(path, checksums=False).param_groups
     except (CheckpointError, OSError, ValueError):
         return None  # the load reports an unreadable checkpoint properly
     return groups if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) else None
@@ -122,3 +125,17 @@ def _peak_lr(path: str, groups: list) -> Optional[float]:
     except Exception:  # untrusted or absent: fall back to what the manifest says
         lr = groups[0].get("initial_lr")
         return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def check_same_strategy(strategy: str, path: str) -> None:
+    """ValueError when ``path``'s format is not the one ``parallel.strategy`` resumes (a
+    ``zero1`` run: native; ``fsdp``: DCP), naming the conversion."""
+    from sharded_ams.checkpoint import DCP_FORMAT, manifest_format
+
+    have = "dcp" if manifest_format(path) == DCP_FORMAT else "zero1"
+    want = "dcp" if strategy == "fsdp" else "zero1"
+    if have != want:
+        raise ValueError(
+            f"{path} is a {have} checkpoint and parallel.strategy is {strategy!r}: convert it "
+            f"(sharded-ams ckpt convert {path} OUT --to {want}) and start a new run from it "
+            "(job.resume_from = OUT, --name), or keep the strategy")

@@ -46,7 +46,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -58,9 +58,12 @@ from launcher.config import Config, accumulation_steps
 from launcher.data.tokens import load_training_data
 from launcher.run.records import (METRICS_FILE, STATE_DIR, Heartbeat, MetricsHistory, describe_start,  # noqa: F401
                                   exists, start_event, write_text)
+from launcher.train.fsdp_optim import FSDPAMS
+from launcher.train.parallel.layout import Layout, make_layout, parallelize
 from launcher.train.resume import resume, save_and_report
 from launcher.train.step import (PROGRESS_TAG, TensorBoardLog, autocast,  # noqa: F401
-                                 build_model_for_training, evaluate, forward_backward,
+                                 build_model_for_training, device_batch, evaluate,
+                                 forward_backward,
                                  log_progress, model_flops_per_token, peak_bf16_flops,
                                  resolve_precision, split_micro, throughput)
 from sharded_ams import ShardedAMS
@@ -177,6 +180,7 @@ class _Worker:
     rank: int
     world_size: int
     device: torch.device
+    layout: Layout
     accum: int
     precision: str
     amp: Callable
@@ -184,7 +188,7 @@ class _Worker:
     data: Any
     model_table: dict
     model: torch.nn.Module
-    optimizer: ShardedAMS
+    optimizer: Any  # ShardedAMS (zero1) or FSDPAMS (fsdp)
     scheduler: Any
     flops_per_token: float = 0.0  # set when training starts (throughput and MFU)
     peak: Any = None              # the device's bf16 peak FLOP/s, None if unknown
@@ -196,26 +200,37 @@ class _Worker:
     def eval_kw(self) -> dict:
         d = self.cfg.data
         return dict(batch_size=d.batch_size, micro_batch_size=d.micro_batch_size,
-                    block_size=d.block_size, iters=d.eval_iters, seed=d.seed, rank=self.rank,
-                    world_size=self.world_size, device=self.device, amp=self.amp, where=self.where)
+                    block_size=d.block_size, iters=d.eval_iters, seed=d.seed,
+                    rank=self.layout.dp_rank, world_size=self.layout.dp_size,
+                    group=self.layout.dp_group, device=self.device, amp=self.amp,
+                    where=self.where)
 
 
-def _build(config: dict) -> _Worker:
+def _build(config: dict, device: Optional[torch.device] = None) -> _Worker:
     """Data (the driver checked checksums before Ray started; sizes again here), model,
-    optimizer and LR schedule, from the loop config."""
-    cfg = Config.from_dict({k: v for k, v in config.items() if k in ("model", "data", "optim", "job")})
+    optimizer and LR schedule, from the loop config. ``device``: Ray's for this worker
+    unless given (tests build workers on gloo processes without Ray)."""
+    cfg = Config.from_dict({k: v for k, v in config.items() if k in ("model", "data", "optim", "job", "parallel")})
     mcfg, dcfg, ocfg = cfg.model, cfg.data, cfg.optim
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    device = ray.train.torch.get_device()  # [Ray] this worker's GPU, or the CPU
+    if device is None:
+        device = ray.train.torch.get_device()  # [Ray] this worker's GPU, or the CPU
     precision = resolve_precision(mcfg.precision, device)
     data = load_training_data(dataclasses.asdict(dcfg), verify="size")
     model_table = dataclasses.asdict(mcfg)
     if model_table["vocab_size"] is None:
         model_table["vocab_size"] = data.vocab_size
+    par = cfg.parallel
+    layout = make_layout(par.strategy, par.tp, rank, world_size, device)
     torch.manual_seed(dcfg.seed)  # identical initial weights on every rank
-    model = build_model_for_training(model_table, device, precision)
-    optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs(), param_sync_modules=_blocks(model))
+    if layout.strategy == "fsdp":  # fp32 shards (the masters); bf16 compute: FSDP2's policy
+        model = build_model_for_training(model_table, device, "fp32")
+        model = parallelize(model, layout, precision, ocfg.grad_reduce_dtype)
+        optimizer = FSDPAMS(model, **_fsdp_kwargs(ocfg.optimizer_kwargs()))
+    else:
+        model = build_model_for_training(model_table, device, precision)
+        optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs(), param_sync_modules=_blocks(model))
     if mcfg.compile:
         model.compile()  # in place: parameter names (and checkpoints) are unchanged
     schedule = Schedule(ocfg.schedule_steps or cfg.job.steps, ocfg.warmup_steps, ocfg.schedule,
@@ -223,11 +238,17 @@ def _build(config: dict) -> _Worker:
     return _Worker(
         config=config, cfg=cfg, run_dir=config.get("run_dir") or cfg.job.run_dir, rank=rank,
         world_size=world_size, device=device,
-        accum=accumulation_steps(dcfg.batch_size, world_size, dcfg.micro_batch_size),
+        layout=layout, accum=accumulation_steps(dcfg.batch_size, layout.dp_size, dcfg.micro_batch_size),
         precision=precision, amp=functools.partial(autocast, precision, device),
         where=f"model.factory {mcfg.factory!r}" if mcfg.factory else f"model.arch {mcfg.arch!r}",
         data=data, model_table=model_table, model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+
+
+def _fsdp_kwargs(kw: dict) -> dict:
+    """ShardedAMS's keyword arguments less what FSDP2 does itself (buckets, overlap, the
+    reduce dtype: its MixedPrecisionPolicy)."""
+    return {k: v for k, v in kw.items() if k not in ("bucket_numel", "overlap", "grad_reduce_dtype")}
 
 
 def _blocks(model: torch.nn.Module):
@@ -267,10 +288,11 @@ class _Records:
         how = (f"resuming from {self.resumed_from} (step {self.start_step})" if self.resumed_from
                else "starting from scratch")
         n_params = sum(p.numel() for p in w.model.parameters() if p.requires_grad)
-        return (f"{w.world_size} worker(s) on {w.device.type}, backend {w.optimizer.backend}, "
-                f"{w.precision}: {w.where} with {n_params:,} params; global batch {d.batch_size} x "
-                f"{d.block_size} tokens = {d.batch_size // w.world_size // w.accum} x {w.accum} "
-                f"micro-batch(es) x {w.world_size} worker(s); {how}")
+        dp = w.layout.dp_size
+        return (f"{w.world_size} worker(s) on {w.device.type}, {w.layout.describe()}, backend "
+                f"{w.optimizer.backend}, {w.precision}: {w.where} with {n_params:,} params; "
+                f"global batch {d.batch_size} x {d.block_size} tokens = {d.batch_size // dp // w.accum}"
+                f" x {w.accum} micro-batch(es) x {dp} replica(s); {how}")
 
     def stepped(self, step: int) -> None:
         """After each step: the heartbeat; after this group's first, what its start cost."""
@@ -323,10 +345,10 @@ def _train_step(w: _Worker, step: int) -> torch.Tensor:
     """One optimizer step on this rank's slice of global batch ``step`` (micro-batches:
     :func:`launcher.train.step.forward_backward`). Returns the loss, on the device."""
     d = w.cfg.data
-    x, y = w.data.get_batch("train", step, d.batch_size, d.block_size, seed=d.seed, rank=w.rank,
-                            world_size=w.world_size)
-    loss = forward_backward(w.model, w.optimizer, split_micro(x.to(w.device), y.to(w.device), w.accum),
-                            amp=w.amp, where=w.where)
+    x, y = w.data.get_batch("train", step, d.batch_size, d.block_size, seed=d.seed,
+                            rank=w.layout.dp_rank, world_size=w.layout.dp_size)
+    x, y = device_batch(x, y, w.device)  # CUDA: pinned, non-blocking
+    loss = forward_backward(w.model, w.optimizer, split_micro(x, y, w.accum), amp=w.amp, where=w.where)
     w.optimizer.step()  # reduce grads (once per step), AMS step on this rank's shard, gather params
     w.optimizer.zero_grad()
     w.scheduler.step()
@@ -376,7 +398,8 @@ def _report(w: _Worker, rec: _Records, step: int, start_step: int, window: _Wind
 def _extra(w: _Worker) -> dict:
     """What a checkpoint records of the run (read by ``ckpt export`` and the resume checks)."""
     return {"run": w.cfg.job.name, "model": w.model_table, "data": w.data.describe,
-            "data_seed": w.cfg.data.seed, "world_size": w.world_size, "precision": w.precision}
+            "data_seed": w.cfg.data.seed, "world_size": w.world_size, "precision": w.precision,
+            "mesh": {"strategy": w.layout.strategy, "dp": w.layout.dp_size, "tp": w.layout.tp}}
 
 
 def _train(w: _Worker, rec: _Records, start_step: int) -> dict:

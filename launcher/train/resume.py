@@ -1,5 +1,7 @@
 """Where a worker's run starts and how it saves: the checkpoints a start may resume from,
 loading one (any world size: the format reshards), and the save that goes with a report.
+A ``zero1`` run saves the native format, an ``fsdp`` run DCP (``sharded_ams.checkpoint.dcp``);
+a checkpoint of the other strategy is refused with the ``ckpt convert`` command that fits.
 
 The Ray calls are the lines marked ``# [Ray]``: ``ray.train.get_checkpoint()`` (the run's
 latest registered checkpoint, after a failure, a resize or a relaunch) and
@@ -17,17 +19,26 @@ import torch.distributed as dist
 
 import ray.train  # [Ray]
 
-from launcher.run.resume_checks import check_loaded_groups
+from launcher.run.resume_checks import check_loaded_groups, check_same_strategy
 from launcher.train.step import log_progress
-from sharded_ams.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint,
-                                    save_checkpoint, step_dir_name, validate_checkpoint)
+from sharded_ams.checkpoint import (DCP_FORMAT, CheckpointError, find_latest_checkpoint,
+                                    load_checkpoint, load_dcp, manifest_format, save_checkpoint,
+                                    save_dcp, step_dir_name, validate_checkpoint)
 
 __all__ = ["resume", "save_and_report"]
 
 
 def _load(path: str, optimizer, model, scheduler) -> int:
     check_loaded_groups(path, optimizer.param_groups)  # a changed preset/lam/beta3: refused
+    check_same_strategy("fsdp" if _is_fsdp(optimizer) else "zero1", path)
+    dcp = manifest_format(path) == DCP_FORMAT
+    if dcp:
+        return int(load_dcp(path, model, optimizer, lr_scheduler=scheduler)["step"])
     return int(load_checkpoint(path, optimizer, model=model, lr_scheduler=scheduler)["step"])
+
+
+def _is_fsdp(optimizer) -> bool:
+    return not hasattr(optimizer, "shards")  # ShardedAMS has its flat shards; FSDPAMS none
 
 
 def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int, str, str]]:
@@ -107,8 +118,12 @@ def save_and_report(metrics: dict, optimizer, model, scheduler, step: int, extra
     lists every rank's file); Ray uploads them all into the run's ``step-XXXXXXXX`` folder."""
     optimizer.finish_param_sync()  # the model's params must hold their gathered values
     with tempfile.TemporaryDirectory(prefix="sharded-ams-ckpt-") as tmp:
-        save_checkpoint(tmp, optimizer, model=model, step=step, extra=extra,
-                        lr_scheduler=scheduler, shared_fs=False).wait()
+        if _is_fsdp(optimizer):  # DCP format (sharded_ams.checkpoint.dcp)
+            save_dcp(tmp, model, optimizer, step=step, extra=extra, lr_scheduler=scheduler,
+                     mesh=extra.get("mesh"), shared_fs=False)
+        else:
+            save_checkpoint(tmp, optimizer, model=model, step=step, extra=extra,
+                            lr_scheduler=scheduler, shared_fs=False).wait()
         ray.train.report(  # [Ray] barrier; uploads tmp into the run's checkpoint folder
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),  # [Ray]

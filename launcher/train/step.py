@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import sys
 from typing import Any, Mapping, Optional
 
@@ -18,16 +19,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PROGRESS_TAG", "log_progress", "resolve_precision", "build_model_for_training", "autocast", "loss_of", "forward_backward",
-           "split_micro", "evaluate", "model_flops_per_token", "peak_bf16_flops", "throughput", "TensorBoardLog"]
+__all__ = ["PROGRESS_TAG", "log_progress", "resolve_precision", "build_model_for_training", "autocast", "loss_of",
+           "device_batch", "forward_backward", "split_micro", "evaluate", "model_flops_per_token", "peak_bf16_flops", "peak_bf16_tflops", "throughput", "TensorBoardLog"]
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets, matched
-# against torch.cuda.get_device_name(); first match wins (H200 before H100 is not needed:
-# the same number). Unknown devices get TFLOP/s but no MFU.
+# in order, as whole words and ignoring case, against torch.cuda.get_device_name(); the first
+# match wins, so the PCIe and NVL cards come before the plain name (the SXM part, whose
+# name is "NVIDIA H100 80GB HBM3"). Unknown devices get TFLOP/s but no MFU.
 PEAK_BF16_TFLOPS = (
-    ("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L4", 121.0),
-    ("A10", 125.0),
+    ("GH200", 989.0),       # Grace Hopper: the H100 SXM's tensor cores
+    ("H200 NVL", 835.0),    # H200 NVL (PCIe card): 1,671 with sparsity
+    ("H200", 989.0),        # H200 SXM
+    ("H100 NVL", 835.0),    # 1,671 with sparsity (per GPU)
+    ("H100 PCIe", 756.0),   # 1,513 with sparsity
+    ("H100", 989.0),        # H100 SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H800 PCIe", 756.0), ("H800", 989.0), ("H20", 148.0),
+    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
+    ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
 )
 
 
@@ -96,6 +104,24 @@ def split_micro(x: torch.Tensor, y: torch.Tensor, steps: int) -> list[tuple[torc
     return list(zip(x.chunk(steps), y.chunk(steps)))
 
 
+def device_batch(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's ``(x, y)`` on ``device``. On CUDA both go through one pinned host buffer in
+    one non-blocking copy: a copy from pageable memory blocks the host until it is done,
+    which stops the CPU from queueing the step's kernels ahead of the GPU (the caching host
+    allocator keeps the buffer until the copy has finished). Elsewhere they are moved (on
+    the CPU: returned) as they are."""
+    if device.type != "cuda":
+        return x.to(device), y.to(device)
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
+    staged = torch.empty((2, *x.shape), dtype=x.dtype, pin_memory=True)
+    staged[0].copy_(x)
+    staged[1].copy_(y)
+    both = staged.to(device, non_blocking=True)
+    return both[0], both[1]
+
+
 def forward_backward(model: nn.Module, optimizer, micro_batches: list, *, amp=contextlib.nullcontext,
                      where: str = "the model") -> torch.Tensor:
     """Forward and backward of one optimizer step's micro-batches (the step itself is the
@@ -117,10 +143,12 @@ def forward_backward(model: nn.Module, optimizer, micro_batches: list, *, amp=co
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, batch_size: int, micro_batch_size: Optional[int],
              block_size: int, iters: int, seed: int, rank: int, world_size: int,
-             device: torch.device, amp=contextlib.nullcontext, where: str = "the model") -> float:
+             device: torch.device, amp=contextlib.nullcontext, where: str = "the model",
+             group=None) -> float:
     """Mean validation loss over ``iters`` fixed global batches (batches 0..iters-1 of the
     validation split), each rank taking its slice in micro-batches; the same number on any
-    world size, up to float rounding."""
+    world size, up to float rounding. ``rank``/``world_size`` are the data-parallel ones and
+    ``group`` their process group (None: the world), under tensor parallelism."""
     import torch.distributed as dist
 
     was_training = model.training
@@ -128,12 +156,13 @@ def evaluate(model: nn.Module, data, *, batch_size: int, micro_batch_size: Optio
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(iters):
         x, y = data.get_batch("val", i, batch_size, block_size, seed=seed, rank=rank, world_size=world_size)
+        x, y = device_batch(x, y, device)
         chunks = split_micro(x, y, x.shape[0] // (micro_batch_size or x.shape[0]))
         for cx, cy in chunks:
             with amp():
-                total += loss_of(model(cx.to(device), cy.to(device)), cy.to(device), where).double() / len(chunks)
+                total += loss_of(model(cx, cy), cy, where).double() / len(chunks)
     if world_size > 1:
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=group)
     model.train(was_training)
     return total.item() / (iters * world_size)
 
@@ -147,12 +176,22 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 6.0 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def peak_bf16_tflops(name: str) -> float | None:
+    """The dense bf16 peak (TFLOP/s) of a device named ``name`` (as
+    ``torch.cuda.get_device_name`` spells it), from :data:`PEAK_BF16_TFLOPS`; None if unknown."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if re.search(r"(?<![A-Za-z0-9])" + re.escape(key).replace(r"\ ", r"[\s_-]+")
+                     + r"(?![A-Za-z0-9])", name, re.IGNORECASE):
+            return tflops
+    return None
+
+
 def peak_bf16_flops(device: torch.device) -> Optional[float]:
-    """The device's dense bf16 peak in FLOP/s, if it is in :data:`PEAK_BF16_TFLOPS`."""
+    """The device's dense bf16 peak in FLOP/s (:func:`peak_bf16_tflops` of its name)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in name), None)
+    tflops = peak_bf16_tflops(torch.cuda.get_device_name(device))
+    return None if tflops is None else tflops * 1e12
 
 
 def throughput(tokens: int, seconds: float, flops_per_token: Optional[float], world_size: int,

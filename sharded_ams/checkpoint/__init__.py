@@ -13,6 +13,9 @@ Where things are:
 * ``load.py``: loading and resharding N -> M;
 * ``manager.py``: finding the latest checkpoint, ``CheckpointManager``, retention, and
   the writer lock;
+* ``dcp.py`` / ``dcp_meta.py``: checkpoints of FSDP2 / tensor-parallel runs in
+  ``torch.distributed.checkpoint`` format under the same rules (commit last, checksums,
+  the DCP metadata pickle read through an allowlist);
 * ``consolidate.py``: one unsharded state for the single-process ``AMS``, and its export;
 * ``snapshot.py`` / ``group.py``: CPU snapshots (pinned, one sync) and RNG states; the
   process group and how ranks agree on an error.
@@ -24,9 +27,13 @@ from .format import (FORMAT, FORMAT_VERSION, LOCK_NAME, MANIFEST_NAME, MODEL_EXT
                      TRAINER_NAME, CheckpointError, Manifest, shard_file_name, step_dir_name)
 from .load import load_checkpoint
 from .manager import CheckpointManager, find_latest_checkpoint
-from .validate import read_manifest, validate_checkpoint
+from .dcp import load_dcp, save_dcp
+from .dcp_meta import DCP_FORMAT, DCPManifest, manifest_format, validate_dcp
+from .dcp_meta import validate_any as validate_checkpoint
+from .validate import read_manifest
 
 __all__ = ["CheckpointError", "Manifest", "SaveHandle", "CheckpointManager", "save_checkpoint",
            "load_checkpoint", "validate_checkpoint", "read_manifest", "find_latest_checkpoint",
            "consolidate", "export_consolidated", "FORMAT", "FORMAT_VERSION", "MANIFEST_NAME",
-           "MODEL_EXTRA_NAME", "TRAINER_NAME", "LOCK_NAME", "shard_file_name", "step_dir_name"]
+           "MODEL_EXTRA_NAME", "TRAINER_NAME", "LOCK_NAME", "shard_file_name", "step_dir_name",
+           "save_dcp", "load_dcp", "validate_dcp", "manifest_format", "DCPManifest", "DCP_FORMAT"]

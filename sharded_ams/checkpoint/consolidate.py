@@ -1,5 +1,6 @@
 """One unsharded state from a checkpoint of any world size (one process, no group), and
-its export to a single file (``sharded-ams ckpt consolidate DIR OUT``)."""
+its export to a single file (``sharded-ams ckpt consolidate DIR OUT``). A DCP checkpoint
+(an ``fsdp`` run's) is read by ``dcp_read.consolidate_dcp`` into the same dict."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from torch import Tensor
 
 from .commit import fsync_dir, write_bytes_durably
+from .dcp_meta import DCP_FORMAT, manifest_format
+from .dcp_read import consolidate_dcp
 from .format import MODEL_EXTRA_NAME, TRAINER_NAME, CheckpointError, PathLike, param_dtype
 from .validate import load_checked, read_manifest
 from .values import check_values
@@ -36,11 +39,15 @@ def consolidate(path: PathLike, *, foreach: Optional[bool] = None,
       ``master`` (only for non-fp32 params). Group hyperparameters are the saved ones plus
       ``foreach``/``fused`` (arguments here), which torch.optim's load_state_dict copies
       into the AMS groups.
+    A DCP checkpoint gives the same keys: its fp32 params (no ``master``), its state.
+
     * ``model``: a model state_dict: params from the fp32 masters cast to the param
       dtype (tied weights under every key), plus buffers/frozen params from
       ``model-extra.pt`` when the checkpoint was saved with ``model=``; otherwise the
       optimized params under their optimizer names only.
     """
+    if manifest_format(path) == DCP_FORMAT:
+        return consolidate_dcp(path, foreach=foreach, fused=fused)
     man = read_manifest(path)
     loaded = {n: load_checked(man, n, checksum=True, mmap=True) for n in man.files}
     if not allow_nonfinite:

@@ -33,7 +33,8 @@ from .format import (LOCK_NAME, MANIFEST_NAME, RESAVE_DIR_RE, STEP_DIR_RE, Check
 from .group import Group
 from .jsonread import parse_json
 from .load import load_checkpoint
-from .validate import open_regular, read_step, validate_checkpoint
+from .dcp_meta import validate_any as validate_checkpoint
+from .validate import open_regular, read_step
 
 try:
     import fcntl

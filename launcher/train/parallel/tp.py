@@ -18,9 +18,10 @@ the data-parallel group of a 2-D mesh, or ``AMS`` under FSDP2), see docs/paralle
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # no torch at import: the config checks call tp_refusals on the driver
+    from torch import nn
 
 __all__ = ["apply_tp", "tp_refusals"]
 

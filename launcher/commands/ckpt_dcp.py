@@ -1,0 +1,125 @@
+"""``ckpt inspect`` of a DCP checkpoint (an ``fsdp`` run's, ``sharded_ams.checkpoint.dcp``):
+the manifest's record (step, mesh, files) and, when the metadata is read (checksums on),
+what DCP's index says of the model and optimizer state. The metadata is read through
+``sharded_ams.checkpoint.dcp_meta``'s allowlist, never ``pickle.load``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = ["inspect_dcp", "print_dcp", "add_convert_command"]
+
+
+def _summary(md) -> dict:
+    """Params (the ``model.`` tensors) and state bytes per key (``optim.state.FQN.KEY``)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    params, numel, state = 0, 0, {}
+    for key, item in md.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):
+            continue
+        n = math.prod(item.size)
+        nbytes = n * item.properties.dtype.itemsize
+        if key.startswith("model."):
+            params, numel = params + 1, numel + n
+        elif key.startswith("optim.state.") and not key.endswith(".step"):
+            skey = key.rsplit(".", 1)[1]
+            state[skey] = state.get(skey, 0) + nbytes
+    return {"num_params": params, "numel": numel, "state_keys": sorted(state),
+            "state_bytes": state, "state_bytes_total": sum(state.values())}
+
+
+def inspect_dcp(path: str, *, checksums: bool = True) -> dict:
+    """As ``inspect_checkpoint`` for a DCP checkpoint (``valid``, ``reason`` and what a
+    well-formed manifest tells)."""
+    from sharded_ams.checkpoint import CheckpointError
+    from sharded_ams.checkpoint.dcp_meta import read_dcp_manifest, read_dcp_metadata, validate_dcp
+
+    out: dict = {"path": str(path), "valid": False, "reason": None, "format": "dcp"}
+    man, md = None, None
+    try:
+        man = validate_dcp(path, checksums=checksums)
+        if checksums:
+            md = read_dcp_metadata(man, checksum=False)
+        out["valid"] = True
+    except CheckpointError as exc:
+        out["reason"] = str(exc)
+        try:
+            man = read_dcp_manifest(path)
+        except CheckpointError:
+            return out
+    raw = man.raw
+    out.update({"step": man.step, "world_size": man.world_size, "mesh": man.mesh,
+                "created": man.created, "torch_version": raw.get("torch_version"),
+                "optimizer": raw["optimizer"].get("class"), "hyperparameters": man.param_groups,
+                "files_bytes": man.files_bytes,
+                "files": {n: int(f["size"]) for n, f in man.files.items()}})
+    if md is not None:
+        out.update(_summary(md))
+    return out
+
+
+def print_dcp(info: dict, fmt_bytes) -> Optional[int]:
+    """The text form; returns the exit code (0 valid, 1 not)."""
+    print(f"checkpoint: {info['path']} (DCP format)")
+    print("status:     " + ("valid" if info["valid"] else f"INVALID: {info['reason']}"))
+    if "step" not in info:
+        return 1
+    mesh = info["mesh"]
+    print(f"step:       {info['step']}")
+    print(f"world size: {info['world_size']} ({mesh.get('strategy', 'fsdp')}: dp {mesh['dp']} x "
+          f"tp {mesh['tp']})")
+    print(f"created:    {info['created']}")
+    print(f"optimizer:  {info['optimizer']}")
+    if "num_params" in info:
+        print(f"params:     {info['num_params']} tensors, {info['numel']:,} elements")
+        for k, v in info["state_bytes"].items():
+            print(f"state {k + ':':<12}{fmt_bytes(v)}")
+        print(f"state total:      {fmt_bytes(info['state_bytes_total'])}")
+    print(f"files:      {len(info['files'])}, {fmt_bytes(info['files_bytes'])}")
+    for i, g in enumerate(info["hyperparameters"]):
+        print(f"group {i}:    " + ", ".join(f"{k}={v}" for k, v in g.items()))
+    return 0 if info["valid"] else 1
+
+
+def _cmd_convert(args) -> int:
+    """Exit status as every command's (:mod:`launcher.commands.outputs`): 2 refused, 1 failed."""
+    import os
+    import sys
+
+    from launcher.commands.outputs import EXIT_FAILED, EXIT_REFUSED
+    from sharded_ams.checkpoint import DCP_FORMAT, CheckpointError, manifest_format
+    from sharded_ams.checkpoint.convert import to_dcp, to_zero1
+
+    src, out = args.src, args.out
+    have = "dcp" if manifest_format(src) == DCP_FORMAT else "zero1"
+    try:
+        if os.path.lexists(out):
+            raise CheckpointError(f"{out} exists; give a new directory")
+        if have == args.to:
+            raise CheckpointError(f"{src} is already a {have} checkpoint")
+        done = (to_dcp if args.to == "dcp" else to_zero1)(src, out)
+    except CheckpointError as exc:
+        print(f"sharded-ams ckpt convert: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as exc:
+        print(f"sharded-ams ckpt convert: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    strategy = "fsdp" if args.to == "dcp" else "zero1"
+    print(f"wrote {out} ({args.to}) from {src}: step {done['step']}, {done['params']} params; "
+          f"start a run from it with parallel.strategy = \"{strategy}\" and job.resume_from = {out}")
+    return 0
+
+
+def add_convert_command(sub) -> None:
+    """``ckpt convert SRC OUT --to dcp|zero1``."""
+    c = sub.add_parser("convert", help="convert a checkpoint between zero1 and DCP (fsdp)",
+                       description="Write SRC (a zero1 or a DCP checkpoint) in the other "
+                                   "format, so that a run can switch parallel.strategy. "
+                                   "Every tensor is kept bit for bit.")
+    c.add_argument("src", help="checkpoint directory (holding manifest.json)")
+    c.add_argument("out", help="new checkpoint directory")
+    c.add_argument("--to", required=True, choices=("dcp", "zero1"),
+                   help="dcp: for parallel.strategy fsdp; zero1: for ShardedAMS")
+    c.set_defaults(func=_cmd_convert)

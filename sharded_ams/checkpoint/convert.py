@@ -1,0 +1,125 @@
+"""Converting checkpoints between the native (``zero1``) format and DCP (``fsdp``), in one
+process, so that a run can switch strategy (``sharded-ams ckpt convert SRC OUT --to``).
+
+Both hold the same numbers; what differs is where the fp32 weights live. ZeRO-1 keeps the
+params in the model's dtype and the fp32 masters in the optimizer state (``master``;
+fp32 params are their own); an FSDP run keeps fp32 sharded params (they are the masters,
+computed in bf16 by FSDP2's policy) and no ``master`` state. So:
+
+* zero1 -> dcp: the model tensors are the fp32 masters, the optimizer state m, v[, s]
+  and ``step`` (each group's step count) under the params' names, the groups'
+  hyperparameters, the trainer state and ``skipped_steps`` as they were;
+* dcp -> zero1: a ShardedAMS of world size 1 is built over params of the run's dtype
+  (``extra["precision"]`` "bf16": bf16 params with fp32 masters), loaded with the state,
+  and saved with ``save_checkpoint``; it loads on any world size as any other.
+
+zero1 -> dcp -> zero1 gives back every tensor bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .consolidate import consolidate
+from .dcp import write_dcp_state
+from .dcp_read import read_dcp_full
+from .format import PathLike
+
+__all__ = ["to_dcp", "to_zero1"]
+
+_HP = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
+
+
+def to_dcp(src: PathLike, out: PathLike) -> dict:
+    """Write the native checkpoint ``src`` as a DCP checkpoint in ``out`` (new)."""
+    full = consolidate(src)
+    names, groups = full["param_names"], full["optimizer"]["param_groups"]
+    state = {names[i]: st for i, st in full["optimizer"]["state"].items()}
+    masters = {n: st.get("master", full["model"].get(n)) for n, st in state.items()}
+    model = {}
+    for key, t in full["model"].items():  # tied weights under every key, fp32 masters
+        alias = next((n for n in names if full["model"].get(n) is t), None)
+        model[key] = masters[alias].float() if alias is not None else t
+    optim = {"state": {n: {k: v for k, v in st.items() if k != "master"}
+                       for n, st in state.items()},
+             "param_groups": [{**{k: g[k] for k in _HP}, "foreach": None, "fused": None,
+                               "params": list(g["param_names"])} for g in groups]}
+    from .validate import read_manifest
+
+    man = read_manifest(src)
+    hp = [{**{k: (list(g[k]) if k == "betas" else g[k]) for k in _HP}, "step": int(g["step"])}
+          for g in man.param_groups]
+    write_dcp_state(out, {"model": model, "optim": optim}, step=full["step"],
+                    extra=full["extra"], scheduler_state=full["lr_scheduler"],
+                    mesh={"strategy": "fsdp", "dp": 1, "tp": 1}, groups=hp,
+                    skipped_steps=man.optimizer.get("skipped_steps", 0))
+    return {"step": full["step"], "params": len(names)}
+
+
+class _SavedScheduler:
+    """What ``save_checkpoint`` asks of an LR scheduler: its saved state."""
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    def state_dict(self) -> Any:
+        return self.state
+
+
+def _holder(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> nn.Module:
+    """A module whose ``state_dict()`` has exactly ``tensors``' keys: the optimized ones as
+    the given Parameters (tied keys share one), the rest as buffers."""
+    root = nn.Module()
+    for key, t in tensors.items():
+        *path, leaf = key.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        if key in params:
+            mod.register_parameter(leaf, params[key])
+        else:
+            mod.register_buffer(leaf, t)
+    return root
+
+
+def to_zero1(src: PathLike, out: PathLike) -> dict:
+    """Write the DCP checkpoint ``src`` as a native checkpoint of world size 1 in ``out``."""
+    from ..sharded import ShardedAMS
+    from .commit import save_checkpoint
+
+    full = read_dcp_full(src)
+    man, trainer, optim = full["manifest"], full["trainer"], full["optim"]
+    extra = trainer.get("extra") or {}
+    dtype = torch.bfloat16 if isinstance(extra, dict) and extra.get("precision") == "bf16" \
+        else torch.float32
+    groups = optim.get("param_groups") or []
+    names = [n for g in groups for n in g["params"]]
+    params = {n: nn.Parameter(full["model"][n].to(dtype)) for n in names}
+    holder = _holder(full["model"], params)
+    opt_groups = [{"params": [params[n] for n in g["params"]], **{k: g[k] for k in _HP}}
+                  for g in groups]
+    opt = ShardedAMS(opt_groups, module=holder, broadcast_params=False, overlap=False,
+                     bucket_numel=None, backend="eager")  # never stepped: no compile probe
+    saved = man.param_groups
+    keys = sorted({k for st in optim["state"].values() for k in st if k != "step"} | {"master"})
+    pieces = [{"name": n, "offset": 0, "length": params[n].numel(),
+               **{k: optim["state"][n][k].reshape(-1).float() for k in keys if k != "master"},
+               "master": full["model"][n].reshape(-1).float()} for n in names]
+    sd = {"format": "sharded_ams", "version": 1, "world_size": 1, "rank": 0,
+          "param_groups": [{**{k: g[k] for k in _HP}, "step": int(s["step"]), "params": g["params"]}
+                           for g, s in zip(groups, saved)],
+          "params": {n: {"shape": list(params[n].shape), "dtype": str(dtype), "group": gi}
+                     for gi, g in enumerate(groups) for n in g["params"]},
+          "pieces": pieces, "state_keys": keys,
+          "skipped_steps": man.raw["optimizer"].get("skipped_steps", 0)}
+    opt.load_state_dict(sd)
+    save_checkpoint(Path(out), opt, model=holder, step=man.step, extra=trainer.get("extra"),
+                    lr_scheduler=_SavedScheduler(trainer.get("lr_scheduler")))
+    opt.close()
+    return {"step": man.step, "params": len(names)}

@@ -1,0 +1,257 @@
+"""Checkpoints of FSDP2 / tensor-parallel runs in ``torch.distributed.checkpoint`` (DCP)
+format, under the rules of the native format (docs/checkpoint.md, "DCP checkpoints"):
+
+    step-00001000/
+        __0_0.distcp ...   # DCP: each rank's shards of the model and optimizer state
+        .metadata          # DCP: rank 0, the index of every tensor's chunks
+        trainer.pt         # rank 0: step, lr_scheduler state, ``extra``
+        manifest.json      # rank 0, written LAST: the commit record (sizes, sha256)
+
+The state is ``{"model": get_model_state_dict(model), "optim":
+get_optimizer_state_dict(model, optimizer)}`` (fully qualified names, DTensor shards), so
+DCP reshards it onto any mesh on load and any DCP user can read it
+(``dcp.load`` of the same keys). What is refused before a load is ``dcp_meta.py``'s.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .commit import fsync_dir, write_bytes_durably, write_file
+from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, DCPManifest,
+                       load_trainer, read_dcp_metadata, validate_dcp)
+from .format import MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
+from .group import Group
+
+__all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader_of",
+           "dcp_state_dict"]
+
+
+def _world_group() -> Group:
+    if dist.is_initialized():
+        return Group(dist.get_rank(), dist.get_world_size(), None, True)
+    return Group(0, 1, None, False)
+
+
+def dcp_state_dict(model: nn.Module, optimizer) -> dict:
+    """What a DCP checkpoint holds: the model's and the optimizer's state dicts by FQN."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    return {"model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+def _sha256(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _groups_of(optimizer, step: int) -> list[dict]:
+    """Each group's hyperparameters and step count (its params' AMS step: skipped steps
+    are not counted, as ShardedAMS's group step; the training step if it has no state)."""
+    keys = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
+    out = []
+    for g in optimizer.param_groups:
+        st = next((optimizer.state[p] for p in g["params"] if "step" in optimizer.state.get(p, {})),
+                  None)
+        out.append({**{k: (list(g[k]) if k == "betas" else float(g[k])) for k in keys},
+                    "step": step if st is None else int(st["step"])})
+    return out
+
+
+def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
+             extra: Optional[dict] = None, lr_scheduler=None, mesh: Optional[dict] = None,
+             shared_fs: bool = True) -> Path:
+    """Save a DCP checkpoint of ``model`` and its ``optimizer``; every rank calls it.
+
+    ``path`` is created; it must not hold a checkpoint yet. With ``shared_fs=False`` each
+    rank writes into its own ``path`` (a rank-local directory that is uploaded, as Ray
+    Train does): data file names are rank-unique, so the union is the checkpoint. Each
+    rank hashes its files, rank 0 gathers the hashes and writes ``manifest.json`` last.
+    ``mesh``: ``{"strategy", "dp", "tp"}`` recorded in the manifest. Raises
+    CheckpointError on every rank if any rank failed (nothing committed)."""
+    return write_dcp_state(
+        path, dcp_state_dict(model, optimizer), step=step, extra=extra,
+        scheduler_state=None if lr_scheduler is None else lr_scheduler.state_dict(), mesh=mesh,
+        groups=_groups_of(optimizer, step), skipped_steps=getattr(optimizer, "skipped_steps", 0),
+        shared_fs=shared_fs)
+
+
+def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict],
+                    scheduler_state: Any, mesh: Optional[dict], groups: list,
+                    skipped_steps: int = 0, shared_fs: bool = True) -> Path:
+    """``save_dcp`` of a state dict already made (``{"model", "optim"}`` as
+    :func:`dcp_state_dict` makes it; plain tensors in one process: ``ckpt convert``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    path, ctx = Path(path), _world_group()
+    err: Optional[BaseException] = None
+    files: dict = {}
+    try:
+        if os.path.lexists(path / MANIFEST_NAME) and (ctx.rank == 0 or not shared_fs):
+            raise CheckpointError(f"{path}: already holds a checkpoint; save into a new "
+                                  "directory", path=path, kind="exists")
+        path.mkdir(parents=True, exist_ok=True)
+    except Exception as exc:
+        err = exc
+    ctx.agree(err)
+    dcp.save(sd, storage_writer=FileSystemWriter(str(path), single_file_per_rank=True,
+                                                 sync_files=True), no_dist=not ctx.active)
+    try:
+        for name in sorted(os.listdir(path)):
+            m = DATA_RE.match(name)
+            if (m and int(m.group(1)) == ctx.rank) or (name == METADATA_NAME and ctx.rank == 0):
+                files[name] = _sha256(path / name)
+        if ctx.rank == 0:
+            trainer = {"format": "sharded_ams.trainer", "version": 1, "step": int(step),
+                       "lr_scheduler": scheduler_state, "extra": extra}
+            files[TRAINER_NAME] = write_file(path, TRAINER_NAME, trainer)
+        fsync_dir(path)
+    except Exception as exc:
+        err = exc
+    ctx.agree(err)
+    everyone = ctx.gather0(files)
+    if ctx.rank == 0:
+        try:
+            _commit(path, everyone, step, ctx.world_size, mesh, groups, int(skipped_steps))
+        except Exception as exc:
+            err = exc
+    ctx.agree(err)
+    return path
+
+
+def _commit(path: Path, everyone: list, step: int, world: int, mesh: Optional[dict],
+            groups: list, skipped: int) -> None:
+    """Rank 0: the manifest, written last (temp name, fsync, rename, fsync dir)."""
+    files: dict = {}
+    for rank_files in everyone:
+        files.update(rank_files)
+    now = time.time()
+    man = {"format": DCP_FORMAT, "version": DCP_VERSION, "step": int(step), "world_size": world,
+           "mesh": mesh or {"strategy": "fsdp", "dp": world, "tp": 1},
+           "torch_version": torch.__version__, "sharded_ams_version": _version(),
+           "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+           "created_unix": now,
+           "optimizer": {"class": "FSDPAMS", "param_groups": groups, "skipped_steps": skipped},
+           "files": dict(sorted(files.items()))}
+    data = json.dumps(man, indent=1).encode("utf-8")
+    write_bytes_durably(path / MANIFEST_NAME, lambda f, box: f.write(data))
+    fsync_dir(path)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sharded-ams")
+    except Exception:  # not installed (a source tree)
+        return "unknown"
+
+
+class _Planner:
+    """Built lazily: DefaultLoadPlanner exists only with torch.distributed."""
+
+    cls = None
+
+
+def SafeLoadPlanner(**kw: Any):  # a class, made on first use
+    """DCP's DefaultLoadPlanner, but non-tensor items are read with
+    ``torch.load(weights_only=True)`` (DCP's own uses ``weights_only=False``: a pickle)."""
+    if _Planner.cls is None:
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+        from torch.distributed.checkpoint._traverse import set_element
+
+        class _Safe(DefaultLoadPlanner):
+            def load_bytes(self, read_item, value) -> None:
+                obj = torch.load(value, weights_only=True)
+                if self.flatten_state_dict:
+                    set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+                else:  # into the caller's dict (self.state_dict may be a copy of it)
+                    self.state_dict[read_item.dest_index.fqn] = obj
+                    self.original_state_dict[read_item.dest_index.fqn] = obj
+
+        _Planner.cls = _Safe
+    return _Planner.cls(**kw)
+
+
+def reader_of(path: Path, metadata):
+    """A FileSystemReader that returns the checked metadata instead of unpickling the file."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            return metadata
+
+    return _Reader(str(path))
+
+
+def _check_shapes(man: DCPManifest, md, sd: dict) -> None:
+    """Every tensor the load fills exists in the checkpoint with the same global shape."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, torch.Tensor):
+            flat[prefix] = v
+
+    walk("", sd)
+    missing, differ = [], []
+    for key, t in flat.items():
+        item = md.state_dict_metadata.get(key)
+        if item is None:
+            missing.append(key)
+        elif not isinstance(item, TensorStorageMetadata) or tuple(item.size) != tuple(t.shape):
+            have = tuple(item.size) if isinstance(item, TensorStorageMetadata) else "bytes"
+            differ.append(f"{key} {have} vs {tuple(t.shape)}")
+    if missing or differ:
+        what = "; ".join([f"missing: {', '.join(missing[:6])}"] * bool(missing)
+                         + [f"shapes differ: {', '.join(differ[:6])}"] * bool(differ))
+        raise CheckpointError(f"{man.path}: a different model or optimizer ({what})",
+                              path=man.path, kind="mismatch")
+
+
+def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None) -> dict:
+    """Load a DCP checkpoint into ``model`` and ``optimizer`` on any mesh (DCP reshards);
+    every rank calls it. Every file is checked first (sizes, sha256, the metadata through
+    the allowlist). Returns ``{"step", "extra", "manifest"}``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    ctx = _world_group()
+    err: Optional[BaseException] = None
+    man = md = trainer = None
+    sd = dcp_state_dict(model, optimizer)
+    try:
+        man = validate_dcp(path, checksums=True)
+        md = read_dcp_metadata(man, checksum=False)
+        trainer = load_trainer(man)
+        _check_shapes(man, md, sd)
+    except Exception as exc:
+        err = exc
+    ctx.agree(err)
+    dcp.load(sd, storage_reader=reader_of(man.path, md), planner=SafeLoadPlanner())
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, optimizer, sd["optim"])
+    if lr_scheduler is not None and trainer.get("lr_scheduler") is not None:
+        lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    return {"step": man.step, "extra": trainer.get("extra"), "manifest": man}

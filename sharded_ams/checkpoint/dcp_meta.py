@@ -1,0 +1,277 @@
+"""The rules a DCP checkpoint directory (``format: sharded_ams.dcp``, written by
+:mod:`sharded_ams.checkpoint.dcp`) must pass before anything in it is used.
+
+It is a ``torch.distributed.checkpoint`` directory (``.metadata`` and ``__R_0.distcp``
+data files) plus our ``trainer.pt`` and ``manifest.json``, the commit record written last.
+Input from disk may be planted, so:
+
+1. **manifest.json** is read as the native format's (bounded size and nesting), every
+   field typed and ranged; file names come from a fixed pattern (no path separators).
+2. **Every file** is a regular file (no symlink, FIFO, device) with the manifest's size,
+   and with ``checksums`` its sha256.
+3. **.metadata is a pickle**, and torch's ``FileSystemReader.read_metadata`` calls
+   ``pickle.load`` on it: any callable can run. We never do that. It is unpickled here by
+   :class:`_MetadataUnpickler`, which resolves only the classes DCP's metadata is made of
+   (``torch.distributed.checkpoint.metadata`` and ``filesystem._StorageInfo``, torch
+   dtypes, ``torch.Size``, ``pathlib`` paths); any other global is refused before it is
+   looked up. The result is then checked: every item's storage lies inside a listed data
+   file (``relative_path`` a listed name, ``offset + length`` within its size), every
+   chunk inside its tensor, sizes bounded.
+4. DCP's default load planner reads non-tensor items (param groups, ints) with
+   ``torch.load(weights_only=False)``, i.e. unpickles them; :class:`SafeLoadPlanner` loads
+   them with ``weights_only=True`` instead. Tensor items are read by DCP with
+   ``torch.load(weights_only=True)``, into tensors the loading model allocated (their
+   shapes are compared with the metadata's before the load: a mismatch is "different
+   model", not DCP's bare AssertionError).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .format import CheckpointError, MANIFEST_NAME, PathLike, TRAINER_NAME
+from .jsonread import MAX_MANIFEST_BYTES, parse_json
+from .rules import Rules, check_hparams
+from .validate import _sha256_fd, _torch_load_fd, open_regular
+from .validate import validate_checkpoint as validate_native
+
+__all__ = ["DCP_FORMAT", "DCP_VERSION", "METADATA_NAME", "DCPManifest", "read_dcp_manifest",
+           "read_dcp_metadata", "validate_dcp", "load_trainer", "validate_any", "manifest_format", "data_file_name"]
+
+DCP_FORMAT = "sharded_ams.dcp"
+DCP_VERSION = 1
+METADATA_NAME = ".metadata"
+DATA_RE = re.compile(r"^__(\d{1,6})_(\d{1,6})\.distcp$")
+#: the .metadata of a 70B model is a few MB; a larger one is refused unread
+MAX_METADATA_BYTES = 256 << 20
+_MAX_DIMS = 64
+
+#: the globals DCP's metadata pickle may name: its own dataclasses and torch's value types
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size", "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16",
+              "int8", "uint8", "bool", "complex64", "complex128"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+def data_file_name(rank: int) -> str:
+    return f"__{rank}_0.distcp"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name not in _ALLOWED.get(module, ()):
+            raise pickle.UnpicklingError(f"global {module}.{name} is not part of DCP metadata")
+        return super().find_class(module, name)
+
+
+@dataclass
+class DCPManifest:
+    """A parsed, checked DCP manifest."""
+
+    path: Path
+    step: int
+    world_size: int
+    mesh: dict
+    param_groups: list
+    files: dict
+    created: str
+    raw: dict
+    format: str = DCP_FORMAT
+
+    @property
+    def files_bytes(self) -> int:
+        return sum(int(f["size"]) for f in self.files.values())
+
+
+def manifest_format(path: PathLike) -> Optional[str]:
+    """The ``format`` field of ``path/manifest.json`` (None: none, or unreadable)."""
+    mpath = Path(path) / MANIFEST_NAME
+    try:
+        with open_regular(mpath, max_size=MAX_MANIFEST_BYTES) as (fd, size):
+            d = parse_json(os.read(fd, size + 1), mpath)
+    except CheckpointError:
+        return None
+    return d.get("format") if isinstance(d, dict) and isinstance(d.get("format"), str) else None
+
+
+def read_dcp_manifest(path: PathLike) -> DCPManifest:
+    """Parse and check ``path/manifest.json`` of a DCP checkpoint (no other file opened)."""
+    path = Path(path)
+    mpath = path / MANIFEST_NAME
+    if not os.path.lexists(mpath):
+        raise CheckpointError(f"{path}: not a committed checkpoint (no {MANIFEST_NAME}; the save "
+                              "did not finish)", path=mpath, kind="uncommitted")
+    with open_regular(mpath, max_size=MAX_MANIFEST_BYTES) as (fd, size):
+        d = parse_json(os.read(fd, size + 1), mpath)
+    r = Rules(mpath)
+    d = r.dict_(d, "")
+    if d.get("format") != DCP_FORMAT:
+        raise r.fail("format", f"{d.get('format')!r:.60}, expected {DCP_FORMAT!r}")
+    version = r.int_(r.get(d, "version", ""), "version", 1)
+    if version > DCP_VERSION:
+        raise r.fail("version", f"{version} is newer than this code reads ({DCP_VERSION})")
+    step = r.int_(r.get(d, "step", ""), "step")
+    world = r.int_(r.get(d, "world_size", ""), "world_size", 1, 1 << 20)
+    mesh = r.dict_(r.get(d, "mesh", ""), "mesh")
+    for key in ("dp", "tp"):
+        r.int_(r.get(mesh, key, "mesh"), f"mesh.{key}", 1, world)
+    if mesh["dp"] * mesh["tp"] != world:
+        raise r.fail("mesh", f"dp x tp = {mesh['dp']} x {mesh['tp']} is not world_size {world}")
+    opt = r.dict_(r.get(d, "optimizer", ""), "optimizer")
+    groups = r.list_(r.get(opt, "param_groups", "optimizer"), "optimizer.param_groups")
+    for i, g in enumerate(groups):
+        check_hparams(r, r.dict_(g, f"optimizer.param_groups[{i}]"), f"optimizer.param_groups[{i}]")
+    r.int_(opt.get("skipped_steps", 0), "optimizer.skipped_steps")
+    files = r.dict_(r.get(d, "files", ""), "files")
+    _check_files(r, files, world)
+    return DCPManifest(path=path, step=step, world_size=world, mesh=mesh, param_groups=groups,
+                       files=files, created=r.str_(d.get("created", ""), "created"), raw=d)
+
+
+def _check_files(r: Rules, files: dict, world: int) -> None:
+    ranks = set()
+    for name, entry in files.items():
+        e = r.dict_(entry, f"files[{name!r:.60}]")
+        m = DATA_RE.match(name)
+        if not (m or name in (METADATA_NAME, TRAINER_NAME)):
+            raise r.fail(f"files[{name!r:.60}]", "not a file name a DCP checkpoint has")
+        r.int_(r.get(e, "size", f"files[{name!r}]"), f"files[{name!r}].size", 0)
+        sha = r.str_(r.get(e, "sha256", f"files[{name!r}]"), f"files[{name!r}].sha256")
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise r.fail(f"files[{name!r}].sha256", "not a sha256 hex digest")
+        if m:
+            if int(m.group(1)) >= world:
+                raise r.fail(f"files[{name!r}]", f"rank {m.group(1)} >= world_size {world}")
+            ranks.add(int(m.group(1)))
+    for need in (METADATA_NAME, TRAINER_NAME):
+        if need not in files:
+            raise r.fail("files", f"{need} is not listed")
+
+
+def _check_file(man: DCPManifest, name: str, checksum: bool) -> None:
+    entry, fpath = man.files[name], man.path / name
+    with open_regular(fpath) as (fd, size):
+        if size != entry["size"]:
+            raise CheckpointError(f"{fpath}: size is {size} bytes, the manifest says "
+                                  f"{entry['size']} (truncated or corrupt)", path=fpath,
+                                  kind="corrupt", field="size")
+        if checksum and _sha256_fd(fd) != entry["sha256"]:
+            raise CheckpointError(f"{fpath}: sha256 checksum mismatch: the file is corrupt",
+                                  path=fpath, kind="corrupt", field="sha256")
+
+
+def read_dcp_metadata(man: DCPManifest, *, checksum: bool = True):
+    """DCP's ``Metadata`` of a checked ``.metadata``, unpickled with the allowlist and its
+    storage checked against the listed files (this module's docstring, rule 3)."""
+    fpath = man.path / METADATA_NAME
+    entry = man.files[METADATA_NAME]
+    if entry["size"] > MAX_METADATA_BYTES:
+        raise CheckpointError(f"{fpath}: {entry['size']} bytes, more than {MAX_METADATA_BYTES}",
+                              path=fpath, kind="format")
+    _check_file(man, METADATA_NAME, checksum)
+    with open_regular(fpath, max_size=MAX_METADATA_BYTES) as (fd, size):
+        data = os.read(fd, size + 1)
+    try:
+        md = _MetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # noqa: BLE001 - any failure of untrusted bytes is a refusal
+        raise CheckpointError(f"{fpath}: refused ({type(exc).__name__}: {str(exc)[:200]})",
+                              path=fpath, kind="unsafe") from None
+    try:
+        _check_metadata(man, md)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a field of an unexpected type
+        raise CheckpointError(f"{fpath}: malformed metadata ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})", path=fpath, kind="corrupt") from None
+    return md
+
+
+def _check_metadata(man: DCPManifest, md: Any) -> None:
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,
+                                                       TensorStorageMetadata)
+
+    fpath = man.path / METADATA_NAME
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{fpath}: {msg}", path=fpath, kind="corrupt")
+
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
+            or not isinstance(md.storage_data, dict):
+        raise bad("not DCP metadata")
+    for key, item in md.state_dict_metadata.items():
+        if not isinstance(key, str):
+            raise bad(f"key {key!r:.60} is not a string")
+        if isinstance(item, BytesStorageMetadata):
+            continue
+        if not isinstance(item, TensorStorageMetadata):
+            raise bad(f"{key}: {type(item).__name__} is not tensor or bytes metadata")
+        size = tuple(item.size)
+        if len(size) > _MAX_DIMS or not all(type(s) is int and s >= 0 for s in size):
+            raise bad(f"{key}: size {size!r:.80} is not a shape")
+        for c in item.chunks:
+            off, sz = tuple(c.offsets), tuple(c.sizes)
+            if len(off) != len(size) or len(sz) != len(size) or not all(
+                    type(o) is int and type(s) is int and o >= 0 and s >= 0 and o + s <= n
+                    for o, s, n in zip(off, sz, size)):
+                raise bad(f"{key}: chunk at {off!r:.60} of {sz!r:.60} is outside {size}")
+    for index, info in md.storage_data.items():
+        if not isinstance(info, _StorageInfo):
+            raise bad(f"storage of {index!r:.80} is not a _StorageInfo")
+        rel = info.relative_path
+        if not isinstance(rel, str) or not DATA_RE.match(rel) or rel not in man.files:
+            raise bad(f"storage of {getattr(index, 'fqn', index)!r:.80} is in {rel!r:.80}, "
+                      "not a data file the manifest lists")
+        if not (type(info.offset) is int and type(info.length) is int and info.offset >= 0
+                and info.length >= 0 and info.offset + info.length <= man.files[rel]["size"]):
+            raise bad(f"storage of {getattr(index, 'fqn', index)!r:.80} lies outside {rel}")
+
+
+def validate_dcp(path: PathLike, *, checksums: bool = True) -> DCPManifest:
+    """Check a DCP checkpoint: its manifest, every file (size; sha256 with ``checksums``)
+    and, with ``checksums``, its ``.metadata`` (unpickled safely and checked)."""
+    man = read_dcp_manifest(path)
+    for name in man.files:
+        if name != METADATA_NAME:
+            _check_file(man, name, checksums)
+    if checksums:
+        read_dcp_metadata(man)
+    else:
+        _check_file(man, METADATA_NAME, False)
+    return man
+
+
+def load_trainer(man: DCPManifest) -> dict:
+    """``trainer.pt``, checked (size, sha256) and loaded with ``weights_only=True`` from
+    the same open file."""
+    fpath, entry = man.path / TRAINER_NAME, man.files[TRAINER_NAME]
+    _check_file(man, TRAINER_NAME, True)
+    with open_regular(fpath) as (fd, size):
+        if size != entry["size"]:
+            raise CheckpointError(f"{fpath}: changed while being read", path=fpath, kind="corrupt")
+        obj = _torch_load_fd(fd, fpath, False)
+    if not isinstance(obj, dict) or obj.get("format") != "sharded_ams.trainer" \
+            or obj.get("step") != man.step:
+        raise CheckpointError(f"{fpath}: not the trainer state of step {man.step}", path=fpath,
+                              kind="corrupt")
+    return obj
+
+
+def validate_any(path: PathLike, *, checksums: bool = True, value_report: Optional[list] = None):
+    """``validate_checkpoint`` of either format: a DCP checkpoint's :class:`DCPManifest`,
+    or the native format's ``Manifest`` (``value_report``: native checkpoints only)."""
+    if manifest_format(path) == DCP_FORMAT:
+        return validate_dcp(path, checksums=checksums)
+    return validate_native(path, checksums=checksums, value_report=value_report)

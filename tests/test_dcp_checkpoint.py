@@ -1,0 +1,182 @@
+"""DCP checkpoints (``sharded_ams.checkpoint.dcp``) as untrusted input, in one process:
+a round trip, the commit rule (no manifest, no checkpoint), the metadata pickle read
+through the allowlist (a planted payload never runs), storage outside the listed files,
+a different model named, and ``ckpt inspect``. Training equality and resharding are in
+tests/test_parallel_launcher.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from sharded_ams import AMS
+from sharded_ams.checkpoint import (CheckpointError, find_latest_checkpoint, load_dcp, save_dcp,
+                                    validate_checkpoint)
+
+
+def _trained(seed: int = 0, width: int = 5):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 1))
+    opt = AMS(model.parameters(), lr=1e-2, lam=0.0)
+    for _ in range(2):
+        model(torch.randn(3, 4)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: "assuming the intent is to save in a single process"
+        path = tmp_path_factory.mktemp("dcp") / "step-00000002"
+        model, opt = _trained()
+        save_dcp(path, model, opt, step=2, extra={"run": "x"})
+    return path, model, opt
+
+
+def _rehash(path, name) -> None:
+    man = json.loads((path / "manifest.json").read_text())
+    data = (path / name).read_bytes()
+    man["files"][name].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (path / "manifest.json").write_text(json.dumps(man))
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for name in os.listdir(src):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_round_trip_and_inspect(saved, tmp_path):
+    from launcher.commands.ckpt import inspect_checkpoint
+
+    path, model, opt = saved
+    assert validate_checkpoint(path).step == 2
+    assert find_latest_checkpoint(path.parent) == path
+    fresh, fopt = _trained(seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = load_dcp(path, fresh, fopt)
+    assert res["step"] == 2 and res["extra"] == {"run": "x"}
+    for a, b in zip(fresh.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(fopt.state[a][k], opt.state[b][k])
+    info = inspect_checkpoint(str(path))
+    assert info["valid"] and info["format"] == "dcp" and info["step"] == 2
+    from launcher.run.resume_checks import check_same_strategy
+
+    check_same_strategy("fsdp", str(path))
+    with pytest.raises(ValueError, match=r"is a dcp checkpoint .* ckpt convert .* --to zero1"):
+        check_same_strategy("zero1", str(path))
+    assert info["num_params"] == 4 and info["state_keys"] == ["exp_avg", "exp_avg_sq"]
+
+
+def test_no_manifest_is_no_checkpoint(saved, tmp_path):
+    path, _, _ = saved
+    bad = _copy(path, tmp_path / "step-00000009")
+    os.unlink(bad / "manifest.json")
+    with pytest.raises(CheckpointError, match="not a committed checkpoint"):
+        validate_checkpoint(bad)
+    assert find_latest_checkpoint(tmp_path) is None
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_pickle_payload_in_the_metadata_never_runs(saved, tmp_path, monkeypatch):
+    path, _, _ = saved
+    bad = _copy(path, tmp_path / "c")
+    (bad / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    _rehash(bad, ".metadata")  # the manifest agrees: only the allowlist stands in the way
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"refused .*posix\.system|os\.system|not part of DCP"):
+        validate_checkpoint(bad)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_storage_outside_the_listed_files_is_refused(saved, tmp_path):
+    from sharded_ams.checkpoint.dcp_meta import _MetadataUnpickler
+
+    path, _, _ = saved
+    bad = _copy(path, tmp_path / "c")
+    with open(bad / ".metadata", "rb") as f:
+        md = _MetadataUnpickler(f).load()
+    info = next(iter(md.storage_data.values()))
+    info.offset = 10 ** 9
+    (bad / ".metadata").write_bytes(pickle.dumps(md))
+    _rehash(bad, ".metadata")
+    with pytest.raises(CheckpointError, match="lies outside"):
+        validate_checkpoint(bad)
+
+
+def test_a_different_model_is_named(saved):
+    path, _, _ = saved
+    other, oopt = _trained(width=6)
+    with pytest.raises(CheckpointError, match=r"different model.*\(6, 4\)"):
+        load_dcp(path, other, oopt)
+
+
+def _native(path):
+    """A ZeRO-1 checkpoint of one process: bf16 params (fp32 masters), a buffer, beta3 > 0
+    (exp_avg_s), a skipped step, an LR scheduler."""
+    from sharded_ams import ShardedAMS
+    from sharded_ams.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 1)).to(torch.bfloat16)
+    opt = ShardedAMS(model, lr=1e-2, beta3=0.9, lam=-0.5, weight_decay=0.1, overlap=False,
+                     backend="eager")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    for i in range(3):
+        loss = model(torch.randn(5, 4, dtype=torch.bfloat16)).float().square().mean()
+        (loss * (float("inf") if i == 1 else 1.0)).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    assert opt.skipped_steps == 1
+    save_checkpoint(path, opt, model=model, step=3, extra={"precision": "bf16", "run": "r"},
+                    lr_scheduler=sched)
+    opt.close()
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_convert_zero1_to_dcp_and_back_is_bitwise(tmp_path):
+    from launcher.commands.ckpt import main
+    from sharded_ams.checkpoint import consolidate, read_manifest
+
+    src, mid, back = tmp_path / "src", tmp_path / "mid", tmp_path / "back"
+    _native(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["convert", str(src), str(mid), "--to", "dcp"]) == 0
+        assert main(["convert", str(mid), str(back), "--to", "zero1"]) == 0
+        assert main(["convert", str(mid), str(tmp_path / "x"), "--to", "dcp"]) == 2  # already dcp
+        a, b, m = consolidate(src), consolidate(back), consolidate(mid)
+    assert _same(a, b)
+    assert read_manifest(back).optimizer["skipped_steps"] == 1
+    assert read_manifest(back).params == read_manifest(src).params  # bf16 params again
+    for i, n in enumerate(a["param_names"]):  # the DCP params are the fp32 masters
+        assert torch.equal(m["model"][n], a["optimizer"]["state"][i]["master"])
+        assert torch.equal(m["optimizer"]["state"][i]["exp_avg_s"],
+                           a["optimizer"]["state"][i]["exp_avg_s"])
