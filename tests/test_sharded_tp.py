@@ -20,9 +20,10 @@ Cases: Grams (``process_group=mesh["dp"].get_group()``, sequence parallel, a che
 saved on every rank and loaded into a fresh model and optimizer midway) and C-Adam
 (beta3 = 0, lam = 0: per-tensor counts over the whole tensor; ``device_mesh=``, no sequence
 parallelism), both clipped on every step. In the C-Adam run one rank's replicated norm
-weight gets an inf gradient at one step: every rank must skip it. A third case steps the
-same TP Llama ``fully_shard``-ed over dp with ``AMS`` (C-Adam, 2-D DTensors: FSDP2 + TP). Each ``step()`` issues
-one small all-reduce for the norm (two with C-Adam's counts) over the whole grid.
+weight gets an inf gradient at one step: every rank must skip it. Each ShardedAMS
+``step()`` issues one small all-reduce for the norm (two with C-Adam's counts) over the
+whole grid. A third case steps the same TP Llama ``fully_shard``-ed over dp with ``AMS``
+(C-Adam on 2-D DTensors: FSDP2 + TP).
 """
 
 from __future__ import annotations
