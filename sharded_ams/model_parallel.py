@@ -7,16 +7,17 @@ parallelism sits outside it. Here a tensor-parallel param is a DTensor on a ``tp
 local shard is sharded again over dp. Everything elementwise needs nothing more. Three
 things are about whole tensors and need the model-parallel (mp) ranks too:
 
-* **grad norm** (clipping, the non-finite skip): the dp reduction sums the squares of
-  every dp slice of the local tensors; then one all-reduce per mp mesh dimension adds the
-  other tp shards. A param *replicated* over an mp dimension (a ``Replicate`` placement,
+* **grad norm** (clipping, the non-finite skip): each rank's sum of squares over its dp
+  slice of the local tensors, summed over the whole dp x mp grid: one all-reduce over the
+  world when the grid is the world (the usual case), else one over dp and one per mp mesh
+  dimension. A param *replicated* over an mp dimension (a ``Replicate`` placement,
   or a plain tensor in a TP model, e.g. the RMSNorm weights without sequence parallelism)
   has a copy on every rank of that dimension: only the copy at coordinate 0 counts
   (Megatron's ``param_is_not_tensor_parallel_duplicate``); the other copies' squares are
   multiplied by 0, which keeps an inf or NaN (0 * inf = NaN), so a non-finite gradient on
   any rank still skips the step on every rank.
 * **per-tensor counts** (lam not in {1, -1}): the same rule per tensor, with d the whole
-  tensor's numel; all tensors' counts ride in one vector, one all-reduce per mesh dim.
+  tensor's numel; all tensors' counts ride in one vector: one all-reduce per step.
 * **error flags** (a rank's failed gradient check) ride with the norm, so every rank of
   the grid raises together.
 
@@ -26,7 +27,7 @@ on every rank), so "counts here" is one flag per buffer.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -65,13 +66,20 @@ class ModelParallel:
     """The model-parallel mesh of a ShardedAMS (None: plain data parallelism) and, per
     param, which of its dimensions the param is replicated over."""
 
-    def __init__(self, mesh: Optional[Any], device: torch.device):
+    def __init__(self, mesh: Optional[Any], device: torch.device,
+                 dp_group: Optional[Any] = None):
         self.mesh = mesh
         self.comms: list[Comm] = []
         self.coord: tuple[int, ...] = ()
+        #: the dp x mp grid is the whole world (the usual init_device_mesh((dp, tp))):
+        #: a sum over it is one all-reduce over the default group
+        self.grid_is_world = False
         if mesh is not None:
             self.comms = [Comm(mesh.get_group(d), device) for d in range(mesh.ndim)]
             self.coord = tuple(mesh.get_coordinate())
+            if dist.is_initialized():
+                self.grid_is_world = (dist.get_world_size(dp_group) * mesh.size()
+                                      == dist.get_world_size())
 
     @property
     def active(self) -> bool:
@@ -90,7 +98,7 @@ class ModelParallel:
                 dtensor_layout(p, f"parameter {names[p]!r}")  # Partial etc.: a clear error
                 meshes.append((names[p], p.device_mesh))
         if not meshes:
-            return cls(mp_mesh, device)
+            return cls(mp_mesh, device, dp_group)
         name0, mesh = meshes[0]
         for name, m in meshes[1:]:
             if m is not mesh and (m.ndim != mesh.ndim or _ranks(m) != _ranks(mesh)
@@ -111,7 +119,7 @@ class ModelParallel:
                     "ranks is FSDP's layout (step it with AMS on fully_shard params, "
                     "docs/parallelism.md); ShardedAMS takes tensor-parallel params on a "
                     "mesh outside its group (e.g. device_mesh with dims ('dp', 'tp'))")
-        return cls(mesh, device)
+        return cls(mesh, device, dp_group)
 
     def replicated_dims(self, p: Tensor) -> tuple[int, ...]:
         """The mp dimensions ``p`` has a full copy on (a plain param: all of them)."""
@@ -130,9 +138,14 @@ class ModelParallel:
     def local_shape(p: Tensor) -> tuple[int, ...]:
         return tuple(local(p).shape)
 
-    def all_reduce(self, t: Tensor) -> None:
-        """Sum ``t`` over every mp dimension in turn (in place, waited): with the dp sum
-        before it, a sum over the whole dp x mp grid."""
+    def reduce(self, t: Tensor, dp_reduce: Callable[[Tensor], None]) -> None:
+        """Sum ``t`` over the whole dp x mp grid, in place, waited: one all-reduce when
+        the grid is the world, else ``dp_reduce`` (the sum over dp) and then one
+        all-reduce per mp dimension. Without mp: ``dp_reduce`` alone."""
+        if self.active and self.grid_is_world:
+            dist.all_reduce(t)
+            return
+        dp_reduce(t)
         for c in self.comms:
             c.all_reduce(t).wait()
 

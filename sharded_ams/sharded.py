@@ -404,8 +404,7 @@ class ShardedAMS(Optimizer):
         and over the model-parallel dims: copies another rank counts are zeroed first."""
         if self.mp.active:
             counts.mul_(self._count_mask)
-        self._reduce_small(counts)
-        self.mp.all_reduce(counts)
+        self.mp.reduce(counts, self._reduce_small)
 
     def _reduce_with_error_flag(self, t: Optional[Tensor]) -> None:
         """All-reduce the small tensor ``t`` in place (None: nothing else to reduce) with the
@@ -415,12 +414,10 @@ class ShardedAMS(Optimizer):
         flag = self._sync.error_flag(self.device)
         if flag is None:
             if t is not None:
-                self._reduce_small(t)
-                self.mp.all_reduce(t)
+                self.mp.reduce(t, self._reduce_small)
             return
         both = flag.reshape(1) if t is None else torch.stack([t, flag])
-        self._sync.wait_small(self.comm.all_reduce(both))
-        self.mp.all_reduce(both)
+        self.mp.reduce(both, self._reduce_small)
         self._sync.raise_if_failed(both[-1])
         if t is not None:
             t.copy_(both[0])

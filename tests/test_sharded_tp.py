@@ -20,7 +20,10 @@ Cases: Grams (``process_group=mesh["dp"].get_group()``, sequence parallel, a che
 saved on every rank and loaded into a fresh model and optimizer midway) and C-Adam
 (beta3 = 0, lam = 0: per-tensor counts over the whole tensor; ``device_mesh=``, no sequence
 parallelism), both clipped on every step. In the C-Adam run one rank's replicated norm
-weight gets an inf gradient at one step: every rank must skip it.
+weight gets an inf gradient at one step: every rank must skip it. Each ShardedAMS
+``step()`` issues one small all-reduce for the norm (two with C-Adam's counts) over the
+whole grid. A third case steps the same TP Llama ``fully_shard``-ed over dp with ``AMS``
+(C-Adam on 2-D DTensors: FSDP2 + TP).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ GRAD_TOL = 1e-5    # relative; TP changes the summation order only
 CASES = {
     "grams": dict(kw=dict(preset="grams"), sp=True, mesh_arg=False, ckpt=True),
     "cadam": dict(kw=dict(preset="cadam", weight_decay=0.1), sp=False, mesh_arg=True, inf=True),
+    # AMS (C-Adam) on FSDP2 over dp of the same TP Llama: 2-D DTensors (part 1's path)
+    "fsdp_cadam": dict(kw=dict(weight_decay=0.1), sp=True, fsdp=True),
 }
 
 
@@ -73,6 +78,15 @@ def _build(mesh, case: dict, seed: int):
 
     torch.manual_seed(seed)
     model = apply_tp(Llama(_cfg()), mesh["tp"], sequence_parallel=case["sp"])
+    if case.get("fsdp"):
+        from torch.distributed.fsdp import fully_shard
+
+        from sharded_ams import CAdam
+
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        return model, CAdam(model.parameters(), lr=LR, fused="eager", **case["kw"])
     where = dict(device_mesh=mesh) if case["mesh_arg"] else dict(
         process_group=mesh["dp"].get_group())
     # eager: the step kernels see plain local buffers (TP changes nothing there; the
@@ -106,21 +120,38 @@ def _capture_reduced(model, opt) -> list:
     return box
 
 
+def _stepper(model, opt):
+    """A function that steps ``opt`` and returns (the reduced gradients by name, skipped,
+    the norm the optimizer reports, small all-reduces issued)."""
+    if not hasattr(opt, "shards"):  # AMS on FSDP2: the reduced gradient is p.grad
+        def fsdp_step():
+            grads = {n: _full(p.grad) for n, p in model.named_parameters()}
+            opt.step()
+            return grads, False, None, None
+        return fsdp_step
+    reduced = _capture_reduced(model, opt)
+
+    def sharded_step():
+        calls = _small_all_reduces(opt.step)
+        return reduced[-1], opt.last_step.skipped, opt.last_step.grad_norm, calls
+    return sharded_step
+
+
 def _run_case(name: str, mesh) -> dict:
     from launcher.train.models.llama import Llama
 
     case = CASES[name]
     dp_rank, tp_rank = mesh["dp"].get_local_rank(), mesh["tp"].get_local_rank()
     model, opt = _build(mesh, case, seed=0)
-    reduced = _capture_reduced(model, opt)
+    step_fn = _stepper(model, opt)
     hp = {"beta3": 0.0, "lam": -1.0 if name == "grams" else 0.0,
           "weight_decay": case["kw"].get("weight_decay", 0.0)}
     oracle = AMSOracle.start([_full(p.detach()) for p in model.parameters()], lr=LR,
                              betas=(0.9, 0.999), eps=1e-8, **hp)
     ref = Llama(_cfg())
-    out = dict(param_err=[], grad_err=[], norm_err=[], skipped=[])
+    out = dict(param_err=[], grad_err=[], norm_err=[], skipped=[], small_all_reduces=[])
     for step in range(STEPS):
-        opt.finish_param_sync()
+        getattr(opt, "finish_param_sync", lambda: None)()
         before = {n: _full(p.detach()).clone() for n, p in model.named_parameters()}
         ref.load_state_dict(before)
         ref.zero_grad()
@@ -132,12 +163,11 @@ def _run_case(name: str, mesh) -> dict:
             if poison else None
         idx = _batch(step, dp_rank)
         model(idx, idx)[1].backward()
-        opt.step()
+        got, skipped, reported, calls = step_fn()
+        out["small_all_reduces"].append(calls)
         opt.zero_grad()
         if hook is not None:
             hook.remove()
-        got = reduced[-1]
-        skipped = opt.last_step.skipped
         out["skipped"].append(skipped)
         if not skipped:
             out["grad_err"].append(max(
@@ -145,17 +175,34 @@ def _run_case(name: str, mesh) -> dict:
                 for n, p in ref.named_parameters()))
             grads = [got[n].double() for n, _ in model.named_parameters()]
             norm = float(torch.sqrt(sum((g * g).sum() for g in grads)))
-            out["norm_err"].append(abs(opt.last_step.grad_norm - norm) / norm)
-            coef = MAX_NORM / (norm + 1e-6)
+            coef = 1.0 if reported is None else MAX_NORM / (norm + 1e-6)  # FSDP: no clipping
+            out["norm_err"].append(0.0 if reported is None else abs(reported - norm) / norm)
             oracle.step([g * coef for g in grads] if coef < 1 else grads)
-        opt.finish_param_sync()
+        getattr(opt, "finish_param_sync", lambda: None)()
         out["param_err"].append(max(
             float((_full(p.detach()).double() - torch.from_numpy(o.p)).abs().max())
             for p, o in zip(model.parameters(), oracle.tensors)))
         if case.get("ckpt") and step == CKPT_STEP:
             model, opt, out["refusal"] = _resume(mesh, case, opt)
-            reduced = _capture_reduced(model, opt)
+            step_fn = _stepper(model, opt)
     return out
+
+
+def _small_all_reduces(step) -> int:
+    """How many all-reduces of small tensors (the norm, the counts; not the gradient
+    buckets) ``step()`` issues."""
+    real, calls = dist.all_reduce, []
+
+    def counting(t, *args, **kwargs):
+        if t.numel() < 256:
+            calls.append(t.numel())
+        return real(t, *args, **kwargs)
+    dist.all_reduce = counting
+    try:
+        step()
+    finally:
+        dist.all_reduce = real
+    return len(calls)
 
 
 def _resume(mesh, case: dict, opt):
@@ -215,16 +262,45 @@ def test_tp_dp_mesh_equals_one_process(name):
         assert max(r["param_err"]) < PARAM_TOL, (rank, r["param_err"])
 
 
+def test_one_small_all_reduce_each_for_the_norm_and_the_counts():
+    """The grid (dp x tp) is the world: the norm (with the error flags) takes one
+    all-reduce, and C-Adam's per-tensor counts of every tensor one more, per step."""
+    for res in _results():
+        assert res["grams"]["small_all_reduces"] == [1] * STEPS
+        assert res["cadam"]["small_all_reduces"] == [2] * STEPS
+
+
 def test_nonfinite_on_one_rank_skips_everywhere():
     """An inf in one rank's copy of a replicated (norm) weight: every rank skips that step
     (and only that one); the oracle skips it too, so the trajectories above still agree."""
     for rank, res in enumerate(_results()):
         want = [s == INF_STEP for s in range(STEPS)]
         assert res["cadam"]["skipped"] == want, (rank, res["cadam"]["skipped"])
-        assert res["grams"]["skipped"] == [False] * STEPS
+        assert res["grams"]["skipped"] == res["fsdp_cadam"]["skipped"] == [False] * STEPS
 
 
 def test_checkpoint_records_the_mesh_and_refuses_another_tp():
     for res in _results():
         assert "resharding across tp is not supported" in res["grams"]["refusal"]
         assert "FSDP's layout" in res["misuse"]
+
+
+def test_tp_plan_refusals_name_the_problem():
+    """No process group needed: what the plan refuses, one reason each."""
+    from launcher.train.models.gpt import GPT, GPTConfig
+    from launcher.train.models.llama import LlamaConfig
+    from launcher.train.parallel.tp import apply_tp, tp_refusals
+
+    cfg = LlamaConfig(vocab_size=66, n_head=6, n_kv_head=3, n_embd=48, intermediate_size=42)
+    assert tp_refusals(cfg, 3, seq_len=9) == []
+    got = tp_refusals(cfg, 2, seq_len=9)
+    assert got == ["tp = 2 does not divide model.n_kv_head = 3",
+                   "tp = 2 does not divide the sequence length 9 (sequence parallelism "
+                   "splits it)"]
+    assert tp_refusals(cfg, 2, seq_len=9, sequence_parallel=False) == got[:1]
+    assert tp_refusals(cfg, 4) == [f"tp = 4 does not divide model.{k}" for k in
+                                   ("n_head = 6", "n_kv_head = 3", "intermediate_size = 42")]
+    tied = LlamaConfig(vocab_size=66, tie_weights=True)
+    assert any("tie_weights" in r for r in tp_refusals(tied, 2))
+    with pytest.raises(ValueError, match="built-in Llama only, not GPT"):
+        apply_tp(GPT(GPTConfig(vocab_size=66, n_layer=1, n_embd=32, block_size=8)), None)
