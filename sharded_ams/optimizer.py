@@ -19,6 +19,7 @@ from .kernels import (GroupHParams, Piece, flat_apply, flat_count, flat_step, ho
                       resolve_backend, triton_available)
 from .kernels.eager import compile_available
 from .kernels.foreach import foreach_apply, foreach_count, foreach_moments
+from .kernels.tables import RunTable, build_run_table
 from .kernels.multi import multi_apply, multi_count, multi_fused_step
 from .update import bias_corrections, lam_is_unit, step_scalars, step_scale
 
@@ -91,6 +92,7 @@ class AMS(Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, lam=lam, eps=eps,
                         weight_decay=weight_decay, foreach=foreach, fused=fused)
+        self._tables: dict[tuple, RunTable] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -275,18 +277,29 @@ class AMS(Optimizer):
                     st["exp_avg_sq"].view(-1),
                     st["exp_avg_s"].view(-1) if "exp_avg_s" in st else None)
             outv = out.view(-1) if out is not None else None
-            pieces = (Piece(0, p.numel(), 0, lp.numel),)
+            table = None if lam_is_unit(hp.lam) else self._run_table(p.numel(), lp.numel,
+                                                                      p.device)
             if deferred:
-                table, counts = flat_count(*vecs[1:], hp=hp, pieces=pieces, num_tensors=1,
-                                           backend=backend)
+                table, counts = flat_count(*vecs[1:], hp=hp, num_tensors=1, backend=backend,
+                                           table=table)
                 batch.add(lp, counts[:1])
                 batch.defer(functools.partial(
                     self._apply_one, vecs, outv, group["lr"], step, hp, table, counts,
                     backend, (p, st, master, work, out)))
                 continue
-            flat_step(*vecs, outv, lr=group["lr"], step=step, hp=hp, pieces=pieces,
-                      num_tensors=1, backend=backend)
+            flat_step(*vecs, outv, lr=group["lr"], step=step, hp=hp, num_tensors=1,
+                      backend=backend, table=table)
             self._write_back(p, st, master, work, out)
+
+    def _run_table(self, n: int, numel: int, device: torch.device) -> RunTable:
+        """The table of a one-tensor run (lam not in {1, -1}), built once per (local size,
+        full size, device) and kept by this optimizer: no cache to miss, so no rebuild
+        (a host-to-device copy) per step however many params."""
+        key = (n, numel, device)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = build_run_table((Piece(0, n, 0, numel),), n, 1, device)
+        return table
 
     @classmethod
     def _apply_one(cls, vecs, outv, lr, step, hp, table, counts, backend, back) -> None:

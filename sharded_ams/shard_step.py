@@ -81,17 +81,19 @@ def grad_ranges(sh: Any) -> list[Tensor]:
 
 
 def global_grad_norm(shards: Sequence[Any], device: torch.device,
-                     reduce: Callable[[Tensor], None]) -> Tensor:
-    """sqrt of the sum over ranks of every local grad element squared: fp32 norms per
-    local range (as ``clip_grad_norm_``; an fp32 overflow is inf and skips the step),
-    squared and summed in float64, then ``reduce`` (the all-reduce, waited)."""
-    parts = []
-    for sh in shards:
-        grads = grad_ranges(sh)
-        if grads:
-            parts.append(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
-    if parts:
-        sq = torch.cat(parts).double().square().sum()
+                     reduce: Callable[[Tensor], None], backend: str = "eager") -> Tensor:
+    """sqrt of the sum over ranks of every local grad element squared, then ``reduce``
+    (the all-reduce, waited). Triton: the kernel's fp32 block partials summed in float64
+    (``triton_kernel.sq_norm``); elsewhere fp32 norms per local range (as
+    ``clip_grad_norm_``), squared and summed in float64. Either way an fp32 overflow is
+    inf and skips the step."""
+    ranges = [grad_ranges(sh) for sh in shards]
+    if backend == "triton" and any(ranges):
+        parts = [get_ops("triton").sq_norm(r) for r in ranges if r]
+        sq = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
+    elif any(ranges):
+        sq = torch.cat([torch.stack(torch._foreach_norm(r, 2, dtype=torch.float32))
+                        for r in ranges if r]).double().square().sum()
     else:
         sq = torch.zeros((), dtype=torch.float64, device=device)
     reduce(sq)

@@ -404,7 +404,8 @@ class ShardedAMS(Optimizer):
         if self.max_grad_norm is None and not self.skip_nonfinite:
             self._reduce_with_error_flag(None)  # world size > 1: the ranks' error flags
         else:  # one read of the gradients gives the norm and the non-finite test
-            norm = global_grad_norm(self.shards, self.device, self._reduce_with_error_flag)
+            norm = global_grad_norm(self.shards, self.device, self._reduce_with_error_flag,
+                                    self.backend)
             if self.skip_nonfinite:
                 skip = ~torch.isfinite(norm)
             if self.max_grad_norm is not None:  # applied inside the step's kernels

@@ -28,7 +28,7 @@ Runs on CPU tensors under ``TRITON_INTERPRET=1`` for tests.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -115,7 +115,8 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
 @triton.jit
 def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
                 cbase_ptr, clo_ptr, chi_ptr, cidx_ptr, counts_ptr, ss_ptr, dec_ptr, scal_ptr,
-                skip_ptr, coef_ptr, n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
+                skip_ptr, coef_ptr, n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam,
+                tie, eps,
                 step_size, decay, inv_sqrt_bc2,
                 HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
                 USE_TABLE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr,
@@ -151,6 +152,37 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
                    ss_ptr, dec_ptr, scal_ptr, coef_ptr, beta1, beta2, beta3, omb1, omb2, omb3,
                    lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
                    SCALARS_ON_DEVICE, HAS_COEF, True)
+
+
+#: elements per program of the squared-norm kernel (one fp32 partial each)
+NORM_BLOCK = 4096
+
+
+@triton.jit
+def _sq_partials_kernel(g_ptr, out_ptr, n, BLOCK_SIZE: tl.constexpr):
+    """Each program's sum of g^2 over its block, in fp32: the squared-norm partials."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
+
+
+def sq_norm(ranges: Sequence[Tensor]) -> Tensor:
+    """Sum of squares of every element of ``ranges`` (1-D, contiguous, one device), a 0-d
+    float64 tensor: one launch per range writes per-block fp32 partials into one buffer,
+    one float64 sum adds them (2 launches at world size 1: its ranges merge into one).
+    The result is NaN/inf iff some element is NaN/inf, or an element's square or a
+    block's partial overflows fp32 (|g| > ~1.8e19): the non-finite test rides on it."""
+    sizes = [triton.cdiv(r.numel(), NORM_BLOCK) for r in ranges]
+    parts = torch.empty(sum(sizes), dtype=torch.float32, device=ranges[0].device)
+    pos = 0
+    for r, k in zip(ranges, sizes):
+        if k:
+            with _device_guard(r):
+                _sq_partials_kernel[(k,)](r, parts[pos:pos + k], r.numel(),
+                                          BLOCK_SIZE=NORM_BLOCK, **LAUNCH_OPTIONS)
+        pos += k
+    return parts.sum(dtype=torch.float64)
 
 
 def _device_guard(t: Tensor):
@@ -215,9 +247,10 @@ def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp,
 
 class TritonOps:
     """Triton implementation of the flat-range primitives (see ``eager.py``): one launch
-    per call."""
+    per call; ``sq_norm``: the gradient norm's read pass."""
 
     name = "triton"
+    sq_norm = staticmethod(sq_norm)
 
     @staticmethod
     def fused_step(p, g, m, v, s, out, sc: StepScalars, hp, skip=None, coef=None) -> None:
