@@ -249,7 +249,7 @@ class AMS(Optimizer):
             multi_fused_step(ps, gs, ms, vs, ss, outs,
                              step_scalars(lr, bc1, bc2, hp.weight_decay), hp)
             return
-        counts = multi_count(gs, ms, vs, ss, hp)
+        counts = multi_count(gs, ms, ss, hp)
         numels = torch.tensor([lp.numel for lp in params], dtype=torch.int64)
 
         def finish() -> None:

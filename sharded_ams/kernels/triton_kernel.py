@@ -22,6 +22,12 @@ eager torch rounds them (no fma contraction); with the same order of operations 
 ``update.py`` the kernel then matches the eager ops bit for bit in fp32 (see
 ``docs/maths.md``). The launch is guarded by the tensors' device, not the current one.
 
+Fused around the step (issue 21): the clip coefficient (a 0-d fp32 device tensor,
+``HAS_COEF``) multiplies each gradient as it is loaded, so clipping costs no pass over the
+gradients and no host sync; ``sq_norm`` is the gradient norm's one read pass (per-block fp32
+partials, summed in float64), whose value is also the non-finite test; p is cast to fp32
+on load like g, m, v and s.
+
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` for tests.
 """
 
