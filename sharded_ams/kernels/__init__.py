@@ -145,7 +145,7 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
 
 
 def flat_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], *, hp: GroupHParams,
-               pieces: Sequence[Piece], num_tensors: int, backend: str = "eager",
+               pieces: Sequence[Piece] = (), num_tensors: int = 0, backend: str = "eager",
                skip: Optional[Tensor] = None, coef: Optional[Tensor] = None,
                table: Optional[RunTable] = None) -> tuple[RunTable, Tensor]:
     """First half of the per-tensor-scaled step (lam not in {1, -1}): update the moments
