@@ -20,7 +20,10 @@ fp32 params, grads set once, weight decay 0:
 * ``adamw_fused_clip``: ``clip_grad_norm_(1.0, foreach=True)`` then fused AdamW: the peer
   of ``sharded_ams_clip`` (norm, then the gradients scaled in place).
 * ``ams_default``: ``sharded_ams.Grams(params)``, what a user gets
-  (``optimizer.default_path``: compiled per tensor on CPU at this size, Triton on CUDA).
+  (``optimizer.default_path``: on CPU at this size ONE compiled call over all the
+  group's tensors, ``kernels/multi.py``; Triton on CUDA).
+* ``cadam_default``: ``sharded_ams.CAdam(params)`` (lam = 0: per-tensor scale, so a count
+  pass and an apply pass; the same one-call path).
 * ``ams_foreach``: ``Grams(foreach=True)``.
 * ``ams_fused_compiled``: ``Grams(fused="compiled")``: one torch.compile'd pass per tensor
   (``fused="auto"`` on CUDA, i.e. Triton).
@@ -30,7 +33,11 @@ fp32 params, grads set once, weight decay 0:
   group): the flat pass plus its global grad norm (the non-finite check), a read of g.
 * ``sharded_ams_no_check``: the same with ``skip_nonfinite=False`` (no norm pass): the
   work of fused AdamW, so "vs fused" compares like with like.
-* ``sharded_ams_clip``: ``ShardedAMS(max_grad_norm=1.0)``.
+* ``sharded_ams_clip``: ``ShardedAMS(max_grad_norm=1.0)``: the norm pass, then the step
+  with the clip coefficient applied inside the kernel (no pass scales the gradients).
+* ``grad_norm_pass``: ShardedAMS's norm pass alone (``shard_step.global_grad_norm`` over
+  its gradient buffer: the norm and the non-finite test in one read); its peer
+  ``grad_sum``: a plain ``g.sum()`` over the same buffer (the read-bandwidth yardstick).
 * ``copy_floor``: the memory-traffic floor of the step: ONE torch.compile'd pass that moves
   the same bytes in place, ``p += g; m += g; v += g`` over four flat fp32 buffers of the
   same total size (one fused loop): reads 16 B (p, g, m, v) and writes 12 B (p, m, v) per
@@ -87,7 +94,8 @@ for _p in (ROOT, ROOT / "benchmarks"):
 
 from bench_common import (add_out_args, device_name, env_info, loadavg, resolve_out,  # noqa: E402
                           step_keeping_grads)
-from sharded_ams import Grams, ShardedAMS  # noqa: E402
+from sharded_ams import CAdam, Grams, ShardedAMS  # noqa: E402
+from sharded_ams.shard_step import global_grad_norm  # noqa: E402
 from sharded_ams.kernels import GroupHParams, flat_step  # noqa: E402
 from sharded_ams.kernels.eager import compile_available  # noqa: E402
 
@@ -192,6 +200,12 @@ def row_ams_default(shapes, device):
     return opt.step, f"sharded_ams.Grams(params): default path {default_path(device, numel)!r}"
 
 
+def row_cadam_default(shapes, device):
+    params = make_params(shapes, device)
+    opt = CAdam(params, lr=LR, betas=BETAS, eps=EPS)
+    return opt.step, "sharded_ams.CAdam(params): lam = 0, count + apply, default path"
+
+
 def row_ams_foreach(shapes, device):
     params = make_params(shapes, device)
     opt = Grams(params, lr=LR, betas=BETAS, eps=EPS, foreach=True)
@@ -248,7 +262,30 @@ def row_sharded_ams_no_check(shapes, device):
 def row_sharded_ams_clip(shapes, device):
     opt = _sharded(shapes, device, max_grad_norm=1.0)
     return step_keeping_grads(opt), ("ShardedAMS(preset='grams', max_grad_norm=1.0): norm, "
-                                      "then grads scaled")
+                                      "then the step with the coefficient in the kernel")
+
+
+def row_grad_norm_pass(shapes, device):
+    opt = _sharded(shapes, device)
+    step_keeping_grads(opt)()  # the grads move into the optimizer's buffer
+    sink = []
+
+    def step():
+        sink[:] = [global_grad_norm(opt.shards, opt.device, lambda t: None, opt.backend)]
+
+    return step, "ShardedAMS's grad-norm pass alone (norm + non-finite test, one read)"
+
+
+def row_grad_sum(shapes, device):
+    opt = _sharded(shapes, device)
+    step_keeping_grads(opt)()
+    g = opt.shards[0].buf.grad
+    sink = []
+
+    def step():
+        sink[:] = [g.sum()]
+
+    return step, "g.sum() over the same gradient buffer: the read-bandwidth yardstick"
 
 
 def _floor_pass(p, g, m, v):
@@ -293,18 +330,22 @@ ROWS: dict[str, Callable] = {
     "adamw_fused_norm": row_adamw_fused_norm,
     "adamw_fused_clip": row_adamw_fused_clip,
     "ams_default": row_ams_default,
+    "cadam_default": row_cadam_default,
     "ams_foreach": row_ams_foreach,
     "ams_fused_compiled": row_ams_fused_compiled,
     "flat_compiled": row_flat_compiled,
     "sharded_ams": row_sharded_ams,
     "sharded_ams_no_check": row_sharded_ams_no_check,
     "sharded_ams_clip": row_sharded_ams_clip,
+    "grad_norm_pass": row_grad_norm_pass,
+    "grad_sum": row_grad_sum,
     "copy_floor": row_copy_floor,
     "copy_floor_eager": row_copy_floor_eager,
 }
 ROW_NAMES = tuple(ROWS)
 #: The torch row doing the same work as a row of ours ("vs peer" = t(peer) / t(row)).
-PEERS = {"ams_default": "adamw_default", "ams_foreach": "adamw_foreach",
+PEERS = {"ams_default": "adamw_fused", "cadam_default": "adamw_fused",
+         "ams_foreach": "adamw_foreach", "grad_norm_pass": "grad_sum",
          "ams_fused_compiled": "adamw_fused", "flat_compiled": "adamw_fused",
          "sharded_ams_no_check": "adamw_fused", "sharded_ams": "adamw_fused_norm",
          "sharded_ams_clip": "adamw_fused_clip"}

@@ -17,9 +17,11 @@ from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, local_pa
                       needs_batch)
 from .kernels import (GroupHParams, Piece, flat_apply, flat_count, flat_step, host_scalar,
                       resolve_backend, triton_available)
-from .kernels.eager import SERIAL_NUMEL, compile_available
+from .kernels.eager import compile_available
 from .kernels.foreach import foreach_apply, foreach_count, foreach_moments
-from .update import bias_corrections
+from .kernels.tables import RunTable, build_run_table
+from .kernels.multi import multi_apply, multi_count, multi_fused_step
+from .update import bias_corrections, lam_is_unit, step_scalars, step_scale
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_s", "master")
 #: on CPU, the default path compiles once a group holds this many elements (see default_path)
@@ -33,10 +35,10 @@ def default_path(device: torch.device, numel: int) -> str:
 
     * CUDA: the Triton kernel when triton is importable (one pass per tensor, no host
       sync), else ``_foreach`` (torch's own CUDA default for AdamW).
-    * CPU: one torch.compile'd pass per tensor when a C++ compiler works and the group
-      holds at least ``COMPILE_MIN_NUMEL`` elements (tensors under ``SERIAL_NUMEL``
-      elements together in one ``_foreach`` call: a compiled call costs ~0.1 ms); the first
-      step pays the compile (seconds; cached on disk for later runs). Smaller groups, or no
+    * CPU: when a C++ compiler works and the group holds at least ``COMPILE_MIN_NUMEL``
+      elements, ONE torch.compile'd call over all the group's tensors (one loop nest per
+      tensor, ``kernels/multi.py``; a call per tensor cost ~0.1 ms each); the first step
+      pays the compile (seconds; cached on disk for later runs). Smaller groups, or no
       compiler: ``_foreach``.
     """
     if device.type == "cuda":
@@ -90,6 +92,7 @@ class AMS(Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, lam=lam, eps=eps,
                         weight_decay=weight_decay, foreach=foreach, fused=fused)
+        self._tables: dict[tuple, RunTable] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -170,19 +173,18 @@ class AMS(Optimizer):
     def _step_bucket(self, group: dict, hp: GroupHParams, params: list, device: torch.device,
                      step: float, batch: CountBatch) -> None:
         path = self._path(group, device, sum(lp.p.numel() for lp in params))
-        small: list = []
         if path == "compiled" and device.type == "cpu" and self._is_default(group):
-            # a compiled call costs ~0.1 ms of Python and dynamo: small tensors
-            # (biases, norms) go through one _foreach call together
-            small = [lp for lp in params if lp.p.numel() < SERIAL_NUMEL]
-            params = [lp for lp in params if lp.p.numel() >= SERIAL_NUMEL]
-        for part, name in ((small, "foreach"), (params, path)):
-            if not part:
-                continue
-            if name == "foreach":
-                self._foreach_group(group, hp, part, step, batch)
-            else:
-                self._fused_group(group, hp, part, step, batch, backend=name)
+            # one compiled call over every contiguous tensor (a call each costs ~0.1 ms)
+            flat = [lp for lp in params if _is_flat(lp)]
+            if flat:
+                self._multi_group(group, hp, flat, step, batch)
+            params = [lp for lp in params if not _is_flat(lp)]
+        if not params:
+            return
+        if path == "foreach":
+            self._foreach_group(group, hp, params, step, batch)
+        else:
+            self._fused_group(group, hp, params, step, batch, backend=path)
 
     @staticmethod
     def _is_default(group: dict) -> bool:
@@ -230,6 +232,39 @@ class AMS(Optimizer):
             batch.add(lp, c)
         batch.defer(lambda: finish(counts))
 
+    def _multi_group(self, group, hp: GroupHParams, params: list, step: float,
+                     batch: CountBatch) -> None:
+        """Every tensor in one compiled call (``kernels/multi.py``); with lam not in
+        {1, -1} a count call, the counts summed across ranks where a tensor is split
+        (``batch``), then an apply call."""
+        states = [lp.state for lp in params]
+        ps = [st.get("master", lp.p) for lp, st in zip(params, states)]
+        outs = [lp.p if "master" in st else None for lp, st in zip(params, states)]
+        gs = [lp.grad for lp in params]
+        ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        ss = [st["exp_avg_s"] for st in states] if hp.beta3 > 0 else None
+        lr = host_scalar(group["lr"], ps[0].device)
+        bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
+        if lam_is_unit(hp.lam):
+            multi_fused_step(ps, gs, ms, vs, ss, outs,
+                             step_scalars(lr, bc1, bc2, hp.weight_decay), hp)
+            return
+        counts = multi_count(gs, ms, ss, hp)
+        numels = torch.tensor([lp.numel for lp in params], dtype=torch.int64)
+
+        def finish() -> None:
+            scale = step_scale(numels, counts, hp.lam)
+            lrs = lr * scale if isinstance(lr, float) else lr.double() * scale
+            multi_apply(ps, gs, ms, vs, ss, outs,
+                        step_scalars(lrs, bc1, bc2, hp.weight_decay), hp)
+
+        if not needs_batch(params, hp.lam):
+            finish()
+            return
+        for i, lp in enumerate(params):
+            batch.add(lp, counts[i:i + 1])
+        batch.defer(finish)
+
     def _fused_group(self, group, hp: GroupHParams, params: list, step: float,
                      batch: CountBatch, *, backend: str) -> None:
         deferred = needs_batch(params, hp.lam)
@@ -242,18 +277,29 @@ class AMS(Optimizer):
                     st["exp_avg_sq"].view(-1),
                     st["exp_avg_s"].view(-1) if "exp_avg_s" in st else None)
             outv = out.view(-1) if out is not None else None
-            pieces = (Piece(0, p.numel(), 0, lp.numel),)
+            table = None if lam_is_unit(hp.lam) else self._run_table(p.numel(), lp.numel,
+                                                                      p.device)
             if deferred:
-                table, counts = flat_count(*vecs[1:], hp=hp, pieces=pieces, num_tensors=1,
-                                           backend=backend)
+                table, counts = flat_count(*vecs[1:], hp=hp, num_tensors=1, backend=backend,
+                                           table=table)
                 batch.add(lp, counts[:1])
                 batch.defer(functools.partial(
                     self._apply_one, vecs, outv, group["lr"], step, hp, table, counts,
                     backend, (p, st, master, work, out)))
                 continue
-            flat_step(*vecs, outv, lr=group["lr"], step=step, hp=hp, pieces=pieces,
-                      num_tensors=1, backend=backend)
+            flat_step(*vecs, outv, lr=group["lr"], step=step, hp=hp, num_tensors=1,
+                      backend=backend, table=table)
             self._write_back(p, st, master, work, out)
+
+    def _run_table(self, n: int, numel: int, device: torch.device) -> RunTable:
+        """The table of a one-tensor run (lam not in {1, -1}), built once per (local size,
+        full size, device) and kept by this optimizer: no cache to miss, so no rebuild
+        (a host-to-device copy) per step however many params."""
+        key = (n, numel, device)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = build_run_table((Piece(0, n, 0, numel),), n, 1, device)
+        return table
 
     @classmethod
     def _apply_one(cls, vecs, outv, lr, step, hp, table, counts, backend, back) -> None:
@@ -296,6 +342,13 @@ class AMS(Optimizer):
                                          f"the param has {tuple(p.shape)}")
                     st[k] = v.to(device=p.device, dtype=torch.float32).clone()
             self.state[p] = st
+
+
+def _is_flat(lp: LocalParam) -> bool:
+    """Param, master, gradient and state all contiguous: steppable as flat ranges."""
+    master = lp.state.get("master", lp.p)
+    return (master.is_contiguous() and lp.grad.is_contiguous()
+            and ("master" not in lp.state or lp.p.is_contiguous()))
 
 
 def _preset(name: str, doc: str):

@@ -1,9 +1,14 @@
 """The per-step work of ``ShardedAMS`` on its local shards, with host cost independent of
 the number of buckets B where it can be (issue 26, items 5 and 6).
 
-* Global grad norm and clipping: one ``_foreach_norm`` and one ``_foreach_mul_`` per
-  dtype shard over every bucket's shard (not ~5 launches per bucket), then one small
-  all-reduce of the squared norm.
+* Global grad norm: ONE read of the gradients, one ``_foreach_norm`` per dtype shard over
+  its local gradient ranges (bucket shards that touch, as every bucket at world size 1,
+  read as one range), then one small all-reduce of the squared norm. The squared norm
+  also carries the non-finite test: it is NaN/inf iff some gradient is (or the fp32 norm
+  overflows), so no second reduction checks the values.
+* Clipping: the coefficient min(1, max_norm / (norm + 1e-6)) stays a 0-d device tensor
+  that the step kernels multiply each gradient by as they load it: no pass scales the
+  gradients, nothing is read on the host (issue 21).
 * Per-step scalars (bias corrections, step size, decay) once per param group, not once
   per (bucket, group) run.
 * lam not in {1, -1} (per-tensor scale): every run's count pass adds into ONE count vector
@@ -62,38 +67,56 @@ class GroupStep:
         return step_scalars(lr, self.bc1, self.bc2, self.hp.weight_decay)
 
 
+def grad_ranges(sh: Any) -> list[Tensor]:
+    """The shard's local gradients as few ranges as possible: bucket shards adjacent in
+    the buffer (all of them at world size 1) merge into one view."""
+    spans: list[list[int]] = []
+    for bk in sh.layout.buckets:
+        s0, s1 = bk.shard(sh.rank)
+        if spans and spans[-1][1] == s0:
+            spans[-1][1] = s1
+        elif s1 > s0:
+            spans.append([s0, s1])
+    return [sh.buf.grad[a:b] for a, b in spans]
+
+
 def global_grad_norm(shards: Sequence[Any], device: torch.device,
-                     reduce: Callable[[Tensor], None]) -> Tensor:
-    """sqrt of the sum over ranks of every local grad element squared: fp32 norms per
-    bucket shard (as ``clip_grad_norm_``; an fp32 overflow is inf and skips the step),
-    squared and summed in float64, then ``reduce`` (the all-reduce, waited).
+                     reduce: Callable[[Tensor], None], backend: str = "eager") -> Tensor:
+    """sqrt of the sum over ranks of every local grad element squared, then ``reduce``
+    (the all-reduce, waited). Triton: the kernel's fp32 block partials summed in float64
+    (``triton_kernel.sq_norm``); elsewhere fp32 norms per local range (as
+    ``clip_grad_norm_``), squared and summed in float64. Either way an fp32 overflow is
+    inf and skips the step.
 
     A shard with ``counted`` False holds copies another rank counts (params replicated
-    over tensor-parallel ranks, ``model_parallel.py``): its norms are multiplied by 0,
-    which keeps an inf or NaN (0 * inf = NaN), so every rank still skips on it."""
+    over tensor-parallel ranks, ``model_parallel.py``): its sum is multiplied by 0, which
+    keeps an inf or NaN (0 * inf = NaN), so every rank still skips on it."""
     parts = []
     for sh in shards:
-        grads = [sh.grad_shard(b) for b in range(len(sh.layout.buckets))]
-        if grads:
-            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-            parts.append(norms if getattr(sh, "counted", True) else norms * 0.0)
+        r = grad_ranges(sh)
+        if not r:
+            continue
+        if backend == "triton":
+            sq = get_ops("triton").sq_norm(r)
+        else:
+            sq = torch.stack(torch._foreach_norm(r, 2, dtype=torch.float32)).double().square().sum()
+        parts.append(sq if getattr(sh, "counted", True) else sq * 0.0)
     if parts:
-        sq = torch.cat(parts).double().square().sum()
+        sq = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
     else:
         sq = torch.zeros((), dtype=torch.float64, device=device)
     reduce(sq)
     return sq.sqrt()
 
 
-def clip_grads(shards: Sequence[Any], coef: Tensor) -> None:
-    """Multiply every local grad shard by ``coef`` (a 0-d device tensor): one
-    ``_foreach_mul_`` per dtype shard. ``coef`` is rounded to fp32 first, as the
-    per-bucket ``mul_`` rounded it."""
-    coef32 = coef.float()
-    for sh in shards:
-        grads = [sh.grad_shard(b) for b in range(len(sh.layout.buckets))]
-        if grads:
-            torch._foreach_mul_(grads, coef32)
+def clip_coef(norm: Tensor, max_norm: float) -> Tensor:
+    """The 0-d fp32 factor the step multiplies every gradient by: max_norm / (norm + 1e-6)
+    (computed in float64) where that is below 1, else exactly 1.0 (an exact no-op); a NaN
+    norm gives 1.0 too (a step that is not skipped keeps its gradients as they are), an
+    inf norm 0.0, as ``clip_grad_norm_``. Rounded to fp32 once, as an in-place ``mul_``
+    of fp32 gradients would round it."""
+    coef = max_norm / (norm + 1e-6)
+    return torch.where(coef < 1.0, coef, torch.ones_like(coef)).float()
 
 
 def run_table_of(sh: Any, i: int, run: Run) -> RunTable:
@@ -130,10 +153,11 @@ def numels_of(sh: Any) -> Tensor:
 
 def step_shards(shards: Sequence[Any], groups: Sequence[dict], device: torch.device,
                 backend: str, skip: Optional[Tensor],
-                reduce: Callable[[Tensor], None]) -> None:
+                reduce: Callable[[Tensor], None], coef: Optional[Tensor] = None) -> None:
     """One AMS step on every run of every shard (see the module docstring); ``reduce``
     all-reduces the count vector and waits (called once, only when some group has
-    |lam| != 1, on every rank alike: the runs are the same on every rank)."""
+    |lam| != 1, on every rank alike: the runs are the same on every rank). ``coef``: the
+    clip coefficient (:func:`clip_coef`), applied to each gradient as the kernels load it."""
     ops = get_ops(backend)
     gs = [GroupStep.of(g, device) for g in groups]
     sizes = [len(sh.layout.slots) + 1 for sh in shards]
@@ -150,9 +174,9 @@ def step_shards(shards: Sequence[Any], groups: Sequence[dict], device: torch.dev
             g = gs[run.group]
             p, gr, m, v, s, out = _ranges(sh, run)
             if g.unit:
-                ops.fused_step(p, gr, m, v, s, out, g.sc, g.hp, skip)
+                ops.fused_step(p, gr, m, v, s, out, g.sc, g.hp, skip, coef)
             else:
-                ops.count_run(gr, m, v, s, g.hp, run_table_of(sh, i, run), cnt, skip)
+                ops.count_run(gr, m, v, s, g.hp, run_table_of(sh, i, run), cnt, skip, coef)
     if not scaled:
         return
     reduce(counts)
@@ -167,4 +191,4 @@ def step_shards(shards: Sequence[Any], groups: Sequence[dict], device: torch.dev
             sc = per_group[run.group]
             p, gr, m, v, s, out = _ranges(sh, run)
             ops.apply_run(p, gr, m, v, s, out, sc.inv_sqrt_bc2, g.hp, run_table_of(sh, i, run),
-                          sc.step_size, sc.decay, skip)
+                          sc.step_size, sc.decay, skip, coef)

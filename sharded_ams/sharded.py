@@ -26,7 +26,7 @@ from .kernels import resolve_backend
 from .kernels.tables import RunTable
 from .layout import BufferLayout, Run, default_bucket_numel
 from .model_parallel import ModelParallel, resolve_groups
-from .shard_step import clip_grads, global_grad_norm, step_shards
+from .shard_step import clip_coef, global_grad_norm, step_shards
 
 STATE_FORMAT_VERSION = 1
 
@@ -438,22 +438,20 @@ class ShardedAMS(Optimizer):
                                "on the same params; step the new one")
         self._sync.finish_param_sync()  # gathers no forward waited for: unused params
         self._sync.finish_grad_sync()
-        norm = skip = None
+        norm = skip = coef = None
         if self.max_grad_norm is None and not self.skip_nonfinite:
             self._reduce_with_error_flag(None)  # world size > 1: the ranks' error flags
-        else:
-            norm = global_grad_norm(self.shards, self.device, self._reduce_with_error_flag)
+        else:  # one read of the gradients gives the norm and the non-finite test
+            norm = global_grad_norm(self.shards, self.device, self._reduce_with_error_flag,
+                                    self.backend)
             if self.skip_nonfinite:
                 skip = ~torch.isfinite(norm)
-            if self.max_grad_norm is not None:
-                coef = self.max_grad_norm / (norm + 1e-6)
-                # 1.0 (an exact no-op) unless clipping; NaN (not skipped) leaves grads as they are
-                coef = torch.where(coef < 1.0, coef, torch.ones_like(coef))
-                clip_grads(self.shards, coef)
+            if self.max_grad_norm is not None:  # applied inside the step's kernels
+                coef = clip_coef(norm, self.max_grad_norm)
         for group in self.param_groups:
             group["step"] += 1 if skip is None else (~skip).float()
         step_shards(self.shards, self.param_groups, self.device, self.backend, skip,
-                    self._reduce_counts)
+                    self._reduce_counts, coef)
         for sh in self.shards:
             sh.buf.consumed()
         if skip is not None:

@@ -271,20 +271,23 @@ def test_default_path_per_device(monkeypatch):
 
 @pytest.mark.parametrize("numels,kw,expect", [
     ((100,), {}, [("foreach", 1)]),                       # a small group: no compile
-    ((300,), {}, [("fused", 1)]),                         # compiled, one call per tensor
-    ((300, 50, 400, 60), {}, [("foreach", 2), ("fused", 2)]),  # small ones in one foreach
+    ((300,), {}, [("multi", 1)]),                         # compiled: one call for the group
+    ((300, 50, 400, 60), {}, [("multi", 4)]),             # every tensor in that one call
+    ((300, 50, (20, 20), 60), {}, [("multi", 3), ("fused", 1)]),  # not contiguous: per tensor
     ((300, 50, 400, 60), dict(fused="compiled"), [("fused", 4)]),  # as asked: no routing
 ])
 def test_ams_default_takes_the_default_path(numels, kw, expect, monkeypatch):
     monkeypatch.setattr(optimizer_mod, "COMPILE_MIN_NUMEL", 200)
-    monkeypatch.setattr(optimizer_mod, "SERIAL_NUMEL", 100)
     monkeypatch.setattr(optimizer_mod, "compile_available", lambda: True)
     taken = []
     monkeypatch.setattr(AMS, "_foreach_group",
                         lambda self, g, hp, params, *a: taken.append(("foreach", len(params))))
+    monkeypatch.setattr(AMS, "_multi_group",
+                        lambda self, g, hp, params, *a: taken.append(("multi", len(params))))
     monkeypatch.setattr(AMS, "_fused_group", lambda self, g, hp, params, *a, backend:
                         taken.append(("fused", len(params))))
-    params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
+    params = [torch.nn.Parameter(torch.zeros(n) if isinstance(n, int) else torch.zeros(n).t())
+              for n in numels]
     opt = Grams(params, **kw)
     for p in params:
         p.grad = torch.ones_like(p)

@@ -4,7 +4,8 @@
 (``test_update.py``) checks precision only; the oracle is written separately from the
 paper and checks meaning. Cases: the three presets with decay and general AMS with
 lam=-0.5, beta3=0.9 (``cases.ORACLE_CASES``); backends: ``AMS`` with foreach, per-tensor
-eager, fused eager and fused compiled, and ``flat_step`` over one flat run holding every
+eager, fused eager, fused compiled and the CPU default's one compiled call over all
+tensors, and ``flat_step`` over one flat run holding every
 tensor (one split in two pieces, padding between) for eager and compiled (the compiled
 backend on its two code paths, ``COMPILED_CASES``). The Triton kernel is checked against
 the same oracle, every case, in ``test_triton_interpret.py``.
@@ -17,6 +18,7 @@ import functools
 import pytest
 import torch
 
+from sharded_ams import optimizer as optimizer_mod
 from sharded_ams.kernels import GroupHParams, Piece, flat_step
 from sharded_ams.kernels.eager import compile_available
 
@@ -34,7 +36,10 @@ SPECS = [((0,), torch.float32, False), ((1,), torch.float32, False),
          ((7, 13), torch.float32, False), ((13, 9), torch.float32, True),
          ((300,), torch.float32, False), ((6, 11), torch.bfloat16, False)]
 AMS_BACKENDS = {"foreach": dict(foreach=True), "single": dict(foreach=False),
-                "fused_eager": dict(fused="eager"), "fused_compiled": dict(fused="compiled")}
+                "fused_eager": dict(fused="eager"), "fused_compiled": dict(fused="compiled"),
+                # the CPU default on a big group: ONE compiled call over every contiguous
+                # tensor (kernels/multi.py; the transposed one goes per tensor)
+                "default_compiled": dict()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,7 +79,7 @@ COMPILED_CASES = ("grams_wd", "lam-0.5_beta3-0.9_wd")
 def _cases(backends):
     out = []
     for b in backends:
-        compiled = "compiled" in b
+        compiled = "compiled" in b  # default_compiled too
         out += [pytest.param(b, c, id=f"{b}-{c.name}", marks=[needs_compile] if compiled else [])
                 for c in ORACLE_CASES if not compiled or c.name in COMPILED_CASES]
     return out
@@ -98,7 +103,9 @@ def _assert_matches_oracle(states: list[dict], case: Case, what: str) -> None:
 
 
 @pytest.mark.parametrize("backend,case", _cases(AMS_BACKENDS))
-def test_ams_matches_oracle(backend, case: Case):
+def test_ams_matches_oracle(backend, case: Case, monkeypatch):
+    if backend == "default_compiled":
+        monkeypatch.setattr(optimizer_mod, "COMPILE_MIN_NUMEL", 0)
     params = _params()
     _, gss = _problem()
     opt = case.build(params, **AMS_BACKENDS[backend])

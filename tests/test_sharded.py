@@ -441,7 +441,10 @@ def test_padding_stays_zero_and_kernel_runs_are_aligned(monkeypatch):
 def skip_flag_failures(backend: str) -> list[str]:
     """``flat_step(..., skip=...)`` on ``backend``: skip=True writes nothing (p, m, v, s and
     the bf16 copy bitwise unchanged), skip=False equals no flag, in the one-pass (lam=-1)
-    and the two-pass (lam=-0.5, per-tensor counts) cases. Returns what failed."""
+    and the two-pass (lam=-0.5, per-tensor counts) cases. And the clip coefficient folded
+    into the kernels: ``coef=c`` equals the step on gradients scaled by c beforehand, bit
+    for bit (what ShardedAMS did before: an in-place ``mul_`` pass), with and without skip.
+    Returns what failed."""
     from sharded_ams.kernels import GroupHParams, Piece, flat_step
 
     failures = []
@@ -452,21 +455,32 @@ def skip_flag_failures(backend: str) -> list[str]:
     for lam, beta3 in ((-1.0, 0.0), (-0.5, 0.5)):
         hp = GroupHParams(0.9, 0.999, beta3, lam, 1e-8, 0.1)
         results = {}
-        for flag in (None, False, True):
+        coef = torch.tensor(0.37)
+        for flag in (None, False, True, "coef", "prescaled", "coef+skip"):
             p, g, m, v, s_ = (t.clone() for t in base)
+            if flag == "prescaled":
+                g.mul_(coef)
             out = p.to(torch.bfloat16)
             flat_step(p, g, m, v, s_ if beta3 else None, out, lr=1e-2,
                       step=torch.tensor(3.0), hp=hp, backend=backend,
                       pieces=(Piece(0, 170, 0, 170), Piece(170, n, 1, 200)), num_tensors=2,
-                      skip=None if flag is None else torch.tensor(flag))
+                      skip=None if flag in (None, "coef", "prescaled") else torch.tensor(
+                          flag is True or flag == "coef+skip"),
+                      coef=coef if flag in ("coef", "coef+skip") else None)
             results[flag] = (p, m, v, s_, out)
         before = (base[0], base[2], base[3], base[4], base[0].to(torch.bfloat16))
         for what, got, ref in (("skip=True changed", results[True], before),
-                               ("skip=False differs from no flag", results[False], results[None])):
+                               ("skip=False differs from no flag", results[False], results[None]),
+                               ("coef differs from prescaled g", results["coef"],
+                                results["prescaled"]),
+                               ("coef with skip=True changed", results["coef+skip"], before)):
             if not all(torch.equal(a, b) for a, b in zip(got, ref)):
                 failures.append(f"{backend} lam={lam}: {what}")
-        if all(torch.equal(a, b) for a, b in zip(results[None], before)):
-            failures.append(f"{backend} lam={lam}: the step moved nothing")
+        for key in (None, "coef"):
+            if all(torch.equal(a, b) for a, b in zip(results[key], before)):
+                failures.append(f"{backend} lam={lam}: the step ({key}) moved nothing")
+        if torch.equal(results["coef"][1], results[None][1]):
+            failures.append(f"{backend} lam={lam}: the coefficient changed nothing")
     return failures
 
 

@@ -247,6 +247,67 @@ def _check_bf16_moments() -> None:
         assert _is_bf16_cast(low[k], exact[k]), f"bf16 {k} is not the fp32 result rounded"
 
 
+def _check_sharded_norm_clip_skip() -> None:
+    """``ShardedAMS(backend="triton", max_grad_norm=...)`` at world size 1: the norm from the
+    kernel's block partials, the clip coefficient inside the update kernel and the
+    non-finite skip, against ``backend="eager"`` (moments bitwise where the coefficient
+    agrees, params to 2 ulp) and a float64 run of ``update.py`` on the clipped gradients
+    (norm and coefficient in float64); a NaN step stores nothing."""
+    import math
+
+    import torch
+
+    from cases import FP32_RTOL, make_grads, make_param
+    from sharded_ams import ShardedAMS
+    from sharded_ams.update import reference_init, reference_step
+
+    shapes, steps, nan_at, max_norm = ((1500,), (37, 11)), 6, 3, 0.5
+    p0s = [make_param(s, 400 + i) for i, s in enumerate(shapes)]
+    gss = [make_grads(s, steps, seed=410 + i, zero_frac=0.2) for i, s in enumerate(shapes)]
+    gss[1][nan_at].view(-1)[5] = float("nan")
+    runs = {}
+    for backend in ("triton", "eager"):
+        params = [torch.nn.Parameter(p.clone()) for p in p0s]
+        opt = ShardedAMS(params, preset="grams", lr=1e-2, weight_decay=0.1,
+                         max_grad_norm=max_norm, backend=backend, broadcast_params=False)
+        norms = []
+        for t in range(steps):
+            for p, gs in zip(params, gss):
+                p.grad = gs[t].clone()
+            before = [p.detach().clone() for p in params] + [
+                x.clone() for sh in opt.shards for x in sh.state.values()]
+            opt.step()
+            norms.append(opt.last_step.grad_norm)
+            assert opt.last_step.skipped == (t == nan_at), (backend, t)
+            if t == nan_at:  # nothing stored: params and every state tensor as they were
+                after = [p.detach() for p in params] + [
+                    x for sh in opt.shards for x in sh.state.values()]
+                assert all(torch.equal(a, b) for a, b in zip(before, after)), backend
+        opt.finish_param_sync()
+        assert int(opt.param_groups[0]["step"]) == steps - 1
+        runs[backend] = ([p.detach().clone() for p in params], norms, opt.shards[0].state)
+    refs = [reference_init(p, 0.0) for p in p0s]
+    for t in range(steps):
+        if t == nan_at:
+            continue
+        g64 = [gs[t].double() for gs in gss]
+        norm = math.sqrt(sum(float((g * g).sum()) for g in g64))
+        for r, got in ((runs["triton"][1][t], "triton"), (runs["eager"][1][t], "eager")):
+            assert abs(r - norm) <= 1e-5 * norm, (got, t, r, norm)
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        refs = [reference_step(st, g * coef, lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.0,
+                               lam=-1.0, eps=1e-8, weight_decay=0.1)
+                for st, g in zip(refs, g64)]
+    assert any(max_norm / (n + 1e-6) < 1.0 for n in runs["eager"][1] if math.isfinite(n)), \
+        "no step clipped: the test would not see the coefficient"
+    for i, (pt, pe, ref) in enumerate(zip(runs["triton"][0], runs["eager"][0], refs)):
+        _close(pt, pe, f"sharded triton vs eager, param {i}", ulps=4)
+        scale = float((ref.p - p0s[i].double()).abs().max())
+        err = float((pt.double() - ref.p).abs().max()) / scale
+        assert err < FP32_RTOL, f"param {i} vs float64 reference: rel err {err:.3g}"
+    assert not torch.isnan(runs["triton"][2]["exp_avg"]).any()
+
+
 def _check_optimizer(case, steps: int = 20) -> None:
     import torch
 
@@ -295,7 +356,8 @@ def _main() -> int:
     from cases import ORACLE_CASES, CONFIGS
 
     t0 = time.time()
-    for check in (_check_one_pass, _check_two_pass_run, _check_bf16_moments):
+    for check in (_check_one_pass, _check_two_pass_run, _check_bf16_moments,
+                  _check_sharded_norm_clip_skip):
         t1 = time.time()
         check()
         print(f"{check.__name__}: OK ({time.time() - t1:.1f}s)", flush=True)

@@ -104,7 +104,8 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
               out: Optional[Tensor], *, lr: Scalar, step: Scalar, hp: GroupHParams,
               pieces: Sequence[Piece] = (), num_tensors: int = 0, backend: str = "eager",
               count_reduce: Optional[Callable[[Tensor], None]] = None,
-              skip: Optional[Tensor] = None) -> None:
+              skip: Optional[Tensor] = None, coef: Optional[Tensor] = None,
+              table: Optional[RunTable] = None) -> None:
     """One AMS step on a flat range, in place.
 
     ``p`` is the fp32 master range, ``g`` the gradient range (any float dtype), ``out``
@@ -120,7 +121,10 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     and one apply pass steps every piece with its tensor's scale. Elements in no piece
     (padding) are stepped with scale 1, as the one-pass step steps them. ``skip``: an
     optional 0-d bool tensor on p's device; where true nothing is written (a step skipped
-    without a host sync).
+    without a host sync). ``coef``: an optional 0-d fp32 tensor on p's device, the clip
+    coefficient: the step reads the gradient as ``g * coef`` (no pass scales g).
+    ``table``: the run's table (:func:`tables.build_run_table` of ``pieces``) when the
+    caller keeps one per layout; without it a cache keyed by the pieces serves.
     """
     lr, step = host_scalar(lr, p.device), host_scalar(step, p.device)
     if p.numel() == 0 and count_reduce is None:
@@ -129,34 +133,37 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
         if p.numel():
             bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
             get_ops(backend).fused_step(p, g, m, v, s, out,
-                                        step_scalars(lr, bc1, bc2, hp.weight_decay), hp, skip)
+                                        step_scalars(lr, bc1, bc2, hp.weight_decay), hp, skip,
+                                        coef)
         return
     table, counts = flat_count(g, m, v, s, hp=hp, pieces=pieces, num_tensors=num_tensors,
-                               backend=backend, skip=skip)
+                               backend=backend, skip=skip, coef=coef, table=table)
     if count_reduce is not None:
         count_reduce(counts[:num_tensors])
     flat_apply(p, g, m, v, s, out, lr=lr, step=step, hp=hp, table=table, counts=counts,
-               backend=backend, skip=skip)
+               backend=backend, skip=skip, coef=coef)
 
 
 def flat_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], *, hp: GroupHParams,
-               pieces: Sequence[Piece], num_tensors: int, backend: str = "eager",
-               skip: Optional[Tensor] = None) -> tuple[RunTable, Tensor]:
+               pieces: Sequence[Piece] = (), num_tensors: int = 0, backend: str = "eager",
+               skip: Optional[Tensor] = None, coef: Optional[Tensor] = None,
+               table: Optional[RunTable] = None) -> tuple[RunTable, Tensor]:
     """First half of the per-tensor-scaled step (lam not in {1, -1}): update the moments
     of the run and count each tensor's u*s < 0. Returns the run's table and the int64
     counts (``num_tensors + 1`` slots). Split from :func:`flat_apply` so that a caller can
     sum the counts of many runs across ranks in one collective before any apply."""
-    table = run_table(as_pieces(pieces), m.numel(), num_tensors, m.device)
+    if table is None:
+        table = run_table(as_pieces(pieces), m.numel(), num_tensors, m.device)
     counts = torch.zeros(num_tensors + 1, dtype=torch.int64, device=m.device)
     if m.numel():
-        get_ops(backend).count_run(g, m, v, s, hp, table, counts, skip)
+        get_ops(backend).count_run(g, m, v, s, hp, table, counts, skip, coef)
     return table, counts
 
 
 def flat_apply(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
                out: Optional[Tensor], *, lr: Scalar, step: Scalar, hp: GroupHParams,
                table: RunTable, counts: Tensor, backend: str = "eager",
-               skip: Optional[Tensor] = None) -> None:
+               skip: Optional[Tensor] = None, coef: Optional[Tensor] = None) -> None:
     """Second half: step every piece with its tensor's scale d / (count term), d the
     piece's full ``numel`` (the whole logical tensor, also when only a shard is here)."""
     lr, step = host_scalar(lr, p.device), host_scalar(step, p.device)
@@ -167,4 +174,4 @@ def flat_apply(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
                       hp.weight_decay)
     if p.numel():
         get_ops(backend).apply_run(p, g, m, v, s, out, sc.inv_sqrt_bc2, hp, table,
-                                   sc.step_size, sc.decay, skip)
+                                   sc.step_size, sc.decay, skip, coef)

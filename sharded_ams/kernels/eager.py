@@ -12,7 +12,10 @@ the contract every backend follows):
 
 m, v, s may be stored in a lower precision than fp32; they are read into fp32 and
 rounded once on store. Scalars are Python floats (no tensor is created per step) or
-0-d tensors (a device step or lr).
+0-d tensors (a device step or lr). ``coef`` (optional, a 0-d fp32 tensor on the range's
+device) is the clip coefficient: every primitive reads the gradient as ``g * coef`` in
+fp32, so clipping costs no pass of its own and no host sync (ShardedAMS's
+``max_grad_norm``); None reads g as it is.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.float()
 
 
+def _grad(g: Tensor, coef: Optional[Tensor]) -> Tensor:
+    """The gradient in fp32, times the clip coefficient when there is one (the product
+    an in-place ``g.mul_(coef)`` of an fp32 gradient would store, bit for bit)."""
+    gf = g.float()
+    return gf if coef is None else gf * coef
+
+
 def _store(dst: Optional[Tensor], value: Optional[Tensor], skip: Optional[Tensor]) -> None:
     """dst = value, or dst kept where ``skip`` (a 0-d bool on the device) is true."""
     if dst is not None:
@@ -43,8 +53,9 @@ def _store(dst: Optional[Tensor], value: Optional[Tensor], skip: Optional[Tensor
 
 
 def _fused_step(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, beta1: float,
-                beta2: float, beta3: float, lam: float, eps: float, skip=None) -> None:
-    gf = g.float()
+                beta2: float, beta3: float, lam: float, eps: float, skip=None,
+                coef=None) -> None:
+    gf = _grad(g, coef)
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
     wm = weighted(m1, gf if s1 is None else s1, lam)
     p1 = new_param(p, wm, denominator(v1, inv_sqrt_bc2, eps), step_size, decay)
@@ -52,31 +63,34 @@ def _fused_step(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, beta1: float
         _store(dst, value, skip)
 
 
-def _moments_flags(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None) -> Tensor:
-    gf = g.float()
+def _moments_flags(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None,
+                   coef=None) -> Tensor:
+    gf = _grad(g, coef)
     m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
     for dst, value in ((m, m1), (v, v1), (s, s1)):
         _store(dst, value, skip)
     return agreement(m1, gf if s1 is None else s1)[1]
 
 
-def _moments_count(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None) -> Tensor:
-    return _moments_flags(g, m, v, s, beta1, beta2, beta3, skip).sum(dtype=torch.int64)
+def _moments_count(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None,
+                   coef=None) -> Tensor:
+    return _moments_flags(g, m, v, s, beta1, beta2, beta3, skip, coef).sum(dtype=torch.int64)
 
 
 def _apply(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, lam: float, eps: float,
-           skip=None) -> None:
+           skip=None, coef=None) -> None:
     mf = m.float()
-    wm = weighted(mf, g.float() if s is None else s.float(), lam)
+    wm = weighted(mf, _grad(g, coef) if s is None else s.float(), lam)
     p1 = new_param(p, wm, denominator(v.float(), inv_sqrt_bc2, eps), step_size, decay)
     _store(out, p1, skip)
     _store(p, p1, skip)
 
 
 def _apply_indexed(p, g, m, v, s, out, step_sizes, decays, index, inv_sqrt_bc2, lam: float,
-                   eps: float, skip=None) -> None:
+                   eps: float, skip=None, coef=None) -> None:
     idx = index.long()
-    _apply(p, g, m, v, s, out, step_sizes[idx], decays[idx], inv_sqrt_bc2, lam, eps, skip)
+    _apply(p, g, m, v, s, out, step_sizes[idx], decays[idx], inv_sqrt_bc2, lam, eps, skip,
+           coef)
 
 
 class EagerOps:
@@ -85,16 +99,17 @@ class EagerOps:
     name = "eager"
 
     @classmethod
-    def fused_step(cls, p, g, m, v, s, out, sc, hp, skip: Optional[Tensor] = None) -> None:
+    def fused_step(cls, p, g, m, v, s, out, sc, hp, skip: Optional[Tensor] = None,
+                   coef: Optional[Tensor] = None) -> None:
         decay = sc.decay if hp.weight_decay else None  # no decay: no multiply (p * 1 == p)
         cls._call(_fused_step, (p, g, m, v, s, out, sc.step_size, decay, sc.inv_sqrt_bc2),
                   dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps,
-                       skip=skip))
+                       skip=skip, coef=coef))
 
     @classmethod
     def count_run(cls, g, m, v, s, hp, table: RunTable, counts: Tensor,
-                  skip: Optional[Tensor] = None) -> None:
-        consts = dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, skip=skip)
+                  skip: Optional[Tensor] = None, coef: Optional[Tensor] = None) -> None:
+        consts = dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, skip=skip, coef=coef)
         one = table.single
         if one is not None:  # one piece: a plain sum, no per-element flags
             counts[one.index:one.index + 1].add_(cls._call(_moments_count, (g, m, v, s), consts))
@@ -103,8 +118,9 @@ class EagerOps:
 
     @classmethod
     def apply_run(cls, p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable,
-                  step_sizes: Tensor, decays: Tensor, skip: Optional[Tensor] = None) -> None:
-        consts = dict(lam=hp.lam, eps=hp.eps, skip=skip)
+                  step_sizes: Tensor, decays: Tensor, skip: Optional[Tensor] = None,
+                  coef: Optional[Tensor] = None) -> None:
+        consts = dict(lam=hp.lam, eps=hp.eps, skip=skip, coef=coef)
         one = table.single
         if one is not None:
             i = one.index

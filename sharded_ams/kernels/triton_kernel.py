@@ -22,13 +22,19 @@ eager torch rounds them (no fma contraction); with the same order of operations 
 ``update.py`` the kernel then matches the eager ops bit for bit in fp32 (see
 ``docs/maths.md``). The launch is guarded by the tensors' device, not the current one.
 
+Fused around the step (issue 21): the clip coefficient (a 0-d fp32 device tensor,
+``HAS_COEF``) multiplies each gradient as it is loaded, so clipping costs no pass over the
+gradients and no host sync; ``sq_norm`` is the gradient norm's one read pass (per-block fp32
+partials, summed in float64), whose value is also the non-finite test; p is cast to fp32
+on load like g, m, v and s.
+
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` for tests.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -63,11 +69,14 @@ def _st(ptr, offs, value, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
-               ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
-               step_size, decay, inv_sqrt_bc2, HAS_S: tl.constexpr, HAS_OUT: tl.constexpr,
-               MODE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr, MASKED: tl.constexpr):
+               ss_ptr, dec_ptr, scal_ptr, coef_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam,
+               tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S: tl.constexpr,
+               HAS_OUT: tl.constexpr, MODE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr,
+               HAS_COEF: tl.constexpr, MASKED: tl.constexpr):
     """One block of the step; MASKED=False for whole blocks (unpredicated vector loads)."""
     g = _ld(g_ptr, offs, mask, MASKED).to(tl.float32)
+    if HAS_COEF:  # the clip coefficient, folded in: no pass scales the gradients
+        g = g * tl.load(coef_ptr)
     m = _ld(m_ptr, offs, mask, MASKED).to(tl.float32)
     v = _ld(v_ptr, offs, mask, MASKED).to(tl.float32)
     if HAS_S:
@@ -102,7 +111,7 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
         w = tl.where(agree, 1.0, tl.where(disagree, lam, tie))
         den = tl.math.sqrt_rn(v) * inv_sqrt_bc2 + eps
         upd = tl.math.div_rn(w * m, den)
-        p = _ld(p_ptr, offs, mask, MASKED)
+        p = _ld(p_ptr, offs, mask, MASKED).to(tl.float32)
         p = p * decay - step_size * upd
         _st(p_ptr, offs, p, mask, MASKED)
         if HAS_OUT:
@@ -112,11 +121,13 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
 @triton.jit
 def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
                 cbase_ptr, clo_ptr, chi_ptr, cidx_ptr, counts_ptr, ss_ptr, dec_ptr, scal_ptr,
-                skip_ptr, n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie, eps,
+                skip_ptr, coef_ptr, n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam,
+                tie, eps,
                 step_size, decay, inv_sqrt_bc2,
                 HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
                 USE_TABLE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr,
-                HAS_SKIP: tl.constexpr, BLOCK_SIZE: tl.constexpr, ALIGN_TO: tl.constexpr):
+                HAS_SKIP: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                ALIGN_TO: tl.constexpr):
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_SIZE)
     if USE_TABLE:  # one chunk of one piece per program
@@ -139,14 +150,45 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
         mask = mask & ((tl.full([BLOCK_SIZE], 0, tl.int32) + skip) == 0)
     if whole:
         _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
-                   ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie,
-                   eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
-                   SCALARS_ON_DEVICE, False)
+                   ss_ptr, dec_ptr, scal_ptr, coef_ptr, beta1, beta2, beta3, omb1, omb2, omb3,
+                   lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
+                   SCALARS_ON_DEVICE, HAS_COEF, False)
     else:
         _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
-                   ss_ptr, dec_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam, tie,
-                   eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
-                   SCALARS_ON_DEVICE, True)
+                   ss_ptr, dec_ptr, scal_ptr, coef_ptr, beta1, beta2, beta3, omb1, omb2, omb3,
+                   lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
+                   SCALARS_ON_DEVICE, HAS_COEF, True)
+
+
+#: elements per program of the squared-norm kernel (one fp32 partial each)
+NORM_BLOCK = 4096
+
+
+@triton.jit
+def _sq_partials_kernel(g_ptr, out_ptr, n, BLOCK_SIZE: tl.constexpr):
+    """Each program's sum of g^2 over its block, in fp32: the squared-norm partials."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
+
+
+def sq_norm(ranges: Sequence[Tensor]) -> Tensor:
+    """Sum of squares of every element of ``ranges`` (1-D, contiguous, one device), a 0-d
+    float64 tensor: one launch per range writes per-block fp32 partials into one buffer,
+    one float64 sum adds them (2 launches at world size 1: its ranges merge into one).
+    The result is NaN/inf iff some element is NaN/inf, or an element's square or a
+    block's partial overflows fp32 (|g| > ~1.8e19): the non-finite test rides on it."""
+    sizes = [triton.cdiv(r.numel(), NORM_BLOCK) for r in ranges]
+    parts = torch.empty(sum(sizes), dtype=torch.float32, device=ranges[0].device)
+    pos = 0
+    for r, k in zip(ranges, sizes):
+        if k:
+            with _device_guard(r):
+                _sq_partials_kernel[(k,)](r, parts[pos:pos + k], r.numel(),
+                                          BLOCK_SIZE=NORM_BLOCK, **LAUNCH_OPTIONS)
+        pos += k
+    return parts.sum(dtype=torch.float64)
 
 
 def _device_guard(t: Tensor):
@@ -174,7 +216,8 @@ def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp,
             p: Optional[Tensor] = None, out: Optional[Tensor] = None,
             sc: Optional[StepScalars] = None, inv_sqrt_bc2=None, table: Optional[RunTable] = None,
             counts: Optional[Tensor] = None, step_sizes: Optional[Tensor] = None,
-            decays: Optional[Tensor] = None, skip: Optional[Tensor] = None) -> None:
+            decays: Optional[Tensor] = None, skip: Optional[Tensor] = None,
+            coef: Optional[Tensor] = None) -> None:
     n = g.numel()
     if n == 0:
         return
@@ -198,31 +241,34 @@ def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp,
             counts if counts is not None else dummy, step_sizes if step_sizes is not None else dummy,
             decays if decays is not None else dummy, scal if on_device else dummy,
             skip.view(torch.uint8) if skip is not None else dummy,
-            n, one.index if one is not None else 0,
+            coef if coef is not None else dummy, n, one.index if one is not None else 0,
             float(hp.beta1), float(hp.beta2), float(hp.beta3), 1.0 - hp.beta1, 1.0 - hp.beta2,
             1.0 - hp.beta3, float(hp.lam), max(float(hp.lam), 0.0), float(hp.eps),
             step_size, decay, sq,
             HAS_S=s is not None, HAS_OUT=out is not None, MODE=mode, USE_TABLE=use_table,
-            SCALARS_ON_DEVICE=on_device, HAS_SKIP=skip is not None, BLOCK_SIZE=BLOCK,
+            SCALARS_ON_DEVICE=on_device, HAS_SKIP=skip is not None,
+            HAS_COEF=coef is not None, BLOCK_SIZE=BLOCK,
             ALIGN_TO=ALIGN, **LAUNCH_OPTIONS)
 
 
 class TritonOps:
     """Triton implementation of the flat-range primitives (see ``eager.py``): one launch
-    per call."""
+    per call; ``sq_norm``: the gradient norm's read pass."""
 
     name = "triton"
+    sq_norm = staticmethod(sq_norm)
 
     @staticmethod
-    def fused_step(p, g, m, v, s, out, sc: StepScalars, hp, skip=None) -> None:
-        _launch(MODE_FUSED, g, m, v, s, hp, p=p, out=out, sc=sc, skip=skip)
+    def fused_step(p, g, m, v, s, out, sc: StepScalars, hp, skip=None, coef=None) -> None:
+        _launch(MODE_FUSED, g, m, v, s, hp, p=p, out=out, sc=sc, skip=skip, coef=coef)
 
     @staticmethod
-    def count_run(g, m, v, s, hp, table: RunTable, counts: Tensor, skip=None) -> None:
-        _launch(MODE_COUNT, g, m, v, s, hp, table=table, counts=counts, skip=skip)
+    def count_run(g, m, v, s, hp, table: RunTable, counts: Tensor, skip=None,
+                  coef=None) -> None:
+        _launch(MODE_COUNT, g, m, v, s, hp, table=table, counts=counts, skip=skip, coef=coef)
 
     @staticmethod
     def apply_run(p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable, step_sizes: Tensor,
-                  decays: Tensor, skip=None) -> None:
+                  decays: Tensor, skip=None, coef=None) -> None:
         _launch(MODE_APPLY, g, m, v, s, hp, p=p, out=out, inv_sqrt_bc2=inv_sqrt_bc2, table=table,
-                step_sizes=step_sizes, decays=decays, skip=skip)
+                step_sizes=step_sizes, decays=decays, skip=skip, coef=coef)
