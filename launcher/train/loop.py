@@ -289,10 +289,11 @@ class _Records:
                else "starting from scratch")
         n_params = sum(p.numel() for p in w.model.parameters() if p.requires_grad)
         dp = w.layout.dp_size
+        ways = f"{dp} worker(s)" if dp == w.world_size else f"{dp} data-parallel replica(s)"
         return (f"{w.world_size} worker(s) on {w.device.type}, {w.layout.describe()}, backend "
                 f"{w.optimizer.backend}, {w.precision}: {w.where} with {n_params:,} params; "
                 f"global batch {d.batch_size} x {d.block_size} tokens = {d.batch_size // dp // w.accum}"
-                f" x {w.accum} micro-batch(es) x {dp} replica(s); {how}")
+                f" x {w.accum} micro-batch(es) x {ways}; {how}")
 
     def stepped(self, step: int) -> None:
         """After each step: the heartbeat; after this group's first, what its start cost."""
