@@ -133,14 +133,19 @@ def _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16) -> str:
     ptr = {"p_ptr": "fp32", "g_ptr": gdtype, "m_ptr": "fp32", "v_ptr": "fp32", "s_ptr": "fp32",
            "out_ptr": "bf16" if has_out else "fp32", "cbase_ptr": "i64", "clo_ptr": "i64",
            "chi_ptr": "i64", "cidx_ptr": "i64", "counts_ptr": "i64", "ss_ptr": "fp32",
-           "dec_ptr": "fp32", "scal_ptr": "fp32", "skip_ptr": "u8"}
+           "dec_ptr": "fp32", "scal_ptr": "fp32", "skip_ptr": "u8", "coef_ptr": "fp32"}
     consts = dict(HAS_S=table, HAS_OUT=has_out, MODE=mode, USE_TABLE=table,
-                  SCALARS_ON_DEVICE=False, HAS_SKIP=False, BLOCK_SIZE=tk.BLOCK, ALIGN_TO=tk.ALIGN)
+                  SCALARS_ON_DEVICE=False, HAS_SKIP=False, HAS_COEF=False, BLOCK_SIZE=tk.BLOCK,
+                  ALIGN_TO=tk.ALIGN)
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
-        if name in consts:
+        if name.isupper():  # a constexpr this list does not set would compile as a runtime value
+            if name not in consts:
+                raise ValueError(f"the static check does not set the kernel's constexpr {name}")
             sig[name] = "constexpr"
-        elif name in ptr:
+        elif name.endswith("_ptr"):
+            if name not in ptr:
+                raise ValueError(f"the static check does not know the dtype of the kernel's {name}")
             sig[name] = "*" + ptr[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("n", "piece_index"):
