@@ -176,7 +176,6 @@ def _run_row(name: str, args, rank: int, world: int) -> dict:
     if name.startswith("sharded_"):
         row["backend"] = opt.backend
         row["comm_calls"] = dict(opt.comm.calls)
-    del module, opt, plain
     return row
 
 

@@ -230,7 +230,7 @@ def _layout_errors() -> dict:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor import init_device_mesh
 
-    from sharded_ams import AMS, Grams
+    from sharded_ams import AMS
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     out = {}
