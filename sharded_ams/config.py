@@ -71,8 +71,8 @@ def preset_hparams(preset: str) -> dict[str, float]:
 def check_grad(p: Tensor, name: Optional[str] = None) -> None:
     """Sparse and complex gradients are not supported: say so instead of computing nonsense."""
     g = p.grad
-    if g is None:
-        return
+    if g is None or (g.is_floating_point() and not g.is_sparse and not p.is_complex()):
+        return  # the every-step case: no message formatted
     what = f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
     if g.is_sparse:
         raise RuntimeError(f"AMS does not support sparse gradients ({what}); use dense gradients")

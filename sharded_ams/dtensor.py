@@ -160,6 +160,8 @@ class LocalParam:
 def local_param(p: Tensor, state: dict, key: tuple, what: Union[str, ParamName]) -> LocalParam:
     """Plain views of ``p``, its gradient and its state (state tensors of a DTensor param
     are DTensors laid out as the param: DCP saves and reshards them)."""
+    if not is_dtensor(p) and not is_dtensor(p.grad):  # plain tensors: nothing to unwrap
+        return LocalParam(p, p.grad, state, p.numel(), (), key)
     groups = dtensor_layout(p, what)
     if groups or is_dtensor(p):
         check_grad_layout(p, what)

@@ -147,8 +147,8 @@ class AMS(Optimizer):
                   for gi, group in enumerate(self.param_groups)]
         batch = CountBatch()
         for group, hp, params in groups:
-            for lp in params:
-                lp.state["step"] += 1
+            if params:  # one op for every step count (CPU tensors), as torch.optim does
+                torch._foreach_add_([lp.state["step"] for lp in params], 1.0)
             # one call per (device, step count); the step is a CPU tensor: no sync to read
             buckets: dict[tuple, list[LocalParam]] = {}
             for lp in params:

@@ -453,3 +453,29 @@ def test_fused_true_resolves_and_foreach_false_fused_false_run():
         p.grad = torch.tensor([1.0, -1.0, 0.0, 2.0])
         opt.step()
         torch.testing.assert_close(p.detach(), torch.tensor([0.9, 1.1, 1.0, 0.9]))
+
+
+@needs_compile
+def test_default_cpu_path_compiles_once_per_group(monkeypatch):
+    """The CPU default's one compiled call (``kernels/multi.py``) takes Parameters, 2-D
+    tensors and views as they come: it must compile on the first step only, not once per
+    step (a recompile costs seconds, and dynamo gives up after its recompile limit)."""
+    import torch._dynamo.utils as dyn_utils
+
+    import sharded_ams.optimizer as optimizer_mod
+
+    monkeypatch.setattr(optimizer_mod, "COMPILE_MIN_NUMEL", 0)
+    base = torch.randn(40)
+    params = [torch.nn.Parameter(torch.randn(7, 5)), torch.nn.Parameter(torch.randn(11)),
+              torch.nn.Parameter(torch.randn(3, 4, dtype=torch.bfloat16))]
+    for opt_cls in (Grams, CAdam):
+        opt = opt_cls(params, lr=1e-2)
+        for t in range(5):
+            for i, p in enumerate(params):
+                g = base[i:i + p.numel()].view(p.shape).to(p.dtype) * (t + 1)
+                p.grad = g if p.dtype == torch.float32 else g.clone()
+            if t == 1:
+                before = dyn_utils.counters["stats"]["unique_graphs"]
+            opt.step()
+        assert dyn_utils.counters["stats"]["unique_graphs"] == before, \
+            f"{opt_cls.__name__}: the one-call path recompiled on a later step"

@@ -54,7 +54,12 @@ def _apply_all(ps, gs, ms, vs, ss, outs, step_sizes, decays, inv_sqrt_bc2, beta1
 
 
 def _flat(ts: Optional[Sequence[Optional[Tensor]]]) -> Optional[list]:
-    return None if ts is None else [None if t is None else _alias(t) for t in ts]
+    """The list as the compiled call takes it: tensors that own their memory as they are
+    (the list's shapes are fixed per group, so a 2-D shape or a Parameter costs one compile,
+    not one per step), views as base-less aliases (``eager._alias``: a mutated view input
+    can cost AOTAutograd a write-back pass). Saves ~1 us per tensor per call."""
+    return None if ts is None else [t if t is None or t._base is None else _alias(t)
+                                    for t in ts]
 
 
 def multi_fused_step(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Tensor],
