@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .kernels import GroupHParams, Piece, get_ops, host_scalar
+from .kernels import GroupHParams, Piece, get_ops, host_scalar, unit_step_scalars
 from .kernels.tables import RunTable, build_run_table
 from .layout import Run
 from .update import Scalar, StepScalars, bias_corrections, lam_is_unit, step_scalars, step_scale
@@ -45,19 +45,20 @@ class GroupStep:
 
     hp: GroupHParams
     lr: Scalar
-    bc1: Scalar
-    bc2: Scalar
+    bc1: Optional[Scalar]           # bias corrections (groups with per-tensor scales)
+    bc2: Optional[Scalar]
     unit: bool                      # |lam| == 1: one pass, no counts
     sc: Optional[StepScalars]       # the one-pass scalars (unit groups only)
 
     @classmethod
-    def of(cls, group: dict, device: torch.device) -> "GroupStep":
+    def of(cls, group: dict, device: torch.device, backend: str = "eager") -> "GroupStep":
         hp = GroupHParams.from_group(group)
         lr, step = host_scalar(group["lr"], device), host_scalar(group["step"], device)
-        bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
         unit = lam_is_unit(hp.lam)
-        sc = step_scalars(lr, bc1, bc2, hp.weight_decay) if unit else None
-        return cls(hp, lr, bc1, bc2, unit, sc)
+        if unit:  # the one-pass scalars only (one launch from a device step on Triton)
+            return cls(hp, lr, None, None, True, unit_step_scalars(lr, step, hp, backend))
+        bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
+        return cls(hp, lr, bc1, bc2, False, None)
 
     def scaled(self, numels: Tensor, counts: Tensor) -> StepScalars:
         """Per-tensor scalars from every tensor's full numel and global count of u*s < 0
@@ -159,7 +160,7 @@ def step_shards(shards: Sequence[Any], groups: Sequence[dict], device: torch.dev
     |lam| != 1, on every rank alike: the runs are the same on every rank). ``coef``: the
     clip coefficient (:func:`clip_coef`), applied to each gradient as the kernels load it."""
     ops = get_ops(backend)
-    gs = [GroupStep.of(g, device) for g in groups]
+    gs = [GroupStep.of(g, device, backend) for g in groups]
     sizes = [len(sh.layout.slots) + 1 for sh in shards]
     scaled = any(not gs[run.group].unit for sh in shards for run in sh.runs)
     counts = torch.zeros(sum(sizes), dtype=torch.int64, device=device) if scaled else None

@@ -66,6 +66,9 @@ class StepScalars:
     step_size: Scalar   # eta^ / (1 - beta1^t)
     decay: Scalar       # 1 - eta^ * weight_decay
     inv_sqrt_bc2: Scalar  # 1 / sqrt(1 - beta2^t)
+    #: the three as one fp32[3] device vector when they were computed together on the
+    #: device (``kernels/scalars.py``); the fields are then its 0-d views
+    packed: Optional[Tensor] = None
 
 
 def step_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, weight_decay: float) -> StepScalars:

@@ -8,7 +8,8 @@ is printed on failure).
   fma contraction and follows ``update.py``'s order of operations), and against the
   float64 reference, at lengths that are multiples of 16 (every block takes the
   unmasked vector path) and not, in one pass and in two passes over a multi-piece run.
-* Python scalars (the path ``ShardedAMS`` takes) and device scalars give the same bits.
+* Python scalars and device scalars give the same bits; a device step count (the path
+  ``ShardedAMS`` takes) costs at most 3 kernel launches per one-pass ``flat_step``.
 * A CUDA graph captures the step (device lr and step: the replay follows the step
   count; Python scalars: capture succeeds, so nothing copies from the host).
 * bf16 moment storage rounds to nearest even.
@@ -139,6 +140,25 @@ def test_python_and_device_scalars_give_the_same_bits(case):
     for k in ("p", "m", "v", "s"):
         if a[k] is not None:
             assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("lr", [1e-3, "device"])
+def test_device_step_is_at_most_three_launches(lr):
+    """Issue 21: a one-pass ``flat_step`` with the step count on the device launches the
+    scalars kernel (``kernels/scalars.py``) and the step kernel: at most 3 GPU kernels (a
+    memset or copy counts as one), counted by the CUDA profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hp = HP["grams"]
+    st = _state(1 << 20, 13, False)
+    lr_arg, step = (_dev(1e-3) if lr == "device" else lr), _dev(4.0)
+    _step(st, "triton", hp, lr=lr_arg, step=step)  # compile both
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        _step(st, "triton", hp, lr=lr_arg, step=step)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 1 <= len(kernels) <= 3, kernels
 
 
 @pytest.mark.parametrize("case", list(HP))

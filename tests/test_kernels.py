@@ -337,3 +337,30 @@ def test_device_scalars_equal_host_scalars():
                             (dev.step_size, dev.decay, dev.inv_sqrt_bc2)):
                 assert d.dtype == torch.float32
                 assert torch.tensor(h, dtype=torch.float32) == d, (step, lr, h, float(d))
+
+
+@needs_compile
+def test_device_step_scalars_compiled_equal_the_host_maths():
+    """``kernels/scalars.py``: the fp32[3] scalars of a device step in one compiled call
+    are bit for bit the eager tensor maths and the host float64 maths (``update.py``), over
+    steps 1..300 and far ones, float and tensor lr, with and without weight decay; and an lr
+    that changes every step (a schedule) compiles nothing new."""
+    import torch._dynamo.utils as dyn_utils
+
+    from sharded_ams.kernels.scalars import device_step_scalars, scalar_vector
+    from sharded_ams.update import bias_corrections, step_scalars
+
+    for b1, b2, wd in ((0.9, 0.999, 0.0), (0.95, 0.98, 0.1)):
+        for lr in (1e-3, 3e-4, torch.tensor(2e-3)):
+            for t in list(range(1, 300)) + [1000, 100_000]:
+                step = torch.tensor(float(t))
+                got = device_step_scalars(lr, step, b1, b2, wd)
+                h = step_scalars(float(lr), *bias_corrections(float(t), b1, b2), wd)
+                host = torch.tensor([h.step_size, h.decay, h.inv_sqrt_bc2], dtype=torch.float32)
+                assert torch.equal(got.packed, host), (b1, b2, wd, lr, t, got.packed, host)
+                assert torch.equal(got.packed, scalar_vector(lr, step, b1, b2, wd))
+                assert got.step_size.data_ptr() == got.packed.data_ptr()  # views of one vector
+    before = dyn_utils.counters["stats"]["unique_graphs"]
+    for i in range(10):
+        device_step_scalars(1e-3 * (1 + i), torch.tensor(5.0), 0.9, 0.999, 0.1)
+    assert dyn_utils.counters["stats"]["unique_graphs"] == before, "an lr change recompiled"

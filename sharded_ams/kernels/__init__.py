@@ -29,8 +29,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..update import bias_corrections, lam_is_unit, step_scalars, step_scale
+from ..update import StepScalars, bias_corrections, lam_is_unit, step_scalars, step_scale
 from .eager import CompiledOps, EagerOps, compile_available
+from .scalars import device_step_scalars
 from .tables import Piece, RunTable, as_pieces, run_table
 
 Scalar = Union[float, Tensor]
@@ -38,7 +39,8 @@ BACKENDS = ("auto", "triton", "compiled", "eager")
 
 __all__ = ["BACKENDS", "GroupHParams", "Piece", "RunTable", "flat_apply", "flat_count",
            "flat_step", "get_ops",
-           "resolve_backend", "triton_available", "compile_available", "host_scalar"]
+           "resolve_backend", "triton_available", "compile_available", "host_scalar",
+           "unit_step_scalars"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,9 +133,8 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
         return
     if lam_is_unit(hp.lam):
         if p.numel():
-            bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
             get_ops(backend).fused_step(p, g, m, v, s, out,
-                                        step_scalars(lr, bc1, bc2, hp.weight_decay), hp, skip,
+                                        unit_step_scalars(lr, step, hp, backend), hp, skip,
                                         coef)
         return
     table, counts = flat_count(g, m, v, s, hp=hp, pieces=pieces, num_tensors=num_tensors,
@@ -142,6 +143,16 @@ def flat_step(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
         count_reduce(counts[:num_tensors])
     flat_apply(p, g, m, v, s, out, lr=lr, step=step, hp=hp, table=table, counts=counts,
                backend=backend, skip=skip, coef=coef)
+
+
+def unit_step_scalars(lr: Scalar, step: Scalar, hp: GroupHParams, backend: str) -> StepScalars:
+    """The one-pass step's scalars: floats from numbers; from a device step on the Triton
+    backend, one compiled launch (``scalars.py``: a one-pass ``flat_step`` is then two
+    launches in all); from a device step elsewhere, eager tensor ops."""
+    if backend == "triton" and isinstance(step, Tensor):
+        return device_step_scalars(lr, step, hp.beta1, hp.beta2, hp.weight_decay)
+    bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
+    return step_scalars(lr, bc1, bc2, hp.weight_decay)
 
 
 def flat_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], *, hp: GroupHParams,

@@ -202,6 +202,8 @@ def _scalars(sc: Optional[StepScalars], ref: Tensor):
     (``torch.full`` for the floats: a fill kernel, not a host-to-device copy)."""
     if sc is None:
         return None, 0.0, 1.0, 1.0
+    if sc.packed is not None and sc.packed.device == ref.device:  # ``scalars.py``: no op
+        return sc.packed, 0.0, 1.0, 1.0
     vals = (sc.step_size, sc.decay, sc.inv_sqrt_bc2)
     if not any(isinstance(x, Tensor) for x in vals):
         return None, float(vals[0]), float(vals[1]), float(vals[2])

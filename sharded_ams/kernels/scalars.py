@@ -1,0 +1,80 @@
+"""The step's three scalars from a step count (and lr) that live on the device, in ONE launch.
+
+``ShardedAMS`` keeps its step count on the device (a skipped step is decided there, so the
+host never reads it). The folded scalars (``update.step_scalars``: eta / (1 - beta1^t),
+1 - eta wd, 1 / sqrt(1 - beta2^t)) are then float64 maths on 0-d device tensors: a dozen
+tiny kernels per step and group in eager torch (the cast, two powers, two subtractions, a
+division, a square root, a reciprocal, three casts and the stack the Triton kernel reads),
+each a launch of a few microseconds on a GPU for a handful of flops. Here the same
+functions of ``update.py`` are compiled into one kernel that writes the fp32[3] vector the
+Triton step kernel reads (``SCALARS_ON_DEVICE``), so a one-pass ``flat_step`` with a device
+step is two launches: this one and the step.
+
+Used for the Triton backend (CUDA; CPU tensors under ``TRITON_INTERPRET=1``). On the CPU
+backends an eager op costs about what a compiled call's guards cost, so they keep the eager
+ops. Values: the maths and its float64 order are ``update.py``'s, rounded once to fp32; a
+compile error falls back to the eager ops with one warning (the values are the same). A
+Python float lr is added to a float64 zero inside the graph (exact, fused into the launch),
+which dynamo keeps as an input: ``update.step_scalars`` on a float lr computes 1 - lr wd with
+Python floats and ``float()``, which under dynamo kept the first call's value when the lr
+changed, and a ``torch.full`` of it recompiled for every lr (measured, torch 2.13).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Union
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from ..update import StepScalars, bias_corrections, step_scalars
+from .eager import _compiled
+
+log = logging.getLogger(__name__)
+Scalar = Union[float, Tensor]
+_compile_failed = False
+
+
+def _f32(x: Scalar, ref: Tensor) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.reshape(()).to(torch.float32)
+    return torch.full((), x, dtype=torch.float32, device=ref.device)
+
+
+def dispatch_mode_active() -> bool:
+    """A ``TorchDispatchMode`` (a profiler or debug tool) is on: torch.compile refuses to
+    run under one, so the eager ops serve (without marking the compiler broken)."""
+    return _get_current_dispatch_mode() is not None
+
+
+def scalar_vector(lr: Scalar, step: Tensor, beta1: float, beta2: float,
+                  weight_decay: float) -> Tensor:
+    """fp32[3] on step's device: (step size, decay, 1 / sqrt(1 - beta2^t)), computed by
+    ``update.bias_corrections`` and ``update.step_scalars`` (float64, one fp32 rounding)."""
+    if not isinstance(lr, Tensor) and torch.compiler.is_compiling():  # an input, not a
+        lr = torch.zeros((), dtype=torch.float64, device=step.device) + lr  # constant
+    bc1, bc2 = bias_corrections(step, beta1, beta2)
+    sc = step_scalars(lr, bc1, bc2, weight_decay)
+    return torch.stack([_f32(x, step) for x in (sc.step_size, sc.decay, sc.inv_sqrt_bc2)])
+
+
+def device_step_scalars(lr: Scalar, step: Tensor, beta1: float, beta2: float,
+                        weight_decay: float, compiled: bool = True) -> StepScalars:
+    """:class:`StepScalars` whose fields are views of one fp32[3] device vector (``packed``,
+    what the Triton kernel reads): one compiled launch, or the eager ops when ``compiled``
+    is False, the device is ``meta``, or compiling failed once."""
+    global _compile_failed
+    vec = None
+    if compiled and not _compile_failed and step.device.type != "meta" \
+            and not dispatch_mode_active():
+        try:
+            vec = _compiled(scalar_vector)(lr, step, beta1, beta2, weight_decay)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager ops
+            _compile_failed = True
+            log.warning("compiling the step scalars failed (%s: %s); using eager ops",
+                        type(exc).__name__, exc)
+    if vec is None:
+        vec = scalar_vector(lr, step, beta1, beta2, weight_decay)
+    return StepScalars(vec[0], vec[1], vec[2], packed=vec)
