@@ -57,7 +57,11 @@ def scalar_vector(lr: Scalar, step: Tensor, beta1: float, beta2: float,
         lr = torch.zeros((), dtype=torch.float64, device=step.device) + lr  # constant
     bc1, bc2 = bias_corrections(step, beta1, beta2)
     sc = step_scalars(lr, bc1, bc2, weight_decay)
-    return torch.stack([_f32(x, step) for x in (sc.step_size, sc.decay, sc.inv_sqrt_bc2)])
+    a, b, c = (_f32(x, step) for x in (sc.step_size, sc.decay, sc.inv_sqrt_bc2))
+    # one pointwise node over 3 elements (compiled: one kernel); a stack would be a concat
+    # that Inductor may split into a kernel per slice
+    i = torch.arange(3, device=step.device)
+    return torch.where(i == 0, a, torch.where(i == 1, b, c))
 
 
 def device_step_scalars(lr: Scalar, step: Tensor, beta1: float, beta2: float,
