@@ -184,3 +184,18 @@ def test_fsdp_and_tp_configs_that_compose():
                              "parallel.tp=2"], environ={})  # 6 rows split over 2 replicas, not 4
     assert (cfg.parallel.strategy, cfg.parallel.tp) == ("fsdp", 2)
     assert cfg.to_dict()["parallel"] == {"strategy": "fsdp", "tp": 2}
+
+
+def test_compile_with_tp_gets_a_cache_per_rank(monkeypatch, tmp_path):
+    """Compiled tp graphs name their tp process group, and the names differ between tp
+    groups; a shared warm Inductor cache handed ranks another group's graph (a crash on the
+    second launch: tests/check_compile_parallel.py, run by hand). Each rank gets its own
+    cache directory, once (a second call does not nest it)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from launcher.train.loop import _per_rank_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    _per_rank_compile_cache(3)
+    _per_rank_compile_cache(3)
+    assert cache_dir() == str(tmp_path / "inductor" / "rank3")

@@ -232,6 +232,8 @@ def _build(config: dict, device: Optional[torch.device] = None) -> _Worker:
         model = build_model_for_training(model_table, device, precision)
         optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs(), param_sync_modules=_blocks(model))
     if mcfg.compile:
+        if layout.tp > 1:
+            _per_rank_compile_cache(rank)
         model.compile()  # in place: parameter names (and checkpoints) are unchanged
     schedule = Schedule(ocfg.schedule_steps or cfg.job.steps, ocfg.warmup_steps, ocfg.schedule,
                         ocfg.min_lr_ratio)
@@ -243,6 +245,23 @@ def _build(config: dict, device: Optional[torch.device] = None) -> _Worker:
         where=f"model.factory {mcfg.factory!r}" if mcfg.factory else f"model.arch {mcfg.arch!r}",
         data=data, model_table=model_table, model=model, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+
+
+def _per_rank_compile_cache(rank: int) -> None:
+    """Give this rank its own Inductor cache directory (a subdirectory of the current one).
+
+    Under tensor parallelism the compiled forward holds functional collectives on the tp
+    process group, by its name, and the names differ between tp groups (ranks {0, 1} got
+    "3", ranks {2, 3} "4" on a 2 x 2 mesh). The FX graph cache does not tell those graphs
+    apart, so with a warm shared cache (a restart, a resume) ranks 0 and 1 loaded the graph
+    compiled on rank 2 and failed with "Could not resolve the process group registered
+    under the name 4" (torch 2.13, ``tests/check_compile_parallel.py`` run twice). A cache
+    per rank costs a compile per rank on a cold start, which each rank pays anyway."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    base = cache_dir()
+    if os.path.basename(base) != f"rank{rank}":
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, f"rank{rank}")
 
 
 def _fsdp_kwargs(kw: dict) -> dict:
