@@ -180,3 +180,49 @@ def test_convert_zero1_to_dcp_and_back_is_bitwise(tmp_path):
         assert torch.equal(m["model"][n], a["optimizer"]["state"][i]["master"])
         assert torch.equal(m["optimizer"]["state"][i]["exp_avg_s"],
                            a["optimizer"]["state"][i]["exp_avg_s"])
+
+
+def _draws():
+    import random
+
+    import numpy as np
+
+    return torch.rand(3), random.random(), float(np.random.rand())
+
+
+def test_rng_states_come_back_on_the_same_world_size(tmp_path):
+    """Each rank's RNG states (torch, python, numpy) are saved beside its DCP shard and
+    restored on the same world size, so a resumed run draws what the uninterrupted one
+    would have; a broken RNG file is refused by name before anything is loaded."""
+    model, opt = _trained(seed=3)
+    torch.manual_seed(11)
+    import random
+
+    import numpy as np
+
+    random.seed(12)
+    np.random.seed(13)
+    path = tmp_path / "step-00000002"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_dcp(path, model, opt, step=2)
+        want = _draws()  # what the run draws next
+        for restore, same in ((True, True), (False, False)):
+            torch.manual_seed(99)
+            random.seed(99)
+            np.random.seed(99)
+            fresh, fopt = _trained(seed=1)
+            load_dcp(path, fresh, fopt, restore_rng=restore)
+            got = _draws()
+            assert (torch.equal(got[0], want[0]) and got[1:] == want[1:]) == same, restore
+    assert "rng-rank00000.pt" in json.loads((path / "manifest.json").read_text())["files"]
+    torch.save({"format": "sharded_ams.rng", "version": 1, "rank": 0,
+                "rng": {"torch": torch.zeros(3, dtype=torch.uint8), "python": (3, (), None)}},
+               path / "rng-rank00000.pt")
+    _rehash(path, "rng-rank00000.pt")
+    fresh, fopt = _trained(seed=1)
+    before = [p.detach().clone() for p in fresh.parameters()]
+    with pytest.raises(CheckpointError, match=r"rng-rank00000\.pt"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_dcp(path, fresh, fopt)
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters())), "loaded anyway"

@@ -77,10 +77,10 @@ def check_shard(man: Manifest, name: str, obj: Any) -> None:
                 raise r.fail(f"{where}.{k}", f"{desc}, expected a 1-D tensor of {length} "
                              f"elements ({' or '.join(map(str, ok_dtypes))})")
     if "rng" in obj:
-        _check_rng(r, obj["rng"])
+        check_rng(r, obj["rng"])
 
 
-def _check_rng(r: Rules, rng: Any) -> None:
+def check_rng(r: Rules, rng: Any) -> None:
     """RNG states that restoring would accept (tried on scratch generators)."""
     r.dict_(rng, "rng")
     try:

@@ -56,7 +56,7 @@ def to_dcp(src: PathLike, out: PathLike) -> dict:
     write_dcp_state(out, {"model": model, "optim": optim}, step=full["step"],
                     extra=full["extra"], scheduler_state=full["lr_scheduler"],
                     mesh={"strategy": "fsdp", "dp": 1, "tp": 1}, groups=hp,
-                    skipped_steps=man.optimizer.get("skipped_steps", 0))
+                    skipped_steps=man.optimizer.get("skipped_steps", 0), rng=False)
     return {"step": full["step"], "params": len(names)}
 
 

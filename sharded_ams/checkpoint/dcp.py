@@ -4,6 +4,7 @@ format, under the rules of the native format (docs/checkpoint.md, "DCP checkpoin
     step-00001000/
         __0_0.distcp ...   # DCP: each rank's shards of the model and optimizer state
         .metadata          # DCP: rank 0, the index of every tensor's chunks
+        rng-rank00000.pt   # each rank: its RNG states (restored on the same world size)
         trainer.pt         # rank 0: step, lr_scheduler state, ``extra``
         manifest.json      # rank 0, written LAST: the commit record (sizes, sha256)
 
@@ -29,9 +30,10 @@ from torch import nn
 
 from .commit import fsync_dir, write_bytes_durably, write_file
 from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, DCPManifest,
-                       load_trainer, read_dcp_metadata, validate_dcp)
+                       load_rng, load_trainer, read_dcp_metadata, rng_file_name, validate_dcp)
 from .format import MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
 from .group import Group
+from .snapshot import rng_state, set_rng_state
 
 __all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader_of",
            "dcp_state_dict"]
@@ -93,9 +95,11 @@ def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
 
 def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict],
                     scheduler_state: Any, mesh: Optional[dict], groups: list,
-                    skipped_steps: int = 0, shared_fs: bool = True) -> Path:
+                    skipped_steps: int = 0, shared_fs: bool = True, rng: bool = True) -> Path:
     """``save_dcp`` of a state dict already made (``{"model", "optim"}`` as
-    :func:`dcp_state_dict` makes it; plain tensors in one process: ``ckpt convert``)."""
+    :func:`dcp_state_dict` makes it; plain tensors in one process: ``ckpt convert``, which
+    passes ``rng=False``: its RNG states are not a run's). With ``rng`` each rank also
+    writes its RNG states (``rng-rankNNNNN.pt``, listed and hashed like the rest)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
@@ -117,6 +121,10 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
             m = DATA_RE.match(name)
             if (m and int(m.group(1)) == ctx.rank) or (name == METADATA_NAME and ctx.rank == 0):
                 files[name] = _sha256(path / name)
+        if rng:
+            files[rng_file_name(ctx.rank)] = write_file(
+                path, rng_file_name(ctx.rank),
+                {"format": "sharded_ams.rng", "version": 1, "rank": ctx.rank, "rng": rng_state()})
         if ctx.rank == 0:
             trainer = {"format": "sharded_ams.trainer", "version": 1, "step": int(step),
                        "lr_scheduler": scheduler_state, "extra": extra}
@@ -229,23 +237,29 @@ def _check_shapes(man: DCPManifest, md, sd: dict) -> None:
                               path=man.path, kind="mismatch")
 
 
-def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None) -> dict:
+def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
+             restore_rng: bool = True) -> dict:
     """Load a DCP checkpoint into ``model`` and ``optimizer`` on any mesh (DCP reshards);
     every rank calls it. Every file is checked first (sizes, sha256, the metadata through
-    the allowlist). Returns ``{"step", "extra", "manifest"}``."""
+    the allowlist, this rank's RNG states). With ``restore_rng``, each rank gets its RNG
+    states back when the world size is the one saved (as the native format does; on
+    another world size there is no rank-for-rank match and they are left as they are).
+    Returns ``{"step", "extra", "manifest"}``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
                                                          set_optimizer_state_dict)
 
     ctx = _world_group()
     err: Optional[BaseException] = None
-    man = md = trainer = None
+    man = md = trainer = rng = None
     sd = dcp_state_dict(model, optimizer)
     try:
         man = validate_dcp(path, checksums=True)
         md = read_dcp_metadata(man, checksum=False)
         trainer = load_trainer(man)
         _check_shapes(man, md, sd)
+        rng = load_rng(man, ctx.rank) if restore_rng and man.world_size == ctx.world_size \
+            else None
     except Exception as exc:
         err = exc
     ctx.agree(err)
@@ -254,4 +268,6 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None) 
     set_optimizer_state_dict(model, optimizer, sd["optim"])
     if lr_scheduler is not None and trainer.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+    if rng is not None:
+        set_rng_state(rng)
     return {"step": man.step, "extra": trainer.get("extra"), "manifest": man}

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .contents import check_rng
 from .format import CheckpointError, MANIFEST_NAME, PathLike, TRAINER_NAME
 from .jsonread import MAX_MANIFEST_BYTES, parse_json
 from .rules import Rules, check_hparams
@@ -42,12 +43,15 @@ from .validate import _sha256_fd, _torch_load_fd, open_regular
 from .validate import validate_checkpoint as validate_native
 
 __all__ = ["DCP_FORMAT", "DCP_VERSION", "METADATA_NAME", "DCPManifest", "read_dcp_manifest",
-           "read_dcp_metadata", "validate_dcp", "load_trainer", "validate_any", "manifest_format", "data_file_name"]
+           "read_dcp_metadata", "validate_dcp", "load_trainer", "load_rng", "validate_any",
+           "manifest_format", "data_file_name", "rng_file_name"]
 
 DCP_FORMAT = "sharded_ams.dcp"
 DCP_VERSION = 1
 METADATA_NAME = ".metadata"
 DATA_RE = re.compile(r"^__(\d{1,6})_(\d{1,6})\.distcp$")
+#: each rank's RNG states (torch, python, numpy, CUDA), restored on the same world size
+RNG_RE = re.compile(r"^rng-rank(\d{5})\.pt$")
 #: the .metadata of a 70B model is a few MB; a larger one is refused unread
 MAX_METADATA_BYTES = 256 << 20
 _MAX_DIMS = 64
@@ -68,6 +72,10 @@ _ALLOWED = {
 
 def data_file_name(rank: int) -> str:
     return f"__{rank}_0.distcp"
+
+
+def rng_file_name(rank: int) -> str:
+    return f"rng-rank{rank:05d}.pt"
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -145,7 +153,7 @@ def _check_files(r: Rules, files: dict, world: int) -> None:
     ranks = set()
     for name, entry in files.items():
         e = r.dict_(entry, f"files[{name!r:.60}]")
-        m = DATA_RE.match(name)
+        m = DATA_RE.match(name) or RNG_RE.match(name)
         if not (m or name in (METADATA_NAME, TRAINER_NAME)):
             raise r.fail(f"files[{name!r:.60}]", "not a file name a DCP checkpoint has")
         r.int_(r.get(e, "size", f"files[{name!r}]"), f"files[{name!r}].size", 0)
@@ -267,6 +275,27 @@ def load_trainer(man: DCPManifest) -> dict:
         raise CheckpointError(f"{fpath}: not the trainer state of step {man.step}", path=fpath,
                               kind="corrupt")
     return obj
+
+
+def load_rng(man: DCPManifest, rank: int) -> Optional[dict]:
+    """Rank ``rank``'s RNG states, checked (size, sha256, weights-only load, each state
+    settable: ``contents.check_rng``); None when the checkpoint has none for it (saved on
+    another world size, or converted by ``ckpt convert``)."""
+    name = rng_file_name(rank)
+    if name not in man.files:
+        return None
+    fpath, entry = man.path / name, man.files[name]
+    _check_file(man, name, True)
+    with open_regular(fpath) as (fd, size):
+        if size != entry["size"]:
+            raise CheckpointError(f"{fpath}: changed while being read", path=fpath, kind="corrupt")
+        obj = _torch_load_fd(fd, fpath, False)
+    if not isinstance(obj, dict) or obj.get("format") != "sharded_ams.rng" \
+            or obj.get("rank") != rank:
+        raise CheckpointError(f"{fpath}: not the RNG states of rank {rank}", path=fpath,
+                              kind="corrupt")
+    check_rng(Rules(fpath, "corrupt"), obj.get("rng"))
+    return obj["rng"]
 
 
 def validate_any(path: PathLike, *, checksums: bool = True, value_report: Optional[list] = None):
