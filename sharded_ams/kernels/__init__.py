@@ -15,7 +15,8 @@ passes of the per-tensor-scaled case, each once per run, through a :class:`RunTa
 No primitive copies anything from the host to the device or waits for the device: lr and
 the step as Python numbers travel as kernel arguments; as tensors on the range's device
 the scalars are computed there (the path a CUDA graph can capture, and the one
-``ShardedAMS`` takes, its step count living on the device).
+``ShardedAMS`` takes, its step count living on the device): on the Triton backend in one
+compiled launch (``scalars.py``), elsewhere with eager tensor ops.
 """
 
 from __future__ import annotations
