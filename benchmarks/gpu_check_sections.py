@@ -161,12 +161,20 @@ def _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16) -> str:
 # --- pytest -----------------------------------------------------------------------------
 
 
+def pytest_command(timeout: float) -> list[str]:
+    """The GPU tests' pytest command. addopts replaced: the suite's xdist options (-n 2 ...)
+    need pytest-xdist, which the GPU machine (no package installs) may lack; the GPU tests
+    run in one process anyway."""
+    return [sys.executable, "-u", "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+            "-o", "addopts=-ra", "-o", f"faulthandler_timeout={max(1, int(timeout - 10))}",
+            *GPU_TEST_FILES]
+
+
 def section_pytest(plan: Plan) -> dict:
     """``pytest -m gpu`` over ``GPU_TEST_FILES`` in a subprocess, stopped at the section's
     cap (at most ``PYTEST_CAP_S``); pytest's faulthandler dumps a test's stack 10 s before."""
     timeout = max(5.0, min(PYTEST_CAP_S, plan.time_left()))
-    cmd = [sys.executable, "-u", "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           "-o", f"faulthandler_timeout={max(1, int(timeout - 10))}", *GPU_TEST_FILES]
+    cmd = pytest_command(timeout)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     try:

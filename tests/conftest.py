@@ -32,6 +32,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda it: order.get(group_of(it.path.name), len(order)))
 
 
+@pytest.hookimpl(optionalhook=True)  # without pytest-xdist (the GPU machine) not an error
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """xdist's scope scheduling with :func:`group_of` as the scope: a group runs whole on
     one worker, groups go out in collection order. (Not ``xdist_group`` marks: xdist 3.8

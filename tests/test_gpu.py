@@ -1,8 +1,8 @@
 """The CUDA path on a real GPU: the Triton kernel, its scalars, CUDA graphs, NCCL.
 
 Skipped without CUDA (CI has none); ``benchmarks/gpu_check.py`` runs this file on a GPU
-machine (``pytest -m gpu tests/test_gpu.py``). Data is fresh random every run (the seed
-is printed on failure).
+machine (``pytest -m gpu -o addopts=-ra tests/test_gpu.py``: no pytest-xdist needed). Data
+is fresh random every run (the seed is printed on failure).
 
 * The kernel against the eager ops on the same GPU, bit for bit (it is launched without
   fma contraction and follows ``update.py``'s order of operations), and against the

@@ -144,3 +144,18 @@ def test_a_stopped_driver_ends_its_running_child():
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_gpu_tests_run_without_pytest_xdist():
+    """The GPU machine cannot install packages, so pytest-xdist may be missing there: the
+    check's pytest command must not need it (pyproject's addopts say ``-n 2``, and
+    conftest.py implements an xdist hook). Run here with the plugin disabled."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check_sections import pytest_command
+
+    cmd = pytest_command(60.0)
+    cmd[4:4] = ["-p", "no:xdist"]  # after "python -u -m pytest"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 5), proc.stdout[-3000:] + proc.stderr[-3000:]  # 5: all skipped
+    assert "unknown hook" not in proc.stdout + proc.stderr
