@@ -525,18 +525,8 @@ class ShardedAMS(Optimizer):
         sds = self.mp.select(sds)  # this rank's tp coordinate; another mp layout: refused
         head = sds[0]
         self._check_compatible(head)
-        for saved in head["param_groups"]:  # as the constructor does, before changing anything
-            validate_hparams(saved["lr"], saved["betas"], saved["beta3"], saved["lam"],
-                             saved["eps"], saved["weight_decay"])
-        self._sync.finish_param_sync()  # a pending gather must not overwrite what is loaded
-        self._sync.abandon_grad_sync()
-        for g, saved in zip(self.param_groups, head["param_groups"]):
-            for k, v in saved.items():
-                if k == "step":
-                    g[k] = torch.tensor(float(v), dtype=torch.float32, device=self.device)
-                elif k != "params":
-                    g[k] = tuple(v) if k == "betas" else v
-        self.skipped_steps = head.get("skipped_steps", 0)
+        self._check_groups(head["param_groups"])
+        self._begin_state_load()
         by_name: dict[str, list[dict]] = {}
         for sd in sds:
             for rec in sd["pieces"]:
@@ -544,6 +534,35 @@ class ShardedAMS(Optimizer):
         for sh in self.shards:
             for pc in sh.layout.pieces(self.comm.rank):
                 self._fill_piece(sh, pc, by_name.get(pc.slot.name, []))
+        self._end_state_load(head["param_groups"], head.get("skipped_steps", 0))
+
+    def _check_groups(self, saved_groups: list[dict]) -> None:
+        """Saved groups' hyperparameters, checked as the constructor does, before
+        anything changes."""
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"Checkpoint has {len(saved_groups)} param groups, "
+                             f"the optimizer {len(self.param_groups)}")
+        for saved in saved_groups:
+            validate_hparams(saved["lr"], saved["betas"], saved["beta3"], saved["lam"],
+                             saved["eps"], saved["weight_decay"])
+
+    def _begin_state_load(self) -> None:
+        """Before the state is overwritten in place (``load_state_dict``, a DCP load):
+        no pending gather may overwrite it, no pending reduction may land after it."""
+        self._sync.finish_param_sync()
+        self._sync.abandon_grad_sync()
+
+    def _end_state_load(self, saved_groups: list[dict], skipped_steps: int) -> None:
+        """After the state and fp32 masters were written: the groups' hyperparameters and
+        step counts, then the params re-gathered from the masters."""
+        for g, saved in zip(self.param_groups, saved_groups):
+            for k, v in saved.items():
+                if k == "step":
+                    g[k] = torch.tensor(float(v), dtype=torch.float32, device=self.device)
+                elif k != "params":
+                    g[k] = tuple(v) if k == "betas" else v
+        self.skipped_steps = skipped_steps
+        for sh in self.shards:
             for b in range(len(sh.layout.buckets)):
                 if sh.own_master:
                     sh.param_shard(b).copy_(sh.master_view(b))
@@ -557,9 +576,6 @@ class ShardedAMS(Optimizer):
             shapes = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])
             raise ValueError(f"Checkpoint is for a different model: missing params {missing[:5]}, "
                              f"unexpected params {extra[:5]}, shape mismatch {shapes[:5]}")
-        if len(sd["param_groups"]) != len(self.param_groups):
-            raise ValueError(f"Checkpoint has {len(sd['param_groups'])} param groups, "
-                             f"the optimizer {len(self.param_groups)}")
         need = {k for sh in self.shards for k in sh.state} | {"master"}
         if need != set(sd["state_keys"]):
             raise ValueError(f"Checkpoint state {sorted(sd['state_keys'])} differs from this "

@@ -1,11 +1,12 @@
 """The launcher's ``[parallel]`` strategies through its own train step, against one process.
 
-Two gloo spawns (no Ray, for exactness): 2 ranks train a small Llama with
+Three gloo spawns (no Ray, for exactness): 2 ranks train a small Llama with
 ``strategy = "fsdp"`` for STEPS steps (2 micro-batches per step, the first without
 gradient sync; lam = 0 so every tensor's scale needs counts from both ranks; a clip that
 binds) and save a DCP checkpoint after step SAVE_AT through the launcher's save; then 4
 ranks resume that checkpoint on a 2 x 2 (dp x tp) mesh (DCP reshards) and train the
-remaining steps.
+remaining steps, once with ``fsdp`` and once with ``zero1`` (ShardedAMS over dp of the
+tensor-parallel model: a switch of strategy through the DCP format).
 
 The reference shares no code with the launcher's optimizer path: each step the test
 copies the gathered params into a plain Llama, computes every data-parallel rank's
@@ -37,7 +38,7 @@ MODEL = {"arch": "llama", "vocab_size": 256, "block_size": 16, "n_layer": 2, "n_
          "n_kv_head": 2, "n_embd": 32, "intermediate_size": 48, "tie_weights": False}
 
 
-def _config(run_dir: str, tp: int) -> dict:
+def _config(run_dir: str, tp: int, strategy: str) -> dict:
     from launcher.config import Config
 
     cfg = Config.from_dict({
@@ -46,7 +47,7 @@ def _config(run_dir: str, tp: int) -> dict:
         "optim": {"preset": "cadam", "lr": LR, "max_grad_norm": CLIP, "eps": EPS,
                   "backend": "eager"},
         "job": {"steps": STEPS, "num_workers": dist.get_world_size(), "storage_path": run_dir},
-        "parallel": {"strategy": "fsdp", "tp": tp}})
+        "parallel": {"strategy": strategy, "tp": tp}})
     return {**cfg.to_dict(), "run_dir": run_dir}
 
 
@@ -88,19 +89,22 @@ def _train(w, start: int, stop: int, oracle, ref) -> dict:
         _train_step(w, step)
         oracle.step([g.numpy() for g in grads])
         norms.append((w.optimizer.last_step.grad_norm, norm))
+        w.optimizer.finish_param_sync()  # zero1: the params' gather may still be in flight
         got = [_full(p) for p in w.model.parameters()]
         errs.append(max(float((g - torch.from_numpy(o.p)).abs().max())
                         for g, o in zip(got, oracle.tensors)))
     return {"errs": errs, "norms": norms, "final": [_full(p) for p in w.model.parameters()]}
 
 
-def _job(ckpt: str, tp: int, resume: bool) -> dict:
+def _job(ckpt: str, tp: int, resume: bool, strategy: str = "fsdp") -> dict:
     from launcher.train.loop import _build, _extra
     from launcher.train.models import build_model
     from sharded_ams.checkpoint import load_dcp, save_dcp
+    from sharded_ams.checkpoint.dcp_read import read_dcp_full
 
     torch.manual_seed(0)
-    w = _build(_config(os.path.join(ckpt, "run"), tp), device=torch.device("cpu"))
+    w = _build(_config(os.path.join(ckpt, "run", strategy), tp, strategy),
+               device=torch.device("cpu"))
     ref = build_model(w.model_table).double()
     start = 0
     if resume:
@@ -108,10 +112,10 @@ def _job(ckpt: str, tp: int, resume: bool) -> dict:
     init = [_full(p) for p in w.model.parameters()]
     oracle = AMSOracle.start(init, lr=LR, betas=(0.9, 0.999), beta3=0.0, lam=0.0, eps=EPS,
                              weight_decay=0.0)
-    if resume:  # the oracle continues from the checkpoint's moments
-        for o, p in zip(oracle.tensors, w.model.parameters()):
-            st = w.optimizer.state[p]
-            o.m, o.v = _full(st["exp_avg"]).numpy(), _full(st["exp_avg_sq"]).numpy()
+    if resume:  # the oracle continues from the checkpoint's moments, as DCP reads them
+        saved = read_dcp_full(ckpt + "/step")["optim"]["state"]
+        for o, (name, _) in zip(oracle.tensors, w.model.named_parameters()):
+            o.m, o.v = (saved[name][k].double().numpy() for k in ("exp_avg", "exp_avg_sq"))
             o.t = start
     out = _train(w, start, SAVE_AT if not resume else STEPS, oracle, ref)
     if not resume:
@@ -119,7 +123,7 @@ def _job(ckpt: str, tp: int, resume: bool) -> dict:
                  lr_scheduler=w.scheduler, mesh=_extra(w)["mesh"])
         more = _train(w, SAVE_AT, STEPS, oracle, ref)
         out = {k: out[k] + more[k] if k != "final" else more[k] for k in out}
-    out["layout"] = (w.layout.dp_size, w.layout.tp)
+    out["layout"] = (w.layout.strategy, w.layout.dp_size, w.layout.tp)
     return out
 
 
@@ -128,7 +132,8 @@ def _results() -> tuple:
     with tempfile.TemporaryDirectory(prefix="parlaunch_") as d:
         first = run_distributed(_job, 2, d, 1, False, timeout=300)
         second = run_distributed(_job, 4, d, 2, True, timeout=300)
-    return first, second
+        third = run_distributed(_job, 4, d, 2, True, "zero1", timeout=300)
+    return first, second, third
 
 
 def _check(r: dict, layout: tuple) -> None:
@@ -139,22 +144,24 @@ def _check(r: dict, layout: tuple) -> None:
 
 
 def test_fsdp_train_step_equals_one_process():
-    first, _ = _results()
+    first = _results()[0]
     for r in first:
-        _check(r, (2, 1))
+        _check(r, ("fsdp", 2, 1))
 
 
-def test_dcp_resume_on_a_2x2_tp_mesh_equals_the_uninterrupted_run():
-    first, second = _results()
-    for r in second:
-        _check(r, (2, 2))
+@pytest.mark.parametrize("strategy", ["fsdp", "zero1"])
+def test_dcp_resume_on_a_2x2_tp_mesh_equals_the_uninterrupted_run(strategy):
+    """fsdp's checkpoint resumed on dp 2 x tp 2 by fsdp, and by zero1 (ShardedAMS on the
+    tensor-parallel model): on the oracle every step, and where the 2-rank run ended."""
+    first, *resumed = _results()
+    for r in resumed[strategy == "zero1"]:
+        _check(r, (strategy, 2, 2))
         for a, b in zip(r["final"], first[0]["final"]):
             assert float((a - b).abs().max()) < TOL
 
 
 @pytest.mark.parametrize("sets, message", [
     (["parallel.strategy=ddp"], r"parallel.strategy must be one of \['zero1', 'fsdp'\]"),
-    (["parallel.tp=2"], r"parallel.tp needs parallel.strategy = \"fsdp\""),
     (["parallel.strategy=fsdp", "parallel.tp=2", "model.arch=gpt"], r"built-in llama only.*'gpt'"),
     (["parallel.strategy=fsdp", "parallel.tp=3"], r"tp = 3 does not divide model.n_head = 4"),
     (["parallel.strategy=fsdp", "parallel.tp=2", "model.n_kv_head=1"], r"tp = 2 does not divide model.n_kv_head = 1"),

@@ -312,7 +312,7 @@ def check_resume(cfg: Config) -> ResumePoint:
         from launcher.run.resume_checks import check_same_optimizer, check_same_strategy
 
         try:
-            check_same_strategy(cfg.parallel.strategy, point.path)
+            check_same_strategy(cfg.parallel.strategy, point.path, cfg.parallel.tp)
             notes = check_same_optimizer(cfg.optim, point.path)
         except ValueError as exc:
             raise LaunchError(str(exc)) from None

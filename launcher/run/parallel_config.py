@@ -36,8 +36,10 @@ class ParallelConfig:
     """Tensor-parallel degree: the built-in llama's q/k/v and gate/up projections split by
     output columns, o and down by input rows, the embedding by vocabulary rows and the head
     by output columns over tp workers, with sequence parallelism (torchtitan's plan); the
-    rest of the workers (workers / tp) form the data-parallel dimension of a 2-D mesh.
-    Needs strategy "fsdp" and model.tie_weights = false; tp must divide model.n_head,
+    rest of the workers (workers / tp) form the data-parallel dimension of a 2-D mesh,
+    over which "zero1" shards the optimizer state of each tp shard again (Megatron's
+    layout) or "fsdp" shards everything. Checkpoints are then in DCP format (either
+    strategy resumes them, on any mesh). Needs model.tie_weights = false; tp must divide model.n_head,
     model.n_kv_head, model.intermediate_size, data.block_size and every worker count."""
 
     def __post_init__(self) -> None:
@@ -58,9 +60,6 @@ def check_parallel(par: ParallelConfig, model: Any, data: Any, job: Any) -> None
     tp = par.tp
     if tp == 1:
         return
-    if par.strategy == "zero1":
-        fail("parallel", "tp", "needs parallel.strategy = \"fsdp\" (ShardedAMS steps a "
-             "tensor-parallel mesh, but its checkpoints cannot be saved with tp yet)", tp)
     if model.factory is not None or model.arch != "llama":
         what = f"model.factory {model.factory!r}" if model.factory else f"model.arch {model.arch!r}"
         fail("parallel", "tp", f"has a plan for the built-in llama only, not {what}", tp)

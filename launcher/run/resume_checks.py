@@ -9,8 +9,10 @@ and again in each worker before a load).
 * ``optim.lr``, ``betas``, ``eps``, ``weight_decay``: **the checkpoint's values win** on resume
   (the optimizer's groups and the LR scheduler's ``base_lrs`` are restored from it); a
   config that differs gets a note saying so.
-* ``parallel.strategy``: a ``zero1`` run resumes native checkpoints, an ``fsdp`` run DCP
-  ones; the other is refused with the ``sharded-ams ckpt convert`` command that fits.
+* ``parallel.strategy`` / ``tp``: a ``zero1`` run with ``tp = 1`` resumes native
+  checkpoints; ``fsdp`` and ``zero1`` with ``tp > 1`` save and resume DCP ones (either of
+  them, any mesh: the same keys and global shapes); the other format is refused with the
+  ``sharded-ams ckpt convert`` command that fits.
 * The schedule's shape (``optim.schedule``, ``warmup_steps``, ``min_lr_ratio``, ``job.steps``)
   **comes from the config** (the schedule is a function, rebuilt from the config, applied to
   the checkpoint's peak lr at the resumed step); raising ``--steps`` is how a run is extended.
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 __all__ = ["optimizer_identity", "check_same_optimizer", "check_loaded_groups", "describe_identity",
-           "check_same_strategy"]
+           "check_same_strategy", "checkpoint_format"]
 
 
 def optimizer_identity(preset: Optional[str], beta3: Optional[float], lam: Optional[float]) -> tuple[float, float]:
@@ -127,15 +129,22 @@ def _peak_lr(path: str, groups: list) -> Optional[float]:
         return float(lr) if isinstance(lr, (int, float)) else None
 
 
-def check_same_strategy(strategy: str, path: str) -> None:
-    """ValueError when ``path``'s format is not the one ``parallel.strategy`` resumes (a
-    ``zero1`` run: native; ``fsdp``: DCP), naming the conversion."""
+def checkpoint_format(strategy: str, tp: int) -> str:
+    """The checkpoint format a run saves and resumes: "zero1" (native) for ``zero1`` with
+    ``tp = 1``, "dcp" for ``fsdp`` and for ``zero1`` with ``tp > 1``."""
+    return "zero1" if strategy == "zero1" and tp == 1 else "dcp"
+
+
+def check_same_strategy(strategy: str, path: str, tp: int = 1) -> None:
+    """ValueError when ``path``'s format is not the one ``[parallel]`` resumes
+    (:func:`checkpoint_format`), naming the conversion."""
     from sharded_ams.checkpoint import DCP_FORMAT, manifest_format
 
     have = "dcp" if manifest_format(path) == DCP_FORMAT else "zero1"
-    want = "dcp" if strategy == "fsdp" else "zero1"
+    want = checkpoint_format(strategy, tp)
     if have != want:
+        how = f"parallel.strategy is {strategy!r}" + (f" with tp = {tp}" if tp > 1 else "")
         raise ValueError(
-            f"{path} is a {have} checkpoint and parallel.strategy is {strategy!r}: convert it "
+            f"{path} is a {have} checkpoint and {how}: convert it "
             f"(sharded-ams ckpt convert {path} OUT --to {want}) and start a new run from it "
             "(job.resume_from = OUT, --name), or keep the strategy")

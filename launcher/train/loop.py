@@ -228,9 +228,12 @@ def _build(config: dict, device: Optional[torch.device] = None) -> _Worker:
         model = build_model_for_training(model_table, device, "fp32")
         model = parallelize(model, layout, precision, ocfg.grad_reduce_dtype)
         optimizer = FSDPAMS(model, **_fsdp_kwargs(ocfg.optimizer_kwargs()))
-    else:
+    else:  # zero1: ShardedAMS over dp; with tp > 1 the model split first (Megatron's layout)
         model = build_model_for_training(model_table, device, precision)
-        optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs(), param_sync_modules=_blocks(model))
+        model = parallelize(model, layout, precision)
+        mesh = dict(device_mesh=layout.mesh) if layout.tp > 1 else {}
+        optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs(), param_sync_modules=_blocks(model),
+                               **mesh)
     if mcfg.compile:
         if layout.tp > 1:
             _per_rank_compile_cache(rank)
@@ -408,7 +411,7 @@ def _report(w: _Worker, rec: _Records, step: int, start_step: int, window: _Wind
         metrics["val_loss"] = evaluate(w.model, w.data, **w.eval_kw())
     rec.metrics(metrics, step)
     if save:
-        save_and_report(metrics, w.optimizer, w.model, w.scheduler, step, _extra(w))
+        save_and_report(metrics, w.optimizer, w.model, w.scheduler, step, _extra(w), w.layout)
         rec.beat(step, done=step == w.total_steps)  # done: the final checkpoint is committed
     else:
         ray.train.report(metrics)  # [Ray] barrier; metrics only
@@ -471,7 +474,7 @@ def train_loop(config: dict) -> dict[str, Any]:
     w = _build(config)
     # the newest committed checkpoint of the run, at whatever size it was saved
     start_step, resumed_from = resume(config, w.run_dir, w.rank, w.world_size, w.optimizer,
-                                      w.model, w.scheduler)
+                                      w.model, w.scheduler, w.layout)
     if w.rank == 0 and w.cfg.job.env:  # what this worker really has, not what was asked
         _log("job.env in the workers: " + ", ".join(f"{k}={os.environ.get(k, '<unset>')}"
                                                     for k in sorted(w.cfg.job.env)))

@@ -1,7 +1,8 @@
 """Where a worker's run starts and how it saves: the checkpoints a start may resume from,
 loading one (any world size: the format reshards), and the save that goes with a report.
-A ``zero1`` run saves the native format, an ``fsdp`` run DCP (``sharded_ams.checkpoint.dcp``);
-a checkpoint of the other strategy is refused with the ``ckpt convert`` command that fits.
+A ``zero1`` run saves the native format, an ``fsdp`` run and a ``zero1`` run with ``tp > 1``
+DCP (``sharded_ams.checkpoint.dcp``); a checkpoint of the other format is refused with the
+``ckpt convert`` command that fits.
 
 The Ray calls are the lines marked ``# [Ray]``: ``ray.train.get_checkpoint()`` (the run's
 latest registered checkpoint, after a failure, a resize or a relaunch) and
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 import ray.train  # [Ray]
 
-from launcher.run.resume_checks import check_loaded_groups, check_same_strategy
+from launcher.run.resume_checks import check_loaded_groups, check_same_strategy, checkpoint_format
 from launcher.train.step import log_progress
 from sharded_ams.checkpoint import (DCP_FORMAT, CheckpointError, find_latest_checkpoint,
                                     load_checkpoint, load_dcp, manifest_format, save_checkpoint,
@@ -28,17 +29,13 @@ from sharded_ams.checkpoint import (DCP_FORMAT, CheckpointError, find_latest_che
 __all__ = ["resume", "save_and_report"]
 
 
-def _load(path: str, optimizer, model, scheduler) -> int:
+def _load(path: str, optimizer, model, scheduler, layout) -> int:
     check_loaded_groups(path, optimizer.param_groups)  # a changed preset/lam/beta3: refused
-    check_same_strategy("fsdp" if _is_fsdp(optimizer) else "zero1", path)
+    check_same_strategy(layout.strategy, path, layout.tp)
     dcp = manifest_format(path) == DCP_FORMAT
     if dcp:
         return int(load_dcp(path, model, optimizer, lr_scheduler=scheduler)["step"])
     return int(load_checkpoint(path, optimizer, model=model, lr_scheduler=scheduler)["step"])
-
-
-def _is_fsdp(optimizer) -> bool:
-    return not hasattr(optimizer, "shards")  # ShardedAMS has its flat shards; FSDPAMS none
 
 
 def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int, str, str]]:
@@ -79,7 +76,8 @@ def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int
     return sorted(found.values(), key=lambda c: (c[0], c[2] == "ray"), reverse=True)
 
 
-def resume(config: dict, run_dir: str, rank: int, world_size: int, optimizer, model, scheduler):
+def resume(config: dict, run_dir: str, rank: int, world_size: int, optimizer, model, scheduler,
+           layout):
     """Load the newest committed checkpoint (rank 0 picks, every rank loads; any world size:
     the format reshards); on a checkpoint that fails to load (checksums: the loader agrees
     the error over all ranks) fall back to the next. Returns ``(step, path)``; ``(0, None)``
@@ -102,8 +100,8 @@ def resume(config: dict, run_dir: str, rank: int, world_size: int, optimizer, mo
         try:
             if source == "ray" and "://" in path:
                 with checkpoint.as_directory() as local:  # [Ray] a download
-                    return _load(local, optimizer, model, scheduler), path
-            return _load(path, optimizer, model, scheduler), path
+                    return _load(local, optimizer, model, scheduler, layout), path
+            return _load(path, optimizer, model, scheduler, layout), path
         except CheckpointError as exc:
             errors.append(f"{path}: {exc}")
             if rank == 0:
@@ -113,12 +111,13 @@ def resume(config: dict, run_dir: str, rank: int, world_size: int, optimizer, mo
     return 0, None
 
 
-def save_and_report(metrics: dict, optimizer, model, scheduler, step: int, extra: dict) -> None:
+def save_and_report(metrics: dict, optimizer, model, scheduler, step: int, extra: dict,
+                    layout) -> None:
     """Every rank writes its shard into its own temp dir (rank 0 also the manifest, which
     lists every rank's file); Ray uploads them all into the run's ``step-XXXXXXXX`` folder."""
     optimizer.finish_param_sync()  # the model's params must hold their gathered values
     with tempfile.TemporaryDirectory(prefix="sharded-ams-ckpt-") as tmp:
-        if _is_fsdp(optimizer):  # DCP format (sharded_ams.checkpoint.dcp)
+        if checkpoint_format(layout.strategy, layout.tp) == "dcp":  # sharded_ams.checkpoint.dcp
             save_dcp(tmp, model, optimizer, step=step, extra=extra, lr_scheduler=scheduler,
                      mesh=extra.get("mesh"), shared_fs=False)
         else:

@@ -27,6 +27,7 @@ from torch import nn
 from .consolidate import consolidate
 from .dcp import write_dcp_state
 from .dcp_read import read_dcp_full
+from .dcp_sharded import dcp_param_groups
 from .format import PathLike
 
 __all__ = ["to_dcp", "to_zero1"]
@@ -46,8 +47,8 @@ def to_dcp(src: PathLike, out: PathLike) -> dict:
         model[key] = masters[alias].float() if alias is not None else t
     optim = {"state": {n: {k: v for k, v in st.items() if k != "master"}
                        for n, st in state.items()},
-             "param_groups": [{**{k: g[k] for k in _HP}, "foreach": None, "fused": None,
-                               "params": list(g["param_names"])} for g in groups]}
+             "param_groups": dcp_param_groups([{**g, "params": g["param_names"]} for g in groups],
+                                              _HP)}
     from .validate import read_manifest
 
     man = read_manifest(src)

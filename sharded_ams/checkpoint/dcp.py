@@ -11,7 +11,10 @@ format, under the rules of the native format (docs/checkpoint.md, "DCP checkpoin
 The state is ``{"model": get_model_state_dict(model), "optim":
 get_optimizer_state_dict(model, optimizer)}`` (fully qualified names, DTensor shards), so
 DCP reshards it onto any mesh on load and any DCP user can read it
-(``dcp.load`` of the same keys). What is refused before a load is ``dcp_meta.py``'s.
+(``dcp.load`` of the same keys). A :class:`~sharded_ams.ShardedAMS` (``zero1``, with or
+without ``tp``) saves the same keys and global shapes from its flat shards
+(``dcp_sharded.py``): either strategy loads the other's checkpoints, on any mesh. What is
+refused before a load is ``dcp_meta.py``'s.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .commit import fsync_dir, write_bytes_durably, write_file
+from .dcp_sharded import Chunks, ChunkSavePlanner, lookup_chunk, sharded_dcp_state_dict
 from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, DCPManifest,
                        load_rng, load_trainer, read_dcp_metadata, rng_file_name, validate_dcp)
 from .format import MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
@@ -45,8 +49,15 @@ def _world_group() -> Group:
     return Group(0, 1, None, False)
 
 
+def _is_sharded(optimizer) -> bool:
+    return hasattr(optimizer, "shards")  # ShardedAMS: flat shards; AMS on FSDP2: none
+
+
 def dcp_state_dict(model: nn.Module, optimizer) -> dict:
-    """What a DCP checkpoint holds: the model's and the optimizer's state dicts by FQN."""
+    """What a DCP checkpoint holds: the model's and the optimizer's state dicts by FQN
+    (a ShardedAMS's: ``dcp_sharded.sharded_dcp_state_dict``, the same keys and shapes)."""
+    if _is_sharded(optimizer):
+        return sharded_dcp_state_dict(model, optimizer)
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                          get_optimizer_state_dict)
 
@@ -68,6 +79,10 @@ def _groups_of(optimizer, step: int) -> list[dict]:
     keys = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
     out = []
     for g in optimizer.param_groups:
+        if "step" in g:  # ShardedAMS: one count per group
+            out.append({**{k: (list(g[k]) if k == "betas" else float(g[k])) for k in keys},
+                        "step": int(g["step"])})
+            continue
         st = next((optimizer.state[p] for p in g["params"] if "step" in optimizer.state.get(p, {})),
                   None)
         out.append({**{k: (list(g[k]) if k == "betas" else float(g[k])) for k in keys},
@@ -89,13 +104,14 @@ def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
     return write_dcp_state(
         path, dcp_state_dict(model, optimizer), step=step, extra=extra,
         scheduler_state=None if lr_scheduler is None else lr_scheduler.state_dict(), mesh=mesh,
-        groups=_groups_of(optimizer, step), skipped_steps=getattr(optimizer, "skipped_steps", 0),
-        shared_fs=shared_fs)
+        groups=_groups_of(optimizer, step), skipped_steps=int(getattr(optimizer, "skipped_steps", 0)),
+        shared_fs=shared_fs, optimizer_class=type(optimizer).__name__)
 
 
 def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict],
                     scheduler_state: Any, mesh: Optional[dict], groups: list,
-                    skipped_steps: int = 0, shared_fs: bool = True, rng: bool = True) -> Path:
+                    skipped_steps: int = 0, shared_fs: bool = True, rng: bool = True,
+                    optimizer_class: str = "FSDPAMS") -> Path:
     """``save_dcp`` of a state dict already made (``{"model", "optim"}`` as
     :func:`dcp_state_dict` makes it; plain tensors in one process: ``ckpt convert``, which
     passes ``rng=False``: its RNG states are not a run's). With ``rng`` each rank also
@@ -115,7 +131,8 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
         err = exc
     ctx.agree(err)
     dcp.save(sd, storage_writer=FileSystemWriter(str(path), single_file_per_rank=True,
-                                                 sync_files=True), no_dist=not ctx.active)
+                                                 sync_files=True),
+             planner=ChunkSavePlanner(), no_dist=not ctx.active)
     try:
         for name in sorted(os.listdir(path)):
             m = DATA_RE.match(name)
@@ -136,7 +153,8 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
     everyone = ctx.gather0(files)
     if ctx.rank == 0:
         try:
-            _commit(path, everyone, step, ctx.world_size, mesh, groups, int(skipped_steps))
+            _commit(path, everyone, step, ctx.world_size, mesh, groups, int(skipped_steps),
+                    optimizer_class)
         except Exception as exc:
             err = exc
     ctx.agree(err)
@@ -144,7 +162,7 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
 
 
 def _commit(path: Path, everyone: list, step: int, world: int, mesh: Optional[dict],
-            groups: list, skipped: int) -> None:
+            groups: list, skipped: int, optimizer_class: str) -> None:
     """Rank 0: the manifest, written last (temp name, fsync, rename, fsync dir)."""
     files: dict = {}
     for rank_files in everyone:
@@ -155,7 +173,7 @@ def _commit(path: Path, everyone: list, step: int, world: int, mesh: Optional[di
            "torch_version": torch.__version__, "sharded_ams_version": _version(),
            "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
            "created_unix": now,
-           "optimizer": {"class": "FSDPAMS", "param_groups": groups, "skipped_steps": skipped},
+           "optimizer": {"class": optimizer_class, "param_groups": groups, "skipped_steps": skipped},
            "files": dict(sorted(files.items()))}
     data = json.dumps(man, indent=1).encode("utf-8")
     write_bytes_durably(path / MANIFEST_NAME, lambda f, box: f.write(data))
@@ -185,6 +203,28 @@ def SafeLoadPlanner(**kw: Any):  # a class, made on first use
         from torch.distributed.checkpoint._traverse import set_element
 
         class _Safe(DefaultLoadPlanner):
+            def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+                if not _holds_chunks(state_dict):
+                    return super().set_up_planner(state_dict, metadata, is_coordinator)
+                # DefaultLoadPlanner's, but its first call (``_init_state_dict``, which
+                # materialises meta tensors) replaces values of types it does not know,
+                # Chunks among them, by None; nothing loaded here is on the meta device
+                from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+                from torch.distributed.checkpoint._sharded_tensor_utils import \
+                    _flatten_sharded_tensors
+
+                self.original_state_dict = state_dict
+                if self.flatten_sharded_tensors:
+                    state_dict = _flatten_sharded_tensors(state_dict)
+                if self.flatten_state_dict:
+                    state_dict, self.mappings = flatten_state_dict(state_dict)
+                self.state_dict, self.metadata = state_dict, metadata
+                self.is_coordinator = is_coordinator
+
+            def lookup_tensor(self, index):  # a ShardedAMS's flat state: dcp_sharded.Chunks
+                t = lookup_chunk(self.state_dict, index)
+                return super().lookup_tensor(index) if t is None else t
+
             def load_bytes(self, read_item, value) -> None:
                 obj = torch.load(value, weights_only=True)
                 if self.flatten_state_dict:
@@ -195,6 +235,12 @@ def SafeLoadPlanner(**kw: Any):  # a class, made on first use
 
         _Planner.cls = _Safe
     return _Planner.cls(**kw)
+
+
+def _holds_chunks(sd: Any) -> bool:
+    if isinstance(sd, dict):
+        return any(_holds_chunks(v) for v in sd.values())
+    return isinstance(sd, Chunks)
 
 
 def reader_of(path: Path, metadata):
@@ -209,27 +255,23 @@ def reader_of(path: Path, metadata):
 
 
 def _check_shapes(man: DCPManifest, md, sd: dict) -> None:
-    """Every tensor the load fills exists in the checkpoint with the same global shape."""
+    """Every item the load fills exists in the checkpoint (keys as DCP flattens them),
+    every tensor with the same global shape: a mismatch is "a different model or
+    optimizer", before anything loads, not DCP's bare error halfway through."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, v: Any) -> None:
-        if isinstance(v, dict):
-            for k, x in v.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), x)
-        elif isinstance(v, torch.Tensor):
-            flat[prefix] = v
-
-    walk("", sd)
+    flat, _ = flatten_state_dict(sd)
     missing, differ = [], []
     for key, t in flat.items():
         item = md.state_dict_metadata.get(key)
         if item is None:
             missing.append(key)
-        elif not isinstance(item, TensorStorageMetadata) or tuple(item.size) != tuple(t.shape):
+        elif not isinstance(t, (torch.Tensor, Chunks)):
+            continue  # a non-tensor value: read as bytes, whatever its size
+        elif not isinstance(item, TensorStorageMetadata) or tuple(item.size) != tuple(t.size()):
             have = tuple(item.size) if isinstance(item, TensorStorageMetadata) else "bytes"
-            differ.append(f"{key} {have} vs {tuple(t.shape)}")
+            differ.append(f"{key} {have} vs {tuple(t.size())}")
     if missing or differ:
         what = "; ".join([f"missing: {', '.join(missing[:6])}"] * bool(missing)
                          + [f"shapes differ: {', '.join(differ[:6])}"] * bool(differ))
@@ -252,20 +294,41 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
     ctx = _world_group()
     err: Optional[BaseException] = None
     man = md = trainer = rng = None
+    sharded = _is_sharded(optimizer)
     sd = dcp_state_dict(model, optimizer)
+    # the groups' hyperparameters come from the manifest (whichever strategy wrote the
+    # files, whatever else its groups held); a ShardedAMS's step counts too
+    groups = sd["optim"].pop("param_groups")
+    if sharded:  # the state is read in place
+        sd["optim"] = {"state": {n: {k: v for k, v in st.items() if k != "step"}
+                                 for n, st in sd["optim"]["state"].items()}}
     try:
         man = validate_dcp(path, checksums=True)
         md = read_dcp_metadata(man, checksum=False)
         trainer = load_trainer(man)
         _check_shapes(man, md, sd)
+        if sharded:
+            optimizer._check_groups(man.param_groups)
+        elif len(man.param_groups) != len(groups):
+            raise CheckpointError(f"{man.path}: {len(man.param_groups)} param groups, the "
+                                  f"optimizer has {len(groups)}", path=man.path, kind="mismatch")
         rng = load_rng(man, ctx.rank) if restore_rng and man.world_size == ctx.world_size \
             else None
     except Exception as exc:
         err = exc
     ctx.agree(err)
+    if sharded:
+        optimizer._begin_state_load()
     dcp.load(sd, storage_reader=reader_of(man.path, md), planner=SafeLoadPlanner())
-    set_model_state_dict(model, sd["model"])
-    set_optimizer_state_dict(model, optimizer, sd["optim"])
+    if sharded:
+        optimizer._end_state_load(man.param_groups,
+                                  int(man.raw["optimizer"].get("skipped_steps", 0)))
+    else:
+        for g, saved in zip(groups, man.param_groups):
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
+                      if k != "step"})
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, optimizer, {**sd["optim"], "param_groups": groups})
     if lr_scheduler is not None and trainer.get("lr_scheduler") is not None:
         lr_scheduler.load_state_dict(trainer["lr_scheduler"])
     if rng is not None:

@@ -6,10 +6,11 @@
   and then the root, each resharded after its forward; params, gradients and optimizer
   state all split over the data-parallel ranks, and :class:`launcher.train.fsdp_optim.FSDPAMS`
   steps the local shards;
-* ``tp > 1`` (with ``fsdp``): a 2-D mesh ``(dp, tp)``, tp-major inside each replica (the
-  ``tp`` ranks of one replica are consecutive, on one node as torchtitan lays them out);
-  the built-in Llama split by :func:`launcher.train.parallel.tp.apply_tp` (torchtitan's
-  plan, with sequence parallelism), then FSDP2 over ``dp``.
+* ``tp > 1``: a 2-D mesh ``(dp, tp)``, tp-major inside each replica (the ``tp`` ranks of
+  one replica are consecutive, on one node as torchtitan lays them out); the built-in
+  Llama split by :func:`launcher.train.parallel.tp.apply_tp` (torchtitan's plan, with
+  sequence parallelism), then FSDP2 over ``dp`` (``fsdp``) or ShardedAMS over ``dp``
+  (``zero1``: each rank's tp shard sharded again over dp, Megatron's layout).
 
 The ``tp`` ranks of one replica train on the same rows: the data is split over
 ``dp_size`` replicas, not over the world.
@@ -37,7 +38,7 @@ class Layout:
     tp: int
     dp_rank: int
     dp_size: int
-    mesh: Any = None  # a DeviceMesh ("dp",) or ("dp", "tp") for fsdp; None for zero1
+    mesh: Any = None  # a DeviceMesh ("dp",) or ("dp", "tp"); None for zero1 without tp
 
     @property
     def dp_group(self) -> Optional[Any]:
@@ -45,9 +46,10 @@ class Layout:
         return None if self.tp == 1 or self.mesh is None else self.mesh["dp"].get_group()
 
     def describe(self) -> str:
+        tp = f" x tp {self.tp}" if self.tp > 1 else ""
         if self.strategy == "zero1":
-            return "zero1"
-        return f"fsdp over {self.dp_size} replica(s)" + (f" x tp {self.tp}" if self.tp > 1 else "")
+            return "zero1" + (f" over {self.dp_size} replica(s){tp}" if tp else "")
+        return f"fsdp over {self.dp_size} replica(s)" + tp
 
 
 def make_layout(strategy: str, tp: int, rank: int, world_size: int,
@@ -55,13 +57,12 @@ def make_layout(strategy: str, tp: int, rank: int, world_size: int,
     """The layout of ``[parallel]`` on this world; ValueError when it does not fit it."""
     if world_size % tp:
         raise ValueError(f"parallel.tp ({tp}) must divide the number of workers ({world_size})")
-    if strategy == "zero1":
-        if tp > 1:
-            raise ValueError("parallel.tp > 1 needs parallel.strategy = \"fsdp\"")
+    if strategy == "zero1" and tp == 1:
         return Layout(strategy, 1, rank, world_size)
     if not dist.is_initialized():
-        raise RuntimeError("parallel.strategy = \"fsdp\" needs torch.distributed initialised "
-                           "(Ray Train does it for every worker group)")
+        raise RuntimeError(f"parallel.strategy = {strategy!r} with tp = {tp} needs "
+                           "torch.distributed initialised (Ray Train does it for every "
+                           "worker group)")
     from torch.distributed.device_mesh import init_device_mesh
 
     dp = world_size // tp
@@ -88,15 +89,15 @@ def mixed_precision(precision: str, grad_reduce_dtype: str):
 
 def parallelize(model: nn.Module, layout: Layout, precision: str,
                 grad_reduce_dtype: str = "fp32") -> nn.Module:
-    """``model`` (built the same on every rank, fp32) split as ``layout`` says, in place:
-    the tp plan first, then ``fully_shard`` on each transformer block and the root over
-    the ``dp`` mesh (a model without ``transformer_blocks()``: the root only)."""
+    """``model`` (built the same on every rank) split as ``layout`` says, in place: the
+    tp plan first, then for ``fsdp`` ``fully_shard`` on each transformer block and the
+    root over the ``dp`` mesh (a model without ``transformer_blocks()``: the root only)."""
+    if layout.tp > 1:  # torchtitan's plan, with sequence parallelism (tp.py)
+        apply_tp(model, layout.mesh["tp"])
     if layout.strategy != "fsdp":
         return model
     from torch.distributed.fsdp import fully_shard
 
-    if layout.tp > 1:  # torchtitan's plan, with sequence parallelism (tp.py)
-        apply_tp(model, layout.mesh["tp"])
     policy = mixed_precision(precision, grad_reduce_dtype)
     kw = {"mesh": layout.mesh["dp"], "reshard_after_forward": True}
     if policy is not None:
