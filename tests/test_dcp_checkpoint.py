@@ -76,6 +76,7 @@ def test_round_trip_and_inspect(saved, tmp_path):
     from launcher.run.resume_checks import check_same_strategy
 
     check_same_strategy("fsdp", str(path))
+    check_same_strategy("zero1", str(path), tp=2)  # zero1 + tp saves and resumes DCP too
     with pytest.raises(ValueError, match=r"is a dcp checkpoint .* ckpt convert .* --to zero1"):
         check_same_strategy("zero1", str(path))
     assert info["num_params"] == 4 and info["state_keys"] == ["exp_avg", "exp_avg_sq"]

@@ -183,14 +183,16 @@ def test_what_does_not_compose_is_refused_by_name(sets, message):
         load_config(None, base + sets, environ={})
 
 
-def test_fsdp_and_tp_configs_that_compose():
+@pytest.mark.parametrize("strategy", ["fsdp", "zero1"])
+def test_tp_configs_that_compose(strategy):
     from launcher.config import load_config
 
     cfg = load_config(None, ["model.arch=llama", "model.n_head=4", "model.n_embd=32",
-                             "model.tie_weights=false", "data.batch_size=6", "job.num_workers=4", "parallel.strategy=fsdp",
-                             "parallel.tp=2"], environ={})  # 6 rows split over 2 replicas, not 4
-    assert (cfg.parallel.strategy, cfg.parallel.tp) == ("fsdp", 2)
-    assert cfg.to_dict()["parallel"] == {"strategy": "fsdp", "tp": 2}
+                             "model.tie_weights=false", "data.batch_size=6", "job.num_workers=4",
+                             f"parallel.strategy={strategy}", "parallel.tp=2"],
+                      environ={})  # 6 rows split over 2 replicas, not 4
+    assert (cfg.parallel.strategy, cfg.parallel.tp) == (strategy, 2)
+    assert cfg.to_dict()["parallel"] == {"strategy": strategy, "tp": 2}
 
 
 def test_compile_with_tp_gets_a_cache_per_rank(monkeypatch, tmp_path):
