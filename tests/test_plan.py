@@ -192,15 +192,16 @@ def test_the_zero1_command_passes_the_launchers_config_checks(capsys):
     assert cfg.model.activation_checkpointing == cand["activation_checkpointing"]
 
 
-def test_fsdp_and_tp_rows_are_launcher_commands(capsys):
+@pytest.mark.parametrize("strategy", ["fsdp", "zero1"])
+def test_tp_rows_are_launcher_commands(capsys, strategy):
     from launcher.config import load_config
 
     rc, out, _ = _run(capsys, "--model", "llama3-70b", "--gpus", "256", "--tp", "8", "--json")
-    cand = json.loads(out)["strategies"]["fsdp"]
-    assert rc == 0 and cand["runnable"] and cand["parallel_table"] is None
+    cand = json.loads(out)["strategies"][strategy]
+    assert rc == 0 and cand["runnable"] and "parallel_table" not in cand
     words = cand["command"].split()
     cfg = load_config(words[2], [words[i + 1] for i, w in enumerate(words) if w == "--set"])
-    assert (cfg.parallel.strategy, cfg.parallel.tp) == ("fsdp", cand["tp"]) and cand["tp"] == 8
+    assert (cfg.parallel.strategy, cfg.parallel.tp) == (strategy, cand["tp"]) and cand["tp"] == 8
 
 
 def test_layout_report_agrees_with_the_loaders_needed_shards():

@@ -1,6 +1,5 @@
 """What runs a candidate: the ``sharded-ams train`` line (``[parallel]`` set for FSDP and
-tensor parallelism), and for what the launcher refuses (ZeRO-1 with tp > 1) the table it
-would need, said plainly."""
+tensor parallelism, with either strategy), and what it cannot set, said plainly."""
 
 from __future__ import annotations
 
@@ -28,11 +27,13 @@ def overrides(spec: ModelSpec, inp, cand: dict) -> list[str]:
         sets += ["optim.preset=", f"optim.beta3={inp.beta3}", "optim.lam=-1"]
     if cand["strategy"] == "fsdp":
         sets += ["parallel.strategy=fsdp", f"parallel.tp={cand['tp']}"]
+    elif cand["tp"] > 1:  # zero1 is the default strategy
+        sets.append(f"parallel.tp={cand['tp']}")
     return sets
 
 
 def run_line(spec: ModelSpec, inp, cand: dict) -> dict:
-    """{"runnable", "command", "parallel_table", "note"} for one candidate."""
+    """{"runnable", "command", "note"} for one candidate."""
     base = BASE_CONFIG if not spec.name.endswith((".toml", ".yaml", ".yml")) else \
         inp.extra.get("config_path", spec.name)
     sets = " ".join(f"--set {s}" for s in overrides(spec, inp, cand))
@@ -42,12 +43,4 @@ def run_line(spec: ModelSpec, inp, cand: dict) -> dict:
     if inp.state_dtype == "bf16":
         notes.append("bf16 optimizer state is ShardedAMS(state_dtype=torch.bfloat16) in Python; "
                      "the launcher has no key for it yet")
-    if cand["strategy"] == "fsdp" or cand["tp"] == 1:
-        return {"runnable": not notes, "command": command, "parallel_table": None,
-                "note": "; ".join(notes)}
-    table = (f"[parallel]\nstrategy = \"{cand['strategy']}\"   # dp x tp = "
-             f"{cand['dp']} x {cand['tp']}\ntp = {cand['tp']}")
-    notes.insert(0, "the launcher cannot run this yet: ZeRO-1 on the data-parallel dimension "
-                    "of a tensor-parallel mesh is not in it (parallel.tp needs strategy fsdp)")
-    return {"runnable": False, "command": command, "parallel_table": table,
-            "note": "; ".join(notes)}
+    return {"runnable": not notes, "command": command, "note": "; ".join(notes)}

@@ -85,8 +85,7 @@ def render(plan: dict) -> str:
     ]
     for label, vals in _rows(plan):
         lines.append(f"{label:46}" + "".join(f"{v:>22}" for v in vals))
-    lines += ["", "CONFIGS THAT FIT, fastest first (ZeRO-1 with tp > 1 cannot run in the launcher "
-              "yet; its row shows the table it would need):"]
+    lines += ["", "CONFIGS THAT FIT, fastest first:"]
     if not plan["ranked"]:
         lines.append("  none: more GPUs, a larger --tp, a smaller --micro-batch or a bigger card")
     for i, c in enumerate(plan["ranked"], 1):
@@ -94,11 +93,7 @@ def render(plan: dict) -> str:
                      f"{' + activation checkpointing' if c['activation_checkpointing'] else ''}: "
                      f"{c['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {_gib(c['memory']['total'])} GiB, "
                      f"step {c['step_time_s']:.2f} s")
-        if c["parallel_table"]:
-            table = c["parallel_table"].split("#")[0].replace("\n", " ").strip()
-            lines.append(f"    not runnable yet; would need: {table}, tp = {c['tp']}")
-        else:
-            lines.append(f"    {c['command']}")
-            if c["note"]:
-                lines.append(f"    note: {c['note']}")
+        lines.append(f"    {c['command']}")
+        if c["note"]:
+            lines.append(f"    note: {c['note']}")
     return "\n".join(lines)
