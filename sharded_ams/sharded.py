@@ -19,12 +19,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .bucket_sync import BucketSync, SyncStats, quiesce_owners
-from .buffers import FlatParamGradBuffer
 from .collectives import COLLECTIVES, Comm, bytes_of
 from .config import DEFAULTS, check_params, preset_hparams, validate_hparams
 from .kernels import resolve_backend
-from .kernels.tables import RunTable
-from .layout import BufferLayout, Run, default_bucket_numel
+from .dtype_shard import DtypeShard
+from .layout import BufferLayout, default_bucket_numel
 from .model_parallel import ModelParallel, resolve_groups
 from .shard_step import clip_coef, global_grad_norm, step_shards
 
@@ -53,64 +52,6 @@ class StepInfo:
 
     def __repr__(self) -> str:
         return f"StepInfo(grad_norm={self.grad_norm}, skipped={self.skipped})"
-
-
-class _DtypeShard:
-    """Everything about one dtype: buffers, layout and this rank's optimizer state."""
-
-    def __init__(self, layout: BufferLayout, params: list[Tensor], dtype: torch.dtype,
-                 device: torch.device, rank: int, with_s: bool,
-                 state_dtype: torch.dtype = torch.float32,
-                 grad_dtype: Optional[torch.dtype] = None):
-        self.layout, self.rank, self.device = layout, rank, device
-        self.buf = FlatParamGradBuffer(layout, params, dtype, device, grad_dtype)
-        n = layout.shard_numel
-        f32 = dict(dtype=torch.float32, device=device)
-        moments = dict(dtype=state_dtype, device=device)
-        self.state: dict[str, Tensor] = {"exp_avg": torch.zeros(n, **moments),
-                                         "exp_avg_sq": torch.zeros(n, **moments)}
-        if with_s:
-            self.state["exp_avg_s"] = torch.zeros(n, **moments)
-        # fp32 params are their own masters (the shard of the param buffer); others keep one.
-        self.own_master = dtype != torch.float32
-        if self.own_master:
-            self.state["master"] = torch.zeros(n, **f32)
-            for b in range(len(layout.buckets)):
-                self.master_view(b).copy_(self.param_shard(b))
-        self.runs: list[Run] = []
-        self.tables: dict[int, RunTable] = {}  # run index -> its table (shard_step.py)
-        # each slot's numel (+ 0: padding), on device: the WHOLE tensor's for a tensor-
-        # parallel DTensor (the scale's d), set by ShardedAMS; None: built from the layout
-        self.numels: Optional[Tensor] = None
-        # False: these params are copies another model-parallel rank counts in the grad
-        # norm and the per-tensor counts (model_parallel.py)
-        self.counted = True
-
-    def param_shard(self, b: int) -> Tensor:
-        s0, s1 = self.layout.buckets[b].shard(self.rank)
-        return self.buf.param[s0:s1]
-
-    def grad_shard(self, b: int) -> Tensor:
-        s0, s1 = self.layout.buckets[b].shard(self.rank)
-        return self.buf.grad[s0:s1]
-
-    def local(self, key: str, b: int) -> Tensor:
-        off = self.layout.local_offset(b)
-        return self.state[key][off:off + self.layout.buckets[b].shard_size]
-
-    def master_view(self, b: int) -> Tensor:
-        return self.local("master", b) if self.own_master else self.param_shard(b)
-
-    def master_piece(self, local_start: int, length: int) -> Tensor:
-        """fp32 master values of a local range (it may not cross a bucket)."""
-        if self.own_master:
-            return self.state["master"][local_start:local_start + length]
-        for b, bk in enumerate(self.layout.buckets):
-            off = self.layout.local_offset(b)
-            if off <= local_start < off + bk.shard_size:
-                s0 = bk.shard(self.rank)[0] + local_start - off
-                return self.buf.param[s0:s0 + length]
-        raise IndexError(local_start)
 
 
 class ShardedAMS(Optimizer):
@@ -281,13 +222,13 @@ class ShardedAMS(Optimizer):
             specs.append((dtype, rdims, ordered))
         self.comm.check_same("the params and optimizer settings", self._fingerprint(specs),
                              self.device)
-        self.shards: list[_DtypeShard] = []
+        self.shards: list[DtypeShard] = []
         for dtype, rdims, ordered in specs:
             spec = [(self._names[p], ModelParallel.local_shape(p), groups_of[id(p)])
                     for p in ordered]
             layout = BufferLayout.build(spec, self.comm.world_size, bucket_numel)
             by_name = {self._names[p]: p for p in ordered}
-            shard = _DtypeShard(layout, [by_name[s.name] for s in layout.slots], dtype,
+            shard = DtypeShard(layout, [by_name[s.name] for s in layout.slots], dtype,
                                 self.device, self.comm.rank, with_s, self.state_dtype,
                                 grad_dtypes[dtype])
             shard.runs = layout.runs(self.comm.rank, range(len(self.param_groups)))
@@ -581,7 +522,7 @@ class ShardedAMS(Optimizer):
             raise ValueError(f"Checkpoint state {sorted(sd['state_keys'])} differs from this "
                              f"optimizer's {sorted(need)} (saved with a different beta3 or optimizer?)")
 
-    def _fill_piece(self, sh: _DtypeShard, pc, recs: list[dict]) -> None:
+    def _fill_piece(self, sh: DtypeShard, pc, recs: list[dict]) -> None:
         lo, hi = pc.param_offset, pc.param_offset + pc.length
         covered = 0
         for rec in recs:

@@ -57,9 +57,12 @@ def test_out_holding_an_input_or_inside_one_is_refused(tmp_path, capsys):
 
 def test_stale_cleanup_removes_only_its_own_dead_leftovers(tmp_path):
     """A user's `.tok.old-20240101`, another host's in-progress `.partial-PID` and a symlink
-    are kept; this tool's leftover from a dead process on this host is removed."""
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    are kept; this tool's leftover from a dead process on this host is removed, also one a
+    run took over and was killed before marking (named for it, marked by the run before;
+    both dead), but not one named for a live process."""
+    dead, dead2 = (subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2))
     dead.wait()
+    dead2.wait()
 
     def plant(name: str, host: str, pid: int, marker: bool = True) -> Path:
         d = tmp_path / name
@@ -73,10 +76,12 @@ def test_stale_cleanup_removes_only_its_own_dead_leftovers(tmp_path):
     user = plant(".tok.old-20240101", socket.gethostname(), 20240101, marker=False)
     other_host = plant(f".tok.partial-{dead.pid}", "another-host", dead.pid)
     mine = plant(f".tok.old-{dead.pid}", socket.gethostname(), dead.pid)
-    os.symlink(user, tmp_path / f".tok.partial-{dead.pid + 1}")
+    taken_over = plant(f".tok.partial-{dead2.pid}", socket.gethostname(), dead.pid)
+    live = plant(f".tok.partial-{os.getppid()}", socket.gethostname(), dead.pid)
+    os.symlink(user, tmp_path / f".tok.partial-{dead2.pid + 7}")
     _prep([EMAIL / "charset.py"], tmp_path / "tok")
-    assert user.exists() and other_host.exists() and (tmp_path / f".tok.partial-{dead.pid + 1}").is_symlink()
-    assert not mine.exists()
+    assert user.exists() and other_host.exists() and (tmp_path / f".tok.partial-{dead2.pid + 7}").is_symlink()
+    assert not mine.exists() and not taken_over.exists() and live.exists()
     assert (user / "keep.txt").read_text() == "user data"
 
 

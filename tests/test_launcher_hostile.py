@@ -64,13 +64,14 @@ def test_resume_says_which_lr_wins(grams_run, capsys):
 
 def test_worker_refuses_to_load_into_another_preset(grams_run):
     """The worker's own check (a Ray checkpoint the driver could not read, or a direct call)."""
+    from launcher.train.parallel.layout import Layout
     from launcher.train.resume import _load  # what resume() calls for each candidate
 
     path = str(grams_run / "run" / "step-00000001")
     model = make_model(1)
     opt = ShardedAMS(model, backend="eager", preset="adamw", lr=1e-2)
     with pytest.raises(ValueError, match=r"trained with preset 'grams'.*this optimizer has preset 'adamw'"):
-        _load(path, opt, model, None)
+        _load(path, opt, model, None, Layout("zero1", 1, 0, 1))
     check_loaded_groups(path, ShardedAMS(make_model(1), backend="eager", preset="grams").param_groups)
 
 

@@ -147,7 +147,7 @@ def _job(root: str) -> dict:
         params_a.append({n: _full(p.detach()).clone() for n, p in model.named_parameters()})
         if step == CKPT_STEP:
             want = _sharded_full_state(model, opt)
-            save_dcp(ckpt, model, opt, step=step + 1, mesh={"strategy": "zero1", "dp": 2, "tp": 2})
+            save_dcp(ckpt, model, opt, step=step + 1)  # the mesh: ShardedAMS's own
     opt.close()
     if rank == 0:
         full = read_dcp_full(ckpt)
@@ -155,7 +155,7 @@ def _job(root: str) -> dict:
                  for k, v in st.items() if k != "step"}
         files.update({f"{n}.master": v for n, v in full["model"].items()})
         out["differ"]["files"] = _differ(want, files)
-        out["manifest"] = dict(full["manifest"].raw["optimizer"])
+        out["manifest"] = dict(full["manifest"].raw["optimizer"], mesh=full["manifest"].mesh)
     dist.barrier()
     for dp, tp in LAYOUTS:
         model, opt, mesh = _sharded(dp, tp, seed=1)
@@ -198,3 +198,4 @@ def test_manifest_names_the_optimizer_and_its_groups():
     assert man["class"] == "ShardedAMS"
     assert [g["step"] for g in man["param_groups"]] == [CKPT_STEP + 1]
     assert man["param_groups"][0]["lam"] == 0.5 and man["skipped_steps"] == 0
+    assert man["mesh"] == {"strategy": "zero1", "dp": 2, "tp": 2}

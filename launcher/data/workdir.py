@@ -46,9 +46,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _mark(d: Path) -> None:
-    """Claim ``d`` as this process's (the clean-up of a later run recognises it)."""
-    (d / MARKER).write_text(json.dumps({"tool": "sharded-ams prepare-data", "host": socket.gethostname(),
-                                        "pid": os.getpid()}))
+    """Claim ``d`` as this process's (the clean-up of a later run recognises it). Atomic
+    (temp file, rename): a run killed while writing it must not leave an empty marker,
+    which no later run would recognise as its tool's."""
+    tmp = d / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({"tool": "sharded-ams prepare-data", "host": socket.gethostname(),
+                               "pid": os.getpid()}))
+    os.replace(tmp, d / MARKER)
 
 
 def write_json(path: Path, obj) -> None:
@@ -64,7 +68,9 @@ def write_json(path: Path, obj) -> None:
 
 def _ours_and_dead(p: Path, pid: str) -> bool:
     """``p`` was created by this tool on this host, by the process ``pid``, now gone. Anything
-    else (a user's ``.tok.old-20240101``, another host's run on a shared filesystem) is kept."""
+    else (a user's ``.tok.old-20240101``, another host's run on a shared filesystem) is kept.
+    A run killed between taking a dead run's directory over (renamed to its own pid) and
+    marking it leaves the dead run's pid in the marker: both must be gone."""
     try:
         if not stat.S_ISDIR(os.lstat(p).st_mode) or not stat.S_ISREG(os.lstat(p / MARKER).st_mode):
             return False
@@ -73,9 +79,11 @@ def _ours_and_dead(p: Path, pid: str) -> bool:
         mark = json.loads((p / MARKER).read_text())
     except (OSError, ValueError, RecursionError):  # a planted marker: not ours
         return False
-    return (isinstance(mark, dict) and mark.get("tool") == "sharded-ams prepare-data"
-            and mark.get("host") == socket.gethostname() and str(mark.get("pid")) == pid
-            and not _pid_alive(int(pid)))
+    if not (isinstance(mark, dict) and mark.get("tool") == "sharded-ams prepare-data"
+            and mark.get("host") == socket.gethostname()
+            and isinstance(mark.get("pid"), int) and mark["pid"] > 0):
+        return False
+    return not _pid_alive(int(pid)) and not _pid_alive(mark["pid"])
 
 
 def _leftovers(out: Path, kind: str) -> list[Path]:

@@ -99,8 +99,12 @@ def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
     rank writes into its own ``path`` (a rank-local directory that is uploaded, as Ray
     Train does): data file names are rank-unique, so the union is the checkpoint. Each
     rank hashes its files, rank 0 gathers the hashes and writes ``manifest.json`` last.
-    ``mesh``: ``{"strategy", "dp", "tp"}`` recorded in the manifest. Raises
+    ``mesh``: ``{"strategy", "dp", "tp"}`` recorded in the manifest (default: a
+    ShardedAMS's own, else FSDP over the world). Raises
     CheckpointError on every rank if any rank failed (nothing committed)."""
+    if mesh is None and _is_sharded(optimizer):  # dp x tp of its own mesh
+        tp = optimizer.mp.mesh.size() if optimizer.mp.mesh is not None else 1
+        mesh = {"strategy": "zero1", "dp": optimizer.comm.world_size, "tp": tp}
     return write_dcp_state(
         path, dcp_state_dict(model, optimizer), step=step, extra=extra,
         scheduler_state=None if lr_scheduler is None else lr_scheduler.state_dict(), mesh=mesh,

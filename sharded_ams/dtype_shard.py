@@ -1,0 +1,73 @@
+"""One dtype's share of a ``ShardedAMS``: its flat param/grad buffers, their layout, and
+this rank's optimizer state (m, v[, s], and fp32 masters for low-precision params)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .buffers import FlatParamGradBuffer
+from .kernels.tables import RunTable
+from .layout import BufferLayout, Run
+
+__all__ = ["DtypeShard"]
+
+
+class DtypeShard:
+    """Everything about one dtype: buffers, layout and this rank's optimizer state."""
+
+    def __init__(self, layout: BufferLayout, params: list[Tensor], dtype: torch.dtype,
+                 device: torch.device, rank: int, with_s: bool,
+                 state_dtype: torch.dtype = torch.float32,
+                 grad_dtype: Optional[torch.dtype] = None):
+        self.layout, self.rank, self.device = layout, rank, device
+        self.buf = FlatParamGradBuffer(layout, params, dtype, device, grad_dtype)
+        n = layout.shard_numel
+        f32 = dict(dtype=torch.float32, device=device)
+        moments = dict(dtype=state_dtype, device=device)
+        self.state: dict[str, Tensor] = {"exp_avg": torch.zeros(n, **moments),
+                                         "exp_avg_sq": torch.zeros(n, **moments)}
+        if with_s:
+            self.state["exp_avg_s"] = torch.zeros(n, **moments)
+        # fp32 params are their own masters (the shard of the param buffer); others keep one.
+        self.own_master = dtype != torch.float32
+        if self.own_master:
+            self.state["master"] = torch.zeros(n, **f32)
+            for b in range(len(layout.buckets)):
+                self.master_view(b).copy_(self.param_shard(b))
+        self.runs: list[Run] = []
+        self.tables: dict[int, RunTable] = {}  # run index -> its table (shard_step.py)
+        # each slot's numel (+ 0: padding), on device: the WHOLE tensor's for a tensor-
+        # parallel DTensor (the scale's d), set by ShardedAMS; None: built from the layout
+        self.numels: Optional[Tensor] = None
+        # False: these params are copies another model-parallel rank counts in the grad
+        # norm and the per-tensor counts (model_parallel.py)
+        self.counted = True
+
+    def param_shard(self, b: int) -> Tensor:
+        s0, s1 = self.layout.buckets[b].shard(self.rank)
+        return self.buf.param[s0:s1]
+
+    def grad_shard(self, b: int) -> Tensor:
+        s0, s1 = self.layout.buckets[b].shard(self.rank)
+        return self.buf.grad[s0:s1]
+
+    def local(self, key: str, b: int) -> Tensor:
+        off = self.layout.local_offset(b)
+        return self.state[key][off:off + self.layout.buckets[b].shard_size]
+
+    def master_view(self, b: int) -> Tensor:
+        return self.local("master", b) if self.own_master else self.param_shard(b)
+
+    def master_piece(self, local_start: int, length: int) -> Tensor:
+        """fp32 master values of a local range (it may not cross a bucket)."""
+        if self.own_master:
+            return self.state["master"][local_start:local_start + length]
+        for b, bk in enumerate(self.layout.buckets):
+            off = self.layout.local_offset(b)
+            if off <= local_start < off + bk.shard_size:
+                s0 = bk.shard(self.rank)[0] + local_start - off
+                return self.buf.param[s0:s0 + length]
+        raise IndexError(local_start)
