@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from scripts import load_script
 
@@ -105,3 +106,21 @@ def test_bench_host_cost_collectives(tmp_path):
     calls = {r["lam"]: r["calls"] for r in json.loads(out.read_text())["comm_rows"]}
     assert calls[-1.0] == {"all_reduce": 3, "all_gather": 3, "all_reduce_small": 1}
     assert calls[0.0] == {"all_reduce": 3, "all_gather": 3, "all_reduce_small": 2}
+
+
+def test_bench_fusion_smoke(tmp_path, capsys):
+    """benchmarks/bench_fusion.py: both fusion sizes time the tiny set once; and the two
+    compiles give the same bits (the docstring's claim, and what makes the choice free)."""
+    bench = load_script("benchmarks/bench_fusion.py")
+    out = tmp_path / "bench_fusion.json"
+    bench.main(["--sets", "tiny", "--rounds", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["set"], r["mode"]) for r in rows] == [("tiny", m) for m in bench.MODES]
+    assert all(len(r["times_ms"]) == 2 and r["ms_median"] > 0 for r in rows)
+    results = []
+    for size in bench.MODES.values():
+        args = bench._buffers(bench.SETS["tiny"], 0)
+        bench._compiled(size)(*args, **bench.HP)
+        results.append(torch.cat([t for ts in args[:4] for t in ts]))
+    assert torch.equal(results[0], results[1])
+    assert "| set |" in capsys.readouterr().out
