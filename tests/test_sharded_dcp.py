@@ -7,7 +7,9 @@ sequence parallelism, bf16 params with fp32 masters, lam = 0.5 and beta3 = 0.9 s
 state key and the per-tensor counts are in play) for ``STEPS`` steps and saves a DCP
 checkpoint after step ``CKPT_STEP``. Then fresh models and optimizers of another seed load
 it on (2, 2), (4, 1) (plain data parallelism), (1, 4) (tensor parallelism only) and as
-``AMS`` on a ``fully_shard``-ed fp32 model over 4 ranks (FSDP2).
+``AMS`` on a ``fully_shard``-ed fp32 model over 4 ranks (FSDP2), through ``load_dcp`` and
+through a DCP user's own ``dcp.load`` of ``get_optimizer_state_dict`` (every key it asks
+for, param groups included, must be in the files).
 
 The oracle shares no code with the DCP path: each optimizer's full state (m, v, s and the
 fp32 weights of every param) is rebuilt from its own in-memory layout: ShardedAMS's
@@ -171,6 +173,19 @@ def _job(root: str) -> dict:
     model, opt = _fsdp(seed=1)
     load_dcp(ckpt, model, opt)
     out["differ"]["fsdp 4"] = _differ(want, _fsdp_full_state(model, opt))
+    # a DCP user's own load, param groups and all (torch's reader: trusted files here)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    model, opt = _fsdp(seed=2)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    out["differ"]["fsdp 4, plain dcp.load"] = _differ(want, _fsdp_full_state(model, opt))
     return out
 
 
@@ -184,7 +199,7 @@ def test_zero1_tp_checkpoint_loads_exactly_on_every_layout():
     """The files and every layout's loaded state equal run A's state at the save."""
     for rank, res in enumerate(_results()):
         assert res["differ"] and all(v == [] for v in res["differ"].values()), (rank, res["differ"])
-        assert len(res["differ"]) == len(LAYOUTS) + 1 + (rank == 0)
+        assert len(res["differ"]) == len(LAYOUTS) + 2 + (rank == 0)
         assert res["steps"] == [CKPT_STEP + 1] * len(LAYOUTS)
 
 

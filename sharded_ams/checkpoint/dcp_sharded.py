@@ -162,8 +162,9 @@ def _param_chunks(opt) -> dict[str, dict[str, Chunks]]:
 def dcp_param_groups(groups: list[dict], hp_keys: Sequence[str]) -> list[dict]:
     """``optim.param_groups`` as ``get_optimizer_state_dict`` of an ``AMS`` built on named
     params (the launcher's ``FSDPAMS``) writes them: the hyperparameters,
-    ``foreach``/``fused``, and the params' names twice (``params``, ``param_names``), so an
-    ``fsdp`` run finds every key it reads."""
+    ``foreach``/``fused``, and the params' names twice (``params``, ``param_names``), so a
+    DCP user's own ``dcp.load`` of such an optimizer's state dict finds every key it asks
+    for (``load_dcp`` itself takes the groups from the manifest)."""
     return [{**{k: g[k] for k in hp_keys}, "foreach": None, "fused": None,
              "params": list(g["params"]), "param_names": list(g["params"])} for g in groups]
 
