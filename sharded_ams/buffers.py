@@ -26,6 +26,20 @@ from .dtensor import grad_as_param, is_dtensor, local
 from .layout import BufferLayout, ParamSlot
 
 
+def offset_free(view: Tensor) -> Tensor:
+    """``view``'s memory as a tensor at storage offset 0 of a storage of its own (a slice
+    of the buffer's storage: the same memory, which it keeps alive). A DTensor param's
+    local tensor is made so: torch.compile's fake-tensor conversion (torch 2.13) fails on a
+    tensor subclass whose inner tensor sits at a non-zero storage offset ("Attempted to
+    set the storage of a tensor on device cpu to a storage on different device meta"),
+    which made ``model.compile`` of a ShardedAMS model with tensor parallelism crash."""
+    es = view.element_size()
+    start = view.storage_offset() * es
+    storage = view.untyped_storage()[start:start + view.numel() * es]
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(
+        storage, 0, view.shape, view.stride())
+
+
 class FlatParamGradBuffer:
     """One dtype's flat param buffer and grad buffer (Megatron's ``param_and_grad_buffer``).
 
@@ -52,7 +66,9 @@ class FlatParamGradBuffer:
         for i, (slot, p) in enumerate(zip(layout.slots, self.params)):
             view = self.param_view(slot)
             view.copy_(local(p).detach().reshape(slot.shape))
-            local(p).data = view  # a DTensor keeps its wrapper; its local tensor moves
+            # a DTensor keeps its wrapper; its local tensor moves (at offset 0 of a storage
+            # of its own over the buffer's memory: see offset_free)
+            local(p).data = offset_free(view) if is_dtensor(p) else view
             if not self.copy_in[i]:
                 self.collect(i)
 

@@ -232,7 +232,13 @@ def _build(config: dict, device: Optional[torch.device] = None) -> _Worker:
         model = build_model_for_training(model_table, device, precision)
         model = parallelize(model, layout, precision)
         mesh = dict(device_mesh=layout.mesh) if layout.tp > 1 else {}
-        optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs(), param_sync_modules=_blocks(model),
+        # compiled with tp: ONE wait for the param gathers, at the model's start. Each wait
+        # hook is a graph break, and a break among the tensor-parallel layers' DTensor ops
+        # crashed the compile (torch 2.13: DTensor's cached vocab-parallel embedding mask
+        # reused across fake modes, "Mixing fake modes NYI"); the gathers then overlap the
+        # rest of the step, not the forward's blocks.
+        sync = [model] if layout.tp > 1 and mcfg.compile else _blocks(model)
+        optimizer = ShardedAMS(model, **ocfg.optimizer_kwargs(), param_sync_modules=sync,
                                **mesh)
     if mcfg.compile:
         if layout.tp > 1:
