@@ -35,7 +35,10 @@ def offset_free(view: Tensor) -> Tensor:
     which made ``model.compile`` of a ShardedAMS model with tensor parallelism crash."""
     es = view.element_size()
     start = view.storage_offset() * es
-    storage = view.untyped_storage()[start:start + view.numel() * es]
+    try:
+        storage = view.untyped_storage()[start:start + view.numel() * es]
+    except (RuntimeError, NotImplementedError):  # a device without storage slices: as is
+        return view
     return torch.empty(0, dtype=view.dtype, device=view.device).set_(
         storage, 0, view.shape, view.stride())
 
