@@ -171,6 +171,7 @@ def _job(root: str) -> dict:
                 out["params_after"].append(_differ(
                     params_a[step], {n: _full(p.detach()) for n, p in model.named_parameters()}))
         opt.close()
+    out["tied"] = _tied_round_trip(os.path.join(root, "tied"))
     model, opt = _fsdp(seed=1)
     load_dcp(ckpt, model, opt)
     out["differ"]["fsdp 4"] = _differ(want, _fsdp_full_state(model, opt))
@@ -188,6 +189,48 @@ def _job(root: str) -> dict:
     set_optimizer_state_dict(model, opt, sd["optim"])
     out["differ"]["fsdp 4, plain dcp.load"] = _differ(want, _fsdp_full_state(model, opt))
     return out
+
+
+class _Tied(torch.nn.Module):
+    """An embedding and a head sharing one weight: two state-dict keys, one param."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(67, 8)
+        self.head = torch.nn.Linear(8, 67, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.head(self.emb(idx)).float().square().mean()
+
+
+def _tied_round_trip(path: str) -> list:
+    """ShardedAMS over the world on a tied bf16 model: both keys hold the fp32 masters in
+    the files, and a fresh model loads them (what failed, empty: nothing)."""
+    from sharded_ams import ShardedAMS
+    from sharded_ams.checkpoint import load_dcp, save_dcp
+    from sharded_ams.checkpoint.dcp_read import read_dcp_full
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = _Tied().to(torch.bfloat16)
+        return model, ShardedAMS(model, backend="eager", **KW)
+
+    model, opt = build(0)
+    model(torch.arange(8).view(2, 4)).backward()
+    opt.step()
+    save_dcp(path, model, opt, step=1)
+    master = _sharded_full_state(model, opt)["emb.weight.master"]
+    bad = []
+    if dist.get_rank() == 0:
+        files = read_dcp_full(path)["model"]
+        bad += [k for k in ("emb.weight", "head.weight") if not torch.equal(files[k], master)]
+    fresh, fopt = build(1)
+    load_dcp(path, fresh, fopt)
+    bad += [] if torch.equal(fresh.emb.weight, model.emb.weight) else ["loaded weight"]
+    opt.close()
+    fopt.close()
+    return bad
 
 
 def _compiles_over_the_params(model, opt) -> list:
@@ -224,6 +267,11 @@ def test_zero1_tp_checkpoint_loads_exactly_on_every_layout():
         assert res["differ"] and all(v == [] for v in res["differ"].values()), (rank, res["differ"])
         assert len(res["differ"]) == len(LAYOUTS) + 2 + (rank == 0)
         assert res["steps"] == [CKPT_STEP + 1] * len(LAYOUTS)
+
+
+def test_tied_weights_save_their_masters_under_every_key():
+    for rank, res in enumerate(_results()):
+        assert res["tied"] == [], (rank, res["tied"])
 
 
 def test_compile_sees_the_params_in_the_flat_buffer():

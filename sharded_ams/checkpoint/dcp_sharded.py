@@ -176,12 +176,13 @@ def sharded_dcp_state_dict(model: torch.nn.Module, opt) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     chunks = _param_chunks(opt)
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    by_key = {key: opt._names[p] for p in opt._names
-              for key in [names.get(id(p))] if key is not None}
+    # every name of an optimized param (tied weights: each of them), as state dicts spell
+    # it (a torch.compile wrapper's "_orig_mod." left out, as get_model_state_dict does)
+    by_key = {n.replace("_orig_mod.", ""): opt._names[p]
+              for n, p in model.named_parameters(remove_duplicate=False) if p in opt._names}
     model_sd: dict[str, Any] = {}
     for key, value in get_model_state_dict(model).items():
-        name = by_key.get(key.replace("_orig_mod.", ""))
+        name = by_key.get(key)
         model_sd[key] = value if name is None else chunks[name].get("master")
     model_sd = {k: v for k, v in model_sd.items() if v is not None}
     state: dict[str, dict] = {}
