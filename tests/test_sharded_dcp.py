@@ -151,6 +151,13 @@ def _job(root: str) -> dict:
             want = _sharded_full_state(model, opt)
             save_dcp(ckpt, model, opt, step=step + 1)  # the mesh: ShardedAMS's own
     out["compiled"] = _compiles_over_the_params(model, opt)
+    from sharded_ams.checkpoint import save_checkpoint
+
+    try:  # the native format cannot hold tp pieces: refused on every rank, naming DCP
+        save_checkpoint(os.path.join(root, "native"), opt, model=model, step=STEPS)
+        out["native_refusal"] = None
+    except ValueError as exc:
+        out["native_refusal"] = str(exc)
     opt.close()
     if rank == 0:
         full = read_dcp_full(ckpt)
@@ -282,6 +289,11 @@ def test_compile_sees_the_params_in_the_flat_buffer():
 def test_resumed_run_follows_the_uninterrupted_one_bitwise():
     for rank, res in enumerate(_results()):
         assert res["params_after"] == [[]] * (STEPS - CKPT_STEP - 1), (rank, res["params_after"])
+
+
+def test_the_native_format_refuses_tp_and_names_dcp():
+    for res in _results():
+        assert "save_dcp" in (res["native_refusal"] or ""), res["native_refusal"]
 
 
 def test_manifest_names_the_optimizer_and_its_groups():

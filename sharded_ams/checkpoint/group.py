@@ -23,10 +23,11 @@ class Group:
         mp = getattr(optimizer, "mp", None)
         if mp is not None and mp.active:  # every rank of the grid raises alike
             raise ValueError(
-                "sharded_ams.checkpoint cannot save or load a ShardedAMS with tensor-parallel "
-                "params yet: its files are named by data-parallel rank, so the tp ranks would "
-                "overwrite each other. Save opt.state_dict() on every rank instead (it records "
-                "the mesh; load_state_dict takes every rank's dicts), see docs/parallelism.md")
+                "the native checkpoint format cannot hold a ShardedAMS with tensor-parallel "
+                "params (its files are named by data-parallel rank, so the tp ranks would "
+                "overwrite each other): save it in DCP format with "
+                "sharded_ams.checkpoint.save_dcp(path, model, opt, step=...) and load it with "
+                "load_dcp (any dp, tp or FSDP2 mesh), see docs/parallelism.md")
         comm = getattr(optimizer, "comm", None)
         if comm is not None:
             return cls(comm.rank, comm.world_size, comm.group, bool(comm.active))
