@@ -1,13 +1,15 @@
 """AMS / Grams on torch FSDP2 (``fully_shard``) DTensor params, against one process.
 
 Every rank runs the same cases on N = 2 and 3 gloo ranks (one spawn per world size; N = 3
-runs the cases whose counts cross ranks). Each
-case trains a small MLP whose tensors cover what broke before (issue 20): dimensions not
-divisible by N (uneven shards, and a (1, 2501) weight whose shard is empty on all ranks
-but one), tensors above and below the 32,768-element compile threshold, and at N = 2 a
-(1365, 48) weight whose shard is 683 x 48 = 32,784 elements on rank 0 and 32,736 on
-rank 1: it takes the compiled path on one rank and ``_foreach`` on the other, so the
-count of every tensor must be summed in an order that does not depend on the path.
+runs the cases whose counts cross ranks). Each case trains a small MLP whose tensors cover
+what broke before (issue 20): dimensions not divisible by N (uneven shards, and a
+(1, 2501) weight whose shard is empty on all ranks but one), and at N = 2 a (1365, 48)
+weight whose shard is 683 x 48 = 32,784 elements on rank 0 and 32,736 on rank 1, either
+side of the 32,768 at which the compiled per-tensor kernel (``fused=True``) goes parallel.
+The cases marked ``compiled`` run torch.compile'd passes at N = 2 (the default's one call
+over the group, which takes FSDP2's gradients, views of its reduce-scatter output; the
+fused kernel on the local shards); the others, and N = 3, run the ``_foreach`` and eager
+paths (``SHARDED_AMS_NO_COMPILE``: a cold compile costs seconds a graph).
 
 The reference shares no code with ``sharded_ams``: each step the test computes every
 rank's micro-batch gradients on a plain full copy of the model and averages them itself
@@ -35,6 +37,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import pytest
 import torch
@@ -58,15 +61,17 @@ class Case:
     precision: str = "fp32"   # "fp32", "mp" (fp32 params, bf16 compute), "bf16" (bf16 params)
     no_sync: bool = False     # accumulate without gradient sync on the first micro-batch
     dcp: bool = False         # save with DCP after step 2, resume in a fresh model/optimizer
+    compiled: bool = False    # at N = 2 with torch.compile (else SHARDED_AMS_NO_COMPILE: the
+                              # _foreach / eager paths; a cold compile costs seconds a graph)
 
 
 CASES = (
     Case("grams", dict(lam=-1.0, beta3=0.0)),
-    Case("cadam", dict(lam=0.0, beta3=0.0), no_sync=True),
+    Case("cadam", dict(lam=0.0, beta3=0.0), no_sync=True, compiled=True),
     Case("adamw", dict(lam=1.0, weight_decay=0.1)),
     Case("lam-0.5_beta3-0.5", dict(lam=-0.5, beta3=0.5, weight_decay=0.05)),
     Case("lam0.3_beta3-0.9_fused", dict(lam=0.3, beta3=0.9, fused=True)),
-    Case("cadam_fused", dict(lam=0.0, fused=True)),
+    Case("cadam_fused", dict(lam=0.0, fused=True), compiled=True),
     Case("cadam_foreach", dict(lam=0.0, foreach=True), no_sync=True),
     Case("grams_fused", dict(lam=-1.0, fused=True)),
     Case("cadam_mp", dict(lam=0.0), precision="mp"),
@@ -144,11 +149,21 @@ class Counters:
 
         dist.all_reduce = all_reduce
 
-    def step(self, opt) -> tuple[int, int]:
+    def step(self, opt, watch: bool) -> tuple[int, Optional[int]]:
+        """One step; with ``watch`` under the dispatch mode (the compiled passes then run as
+        plain ops, which the mode sees: dynamo compiles nothing under a mode), else as a
+        user runs it (None for the ops)."""
         from torch.distributed.tensor import DTensor
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_leaves
 
+        if not watch:
+            self.active, self.all_reduce = True, 0
+            try:
+                opt.step()
+            finally:
+                self.active = False
+            return self.all_reduce, None
         seen = []
 
         class DTensorOps(TorchDispatchMode):
@@ -185,7 +200,14 @@ def _dcp_roundtrip(model, opt, case: Case, path: str):
 
 
 def _run_case(case: Case, counters: Counters, ckpt_dir: str) -> dict:
+    from sharded_ams.kernels.eager import compile_available
+
     rank, n = dist.get_rank(), dist.get_world_size()
+    if case.compiled and n == 2:
+        os.environ.pop("SHARDED_AMS_NO_COMPILE", None)
+    else:
+        os.environ["SHARDED_AMS_NO_COMPILE"] = "1"
+    compile_available.cache_clear()
     full = _model(0)
     ref = copy.deepcopy(full)
     init = [p.detach().clone() for p in full.parameters()]
@@ -207,7 +229,7 @@ def _run_case(case: Case, counters: Counters, ckpt_dir: str) -> dict:
             mean = _independent_mean(ref, model, step, n)
             out["grad_err"].append(max(float((a - b).abs().max() / (b.abs().max() + 1e-12))
                                        for a, b in zip(reduced, mean)))
-        ar, dispatched = counters.step(opt)
+        ar, dispatched = counters.step(opt, watch=step == STEPS - 1)
         out["all_reduce"].append(ar)
         out["dispatch"].append(dispatched)
         oracle.step(reduced)
@@ -275,6 +297,9 @@ def _job(ckpt_dir: str) -> dict:
         res[c.name] = _run_case(c, counters, ckpt_dir)
         res[c.name]["seconds"] = time.perf_counter() - t0
     res["errors"] = _layout_errors()
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    res["compiled_graphs"] = dynamo_counters["stats"]["unique_graphs"]
     return res
 
 
@@ -290,6 +315,7 @@ def test_fsdp_equals_one_process(n):
     accumulation (with and without sync), bf16, DCP resume: within fp32 rounding of the
     float64 oracle fed the reduced gradient, which equals the independent mean."""
     res = _results(n)
+    assert (res[0]["compiled_graphs"] > 0) == (n == 2)  # the compiled cases ran compiled
     for case in _cases(n):
         r = res[0][case.name]
         assert max(r["param_err"]) < TOL, (case.name, r["param_err"])
@@ -307,9 +333,9 @@ def test_one_count_all_reduce_per_step_and_no_dtensor_dispatch(n):
             r = rank_res[case.name]
             unit = abs(case.kw.get("lam", -1.0)) == 1.0
             assert r["all_reduce"] == [0 if unit else 1] * STEPS, (case.name, r["all_reduce"])
-            # (the first step creates the state: DTensors, as DCP needs; a resumed
-            # optimizer has its state already)
-            assert r["dispatch"][1:] == [0] * (STEPS - 1), (case.name, r["dispatch"])
+            # watched on the last step (the first creates the state: DTensors, as DCP
+            # needs; the others run compiled, which a dispatch mode would turn off)
+            assert r["dispatch"] == [None] * (STEPS - 1) + [0], (case.name, r["dispatch"])
 
 
 def test_layouts_it_cannot_step_are_named():
@@ -354,7 +380,7 @@ def _mesh_job() -> dict:
             grads = [torch.randn(t.shape) for t in full]  # the same on every rank (seeded)
             for p, g, pl in zip(params, grads, pls):
                 p.grad = distribute_tensor(g, mesh, pl)
-            calls.append(counters.step(opt)[0])
+            calls.append(counters.step(opt, watch=False)[0])
             oracle.step(grads)
             errs.append(max(float((p.detach().full_tensor().double() - torch.from_numpy(o.p))
                                   .abs().max()) for p, o in zip(params, oracle.tensors)))

@@ -479,3 +479,57 @@ def test_default_cpu_path_compiles_once_per_group(monkeypatch):
             opt.step()
         assert dyn_utils.counters["stats"]["unique_graphs"] == before, \
             f"{opt_cls.__name__}: the one-call path recompiled on a later step"
+
+
+@needs_compile
+def test_default_cpu_path_with_view_grads_and_under_a_dispatch_mode(monkeypatch):
+    """Two things FSDP2 users hit on the CPU default's one compiled call:
+
+    * gradients that are views while the params and state own their memory (FSDP2's
+      gradients are views of its reduce-scatter output): every tensor of a param must go
+      in one shape (a 2-D state against a 1-D alias of the gradient crashed dynamo);
+    * a dispatch mode around ``step()`` (a FLOP counter, a debugging mode), even on the
+      process's first step: dynamo compiles nothing under one, so the passes run as plain
+      ops and the mode sees them, and the compiler is not concluded missing for later
+      steps (``compile_available`` was cached False).
+
+    Each is checked against the same optimizer on owned gradients outside any mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sharded_ams.kernels.eager as eager_mod
+    import sharded_ams.optimizer as optimizer_mod
+
+    monkeypatch.setattr(optimizer_mod, "COMPILE_MIN_NUMEL", 0)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    shapes = [(40, 33), (33,), (5, 7)]
+    for opt_cls in (Grams, CAdam):
+        runs = [[torch.nn.Parameter(make_param(s, 3 + i)) for i, s in enumerate(shapes)]
+                for _ in range(2)]
+        opts = [opt_cls(ps, lr=1e-2) for ps in runs]
+        for t in range(3):
+            flat = torch.randn(sum(torch.Size(s).numel() for s in shapes))
+            for k, ps in enumerate(runs):
+                off = 0
+                for p in ps:  # run 0: views of one flat gradient; run 1: owned copies
+                    g = flat[off:off + p.numel()].view(p.shape)
+                    p.grad, off = (g if k == 0 else g.clone()), off + p.numel()
+            if t == 0:
+                eager_mod.compile_available.cache_clear()  # the process's first step
+                with Ops() as mode:
+                    opts[0].step()
+                assert mode.n > 0  # the mode saw the step's ops
+                assert eager_mod.compile_available()
+            else:
+                opts[0].step()
+            opts[1].step()
+            for a, b in zip(*runs):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -180,17 +180,33 @@ class CompiledOps(EagerOps):
     def _call(fn, args: tuple, consts: dict):
         args = tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
         serial = args[0].device.type == "cpu" and args[0].numel() < SERIAL_NUMEL
-        return _compiled(fn, serial)(*args, **consts)
+        return compiled(fn, serial)(*args, **consts)
+
+
+def dispatch_mode_active() -> bool:
+    """A torch dispatch mode is on the stack (a user's ``FlopCounterMode``, a debugging or
+    counting mode): dynamo skips every frame run under one, and ``fullgraph`` then raises."""
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
+def compiled(fn, serial: bool = False):
+    """``fn`` compiled; ``fn`` itself (the same maths as plain torch ops, which the mode
+    then sees) while a dispatch mode is active, rather than an error."""
+    return fn if dispatch_mode_active() else _compiled(fn, serial)
 
 
 @functools.lru_cache(maxsize=None)
 def compile_available() -> bool:
-    """True when torch.compile works here (it needs a C++ compiler on CPU)."""
+    """True when torch.compile works here (it needs a C++ compiler on CPU). Probed with
+    any dispatch mode set aside: a first step run under one must not conclude, for the
+    rest of the process, that there is no compiler."""
     if os.environ.get("SHARDED_AMS_NO_COMPILE"):
         return False
+    from torch.utils._python_dispatch import _disable_current_modes
+
     try:
-        x = torch.ones(3)
-        _compiled(_probe)(x)
+        with _disable_current_modes():
+            _compiled(_probe)(torch.ones(3))
         return True
     except Exception as exc:  # pragma: no cover - depends on the machine
         log.warning("torch.compile unavailable (%s); using eager ops", exc)
