@@ -364,3 +364,24 @@ def test_device_step_scalars_compiled_equal_the_host_maths():
     for i in range(10):
         device_step_scalars(1e-3 * (1 + i), torch.tensor(5.0), 0.9, 0.999, 0.1)
     assert dyn_utils.counters["stats"]["unique_graphs"] == before, "an lr change recompiled"
+
+
+@needs_compile
+def test_multi_count_sums_in_int64_where_int32_could_overflow(monkeypatch):
+    """The one-call count pass sums in int32 (faster) only while no tensor could overflow
+    it: with the limit lowered below a tensor's length, that call takes int64, and the
+    counts are the same either way (a plain count over the new m's and g's signs)."""
+    from sharded_ams.kernels import multi
+
+    hp = GroupHParams(0.9, 0.999, 0.0, 0.0, 1e-8, 0.0)
+    g, m = torch.randn(3000), torch.randn(3000)
+    want = int(((m * 0.9 + g * 0.1 > 0) & (g < 0) | (m * 0.9 + g * 0.1 < 0) & (g > 0)).sum())
+    seen = []
+    real = multi.compiled
+    monkeypatch.setattr(multi, "compiled", lambda fn: lambda *a, **k: (seen.append(k["wide"]),
+                                                                       real(fn)(*a, **k))[1])
+    for limit in (multi.COUNT_INT32_MAX, 2999):
+        monkeypatch.setattr(multi, "COUNT_INT32_MAX", limit)
+        got = multi.multi_count([g], [m], None, hp)
+        assert got.dtype == torch.int64 and got.tolist() == [want]
+    assert seen == [False, True]
