@@ -55,8 +55,9 @@ def _optimizer(name: str, params):
     return {"grams": Grams, "cadam": CAdam}[name](params, lr=LR)
 
 
-def _setups(args) -> dict:
-    """Row name -> (optimizer, params): FSDP2 params with grads, and plain local-shard twins."""
+def _fsdp_model(args):
+    """The model, ``fully_shard``-ed, after one backward: its params and gradients as a
+    user's step sees them (gradients are views of FSDP2's reduce-scatter output)."""
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
@@ -65,16 +66,19 @@ def _setups(args) -> dict:
     for layer in model:
         fully_shard(layer)
     fully_shard(model)
-    x = torch.randn(4, args.width)
-    model(x).square().mean().backward()
-    fsdp_params = list(model.parameters())
+    model(torch.randn(4, args.width)).square().mean().backward()
+    return model
+
+
+def _setups(args) -> dict:
+    """Row name -> (optimizer, params): FSDP2 params with grads (a model of its own for
+    each optimizer: the same values), and plain local-shard twins."""
+    from torch import nn
+
     out = {}
     for o in OPTS:
-        # every optimizer steps its own copy: the same shapes, the same starting values
-        params = [nn.Parameter(p.detach().clone()) for p in fsdp_params]
-        for p, src in zip(params, fsdp_params):
-            p.grad = src.grad.detach().clone()
-        out[f"fsdp_{o}"] = (_optimizer(o, params), params)
+        fsdp_params = list(_fsdp_model(args).parameters())
+        out[f"fsdp_{o}"] = (_optimizer(o, fsdp_params), fsdp_params)
         plain = [nn.Parameter(p.to_local().detach().clone()) for p in fsdp_params]
         for p, src in zip(plain, fsdp_params):
             p.grad = src.grad.to_local().detach().clone()
