@@ -27,6 +27,9 @@ fp32 params, grads set once, weight decay 0:
 * ``ams_foreach``: ``Grams(foreach=True)``.
 * ``ams_fused_compiled``: ``Grams(fused="compiled")``: one torch.compile'd pass per tensor
   (``fused="auto"`` on CUDA, i.e. Triton).
+* ``ams_triton`` / ``cadam_triton``: ``Grams`` / ``CAdam(fused="triton")``: the CUDA
+  default's path (a Triton kernel per tensor; under ``TRITON_INTERPRET=1`` on CPU, as the
+  GPU check's dry run runs it).
 * ``flat_compiled``: the compiled kernel over ONE flat buffer holding all parameters,
   ``sharded_ams.kernels.flat_step(...)``: ShardedAMS's kernel path.
 * ``sharded_ams``: ``ShardedAMS(params, preset="grams")`` at world size 1 (no process
@@ -96,7 +99,7 @@ from bench_common import (add_out_args, device_name, env_info, loadavg, resolve_
                           step_keeping_grads)
 from sharded_ams import CAdam, Grams, ShardedAMS  # noqa: E402
 from sharded_ams.shard_step import global_grad_norm  # noqa: E402
-from sharded_ams.kernels import GroupHParams, flat_step  # noqa: E402
+from sharded_ams.kernels import GroupHParams, flat_step, triton_available  # noqa: E402
 from sharded_ams.kernels.eager import compile_available  # noqa: E402
 
 BYTES_PER_ELEMENT = 28  # fp32: read p, g, m, v (16 B); write p, m, v (12 B)
@@ -219,6 +222,27 @@ def row_ams_fused_compiled(shapes, device):
     return opt.step, f"sharded_ams.Grams(fused={backend!r}): one kernel per tensor"
 
 
+def _triton_runs(device) -> None:
+    if not triton_available():
+        raise NotImplementedError("needs the triton package")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise NotImplementedError("needs CUDA, or TRITON_INTERPRET=1 on CPU")
+
+
+def row_ams_triton(shapes, device):
+    _triton_runs(device)
+    params = make_params(shapes, device)
+    opt = Grams(params, lr=LR, betas=BETAS, eps=EPS, fused="triton")
+    return opt.step, "sharded_ams.Grams(fused='triton'): the CUDA default's kernel per tensor"
+
+
+def row_cadam_triton(shapes, device):
+    _triton_runs(device)
+    params = make_params(shapes, device)
+    opt = CAdam(params, lr=LR, betas=BETAS, eps=EPS, fused="triton")
+    return opt.step, "sharded_ams.CAdam(fused='triton'): count + apply kernels per tensor"
+
+
 def row_flat_compiled(shapes, device):
     numel = sum(math.prod(s) for s in shapes)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -333,6 +357,8 @@ ROWS: dict[str, Callable] = {
     "cadam_default": row_cadam_default,
     "ams_foreach": row_ams_foreach,
     "ams_fused_compiled": row_ams_fused_compiled,
+    "ams_triton": row_ams_triton,
+    "cadam_triton": row_cadam_triton,
     "flat_compiled": row_flat_compiled,
     "sharded_ams": row_sharded_ams,
     "sharded_ams_no_check": row_sharded_ams_no_check,
@@ -347,6 +373,7 @@ ROW_NAMES = tuple(ROWS)
 PEERS = {"ams_default": "adamw_fused", "cadam_default": "adamw_fused",
          "ams_foreach": "adamw_foreach", "grad_norm_pass": "grad_sum",
          "ams_fused_compiled": "adamw_fused", "flat_compiled": "adamw_fused",
+         "ams_triton": "adamw_fused", "cadam_triton": "adamw_fused",
          "sharded_ams_no_check": "adamw_fused", "sharded_ams": "adamw_fused_norm",
          "sharded_ams_clip": "adamw_fused_clip"}
 

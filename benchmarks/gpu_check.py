@@ -13,7 +13,9 @@ the first time.
 Sections, in order (``gpu_check_plan.ALL_SECTIONS``; ``gpu_check_sections.py``,
 ``gpu_check_correctness.py``): ``env``, ``static`` (the kernel's PTX for the GPU),
 ``correctness`` (Triton against the float64 reference), ``bandwidth`` (against the copy
-ceiling and torch's AdamW), then what can hang in a collective: ``sharded`` (ShardedAMS on
+ceiling and torch's AdamW), ``step`` (``bench_step.py``'s rows: Grams / CAdam / ShardedAMS
+defaults against torch's AdamW on a 29M GPT-like set, issue 21's ratios), then what can
+hang in a collective: ``sharded`` (ShardedAMS on
 NCCL at world size 1), ``training`` (the Llama 60M in bf16: tokens/s, MFU, peak memory),
 ``overlap``; and last ``pytest -m gpu``.
 

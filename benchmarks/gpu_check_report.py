@@ -90,5 +90,17 @@ def _bandwidth(name: str, res: dict) -> list[str]:
     return lines
 
 
+def _step(name: str, res: dict) -> list[str]:
+    lines = _section_rows(name, {k: v for k, v in res.items() if k != "rows"})
+    if res.get("table"):
+        lines += ["", f"## {name}", "", res["table"]]
+    if res.get("targets"):
+        lines += ["", markdown_table(res["targets"], ["row", "target", "value", "met"])]
+    if res.get("note"):
+        lines += ["", res["note"]]
+    return lines
+
+
 #: per-section formatters (the rest: every row's keys as columns)
-FORMATTERS: dict[str, Callable[[str, dict], list[str]]] = {"bandwidth": _bandwidth}
+FORMATTERS: dict[str, Callable[[str, dict], list[str]]] = {"bandwidth": _bandwidth,
+                                                           "step": _step}

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -213,6 +214,52 @@ def section_bandwidth(plan: Plan) -> dict:
     return {"status": "ok", "rows": rows, "targets": targets,
             "note": (GRAPH_NOTE if plan.device.type == "cuda" else
                      "The dry run: a host clock, the kernel interpreted; no CUDA graphs.")}
+
+
+# --- one optimizer step (issue 21) --------------------------------------------------------
+
+#: (rows that play the part: the CUDA run's, the dry run's), the peer row, the ratio the
+#: issue asks (peer time / row time), what it means
+STEP_TARGETS = (
+    (("ams_default", "ams_triton"), "adamw_fused", 1.0,
+     "Grams(params) default >= 1.0x AdamW(fused=True)"),
+    (("cadam_default", "cadam_triton"), "adamw_fused", 1.0,
+     "CAdam(params) default >= 1.0x AdamW(fused=True)"),
+    (("sharded_ams",), "adamw_fused", 0.85,
+     "ShardedAMS default (non-finite skip) >= 0.85x AdamW(fused=True)"),
+    (("sharded_ams_clip",), "adamw_fused_clip", 1.2,
+     "ShardedAMS(max_grad_norm=1.0) >= 1.2x clip_grad_norm_ + AdamW(fused=True)"),
+)
+
+
+def step_targets(rows: list[dict]) -> list[dict]:
+    """Each target whose rows ran: the median of per-round ratios (peer / row)."""
+    by = {r["name"]: r for r in rows if r.get("status") == "ok"}
+    out = []
+    for names, peer, want, what in STEP_TARGETS:
+        row = next((by[n] for n in names if n in by), None)
+        if row is None or peer not in by:
+            continue
+        value = statistics.median(a / b for a, b in zip(by[peer]["times_ms"], row["times_ms"]))
+        out.append(dict(row=row["name"], target=what, value=value, met=value >= want))
+    return out
+
+
+def section_step(plan: Plan) -> dict:
+    """``bench_step.py``'s rows: what a user runs against the torch optimizer they would
+    pick instead, the same GPT-like set, interleaved rounds."""
+    import bench_step
+
+    shapes = bench_step.gpt_shapes(plan.step_scale, plan.step_layers)
+    rows = bench_step.time_rows(plan.step_rows, shapes, plan.device, plan.step_repeats,
+                                warmup=1)
+    bench_step.add_ratios(rows)
+    return {"status": "ok", "rows": rows, "targets": step_targets(rows),
+            "table": bench_step.markdown_table(rows),
+            "note": ("CUDA events are not used: each step is synchronised and timed on the "
+                     "host (one step of a 29M set is ~1 ms; launch gaps count, as they do "
+                     "for a user)" if plan.device.type == "cuda" else
+                     "The dry run: tiny tensors, the Triton kernel interpreted.")}
 
 
 # --- the whole path on one GPU --------------------------------------------------------------
@@ -429,6 +476,7 @@ def section_overlap(plan: Plan) -> dict:
 
 SECTIONS: dict[str, Callable[[Plan], dict]] = {
     "env": section_env, "static": section_static, "correctness": section_correctness,
-    "pytest": section_pytest, "bandwidth": section_bandwidth, "sharded": section_sharded,
+    "pytest": section_pytest, "bandwidth": section_bandwidth, "step": section_step,
+    "sharded": section_sharded,
     "training": section_training, "overlap": section_overlap,
 }

@@ -39,8 +39,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert report["passed"] and report["device"] == "cpu" and report["state"] == "PASSED"
     sec = report["sections"]
     # the kernel and bandwidth numbers first, then what can hang (collectives), pytest last
-    assert list(sec) == ["env", "static", "correctness", "bandwidth", "sharded", "training",
-                         "overlap", "pytest"]
+    assert list(sec) == ["env", "static", "correctness", "bandwidth", "step", "sharded",
+                         "training", "overlap", "pytest"]
     for name, res in sec.items():
         assert res["status"] in ("ok", "skipped"), (name, res)
     # overlap: bench_overlap's rows at world size 1 (hook overhead; no bytes to hide)
@@ -64,12 +64,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert any("pieces" in r["impl"] for r in sec["bandwidth"]["rows"])
     graph = [r["impl"] for r in sec["bandwidth"]["rows"] if "CUDA graph" in r["impl"]]
     assert len(graph) == 2 and any("alone" in g for g in graph)
+    # step: bench_step's rows, the CUDA default's kernels by name, the ratios
+    steps = {r["name"]: r for r in sec["step"]["rows"]}
+    assert list(steps) == ["adamw_foreach", "adamw_fused", "ams_triton", "cadam_triton"]
+    assert all(r["status"] == "ok" and r["ms_median"] > 0 for r in steps.values())
+    targets = {t["row"]: t for t in sec["step"]["targets"]}
+    assert set(targets) == {"ams_triton", "cadam_triton"}
+    assert all(t["value"] > 0 and t["met"] == (t["value"] >= 1.0) for t in targets.values())
     assert all(r["status"] == "ok" for r in sec["sharded"]["rows"])
     assert [r["optimizer"] for r in sec["training"]["rows"]] == [
         "ShardedAMS (Grams)", "DDP + AdamW(fused=True)"]
     assert "skipped" in sec["pytest"]["summary"] and sec["pytest"]["returncode"] == 0
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "| correctness | ok |" in md and "## bandwidth" in md
+    assert "| correctness | ok |" in md and "## bandwidth" in md and "## step" in md
+    assert "Grams(params) default >= 1.0x AdamW(fused=True)" in md
 
 
 def test_gpu_check_keeps_numbers_through_a_failure_and_a_hang(tmp_path):
