@@ -20,7 +20,7 @@ from .kernels import (GroupHParams, Piece, flat_apply, flat_count, flat_step, ho
 from .kernels.eager import compile_available
 from .kernels.foreach import foreach_apply, foreach_count, foreach_moments
 from .kernels.tables import RunTable, build_run_table
-from .kernels.multi import multi_apply, multi_count, multi_fused_step
+from .kernels.multi import multi_ops
 from .update import bias_corrections, lam_is_unit, step_scalars, step_scale
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_s", "master")
@@ -33,8 +33,9 @@ def default_path(device: torch.device, numel: int) -> str:
     fastest correct one for the device (measured in ``benchmarks/bench_step.py``; the
     reasoning is in ``docs/maths.md``, "Which path runs").
 
-    * CUDA: the Triton kernel when triton is importable (one pass per tensor, no host
-      sync), else ``_foreach`` (torch's own CUDA default for AdamW).
+    * CUDA: when triton is importable, ONE Triton launch over all the group's contiguous
+      tensors (``kernels/triton_multi.py``; one pass each, no host sync), else
+      ``_foreach`` (torch's own CUDA default for AdamW).
     * CPU: when a C++ compiler works and the group holds at least ``COMPILE_MIN_NUMEL``
       elements, ONE torch.compile'd call over all the group's tensors (one loop nest per
       tensor, ``kernels/multi.py``; a call per tensor cost ~0.1 ms each); the first step
@@ -92,7 +93,7 @@ class AMS(Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, lam=lam, eps=eps,
                         weight_decay=weight_decay, foreach=foreach, fused=fused)
-        self._tables: dict[tuple, RunTable] = {}
+        self._tables: dict[tuple, Union[RunTable, Tensor]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -173,11 +174,13 @@ class AMS(Optimizer):
     def _step_bucket(self, group: dict, hp: GroupHParams, params: list, device: torch.device,
                      step: float, batch: CountBatch) -> None:
         path = self._path(group, device, sum(lp.p.numel() for lp in params))
-        if path == "compiled" and device.type == "cpu" and self._is_default(group):
-            # one compiled call over every contiguous tensor (a call each costs ~0.1 ms)
+        if self._is_default(group) and ((path == "compiled" and device.type == "cpu")
+                                        or path == "triton"):
+            # one call over every contiguous tensor: a compiled loop each on CPU, one Triton
+            # launch on CUDA (a call per tensor costs ~0.1 ms on CPU, ~10-20 us on CUDA)
             flat = [lp for lp in params if _is_flat(lp)]
             if flat:
-                self._multi_group(group, hp, flat, step, batch)
+                self._multi_group(group, hp, flat, step, batch, backend=path)
             params = [lp for lp in params if not _is_flat(lp)]
         if not params:
             return
@@ -233,10 +236,11 @@ class AMS(Optimizer):
         batch.defer(lambda: finish(counts))
 
     def _multi_group(self, group, hp: GroupHParams, params: list, step: float,
-                     batch: CountBatch) -> None:
-        """Every tensor in one compiled call (``kernels/multi.py``); with lam not in
-        {1, -1} a count call, the counts summed across ranks where a tensor is split
-        (``batch``), then an apply call."""
+                     batch: CountBatch, *, backend: str) -> None:
+        """Every tensor in one call (``kernels/multi.py``: compiled on CPU, Triton on CUDA);
+        with lam not in {1, -1} a count call, the counts summed across ranks where a tensor
+        is split (``batch``), then an apply call."""
+        fused_step, count, apply = multi_ops(backend)
         states = [lp.state for lp in params]
         ps = [st.get("master", lp.p) for lp, st in zip(params, states)]
         outs = [lp.p if "master" in st else None for lp, st in zip(params, states)]
@@ -246,17 +250,16 @@ class AMS(Optimizer):
         lr = host_scalar(group["lr"], ps[0].device)
         bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
         if lam_is_unit(hp.lam):
-            multi_fused_step(ps, gs, ms, vs, ss, outs,
-                             step_scalars(lr, bc1, bc2, hp.weight_decay), hp)
+            fused_step(ps, gs, ms, vs, ss, outs, step_scalars(lr, bc1, bc2, hp.weight_decay),
+                       hp)
             return
-        counts = multi_count(gs, ms, ss, hp)
-        numels = torch.tensor([lp.numel for lp in params], dtype=torch.int64)
+        counts = count(ps, gs, ms, vs, ss, outs, hp)
+        numels = self._numels(tuple(lp.numel for lp in params), counts.device)
 
         def finish() -> None:
             scale = step_scale(numels, counts, hp.lam)
             lrs = lr * scale if isinstance(lr, float) else lr.double() * scale
-            multi_apply(ps, gs, ms, vs, ss, outs,
-                        step_scalars(lrs, bc1, bc2, hp.weight_decay), hp)
+            apply(ps, gs, ms, vs, ss, outs, step_scalars(lrs, bc1, bc2, hp.weight_decay), hp)
 
         if not needs_batch(params, hp.lam):
             finish()
@@ -264,6 +267,15 @@ class AMS(Optimizer):
         for i, lp in enumerate(params):
             batch.add(lp, counts[i:i + 1])
         batch.defer(finish)
+
+    def _numels(self, numels: tuple, device: torch.device) -> Tensor:
+        """The whole tensors' sizes (the scale's d) on the counts' device, copied once per
+        list and kept by this optimizer: no host-to-device copy per step."""
+        key = (numels, device)
+        t = self._tables.get(key)
+        if t is None:
+            t = self._tables[key] = torch.tensor(numels, dtype=torch.int64, device=device)
+        return t
 
     def _fused_group(self, group, hp: GroupHParams, params: list, step: float,
                      batch: CountBatch, *, backend: str) -> None:

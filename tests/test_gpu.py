@@ -207,6 +207,57 @@ def test_bf16_moments_round_to_nearest_even():
         assert (rtz != st[k]).any(), "the check cannot tell rounding from truncation"
 
 
+@pytest.mark.parametrize("kw", [dict(lam=-1.0), dict(lam=0.0, weight_decay=0.1),
+                                dict(lam=-0.5, beta3=0.9)])
+def test_default_one_launch_per_group_equals_a_launch_per_tensor(kw):
+    """AMS's CUDA default (``kernels/triton_multi.py``: the group's tensors in one launch,
+    bf16 params with fp32 masters in a second) is bit for bit ``fused="triton"`` (a launch
+    per tensor), over 5 steps; the default launches the multi-tensor kernel once per dtype
+    signature and pass, and the per-tensor kernel never."""
+    import sharded_ams.kernels.triton_kernel as tk
+    import sharded_ams.kernels.triton_multi as tm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(4096, 1000), (1000,), (1,), (3, 1025), (0, 7), (777, 513)]
+    dtypes = [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float32,
+              torch.bfloat16]
+    runs = [[torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen).to(d))
+             for s, d in zip(shapes, dtypes)] for _ in range(2)]
+    for p, q in zip(*runs):
+        q.data.copy_(p.data)
+    opts = [AMS(runs[0], lr=1e-3, **kw), AMS(runs[1], lr=1e-3, fused="triton", **kw)]
+    launches = {"multi": 0, "single": 0}
+    multi_kernel, single_kernel = tm._ams_multi_kernel, tk._ams_kernel
+
+    class Count:
+        def __init__(self, kernel, what):
+            self.kernel, self.what = kernel, what
+
+        def __getitem__(self, grid):
+            launches[self.what] += 1
+            return self.kernel[grid]
+
+    for step in range(5):
+        grads = [torch.randn(s, device="cuda", generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+        for ps in runs:
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        tm._ams_multi_kernel, tk._ams_kernel = Count(multi_kernel, "multi"), Count(single_kernel, "single")
+        try:
+            opts[0].step()
+        finally:
+            tm._ams_multi_kernel, tk._ams_kernel = multi_kernel, single_kernel
+        opts[1].step()
+        passes = 1 if abs(kw["lam"]) == 1 else 2
+        assert launches == {"multi": 2 * passes, "single": 0}, launches
+        launches.update(multi=0, single=0)
+        for a, b in zip(*runs):
+            assert torch.equal(a, b), (step, a.shape)
+            for k in opts[0].state[a]:
+                if k != "step":
+                    assert torch.equal(opts[0].state[a][k], opts[1].state[b][k]), (step, k)
+
+
 @pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="needs NCCL")
 @pytest.mark.parametrize("kw", [dict(preset="grams"), dict(lam=-0.5, beta3=0.9, betas=(0.95, 0.999))])
 def test_sharded_ams_on_nccl_world_size_1(kw):

@@ -282,12 +282,35 @@ def test_ams_default_takes_the_default_path(numels, kw, expect, monkeypatch):
     taken = []
     monkeypatch.setattr(AMS, "_foreach_group",
                         lambda self, g, hp, params, *a: taken.append(("foreach", len(params))))
-    monkeypatch.setattr(AMS, "_multi_group",
-                        lambda self, g, hp, params, *a: taken.append(("multi", len(params))))
+    monkeypatch.setattr(AMS, "_multi_group", lambda self, g, hp, params, *a, backend:
+                        taken.append(("multi", len(params))) if backend == "compiled" else 1 / 0)
     monkeypatch.setattr(AMS, "_fused_group", lambda self, g, hp, params, *a, backend:
                         taken.append(("fused", len(params))))
     params = [torch.nn.Parameter(torch.zeros(n) if isinstance(n, int) else torch.zeros(n).t())
               for n in numels]
+    opt = Grams(params, **kw)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert taken == expect
+
+
+@pytest.mark.parametrize("kw,expect", [
+    ({}, [("multi", "triton", 3), ("fused", "triton", 1)]),  # the default: one launch
+    (dict(fused="triton"), [("fused", "triton", 4)]),         # as asked: a launch per tensor
+])
+def test_ams_default_on_cuda_takes_one_triton_launch_per_group(kw, expect, monkeypatch):
+    """Where the default path is Triton (CUDA), the group's contiguous tensors go in one
+    multi-tensor launch (``kernels/triton_multi.py``); a non-contiguous one on its own."""
+    monkeypatch.setattr(optimizer_mod, "default_path", lambda device, numel: "triton")
+    monkeypatch.setattr(optimizer_mod, "resolve_backend", lambda backend, device: "triton")
+    taken = []
+    monkeypatch.setattr(AMS, "_multi_group", lambda self, g, hp, params, *a, backend:
+                        taken.append(("multi", backend, len(params))))
+    monkeypatch.setattr(AMS, "_fused_group", lambda self, g, hp, params, *a, backend:
+                        taken.append(("fused", backend, len(params))))
+    params = [torch.nn.Parameter(torch.zeros(n) if isinstance(n, int) else torch.zeros(n).t())
+              for n in (300, 50, (20, 20), 60)]
     opt = Grams(params, **kw)
     for p in params:
         p.grad = torch.ones_like(p)
@@ -382,6 +405,6 @@ def test_multi_count_sums_in_int64_where_int32_could_overflow(monkeypatch):
                                                                        real(fn)(*a, **k))[1])
     for limit in (multi.COUNT_INT32_MAX, 2999):
         monkeypatch.setattr(multi, "COUNT_INT32_MAX", limit)
-        got = multi.multi_count([g], [m], None, hp)
+        got = multi.multi_count([g], [g], [m], [m], None, [None], hp)
         assert got.dtype == torch.int64 and got.tolist() == [want]
     assert seen == [False, True]

@@ -12,9 +12,12 @@ the project's kernel module included) fails it. The script checks:
   2 ulp, the per-tensor counts exactly; and exactly 1 (one pass) or 2 (count + apply)
   kernel launches per ``flat_step``;
 * bf16 moment storage: every stored value is the fp32 result rounded (see ``_is_bf16_cast``);
-* ``AMS(fused="triton")`` against the float64 reference (``update.py``) AND the
-  independent numpy oracle (``tests/oracle.py``) for every config in ``tests/cases.py``
-  and lam=-0.5/beta3=0.9 (20 steps), on params of 1500 elements (not a multiple of the
+* the multi-tensor kernel (``kernels/triton_multi.py``) bit for bit the per-tensor one,
+  one launch per dtype signature and pass;
+* ``AMS`` on the CUDA default (the multi-tensor launch) for every config in
+  ``tests/cases.py``, and ``AMS(fused="triton")`` (a launch per tensor) for two of them
+  and lam=-0.5/beta3=0.9, against the float64 reference (``update.py``) AND the
+  independent numpy oracle (``tests/oracle.py``) (20 steps), on params of 1500 elements (not a multiple of the
   block, 1024), 1 and 0 elements, a transposed 2-D param and a bf16 param with an fp32
   master.
 
@@ -372,8 +375,93 @@ def _check_sharded_norm_clip_skip() -> None:
     assert not torch.isnan(runs["triton"][2]["exp_avg"]).any()
 
 
-def _check_optimizer(case, steps: int = 20) -> None:
+def _check_multi_tensor() -> None:
+    """``triton_multi.py``: a list of tensors in one launch per dtype signature is bit for
+    bit the per-tensor kernel on each (one pass; count + apply with per-tensor step sizes),
+    for sizes off the block (0, 1, 1023, 2500 elements), fp32 and bf16 params (a bf16 one
+    with its fp32 master and model-dtype copy), with and without s; no write past a range;
+    and the address table is not rebuilt while the addresses stay (only when one moves)."""
     import torch
+
+    import sharded_ams.kernels.triton_multi as tm
+    from sharded_ams.kernels import GroupHParams
+    from sharded_ams.kernels.tables import Piece, build_run_table
+    from sharded_ams.kernels.triton_kernel import TritonOps
+    from sharded_ams.update import bias_corrections, step_scalars
+
+    sizes, lowp = (2500, 0, 1, 1023, 700), {3}
+    for lam, use_s, wd in ((-1.0, False, 0.1), (0.0, False, 0.0), (-0.5, True, 0.1)):
+        hp = GroupHParams(0.9, 0.999, 0.5 if use_s else 0.0, lam, 1e-8, wd)
+        bc1, bc2 = bias_corrections(3, 0.9, 0.999)
+        base = [_state(n, 40 + i, use_s) for i, n in enumerate(sizes)]
+        for i in lowp:  # a bf16 param: the master is p, the model-dtype copy is out
+            base[i]["out"] = _guarded(base[i]["p"].to(torch.bfloat16))
+            base[i]["g"] = _guarded(base[i]["g"].to(torch.bfloat16))
+        one, multi = [_copy(b) for b in base], [_copy(b) for b in base]
+        lists = [[st.get(k) for st in multi] for k in ("p", "g", "m", "v", "s", "out")]
+        if not use_s:
+            lists[4] = None
+        counter = _LaunchCounter(tm._ams_multi_kernel)
+        tm._ams_multi_kernel = counter
+        try:
+            if lam == -1.0:
+                sc = step_scalars(1e-2, bc1, bc2, wd)
+                tm.triton_multi_fused_step(*lists, sc, hp)
+                for st in one:
+                    TritonOps.fused_step(st["p"], st["g"], st["m"], st["v"], st["s"],
+                                         st.get("out"), sc, hp)
+                want_launches = 2  # two dtype signatures
+            else:
+                counts = tm.triton_multi_count(*lists, hp)
+                lrs = torch.tensor([1e-2 * (1 + i) for i in range(len(sizes))],
+                                   dtype=torch.float64)
+                sc = step_scalars(lrs, bc1, bc2, wd)
+                tm.triton_multi_apply(*lists, sc, hp)
+                for i, st in enumerate(one):
+                    n = sizes[i]
+                    if n == 0:
+                        assert int(counts[i]) == 0
+                        continue
+                    table = build_run_table((Piece(0, n, 0, n),), n, 1, torch.device("cpu"))
+                    c = torch.zeros(1, dtype=torch.int64)
+                    TritonOps.count_run(st["g"], st["m"], st["v"], st["s"], hp, table, c)
+                    assert int(c) == int(counts[i]), f"count of tensor {i}"
+                    TritonOps.apply_run(st["p"], st["g"], st["m"], st["v"], st["s"],
+                                        st.get("out"), sc.inv_sqrt_bc2, hp, table,
+                                        sc.step_size[i:i + 1], sc.decay[i:i + 1])
+                want_launches = 4  # count and apply, two dtype signatures each
+        finally:
+            tm._ams_multi_kernel = counter.kernel
+        assert counter.launches == want_launches, (lam, counter.launches)
+        for i, (a, b) in enumerate(zip(multi, one)):
+            assert _guards_intact(a), f"multi-tensor launch wrote past tensor {i}"
+            for k in ("p", "m", "v", "s", "out"):
+                if a.get(k) is not None:
+                    assert torch.equal(a[k], b[k]), f"tensor {i} {k} lam={lam}"
+            if sizes[i] > 1:  # (one element with a zero gradient may rightly stay)
+                assert not torch.equal(a["p"], base[i]["p"]), f"tensor {i} did not move"
+    # the address table: kept while the addresses stay, rebuilt when one moves
+    hp = GroupHParams(0.9, 0.999, 0.0, -1.0, 1e-8, 0.0)
+    sts = [_state(n, 60 + i, False) for i, n in enumerate((300, 5000))]
+    lists = [[st[k] for st in sts] for k in ("p", "g", "m", "v")] + [None, [None, None]]
+    sc = step_scalars(1e-2, *bias_corrections(1, 0.9, 0.999), 0.0)
+    tm.triton_multi_fused_step(*lists, sc, hp)
+    tables = tm._tables(lists[0], lists[1], lists[5], torch.device("cpu"))
+    first = tables.addr
+    tm.triton_multi_fused_step(*lists, sc, hp)
+    assert tables.addr is first, "address table rebuilt with the same addresses"
+    lists[1] = [g.clone() for g in lists[1]]  # new gradients (set_to_none, reallocated)
+    tm.triton_multi_fused_step(*lists, sc, hp)
+    assert tables.addr is not first and int(tables.addr[2]) == lists[1][0].data_ptr()
+
+
+def _check_optimizer(case, steps: int = 20, multi: bool = False) -> None:
+    """``case`` on the per-tensor kernel (``fused="triton"``), or, with ``multi``, on the
+    CUDA default (the group's contiguous tensors in one launch per dtype signature; the
+    transposed param on its own), the default path made Triton as on a GPU."""
+    import torch
+
+    import sharded_ams.optimizer as optimizer_mod
 
     from cases import (assert_matches_reference, error_scales, make_grads, make_param,
                        reference_trajectory, rel_err, FP32_RTOL)
@@ -390,15 +478,21 @@ def _check_optimizer(case, steps: int = 20) -> None:
         params.append(torch.nn.Parameter(base.clone().t() if transposed else base.clone()))
         p0s.append(p0)
         gss.append(make_grads(logical, steps, seed=300 + i, zero_frac=0.2, dtype=dtype))
-    opt = case.build(params, fused="triton")
+    saved = optimizer_mod.default_path
+    if multi:
+        optimizer_mod.default_path = lambda device, numel: "triton"
+    opt = case.build(params) if multi else case.build(params, fused="triton")
     oracle = AMSOracle.start(p0s, **{k: v for k, v in case.hparams.items()})
-    for t in range(steps):
-        for p, gs in zip(params, gss):
-            p.grad = gs[t].clone()
-        opt.step()
-        oracle.step([gs[t] for gs in gss])
+    try:
+        for t in range(steps):
+            for p, gs in zip(params, gss):
+                p.grad = gs[t].clone()
+            opt.step()
+            oracle.step([gs[t] for gs in gss])
+    finally:
+        optimizer_mod.default_path = saved
     for i, (p, p0, gs) in enumerate(zip(params, p0s, gss)):
-        what = f"triton/{case.name}/{tuple(p.shape)}"
+        what = f"triton{'-multi' if multi else ''}/{case.name}/{tuple(p.shape)}"
         ref = reference_trajectory(p0, gs, **case.ref_kwargs)[-1]
         assert_matches_reference(opt, p, ref, what=what, p0=p0, grads=gs)
         st, scales = opt.state[p], error_scales(p0, gs)
@@ -421,16 +515,22 @@ def _main() -> int:
 
     t0 = time.time()
     for check in (_check_one_pass, _check_device_step_launches, _check_two_pass_run,
-                  _check_bf16_moments,
+                  _check_bf16_moments, _check_multi_tensor,
                   _check_sharded_norm_clip_skip):
         t1 = time.time()
         check()
         print(f"{check.__name__}: OK ({time.time() - t1:.1f}s)", flush=True)
+    # every config on the CUDA default (one launch per group), the per-tensor kernel
+    # (fused="triton") on one each of |lam| = 1 and not, and on the oracle's extra cases
     names = {c.name for c in CONFIGS}
-    for case in CONFIGS + [c for c in ORACLE_CASES if c.name not in names]:
+    runs = [(c, True) for c in CONFIGS] + [(c, False) for c in CONFIGS
+                                           if c.name in ("grams", "lam-0.5_beta3-0.5_wd")]
+    runs += [(c, False) for c in ORACLE_CASES if c.name not in names]
+    for case, multi in runs:
         t1 = time.time()
-        _check_optimizer(case)
-        print(f"{case.name}: OK ({time.time() - t1:.1f}s)", flush=True)
+        _check_optimizer(case, multi=multi)
+        print(f"{case.name}{' (one launch per group)' if multi else ''}: OK "
+              f"({time.time() - t1:.1f}s)", flush=True)
     print(f"TRITON-INTERPRET OK in {time.time() - t0:.1f}s")
     return 0
 

@@ -85,14 +85,15 @@ def multi_fused_step(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Te
                          lam=hp.lam, eps=hp.eps)
 
 
-def multi_count(gs: Sequence[Tensor], ms: Sequence[Tensor], ss: Optional[Sequence[Tensor]],
-                hp) -> Tensor:
+def multi_count(ps, gs: Sequence[Tensor], ms: Sequence[Tensor], vs,
+                ss: Optional[Sequence[Tensor]], outs, hp) -> Tensor:
     """lam not in {1, -1}, first pass: int64[len(gs)], each tensor's count of u*s < 0 (the
     numbers summed across ranks) from its new m and s, which are NOT stored: this pass
     reads g and m[, s] only (8 B per fp32 element), and the apply pass is the whole
     one-pass step (28 B): 36 B in all instead of 40 for storing the moments here and
     reading them back there. The same bits: the apply pass recomputes m and s by the same
-    expressions as ``update.update_moments``)."""
+    expressions as ``update.update_moments``). ``ps``, ``vs`` and ``outs`` are not read
+    (the signature is the Triton pass's, which stores the moments here)."""
     wide = any(g.numel() > COUNT_INT32_MAX for g in gs)
     return compiled(_count_all)(*_flat(gs, ms, ss), beta1=hp.beta1, beta3=hp.beta3, wide=wide)
 
@@ -107,3 +108,14 @@ def multi_apply(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Tensor]
     compiled(_apply_all)(*_flat(ps, gs, ms, vs, ss, outs), sc.step_size, decays,
                          sc.inv_sqrt_bc2, beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3,
                          lam=hp.lam, eps=hp.eps)
+
+
+def multi_ops(backend: str) -> tuple:
+    """(fused step, count, apply) over a whole list of tensors, one call each: torch.compile'd
+    loops on CPU ("compiled"), Triton launches on CUDA ("triton", ``triton_multi.py``).
+    Either way ``count`` then ``apply`` is the whole step of lam not in {1, -1}."""
+    if backend == "triton":
+        from .triton_multi import triton_multi_apply, triton_multi_count, triton_multi_fused_step
+
+        return triton_multi_fused_step, triton_multi_count, triton_multi_apply
+    return multi_fused_step, multi_count, multi_apply
