@@ -99,6 +99,7 @@ def section_static(plan: Plan) -> dict:
     from triton.backends.compiler import GPUTarget
 
     import sharded_ams.kernels.triton_kernel as tk
+    import sharded_ams.kernels.triton_multi as tm
 
     if plan.device.type == "cuda":
         target = triton.runtime.driver.active.get_current_target()
@@ -111,9 +112,15 @@ def section_static(plan: Plan) -> dict:
                  True),
                 ("count pass, chunk table, s", tk.MODE_COUNT, True, False, "fp32", False, True),
                 ("apply pass, chunk table, s", tk.MODE_APPLY, True, False, "fp32", False, True)]
+    multi = [("multi-tensor one pass, fp32", tk.MODE_FUSED, False, "fp32"),
+             ("multi-tensor one pass, bf16 params + fp32 master", tk.MODE_FUSED, True, "bf16"),
+             ("multi-tensor count pass, s", tk.MODE_COUNT, False, "fp32"),
+             ("multi-tensor apply pass, s", tk.MODE_APPLY, False, "fp32")]
+    ptxs = [(v[0], v[5], _compile_ptx(tk, target, *v[1:])) for v in variants]
+    ptxs += [(name, False, _compile_multi_ptx(tm, target, mode, has_out, gdtype, False))
+             for name, mode, has_out, gdtype in multi]
     rows, ok = [], True
-    for name, mode, table, has_out, gdtype, fusion, n16 in variants:
-        ptx = _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16)
+    for name, fusion, ptx in ptxs:
         row = dict(variant=name, target=f"{target.backend} sm_{target.arch}", fp_fusion=fusion,
                    v4_loads=ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4"),
                    scalar_loads=sum(ptx.count(f"ld.global{q}.b32") for q in ("", ".nc")),
@@ -127,10 +134,6 @@ def section_static(plan: Plan) -> dict:
 
 
 def _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16) -> str:
-    import triton
-    from triton.compiler import ASTSource
-
-    kernel = tk._ams_kernel
     ptr = {"p_ptr": "fp32", "g_ptr": gdtype, "m_ptr": "fp32", "v_ptr": "fp32", "s_ptr": "fp32",
            "out_ptr": "bf16" if has_out else "fp32", "cbase_ptr": "i64", "clo_ptr": "i64",
            "chi_ptr": "i64", "cidx_ptr": "i64", "counts_ptr": "i64", "ss_ptr": "fp32",
@@ -138,20 +141,41 @@ def _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16) -> str:
     consts = dict(HAS_S=table, HAS_OUT=has_out, MODE=mode, USE_TABLE=table,
                   SCALARS_ON_DEVICE=False, HAS_SKIP=False, HAS_COEF=False, BLOCK_SIZE=tk.BLOCK,
                   ALIGN_TO=tk.ALIGN)
+    ints = {"n": n16, "piece_index": False}
+    return _ptx(tk._ams_kernel, ptr, consts, ints, target, fusion)
+
+
+def _compile_multi_ptx(tm, target, mode, has_out, gdtype, fusion) -> str:
+    """The multi-tensor kernel (``triton_multi.py``), its addresses 16-byte aligned."""
+    ptr = {"addr_ptr": "i64", "numel_ptr": "i64", "ctensor_ptr": "i64", "cbase_ptr": "i64",
+           "p0": "fp32", "g0": gdtype, "m0": "fp32", "s0": "fp32",
+           "out0": "bf16" if has_out else "fp32", "counts_ptr": "i64", "ss_ptr": "fp32",
+           "dec_ptr": "fp32", "scal_ptr": "fp32"}
+    consts = dict(HAS_S=mode != tm.MODE_FUSED, HAS_OUT=has_out, MODE=mode,
+                  SCALARS_ON_DEVICE=False, ALIGNED=True, BLOCK_SIZE=tm.BLOCK)
+    return _ptx(tm._ams_multi_kernel, ptr, consts, {"num_tensors": False}, target, fusion)
+
+
+def _ptx(kernel, ptr: dict, consts: dict, ints: dict, target, fusion: bool) -> str:
+    """PTX of ``kernel`` for ``target``: pointer args of the given dtypes (16-byte aligned),
+    integer args (``ints``: name -> divisible by 16), every other arg an fp32 scalar."""
+    import triton
+    from triton.compiler import ASTSource
+
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name.isupper():  # a constexpr this list does not set would compile as a runtime value
             if name not in consts:
                 raise ValueError(f"the static check does not set the kernel's constexpr {name}")
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            if name not in ptr:
-                raise ValueError(f"the static check does not know the dtype of the kernel's {name}")
+        elif name in ptr:
             sig[name] = "*" + ptr[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("n", "piece_index"):
+        elif name.endswith("_ptr"):
+            raise ValueError(f"the static check does not know the dtype of the kernel's {name}")
+        elif name in ints:
             sig[name] = "i32"
-            if name == "n" and n16:
+            if ints[name]:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32"

@@ -450,9 +450,22 @@ def _check_multi_tensor() -> None:
     first = tables.addr
     tm.triton_multi_fused_step(*lists, sc, hp)
     assert tables.addr is first, "address table rebuilt with the same addresses"
+    assert tables.aligned  # fresh allocations: 16-byte vectors on a GPU
     lists[1] = [g.clone() for g in lists[1]]  # new gradients (set_to_none, reallocated)
     tm.triton_multi_fused_step(*lists, sc, hp)
     assert tables.addr is not first and int(tables.addr[2]) == lists[1][0].data_ptr()
+    # a tensor 4 bytes off a 16-byte boundary: the unaligned variant, the same values
+    want = [t.clone() for t in lists[0]]
+    ref = [dict(p=want[i], g=lists[1][i].clone(), m=lists[2][i].clone(), v=lists[3][i].clone())
+           for i in range(2)]
+    odd = torch.empty(lists[0][1].numel() + 1)[1:]
+    odd.copy_(lists[0][1])
+    lists[0][1] = odd
+    tm.triton_multi_fused_step(*lists, sc, hp)
+    assert not tables.aligned
+    for r in ref:
+        TritonOps.fused_step(r["p"], r["g"], r["m"], r["v"], None, None, sc, hp)
+    assert all(torch.equal(a, r["p"]) for a, r in zip(lists[0], ref))
 
 
 def _check_optimizer(case, steps: int = 20, multi: bool = False) -> None:

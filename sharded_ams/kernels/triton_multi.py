@@ -11,7 +11,9 @@ maths, the same rounding, bit for bit the per-tensor kernel's result.
 
 The tables: chunk tables are built once per list of sizes and cached; the address table
 is rebuilt (one small pinned host-to-device copy, no sync) only when an address changed
-since the last call with that list of sizes. Tensors of one launch must share dtypes (the
+since the last call with that list of sizes; where every address is a multiple of 16 bytes
+(the caching allocator's blocks are), the kernel is told so and whole blocks load and store
+16-byte vectors. Tensors of one launch must share dtypes (the
 pointer types are compile-time): a list that mixes them is split into one launch per
 (p, g, out) dtype signature; counts and per-tensor step sizes stay indexed by the
 position in the whole list.
@@ -37,27 +39,40 @@ ARRAYS = ("p", "g", "m", "v", "s", "out")
 
 
 @triton.jit
+def _array(addr_ptr, row, num_tensors, t, ref, ALIGNED: tl.constexpr):
+    """Tensor ``t``'s array ``row`` (``ARRAYS``) as a pointer of ``ref``'s element type;
+    ALIGNED: every address of the launch is a multiple of 16 bytes (checked on the host),
+    which lets the whole blocks' loads and stores be 16-byte vectors."""
+    ptr = tl.load(addr_ptr + row * num_tensors + t).to(tl.pointer_type(ref.dtype.element_ty))
+    if ALIGNED:  # (a hint on the loaded integer did not reach the loads; on the pointer it does)
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
 def _ams_multi_kernel(addr_ptr, numel_ptr, ctensor_ptr, cbase_ptr, p0, g0, m0, s0, out0,
                       counts_ptr, ss_ptr, dec_ptr, scal_ptr, num_tensors, beta1, beta2, beta3,
                       omb1, omb2, omb3, lam, tie, eps, step_size, decay, inv_sqrt_bc2,
                       HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
-                      SCALARS_ON_DEVICE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                      SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(ctensor_ptr + pid)
     base = tl.load(cbase_ptr + pid)
     n = tl.load(numel_ptr + t)
     # the tensor's arrays: int64 addresses cast to pointers of the reference args' types
-    p_ptr = tl.load(addr_ptr + t).to(tl.pointer_type(p0.dtype.element_ty))
-    g_ptr = tl.load(addr_ptr + num_tensors + t).to(tl.pointer_type(g0.dtype.element_ty))
-    m_ptr = tl.load(addr_ptr + 2 * num_tensors + t).to(tl.pointer_type(m0.dtype.element_ty))
-    v_ptr = tl.load(addr_ptr + 3 * num_tensors + t).to(tl.pointer_type(m0.dtype.element_ty))
+    p_ptr = _array(addr_ptr, 0, num_tensors, t, p0, ALIGNED)
+    g_ptr = _array(addr_ptr, 1, num_tensors, t, g0, ALIGNED)
+    m_ptr = _array(addr_ptr, 2, num_tensors, t, m0, ALIGNED)
+    v_ptr = _array(addr_ptr, 3, num_tensors, t, m0, ALIGNED)
     s_ptr = m_ptr
     if HAS_S:
-        s_ptr = tl.load(addr_ptr + 4 * num_tensors + t).to(tl.pointer_type(s0.dtype.element_ty))
+        s_ptr = _array(addr_ptr, 4, num_tensors, t, s0, ALIGNED)
     out_ptr = p_ptr
     if HAS_OUT:
-        out_ptr = tl.load(addr_ptr + 5 * num_tensors + t).to(
-            tl.pointer_type(out0.dtype.element_ty))
+        out_ptr = _array(addr_ptr, 5, num_tensors, t, out0, ALIGNED)
+    if ALIGNED:  # blocks start at multiples of BLOCK_SIZE: whole blocks load 16-byte vectors
+        base = tl.multiple_of(base, BLOCK_SIZE)
     offs = base + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
     if base + BLOCK_SIZE <= n:
@@ -81,6 +96,7 @@ class _Tables:
     launches: list  # [(positions, ctensor, cbase)], one per dtype signature
     addresses: Optional[tuple] = None
     addr: Optional[Tensor] = None
+    aligned: bool = False
 
 
 #: (device, sizes, dtype signatures) -> _Tables; a model has a few lists (one per group)
@@ -132,6 +148,7 @@ def _addresses(tables: _Tables, arrays: Sequence[Optional[Sequence[Optional[Tens
                       for ts in arrays for i in range(n))
     if addresses != tables.addresses:
         tables.addr, tables.addresses = _to_device(list(addresses), device), addresses
+        tables.aligned = all(a % 16 == 0 for a in addresses)  # (0: a missing array)
     return tables.addr
 
 
@@ -158,7 +175,8 @@ def _launch(mode: int, ps, gs, ms, vs, ss, outs, hp, *, sc: Optional[StepScalars
                 1.0 - hp.beta2, 1.0 - hp.beta3, float(hp.lam), max(float(hp.lam), 0.0),
                 float(hp.eps), step_size, decay, inv_sqrt_bc2,
                 HAS_S=ss is not None, HAS_OUT=out0 is not None, MODE=mode,
-                SCALARS_ON_DEVICE=scal is not None, BLOCK_SIZE=BLOCK, **LAUNCH_OPTIONS)
+                SCALARS_ON_DEVICE=scal is not None, ALIGNED=tables.aligned, BLOCK_SIZE=BLOCK,
+                **LAUNCH_OPTIONS)
 
 
 def triton_multi_fused_step(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp) -> None:
