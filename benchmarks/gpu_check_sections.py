@@ -114,8 +114,10 @@ def section_static(plan: Plan) -> dict:
                 ("apply pass, chunk table, s", tk.MODE_APPLY, True, False, "fp32", False, True)]
     multi = [("multi-tensor one pass, fp32", tk.MODE_FUSED, False, "fp32"),
              ("multi-tensor one pass, bf16 params + fp32 master", tk.MODE_FUSED, True, "bf16"),
-             ("multi-tensor count pass, s", tk.MODE_COUNT, False, "fp32"),
-             ("multi-tensor apply pass, s", tk.MODE_APPLY, False, "fp32")]
+             ("multi-tensor count pass (stores nothing), s", tk.MODE_COUNT_ONLY, False,
+              "fp32"),
+             ("multi-tensor apply pass (the whole step), s", tk.MODE_FUSED_TABLE, False,
+              "fp32")]
     ptxs = [(v[0], v[5], _compile_ptx(tk, target, *v[1:])) for v in variants]
     ptxs += [(name, False, _compile_multi_ptx(tm, target, mode, has_out, gdtype, False))
              for name, mode, has_out, gdtype in multi]

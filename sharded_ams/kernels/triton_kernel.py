@@ -46,6 +46,10 @@ from ..update import StepScalars
 from .tables import ALIGN, RunTable
 
 MODE_FUSED, MODE_COUNT, MODE_APPLY = 0, 1, 2
+#: the multi-tensor pair (``triton_multi.py``): a count that stores nothing (reads g, m[, s]:
+#: 8 B per fp32 element), then the whole one-pass step with per-tensor step sizes (28 B):
+#: 36 B in all against 40 for count-and-store + apply, the same bits for fp32 moments
+MODE_COUNT_ONLY, MODE_FUSED_TABLE = 3, 4
 BLOCK = 1024
 #: compile options of every launch: no fma contraction (see the module docstring)
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}
@@ -78,17 +82,20 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
     if HAS_COEF:  # the clip coefficient, folded in: no pass scales the gradients
         g = g * tl.load(coef_ptr)
     m = _ld(m_ptr, offs, mask, MASKED).to(tl.float32)
-    v = _ld(v_ptr, offs, mask, MASKED).to(tl.float32)
+    if MODE != 3:  # (a sign needs no v)
+        v = _ld(v_ptr, offs, mask, MASKED).to(tl.float32)
     if HAS_S:
         s = _ld(s_ptr, offs, mask, MASKED).to(tl.float32)
     if MODE != 2:
         m = m * beta1 + g * omb1
-        v = v * beta2 + g * g * omb2
-        _st(m_ptr, offs, m, mask, MASKED)
-        _st(v_ptr, offs, v, mask, MASKED)
+        if MODE != 3:
+            v = v * beta2 + g * g * omb2
+            _st(m_ptr, offs, m, mask, MASKED)
+            _st(v_ptr, offs, v, mask, MASKED)
         if HAS_S:
             s = s * beta3 + g * omb3
-            _st(s_ptr, offs, s, mask, MASKED)
+            if MODE != 3:
+                _st(s_ptr, offs, s, mask, MASKED)
     if HAS_S:
         ref = s
     else:
@@ -96,7 +103,7 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
     # sign(u * s) = sign(m) * sign(s): u = m / (positive), and no product can underflow
     agree = ((m > 0.0) & (ref > 0.0)) | ((m < 0.0) & (ref < 0.0))
     disagree = ((m > 0.0) & (ref < 0.0)) | ((m < 0.0) & (ref > 0.0))
-    if MODE == 1:
+    if MODE == 1 or MODE == 3:
         neg = tl.sum((disagree & mask).to(tl.int32), axis=0)
         tl.atomic_add(counts_ptr + idx, neg.to(tl.int64))
     else:
@@ -105,7 +112,7 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
             if MODE == 0:
                 step_size = tl.load(scal_ptr)
                 decay = tl.load(scal_ptr + 1)
-        if MODE == 2:
+        if MODE == 2 or MODE == 4:
             step_size = tl.load(ss_ptr + idx)
             decay = tl.load(dec_ptr + idx)
         w = tl.where(agree, 1.0, tl.where(disagree, lam, tie))

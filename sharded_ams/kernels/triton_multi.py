@@ -7,7 +7,10 @@ Here one launch steps a list of tensors, as torch's ``_foreach`` / fused AdamW k
 go through a device table, as in Triton's grouped-GEMM tutorial): program ``pid`` reads
 its tensor's index and block offset from a chunk table, that tensor's p, g, m, v[, s][, out]
 addresses from an int64 table, and runs ``triton_kernel._ams_block`` on them: the same
-maths, the same rounding, bit for bit the per-tensor kernel's result.
+maths, the same rounding, bit for bit the per-tensor kernel's result. With lam not in
+{1, -1} the count pass stores nothing and the apply pass is the whole step with per-tensor
+step sizes (``MODE_COUNT_ONLY``, ``MODE_FUSED_TABLE``): 36 B per fp32 element against the
+per-tensor pair's 40 (count and store the moments, then apply), as the CPU path does.
 
 The tables: chunk tables are built once per list of sizes and cached; the address table
 is rebuilt (one small pinned host-to-device copy, no sync) only when an address changed
@@ -31,8 +34,8 @@ import triton
 import triton.language as tl
 
 from ..update import StepScalars
-from .triton_kernel import (BLOCK, LAUNCH_OPTIONS, MODE_APPLY, MODE_COUNT, MODE_FUSED,
-                            _ams_block, _device_guard, _scalars)
+from .triton_kernel import (BLOCK, LAUNCH_OPTIONS, MODE_COUNT_ONLY, MODE_FUSED,
+                            MODE_FUSED_TABLE, _ams_block, _device_guard, _scalars)
 
 #: rows of the address table, in order
 ARRAYS = ("p", "g", "m", "v", "s", "out")
@@ -185,17 +188,18 @@ def triton_multi_fused_step(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp) -> No
 
 
 def triton_multi_count(ps, gs, ms, vs, ss, outs, hp) -> Tensor:
-    """lam not in {1, -1}, first pass: the moments updated and stored, each tensor's count
-    of u*s < 0 atomically added into its slot: int64[len(gs)] on the device. (``ps`` and
-    ``outs`` are not read: passed so that both passes share one address table.)"""
+    """lam not in {1, -1}, first pass: each tensor's count of u*s < 0 from its new m (and
+    s), atomically added into its slot: int64[len(gs)] on the device. Nothing is stored:
+    the pass reads g and m[, s] only (``ps``, ``vs``, ``outs``: passed so that both passes
+    share one address table), and the apply pass recomputes the moments."""
     counts = torch.zeros(len(gs), dtype=torch.int64, device=gs[0].device)
-    _launch(MODE_COUNT, ps, gs, ms, vs, ss, outs, hp, counts=counts)
+    _launch(MODE_COUNT_ONLY, ps, gs, ms, vs, ss, outs, hp, counts=counts)
     return counts
 
 
 def triton_multi_apply(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp) -> None:
-    """Second pass: the parameter update from the stored moments, each tensor with its own
-    step size and decay (``sc.step_size`` / ``sc.decay``: fp32[len(ps)] device tensors)."""
+    """Second pass: the whole step (moments and params), each tensor with its own step
+    size and decay (``sc.step_size`` / ``sc.decay``: fp32[len(ps)] device tensors)."""
     inv = StepScalars(0.0, 1.0, sc.inv_sqrt_bc2)
-    _launch(MODE_APPLY, ps, gs, ms, vs, ss, outs, hp, sc=inv, step_sizes=sc.step_size,
+    _launch(MODE_FUSED_TABLE, ps, gs, ms, vs, ss, outs, hp, sc=inv, step_sizes=sc.step_size,
             decays=sc.decay)
