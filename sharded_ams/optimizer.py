@@ -93,7 +93,8 @@ class AMS(Optimizer):
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, lam=lam, eps=eps,
                         weight_decay=weight_decay, foreach=foreach, fused=fused)
-        self._tables: dict[tuple, Union[RunTable, Tensor]] = {}
+        #: tables built once per layout and kept: run tables, sizes, multi-tensor launches
+        self._tables: dict[tuple, Any] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -251,15 +252,16 @@ class AMS(Optimizer):
         bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
         if lam_is_unit(hp.lam):
             fused_step(ps, gs, ms, vs, ss, outs, step_scalars(lr, bc1, bc2, hp.weight_decay),
-                       hp)
+                       hp, cache=self._tables)
             return
-        counts = count(ps, gs, ms, vs, ss, outs, hp)
+        counts = count(ps, gs, ms, vs, ss, outs, hp, cache=self._tables)
         numels = self._numels(tuple(lp.numel for lp in params), counts.device)
 
         def finish() -> None:
             scale = step_scale(numels, counts, hp.lam)
             lrs = lr * scale if isinstance(lr, float) else lr.double() * scale
-            apply(ps, gs, ms, vs, ss, outs, step_scalars(lrs, bc1, bc2, hp.weight_decay), hp)
+            apply(ps, gs, ms, vs, ss, outs, step_scalars(lrs, bc1, bc2, hp.weight_decay), hp,
+                  cache=self._tables)
 
         if not needs_batch(params, hp.lam):
             finish()

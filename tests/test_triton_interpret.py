@@ -454,6 +454,18 @@ def _check_multi_tensor() -> None:
     lists[1] = [g.clone() for g in lists[1]]  # new gradients (set_to_none, reallocated)
     tm.triton_multi_fused_step(*lists, sc, hp)
     assert tables.addr is not first and int(tables.addr[2]) == lists[1][0].data_ptr()
+    # two optimizers over lists of the same sizes, each with its own cache: interleaved
+    # steps keep both address tables (a shared one would be rebuilt every call)
+    other = [[t.clone() for t in ts] if ts is not None else None for ts in lists[:5]]
+    other.append([None, None])
+    caches = [{}, {}]
+    for ls, cache in ((lists, caches[0]), (other, caches[1])) * 2:
+        tm.triton_multi_fused_step(*ls, sc, hp, cache=cache)
+        if len(cache.get("seen", ())) == 0:
+            cache["seen"] = [next(v for v in cache.values() if isinstance(v, tm._Tables)).addr]
+    for cache in caches:
+        own = next(v for v in cache.values() if isinstance(v, tm._Tables))
+        assert own.addr is cache["seen"][0], "an optimizer's address table was rebuilt"
     # a tensor 4 bytes off a 16-byte boundary: the unaligned variant, the same values
     want = [t.clone() for t in lists[0]]
     ref = [dict(p=want[i], g=lists[1][i].clone(), m=lists[2][i].clone(), v=lists[3][i].clone())

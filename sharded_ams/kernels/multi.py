@@ -77,8 +77,10 @@ def _flat(*lists: Optional[Sequence[Optional[Tensor]]]) -> tuple:
 
 def multi_fused_step(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Tensor],
                      vs: Sequence[Tensor], ss: Optional[Sequence[Tensor]],
-                     outs: Sequence[Optional[Tensor]], sc: StepScalars, hp) -> None:
-    """|lam| == 1: one pass over every tensor, in one compiled call."""
+                     outs: Sequence[Optional[Tensor]], sc: StepScalars, hp,
+                     cache: Optional[dict] = None) -> None:
+    """|lam| == 1: one pass over every tensor, in one compiled call (``cache``: unused, the
+    Triton twin's table cache)."""
     decay = sc.decay if hp.weight_decay else None
     compiled(_fused_all)(*_flat(ps, gs, ms, vs, ss, outs), sc.step_size, decay,
                          sc.inv_sqrt_bc2, beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3,
@@ -86,21 +88,22 @@ def multi_fused_step(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Te
 
 
 def multi_count(ps, gs: Sequence[Tensor], ms: Sequence[Tensor], vs,
-                ss: Optional[Sequence[Tensor]], outs, hp) -> Tensor:
+                ss: Optional[Sequence[Tensor]], outs, hp, cache: Optional[dict] = None) -> Tensor:
     """lam not in {1, -1}, first pass: int64[len(gs)], each tensor's count of u*s < 0 (the
     numbers summed across ranks) from its new m and s, which are NOT stored: this pass
     reads g and m[, s] only (8 B per fp32 element), and the apply pass is the whole
     one-pass step (28 B): 36 B in all instead of 40 for storing the moments here and
     reading them back there. The same bits: the apply pass recomputes m and s by the same
-    expressions as ``update.update_moments``). ``ps``, ``vs`` and ``outs`` are not read
-    (the signature is the Triton pass's, which stores the moments here)."""
+    expressions as ``update.update_moments``). ``ps``, ``vs``, ``outs`` and ``cache`` are
+    not used (the signature is the Triton pass's)."""
     wide = any(g.numel() > COUNT_INT32_MAX for g in gs)
     return compiled(_count_all)(*_flat(gs, ms, ss), beta1=hp.beta1, beta3=hp.beta3, wide=wide)
 
 
 def multi_apply(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Tensor],
                 vs: Sequence[Tensor], ss: Optional[Sequence[Tensor]],
-                outs: Sequence[Optional[Tensor]], sc: StepScalars, hp) -> None:
+                outs: Sequence[Optional[Tensor]], sc: StepScalars, hp,
+                cache: Optional[dict] = None) -> None:
     """Second pass: the whole step (moments and params), each tensor with its own step
     size and decay (``sc`` holds 1-D tensors, one entry per tensor, from its whole-tensor
     count)."""

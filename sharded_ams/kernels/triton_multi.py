@@ -102,7 +102,9 @@ class _Tables:
     aligned: bool = False
 
 
-#: (device, sizes, dtype signatures) -> _Tables; a model has a few lists (one per group)
+#: (device, sizes, dtype signatures) -> _Tables, for callers that keep no cache of their
+#: own (``AMS`` keeps one per optimizer: two optimizers over lists of the same sizes would
+#: otherwise swap address tables every step)
 _CACHE: dict[tuple, _Tables] = {}
 _CACHE_MAX = 64
 
@@ -120,11 +122,12 @@ def _to_device(values: list, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _tables(ps, gs, outs, device: torch.device) -> _Tables:
+def _tables(ps, gs, outs, device: torch.device, cache: Optional[dict] = None) -> _Tables:
     numels = tuple(p.numel() for p in ps)
     sigs = tuple(_signature(ps, gs, outs, i) for i in range(len(ps)))
-    key = (device, numels, sigs)
-    tables = _CACHE.get(key)
+    key = ("triton_multi", device, numels, sigs)
+    cache = _CACHE if cache is None else cache
+    tables = cache.get(key)
     if tables is not None:
         return tables
     launches = []
@@ -137,9 +140,9 @@ def _tables(ps, gs, outs, device: torch.device) -> _Tables:
             cb += [b * BLOCK for b in range(blocks)]
         if ct:
             launches.append((positions, _to_device(ct, device), _to_device(cb, device)))
-    if len(_CACHE) >= _CACHE_MAX:
+    if cache is _CACHE and len(_CACHE) >= _CACHE_MAX:
         _CACHE.clear()
-    tables = _CACHE[key] = _Tables(_to_device(list(numels), device), launches)
+    tables = cache[key] = _Tables(_to_device(list(numels), device), launches)
     return tables
 
 
@@ -157,10 +160,10 @@ def _addresses(tables: _Tables, arrays: Sequence[Optional[Sequence[Optional[Tens
 
 def _launch(mode: int, ps, gs, ms, vs, ss, outs, hp, *, sc: Optional[StepScalars] = None,
             counts: Optional[Tensor] = None, step_sizes: Optional[Tensor] = None,
-            decays: Optional[Tensor] = None) -> None:
+            decays: Optional[Tensor] = None, cache: Optional[dict] = None) -> None:
     device = gs[0].device
     outs = outs if outs is not None else [None] * len(gs)
-    tables = _tables(ps, gs, outs, device)
+    tables = _tables(ps, gs, outs, device, cache)
     addr = _addresses(tables, (ps, gs, ms, vs, ss, outs), device)
     scal, step_size, decay, inv_sqrt_bc2 = _scalars(sc, gs[0])
     dummy = ms[0]
@@ -182,24 +185,27 @@ def _launch(mode: int, ps, gs, ms, vs, ss, outs, hp, *, sc: Optional[StepScalars
                 **LAUNCH_OPTIONS)
 
 
-def triton_multi_fused_step(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp) -> None:
-    """|lam| == 1: one pass over every tensor, one launch per dtype signature."""
-    _launch(MODE_FUSED, ps, gs, ms, vs, ss, outs, hp, sc=sc)
+def triton_multi_fused_step(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp,
+                            cache: Optional[dict] = None) -> None:
+    """|lam| == 1: one pass over every tensor, one launch per dtype signature. ``cache``:
+    where the tables are kept (the caller's dict; default: this module's)."""
+    _launch(MODE_FUSED, ps, gs, ms, vs, ss, outs, hp, sc=sc, cache=cache)
 
 
-def triton_multi_count(ps, gs, ms, vs, ss, outs, hp) -> Tensor:
+def triton_multi_count(ps, gs, ms, vs, ss, outs, hp, cache: Optional[dict] = None) -> Tensor:
     """lam not in {1, -1}, first pass: each tensor's count of u*s < 0 from its new m (and
     s), atomically added into its slot: int64[len(gs)] on the device. Nothing is stored:
     the pass reads g and m[, s] only (``ps``, ``vs``, ``outs``: passed so that both passes
     share one address table), and the apply pass recomputes the moments."""
     counts = torch.zeros(len(gs), dtype=torch.int64, device=gs[0].device)
-    _launch(MODE_COUNT_ONLY, ps, gs, ms, vs, ss, outs, hp, counts=counts)
+    _launch(MODE_COUNT_ONLY, ps, gs, ms, vs, ss, outs, hp, counts=counts, cache=cache)
     return counts
 
 
-def triton_multi_apply(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp) -> None:
+def triton_multi_apply(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp,
+                       cache: Optional[dict] = None) -> None:
     """Second pass: the whole step (moments and params), each tensor with its own step
     size and decay (``sc.step_size`` / ``sc.decay``: fp32[len(ps)] device tensors)."""
     inv = StepScalars(0.0, 1.0, sc.inv_sqrt_bc2)
     _launch(MODE_FUSED_TABLE, ps, gs, ms, vs, ss, outs, hp, sc=inv, step_sizes=sc.step_size,
-            decays=sc.decay)
+            decays=sc.decay, cache=cache)
