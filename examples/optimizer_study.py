@@ -249,6 +249,34 @@ def start_ray(a: argparse.Namespace) -> None:
                  logging_level=logging.WARNING)
 
 
+#: Ray Tune's state files in an experiment directory (its restore reads the newest of each)
+TUNE_STATE_FILES = ("experiment_state-*.json", "basic-variant-state-*.json", "search_gen_state-*.json",
+                    "searcher-state-*.pkl", "callback-states-*.pkl")
+
+
+def drop_torn_tune_state(path: Path) -> list[str]:
+    """Remove Ray Tune state files under ``path`` that do not load; return their names.
+
+    Tune writes its state atomically in a staging directory, then copies it into the storage
+    path with a plain copy: a process killed during that copy leaves a truncated file there.
+    Seen: an empty searcher state, on which Tune gave up restoring and started a new, empty
+    experiment (one trial, no config). Without the torn file it resumes from the others: the
+    trials are in the experiment state, and the study's grid is created whole at the start,
+    so a missing searcher state costs nothing."""
+    import ray.cloudpickle as cloudpickle
+
+    dropped = []
+    for pattern in TUNE_STATE_FILES:
+        for f in path.glob(pattern):
+            try:
+                with open(f, "rb") as fh:
+                    json.load(fh) if f.name.startswith("experiment_state") else cloudpickle.load(fh)
+            except Exception:  # noqa: BLE001 - any failure to load is a torn file
+                f.unlink()
+                dropped.append(f.name)
+    return dropped
+
+
 def run_phase(out: Path, name: str, settings: dict[str, Any], arms: list[dict], resources: dict) -> list[sa.TrialResult]:
     """Run (or resume) one Ray Tune experiment, ``OUT/tune/NAME``, of the given arms; return
     their results. Raises RuntimeError naming the trials that failed."""
@@ -258,6 +286,9 @@ def run_phase(out: Path, name: str, settings: dict[str, Any], arms: list[dict], 
 
     path = out / "tune" / name
     trainable = tune.with_resources(study_trial.tune_trainable, resources)
+    for torn in drop_torn_tune_state(path) if path.is_dir() else ():
+        print(f"[study] {name}: removed {torn}, which does not load (a kill while Tune copied it)",
+              flush=True)
     if tune.Tuner.can_restore(str(path)):
         print(f"[study] {name}: resuming {path}", flush=True)
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
