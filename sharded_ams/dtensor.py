@@ -143,7 +143,7 @@ def check_state_layout(p: Tensor, state: dict, what: Union[str, ParamName]) -> N
                              "set_optimizer_state_dict)")
 
 
-@dataclass
+@dataclass(slots=True)
 class LocalParam:
     """What one step reads and writes for one param: plain tensors (the local shard of a
     DTensor, the same memory), the full logical numel, the count's process groups and
@@ -157,18 +157,50 @@ class LocalParam:
     key: tuple
 
 
+#: id(DTensor param) -> _Checked: what ``local_param`` found on its last full check
+_CHECKED: dict[int, "_Checked"] = {}
+
+
+@dataclass(slots=True)
+class _Checked:
+    """A DTensor param's layout and state as last checked: while the param keeps its spec
+    object, its state dict keeps the same tensors and the gradient's spec is the param's
+    (FSDP2 gives every gradient its param's spec object; an equal spec is the same mesh,
+    placements and shape), nothing needs checking again and the local state views can be
+    reused: ~1 us a param a step instead of ~5."""
+
+    ref: weakref.ref
+    spec: object
+    state: dict
+    values: tuple
+    local_state: dict
+    numel: int
+    groups: Groups
+
+
 def local_param(p: Tensor, state: dict, key: tuple, what: Union[str, ParamName]) -> LocalParam:
     """Plain views of ``p``, its gradient and its state (state tensors of a DTensor param
     are DTensors laid out as the param: DCP saves and reshards them)."""
-    if not is_dtensor(p) and not is_dtensor(p.grad):  # plain tensors: nothing to unwrap
-        return LocalParam(p, p.grad, state, p.numel(), (), key)
+    g = p.grad
+    if not is_dtensor(p):
+        if is_dtensor(g):
+            check_grad_layout(p, what)  # raises: a plain param with a DTensor gradient
+        return LocalParam(p, g, state, p.numel(), (), key)
+    spec = p._spec
+    c = _CHECKED.get(id(p))
+    if (c is not None and c.spec is spec and c.state is state and is_dtensor(g)
+            and (g._spec is spec or g._spec == spec) and c.ref() is p and len(state) == len(c.values)
+            and all(state.get(k) is v for k, v in c.values)):
+        return LocalParam(p._local_tensor, g._local_tensor, c.local_state, c.numel, c.groups,
+                          key)
     groups = dtensor_layout(p, what)
-    if groups or is_dtensor(p):
-        check_grad_layout(p, what)
-        check_state_layout(p, state, what)
-    return LocalParam(local(p), local(p.grad),
-                      {k: (v if k == "step" else local(v)) for k, v in state.items()},
-                      p.numel(), groups, key)
+    check_grad_layout(p, what)
+    check_state_layout(p, state, what)
+    local_state = {k: (v if k == "step" else local(v)) for k, v in state.items()}
+    pid = id(p)
+    _CHECKED[pid] = _Checked(weakref.ref(p, lambda _: _CHECKED.pop(pid, None)), spec, state,
+                             tuple(state.items()), local_state, p.numel(), groups)
+    return LocalParam(local(p), local(g), local_state, p.numel(), groups, key)
 
 
 @functools.lru_cache(maxsize=None)

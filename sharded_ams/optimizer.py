@@ -13,8 +13,8 @@ from torch.optim import Optimizer
 
 from .config import (DEFAULTS, check_grad, check_params, preset_hparams, validate_group,
                      validate_hparams)
-from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, local_param,
-                      needs_batch)
+from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, is_dtensor,
+                      local_param, needs_batch)
 from .kernels import (GroupHParams, Piece, flat_apply, flat_count, flat_step, host_scalar,
                       resolve_backend, triton_available)
 from .kernels.eager import compile_available
@@ -24,6 +24,8 @@ from .kernels.multi import multi_ops
 from .update import bias_corrections, lam_is_unit, step_scalars, step_scale
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_s", "master")
+_STRIDED = torch.strided
+_REAL_FLOATS = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 #: on CPU, the default path compiles once a group holds this many elements (see default_path)
 COMPILE_MIN_NUMEL = 1 << 20
 
@@ -165,11 +167,18 @@ class AMS(Optimizer):
         tensors: a DTensor's local shard (``dtensor.py``)."""
         hp_beta3, names, out = float(group["beta3"]), group.get("param_names"), []
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            check_grad(p, names[i] if names else None)
+            if not (g.layout is _STRIDED and g.dtype in _REAL_FLOATS and p.dtype in _REAL_FLOATS):
+                check_grad(p, names[i] if names else None)  # raises before any state exists
+            state = self._init_state(p, hp_beta3)
+            if type(g) is Tensor and not is_dtensor(p):
+                # the every-step case, plain tensors: nothing to unwrap
+                out.append(LocalParam(p, g, state, p.numel(), (), (gi, i)))
+                continue
             what = describe(names[i] if names else None, i, gi, p)
-            out.append(local_param(p, self._init_state(p, hp_beta3), (gi, i), what))
+            out.append(local_param(p, state, (gi, i), what))
         return out
 
     def _step_bucket(self, group: dict, hp: GroupHParams, params: list, device: torch.device,
@@ -179,10 +188,12 @@ class AMS(Optimizer):
                                         or path == "triton"):
             # one call over every contiguous tensor: a compiled loop each on CPU, one Triton
             # launch on CUDA (a call per tensor costs ~0.1 ms on CPU, ~10-20 us on CUDA)
-            flat = [lp for lp in params if _is_flat(lp)]
+            flat, rest = [], []
+            for lp in params:
+                (flat if _is_flat(lp) else rest).append(lp)
             if flat:
                 self._multi_group(group, hp, flat, step, batch, backend=path)
-            params = [lp for lp in params if not _is_flat(lp)]
+            params = rest
         if not params:
             return
         if path == "foreach":

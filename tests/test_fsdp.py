@@ -274,6 +274,52 @@ def _layout_errors() -> dict:
     # nothing moved: the error came before any group was stepped
     out["untouched"] = (torch.equal(ok.detach().full_tensor(), before)
                         and all(float(st["step"]) == 0 for st in opt.state.values()))
+    out.update(_after_a_checked_step(mesh))
+    return out
+
+
+def _after_a_checked_step(mesh) -> dict:
+    """What ``local_param`` keeps from one step to the next (the checked layout and the
+    local state views) must not outlive a change: a gradient laid out unlike its param
+    after good steps is refused, and state loaded into the same optimizer is what the
+    next step reads (not the old state's views)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from sharded_ams import AMS
+
+    def param(seed: int) -> nn.Parameter:
+        torch.manual_seed(seed)
+        return nn.Parameter(distribute_tensor(torch.randn(7, 3), mesh, [Shard(0)]))
+
+    def step(opt, p, seed: int) -> None:
+        torch.manual_seed(seed)
+        p.grad = distribute_tensor(torch.randn(7, 3), mesh, [Shard(0)])
+        opt.step()
+
+    out = {}
+    p = param(0)
+    opt = AMS([("late.weight", p)], lr=LR, lam=0.0)
+    step(opt, p, 1)
+    saved, p1 = copy.deepcopy(opt.state_dict()), p.detach().full_tensor().clone()
+    step(opt, p, 2)
+    step(opt, p, 3)
+    opt.load_state_dict(saved)  # back to the state after step 1, in the same optimizer
+    with torch.no_grad():
+        p.copy_(distribute_tensor(p1, mesh, [Shard(0)]))
+    step(opt, p, 4)
+    fresh = param(0)
+    with torch.no_grad():
+        fresh.copy_(distribute_tensor(p1, mesh, [Shard(0)]))
+    ref = AMS([("late.weight", fresh)], lr=LR, lam=0.0)
+    ref.load_state_dict(copy.deepcopy(saved))
+    step(ref, fresh, 4)
+    out["reload_same"] = torch.equal(p.detach().full_tensor(), fresh.detach().full_tensor())
+    torch.manual_seed(5)
+    p.grad = distribute_tensor(torch.randn(7, 3), mesh, [Replicate()])
+    try:
+        opt.step()
+    except ValueError as exc:
+        out["late_grad"] = str(exc)
     return out
 
 
@@ -343,6 +389,12 @@ def test_layouts_it_cannot_step_are_named():
     assert "blocks.0.attn.weight" in errors["partial"] and "Partial" in errors["partial"]
     assert "head.weight" in errors["grad"] and "Replicate" in errors["grad"]
     assert errors["untouched"]
+    # the same after steps that passed the checks (``dtensor.local_param`` keeps them)
+    assert "late.weight" in errors["late_grad"] and "Replicate" in errors["late_grad"]
+
+
+def test_state_loaded_into_the_same_optimizer_is_what_the_next_step_reads():
+    assert _results(2)[0]["errors"]["reload_same"]
 
 
 

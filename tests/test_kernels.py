@@ -401,8 +401,8 @@ def test_multi_count_sums_in_int64_where_int32_could_overflow(monkeypatch):
     want = int(((m * 0.9 + g * 0.1 > 0) & (g < 0) | (m * 0.9 + g * 0.1 < 0) & (g > 0)).sum())
     seen = []
     real = multi.compiled
-    monkeypatch.setattr(multi, "compiled", lambda fn: lambda *a, **k: (seen.append(k["wide"]),
-                                                                       real(fn)(*a, **k))[1])
+    monkeypatch.setattr(multi, "compiled", lambda fn, **o: lambda *a, **k: (
+        seen.append(k["wide"]), real(fn, **o)(*a, **k))[1])
     for limit in (multi.COUNT_INT32_MAX, 2999):
         monkeypatch.setattr(multi, "COUNT_INT32_MAX", limit)
         got = multi.multi_count([g], [g], [m], [m], None, [None], hp)

@@ -141,7 +141,7 @@ SERIAL_NUMEL = 32768
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(fn, serial: bool = False):
+def _compiled(fn, serial: bool = False, static: bool = False):
     # dynamic=True: one compile serves every range length; the per-step scalars and the
     # hyperparameters are Python floats, which dynamo keeps as dynamic inputs (no
     # recompile when lr or the step changes; lam is specialised where it branches;
@@ -152,11 +152,16 @@ def _compiled(fn, serial: bool = False):
     # which streams twice the arrays at once and was measured 8% slower (Grams on 16
     # tensors of 512 x 1024, one thread: 0.80-0.84x torch's fused AdamW fused, 0.87-0.92x
     # not); each tensor's loop is the same either way, so are the results.
+    # ``static``: shapes specialised (dynamo's automatic dynamic: symbolic only after a
+    # second shape set) and no Inductor size asserts, for ``multi.py``'s one call per group
+    # (see its docstring); the caller passes per-step scalars as tensors.
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     options = {"cpp.max_horizontal_fusion_size": 1, **({"cpp.threads": 1} if serial else {})}
-    return torch.compile(fn, dynamic=True, fullgraph=True, options=options)
+    if static:
+        options["size_asserts"] = False
+    return torch.compile(fn, dynamic=None if static else True, fullgraph=True, options=options)
 
 
 def _alias(t: Tensor) -> Tensor:
@@ -189,10 +194,10 @@ def dispatch_mode_active() -> bool:
     return torch._C._len_torch_dispatch_stack() > 0
 
 
-def compiled(fn, serial: bool = False):
+def compiled(fn, serial: bool = False, static: bool = False):
     """``fn`` compiled; ``fn`` itself (the same maths as plain torch ops, which the mode
     then sees) while a dispatch mode is active, rather than an error."""
-    return fn if dispatch_mode_active() else _compiled(fn, serial)
+    return fn if dispatch_mode_active() else _compiled(fn, serial, static)
 
 
 @functools.lru_cache(maxsize=None)
