@@ -21,6 +21,13 @@ Ratios: ``speed_vs_torch_fused`` = fsdp_torch_adamw_fused ms / row ms (> 1: fast
 torch's fused AdamW on the same params); ``x_local`` = row ms / the same optimizer's
 ``local_*`` row ms (the DTensor and communication overhead; 1.0 is none).
 
+``all_reduce_ms``: the time the step spent inside ``dist.all_reduce`` (C-Adam's one count
+all-reduce; the max over ranks, median over rounds; 0 for rows without one), and
+``x_local_besides_all_reduce`` = (row ms - all_reduce_ms) / local row ms: what the step
+costs over its local twin apart from that wait. On a shared 2-core machine the wait is
+mostly the peer's wake-up (both ranks enter within ~0.1 ms of each other and one leaves
+milliseconds after the other), not the 0.2-0.5 ms the all-reduce itself takes.
+
     PYTHONPATH=. python benchmarks/bench_fsdp.py --rounds 10
 """
 
@@ -86,11 +93,34 @@ def _setups(args) -> dict:
     return out
 
 
+class _AllReduceTimer:
+    """Time spent inside ``dist.all_reduce`` while installed (the optimizers call it as
+    ``dist.all_reduce``, looked up at call time)."""
+
+    def __init__(self, dist) -> None:
+        self.dist, self.orig, self.ms = dist, dist.all_reduce, 0.0
+
+    def __enter__(self):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return self.orig(*a, **k)
+            finally:
+                self.ms += (time.perf_counter() - t0) * 1e3
+
+        self.dist.all_reduce = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.dist.all_reduce = self.orig
+
+
 def _worker(rank: int, world: int, args) -> dict:
     import torch.distributed as dist
 
     setups = _setups(args)
     first, times = {}, {name: [] for name in ROW_NAMES}
+    waits = {name: [] for name in ROW_NAMES}
     for name in ROW_NAMES:
         dist.barrier()
         t0 = time.perf_counter()
@@ -99,12 +129,16 @@ def _worker(rank: int, world: int, args) -> dict:
     for _ in range(args.rounds):
         for name in ROW_NAMES:
             dist.barrier()
-            t0 = time.perf_counter()
-            setups[name][0].step()
-            times[name].append(max_over_ranks([(time.perf_counter() - t0) * 1e3])[0])
+            with _AllReduceTimer(dist) as timer:
+                t0 = time.perf_counter()
+                setups[name][0].step()
+                ms = (time.perf_counter() - t0) * 1e3
+            step_ms, wait_ms = max_over_ranks([ms, timer.ms])
+            times[name].append(step_ms)
+            waits[name].append(wait_ms)
     numel = sum(p.numel() for p in setups["fsdp_grams"][1])
     local = sum(p.numel() for p in setups["local_grams"][1])
-    return dict(first=first, times=times, numel=numel, local_numel=local)
+    return dict(first=first, times=times, waits=waits, numel=numel, local_numel=local)
 
 
 def rows_from(res: dict) -> list[dict]:
@@ -112,10 +146,12 @@ def rows_from(res: dict) -> list[dict]:
     rows = []
     for name in ROW_NAMES:
         kind, opt = name.split("_", 1)
+        wait = statistics.median(res["waits"][name])
         rows.append(dict(name=name, ms_median=med[name], times_ms=res["times"][name],
                          first_step_s=res["first"][name],
                          speed_vs_torch_fused=med[f"{kind}_torch_adamw_fused"] / med[name],
-                         x_local=med[name] / med[f"local_{opt}"]))
+                         x_local=med[name] / med[f"local_{opt}"], all_reduce_ms=wait,
+                         x_local_besides_all_reduce=(med[name] - wait) / med[f"local_{opt}"]))
     return rows
 
 
@@ -136,7 +172,8 @@ def main(argv=None) -> dict:
                 threads_per_rank=args.threads, load_avg_1m_end=env_info()["load_average_1m"])
     print(f"FSDP2 on 2 gloo ranks, {res['numel']:,} params; load average "
           f"{meta['load_average_1m']} -> {meta['load_avg_1m_end']}")
-    print_table(rows, ["name", "ms_median", "first_step_s", "speed_vs_torch_fused", "x_local"])
+    print_table(rows, ["name", "ms_median", "first_step_s", "speed_vs_torch_fused", "x_local",
+                       "all_reduce_ms", "x_local_besides_all_reduce"])
     write_json(resolve_out(args.out, args.update_record, "bench_fsdp.json"),
                dict(meta=meta, rows=rows))
     return dict(meta=meta, rows=rows)

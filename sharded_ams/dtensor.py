@@ -101,7 +101,8 @@ def _groups(p: Tensor, what: Union[str, ParamName]) -> Groups:
     groups = []
     for dim, pl in enumerate(p.placements):
         if isinstance(pl, (Shard, _StridedShard)):
-            groups.append(p.device_mesh.get_group(dim))
+            if p.device_mesh.size(dim) > 1:  # one rank holds the whole extent: no sum
+                groups.append(p.device_mesh.get_group(dim))
         elif not isinstance(pl, Replicate):
             raise ValueError(
                 f"AMS cannot step {what}: it is a DTensor with placement {pl} on mesh "
@@ -189,8 +190,8 @@ def local_param(p: Tensor, state: dict, key: tuple, what: Union[str, ParamName])
     spec = p._spec
     c = _CHECKED.get(id(p))
     if (c is not None and c.spec is spec and c.state is state and is_dtensor(g)
-            and (g._spec is spec or g._spec == spec) and c.ref() is p and len(state) == len(c.values)
-            and all(state.get(k) is v for k, v in c.values)):
+            and (g._spec is spec or g._spec == spec) and c.ref() is p
+            and len(state) == len(c.values) and all(state.get(k) is v for k, v in c.values)):
         return LocalParam(p._local_tensor, g._local_tensor, c.local_state, c.numel, c.groups,
                           key)
     groups = dtensor_layout(p, what)
@@ -213,39 +214,63 @@ class CountBatch:
     """The per-tensor counts of one step, summed across ranks in one all-reduce per set
     of process groups, before any deferred apply runs.
 
-    ``add`` registers a count view (int64, 1 element) of a tensor split across ranks;
-    ``reduce`` concatenates them in key order (the same order on every rank, whatever path
-    each rank took for its shard: uneven shards can put a tensor on different paths),
-    all-reduces, and writes the sums back into the views; then the ``defer``-ed applies
-    run. Groups are keyed by their ranks, so two meshes over the same ranks share a sum."""
+    ``add`` registers a vector of counts (int64, one per param; only the params split
+    across ranks are summed); ``finish`` orders every registered count by its param's key
+    (the same order on every rank, whatever path each rank took for its shard: uneven
+    shards can put a tensor on different paths), all-reduces them, and writes the sums
+    back; then the ``defer``-ed applies run. One vector already in key order (a group's
+    one compiled or Triton count call) is all-reduced in place: no gather, no copy back.
+    Groups are keyed by their ranks, so two meshes over the same ranks share a sum."""
 
     def __init__(self) -> None:
-        self._counts: dict[tuple, list[tuple[tuple, Tensor]]] = {}
+        #: signature -> [(counts, positions in it or None for all, the params' keys)]
+        self._parts: dict[tuple, list[tuple[Tensor, Optional[list[int]], list[tuple]]]] = {}
         self._groups: dict[tuple, Groups] = {}
         self._deferred: list[Callable[[], None]] = []
 
-    def add(self, lp: LocalParam, count: Tensor) -> None:
-        if not lp.groups:
-            return
-        sig = _signature(lp.groups)
-        self._groups.setdefault(sig, lp.groups)
-        self._counts.setdefault(sig, []).append((lp.key, count))
+    def add(self, params: Sequence[LocalParam], counts: Tensor) -> None:
+        """``counts[i]`` (a 1-D int64 tensor) is ``params[i]``'s count of this rank."""
+        by_sig: dict[tuple, list[int]] = {}
+        for i, lp in enumerate(params):
+            if lp.groups:
+                sig = _signature(lp.groups)
+                by_sig.setdefault(sig, []).append(i)
+                self._groups.setdefault(sig, lp.groups)
+        for sig, idx in by_sig.items():
+            every = len(idx) == len(params)
+            self._parts.setdefault(sig, []).append(
+                (counts, None if every else idx, [params[i].key for i in idx]))
 
     def defer(self, fn: Callable[[], None]) -> None:
         self._deferred.append(fn)
 
     def finish(self) -> None:
         """All-reduce the counts, then run the deferred applies (in registration order)."""
-        for sig in sorted(self._counts):
-            entries = sorted(self._counts[sig], key=lambda e: e[0])
-            vec = torch.cat([c.reshape(1) for _, c in entries])
-            for g in self._groups[sig]:
+        for sig in sorted(self._parts):
+            parts, groups = self._parts[sig], self._groups[sig]
+            keys = [k for _, _, ks in parts for k in ks]
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            if len(parts) == 1 and parts[0][1] is None and order == sorted(order):
+                for g in groups:  # one vector in key order: summed where it is
+                    dist.all_reduce(parts[0][0], group=g)
+                continue
+            flat = torch.cat([c if idx is None else c[idx] for c, idx, _ in parts])
+            perm = torch.tensor(order, device=flat.device)
+            vec = flat[perm]
+            for g in groups:
                 dist.all_reduce(vec, group=g)
-            for (_, c), total in zip(entries, vec):
-                c.copy_(total)
+            flat[perm] = vec
+            offset = 0
+            for c, idx, ks in parts:
+                part = flat[offset:offset + len(ks)]
+                if idx is None:
+                    c.copy_(part)
+                else:
+                    c[idx] = part
+                offset += len(ks)
         for fn in self._deferred:
             fn()
-        self._counts.clear()
+        self._parts.clear()
         self._deferred.clear()
 
 

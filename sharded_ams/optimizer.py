@@ -244,7 +244,7 @@ class AMS(Optimizer):
             return
         counts = foreach_count(ms, ss if ss is not None else grads)
         for lp, c in zip(params, counts):
-            batch.add(lp, c)
+            batch.add([lp], c.view(1))
         batch.defer(lambda: finish(counts))
 
     def _multi_group(self, group, hp: GroupHParams, params: list, step: float,
@@ -277,8 +277,7 @@ class AMS(Optimizer):
         if not needs_batch(params, hp.lam):
             finish()
             return
-        for i, lp in enumerate(params):
-            batch.add(lp, counts[i:i + 1])
+        batch.add(params, counts)
         batch.defer(finish)
 
     def _numels(self, numels: tuple, device: torch.device) -> Tensor:
@@ -307,7 +306,7 @@ class AMS(Optimizer):
             if deferred:
                 table, counts = flat_count(*vecs[1:], hp=hp, num_tensors=1, backend=backend,
                                            table=table)
-                batch.add(lp, counts[:1])
+                batch.add([lp], counts[:1])
                 batch.defer(functools.partial(
                     self._apply_one, vecs, outv, group["lr"], step, hp, table, counts,
                     backend, (p, st, master, work, out)))

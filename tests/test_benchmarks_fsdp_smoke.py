@@ -40,4 +40,8 @@ def test_bench_fsdp_smoke(tmp_path, capsys):
         assert r["speed_vs_torch_fused"] == pytest.approx(
             rows[f"{kind}_torch_adamw_fused"]["ms_median"] / r["ms_median"])
         assert r["x_local"] == pytest.approx(r["ms_median"] / rows[f"local_{opt}"]["ms_median"])
+        # C-Adam on FSDP2 all-reduces its counts; nothing else all-reduces in the step
+        assert (r["all_reduce_ms"] > 0) == (name == "fsdp_cadam"), (name, r["all_reduce_ms"])
+        assert r["x_local_besides_all_reduce"] == pytest.approx(
+            (r["ms_median"] - r["all_reduce_ms"]) / rows[f"local_{opt}"]["ms_median"])
     assert "| fsdp_grams |" in capsys.readouterr().out

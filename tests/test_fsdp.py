@@ -323,6 +323,67 @@ def _after_a_checked_step(mesh) -> dict:
     return out
 
 
+def _size_one_dims(counters: Counters) -> dict:
+    """A mesh dimension of one rank splits nothing, so nothing is summed over it: on a
+    (2, 1) mesh a param sharded on both dims is all-reduced once (over dim 0), one
+    sharded on dim 1 only not at all; both end equal to the oracle (C-Adam, 3 steps)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    from sharded_ams import CAdam
+
+    mesh = init_device_mesh("cpu", (2, 1))
+    out = {}
+    for name, pls in (("both", [Shard(0), Shard(1)]), ("dim1", [Replicate(), Shard(1)])):
+        torch.manual_seed(0)
+        full = torch.randn(9, 5)
+        p = nn.Parameter(distribute_tensor(full, mesh, pls))
+        opt = CAdam([p], lr=LR)
+        oracle = AMSOracle.start([full], lr=LR, betas=(0.9, 0.999), beta3=0.0, lam=0.0,
+                                 eps=1e-8, weight_decay=0.0)
+        calls = []
+        for _ in range(3):
+            g = torch.randn(9, 5)  # the same on every rank (seeded)
+            p.grad = distribute_tensor(g, mesh, pls)
+            calls.append(counters.step(opt, watch=False)[0])
+            oracle.step([g])
+        err = float((p.detach().full_tensor().double()
+                     - torch.from_numpy(oracle.tensors[0].p)).abs().max())
+        out[name] = dict(calls=calls, err=err)
+    return out
+
+
+def _count_batch_orders() -> dict:
+    """``CountBatch`` sums each tensor's count with the same tensor's count on the other
+    rank however each rank registered them: rank 0 as one vector in key order (summed in
+    place), rank 1 in three parts out of order with a param that is not split (no groups:
+    its count must stay its own) between two of them."""
+    from sharded_ams.dtensor import CountBatch, LocalParam
+
+    rank, world = dist.get_rank(), (dist.group.WORLD,)
+    keys = [(0, 0), (0, 1), (0, 2), (1, 0)]
+
+    def lp(key, groups=world):
+        return LocalParam(None, None, {}, 0, groups, key)
+
+    value = {k: (i + 1) * 10 ** rank for i, k in enumerate(keys)}  # rank 0: 1..4, 1: 10..40
+    batch = CountBatch()
+    if rank == 0:
+        vec = torch.tensor([value[k] for k in keys])
+        batch.add([lp(k) for k in keys], vec)
+        views = {k: vec[i:i + 1] for i, k in enumerate(keys)}
+    else:
+        last, mixed, mid = (torch.tensor([value[(1, 0)]]),
+                            torch.tensor([value[(0, 2)], 99, value[(0, 0)]]),
+                            torch.tensor([value[(0, 1)]]))
+        batch.add([lp((1, 0))], last)
+        batch.add([lp((0, 2)), lp((0, 5), groups=()), lp((0, 0))], mixed)
+        batch.add([lp((0, 1))], mid)
+        views = {(1, 0): last, (0, 2): mixed[0:1], "unsplit": mixed[1:2], (0, 0): mixed[2:3],
+                 (0, 1): mid}
+    batch.finish()
+    return {str(k): int(v) for k, v in views.items()}
+
+
 #: at N = 3 the cases whose counts cross ranks (and one of each path and precision)
 CASES_N3 = ("cadam", "lam-0.5_beta3-0.5", "lam0.3_beta3-0.9_fused", "cadam_foreach",
             "lam-0.5_bf16", "lam-0.5_beta3-0.5_dcp_fused", "grams")
@@ -343,6 +404,9 @@ def _job(ckpt_dir: str) -> dict:
         res[c.name] = _run_case(c, counters, ckpt_dir)
         res[c.name]["seconds"] = time.perf_counter() - t0
     res["errors"] = _layout_errors()
+    if dist.get_world_size() == 2:
+        res["size_one_dims"] = _size_one_dims(counters)
+        res["count_batch"] = _count_batch_orders()
     from torch._dynamo.utils import counters as dynamo_counters
 
     res["compiled_graphs"] = dynamo_counters["stats"]["unique_graphs"]
@@ -391,6 +455,19 @@ def test_layouts_it_cannot_step_are_named():
     assert errors["untouched"]
     # the same after steps that passed the checks (``dtensor.local_param`` keeps them)
     assert "late.weight" in errors["late_grad"] and "Replicate" in errors["late_grad"]
+
+
+def test_counts_are_summed_tensor_by_tensor_whatever_order_each_rank_registered():
+    want = {str(k): 11 * (i + 1) for i, k in enumerate([(0, 0), (0, 1), (0, 2), (1, 0)])}
+    r0, r1 = (r["count_batch"] for r in _results(2))
+    assert r0 == want
+    assert r1 == {**want, "unsplit": 99}
+
+
+def test_a_mesh_dim_of_one_rank_is_not_summed_over():
+    res = _results(2)[0]["size_one_dims"]
+    assert res["both"]["calls"] == [1] * 3 and res["dim1"]["calls"] == [0] * 3, res
+    assert max(r["err"] for r in res.values()) < TOL, res
 
 
 def test_state_loaded_into_the_same_optimizer_is_what_the_next_step_reads():
