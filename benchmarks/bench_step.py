@@ -34,6 +34,9 @@ fp32 params, grads set once, weight decay 0:
   ``sharded_ams.kernels.flat_step(...)``: ShardedAMS's kernel path.
 * ``sharded_ams``: ``ShardedAMS(params, preset="grams")`` at world size 1 (no process
   group): the flat pass plus its global grad norm (the non-finite check), a read of g.
+* ``sharded_cadam``: ``ShardedAMS(params, preset="cadam")``: the norm pass, a count pass
+  (reads g, m) and the apply pass (the whole step with per-tensor step sizes); peer
+  ``adamw_fused_norm``.
 * ``sharded_ams_no_check``: the same with ``skip_nonfinite=False`` (no norm pass): the
   work of fused AdamW, so "vs fused" compares like with like.
 * ``sharded_ams_clip``: ``ShardedAMS(max_grad_norm=1.0)``: the norm pass, then the step
@@ -262,10 +265,10 @@ def row_flat_compiled(shapes, device):
     return step, f"kernels.flat_step(backend={backend!r}) over one flat buffer"
 
 
-def _sharded(shapes, device, **kw):
+def _sharded(shapes, device, preset: str = "grams", **kw):
     params = make_params(shapes, device)
     grads = [p.grad for p in params]
-    opt = ShardedAMS(params, preset="grams", lr=LR, betas=BETAS, eps=EPS, **kw)
+    opt = ShardedAMS(params, preset=preset, lr=LR, betas=BETAS, eps=EPS, **kw)
     for p, g in zip(params, grads):  # ShardedAMS moved the params into its buffers; the
         p.grad = g                   # first step copies g in, later ones use the views
     return opt
@@ -281,6 +284,12 @@ def row_sharded_ams_no_check(shapes, device):
     opt = _sharded(shapes, device, skip_nonfinite=False)
     return step_keeping_grads(opt), ("ShardedAMS(preset='grams', skip_nonfinite=False): no "
                                       "grad-norm pass, the same work as fused AdamW")
+
+
+def row_sharded_cadam(shapes, device):
+    opt = _sharded(shapes, device, preset="cadam")
+    return step_keeping_grads(opt), (f"ShardedAMS(preset='cadam') at world size 1, backend "
+                                      f"{opt.backend!r}: norm, count, apply")
 
 
 def row_sharded_ams_clip(shapes, device):
@@ -361,6 +370,7 @@ ROWS: dict[str, Callable] = {
     "cadam_triton": row_cadam_triton,
     "flat_compiled": row_flat_compiled,
     "sharded_ams": row_sharded_ams,
+    "sharded_cadam": row_sharded_cadam,
     "sharded_ams_no_check": row_sharded_ams_no_check,
     "sharded_ams_clip": row_sharded_ams_clip,
     "grad_norm_pass": row_grad_norm_pass,
@@ -375,6 +385,7 @@ PEERS = {"ams_default": "adamw_fused", "cadam_default": "adamw_fused",
          "ams_fused_compiled": "adamw_fused", "flat_compiled": "adamw_fused",
          "ams_triton": "adamw_fused", "cadam_triton": "adamw_fused",
          "sharded_ams_no_check": "adamw_fused", "sharded_ams": "adamw_fused_norm",
+         "sharded_cadam": "adamw_fused_norm",
          "sharded_ams_clip": "adamw_fused_clip"}
 
 

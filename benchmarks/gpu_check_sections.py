@@ -110,8 +110,10 @@ def section_static(plan: Plan) -> dict:
                 ("one pass, fp32, fp fusion ON", tk.MODE_FUSED, False, False, "fp32", True, True),
                 ("one pass, bf16 params + fp32 master", tk.MODE_FUSED, False, True, "bf16", False,
                  True),
-                ("count pass, chunk table, s", tk.MODE_COUNT, True, False, "fp32", False, True),
-                ("apply pass, chunk table, s", tk.MODE_APPLY, True, False, "fp32", False, True)]
+                ("count pass, chunk table, s", tk.MODE_COUNT_ONLY, True, False, "fp32", False,
+                 True),
+                ("apply pass (the whole step), chunk table, s", tk.MODE_FUSED_TABLE, True, False,
+                 "fp32", False, True)]
     multi = [("multi-tensor one pass, fp32", tk.MODE_FUSED, False, "fp32"),
              ("multi-tensor one pass, bf16 params + fp32 master", tk.MODE_FUSED, True, "bf16"),
              ("multi-tensor count pass (stores nothing), s", tk.MODE_COUNT_ONLY, False,

@@ -85,11 +85,19 @@ def step_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, weight_decay: float) -> S
 def update_moments(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
                    beta1: Scalar, beta2: Scalar, beta3: Scalar):
     """New (m, v, s) from the gradient. ``s`` is None when beta3 == 0 (then s = g)."""
-    m = m * beta1 + g * (1 - beta1)
+    m, s = sign_moments(g, m, s, beta1, beta3)
     v = v * beta2 + g * g * (1 - beta2)
+    return m, v, s
+
+
+def sign_moments(g: Tensor, m: Tensor, s: Optional[Tensor], beta1: Scalar, beta3: Scalar):
+    """The new (m, s) alone: what the sign test u*s reads (v is positive). The count pass
+    of lam not in {1, -1} computes them without storing, and the step that follows
+    recomputes them here, bit for bit."""
+    m = m * beta1 + g * (1 - beta1)
     if s is not None:
         s = s * beta3 + g * (1 - beta3)
-    return m, v, s
+    return m, s
 
 
 def agreement(m: Tensor, sign_ref: Tensor) -> tuple[Tensor, Tensor]:

@@ -113,6 +113,30 @@ def test_one_count_and_one_apply_per_run(backend, monkeypatch):
     assert calls == ["fused_step"]
 
 
+@pytest.mark.parametrize("backend", ["eager", pytest.param("compiled", marks=needs_compile)])
+@pytest.mark.parametrize("hp", [HP_AMS, GroupHParams(0.9, 0.999, 0.0, 0.0, 1e-8, 0.1)],
+                         ids=["lam-0.5_beta3", "cadam"])
+def test_a_run_stepped_segment_by_segment_equals_the_per_element_tables(backend, hp,
+                                                                        monkeypatch):
+    """Runs whose pieces are long go one piece (and gap) at a time through the one-range
+    kernels, short ones through per-element tables (``eager.SEGMENT_LOOP_MIN_AVG``): the
+    same counts and the same bits either way, with a skip flag and a clip coefficient."""
+    import sharded_ams.kernels.eager as eager_mod
+
+    out = {}
+    for name, threshold in (("tables", 1 << 40), ("segments", 0)):
+        monkeypatch.setattr(eager_mod, "SEGMENT_LOOP_MIN_AVG", threshold)
+        p, g, m, v, s = _run_state(seed=3)
+        counts = []
+        for step in (1, 2):
+            flat_step(p, g, m, v, s, None, lr=1e-2, step=step, hp=hp, pieces=PIECES,
+                      num_tensors=3, backend=backend, skip=torch.tensor(False),
+                      coef=torch.tensor(0.5), count_reduce=lambda c: counts.append(c.clone()))
+        out[name] = (p, m, v, s, torch.stack(counts))
+    for a, b in zip(*out.values()):
+        assert torch.equal(a, b)
+
+
 # --- the device path on meta tensors: no host-to-device copy, no sync --------------------
 
 DEV = "meta"  # the stand-in accelerator
@@ -222,7 +246,7 @@ def test_flat_step_device_path_has_no_copy_or_sync(backend, scalars, request):
             flat_step(p, g, m, v, s, out, **kw)
         assert log.events == [], (hp, log.events)
         if rec is not None:  # 1 launch per step with |lam| = 1, count + apply otherwise
-            assert rec.modes == ([0, 0] if hp.lam == -1.0 else [1, 2, 1, 2]), rec.modes
+            assert rec.modes == ([0, 0] if hp.lam == -1.0 else [3, 4, 3, 4]), rec.modes
 
 
 @pytest.mark.usefixtures("fresh_tables")

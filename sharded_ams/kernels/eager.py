@@ -6,9 +6,10 @@ the contract every backend follows):
 * ``fused_step``: moments and parameter update in one pass (reads p, g, m, v[, s];
   writes p, m, v[, s] and optionally a low-precision copy of p).
 * ``count_run``: first pass of the per-tensor-scaled case (lam not in {1, -1}) over a
-  whole run: updates the moments and adds each tensor's count of u*s < 0 to ``counts``.
-* ``apply_run``: second pass: the parameter update from the already-updated moments,
-  each element with its tensor's step size and decay (gathered from per-tensor tables).
+  whole run: adds each tensor's count of u*s < 0 (from this step's m and s, computed and
+  not stored: reads g, m[, s]) to ``counts``.
+* ``apply_run``: second pass: the whole one-pass step (moments and parameters), each
+  element with its tensor's step size and decay (gathered from per-tensor tables).
 
 m, v, s may be stored in a lower precision than fp32; they are read into fp32 and
 rounded once on store. Scalars are Python floats (no tensor is created per step) or
@@ -28,7 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..update import agreement, denominator, new_param, update_moments, weighted
+from ..update import (agreement, denominator, new_param, sign_moments, update_moments,
+                      weighted)
 from .tables import RunTable, piece_counts
 
 log = logging.getLogger(__name__)
@@ -63,34 +65,41 @@ def _fused_step(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, beta1: float
         _store(dst, value, skip)
 
 
-def _moments_flags(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None,
-                   coef=None) -> Tensor:
+def _disagree(g, m, s, beta1: float, beta3: float, coef=None) -> Tensor:
+    """Where u*s < 0 after this step's moments, which are computed and NOT stored: the
+    count pass of lam not in {1, -1} reads g and m[, s] only (8 B per fp32 element), the
+    apply pass that follows is the whole one-pass step (``_fused_step``) and recomputes
+    them bit for bit (``update.sign_moments``): 36 B per element, not 40 for storing the
+    moments here and reading them back there."""
     gf = _grad(g, coef)
-    m1, v1, s1 = update_moments(gf, m.float(), v.float(), _f32(s), beta1, beta2, beta3)
-    for dst, value in ((m, m1), (v, v1), (s, s1)):
-        _store(dst, value, skip)
+    m1, s1 = sign_moments(gf, m.float(), _f32(s), beta1, beta3)
     return agreement(m1, gf if s1 is None else s1)[1]
 
 
-def _moments_count(g, m, v, s, beta1: float, beta2: float, beta3: float, skip=None,
-                   coef=None) -> Tensor:
-    return _moments_flags(g, m, v, s, beta1, beta2, beta3, skip, coef).sum(dtype=torch.int64)
+def _count(g, m, s, beta1: float, beta3: float, coef=None) -> Tensor:
+    return _disagree(g, m, s, beta1, beta3, coef).sum(dtype=torch.int64)
 
 
-def _apply(p, g, m, v, s, out, step_size, decay, inv_sqrt_bc2, lam: float, eps: float,
-           skip=None, coef=None) -> None:
-    mf = m.float()
-    wm = weighted(mf, _grad(g, coef) if s is None else s.float(), lam)
-    p1 = new_param(p, wm, denominator(v.float(), inv_sqrt_bc2, eps), step_size, decay)
-    _store(out, p1, skip)
-    _store(p, p1, skip)
-
-
-def _apply_indexed(p, g, m, v, s, out, step_sizes, decays, index, inv_sqrt_bc2, lam: float,
-                   eps: float, skip=None, coef=None) -> None:
+def _fused_indexed(p, g, m, v, s, out, step_sizes, decays, index, inv_sqrt_bc2, beta1: float,
+                   beta2: float, beta3: float, lam: float, eps: float, skip=None,
+                   coef=None) -> None:
+    """The one-pass step, each element with its tensor's step size and decay."""
     idx = index.long()
-    _apply(p, g, m, v, s, out, step_sizes[idx], decays[idx], inv_sqrt_bc2, lam, eps, skip,
-           coef)
+    _fused_step(p, g, m, v, s, out, step_sizes[idx], decays[idx], inv_sqrt_bc2, beta1, beta2,
+                beta3, lam, eps, skip, coef)
+
+
+#: a run whose pieces and gaps average at least this many elements is counted and applied
+#: one segment at a time (a call each: ~0.1 ms of host on the compiled backend); shorter
+#: ones through per-element tables (a flags vector and prefix sums for the counts, each
+#: element's step size gathered in the apply pass: ~10 ns an element in all on this CPU,
+#: ~9x the two passes themselves; ShardedAMS's C-Adam at world size 1 on a 29M-parameter
+#: set of 44 segments took 330 ms a step that way, its Grams 25 ms)
+SEGMENT_LOOP_MIN_AVG = 32768
+
+
+def _by_segment(table: RunTable) -> bool:
+    return table.single is not None or table.n >= SEGMENT_LOOP_MIN_AVG * len(table.segments())
 
 
 class EagerOps:
@@ -109,25 +118,30 @@ class EagerOps:
     @classmethod
     def count_run(cls, g, m, v, s, hp, table: RunTable, counts: Tensor,
                   skip: Optional[Tensor] = None, coef: Optional[Tensor] = None) -> None:
-        consts = dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, skip=skip, coef=coef)
-        one = table.single
-        if one is not None:  # one piece: a plain sum, no per-element flags
-            counts[one.index:one.index + 1].add_(cls._call(_moments_count, (g, m, v, s), consts))
+        # stores nothing (``_disagree``), so a skipped step needs nothing here
+        consts = dict(beta1=hp.beta1, beta3=hp.beta3, coef=coef)
+        if _by_segment(table):  # a plain sum per piece (the gaps' slot has scale 1 anyway)
+            for pc in table.pieces:
+                r = slice(pc.start, pc.end)
+                counts[pc.index:pc.index + 1].add_(
+                    cls._call(_count, (g[r], m[r], None if s is None else s[r]), consts))
             return
-        counts.add_(piece_counts(cls._call(_moments_flags, (g, m, v, s), consts), table))
+        counts.add_(piece_counts(cls._call(_disagree, (g, m, s), consts), table))
 
     @classmethod
     def apply_run(cls, p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable,
                   step_sizes: Tensor, decays: Tensor, skip: Optional[Tensor] = None,
                   coef: Optional[Tensor] = None) -> None:
-        consts = dict(lam=hp.lam, eps=hp.eps, skip=skip, coef=coef)
-        one = table.single
-        if one is not None:
-            i = one.index
-            cls._call(_apply, (p, g, m, v, s, out, step_sizes[i], decays[i], inv_sqrt_bc2),
-                      consts)
+        consts = dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps,
+                      skip=skip, coef=coef)
+        if _by_segment(table):  # the pieces and the gaps between (scale 1), each in turn
+            for start, end, i in table.segments():
+                r = slice(start, end)
+                cls._call(_fused_step, (p[r], g[r], m[r], v[r], None if s is None else s[r],
+                                        None if out is None else out[r], step_sizes[i],
+                                        decays[i], inv_sqrt_bc2), consts)
             return
-        cls._call(_apply_indexed, (p, g, m, v, s, out, step_sizes, decays,
+        cls._call(_fused_indexed, (p, g, m, v, s, out, step_sizes, decays,
                                    table.element_tensor(), inv_sqrt_bc2), consts)
 
     @staticmethod
@@ -153,14 +167,14 @@ def _compiled(fn, serial: bool = False, static: bool = False):
     # tensors of 512 x 1024, one thread: 0.80-0.84x torch's fused AdamW fused, 0.87-0.92x
     # not); each tensor's loop is the same either way, so are the results.
     # ``static``: shapes specialised (dynamo's automatic dynamic: symbolic only after a
-    # second shape set) and no Inductor size asserts, for ``multi.py``'s one call per group
-    # (see its docstring); the caller passes per-step scalars as tensors.
+    # second shape set), for ``multi.py``'s one call per group (see its docstring); the
+    # caller passes per-step scalars as tensors. No Inductor size asserts on the inputs
+    # (dynamo's guards check the same): ~50 us less per call.
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    options = {"cpp.max_horizontal_fusion_size": 1, **({"cpp.threads": 1} if serial else {})}
-    if static:
-        options["size_asserts"] = False
+    options = {"cpp.max_horizontal_fusion_size": 1, "size_asserts": False,
+               **({"cpp.threads": 1} if serial else {})}
     return torch.compile(fn, dynamic=None if static else True, fullgraph=True, options=options)
 
 

@@ -30,8 +30,7 @@ import torch
 from torch import Tensor
 
 from ..update import StepScalars
-from ..update import agreement
-from .eager import _fused_step, compiled
+from .eager import _disagree, _fused_step, compiled
 
 
 def _fused_all(ps, gs, ms, vs, ss, outs, step_size, decay, inv_sqrt_bc2, beta1: float,
@@ -51,10 +50,8 @@ def _count_all(gs, ms, ss, beta1: float, beta3: float, wide: bool) -> Tensor:
     # with int64 accumulators (twice the lanes per vector), the same numbers.
     out = []
     for i in range(len(gs)):
-        gf = gs[i].float()
-        m1 = ms[i].float() * beta1 + gf * (1 - beta1)
-        ref = gf if ss is None else ss[i].float() * beta3 + gf * (1 - beta3)
-        out.append(agreement(m1, ref)[1].sum(dtype=torch.int64 if wide else torch.int32))
+        flags = _disagree(gs[i], ms[i], None if ss is None else ss[i], beta1, beta3)
+        out.append(flags.sum(dtype=torch.int64 if wide else torch.int32))
     return torch.stack(out).to(torch.int64)
 
 
@@ -108,8 +105,8 @@ def multi_count(ps, gs: Sequence[Tensor], ms: Sequence[Tensor], vs,
     reads g and m[, s] only (8 B per fp32 element), and the apply pass is the whole
     one-pass step (28 B): 36 B in all instead of 40 for storing the moments here and
     reading them back there. The same bits: the apply pass recomputes m and s by the same
-    expressions as ``update.update_moments``). ``ps``, ``vs``, ``outs`` and ``cache`` are
-    not used (the signature is the Triton pass's)."""
+    function, ``update.sign_moments``). ``ps``, ``vs``, ``outs`` and ``cache`` are not
+    used (the signature is the Triton pass's)."""
     wide = any(g.numel() > COUNT_INT32_MAX for g in gs)
     return compiled(_count_all, static=True)(*_flat(gs, ms, ss), beta1=hp.beta1,
                                              beta3=hp.beta3, wide=wide)

@@ -2,9 +2,10 @@
 
 One launch reads p, g, m, v[, s] once and writes p, m, v[, s] (and the model-dtype copy
 of p) once. ``MODE`` selects the full step (|lam| == 1), or one of the two passes of the
-per-tensor-scaled case, each ONE launch over a whole run: the count pass updates the
-moments and atomically adds each program's count of u*s < 0 to its tensor's slot; the
-apply pass reads its tensor's step size and decay from per-tensor tables. A run of many
+per-tensor-scaled case, each ONE launch over a whole run: the count pass computes this
+step's m[, s] without storing them (reads g, m[, s]) and atomically adds each program's
+count of u*s < 0 to its tensor's slot; the apply pass is the whole step, with its
+tensor's step size and decay from per-tensor tables. A run of many
 pieces is addressed through a chunk table (``tables.RunTable.chunks``: one program per
 chunk, each inside one piece, starting on a 16-element boundary). A whole block (every
 block but a range's or a piece's edges) takes an unmasked path, so its loads and stores
@@ -45,10 +46,13 @@ import triton.language as tl
 from ..update import StepScalars
 from .tables import ALIGN, RunTable
 
-MODE_FUSED, MODE_COUNT, MODE_APPLY = 0, 1, 2
-#: the multi-tensor pair (``triton_multi.py``): a count that stores nothing (reads g, m[, s]:
-#: 8 B per fp32 element), then the whole one-pass step with per-tensor step sizes (28 B):
-#: 36 B in all against 40 for count-and-store + apply, the same bits for fp32 moments
+MODE_FUSED = 0
+#: the pair of lam not in {1, -1} (per range and ``triton_multi.py``): a count that stores
+#: nothing (reads g, m[, s]: 8 B per fp32 element), then the whole one-pass step with
+#: per-tensor step sizes (28 B): 36 B in all against 40 for a count that stores the moments
+#: and an apply that reads them back (modes 1 and 2 until 2026-12), the same bits for fp32
+#: moments (bf16 moments: the step now uses the fp32 values it rounds for storage, as the
+#: one-pass step always did)
 MODE_COUNT_ONLY, MODE_FUSED_TABLE = 3, 4
 BLOCK = 1024
 #: compile options of every launch: no fma contraction (see the module docstring)
@@ -86,16 +90,15 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
         v = _ld(v_ptr, offs, mask, MASKED).to(tl.float32)
     if HAS_S:
         s = _ld(s_ptr, offs, mask, MASKED).to(tl.float32)
-    if MODE != 2:
-        m = m * beta1 + g * omb1
+    m = m * beta1 + g * omb1
+    if MODE != 3:  # the count stores nothing
+        v = v * beta2 + g * g * omb2
+        _st(m_ptr, offs, m, mask, MASKED)
+        _st(v_ptr, offs, v, mask, MASKED)
+    if HAS_S:
+        s = s * beta3 + g * omb3
         if MODE != 3:
-            v = v * beta2 + g * g * omb2
-            _st(m_ptr, offs, m, mask, MASKED)
-            _st(v_ptr, offs, v, mask, MASKED)
-        if HAS_S:
-            s = s * beta3 + g * omb3
-            if MODE != 3:
-                _st(s_ptr, offs, s, mask, MASKED)
+            _st(s_ptr, offs, s, mask, MASKED)
     if HAS_S:
         ref = s
     else:
@@ -103,7 +106,7 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
     # sign(u * s) = sign(m) * sign(s): u = m / (positive), and no product can underflow
     agree = ((m > 0.0) & (ref > 0.0)) | ((m < 0.0) & (ref < 0.0))
     disagree = ((m > 0.0) & (ref < 0.0)) | ((m < 0.0) & (ref > 0.0))
-    if MODE == 1 or MODE == 3:
+    if MODE == 3:
         neg = tl.sum((disagree & mask).to(tl.int32), axis=0)
         tl.atomic_add(counts_ptr + idx, neg.to(tl.int64))
     else:
@@ -112,7 +115,7 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
             if MODE == 0:
                 step_size = tl.load(scal_ptr)
                 decay = tl.load(scal_ptr + 1)
-        if MODE == 2 or MODE == 4:
+        if MODE == 4:
             step_size = tl.load(ss_ptr + idx)
             decay = tl.load(dec_ptr + idx)
         w = tl.where(agree, 1.0, tl.where(disagree, lam, tie))
@@ -274,10 +277,12 @@ class TritonOps:
     @staticmethod
     def count_run(g, m, v, s, hp, table: RunTable, counts: Tensor, skip=None,
                   coef=None) -> None:
-        _launch(MODE_COUNT, g, m, v, s, hp, table=table, counts=counts, skip=skip, coef=coef)
+        # stores nothing, reads g, m[, s]; the apply pass is the whole step (36 B in all)
+        _launch(MODE_COUNT_ONLY, g, m, v, s, hp, table=table, counts=counts, skip=skip,
+                coef=coef)
 
     @staticmethod
     def apply_run(p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable, step_sizes: Tensor,
                   decays: Tensor, skip=None, coef=None) -> None:
-        _launch(MODE_APPLY, g, m, v, s, hp, p=p, out=out, inv_sqrt_bc2=inv_sqrt_bc2, table=table,
-                step_sizes=step_sizes, decays=decays, skip=skip, coef=coef)
+        _launch(MODE_FUSED_TABLE, g, m, v, s, hp, p=p, out=out, inv_sqrt_bc2=inv_sqrt_bc2,
+                table=table, step_sizes=step_sizes, decays=decays, skip=skip, coef=coef)
