@@ -158,10 +158,6 @@ class LocalParam:
     key: tuple
 
 
-#: id(DTensor param) -> _Checked: what ``local_param`` found on its last full check
-_CHECKED: dict[int, "_Checked"] = {}
-
-
 @dataclass(slots=True)
 class _Checked:
     """A DTensor param's layout and state as last checked: while the param keeps its spec
@@ -179,16 +175,19 @@ class _Checked:
     groups: Groups
 
 
-def local_param(p: Tensor, state: dict, key: tuple, what: Union[str, ParamName]) -> LocalParam:
+def local_param(p: Tensor, state: dict, key: tuple, what: Union[str, ParamName],
+                checked: Optional[dict] = None) -> LocalParam:
     """Plain views of ``p``, its gradient and its state (state tensors of a DTensor param
-    are DTensors laid out as the param: DCP saves and reshards them)."""
+    are DTensors laid out as the param: DCP saves and reshards them). ``checked``: the
+    caller's dict of :class:`_Checked` by param id, kept by the optimizer (it holds the
+    state's views: a module-level one would keep a deleted optimizer's state alive)."""
     g = p.grad
     if not is_dtensor(p):
         if is_dtensor(g):
             check_grad_layout(p, what)  # raises: a plain param with a DTensor gradient
         return LocalParam(p, g, state, p.numel(), (), key)
     spec = p._spec
-    c = _CHECKED.get(id(p))
+    c = checked.get(id(p)) if checked is not None else None
     if (c is not None and c.spec is spec and c.state is state and is_dtensor(g)
             and (g._spec is spec or g._spec == spec) and c.ref() is p
             and len(state) == len(c.values) and all(state.get(k) is v for k, v in c.values)):
@@ -198,9 +197,10 @@ def local_param(p: Tensor, state: dict, key: tuple, what: Union[str, ParamName])
     check_grad_layout(p, what)
     check_state_layout(p, state, what)
     local_state = {k: (v if k == "step" else local(v)) for k, v in state.items()}
-    pid = id(p)
-    _CHECKED[pid] = _Checked(weakref.ref(p, lambda _: _CHECKED.pop(pid, None)), spec, state,
-                             tuple(state.items()), local_state, p.numel(), groups)
+    if checked is not None:
+        pid = id(p)
+        checked[pid] = _Checked(weakref.ref(p, lambda _: checked.pop(pid, None)), spec, state,
+                                tuple(state.items()), local_state, p.numel(), groups)
     return LocalParam(local(p), local(g), local_state, p.numel(), groups, key)
 
 

@@ -97,6 +97,8 @@ class AMS(Optimizer):
                         weight_decay=weight_decay, foreach=foreach, fused=fused)
         #: tables built once per layout and kept: run tables, sizes, multi-tensor launches
         self._tables: dict[tuple, Any] = {}
+        #: DTensor params' checked layouts and local state views (``dtensor.local_param``)
+        self._checked: dict[int, Any] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -178,7 +180,7 @@ class AMS(Optimizer):
                 out.append(LocalParam(p, g, state, p.numel(), (), (gi, i)))
                 continue
             what = describe(names[i] if names else None, i, gi, p)
-            out.append(local_param(p, state, (gi, i), what))
+            out.append(local_param(p, state, (gi, i), what, self._checked))
         return out
 
     def _step_bucket(self, group: dict, hp: GroupHParams, params: list, device: torch.device,

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import os
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -320,6 +322,14 @@ def _after_a_checked_step(mesh) -> dict:
         opt.step()
     except ValueError as exc:
         out["late_grad"] = str(exc)
+    # what is kept between steps goes with the optimizer: a deleted one's state is freed
+    q = param(6)
+    other = AMS([q], lr=LR, lam=0.0)
+    step(other, q, 7)
+    state_ref = weakref.ref(other.state[q]["exp_avg"])
+    del other
+    gc.collect()
+    out["state_freed"] = state_ref() is None
     return out
 
 
@@ -472,6 +482,10 @@ def test_a_mesh_dim_of_one_rank_is_not_summed_over():
 
 def test_state_loaded_into_the_same_optimizer_is_what_the_next_step_reads():
     assert _results(2)[0]["errors"]["reload_same"]
+
+
+def test_a_deleted_optimizers_state_is_freed():
+    assert _results(2)[0]["errors"]["state_freed"]
 
 
 
