@@ -276,6 +276,12 @@ def _layout_errors() -> dict:
     # nothing moved: the error came before any group was stepped
     out["untouched"] = (torch.equal(ok.detach().full_tensor(), before)
                         and all(float(st["step"]) == 0 for st in opt.state.values()))
+    plain = nn.Parameter(torch.randn(6, 5))  # a plain param handed a DTensor gradient
+    plain.grad = distribute_tensor(torch.randn(6, 5), mesh, [Shard(0)])
+    try:
+        AMS([("plain.weight", plain)], lam=0.0).step()
+    except ValueError as exc:
+        out["plain_dtensor_grad"] = str(exc)
     out.update(_after_a_checked_step(mesh))
     return out
 
@@ -463,6 +469,8 @@ def test_layouts_it_cannot_step_are_named():
     assert "blocks.0.attn.weight" in errors["partial"] and "Partial" in errors["partial"]
     assert "head.weight" in errors["grad"] and "Replicate" in errors["grad"]
     assert errors["untouched"]
+    assert "plain.weight" in errors["plain_dtensor_grad"] \
+        and "DTensor gradient" in errors["plain_dtensor_grad"]
     # the same after steps that passed the checks (``dtensor.local_param`` keeps them)
     assert "late.weight" in errors["late_grad"] and "Replicate" in errors["late_grad"]
 
