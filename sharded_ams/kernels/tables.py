@@ -81,7 +81,10 @@ class RunTable:
         return self._lazy[key]
 
     def segments(self) -> list[tuple[int, int, int]]:
-        """(start, end, tensor index) covering [0, n): the pieces and the gaps between."""
+        """(start, end, tensor index) covering [0, n): the pieces and the gaps between
+        (computed once per table: the CPU step walks them every step)."""
+        if "segments" in self._lazy:
+            return self._lazy["segments"]
         out, pos = [], 0
         for pc in self.pieces:
             if pc.start > pos:
@@ -90,6 +93,7 @@ class RunTable:
             pos = pc.end
         if pos < self.n:
             out.append((pos, self.n, self.num_tensors))
+        self._lazy["segments"] = out
         return out
 
     def element_tensor(self) -> Tensor:
