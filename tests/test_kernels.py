@@ -116,11 +116,13 @@ def test_one_count_and_one_apply_per_run(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["eager", pytest.param("compiled", marks=needs_compile)])
 @pytest.mark.parametrize("hp", [HP_AMS, GroupHParams(0.9, 0.999, 0.0, 0.0, 1e-8, 0.1)],
                          ids=["lam-0.5_beta3", "cadam"])
-def test_a_run_stepped_segment_by_segment_equals_the_per_element_tables(backend, hp,
-                                                                        monkeypatch):
-    """Runs whose pieces are long go one piece (and gap) at a time through the one-range
-    kernels, short ones through per-element tables (``eager.SEGMENT_LOOP_MIN_AVG``): the
-    same counts and the same bits either way, with a skip flag and a clip coefficient."""
+def test_a_run_stepped_as_a_list_of_segments_equals_the_per_element_tables(backend, hp,
+                                                                           monkeypatch):
+    """Runs whose pieces are long go as a list of their pieces (and gaps) through one call
+    per pass, short ones through per-element tables (``eager.SEGMENT_LOOP_MIN_AVG``): the
+    same counts and the same bits either way, with a skip flag and a clip coefficient.
+    (Fails with the counts added to the wrong slots, the gaps left unstepped, the step
+    sizes not gathered per segment, or the clip coefficient left out of the count.)"""
     import sharded_ams.kernels.eager as eager_mod
 
     out = {}
@@ -418,7 +420,7 @@ def test_multi_count_sums_in_int64_where_int32_could_overflow(monkeypatch):
     """The one-call count pass sums in int32 (faster) only while no tensor could overflow
     it: with the limit lowered below a tensor's length, that call takes int64, and the
     counts are the same either way (a plain count over the new m's and g's signs)."""
-    from sharded_ams.kernels import multi
+    from sharded_ams.kernels import eager, multi
 
     hp = GroupHParams(0.9, 0.999, 0.0, 0.0, 1e-8, 0.0)
     g, m = torch.randn(3000), torch.randn(3000)
@@ -427,8 +429,8 @@ def test_multi_count_sums_in_int64_where_int32_could_overflow(monkeypatch):
     real = multi.compiled
     monkeypatch.setattr(multi, "compiled", lambda fn, **o: lambda *a, **k: (
         seen.append(k["wide"]), real(fn, **o)(*a, **k))[1])
-    for limit in (multi.COUNT_INT32_MAX, 2999):
-        monkeypatch.setattr(multi, "COUNT_INT32_MAX", limit)
+    for limit in (eager.COUNT_INT32_MAX, 2999):
+        monkeypatch.setattr(eager, "COUNT_INT32_MAX", limit)
         got = multi.multi_count([g], [g], [m], [m], None, [None], hp)
         assert got.dtype == torch.int64 and got.tolist() == [want]
     assert seen == [False, True]

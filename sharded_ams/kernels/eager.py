@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -89,17 +89,76 @@ def _fused_indexed(p, g, m, v, s, out, step_sizes, decays, index, inv_sqrt_bc2, 
                 beta3, lam, eps, skip, coef)
 
 
+#: the largest count an int32 accumulator holds; a longer tensor is counted in int64
+COUNT_INT32_MAX = torch.iinfo(torch.int32).max
+
+
+def count_wide(numels) -> bool:
+    """A list's count pass sums in int64 only where a tensor could overflow int32."""
+    return any(n > COUNT_INT32_MAX for n in numels)
+
+
+def _count_all(gs, ms, ss, beta1: float, beta3: float, wide: bool, coef=None) -> Tensor:
+    """int64[len(gs)]: each listed tensor's count of u*s < 0 (``_disagree``: reads g,
+    m[, s], stores nothing), the count pass of a whole list in one call. Summed in int32
+    unless ``wide``: 9-13% faster than int64 accumulators (twice the lanes per vector),
+    the same numbers."""
+    out = []
+    for i in range(len(gs)):
+        flags = _disagree(gs[i], ms[i], None if ss is None else ss[i], beta1, beta3, coef)
+        out.append(flags.sum(dtype=torch.int64 if wide else torch.int32))
+    return torch.stack(out).to(torch.int64)
+
+
+def _apply_all(ps, gs, ms, vs, ss, outs, step_sizes, decays, inv_sqrt_bc2, beta1: float,
+               beta2: float, beta3: float, lam: float, eps: float, skip=None,
+               coef=None) -> None:
+    """The one-pass step on each listed tensor, with its own step size and decay
+    (``step_sizes[i]``, ``decays[i]``; ``decays`` None: no decay)."""
+    for i in range(len(ps)):
+        _fused_step(ps[i], gs[i], ms[i], vs[i], None if ss is None else ss[i], outs[i],
+                    step_sizes[i], None if decays is None else decays[i], inv_sqrt_bc2,
+                    beta1, beta2, beta3, lam, eps, skip, coef)
+
+
+def _scalar(x):
+    """A per-step scalar as a 0-d fp32 tensor: a call compiled for its shapes
+    (``compiled(..., static=True)``) would be a new graph for a Python float that changes
+    every step; a tensor's value is not guarded. fp32 is the rounding the eager ops apply
+    to a Python scalar, so the bits are the same."""
+    return x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float32)
+
+
+def _flat(*lists: Optional[Sequence[Optional[Tensor]]]) -> tuple:
+    """The lists as the compiled call takes them: a view (FSDP2's gradients are views of
+    its reduce-scatter output, its params' local shards may be) goes as a base-less alias
+    of the same shape (``detach``, ~0.4 us: a mutated view input can cost AOTAutograd a
+    write-back pass, and a view's base is guarded on); tensors that own their memory go as
+    they are (the shapes are fixed per group, so a 2-D shape or a Parameter costs one
+    compile, not one per step)."""
+    return tuple(None if ts is None else
+                 [t if t is None or t._base is None else t.detach() for t in ts]
+                 for ts in lists)
+
+
+
 #: a run whose pieces and gaps average at least this many elements is counted and applied
-#: one segment at a time (a call each: ~0.1 ms of host on the compiled backend); shorter
-#: ones through per-element tables (a flags vector and prefix sums for the counts, each
-#: element's step size gathered in the apply pass: ~10 ns an element in all on this CPU,
-#: ~9x the two passes themselves; ShardedAMS's C-Adam at world size 1 on a 29M-parameter
-#: set of 44 segments took 330 ms a step that way, its Grams 25 ms)
+#: as a list of its segments, in one call per pass (``_count_all``, ``_apply_all``: on the
+#: compiled backend one graph per run layout, compiled for its shapes: a call per segment
+#: cost ~0.1 ms of host each, 9 of ShardedAMS C-Adam's 41 ms a step on a 29M-parameter
+#: set of 43 pieces); shorter ones through per-element tables (a flags vector and prefix
+#: sums for the counts, each element's step size gathered in the apply pass: ~10 ns an
+#: element in all on this CPU, ~9x the two passes themselves, but no graph that unrolls a
+#: loop over hundreds of small pieces)
 SEGMENT_LOOP_MIN_AVG = 32768
 
 
 def _by_segment(table: RunTable) -> bool:
-    return table.single is not None or table.n >= SEGMENT_LOOP_MIN_AVG * len(table.segments())
+    return table.n >= SEGMENT_LOOP_MIN_AVG * len(table.segments())
+
+
+def _cut(t: Optional[Tensor], ranges: Sequence[tuple[int, int]]) -> Optional[list]:
+    return None if t is None else [t[a:b] for a, b in ranges]
 
 
 class EagerOps:
@@ -120,13 +179,16 @@ class EagerOps:
                   skip: Optional[Tensor] = None, coef: Optional[Tensor] = None) -> None:
         # stores nothing (``_disagree``), so a skipped step needs nothing here
         consts = dict(beta1=hp.beta1, beta3=hp.beta3, coef=coef)
-        if _by_segment(table):  # a plain sum per piece (the gaps' slot has scale 1 anyway)
-            for pc in table.pieces:
-                r = slice(pc.start, pc.end)
-                counts[pc.index:pc.index + 1].add_(
-                    cls._call(_count, (g[r], m[r], None if s is None else s[r]), consts))
-            return
-        counts.add_(piece_counts(cls._call(_disagree, (g, m, s), consts), table))
+        one = table.single
+        if one is not None:  # one piece: a plain sum
+            counts[one.index:one.index + 1].add_(cls._call(_count, (g, m, s), consts))
+        elif _by_segment(table):  # the pieces, one call (the gaps' slot has scale 1 anyway)
+            r = [(pc.start, pc.end) for pc in table.pieces]
+            counts.index_add_(0, table.seg_tensor, cls._call_list(
+                _count_all, (_cut(g, r), _cut(m, r), _cut(s, r)),
+                dict(consts, wide=count_wide(b - a for a, b in r))))
+        else:
+            counts.add_(piece_counts(cls._call(_disagree, (g, m, s), consts), table))
 
     @classmethod
     def apply_run(cls, p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable,
@@ -134,15 +196,24 @@ class EagerOps:
                   coef: Optional[Tensor] = None) -> None:
         consts = dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps,
                       skip=skip, coef=coef)
-        if _by_segment(table):  # the pieces and the gaps between (scale 1), each in turn
-            for start, end, i in table.segments():
-                r = slice(start, end)
-                cls._call(_fused_step, (p[r], g[r], m[r], v[r], None if s is None else s[r],
-                                        None if out is None else out[r], step_sizes[i],
-                                        decays[i], inv_sqrt_bc2), consts)
-            return
-        cls._call(_fused_indexed, (p, g, m, v, s, out, step_sizes, decays,
-                                   table.element_tensor(), inv_sqrt_bc2), consts)
+        one = table.single
+        if one is not None:
+            cls._call(_fused_step, (p, g, m, v, s, out, step_sizes[one.index],
+                                    decays[one.index], inv_sqrt_bc2), consts)
+        elif _by_segment(table):  # the pieces and the gaps between (scale 1), one call
+            r = [(a, b) for a, b, _ in table.segments()]
+            idx = table.segment_tensor()
+            cls._call_list(_apply_all, (_cut(p, r), _cut(g, r), _cut(m, r), _cut(v, r),
+                                        _cut(s, r), _cut(out, r) or [None] * len(r),
+                                        step_sizes[idx], decays[idx], inv_sqrt_bc2), consts)
+        else:
+            cls._call(_fused_indexed, (p, g, m, v, s, out, step_sizes, decays,
+                                       table.element_tensor(), inv_sqrt_bc2), consts)
+
+    @staticmethod
+    def _call_list(fn, args: tuple, consts: dict):
+        """``fn`` over lists of ranges (``_count_all``, ``_apply_all``) in one call."""
+        return fn(*args, **consts)
 
     @staticmethod
     def _call(fn, args: tuple, consts: dict):
@@ -200,6 +271,14 @@ class CompiledOps(EagerOps):
         args = tuple(_alias(a) if isinstance(a, Tensor) and a.dim() > 0 else a for a in args)
         serial = args[0].device.type == "cpu" and args[0].numel() < SERIAL_NUMEL
         return compiled(fn, serial)(*args, **consts)
+
+    @staticmethod
+    def _call_list(fn, args: tuple, consts: dict):
+        # compiled for the run's shapes (as ``multi.py``'s one call per group): ranges as
+        # base-less aliases, per-step scalars as 0-d tensors (no recompile per step)
+        args = tuple(a if a is None or isinstance(a, Tensor) else _scalar(a)
+                     if isinstance(a, float) else _flat(a)[0] for a in args)
+        return compiled(fn, static=True)(*args, **consts)
 
 
 def dispatch_mode_active() -> bool:

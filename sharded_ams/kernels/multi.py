@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..update import StepScalars
-from .eager import _disagree, _fused_step, compiled
+from .eager import _apply_all, _count_all, _flat, _fused_step, _scalar, compiled, count_wide
 
 
 def _fused_all(ps, gs, ms, vs, ss, outs, step_size, decay, inv_sqrt_bc2, beta1: float,
@@ -40,51 +40,8 @@ def _fused_all(ps, gs, ms, vs, ss, outs, step_size, decay, inv_sqrt_bc2, beta1: 
                     step_size, decay, inv_sqrt_bc2, beta1, beta2, beta3, lam, eps)
 
 
-#: the largest count an int32 accumulator holds; a longer tensor is counted in int64
-COUNT_INT32_MAX = torch.iinfo(torch.int32).max
-
-
-def _count_all(gs, ms, ss, beta1: float, beta3: float, wide: bool) -> Tensor:
-    # the new m (and s) only, stored nowhere: reads g, m[, s]; v is not needed for a sign.
-    # Summed in int32 unless a tensor could overflow it: the pass is 9-13% faster than
-    # with int64 accumulators (twice the lanes per vector), the same numbers.
-    out = []
-    for i in range(len(gs)):
-        flags = _disagree(gs[i], ms[i], None if ss is None else ss[i], beta1, beta3)
-        out.append(flags.sum(dtype=torch.int64 if wide else torch.int32))
-    return torch.stack(out).to(torch.int64)
-
-
-def _apply_all(ps, gs, ms, vs, ss, outs, step_sizes, decays, inv_sqrt_bc2, beta1: float,
-               beta2: float, beta3: float, lam: float, eps: float) -> None:
-    for i in range(len(ps)):
-        _fused_step(ps[i], gs[i], ms[i], vs[i], None if ss is None else ss[i], outs[i],
-                    step_sizes[i], None if decays is None else decays[i], inv_sqrt_bc2,
-                    beta1, beta2, beta3, lam, eps)
-
-
-def _scalar(x):
-    """A per-step scalar as a 0-d fp32 tensor: the compiled call is specialised on shapes
-    (``compiled(..., static=True)``), so a Python float that changes every step would be a
-    new graph; a tensor's value is not guarded. fp32 is the rounding the eager ops apply
-    to a Python scalar, so the bits are the same."""
-    return x if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float32)
-
-
 def _consts(hp) -> dict:
     return dict(beta1=hp.beta1, beta2=hp.beta2, beta3=hp.beta3, lam=hp.lam, eps=hp.eps)
-
-
-def _flat(*lists: Optional[Sequence[Optional[Tensor]]]) -> tuple:
-    """The lists as the compiled call takes them: a view (FSDP2's gradients are views of
-    its reduce-scatter output, its params' local shards may be) goes as a base-less alias
-    of the same shape (``detach``, ~0.4 us: a mutated view input can cost AOTAutograd a
-    write-back pass, and a view's base is guarded on); tensors that own their memory go as
-    they are (the shapes are fixed per group, so a 2-D shape or a Parameter costs one
-    compile, not one per step)."""
-    return tuple(None if ts is None else
-                 [t if t is None or t._base is None else t.detach() for t in ts]
-                 for ts in lists)
 
 
 def multi_fused_step(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Tensor],
@@ -107,9 +64,9 @@ def multi_count(ps, gs: Sequence[Tensor], ms: Sequence[Tensor], vs,
     reading them back there. The same bits: the apply pass recomputes m and s by the same
     function, ``update.sign_moments``). ``ps``, ``vs``, ``outs`` and ``cache`` are not
     used (the signature is the Triton pass's)."""
-    wide = any(g.numel() > COUNT_INT32_MAX for g in gs)
     return compiled(_count_all, static=True)(*_flat(gs, ms, ss), beta1=hp.beta1,
-                                             beta3=hp.beta3, wide=wide)
+                                             beta3=hp.beta3,
+                                             wide=count_wide(g.numel() for g in gs))
 
 
 def multi_apply(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Tensor],

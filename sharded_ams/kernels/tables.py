@@ -96,6 +96,14 @@ class RunTable:
         self._lazy["segments"] = out
         return out
 
+    def segment_tensor(self) -> Tensor:
+        """int64[len(segments())] on the device: each segment's tensor index (the gather
+        of the per-segment step sizes of a run stepped as a list of segments)."""
+        if "segment_tensor" not in self._lazy:
+            self._lazy["segment_tensor"] = torch.tensor([i for _, _, i in self.segments()],
+                                                        dtype=torch.int64, device=self.device)
+        return self._lazy["segment_tensor"]
+
     def element_tensor(self) -> Tensor:
         """int32[n]: each element's tensor index; ``num_tensors`` outside every piece."""
         if "element" not in self._lazy:
