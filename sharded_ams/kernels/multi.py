@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from ..update import StepScalars
