@@ -16,12 +16,12 @@ from .config import (DEFAULTS, check_grad, check_params, preset_hparams, validat
 from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, is_dtensor,
                       local_param, needs_batch)
 from .kernels import (GroupHParams, Piece, flat_apply, flat_count, flat_step, host_scalar,
-                      resolve_backend, triton_available)
+                      resolve_backend, scaled_scalars, triton_available)
 from .kernels.eager import compile_available
 from .kernels.foreach import foreach_apply, foreach_count, foreach_moments
 from .kernels.tables import RunTable, build_run_table
 from .kernels.multi import multi_ops
-from .update import bias_corrections, lam_is_unit, step_scalars, step_scale
+from .update import bias_corrections, lam_is_unit, step_scalars
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_s", "master")
 _STRIDED = torch.strided
@@ -271,10 +271,8 @@ class AMS(Optimizer):
         numels = self._numels(tuple(lp.numel for lp in params), counts.device)
 
         def finish() -> None:
-            scale = step_scale(numels, counts, hp.lam)
-            lrs = lr * scale if isinstance(lr, float) else lr.double() * scale
-            apply(ps, gs, ms, vs, ss, outs, step_scalars(lrs, bc1, bc2, hp.weight_decay), hp,
-                  cache=self._tables)
+            apply(ps, gs, ms, vs, ss, outs, scaled_scalars(lr, bc1, bc2, numels, counts, hp,
+                                                           backend), hp, cache=self._tables)
 
         if not needs_batch(params, hp.lam):
             finish()

@@ -33,10 +33,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .kernels import GroupHParams, Piece, get_ops, host_scalar, unit_step_scalars
+from .kernels import GroupHParams, Piece, get_ops, host_scalar, scaled_scalars, unit_step_scalars
 from .kernels.tables import RunTable, build_run_table
 from .layout import Run
-from .update import Scalar, StepScalars, bias_corrections, lam_is_unit, step_scalars, step_scale
+from .update import Scalar, StepScalars, bias_corrections, lam_is_unit
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class GroupStep:
     bc2: Optional[Scalar]
     unit: bool                      # |lam| == 1: one pass, no counts
     sc: Optional[StepScalars]       # the one-pass scalars (unit groups only)
+    backend: str = "eager"
 
     @classmethod
     def of(cls, group: dict, device: torch.device, backend: str = "eager") -> "GroupStep":
@@ -56,16 +57,16 @@ class GroupStep:
         lr, step = host_scalar(group["lr"], device), host_scalar(group["step"], device)
         unit = lam_is_unit(hp.lam)
         if unit:  # the one-pass scalars only (one launch from a device step on Triton)
-            return cls(hp, lr, None, None, True, unit_step_scalars(lr, step, hp, backend))
+            return cls(hp, lr, None, None, True, unit_step_scalars(lr, step, hp, backend),
+                       backend)
         bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
-        return cls(hp, lr, bc1, bc2, False, None)
+        return cls(hp, lr, bc1, bc2, False, None, backend)
 
     def scaled(self, numels: Tensor, counts: Tensor) -> StepScalars:
         """Per-tensor scalars from every tensor's full numel and global count of u*s < 0
         (a tensor with numel 0, the padding slot, gets scale 1)."""
-        lrs = step_scale(numels, counts, self.hp.lam)
-        lr = self.lr * lrs if isinstance(self.lr, float) else self.lr.double() * lrs
-        return step_scalars(lr, self.bc1, self.bc2, self.hp.weight_decay)
+        return scaled_scalars(self.lr, self.bc1, self.bc2, numels, counts, self.hp,
+                              self.backend)
 
 
 def grad_ranges(sh: Any) -> list[Tensor]:

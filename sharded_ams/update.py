@@ -82,6 +82,16 @@ def step_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, weight_decay: float) -> S
     return StepScalars(lr / bc1, 1 - lr * weight_decay, 1 / math.sqrt(bc2))
 
 
+def scaled_step_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, numels: Tensor,
+                        neg_counts: Tensor, lam: float, weight_decay: float) -> StepScalars:
+    """lam not in {1, -1}: each tensor's eta^ = lr * :func:`step_scale` (from its full
+    ``numels`` and its count of u*s < 0, tensors of one entry per tensor) folded with the
+    bias corrections: ``step_size`` and ``decay`` fp32 tensors of one entry per tensor."""
+    scale = step_scale(numels, neg_counts, lam)
+    return step_scalars(lr * scale if isinstance(lr, float) else lr.double() * scale, bc1, bc2,
+                        weight_decay)
+
+
 def update_moments(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
                    beta1: Scalar, beta2: Scalar, beta3: Scalar):
     """New (m, v, s) from the gradient. ``s`` is None when beta3 == 0 (then s = g)."""

@@ -416,6 +416,47 @@ def test_device_step_scalars_compiled_equal_the_host_maths():
 
 
 @needs_compile
+def test_device_scaled_scalars_compiled_equal_the_eager_maths():
+    """``kernels/scalars.py``: the per-tensor scalars of lam not in {1, -1} in one compiled
+    call (the Triton backend's) are bit for bit ``update.scaled_step_scalars`` on eager
+    ops: host-step (float) and device-step (tensor) bias corrections, float and tensor lr,
+    with and without weight decay, a padding slot (numel 0) and a tensor whose every
+    element disagrees (lam = 0: denominator 0, scale 1); the three fields are views of one
+    vector, and an lr or step that changes every call compiles nothing new."""
+    import torch._dynamo.utils as dyn_utils
+
+    from sharded_ams.kernels import scalars
+    from sharded_ams.kernels.scalars import device_scaled_scalars
+    from sharded_ams.update import bias_corrections, scaled_step_scalars
+
+    gen = torch.Generator().manual_seed(0)
+    numels = torch.tensor([7, 4096, 1, 300_000, 5, 0], dtype=torch.int64)
+    for lam, wd in ((0.0, 0.0), (-0.5, 0.1), (0.3, 0.01)):
+        for lr in (1e-3, torch.tensor(3e-4)):
+            for t in (1, 2, 7, 1000):
+                counts = (torch.rand(6, generator=gen, dtype=torch.float64) * numels).long()
+                counts[2] = 1  # all of it disagrees
+                for bc in (bias_corrections(float(t), 0.9, 0.999),
+                           bias_corrections(torch.tensor(float(t)), 0.9, 0.999)):
+                    got = device_scaled_scalars(lr, *bc, numels, counts, lam, wd)
+                    want = scaled_step_scalars(lr, *bc, numels, counts, lam, wd)
+                    assert torch.equal(got.step_size, want.step_size), (lam, wd, lr, t)
+                    assert torch.equal(got.decay, want.decay), (lam, wd, lr, t)
+                    assert torch.equal(got.inv_sqrt_bc2, torch.as_tensor(
+                        want.inv_sqrt_bc2, dtype=torch.float32)), (lam, wd, lr, t)
+                    base = got.inv_sqrt_bc2.untyped_storage().data_ptr()
+                    assert got.step_size.untyped_storage().data_ptr() == base
+                    assert got.decay.untyped_storage().data_ptr() == base
+    before = dyn_utils.counters["stats"]["unique_graphs"]
+    for i in range(10):
+        counts = torch.tensor([1, 2, 0, i, 3, 0])
+        device_scaled_scalars(1e-3 * (1 + i), *bias_corrections(float(i + 2), 0.9, 0.999),
+                              numels, counts, -0.5, 0.1)
+    assert dyn_utils.counters["stats"]["unique_graphs"] == before, "a new lr or step recompiled"
+    assert not scalars._compile_failed  # the compiled call ran, not its eager fallback
+
+
+@needs_compile
 def test_multi_count_sums_in_int64_where_int32_could_overflow(monkeypatch):
     """The one-call count pass sums in int32 (faster) only while no tensor could overflow
     it: with the limit lowered below a tensor's length, that call takes int64, and the

@@ -30,16 +30,17 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..update import StepScalars, bias_corrections, lam_is_unit, step_scalars, step_scale
+from ..update import (StepScalars, bias_corrections, lam_is_unit, scaled_step_scalars,
+                      step_scalars)
 from .eager import CompiledOps, EagerOps, compile_available
-from .scalars import device_step_scalars
+from .scalars import device_scaled_scalars, device_step_scalars
 from .tables import Piece, RunTable, as_pieces, run_table
 
 Scalar = Union[float, Tensor]
 BACKENDS = ("auto", "triton", "compiled", "eager")
 
 __all__ = ["BACKENDS", "GroupHParams", "Piece", "RunTable", "flat_apply", "flat_count",
-           "flat_step", "get_ops",
+           "flat_step", "get_ops", "scaled_scalars",
            "resolve_backend", "triton_available", "compile_available", "host_scalar",
            "unit_step_scalars"]
 
@@ -156,6 +157,16 @@ def unit_step_scalars(lr: Scalar, step: Scalar, hp: GroupHParams, backend: str) 
     return step_scalars(lr, bc1, bc2, hp.weight_decay)
 
 
+def scaled_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, numels: Tensor, counts: Tensor,
+                   hp: GroupHParams, backend: str) -> StepScalars:
+    """The apply pass's per-tensor scalars (lam not in {1, -1}) from every tensor's full
+    numel and count of u*s < 0 (``update.scaled_step_scalars``): on the Triton backend one
+    compiled launch (``scalars.py``), elsewhere eager tensor ops."""
+    if backend == "triton":
+        return device_scaled_scalars(lr, bc1, bc2, numels, counts, hp.lam, hp.weight_decay)
+    return scaled_step_scalars(lr, bc1, bc2, numels, counts, hp.lam, hp.weight_decay)
+
+
 def flat_count(g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], *, hp: GroupHParams,
                pieces: Sequence[Piece] = (), num_tensors: int = 0, backend: str = "eager",
                skip: Optional[Tensor] = None, coef: Optional[Tensor] = None,
@@ -180,10 +191,8 @@ def flat_apply(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     piece's full ``numel`` (the whole logical tensor, also when only a shard is here)."""
     lr, step = host_scalar(lr, p.device), host_scalar(step, p.device)
     bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
-    # per-tensor eta^/eta (slot num_tensors, elements in no piece: numel 0, so scale 1)
-    lrs = step_scale(table.numels, counts, hp.lam)
-    sc = step_scalars(lr * lrs if isinstance(lr, float) else lr.double() * lrs, bc1, bc2,
-                      hp.weight_decay)
+    # per-tensor eta^ (slot num_tensors, elements in no piece: numel 0, so scale 1)
+    sc = scaled_scalars(lr, bc1, bc2, table.numels, counts, hp, backend)
     if p.numel():
         get_ops(backend).apply_run(p, g, m, v, s, out, sc.inv_sqrt_bc2, hp, table,
                                    sc.step_size, sc.decay, skip, coef)

@@ -1,4 +1,4 @@
-"""The step's three scalars from a step count (and lr) that live on the device, in ONE launch.
+"""The step's scalars from a step count (and lr) that live on the device, in ONE launch.
 
 ``ShardedAMS`` keeps its step count on the device (a skipped step is decided there, so the
 host never reads it). The folded scalars (``update.step_scalars``: eta / (1 - beta1^t),
@@ -9,6 +9,10 @@ each a launch of a few microseconds on a GPU for a handful of flops. Here the sa
 functions of ``update.py`` are compiled into one kernel that writes the fp32[3] vector the
 Triton step kernel reads (``SCALARS_ON_DEVICE``), so a one-pass ``flat_step`` with a device
 step is two launches: this one and the step.
+
+The per-tensor scalars of lam not in {1, -1} (each tensor's step size and decay from
+its count, ``update.scaled_step_scalars``) are likewise one launch (``scaled_vector``):
+one fp32 vector whose views the apply kernel reads, instead of ~15 tiny kernels.
 
 Used for the Triton backend (CUDA; CPU tensors under ``TRITON_INTERPRET=1``). On the CPU
 backends an eager op costs about what a compiled call's guards cost, so they keep the eager
@@ -29,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..update import StepScalars, bias_corrections, step_scalars
+from ..update import StepScalars, bias_corrections, scaled_step_scalars, step_scalars
 from .eager import _compiled
 
 log = logging.getLogger(__name__)
@@ -82,3 +86,47 @@ def device_step_scalars(lr: Scalar, step: Tensor, beta1: float, beta2: float,
     if vec is None:
         vec = scalar_vector(lr, step, beta1, beta2, weight_decay)
     return StepScalars(vec[0], vec[1], vec[2], packed=vec)
+
+
+def scaled_vector(lr: Scalar, bc1: Scalar, bc2: Scalar, numels: Tensor, counts: Tensor,
+                  lam: float, weight_decay: float) -> Tensor:
+    """fp32[1 + 2K] on the counts' device (K tensors): 1 / sqrt(1 - beta2^t), then each
+    tensor's step size, then each tensor's decay, computed by
+    ``update.scaled_step_scalars`` (float64, one fp32 rounding). Numbers (a host step's
+    bias corrections, a float lr) enter the graph as inputs, not constants (see
+    :func:`scalar_vector`)."""
+    dev = counts.device
+    if torch.compiler.is_compiling():
+        lr, bc1, bc2 = (x if isinstance(x, Tensor) else
+                        torch.zeros((), dtype=torch.float64, device=dev) + x
+                        for x in (lr, bc1, bc2))
+    sc = scaled_step_scalars(lr, bc1, bc2, numels, counts, lam, weight_decay)
+    k = counts.numel()
+    i = torch.arange(1 + 2 * k, device=dev)
+    sizes = sc.step_size[(i - 1).clamp(0, k - 1)]
+    decays = sc.decay[(i - 1 - k).clamp(0, k - 1)]
+    # one pointwise node (compiled: one kernel, the per-tensor maths inlined into it)
+    return torch.where(i == 0, _f32(sc.inv_sqrt_bc2, counts), torch.where(i <= k, sizes, decays))
+
+
+def device_scaled_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, numels: Tensor,
+                          counts: Tensor, lam: float, weight_decay: float,
+                          compiled: bool = True) -> StepScalars:
+    """lam not in {1, -1}: the per-tensor :class:`StepScalars` of the apply pass as views
+    of one fp32 device vector (:func:`scaled_vector`) written by ONE compiled launch,
+    instead of ~15 tiny eager kernels (the scale, the fold, the casts). Falls back to the
+    eager ops as :func:`device_step_scalars` does."""
+    global _compile_failed
+    vec = None
+    if compiled and not _compile_failed and counts.device.type != "meta" \
+            and not dispatch_mode_active():
+        try:
+            vec = _compiled(scaled_vector)(lr, bc1, bc2, numels, counts, lam, weight_decay)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager ops
+            _compile_failed = True
+            log.warning("compiling the step scalars failed (%s: %s); using eager ops",
+                        type(exc).__name__, exc)
+    if vec is None:
+        vec = scaled_vector(lr, bc1, bc2, numels, counts, lam, weight_decay)
+    k = counts.numel()
+    return StepScalars(vec[1:1 + k], vec[1 + k:], vec[0])

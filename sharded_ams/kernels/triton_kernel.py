@@ -111,8 +111,10 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
         tl.atomic_add(counts_ptr + idx, neg.to(tl.int64))
     else:
         if SCALARS_ON_DEVICE:
-            inv_sqrt_bc2 = tl.load(scal_ptr + 2)
-            if MODE == 0:
+            if MODE == 4:  # the apply pass's one step scalar, read where it lies
+                inv_sqrt_bc2 = tl.load(scal_ptr)
+            else:
+                inv_sqrt_bc2 = tl.load(scal_ptr + 2)
                 step_size = tl.load(scal_ptr)
                 decay = tl.load(scal_ptr + 1)
         if MODE == 4:
@@ -224,6 +226,16 @@ def _scalars(sc: Optional[StepScalars], ref: Tensor):
     return scal, 0.0, 1.0, 1.0
 
 
+def _inv_scalar(inv, ref: Tensor):
+    """``_scalars`` of the apply pass (MODE 4), whose one step scalar is 1 / sqrt(1 -
+    beta2^t): a device tensor is read where it lies (no vector of three is built: the
+    per-tensor scalars of ``scalars.device_scaled_scalars`` are one launch in all), a
+    number goes as a kernel argument."""
+    if isinstance(inv, Tensor):
+        return inv.to(device=ref.device, dtype=torch.float32).reshape(()), 0.0, 1.0, 1.0
+    return None, 0.0, 1.0, float(inv)
+
+
 def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp, *,
             p: Optional[Tensor] = None, out: Optional[Tensor] = None,
             sc: Optional[StepScalars] = None, inv_sqrt_bc2=None, table: Optional[RunTable] = None,
@@ -234,8 +246,9 @@ def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp,
     if n == 0:
         return
     if inv_sqrt_bc2 is not None:  # the apply pass: only 1/sqrt(1 - beta2^t) is a step scalar
-        sc = StepScalars(0.0, 1.0, inv_sqrt_bc2)
-    scal, step_size, decay, sq = _scalars(sc, g)
+        scal, step_size, decay, sq = _inv_scalar(inv_sqrt_bc2, g)
+    else:
+        scal, step_size, decay, sq = _scalars(sc, g)
     on_device = scal is not None
     one = table.single if table is not None else None
     use_table = table is not None and one is None

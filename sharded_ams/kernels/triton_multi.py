@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..update import StepScalars
 from .triton_kernel import (BLOCK, LAUNCH_OPTIONS, MODE_COUNT_ONLY, MODE_FUSED,
-                            MODE_FUSED_TABLE, _ams_block, _device_guard, _scalars)
+                            MODE_FUSED_TABLE, _ams_block, _device_guard, _inv_scalar, _scalars)
 
 #: rows of the address table, in order
 ARRAYS = ("p", "g", "m", "v", "s", "out")
@@ -165,7 +165,10 @@ def _launch(mode: int, ps, gs, ms, vs, ss, outs, hp, *, sc: Optional[StepScalars
     outs = outs if outs is not None else [None] * len(gs)
     tables = _tables(ps, gs, outs, device, cache)
     addr = _addresses(tables, (ps, gs, ms, vs, ss, outs), device)
-    scal, step_size, decay, inv_sqrt_bc2 = _scalars(sc, gs[0])
+    if mode == MODE_FUSED_TABLE:  # its one step scalar, read where it lies if a tensor
+        scal, step_size, decay, inv_sqrt_bc2 = _inv_scalar(sc.inv_sqrt_bc2, gs[0])
+    else:
+        scal, step_size, decay, inv_sqrt_bc2 = _scalars(sc, gs[0])
     dummy = ms[0]
     for positions, ctensor, cbase in tables.launches:
         first = positions[0]
@@ -206,6 +209,5 @@ def triton_multi_apply(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp,
                        cache: Optional[dict] = None) -> None:
     """Second pass: the whole step (moments and params), each tensor with its own step
     size and decay (``sc.step_size`` / ``sc.decay``: fp32[len(ps)] device tensors)."""
-    inv = StepScalars(0.0, 1.0, sc.inv_sqrt_bc2)
-    _launch(MODE_FUSED_TABLE, ps, gs, ms, vs, ss, outs, hp, sc=inv, step_sizes=sc.step_size,
+    _launch(MODE_FUSED_TABLE, ps, gs, ms, vs, ss, outs, hp, sc=sc, step_sizes=sc.step_size,
             decays=sc.decay, cache=cache)
