@@ -262,8 +262,8 @@ class AMS(Optimizer):
         ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
         ss = [st["exp_avg_s"] for st in states] if hp.beta3 > 0 else None
         lr = host_scalar(group["lr"], ps[0].device)
-        bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
         if lam_is_unit(hp.lam):
+            bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
             fused_step(ps, gs, ms, vs, ss, outs, step_scalars(lr, bc1, bc2, hp.weight_decay),
                        hp, cache=self._tables)
             return
@@ -271,8 +271,8 @@ class AMS(Optimizer):
         numels = self._numels(tuple(lp.numel for lp in params), counts.device)
 
         def finish() -> None:
-            apply(ps, gs, ms, vs, ss, outs, scaled_scalars(lr, bc1, bc2, numels, counts, hp,
-                                                           backend), hp, cache=self._tables)
+            apply(ps, gs, ms, vs, ss, outs, scaled_scalars(lr, step, numels, counts, hp, backend),
+                  hp, cache=self._tables)
 
         if not needs_batch(params, hp.lam):
             finish()

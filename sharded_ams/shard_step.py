@@ -36,7 +36,7 @@ from torch import Tensor
 from .kernels import GroupHParams, Piece, get_ops, host_scalar, scaled_scalars, unit_step_scalars
 from .kernels.tables import RunTable, build_run_table
 from .layout import Run
-from .update import Scalar, StepScalars, bias_corrections, lam_is_unit
+from .update import Scalar, StepScalars, lam_is_unit
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ class GroupStep:
 
     hp: GroupHParams
     lr: Scalar
-    bc1: Optional[Scalar]           # bias corrections (groups with per-tensor scales)
-    bc2: Optional[Scalar]
+    step: Scalar                    # a number, or a tensor on the device
     unit: bool                      # |lam| == 1: one pass, no counts
     sc: Optional[StepScalars]       # the one-pass scalars (unit groups only)
     backend: str = "eager"
@@ -55,18 +54,14 @@ class GroupStep:
     def of(cls, group: dict, device: torch.device, backend: str = "eager") -> "GroupStep":
         hp = GroupHParams.from_group(group)
         lr, step = host_scalar(group["lr"], device), host_scalar(group["step"], device)
-        unit = lam_is_unit(hp.lam)
-        if unit:  # the one-pass scalars only (one launch from a device step on Triton)
-            return cls(hp, lr, None, None, True, unit_step_scalars(lr, step, hp, backend),
-                       backend)
-        bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
-        return cls(hp, lr, bc1, bc2, False, None, backend)
+        if lam_is_unit(hp.lam):  # one launch for the scalars of a device step on Triton
+            return cls(hp, lr, step, True, unit_step_scalars(lr, step, hp, backend), backend)
+        return cls(hp, lr, step, False, None, backend)
 
     def scaled(self, numels: Tensor, counts: Tensor) -> StepScalars:
         """Per-tensor scalars from every tensor's full numel and global count of u*s < 0
         (a tensor with numel 0, the padding slot, gets scale 1)."""
-        return scaled_scalars(self.lr, self.bc1, self.bc2, numels, counts, self.hp,
-                              self.backend)
+        return scaled_scalars(self.lr, self.step, numels, counts, self.hp, self.backend)
 
 
 def grad_ranges(sh: Any) -> list[Tensor]:

@@ -419,7 +419,8 @@ def test_device_step_scalars_compiled_equal_the_host_maths():
 def test_device_scaled_scalars_compiled_equal_the_eager_maths():
     """``kernels/scalars.py``: the per-tensor scalars of lam not in {1, -1} in one compiled
     call (the Triton backend's) are bit for bit ``update.scaled_step_scalars`` on eager
-    ops: host-step (float) and device-step (tensor) bias corrections, float and tensor lr,
+    ops: a host step (float) and a device step (tensor: its bias corrections in the same
+    call), float and tensor lr,
     with and without weight decay, a padding slot (numel 0) and a tensor whose every
     element disagrees (lam = 0: denominator 0, scale 1); the three fields are views of one
     vector, and an lr or step that changes every call compiles nothing new."""
@@ -436,10 +437,10 @@ def test_device_scaled_scalars_compiled_equal_the_eager_maths():
             for t in (1, 2, 7, 1000):
                 counts = (torch.rand(6, generator=gen, dtype=torch.float64) * numels).long()
                 counts[2] = 1  # all of it disagrees
-                for bc in (bias_corrections(float(t), 0.9, 0.999),
-                           bias_corrections(torch.tensor(float(t)), 0.9, 0.999)):
-                    got = device_scaled_scalars(lr, *bc, numels, counts, lam, wd)
-                    want = scaled_step_scalars(lr, *bc, numels, counts, lam, wd)
+                for step in (float(t), torch.tensor(float(t))):
+                    got = device_scaled_scalars(lr, step, numels, counts, 0.9, 0.999, lam, wd)
+                    want = scaled_step_scalars(lr, *bias_corrections(step, 0.9, 0.999),
+                                               numels, counts, lam, wd)
                     assert torch.equal(got.step_size, want.step_size), (lam, wd, lr, t)
                     assert torch.equal(got.decay, want.decay), (lam, wd, lr, t)
                     assert torch.equal(got.inv_sqrt_bc2, torch.as_tensor(
@@ -450,8 +451,8 @@ def test_device_scaled_scalars_compiled_equal_the_eager_maths():
     before = dyn_utils.counters["stats"]["unique_graphs"]
     for i in range(10):
         counts = torch.tensor([1, 2, 0, i, 3, 0])
-        device_scaled_scalars(1e-3 * (1 + i), *bias_corrections(float(i + 2), 0.9, 0.999),
-                              numels, counts, -0.5, 0.1)
+        for step in (float(i + 2), torch.tensor(float(i + 2))):
+            device_scaled_scalars(1e-3 * (1 + i), step, numels, counts, 0.9, 0.999, -0.5, 0.1)
     assert dyn_utils.counters["stats"]["unique_graphs"] == before, "a new lr or step recompiled"
     assert not scalars._compile_failed  # the compiled call ran, not its eager fallback
 

@@ -173,16 +173,18 @@ def _check_one_pass() -> None:
 
 
 def _check_device_step_launches() -> None:
-    """``flat_step`` with the step count and lr as device tensors, |lam| = 1 (ShardedAMS's
-    path): the scalars in ONE compiled call (``kernels/scalars.py``), the step in ONE kernel
-    launch, and no other op dispatched (issue 21: at most 3 launches); the result is bit for
-    bit the host-number step's."""
+    """``flat_step`` with the step count and lr as device tensors (ShardedAMS's path):
+    |lam| = 1: the scalars in ONE compiled call (``kernels/scalars.py``), the step in ONE
+    kernel launch, and no other op dispatched (issue 21: at most 3 launches); lam = -0.5:
+    the count launch, the per-tensor scalars in ONE compiled call (the bias corrections
+    included), the apply launch, and only the zeroing of the count vector besides. Either
+    way the result is bit for bit the host-number step's."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
     import sharded_ams.kernels.scalars as sc_mod
     import sharded_ams.kernels.triton_kernel as tk
-    from sharded_ams.kernels import GroupHParams, flat_step
+    from sharded_ams.kernels import GroupHParams, Piece, flat_step
 
     class Ops(TorchDispatchMode):  # non-view aten ops dispatched outside the two calls
         def __init__(self):
@@ -207,33 +209,40 @@ def _check_device_step_launches() -> None:
         def __getitem__(self, grid):
             return outside_modes(saved_kernel[grid], "kernel")
 
-    hp = GroupHParams(0.9, 0.999, 0.0, -1.0, 1e-8, 0.1)
     base = _state(3000, 11, False)
     saved_kernel, saved_compiled = tk._ams_kernel, sc_mod._compiled
     saved_mode_test = sc_mod.dispatch_mode_active
-    runs = {}
-    for name, lr, step in (("host", 1e-2, 3), ("device", torch.tensor(1e-2), torch.tensor(3.0))):
-        st = _copy(base)
-        flat_step(st["p"], st["g"], st["m"], st["v"], None, None, lr=lr, step=step, hp=hp,
-                  backend="triton")  # warm: the first call compiles
-        st = _copy(base)
-        tk._ams_kernel = Kernel()
-        sc_mod._compiled = lambda fn: outside_modes(saved_compiled(fn), "scalars")
-        sc_mod.dispatch_mode_active = lambda: False  # the counting mode is the only one
-        calls.update(scalars=0, kernel=0)
-        try:
-            with Ops() as counter:
-                flat_step(st["p"], st["g"], st["m"], st["v"], None, None, lr=lr, step=step,
-                          hp=hp, backend="triton")
-        finally:
-            tk._ams_kernel, sc_mod._compiled = saved_kernel, saved_compiled
-            sc_mod.dispatch_mode_active = saved_mode_test
-        want = (1, 1) if name == "device" else (0, 1)
-        assert (calls["scalars"], calls["kernel"]) == want, (name, calls)
-        assert counter.ops == [], (name, counter.ops)
-        runs[name] = st
-    for k in ("p", "m", "v"):
-        assert torch.equal(runs["host"][k], runs["device"][k]), f"device step differs in {k}"
+    for lam in (-1.0, -0.5):
+        hp = GroupHParams(0.9, 0.999, 0.0, lam, 1e-8, 0.1)
+        two = dict(pieces=[Piece(0, 2000, 0, 2500), Piece(2000, 3000, 1, 1000)],
+                   num_tensors=2) if lam != -1.0 else {}
+        runs = {}
+        for name, lr, step in (("host", 1e-2, 3),
+                               ("device", torch.tensor(1e-2), torch.tensor(3.0))):
+            st = _copy(base)
+            flat_step(st["p"], st["g"], st["m"], st["v"], None, None, lr=lr, step=step, hp=hp,
+                      backend="triton", **two)  # warm: the first call compiles
+            st = _copy(base)
+            tk._ams_kernel = Kernel()
+            sc_mod._compiled = lambda fn: outside_modes(saved_compiled(fn), "scalars")
+            sc_mod.dispatch_mode_active = lambda: False  # the counting mode is the only one
+            calls.update(scalars=0, kernel=0)
+            try:
+                with Ops() as counter:
+                    flat_step(st["p"], st["g"], st["m"], st["v"], None, None, lr=lr, step=step,
+                              hp=hp, backend="triton", **two)
+            finally:
+                tk._ams_kernel, sc_mod._compiled = saved_kernel, saved_compiled
+                sc_mod.dispatch_mode_active = saved_mode_test
+            if lam == -1.0:
+                want, ops = ((1, 1) if name == "device" else (0, 1)), []
+            else:  # the count and the apply; the scalars one call, a host step's too
+                want, ops = (1, 2), ["zeros"]
+            assert (calls["scalars"], calls["kernel"]) == want, (lam, name, calls)
+            assert counter.ops == ops, (lam, name, counter.ops)
+            runs[name] = st
+        for k in ("p", "m", "v"):
+            assert torch.equal(runs["host"][k], runs["device"][k]), (lam, k)
 
 
 def _check_two_pass_run() -> None:

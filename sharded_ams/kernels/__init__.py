@@ -157,13 +157,16 @@ def unit_step_scalars(lr: Scalar, step: Scalar, hp: GroupHParams, backend: str) 
     return step_scalars(lr, bc1, bc2, hp.weight_decay)
 
 
-def scaled_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, numels: Tensor, counts: Tensor,
+def scaled_scalars(lr: Scalar, step: Scalar, numels: Tensor, counts: Tensor,
                    hp: GroupHParams, backend: str) -> StepScalars:
     """The apply pass's per-tensor scalars (lam not in {1, -1}) from every tensor's full
     numel and count of u*s < 0 (``update.scaled_step_scalars``): on the Triton backend one
-    compiled launch (``scalars.py``), elsewhere eager tensor ops."""
+    compiled launch, a device step's bias corrections included (``scalars.py``),
+    elsewhere eager tensor ops."""
     if backend == "triton":
-        return device_scaled_scalars(lr, bc1, bc2, numels, counts, hp.lam, hp.weight_decay)
+        return device_scaled_scalars(lr, step, numels, counts, hp.beta1, hp.beta2, hp.lam,
+                                     hp.weight_decay)
+    bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
     return scaled_step_scalars(lr, bc1, bc2, numels, counts, hp.lam, hp.weight_decay)
 
 
@@ -190,9 +193,8 @@ def flat_apply(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor],
     """Second half: step every piece with its tensor's scale d / (count term), d the
     piece's full ``numel`` (the whole logical tensor, also when only a shard is here)."""
     lr, step = host_scalar(lr, p.device), host_scalar(step, p.device)
-    bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
     # per-tensor eta^ (slot num_tensors, elements in no piece: numel 0, so scale 1)
-    sc = scaled_scalars(lr, bc1, bc2, table.numels, counts, hp, backend)
+    sc = scaled_scalars(lr, step, table.numels, counts, hp, backend)
     if p.numel():
         get_ops(backend).apply_run(p, g, m, v, s, out, sc.inv_sqrt_bc2, hp, table,
                                    sc.step_size, sc.decay, skip, coef)

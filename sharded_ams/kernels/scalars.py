@@ -109,24 +109,39 @@ def scaled_vector(lr: Scalar, bc1: Scalar, bc2: Scalar, numels: Tensor, counts: 
     return torch.where(i == 0, _f32(sc.inv_sqrt_bc2, counts), torch.where(i <= k, sizes, decays))
 
 
-def device_scaled_scalars(lr: Scalar, bc1: Scalar, bc2: Scalar, numels: Tensor,
-                          counts: Tensor, lam: float, weight_decay: float,
+def _scaled_from_step(lr: Scalar, step: Tensor, numels: Tensor, counts: Tensor,
+                      beta1: float, beta2: float, lam: float, weight_decay: float) -> Tensor:
+    """:func:`scaled_vector` of a device step: its bias corrections in the same launch."""
+    return scaled_vector(lr, *bias_corrections(step, beta1, beta2), numels, counts, lam,
+                         weight_decay)
+
+
+def device_scaled_scalars(lr: Scalar, step: Scalar, numels: Tensor, counts: Tensor,
+                          beta1: float, beta2: float, lam: float, weight_decay: float,
                           compiled: bool = True) -> StepScalars:
     """lam not in {1, -1}: the per-tensor :class:`StepScalars` of the apply pass as views
     of one fp32 device vector (:func:`scaled_vector`) written by ONE compiled launch,
-    instead of ~15 tiny eager kernels (the scale, the fold, the casts). Falls back to the
-    eager ops as :func:`device_step_scalars` does."""
+    instead of ~15 tiny eager kernels (the bias corrections of a device step, the scale,
+    the fold, the casts). A host step's bias corrections are computed on the host, as
+    every other path computes them. Falls back to the eager ops as
+    :func:`device_step_scalars` does."""
     global _compile_failed
+    if isinstance(step, Tensor):
+        fn, args = _scaled_from_step, (lr, step, numels, counts, beta1, beta2, lam,
+                                        weight_decay)
+    else:
+        fn, args = scaled_vector, (lr, *bias_corrections(step, beta1, beta2), numels, counts,
+                                   lam, weight_decay)
     vec = None
     if compiled and not _compile_failed and counts.device.type != "meta" \
             and not dispatch_mode_active():
         try:
-            vec = _compiled(scaled_vector)(lr, bc1, bc2, numels, counts, lam, weight_decay)
+            vec = _compiled(fn)(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager ops
             _compile_failed = True
             log.warning("compiling the step scalars failed (%s: %s); using eager ops",
                         type(exc).__name__, exc)
     if vec is None:
-        vec = scaled_vector(lr, bc1, bc2, numels, counts, lam, weight_decay)
+        vec = fn(*args)
     k = counts.numel()
     return StepScalars(vec[1:1 + k], vec[1 + k:], vec[0])
