@@ -141,7 +141,6 @@ def _flat(*lists: Optional[Sequence[Optional[Tensor]]]) -> tuple:
                  for ts in lists)
 
 
-
 #: a run whose pieces and gaps average at least this many elements is counted and applied
 #: as a list of its segments, in one call per pass (``_count_all``, ``_apply_all``: on the
 #: compiled backend one graph per run layout, compiled for its shapes: a call per segment

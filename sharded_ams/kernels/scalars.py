@@ -12,7 +12,7 @@ step is two launches: this one and the step.
 
 The per-tensor scalars of lam not in {1, -1} (each tensor's step size and decay from
 its count, ``update.scaled_step_scalars``) are likewise one launch (``scaled_vector``):
-one fp32 vector whose views the apply kernel reads, instead of ~15 tiny kernels.
+one fp32 vector whose views the apply kernel reads, instead of ~20 tiny kernels.
 
 Used for the Triton backend (CUDA; CPU tensors under ``TRITON_INTERPRET=1``). On the CPU
 backends an eager op costs about what a compiled call's guards cost, so they keep the eager
@@ -121,7 +121,7 @@ def device_scaled_scalars(lr: Scalar, step: Scalar, numels: Tensor, counts: Tens
                           compiled: bool = True) -> StepScalars:
     """lam not in {1, -1}: the per-tensor :class:`StepScalars` of the apply pass as views
     of one fp32 device vector (:func:`scaled_vector`) written by ONE compiled launch,
-    instead of ~15 tiny eager kernels (the bias corrections of a device step, the scale,
+    instead of ~20 tiny eager kernels (the bias corrections of a device step, the scale,
     the fold, the casts). A host step's bias corrections are computed on the host, as
     every other path computes them. Falls back to the eager ops as
     :func:`device_step_scalars` does."""
