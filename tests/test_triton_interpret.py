@@ -10,7 +10,9 @@ the project's kernel module included) fails it. The script checks:
   bit), and a multi-piece run of the two-pass case through the chunk table (unaligned
   pieces, a tensor split in two, a gap that must not move): moments bitwise, params to
   2 ulp, the per-tensor counts exactly; and exactly 1 (one pass) or 2 (count + apply)
-  kernel launches per ``flat_step``;
+  kernel launches per ``flat_step``; with a device step and lr, the scalars in one compiled
+  call besides them (for lam not in {1, -1}: the per-tensor step sizes, bias corrections
+  included) and no other op but the zeroing of the count vector;
 * bf16 moment storage: every stored value is the fp32 result rounded (see ``_is_bf16_cast``);
 * the multi-tensor kernel (``kernels/triton_multi.py``) bit for bit the per-tensor one,
   one launch per dtype signature and pass;
