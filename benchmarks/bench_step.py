@@ -24,6 +24,10 @@ fp32 params, grads set once, weight decay 0:
   group's tensors, ``kernels/multi.py``; Triton on CUDA).
 * ``cadam_default``: ``sharded_ams.CAdam(params)`` (lam = 0: per-tensor scale, so a count
   pass and an apply pass; the same one-call path).
+* ``cadam_count_pass``: that count pass alone (reads g and m, 8 B per element). The apply
+  pass needs every tensor's whole count, so no exact C-Adam step is faster than this
+  plus a one-pass step: "two-pass floor" = t(cadam_count_pass) + t(ams_default), and the
+  printed "of floor" is that sum over t(cadam_default), per round (1.0: at the floor).
 * ``ams_foreach``: ``Grams(foreach=True)``.
 * ``ams_fused_compiled``: ``Grams(fused="compiled")``: one torch.compile'd pass per tensor
   (``fused="auto"`` on CUDA, i.e. Triton).
@@ -212,6 +216,29 @@ def row_cadam_default(shapes, device):
     return opt.step, "sharded_ams.CAdam(params): lam = 0, count + apply, default path"
 
 
+def row_cadam_count_pass(shapes, device):
+    from sharded_ams.kernels.multi import multi_ops
+    from sharded_ams.optimizer import default_path
+
+    params = make_params(shapes, device)
+    opt = CAdam(params, lr=LR, betas=BETAS, eps=EPS)
+    opt.step()  # creates the state
+    path = default_path(device, sum(p.numel() for p in params))
+    if path not in ("compiled", "triton"):
+        raise NotImplementedError(f"CAdam's default path here is {path!r}, not one call")
+    _, count, _ = multi_ops(path)
+    hp = GroupHParams.from_group(opt.param_groups[0])
+    states = [opt.state[p] for p in params]
+    gs, ms = [p.grad for p in params], [st["exp_avg"] for st in states]
+    sink = []
+
+    def step():
+        sink[:] = [count(params, gs, ms, None, None, None, hp)]
+
+    return step, ("CAdam's count pass alone (reads g, m): what the apply pass must wait for; "
+                  "it plus ams_default is the two-pass floor")
+
+
 def row_ams_foreach(shapes, device):
     params = make_params(shapes, device)
     opt = Grams(params, lr=LR, betas=BETAS, eps=EPS, foreach=True)
@@ -364,6 +391,7 @@ ROWS: dict[str, Callable] = {
     "adamw_fused_clip": row_adamw_fused_clip,
     "ams_default": row_ams_default,
     "cadam_default": row_cadam_default,
+    "cadam_count_pass": row_cadam_count_pass,
     "ams_foreach": row_ams_foreach,
     "ams_fused_compiled": row_ams_fused_compiled,
     "ams_triton": row_ams_triton,
@@ -387,6 +415,9 @@ PEERS = {"ams_default": "adamw_fused", "cadam_default": "adamw_fused",
          "sharded_ams_no_check": "adamw_fused", "sharded_ams": "adamw_fused_norm",
          "sharded_cadam": "adamw_fused_norm",
          "sharded_ams_clip": "adamw_fused_clip"}
+
+#: The rows whose sum is the floor of an exact two-pass C-Adam step (``cadam_default``).
+TWO_PASS_FLOOR = ("cadam_count_pass", "ams_default")
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -463,6 +494,11 @@ def add_ratios(rows: list[dict]) -> None:
             r["vs_peer"] = ratio(by.get(PEERS[r["name"]]), r)
         r["vs_adamw_default"] = ratio(by.get("adamw_default"), r)
         r["x_copy_floor"] = ratio(r, by.get("copy_floor"))
+    parts = [by.get(n) for n in TWO_PASS_FLOOR]
+    if "cadam_default" in by and all(parts):
+        by["cadam_default"]["of_two_pass_floor"] = statistics.median(
+            (a + b) / c for a, b, c in zip(parts[0]["times_ms"], parts[1]["times_ms"],
+                                           by["cadam_default"]["times_ms"]))
 
 
 def _vs_peer(r: dict) -> str:
@@ -487,6 +523,10 @@ def markdown_table(rows: list[dict]) -> str:
                      f"| {f(r.get('vs_adamw_default'), '.2f')} | {f(r.get('vs_adamw_fused'), '.2f')} "
                      f"| {_vs_peer(r)} "
                      f"| {f(r.get('x_copy_floor'), '.2f')} | {f(r['first_step_s'], '.2f')} |")
+    floor = [r for r in rows if r.get("of_two_pass_floor") is not None]
+    if floor:
+        lines.append(f"\ncadam_default: {floor[0]['of_two_pass_floor']:.2f} of its two-pass floor "
+                     f"({' + '.join(TWO_PASS_FLOOR)}, per round; 1.0 = at the floor)")
     return "\n".join(lines)
 
 

@@ -124,3 +124,23 @@ def test_bench_fusion_smoke(tmp_path, capsys):
         results.append(torch.cat([t for ts in args[:4] for t in ts]))
     assert torch.equal(results[0], results[1])
     assert "| set |" in capsys.readouterr().out
+
+
+def test_two_pass_floor_ratio_is_the_per_round_sum_over_cadam():
+    """``of_two_pass_floor``: per round, (count pass + one-pass step) / CAdam step, then the
+    median; printed under the table. Synthetic timings, so the arithmetic is checked."""
+    bench = _load_bench()
+    times = {"cadam_default": [10.0, 20.0, 30.0], "cadam_count_pass": [3.0, 4.0, 9.0],
+             "ams_default": [6.0, 12.0, 12.0], "adamw_fused": [5.0, 5.0, 5.0]}
+    rows = [{"name": n, "status": "ok", "times_ms": t, "ms_median": sorted(t)[1],
+             "ms_min": min(t), "gb_per_s": 1.0, "first_step_s": 0.1} for n, t in times.items()]
+    bench.add_ratios(rows)
+    by = {r["name"]: r for r in rows}
+    assert by["cadam_default"]["of_two_pass_floor"] == pytest.approx(0.8)  # 0.9, 0.8, 0.7
+    assert all("of_two_pass_floor" not in r for n, r in by.items() if n != "cadam_default")
+    assert "cadam_default: 0.80 of its two-pass floor" in bench.markdown_table(rows)
+    rows = [r for r in rows if r["name"] != "cadam_count_pass"]  # a part missing: no ratio
+    for r in rows:
+        r.pop("of_two_pass_floor", None)
+    bench.add_ratios(rows)
+    assert "two-pass floor" not in bench.markdown_table(rows)
