@@ -166,6 +166,10 @@ class BucketSync:
             bk.forward_waited = self.overlap and all(
                 id(bk.shard.buf.params[i]) in owned for i in bk.slots)
 
+    def keep_hook(self, handle) -> None:
+        """A hook of the optimizer's own, removed with these (``remove_hooks``)."""
+        self._hooks.append(handle)
+
     def remove_hooks(self) -> None:
         """Detach every hook (another optimizer took these params over)."""
         for h in self._hooks:

@@ -10,6 +10,9 @@ from torch import Tensor
 
 from .update import PRESETS
 
+#: the param dtypes AMS steps (fp32 maths; the 16-bit ones keep fp32 masters)
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "betas": (0.9, 0.999),
@@ -95,6 +98,12 @@ def check_params(params: Iterable[Tensor], names: Optional[Sequence[str]] = None
         if not p.is_floating_point():
             raise ValueError(f"AMS needs floating-point parameters, got {p.dtype} "
                              f"(parameter {what})")
+        if p.dtype not in PARAM_DTYPES:
+            # the maths is fp32 (16-bit params keep fp32 masters): a float64 param would be
+            # rounded to fp32 every step, silently
+            raise ValueError(f"AMS steps float32, bfloat16 and float16 parameters (its maths "
+                             f"is fp32), not {p.dtype} (parameter {what}); cast the model to "
+                             "float32, or use torch.optim.AdamW for float64")
         if id(p) in seen:
             raise ValueError(f"Parameter {what} appears twice in one param group (also at "
                              f"position {seen[id(p)]}); list each parameter once")

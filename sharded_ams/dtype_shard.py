@@ -12,7 +12,15 @@ from .buffers import FlatParamGradBuffer
 from .kernels.tables import RunTable
 from .layout import BufferLayout, Run
 
-__all__ = ["DtypeShard"]
+__all__ = ["DtypeShard", "follow_params"]
+
+
+def follow_params(master: Tensor, param: Tensor) -> None:
+    """fp32 ``master`` := the 16-bit ``param`` wherever the param is not the master
+    rounded to its dtype, i.e. where something other than the optimizer wrote it (loaded
+    or initialised weights); elsewhere the master keeps its extra bits, so loading the
+    model and the optimizer state of one checkpoint, in either order, loses nothing."""
+    master.copy_(torch.where(param != master.to(param.dtype), param.float(), master))
 
 
 class DtypeShard:

@@ -15,6 +15,7 @@ from .config import (DEFAULTS, check_grad, check_params, preset_hparams, validat
                      validate_hparams)
 from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, is_dtensor,
                       local_param, needs_batch)
+from .dtype_shard import follow_params
 from .kernels import (GroupHParams, Piece, flat_apply, flat_count, flat_step, host_scalar,
                       resolve_backend, scaled_scalars, triton_available)
 from .kernels.eager import compile_available
@@ -99,7 +100,19 @@ class AMS(Optimizer):
         self._tables: dict[tuple, Any] = {}
         #: DTensor params' checked layouts and local state views (``dtensor.local_param``)
         self._checked: dict[int, Any] = {}
+        #: id(p) -> p._version after this optimizer last wrote p, for the plain 16-bit
+        #: params (fp32 masters): another write since (a model.load_state_dict, an in-place
+        #: init) makes the next step re-read the master from the param
+        self._versions: dict[int, int] = {}
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict) -> None:
+        # torch.optim pickles (and deep-copies) only defaults, state and param_groups; the
+        # tables and checked layouts are caches, rebuilt by the copy's first step
+        super().__setstate__(state)
+        self.__dict__.setdefault("_tables", {})
+        self.__dict__.setdefault("_checked", {})
+        self.__dict__.setdefault("_versions", {})
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch.optim, and the group's hyperparameters and params are validated (a
@@ -162,6 +175,10 @@ class AMS(Optimizer):
             for (device, step), part in buckets.items():
                 self._step_bucket(group, hp, part, device, step, batch)
         batch.finish()
+        for _, _, params in groups:
+            for lp in params:
+                if lp.groups == () and "master" in lp.state:  # plain 16-bit params
+                    self._versions[id(lp.p)] = lp.p._version
         return loss
 
     def _local_params(self, gi: int, group: dict) -> list[LocalParam]:
@@ -177,6 +194,8 @@ class AMS(Optimizer):
             state = self._init_state(p, hp_beta3)
             if type(g) is Tensor and not is_dtensor(p):
                 # the every-step case, plain tensors: nothing to unwrap
+                if self._versions.get(id(p), p._version) != p._version:
+                    follow_params(state["master"], p.detach())  # p was written since
                 out.append(LocalParam(p, g, state, p.numel(), (), (gi, i)))
                 continue
             what = describe(names[i] if names else None, i, gi, p)
@@ -345,6 +364,7 @@ class AMS(Optimizer):
         """As torch.optim, but optimizer state stays fp32 whatever the param dtype."""
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
+        self._versions.clear()  # the loaded masters are the weights to step from
         for group in self.param_groups:  # groups saved by another optimizer lack our keys
             for k, v in self.defaults.items():
                 group.setdefault(k, v)

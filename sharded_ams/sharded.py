@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -22,7 +23,7 @@ from .bucket_sync import BucketSync, SyncStats, quiesce_owners
 from .collectives import COLLECTIVES, Comm, bytes_of
 from .config import DEFAULTS, check_params, preset_hparams, validate_hparams
 from .kernels import resolve_backend
-from .dtype_shard import DtypeShard
+from .dtype_shard import DtypeShard, follow_params
 from .layout import BufferLayout, default_bucket_numel
 from .model_parallel import ModelParallel, resolve_groups
 from .shard_step import clip_coef, global_grad_norm, step_shards
@@ -184,6 +185,21 @@ class ShardedAMS(Optimizer):
         self._sync_modules = param_sync_modules
         self._build(bucket_numel, backend, broadcast_params, module)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Only while constructing: the flat buffers are laid out once, for the groups
+        given to the constructor."""
+        if "shards" in self.__dict__:
+            raise NotImplementedError(
+                "ShardedAMS lays out its flat buffers for the param groups it is built "
+                "with; add_param_group afterwards would leave the new params untrained. "
+                "Build a new ShardedAMS with every group (its state_dict loads into it)")
+        super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict:
+        raise TypeError("ShardedAMS cannot be pickled or deep-copied: it owns the model's flat "
+                        "param and grad buffers and a process group. Save its state_dict() "
+                        "and load it into a ShardedAMS built on the copy of the model")
+
     # ------------------------------------------------------------------ layout
     def _build(self, bucket_numel: Union[int, str, None], backend: str, broadcast: bool,
                module: Optional[nn.Module]) -> None:
@@ -262,6 +278,30 @@ class ShardedAMS(Optimizer):
             collect_in_hook=self.overlap or any(sh.buf.main_grad for sh in self.shards))
         if module is not None:
             self._sync.register_module_hooks(module, self._sync_modules)
+        # params given (or in the model) but frozen now have no place in the buffers
+        stepped = {id(p) for _, p in trained}
+        frozen = {id(p): p for g in self.param_groups for p in g["params"]
+                  if id(p) not in stepped}
+        if module is not None:
+            frozen.update((id(p), p) for p in module.parameters() if not p.requires_grad)
+        names = {id(p): n for n, p in (module.named_parameters() if module else ())}
+        self._frozen = [(names.get(id(p)) or self._names.get(p, "?"), p)
+                        for p in frozen.values()]
+        # 16-bit params' fp32 masters are re-read from the params at the first step (the
+        # weights may be loaded or initialised after construction) and after a
+        # load_state_dict into the model (any module of it)
+        self._masters_stale = True
+        if module is not None and any(sh.own_master for sh in self.shards):
+            ref = weakref.ref(self)
+
+            def params_loaded(mod, incompatible, _ref=ref) -> None:
+                opt = _ref()
+                if opt is not None:
+                    opt._masters_stale = True
+
+            for m in module.modules():
+                if any(id(p) in stepped for p in m.parameters(recurse=False)):
+                    self._sync.keep_hook(m.register_load_state_dict_post_hook(params_loaded))
 
     def _grad_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if dtype not in LOW_PRECISION or self.grad_reduce_dtype in (None, torch.float32):
@@ -377,7 +417,15 @@ class ShardedAMS(Optimizer):
         if self._sync.closed:
             raise RuntimeError("This ShardedAMS was closed, or replaced by another one built "
                                "on the same params; step the new one")
+        for name, p in self._frozen:
+            if p.grad is not None:
+                raise RuntimeError(
+                    f"Parameter {name!r} has a gradient, but it was frozen "
+                    "(requires_grad=False) when this ShardedAMS was built, so its buffers "
+                    "hold no place for it and it would never be stepped. Build a new "
+                    "ShardedAMS after unfreezing it (its state_dict loads into the new one)")
         self._sync.finish_param_sync()  # gathers no forward waited for: unused params
+        self._refresh_masters()
         self._sync.finish_grad_sync()
         norm = skip = coef = None
         if self.max_grad_norm is None and not self.skip_nonfinite:
@@ -402,6 +450,18 @@ class ShardedAMS(Optimizer):
         self.last_step = StepInfo(norm, skip)
         return loss
 
+    def _refresh_masters(self) -> None:
+        """16-bit params' fp32 masters follow the params where those were written behind
+        the optimizer's back (see ``_build``, ``follow_params``); fp32 params' buffer is
+        their master."""
+        if not self._masters_stale:
+            return
+        for sh in self.shards:
+            if sh.own_master:
+                for b in range(len(sh.layout.buckets)):
+                    follow_params(sh.master_view(b), sh.param_shard(b))
+        self._masters_stale = False
+
     def _gather_params_now(self) -> None:
         self._sync.start_param_sync()
         self._sync.finish_param_sync()
@@ -425,6 +485,7 @@ class ShardedAMS(Optimizer):
         from .checkpoint.snapshot import copy_to_host  # here: `import sharded_ams` stays light
 
         self._sync.finish_param_sync()
+        self._refresh_masters()
         groups = []
         for g in self.param_groups:
             hp = {k: v for k, v in g.items() if k not in ("params", "param_names")}
@@ -483,9 +544,18 @@ class ShardedAMS(Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"Checkpoint has {len(saved_groups)} param groups, "
                              f"the optimizer {len(self.param_groups)}")
-        for saved in saved_groups:
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             validate_hparams(saved["lr"], saved["betas"], saved["beta3"], saved["lam"],
                              saved["eps"], saved["weight_decay"])
+            # each group's hyperparameters go to the group holding the same params: groups
+            # built in another order or split differently would swap lr / weight decay
+            mine = {self._names[p] for p in group["params"] if p.requires_grad}
+            theirs = set(saved.get("params", mine))
+            if theirs != mine:
+                raise ValueError(
+                    f"Checkpoint param group {gi} holds other params than this optimizer's "
+                    f"group {gi}: only saved {sorted(theirs - mine)[:5]}, only here "
+                    f"{sorted(mine - theirs)[:5]}; build the groups as the saving run did")
 
     def _begin_state_load(self) -> None:
         """Before the state is overwritten in place (``load_state_dict``, a DCP load):
@@ -503,6 +573,7 @@ class ShardedAMS(Optimizer):
                 elif k != "params":
                     g[k] = tuple(v) if k == "betas" else v
         self.skipped_steps = skipped_steps
+        self._masters_stale = False
         for sh in self.shards:
             for b in range(len(sh.layout.buckets)):
                 if sh.own_master:

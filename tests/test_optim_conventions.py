@@ -1,0 +1,217 @@
+"""torch.optim conventions a user relies on, for ``AMS`` and ``ShardedAMS`` (one process, no
+process group, eager kernels): weights written after construction are the ones stepped,
+copies step, group changes and frozen params are refused where they would be ignored,
+checkpoints go to the groups that hold the same params, dtypes the fp32 maths would round
+are refused. Each test fails with the defect it names put back."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from sharded_ams import AMS, CAdam, ShardedAMS
+
+
+def _model(dtype=torch.bfloat16, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)).to(dtype)
+
+
+def _backward(model, seed=1):
+    torch.manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    model(torch.randn(3, 4, dtype=dtype)).float().square().sum().backward()
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_sharded_masters_follow_weights_loaded_after_construction():
+    """bf16 params keep fp32 masters: weights loaded (or initialised in place) between
+    construction and the first step, or loaded into the model after steps, are the ones an
+    lr = 0 step leaves in place, not the masters' old values."""
+    model = _model()
+    opt = ShardedAMS(model, preset="adamw", lr=0.0, backend="eager")
+    loaded = _weights(_model(seed=5))
+    model.load_state_dict(loaded)
+    _backward(model)
+    opt.step()
+    opt.finish_param_sync()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in loaded.items())
+    with torch.no_grad():  # an in-place write before the first step of a fresh optimizer
+        model2 = _model()
+        opt2 = ShardedAMS(model2, preset="adamw", lr=0.0, backend="eager")
+        model2[0].weight.fill_(0.25)
+    _backward(model2)
+    opt2.step()
+    opt2.finish_param_sync()
+    assert bool((model2[0].weight == 0.25).all())
+    for group in opt.param_groups:  # later: a load into one submodule, then lr = 0 again
+        group["lr"] = 1e-2
+    _backward(model)
+    opt.step()
+    opt.finish_param_sync()
+    sub = _weights(_model(seed=7)[1])
+    model[1].load_state_dict(sub)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    _backward(model)
+    opt.step()
+    opt.finish_param_sync()
+    assert all(torch.equal(model[1].state_dict()[k], v) for k, v in sub.items())
+    assert opt.state_dict()["pieces"][0]["master"].dtype == torch.float32
+
+
+def test_sharded_masters_keep_their_bits_when_the_model_is_loaded_after_them():
+    """Optimizer state, then the model, from one checkpoint: the params are the masters'
+    rounding, so the masters keep their fp32 bits (a plain re-read would round them)."""
+    model = _model()
+    opt = ShardedAMS(model, preset="adamw", lr=1e-2, backend="eager")
+    for _ in range(2):
+        _backward(model)
+        opt.step()
+    sd, weights = opt.state_dict(), _weights(model)
+    assert not torch.equal(sd["pieces"][0]["master"], sd["pieces"][0]["master"].bfloat16().float())
+    model2 = _model(seed=3)
+    opt2 = ShardedAMS(model2, preset="adamw", lr=1e-2, backend="eager")
+    opt2.load_state_dict(sd)
+    model2.load_state_dict(weights)
+    got = opt2.state_dict()["pieces"]
+    assert all(torch.equal(a["master"], b["master"]) for a, b in zip(got, sd["pieces"]))
+
+
+def test_ams_masters_follow_weights_written_after_steps():
+    """AMS creates a 16-bit param's master at its first step; a load into the model after
+    that is stepped from, not overwritten by the old master. A loaded optimizer state's
+    masters are stepped from as they are."""
+    model = _model()
+    opt = AMS(model.parameters(), lr=1e-2, fused="eager")
+    _backward(model)
+    opt.step()
+    loaded = _weights(_model(seed=5))
+    model.load_state_dict(loaded)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    _backward(model)
+    opt.step()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in loaded.items())
+    sd = copy.deepcopy(opt.state_dict())  # masters of the loaded weights
+    # both loaded into the same optimizer after steps: the checkpoint's fp32 masters win
+    # over the model's bf16 rounding of them
+    for group in opt.param_groups:
+        group["lr"] = 1e-2
+    opt.step()  # masters no longer bf16 values
+    ckpt = copy.deepcopy(opt.state_dict()), _weights(model)
+    opt.step()
+    model.load_state_dict(ckpt[1])
+    opt.load_state_dict(ckpt[0])
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    _backward(model)
+    opt.step()
+    master = opt.state[next(iter(model.parameters()))]["master"]
+    assert torch.equal(master, ckpt[0]["state"][0]["master"])
+    assert not torch.equal(master, master.bfloat16().float())
+    fresh = _model(seed=9)
+    opt2 = AMS(fresh.parameters(), lr=0.0, fused="eager")
+    opt2.load_state_dict(sd)
+    _backward(fresh)
+    opt2.step()  # lr 0: the params become the loaded masters, rounded to bf16
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), loaded.values()))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_ams_copies_step(how):
+    """torch.optim pickles only defaults, state and param_groups: the copy rebuilds its
+    caches and steps like the original."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(64))
+    p.grad = torch.randn(64)
+    opt = CAdam([p], lr=1e-2, fused="eager")
+    opt.step()
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    q = clone.param_groups[0]["params"][0]
+    assert q is not p and torch.equal(q, p)
+    q.grad = p.grad.clone()  # a pickled tensor carries no .grad
+    clone.step()
+    opt.step()
+    assert torch.equal(p, q)
+
+
+def test_sharded_refuses_copies_and_late_groups():
+    model = _model(torch.float32)
+    opt = ShardedAMS(model, backend="eager")
+    with pytest.raises(TypeError, match="cannot be pickled or deep-copied"):
+        copy.deepcopy(opt)
+    head = nn.Linear(2, 1)
+    with pytest.raises(NotImplementedError, match="add_param_group"):
+        opt.add_param_group({"params": head.parameters(), "lr": 0.5})
+    assert len(opt.param_groups) == 1
+    groups = [{"params": [model[0].weight]}, {"params": [model[0].bias], "lr": 0.1}]
+    assert len(ShardedAMS(groups, backend="eager").param_groups) == 2  # at construction: fine
+
+
+@pytest.mark.parametrize("given", ["module", "params"])
+def test_sharded_refuses_a_param_unfrozen_after_construction(given):
+    model = _model(torch.float32)
+    model[0].weight.requires_grad_(False)
+    opt = ShardedAMS(model if given == "module" else list(model.parameters()),
+                     backend="eager")
+    model[0].weight.requires_grad_(True)
+    _backward(model)
+    before = _weights(model)
+    with pytest.raises(RuntimeError, match=r"'0.weight' has a gradient, but it was frozen"
+                       if given == "module" else "has a gradient, but it was frozen"):
+        opt.step()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    model[0].weight.grad = None  # frozen again for this optimizer: steps the rest
+    opt.step()
+    # params merely left out (another optimizer's, trainable) are not this one's business
+    part = ShardedAMS(list(model[1].parameters()), module=model, backend="eager")
+    model.zero_grad()
+    _backward(model)
+    part.step()
+
+
+def test_sharded_load_refuses_groups_that_hold_other_params():
+    """The saved groups' lr and weight decay go to the groups holding the same params:
+    groups listed in another order or split differently are refused, nothing loaded."""
+    def groups(m, order):
+        w = [p for n, p in m.named_parameters() if n.endswith("weight")]
+        b = [p for n, p in m.named_parameters() if n.endswith("bias")]
+        if order == "saved":
+            return [{"params": w, "lr": 0.01, "weight_decay": 0.5},
+                    {"params": b, "lr": 0.2, "weight_decay": 0.0}]
+        return [{"params": b + w[:1], "lr": 0.2, "weight_decay": 0.0},
+                {"params": w[1:], "lr": 0.01, "weight_decay": 0.5}]
+
+    m = _model(torch.float32)
+    opt = ShardedAMS(groups(m, "saved"), module=m, preset="adamw", backend="eager")
+    _backward(m)
+    opt.step()
+    sd = opt.state_dict()
+    m2 = _model(torch.float32)
+    other = ShardedAMS(groups(m2, "other"), module=m2, preset="adamw", backend="eager")
+    with pytest.raises(ValueError, match="param group 0 holds other params"):
+        other.load_state_dict(sd)
+    assert [g["lr"] for g in other.param_groups] == [0.2, 0.01]
+    same = ShardedAMS(groups(m2, "saved"), module=m2, preset="adamw", backend="eager")
+    same.load_state_dict(sd)
+    assert [g["weight_decay"] for g in same.param_groups] == [0.5, 0.0]
+
+
+@pytest.mark.parametrize("cls", ["AMS", "ShardedAMS"])
+def test_float64_params_refused(cls):
+    """The maths is fp32: a float64 param would be rounded to fp32 at every step."""
+    p = nn.Parameter(torch.tensor([1.0, 3.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="not torch.float64"):
+        AMS([p]) if cls == "AMS" else ShardedAMS([p], backend="eager")
+    opt = AMS([nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="not torch.float64"):
+        opt.add_param_group({"params": [p]})
+    assert len(opt.param_groups) == 1
