@@ -71,6 +71,21 @@ def test_shards_hold_the_tokenizers_output(tmp_path, spec):
         assert got.tolist() == list("".join(docs).encode())  # ids are the bytes, no separator
 
 
+def test_special_token_text_in_a_document_is_not_a_boundary(tmp_path):
+    """``<|endoftext|>`` written in a document is text: one end-of-text id per document (the
+    one appended after it), for a BPE trained here and for a tokenizer.json given."""
+    docs = ["GPT-2 ends documents with <|endoftext|> in its data.", "plain <|endoftext|><|endoftext|>"] * 3
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    first = _prep([tmp_path / "in.jsonl"], tmp_path / "bpe", tokenizer="bpe:300")
+    given = _prep([tmp_path / "in.jsonl"], tmp_path / "file", tokenizer=str(tmp_path / "bpe" / "tokenizer.json"))
+    tok = load_tokenizer_file(tmp_path / "bpe" / "tokenizer.json")
+    for index, out in ((first, "bpe"), (given, "file")):
+        eos = index["tokenizer"]["eos_id"]
+        ids = _tokens(tmp_path / out).tolist()
+        assert eos == 0 and ids.count(eos) == index["documents"] == len(docs)
+        assert ids[-1] == eos and tok.decode(ids[:ids.index(eos)]) == docs[0]
+
+
 def test_gzip_inputs_read_as_their_contents(tmp_path):
     """C4-style ``.json.gz`` JSON lines and a ``.txt.gz`` give the tokens of their contents."""
     import gzip

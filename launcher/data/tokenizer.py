@@ -10,6 +10,10 @@ an existing ``tokenizer.json``, all saved as a Hugging Face ``tokenizers`` file.
   Hugging Face ``tokenizers``; ``<|endoftext|>`` (id 0) ends every document.
 * ``PATH/tokenizer.json``: any Hugging Face tokenizer file; its end-of-text token, if it
   has a usual one, ends every document.
+
+Special tokens written literally in a document (the text ``<|endoftext|>``) are encoded as
+the text they are, never as the special token's id: the end-of-text id is appended by id,
+so untrusted text cannot insert false document boundaries (``encode_special_tokens``).
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ class Tokenizer:
 
     def __init__(self, kind: str, hf, eos_id: Optional[int]):
         self.kind, self.hf, self.eos_id = kind, hf, eos_id
+        if kind != "byte":
+            _literal_special_tokens(hf)
         # the largest id + 1, not the entry count: a tokenizer.json whose ids have gaps (an
         # added token at 70000 among 257 entries) needs the room (and a dtype that holds it)
         self.vocab_size: int = 256 if kind == "byte" else _id_bound(hf)
@@ -106,6 +112,21 @@ class Tokenizer:
         eos = None if self.eos_id is None else self.hf.id_to_token(self.eos_id)
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                 "eos_token": eos, "file": "tokenizer.json"}
+
+
+def _literal_special_tokens(hf) -> None:
+    """Make ``hf`` encode special tokens written in the text (``<|endoftext|>`` inside a
+    document) as ordinary text: the corpus is untrusted, and a literal match would put a
+    false document boundary (the end-of-text id) inside a document. The end-of-text id
+    prepare-data appends after each document is added by id, not by text. The flag is not
+    saved in tokenizer.json (an exported tokenizer behaves as usual)."""
+    if not hasattr(hf, "encode_special_tokens"):
+        import tokenizers
+
+        raise ValueError(f"tokenizers {tokenizers.__version__} cannot encode special tokens "
+                         "written in the text as text (encode_special_tokens); install "
+                         "tokenizers>=0.19 (pip install -U tokenizers)")
+    hf.encode_special_tokens = True
 
 
 def _id_bound(hf) -> int:
