@@ -155,6 +155,7 @@ def test_token_ids_out_of_range_are_found_when_read(tmp_path, monkeypatch):
     ("truncated", r"a\.txt\.gz: not a complete gzip file \(EOFError"),
     ("notgzip", r"a\.txt\.gz: not a complete gzip file \(BadGzipFile"),
     ("surrogate", r"s\.jsonl:2: field 'text' holds '\\ud800', a lone surrogate"),
+    ("nested", r"n\.jsonl:2: not a JSON line \(nested too deeply\)"),  # RecursionError in json.loads
 ])
 def test_damaged_input_names_the_file(tmp_path, capsys, case, match):
     if case == "truncated":
@@ -163,6 +164,9 @@ def test_damaged_input_names_the_file(tmp_path, capsys, case, match):
     elif case == "notgzip":
         src = tmp_path / "a.txt.gz"
         src.write_bytes(b"plain text, not gzip\n")
+    elif case == "nested":
+        src = tmp_path / "n.jsonl"
+        src.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")
     else:
         src = tmp_path / "s.jsonl"
         src.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n')

@@ -284,6 +284,8 @@ def _jsonl_pieces(f: BinaryIO, where, text_field: str, chunk_bytes: int
             rec = json.loads(line)
         except ValueError as exc:
             raise DataError(f"{loc}: not a JSON line ({exc})") from None
+        except RecursionError:  # "[[[[..." deeper than the interpreter's stack
+            raise DataError(f"{loc}: not a JSON line (nested too deeply)") from None
         del line
         text = rec.get(text_field) if isinstance(rec, dict) else None
         del rec
