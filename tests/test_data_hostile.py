@@ -198,6 +198,23 @@ def test_binary_files_are_skipped_and_replaced_bytes_counted(tmp_path):
     assert bytes(stream.read(0, len(stream)).tolist()) == (tmp_path / "in" / "a.txt").read_bytes()
 
 
+def test_jsonl_invalid_utf8_is_replaced_and_null_text_skipped(tmp_path):
+    """A JSON line (.jsonl, .json.gz) with an invalid UTF-8 byte is repaired and counted as a
+    text file is, whatever the tokenizer (it was "not a JSON line", ending the run); a null
+    text field is skipped and counted, as a null Parquet value."""
+    raw = b'{"text": "caf\xe9 ok"}\n{"text": null}\n\xef\xbb\xbf{"text": "fine"}\n'
+    (tmp_path / "a.jsonl").write_bytes(raw)
+    (tmp_path / "b.json.gz").write_bytes(gzip.compress(raw))
+    warnings: list[str] = []
+    index = _prep([tmp_path / "a.jsonl", tmp_path / "b.json.gz"], tmp_path / "out", warn=warnings.append)
+    for name in ("a.jsonl", "b.json.gz"):
+        assert any(w.endswith(f"{name}: 1 invalid UTF-8 byte(s) replaced by U+FFFD") for w in warnings), warnings
+        assert any(w.endswith(f"{name}: 1 null text value(s) skipped") for w in warnings), warnings
+    _, stream = open_token_dir(tmp_path / "out")
+    assert bytes(stream.read(0, len(stream)).tolist()) == "caf\ufffd okfine".encode() * 2
+    assert index["documents"] == 4
+
+
 _RSS_SCRIPT = """
 import resource, sys
 from launcher.data.prepare import prepare_data

@@ -11,7 +11,9 @@ Inputs are untrusted: a FIFO or device is refused (it would block or never end),
 met in a directory walk are skipped, a damaged ``.gz`` is a one-line error naming the file,
 a file that looks binary (a NUL byte in its first 8 KiB, git's test) is skipped with a
 warning, and invalid UTF-8 is replaced by U+FFFD with the count per file reported (the
-byte tokenizer takes bytes as they are). A document of any length (one 50 MB JSONL line)
+byte tokenizer takes a text file's bytes as they are; a JSON line is always decoded, so
+it is repaired for every tokenizer). A null text field (``{"text": null}``) is skipped and
+counted, as a null Parquet value is. A document of any length (one 50 MB JSONL line)
 is handed on in pieces of about ``chunk_bytes``, so memory does not grow with it.
 """
 
@@ -251,11 +253,19 @@ def _valid_utf8(piece: bytes, path: Path, stats: Optional[ReadStats]) -> bytes:
         piece.decode("utf-8")
         return piece
     except UnicodeDecodeError:
+        return _decode_utf8(piece, path, stats).encode("utf-8")
+
+
+def _decode_utf8(piece: bytes, path: Path, stats: Optional[ReadStats]) -> str:
+    """``piece`` decoded, invalid UTF-8 bytes replaced by U+FFFD and counted in ``stats``."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
         _replaced[0] = 0
-        fixed = piece.decode("utf-8", errors="sharded-ams-count").encode("utf-8")
+        text = piece.decode("utf-8", errors="sharded-ams-count")
         if stats is not None:
             stats.replaced[str(path)] = stats.replaced.get(str(path), 0) + _replaced[0]
-        return fixed
+        return text
 
 
 def _lines(f: BinaryIO, where) -> Iterator[tuple[str, bytes]]:
@@ -274,19 +284,29 @@ def _lines(f: BinaryIO, where) -> Iterator[tuple[str, bytes]]:
         offset += len(line)
 
 
-def _jsonl_pieces(f: BinaryIO, where, text_field: str, chunk_bytes: int
-                  ) -> Iterator[tuple[bytes, bool]]:
+def _jsonl_pieces(f: BinaryIO, where, text_field: str, chunk_bytes: int, path: Path,
+                  stats: Optional[ReadStats]) -> Iterator[tuple[bytes, bool]]:
+    """The documents of JSON lines. A line is decoded as UTF-8 (invalid bytes replaced by
+    U+FFFD and counted, as in text files; a leading BOM dropped) before it is parsed; a
+    null text field is skipped and counted, as a null Parquet value."""
     for loc, line in _lines(f, where):
         if not line.strip():
             yield b"", False
             continue
+        text: Any = _decode_utf8(line[3:] if line.startswith(codecs.BOM_UTF8) else line, path, stats)
+        del line
         try:
-            rec = json.loads(line)
+            rec = json.loads(text)
         except ValueError as exc:
             raise DataError(f"{loc}: not a JSON line ({exc})") from None
         except RecursionError:  # "[[[[..." deeper than the interpreter's stack
             raise DataError(f"{loc}: not a JSON line (nested too deeply)") from None
-        del line
+        del text
+        if isinstance(rec, dict) and text_field in rec and rec[text_field] is None:
+            if stats is not None:
+                stats.nulls[str(path)] = stats.nulls.get(str(path), 0) + 1
+            yield b"", False
+            continue
         text = rec.get(text_field) if isinstance(rec, dict) else None
         del rec
         if not isinstance(text, str):
@@ -348,7 +368,7 @@ def iter_segment(path: Path, jsonl: bool, start: int, end: Optional[int], ends_d
             if jsonl:
                 where = ((lambda n, off: f"{path}:{n}") if start == 0 else
                          (lambda n, off: f"{path}: the line at byte {start + off:,}"))
-                pieces: Iterator = _jsonl_pieces(f, where, text_field, chunk_bytes)
+                pieces: Iterator = _jsonl_pieces(f, where, text_field, chunk_bytes, path, stats)
             else:
                 pieces = _ends_last(_text_chunks(f, chunk_bytes), ends_doc)
             for piece, end_doc in pieces:
