@@ -335,3 +335,22 @@ def test_collect_inputs_order_globs_and_symlinks(tmp_path):
     files = collect_inputs([str(tmp_path / "in" / "*.md"), str(tmp_path / "in")])
     assert [f.name for f in files] == ["skip.md", "a.txt", "b.txt", "c.jsonl"]
     assert collect_inputs([str(tmp_path / "in" / "a.txt")] * 2) == [tmp_path / "in" / "a.txt"]
+
+
+def test_a_quoted_glob_walks_the_directories_it_matches(tmp_path):
+    """'d/*' gives the files the shell's d/* gives: a matched directory is walked as a named
+    one (its files were dropped); a glob yielding no file at all is an error naming it."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "empty").mkdir()
+    (d / "a.txt").write_text("top")
+    (d / "sub" / "b.txt").write_text("deep")
+    (d / "sub" / "skip.md").write_text("not an --ext file")
+    files = collect_inputs([str(d / "*")])
+    assert files == [d / "a.txt", d / "sub" / "b.txt"]
+    assert files == collect_inputs([str(d / "a.txt"), str(d / "sub")])  # as the shell expands it
+    assert collect_inputs([str(d / "s*")], exts=[".md"]) == [d / "sub" / "skip.md"]
+    with pytest.raises(DataError, match=r"input glob '.*e\*' matches only directories that hold no "
+                                        r"\.txt/\.jsonl/\.parquet files"):
+        collect_inputs([str(d / "e*")])
+

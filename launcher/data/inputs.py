@@ -109,7 +109,7 @@ def _datasets_files(d: Path, given: str) -> Optional[list[Path]]:
     return files
 
 
-def _walk(path: Path, given: str, exts: tuple) -> list[Path]:
+def _walk(path: Path, given: str, exts: tuple, required: bool = True) -> list[Path]:
     found = []
     for root, dirs, names in os.walk(path):  # does not descend into symlinked dirs
         dirs.sort()
@@ -117,18 +117,38 @@ def _walk(path: Path, given: str, exts: tuple) -> list[Path]:
             p = Path(root) / name
             if name.lower().endswith(exts) and p.is_file() and not p.is_symlink():
                 found.append(p.absolute())
-    if not found:
+    if not found and required:
         raise DataError(f"input directory {given!r} holds no {'/'.join(exts)} files "
                         "(choose others with --ext)")
     return found
 
 
+def _glob_files(given: str, pattern: str, exts: tuple) -> list[Path]:
+    """The files a glob names: each matched file, whatever its extension, and the files of
+    each matched directory as if it were named (the shell's expansion of the same glob gives
+    the same files). A matched directory without ``exts`` files adds nothing, but a glob
+    that yields no file at all is a DataError naming it."""
+    matches = sorted(glob.glob(pattern, recursive=True))
+    if not matches:
+        raise DataError(f"input glob {given!r} matches nothing")
+    found: list[Path] = []
+    for m in matches:
+        if os.path.isdir(m):
+            found += _datasets_files(Path(m), m) or _walk(Path(m), m, exts, required=False)
+        else:
+            found.append(_regular(Path(m).absolute(), m))
+    if not found:
+        raise DataError(f"input glob {given!r} matches only directories that hold no "
+                        f"{'/'.join(exts)} files (choose others with --ext)")
+    return found
+
+
 def collect_inputs(inputs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS) -> list[Path]:
     """The files ``inputs`` name, absolute, in order (each directory's files sorted), once
-    each. A named file or a glob match is taken whatever its extension; directories
-    contribute their ``exts`` files, a Hugging Face ``datasets`` directory its Arrow files.
-    Raises DataError for a path that does not exist, a glob that matches nothing, or no
-    files at all."""
+    each. A named file or a glob match is taken whatever its extension; directories, named
+    or matched by a glob, contribute their ``exts`` files, a Hugging Face ``datasets`` directory its Arrow files.
+    Raises DataError for a path that does not exist, a glob that matches nothing or no
+    file, or a named directory without files."""
     if not inputs:
         raise DataError("no INPUT given")
     exts = tuple(e.lower() for e in exts)
@@ -136,14 +156,13 @@ def collect_inputs(inputs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS) ->
     for given in inputs:
         path = Path(given).expanduser()
         if glob.has_magic(given) and not path.exists():
-            matches = sorted(glob.glob(str(path), recursive=True))
-            if not matches:
-                raise DataError(f"input glob {given!r} matches nothing")
-            files += [_regular(Path(m).absolute(), m) for m in matches if not Path(m).is_dir()]
+            files += _glob_files(given, str(path), exts)
         elif path.is_dir():
             files += _datasets_files(path, given) or _walk(path, given, exts)
         else:
             files.append(_regular(path.absolute(), given))
+    if not files:  # every branch above gives a file or raises; kept as the last word
+        raise DataError(f"no input file found in {', '.join(map(repr, inputs))}")
     seen: set[Path] = set()
     return [f for f in files if not (f in seen or seen.add(f))]
 
