@@ -354,3 +354,19 @@ def test_a_quoted_glob_walks_the_directories_it_matches(tmp_path):
                                         r"\.txt/\.jsonl/\.parquet files"):
         collect_inputs([str(d / "e*")])
 
+
+def test_one_file_reached_by_two_paths_is_read_once(tmp_path):
+    """Deduplicated by the file on disk (device, inode), not by the spelling of its path:
+    ``d`` and ``d/../d``, a path through a symlinked directory, a hard link; the first
+    spelling is the one kept (it is the one in the index's sources)."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("hello")
+    (d / "b.txt").write_text("other")
+    os.symlink(d, tmp_path / "alias")
+    os.link(d / "b.txt", tmp_path / "hard.txt")
+    assert collect_inputs([str(d), str(d / ".." / "d")]) == [d / "a.txt", d / "b.txt"]
+    assert collect_inputs([str(tmp_path / "alias" / "a.txt"), str(d / "a.txt")]) == [tmp_path / "alias" / "a.txt"]
+    assert collect_inputs([str(d / ".." / "d" / "a.txt"), str(d)]) == [d / ".." / "d" / "a.txt", d / "b.txt"]
+    assert collect_inputs([str(tmp_path / "hard.txt"), str(tmp_path / "alias")]) == \
+        [tmp_path / "hard.txt", tmp_path / "alias" / "a.txt"]

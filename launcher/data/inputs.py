@@ -143,10 +143,28 @@ def _glob_files(given: str, pattern: str, exts: tuple) -> list[Path]:
     return found
 
 
+def _once(files: list[Path]) -> list[Path]:
+    """``files`` with each file on disk once (the same device and inode: ``d/a.txt`` and
+    ``d/../d/a.txt``, a path through a symlinked directory, a hard link), the first
+    spelling kept."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError as exc:
+            raise DataError(f"input {str(f)!r}: cannot read ({exc.strerror or exc})") from None
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            out.append(f)
+    return out
+
+
 def collect_inputs(inputs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS) -> list[Path]:
     """The files ``inputs`` name, absolute, in order (each directory's files sorted), once
-    each. A named file or a glob match is taken whatever its extension; directories, named
-    or matched by a glob, contribute their ``exts`` files, a Hugging Face ``datasets`` directory its Arrow files.
+    each (one file reached by two paths is read once, under the first). A named file or a
+    glob match is taken whatever its extension; directories, named or matched by a glob,
+    contribute their ``exts`` files, a Hugging Face ``datasets`` directory its Arrow files.
     Raises DataError for a path that does not exist, a glob that matches nothing or no
     file, or a named directory without files."""
     if not inputs:
@@ -163,8 +181,7 @@ def collect_inputs(inputs: Sequence[str], exts: Sequence[str] = DEFAULT_EXTS) ->
             files.append(_regular(path.absolute(), given))
     if not files:  # every branch above gives a file or raises; kept as the last word
         raise DataError(f"no input file found in {', '.join(map(repr, inputs))}")
-    seen: set[Path] = set()
-    return [f for f in files if not (f in seen or seen.add(f))]
+    return _once(files)
 
 
 def file_kind(path: Path) -> str:
