@@ -122,6 +122,68 @@ def test_storage_outside_the_listed_files_is_refused(saved, tmp_path):
         validate_checkpoint(bad)
 
 
+def _planted_metadata(src, dst, edit):
+    """A copy of ``src`` whose unpickled ``.metadata`` went through ``edit(md)``, re-pickled
+    and re-hashed (the manifest agrees: only the metadata rules stand in the way)."""
+    from sharded_ams.checkpoint.dcp_meta import _MetadataUnpickler
+
+    bad = _copy(src, dst)
+    with open(bad / ".metadata", "rb") as f:
+        md = _MetadataUnpickler(f).load()
+    edit(md)
+    (bad / ".metadata").write_bytes(pickle.dumps(md))
+    _rehash(bad, ".metadata")
+    return bad
+
+
+def _split_rows(md, *, overlap: bool, storage: bool = True) -> None:
+    """model.0.weight (5 x 4) as two chunks: rows 0-2 and 3-4, or rows 0-2 and 2-3 (the
+    same 20 elements in all, row 2 twice and row 4 never)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    item = md.state_dict_metadata["model.0.weight"]
+    lo = (2, 0) if overlap else (3, 0)
+    item.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([3, 4])),
+                   ChunkStorageMetadata(torch.Size(lo), torch.Size([2, 4]))]
+    if storage:
+        md.storage_data[MetadataIndex("model.0.weight", torch.Size(lo))] = \
+            md.storage_data[MetadataIndex("model.0.weight", torch.Size([0, 0]))]
+
+
+CHUNK_CASES = {  # name: (edit of the metadata, a phrase of the refusal)
+    "no-chunks": (lambda md: setattr(md.state_dict_metadata["model.0.weight"], "chunks", []),
+                  "its chunks hold 0 elements, the tensor 20"),
+    "chunk-twice": (lambda md: md.state_dict_metadata["model.0.weight"].chunks.append(
+        md.state_dict_metadata["model.0.weight"].chunks[0]), "hold 40 elements"),
+    "overlap": (lambda md: _split_rows(md, overlap=True), "overlap"),
+    "no-storage": (lambda md: _split_rows(md, overlap=False, storage=False),
+                   "no storage entry"),
+    "bytes-no-storage": (lambda md: md.storage_data.pop(next(
+        i for i in md.storage_data if i.fqn.startswith("optim.param_groups."))),
+        "no storage entry"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+def test_chunks_must_tile_each_tensor_exactly_once(saved, tmp_path, case):
+    """Chunks that leave elements of a tensor unread (none, one twice, two overlapping,
+    one without storage) are refused by name: DCP reads nothing into those elements, so
+    consolidate returned ``torch.empty`` memory and load_dcp kept the model's old values."""
+    from sharded_ams.checkpoint import consolidate
+
+    path, _, _ = saved
+    edit, phrase = CHUNK_CASES[case]
+    bad = _planted_metadata(path, tmp_path / "c", edit)
+    fresh, fopt = _trained(seed=1)
+    for call in (validate_checkpoint, consolidate, lambda p: load_dcp(p, fresh, fopt)):
+        with pytest.raises(CheckpointError, match=r"\.metadata: .*" + phrase) as ei:
+            call(bad)
+        assert ei.value.kind == "corrupt"
+    # two chunks that do tile it pass the rule (their bytes are not the rows': not read here)
+    validate_checkpoint(_planted_metadata(path, tmp_path / "ok",
+                                          lambda md: _split_rows(md, overlap=False)))
+
+
 def test_a_different_model_is_named(saved):
     path, _, _ = saved
     other, oopt = _trained(width=6)

@@ -16,7 +16,8 @@ Input from disk may be planted, so:
    dtypes, ``torch.Size``, ``pathlib`` paths); any other global is refused before it is
    looked up. The result is then checked: every item's storage lies inside a listed data
    file (``relative_path`` a listed name, ``offset + length`` within its size), every
-   chunk inside its tensor, sizes bounded.
+   chunk inside its tensor, the chunks of each tensor tile it exactly once (each with a
+   storage entry: DCP does not check that every element is read), sizes bounded.
 4. DCP's default load planner reads non-tensor items (param groups, ints) with
    ``torch.load(weights_only=False)``, i.e. unpickles them; :class:`SafeLoadPlanner` loads
    them with ``weights_only=True`` instead. Tensor items are read by DCP with
@@ -28,12 +29,15 @@ Input from disk may be planted, so:
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from .contents import check_rng
 from .format import CheckpointError, MANIFEST_NAME, PathLike, TRAINER_NAME
@@ -55,6 +59,8 @@ RNG_RE = re.compile(r"^rng-rank(\d{5})\.pt$")
 #: the .metadata of a 70B model is a few MB; a larger one is refused unread
 MAX_METADATA_BYTES = 256 << 20
 _MAX_DIMS = 64
+#: chunks of one tensor: DCP writes one per rank (a ShardedAMS at most 2 ndim - 1)
+_MAX_CHUNKS = 1 << 20
 
 #: the globals DCP's metadata pickle may name: its own dataclasses and torch's value types
 _ALLOWED = {
@@ -223,18 +229,11 @@ def _check_metadata(man: DCPManifest, md: Any) -> None:
         if not isinstance(key, str):
             raise bad(f"key {key!r:.60} is not a string")
         if isinstance(item, BytesStorageMetadata):
+            _need_storage(md, key, None, bad)
             continue
         if not isinstance(item, TensorStorageMetadata):
             raise bad(f"{key}: {type(item).__name__} is not tensor or bytes metadata")
-        size = tuple(item.size)
-        if len(size) > _MAX_DIMS or not all(type(s) is int and s >= 0 for s in size):
-            raise bad(f"{key}: size {size!r:.80} is not a shape")
-        for c in item.chunks:
-            off, sz = tuple(c.offsets), tuple(c.sizes)
-            if len(off) != len(size) or len(sz) != len(size) or not all(
-                    type(o) is int and type(s) is int and o >= 0 and s >= 0 and o + s <= n
-                    for o, s, n in zip(off, sz, size)):
-                raise bad(f"{key}: chunk at {off!r:.60} of {sz!r:.60} is outside {size}")
+        _check_chunks(md, key, item, bad)
     for index, info in md.storage_data.items():
         if not isinstance(info, _StorageInfo):
             raise bad(f"storage of {index!r:.80} is not a _StorageInfo")
@@ -245,6 +244,64 @@ def _check_metadata(man: DCPManifest, md: Any) -> None:
         if not (type(info.offset) is int and type(info.length) is int and info.offset >= 0
                 and info.length >= 0 and info.offset + info.length <= man.files[rel]["size"]):
             raise bad(f"storage of {getattr(index, 'fqn', index)!r:.80} lies outside {rel}")
+
+
+def _need_storage(md: Any, key: str, offsets: Optional[tuple], bad) -> None:
+    """An item (a tensor's chunk at ``offsets``; bytes: None) has a storage entry: DCP
+    reads nothing for one without, and the tensor would keep whatever memory held."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    index = MetadataIndex(key, None if offsets is None else torch.Size(offsets))
+    if index not in md.storage_data:
+        where = "" if offsets is None else f" (chunk at {offsets!r:.60})"
+        raise bad(f"{key}{where}: no storage entry: nothing of it is stored")
+
+
+def _check_chunks(md: Any, key: str, item: Any, bad) -> None:
+    """The chunks of one tensor lie inside it and tile it exactly once (their volumes sum
+    to its numel and no two overlap), each with a storage entry: a chunk missing, or two
+    chunks over the same elements, would leave elements that nothing was read into (DCP
+    does not check it: ``torch.empty`` memory, or the loading model's old values)."""
+    size = tuple(item.size)
+    if len(size) > _MAX_DIMS or not all(type(s) is int and s >= 0 for s in size):
+        raise bad(f"{key}: size {size!r:.80} is not a shape")
+    if not isinstance(item.chunks, list) or len(item.chunks) > _MAX_CHUNKS:
+        raise bad(f"{key}: {type(item.chunks).__name__} of chunks is not a list of at most "
+                  f"{_MAX_CHUNKS}")
+    boxes, volume = [], 0
+    for c in item.chunks:
+        off, sz = tuple(getattr(c, "offsets", ())), tuple(getattr(c, "sizes", ()))
+        if len(off) != len(size) or len(sz) != len(size) or not all(
+                type(o) is int and type(s) is int and o >= 0 and s >= 0 and o + s <= n
+                for o, s, n in zip(off, sz, size)):
+            raise bad(f"{key}: chunk at {off!r:.60} of {sz!r:.60} is outside {size}")
+        _need_storage(md, key, off, bad)
+        n = math.prod(sz)
+        volume += n
+        if n:
+            boxes.append((off, tuple(o + s for o, s in zip(off, sz))))
+    if volume != math.prod(size):
+        raise bad(f"{key}: its chunks hold {volume} elements, the tensor {math.prod(size)} "
+                  f"(shape {list(size)}): they must tile it exactly once")
+    _refuse_overlaps(key, boxes, bad)
+
+
+def _refuse_overlaps(key: str, boxes: list, bad) -> None:
+    """No two non-empty boxes ``(lo, hi)`` intersect. A sweep along the first dimension:
+    only boxes whose first-dimension ranges meet are compared (a few per box in what DCP
+    writes: rows split across ranks, or tp columns), so no all-pairs loop."""
+    if not boxes or not boxes[0][0]:
+        if len(boxes) > 1:  # 0-d: every chunk is the one element
+            raise bad(f"{key}: {len(boxes)} chunks of a 0-d tensor overlap")
+        return
+    active: list = []
+    for lo, hi in sorted(boxes):
+        active = [b for b in active if b[1][0] > lo[0]]
+        for alo, ahi in active:
+            if all(a < h and l < b for a, b, l, h in zip(alo, ahi, lo, hi)):
+                raise bad(f"{key}: chunks at {alo} and {lo} overlap: they must tile the "
+                          "tensor exactly once")
+        active.append((lo, hi))
 
 
 def validate_dcp(path: PathLike, *, checksums: bool = True) -> DCPManifest:
