@@ -184,6 +184,62 @@ def test_chunks_must_tile_each_tensor_exactly_once(saved, tmp_path, case):
                                           lambda md: _split_rows(md, overlap=False)))
 
 
+def _move(md, path) -> None:
+    """Give the first param group's ``lr`` item the nesting path ``path``."""
+    md.planner_data["optim.param_groups.0.lr"] = path
+
+
+PATH_CASES = {  # name: (edit, a phrase, refused by validate_checkpoint too)
+    # the bound itself (10**12 would grow a list until memory runs out if the rule broke)
+    "index-2**16": (lambda md: _move(md, ("optim", "param_groups", 1 << 16, "lr")),
+                   "is not a non-empty tuple of names and list indices", True),
+    "index-neg": (lambda md: _move(md, ("optim", "param_groups", -5, "lr")),
+                  "is not a non-empty tuple", True),
+    "a-list": (lambda md: _move(md, ["optim", "param_groups", 0, "lr"]), "is not a non-empty", True),
+    "empty": (lambda md: _move(md, ()), "is not a non-empty tuple", True),
+    "unnamed-item": (lambda md: md.planner_data.pop("model.0.bias"),
+                     "do not name exactly the items", True),
+    "dtype-a-string": (lambda md: setattr(md.state_dict_metadata["model.0.bias"].properties,
+                                          "dtype", "float32"), "is not a torch dtype", True),
+    "gap": (lambda md: _move(md, ("optim", "param_groups", 3, "lr")), "are not 0..n-1", False),
+    "same-place": (lambda md: _move(md, ("optim", "param_groups", 0, "betas")),
+                   "are both at", False),
+    "through-an-item": (lambda md: _move(md, ("optim", "param_groups", 0, "betas", "x")),
+                        "runs through another item|are both at", False),
+    "lr-elsewhere": (lambda md: _move(md, ("optim", "param_groups", 0, "lr2")),
+                     r"cannot be read \(KeyError: 'lr'\)", False),
+}
+
+
+@pytest.mark.parametrize("case", list(PATH_CASES))
+def test_metadata_nesting_paths_and_dtypes_are_checked(saved, tmp_path, case, capsys):
+    """``.metadata``'s nesting paths (``planner_data``) and dtypes are untrusted: an index
+    of 10**12 grew a list until memory ran out, -5 was a raw IndexError, a path of the
+    wrong kind a traceback. Each is a CheckpointError naming .metadata (or the checkpoint),
+    and ``ckpt consolidate``/``convert`` refuse it in one line (exit 2)."""
+    from launcher.commands.ckpt import main
+    from sharded_ams.checkpoint import consolidate
+    from sharded_ams.checkpoint.convert import to_zero1
+
+    path, _, _ = saved
+    edit, phrase, at_validate = PATH_CASES[case]
+    bad = _planted_metadata(path, tmp_path / "c", edit)
+    calls = [consolidate, lambda p: to_zero1(p, tmp_path / "z")]
+    if at_validate:
+        calls.append(validate_checkpoint)
+    else:
+        validate_checkpoint(bad)  # each item's own metadata is sound: refused when assembled
+    for call in calls:
+        with pytest.raises(CheckpointError, match=phrase) as ei:
+            call(bad)
+        assert ei.value.kind == "corrupt" and ei.value.path in (bad, bad / ".metadata")
+    for args in (["consolidate", str(bad), str(tmp_path / "full.pt")],
+                 ["convert", str(bad), str(tmp_path / "z1"), "--to", "zero1"]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "error:" in err, err
+
+
 def test_a_different_model_is_named(saved):
     path, _, _ = saved
     other, oopt = _trained(width=6)

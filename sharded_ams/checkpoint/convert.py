@@ -26,7 +26,7 @@ from torch import nn
 
 from .consolidate import consolidate
 from .dcp import write_dcp_state
-from .dcp_read import read_dcp_full
+from .dcp_read import read_dcp_full, refusing
 from .dcp_sharded import dcp_param_groups
 from .format import PathLike
 
@@ -91,10 +91,23 @@ def _holder(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -
 
 def to_zero1(src: PathLike, out: PathLike) -> dict:
     """Write the DCP checkpoint ``src`` as a native checkpoint of world size 1 in ``out``."""
-    from ..sharded import ShardedAMS
     from .commit import save_checkpoint
 
     full = read_dcp_full(src)
+    man, trainer = full["manifest"], full["trainer"]
+    with refusing(man.path):  # what the checks let through, and the load, are the input's
+        opt, holder = _zero1_optimizer(full)
+    save_checkpoint(Path(out), opt, model=holder, step=man.step, extra=trainer.get("extra"),
+                    lr_scheduler=_SavedScheduler(trainer.get("lr_scheduler")))
+    opt.close()
+    return {"step": man.step, "params": sum(len(g["params"]) for g in opt.param_groups)}
+
+
+def _zero1_optimizer(full: dict):
+    """A world-size-1 ShardedAMS (and the module holding its params) loaded with the state
+    ``read_dcp_full`` read."""
+    from ..sharded import ShardedAMS
+
     man, trainer, optim = full["manifest"], full["trainer"], full["optim"]
     extra = trainer.get("extra") or {}
     dtype = torch.bfloat16 if isinstance(extra, dict) and extra.get("precision") == "bf16" \
@@ -120,7 +133,4 @@ def to_zero1(src: PathLike, out: PathLike) -> dict:
           "pieces": pieces, "state_keys": keys,
           "skipped_steps": man.raw["optimizer"].get("skipped_steps", 0)}
     opt.load_state_dict(sd)
-    save_checkpoint(Path(out), opt, model=holder, step=man.step, extra=trainer.get("extra"),
-                    lr_scheduler=_SavedScheduler(trainer.get("lr_scheduler")))
-    opt.close()
-    return {"step": man.step, "params": len(names)}
+    return opt, holder

@@ -17,7 +17,9 @@ Input from disk may be planted, so:
    looked up. The result is then checked: every item's storage lies inside a listed data
    file (``relative_path`` a listed name, ``offset + length`` within its size), every
    chunk inside its tensor, the chunks of each tensor tile it exactly once (each with a
-   storage entry: DCP does not check that every element is read), sizes bounded.
+   storage entry: DCP does not check that every element is read), dtypes torch dtypes,
+   the nesting paths (``planner_data``) of every item small tuples of names and list
+   indices, sizes bounded.
 4. DCP's default load planner reads non-tensor items (param groups, ints) with
    ``torch.load(weights_only=False)``, i.e. unpickles them; :class:`SafeLoadPlanner` loads
    them with ``weights_only=True`` instead. Tensor items are read by DCP with
@@ -61,6 +63,8 @@ MAX_METADATA_BYTES = 256 << 20
 _MAX_DIMS = 64
 #: chunks of one tensor: DCP writes one per rank (a ShardedAMS at most 2 ndim - 1)
 _MAX_CHUNKS = 1 << 20
+#: a list index in a nesting path (param groups, list-valued state)
+_MAX_INDEX = 1 << 16
 
 #: the globals DCP's metadata pickle may name: its own dataclasses and torch's value types
 _ALLOWED = {
@@ -233,6 +237,9 @@ def _check_metadata(man: DCPManifest, md: Any) -> None:
             continue
         if not isinstance(item, TensorStorageMetadata):
             raise bad(f"{key}: {type(item).__name__} is not tensor or bytes metadata")
+        if not isinstance(getattr(item.properties, "dtype", None), torch.dtype):
+            raise bad(f"{key}: dtype {getattr(item.properties, 'dtype', None)!r:.60} is not a "
+                      "torch dtype")
         _check_chunks(md, key, item, bad)
     for index, info in md.storage_data.items():
         if not isinstance(info, _StorageInfo):
@@ -244,6 +251,7 @@ def _check_metadata(man: DCPManifest, md: Any) -> None:
         if not (type(info.offset) is int and type(info.length) is int and info.offset >= 0
                 and info.length >= 0 and info.offset + info.length <= man.files[rel]["size"]):
             raise bad(f"storage of {getattr(index, 'fqn', index)!r:.80} lies outside {rel}")
+    _check_paths(md, bad)
 
 
 def _need_storage(md: Any, key: str, offsets: Optional[tuple], bad) -> None:
@@ -302,6 +310,23 @@ def _refuse_overlaps(key: str, boxes: list, bad) -> None:
                 raise bad(f"{key}: chunks at {alo} and {lo} overlap: they must tile the "
                           "tensor exactly once")
         active.append((lo, hi))
+
+
+def _check_paths(md: Any, bad) -> None:
+    """``planner_data`` (where each item goes in the nested state dict) names every item
+    and only those, each a path of names and small list indices: ``read_dcp_full`` builds
+    the nested dict from it, and an index of 10**12 (or -5) is no list position."""
+    paths = md.planner_data
+    if not isinstance(paths, dict) or set(paths) != set(md.state_dict_metadata):
+        extra = sorted(set(paths) ^ set(md.state_dict_metadata), key=repr)[:3] \
+            if isinstance(paths, dict) else type(paths).__name__
+        raise bad(f"the nesting paths (planner_data) do not name exactly the items ({extra!r:.200})")
+    for key, where in paths.items():
+        if not (isinstance(where, tuple) and 0 < len(where) <= _MAX_DIMS and all(
+                (type(p) is str and p) or (type(p) is int and 0 <= p < _MAX_INDEX)
+                for p in where)):
+            raise bad(f"{key}: nesting path {where!r:.120} is not a non-empty tuple of names "
+                      f"and list indices in [0, {_MAX_INDEX})")
 
 
 def validate_dcp(path: PathLike, *, checksums: bool = True) -> DCPManifest:

@@ -6,9 +6,10 @@ known to fit in the data files that hold them."""
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import math
-from typing import Any, Optional, Union
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -16,7 +17,23 @@ from .dcp import SafeLoadPlanner, reader_of
 from .dcp_meta import load_trainer, read_dcp_metadata, validate_dcp
 from .format import CheckpointError, PathLike
 
-__all__ = ["read_dcp_full", "consolidate_dcp"]
+__all__ = ["read_dcp_full", "consolidate_dcp", "refusing"]
+
+
+@contextlib.contextmanager
+def refusing(path: PathLike) -> Iterator[None]:
+    """Whatever else the checked data still makes fail here (a value of a type no rule
+    expected, DCP's own errors) is a CheckpointError naming ``path``, not a traceback:
+    ``ckpt consolidate``/``export``/``convert`` then refuse it in one line. An OSError (the
+    disk) and a MemoryError (the machine) are not the data's fault and pass through."""
+    try:
+        yield
+    except (CheckpointError, OSError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted input: any failure is a refusal
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})", path=path,
+                              kind="corrupt") from exc
 
 
 def read_dcp_full(path: PathLike) -> dict:
@@ -27,45 +44,64 @@ def read_dcp_full(path: PathLike) -> dict:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     man = validate_dcp(path, checksums=True)
-    md = read_dcp_metadata(man, checksum=False)
-    trainer = load_trainer(man)
-    data_bytes = sum(int(f["size"]) for n, f in man.files.items() if n.endswith(".distcp"))
-    need = sum(math.prod(m.size) * m.properties.dtype.itemsize
-               for m in md.state_dict_metadata.values() if isinstance(m, TensorStorageMetadata))
-    if need > data_bytes:
-        raise CheckpointError(f"{man.path}: the metadata claims {need} bytes of tensors, the data "
-                              f"files hold {data_bytes}", path=man.path, kind="corrupt")
-    flat: dict[str, Any] = {}
-    for key, m in md.state_dict_metadata.items():
-        flat[key] = (torch.empty(tuple(m.size), dtype=m.properties.dtype)
-                     if isinstance(m, TensorStorageMetadata) else None)
-    dcp.load(flat, storage_reader=reader_of(man.path, md),
-             planner=SafeLoadPlanner(flatten_state_dict=False), no_dist=True)
-    nested: dict = {}
-    paths = md.planner_data if isinstance(md.planner_data, dict) else {}
-    for key, value in flat.items():
-        where = paths.get(key)
-        if not (isinstance(where, tuple) and where and all(isinstance(p, (str, int)) for p in where)):
-            raise CheckpointError(f"{man.path}: no path for {key!r:.80} in the metadata",
-                                  path=man.path, kind="corrupt")
-        node = nested
-        for part, nxt in itertools.pairwise(where):
-            node = node.setdefault(part, [] if isinstance(nxt, int) else {}) \
-                if isinstance(node, dict) else _at(node, part, nxt)
-        if isinstance(node, list):
-            while len(node) <= where[-1]:
-                node.append({})
-            node[where[-1]] = value
-        else:
-            node[where[-1]] = value
+    with refusing(man.path):
+        md = read_dcp_metadata(man, checksum=False)
+        trainer = load_trainer(man)
+        data_bytes = sum(int(f["size"]) for n, f in man.files.items() if n.endswith(".distcp"))
+        need = sum(math.prod(m.size) * m.properties.dtype.itemsize
+                   for m in md.state_dict_metadata.values()
+                   if isinstance(m, TensorStorageMetadata))
+        if need > data_bytes:
+            raise CheckpointError(f"{man.path}: the metadata claims {need} bytes of tensors, "
+                                  f"the data files hold {data_bytes}", path=man.path,
+                                  kind="corrupt")
+        flat: dict[str, Any] = {}
+        for key, m in md.state_dict_metadata.items():
+            flat[key] = (torch.empty(tuple(m.size), dtype=m.properties.dtype)
+                         if isinstance(m, TensorStorageMetadata) else None)
+        dcp.load(flat, storage_reader=reader_of(man.path, md),
+                 planner=SafeLoadPlanner(flatten_state_dict=False), no_dist=True)
+        nested = _nest(flat, md.planner_data, man.path)
     return {"model": nested.get("model", {}), "optim": nested.get("optim", {}),
             "trainer": trainer, "manifest": man}
 
 
-def _at(node: list, i: int, nxt) -> Any:
-    while len(node) <= i:
-        node.append([] if isinstance(nxt, int) else {})
-    return node[i]
+class _Node(dict):
+    """An inner node of the nested state dict being built (a loaded value may be a dict)."""
+
+
+def _nest(flat: dict, paths: dict, where: Path) -> dict:
+    """The nested state dict of DCP's flat items, each put at its path (checked by
+    ``dcp_meta._check_paths``). Lists are made from the indices present, which must be
+    0..n-1: no list is grown to an index the metadata names (10**12 slots), and a path
+    running through another item is refused."""
+    def bad(msg: str) -> CheckpointError:
+        return CheckpointError(f"{where}: nesting paths of the metadata: {msg}", path=where,
+                               kind="corrupt")
+
+    root = _Node()
+    for key, value in flat.items():
+        path, node = paths[key], root
+        for part in path[:-1]:
+            node = node.setdefault(part, _Node())
+            if not isinstance(node, _Node):
+                raise bad(f"{key!r:.80} runs through another item at {part!r:.40}")
+        if path[-1] in node:
+            raise bad(f"{key!r:.80} and another item are both at {path!r:.120}")
+        node[path[-1]] = value
+    return _lists(root, bad)
+
+
+def _lists(node: Any, bad) -> Any:
+    if not isinstance(node, _Node):
+        return node
+    out = {k: _lists(v, bad) for k, v in node.items()}
+    ints = [k for k in out if isinstance(k, int)]
+    if not ints:
+        return out
+    if len(ints) != len(out) or sorted(ints) != list(range(len(ints))):
+        raise bad(f"list indices {sorted(out, key=repr)[:6]!r:.120} are not 0..n-1")
+    return [out[i] for i in range(len(ints))]
 
 
 def consolidate_dcp(path: PathLike, *, foreach: Optional[bool] = None,
@@ -74,6 +110,12 @@ def consolidate_dcp(path: PathLike, *, foreach: Optional[bool] = None,
     FSDP run's params are its masters), and an ``AMS`` state_dict (params indexed 0.. in
     the order of the param groups; no ``master``: the params are fp32)."""
     full = read_dcp_full(path)
+    with refusing(full["manifest"].path):
+        return _consolidated(full, foreach, fused)
+
+
+def _consolidated(full: dict, foreach, fused) -> dict:
+    """``consolidate_dcp``'s dict of what ``read_dcp_full`` read."""
     optim, trainer = full["optim"], full["trainer"]
     state, groups, names = {}, [], []
     for g in optim.get("param_groups") or []:
