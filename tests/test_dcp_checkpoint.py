@@ -301,6 +301,37 @@ def test_convert_zero1_to_dcp_and_back_is_bitwise(tmp_path):
                            a["optimizer"]["state"][i]["exp_avg_s"])
 
 
+def test_convert_keeps_tied_weights_tied(tmp_path):
+    """zero1 -> dcp -> zero1 of the GPT (lm_head.weight tied to wte.weight): the tie is
+    recorded on the DCP side and the converted checkpoint loads into the same model with
+    ``model=`` (lm_head.weight came back as an fp32 buffer in model-extra.pt, and the load
+    said model_mismatch)."""
+    from ckpt_common import fresh, make_checkpoint
+
+    from launcher.commands.ckpt import main
+    from sharded_ams.checkpoint import consolidate, load_checkpoint, read_manifest
+
+    src, mid, back = tmp_path / "src", tmp_path / "mid", tmp_path / "back"
+    make_checkpoint(src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["convert", str(src), str(mid), "--to", "dcp"]) == 0
+        assert main(["convert", str(mid), str(back), "--to", "zero1"]) == 0
+    tied = json.loads((mid / "manifest.json").read_text())["tied"]
+    assert tied == {"lm_head.weight": "wte.weight"}
+    assert read_manifest(back).model == read_manifest(src).model
+    assert "lm_head.weight" not in torch.load(back / "model-extra.pt")["tensors"]
+    assert _same(consolidate(src), consolidate(back))
+    model, opt = fresh()
+    load_checkpoint(back, opt, model=model)
+    assert model.lm_head.weight is model.wte.weight
+    from sharded_ams.checkpoint.dcp import tied_keys  # what save_dcp records of a live model
+
+    head = nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 4, bias=False))
+    head[1].weight = head[0].weight
+    assert tied_keys(head) == {"1.weight": "0.weight"} and tied_keys(model) == tied
+
+
 def _draws():
     import random
 

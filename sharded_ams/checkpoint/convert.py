@@ -11,7 +11,8 @@ computed in bf16 by FSDP2's policy) and no ``master`` state. So:
   hyperparameters, the trainer state and ``skipped_steps`` as they were;
 * dcp -> zero1: a ShardedAMS of world size 1 is built over params of the run's dtype
   (``extra["precision"]`` "bf16": bf16 params with fp32 masters), loaded with the state,
-  and saved with ``save_checkpoint``; it loads on any world size as any other.
+  and saved with ``save_checkpoint``; it loads on any world size as any other. Tied
+  weights (the DCP manifest's ``tied``) are one Parameter under every key again.
 
 zero1 -> dcp -> zero1 gives back every tensor bit for bit (tested).
 """
@@ -28,7 +29,7 @@ from .consolidate import consolidate
 from .dcp import write_dcp_state
 from .dcp_read import read_dcp_full, refusing
 from .dcp_sharded import dcp_param_groups
-from .format import PathLike
+from .format import CheckpointError, PathLike
 
 __all__ = ["to_dcp", "to_zero1"]
 
@@ -54,10 +55,12 @@ def to_dcp(src: PathLike, out: PathLike) -> dict:
     man = read_manifest(src)
     hp = [{**{k: (list(g[k]) if k == "betas" else g[k]) for k in _HP}, "step": int(g["step"])}
           for g in man.param_groups]
+    tied = {k: v["param"] for k, v in (man.model or {"keys": {}})["keys"].items()
+            if "param" in v and v["param"] != k}
     write_dcp_state(out, {"model": model, "optim": optim}, step=full["step"],
                     extra=full["extra"], scheduler_state=full["lr_scheduler"],
                     mesh={"strategy": "fsdp", "dp": 1, "tp": 1}, groups=hp,
-                    skipped_steps=man.optimizer.get("skipped_steps", 0), rng=False)
+                    skipped_steps=man.optimizer.get("skipped_steps", 0), rng=False, tied=tied)
     return {"step": full["step"], "params": len(names)}
 
 
@@ -73,9 +76,14 @@ class _SavedScheduler:
 
 def _holder(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> nn.Module:
     """A module whose ``state_dict()`` has exactly ``tensors``' keys: the optimized ones as
-    the given Parameters (tied keys share one), the rest as buffers."""
+    the given Parameters (tied keys share one), the rest as buffers. The first name of each
+    Parameter is registered first: ShardedAMS names a param by its first name in the
+    module, which must be the optimizer's (``wte.weight``, not ``lm_head.weight``)."""
     root = nn.Module()
-    for key, t in tensors.items():
+    canonical = {id(p): k for k, p in reversed(params.items())}  # the first key of each
+    first = [k for k in tensors if k in params and canonical[id(params[k])] == k]
+    for key in first + [k for k in tensors if k not in first]:
+        t = tensors[key]
         *path, leaf = key.split(".")
         mod = root
         for part in path:
@@ -87,6 +95,25 @@ def _holder(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -
         else:
             mod.register_buffer(leaf, t)
     return root
+
+
+def _tied(man, tensors: dict, params: dict) -> dict[str, nn.Parameter]:
+    """The manifest's tied keys (``lm_head.weight`` -> ``wte.weight``), each the very
+    Parameter of the key it is tied to: a tied key left a buffer would come back as an
+    fp32 copy in model-extra.pt, and the model (whose keys are tied) would no longer
+    load it. A tied key must name a param and hold its values."""
+    out = {}
+    for key, name in man.tied.items():
+        if key not in tensors or name not in params:
+            raise CheckpointError(f"{man.path}: tied key {key!r:.80} -> {name!r:.80} is not a "
+                                  "model tensor tied to an optimized param", path=man.path,
+                                  kind="corrupt", field=f"tied[{key!r:.80}]")
+        if not torch.equal(tensors[key], tensors[name]):
+            raise CheckpointError(f"{man.path}: tied key {key!r:.80} holds other values than "
+                                  f"{name!r:.80}", path=man.path, kind="corrupt",
+                                  field=f"tied[{key!r:.80}]")
+        out[key] = params[name]
+    return out
 
 
 def to_zero1(src: PathLike, out: PathLike) -> dict:
@@ -115,6 +142,7 @@ def _zero1_optimizer(full: dict):
     groups = optim.get("param_groups") or []
     names = [n for g in groups for n in g["params"]]
     params = {n: nn.Parameter(full["model"][n].to(dtype)) for n in names}
+    params.update(_tied(man, full["model"], params))
     holder = _holder(full["model"], params)
     opt_groups = [{"params": [params[n] for n in g["params"]], **{k: g[k] for k in _HP}}
                   for g in groups]

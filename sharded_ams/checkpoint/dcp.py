@@ -90,6 +90,20 @@ def _groups_of(optimizer, step: int) -> list[dict]:
     return out
 
 
+def tied_keys(model: nn.Module) -> dict[str, str]:
+    """State_dict keys that are another key's param (tied weights: ``lm_head.weight`` ->
+    ``wte.weight``, the name the optimizer state is under), as state dicts spell them (a
+    torch.compile wrapper's ``_orig_mod.`` left out). DCP stores each key as its own
+    tensor; the manifest records the tie so that ``ckpt convert --to zero1`` restores it."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        name = name.replace("_orig_mod.", "")
+        if first.setdefault(id(p), name) != name:
+            tied[name] = first[id(p)]
+    return tied
+
+
 def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
              extra: Optional[dict] = None, lr_scheduler=None, mesh: Optional[dict] = None,
              shared_fs: bool = True) -> Path:
@@ -109,17 +123,18 @@ def save_dcp(path: PathLike, model: nn.Module, optimizer, *, step: int,
         path, dcp_state_dict(model, optimizer), step=step, extra=extra,
         scheduler_state=None if lr_scheduler is None else lr_scheduler.state_dict(), mesh=mesh,
         groups=_groups_of(optimizer, step), skipped_steps=int(getattr(optimizer, "skipped_steps", 0)),
-        shared_fs=shared_fs, optimizer_class=type(optimizer).__name__)
+        shared_fs=shared_fs, optimizer_class=type(optimizer).__name__, tied=tied_keys(model))
 
 
 def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict],
                     scheduler_state: Any, mesh: Optional[dict], groups: list,
                     skipped_steps: int = 0, shared_fs: bool = True, rng: bool = True,
-                    optimizer_class: str = "FSDPAMS") -> Path:
+                    optimizer_class: str = "FSDPAMS", tied: Optional[dict] = None) -> Path:
     """``save_dcp`` of a state dict already made (``{"model", "optim"}`` as
     :func:`dcp_state_dict` makes it; plain tensors in one process: ``ckpt convert``, which
     passes ``rng=False``: its RNG states are not a run's). With ``rng`` each rank also
-    writes its RNG states (``rng-rankNNNNN.pt``, listed and hashed like the rest)."""
+    writes its RNG states (``rng-rankNNNNN.pt``, listed and hashed like the rest).
+    ``tied``: the model's tied keys (:func:`tied_keys`), recorded in the manifest."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
@@ -158,7 +173,7 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
     if ctx.rank == 0:
         try:
             _commit(path, everyone, step, ctx.world_size, mesh, groups, int(skipped_steps),
-                    optimizer_class)
+                    optimizer_class, tied or {})
         except Exception as exc:
             err = exc
     ctx.agree(err)
@@ -166,7 +181,7 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
 
 
 def _commit(path: Path, everyone: list, step: int, world: int, mesh: Optional[dict],
-            groups: list, skipped: int, optimizer_class: str) -> None:
+            groups: list, skipped: int, optimizer_class: str, tied: dict) -> None:
     """Rank 0: the manifest, written last (temp name, fsync, rename, fsync dir)."""
     files: dict = {}
     for rank_files in everyone:
@@ -178,6 +193,7 @@ def _commit(path: Path, everyone: list, step: int, world: int, mesh: Optional[di
            "created": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
            "created_unix": now,
            "optimizer": {"class": optimizer_class, "param_groups": groups, "skipped_steps": skipped},
+           "tied": dict(sorted(tied.items())),
            "files": dict(sorted(files.items()))}
     data = json.dumps(man, indent=1).encode("utf-8")
     write_bytes_durably(path / MANIFEST_NAME, lambda f, box: f.write(data))

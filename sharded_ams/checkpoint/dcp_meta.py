@@ -35,7 +35,7 @@ import math
 import os
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -108,6 +108,9 @@ class DCPManifest:
     created: str
     raw: dict
     format: str = DCP_FORMAT
+    #: state_dict keys of tied weights -> the param they are (``lm_head.weight`` ->
+    #: ``wte.weight``); empty in checkpoints written before it was recorded
+    tied: dict = field(default_factory=dict)
 
     @property
     def files_bytes(self) -> int:
@@ -155,8 +158,13 @@ def read_dcp_manifest(path: PathLike) -> DCPManifest:
     r.int_(opt.get("skipped_steps", 0), "optimizer.skipped_steps")
     files = r.dict_(r.get(d, "files", ""), "files")
     _check_files(r, files, world)
+    tied = r.dict_(d.get("tied", {}), "tied")
+    for key, param in tied.items():
+        r.name(key, f"tied[{key!r:.60}]")
+        r.name(param, f"tied[{key!r:.60}]")
     return DCPManifest(path=path, step=step, world_size=world, mesh=mesh, param_groups=groups,
-                       files=files, created=r.str_(d.get("created", ""), "created"), raw=d)
+                       files=files, created=r.str_(d.get("created", ""), "created"), raw=d,
+                       tied=tied)
 
 
 def _check_files(r: Rules, files: dict, world: int) -> None:
