@@ -345,6 +345,14 @@ SHARD_CASES = {  # name: (edit, the field, a phrase of the message)
                      "optimizer.params", "differ from the manifest's params"),
     "state-keys-an-int": (lambda o: o["optimizer"].update(state_keys=3), "optimizer.state_keys",
                           "the manifest says"),
+    # read by ShardedAMS.load_state_dict: an AttributeError after the ranks agreed, and
+    # 7 skipped steps loaded while inspect showed the manifest's 0
+    "model-parallel": (lambda o: o["optimizer"].update(model_parallel="x"),
+                       "optimizer.model_parallel", "holds no tensor-parallel state"),
+    "skipped-steps": (lambda o: o["optimizer"].update(skipped_steps=7), "optimizer.skipped_steps",
+                      "7, the manifest says 0"),
+    "optimizer-rank": (lambda o: o["optimizer"].update(rank=1), "optimizer.rank",
+                       "1, the manifest says 0"),
 }
 
 
@@ -357,6 +365,41 @@ def test_shard_content_disagrees_with_manifest(root, case):
     edit_shard(root / NEW, SHARD, edit)
     err = assert_refused_everywhere(root, SHARD, fld, phrase, shallow=False)
     assert err.kind == "corrupt" and err.field == fld, (err.kind, err.field)
+
+
+def test_scheduler_state_is_tried_before_anything_is_applied(root):
+    """A saved scheduler state the scheduler rejects (``{}``: LambdaLR's KeyError) is a
+    CheckpointError naming trainer.pt before the optimizer is touched (it used to be a
+    KeyError after the optimizer state was overwritten: a half-applied load). It is not
+    recoverable: the scheduler may be what differs, and load_latest must not skip every
+    checkpoint then."""
+    bad = root / NEW
+    t = torch.load(bad / C.TRAINER_NAME, weights_only=True)
+    t["lr_scheduler"] = {}
+    torch.save(t, bad / C.TRAINER_NAME)
+    rewrite_manifest(bad, files_from=(C.TRAINER_NAME,))
+    model, opt = fresh()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(CheckpointError, match=r"trainer\.pt: field lr_scheduler: .*KeyError") as ei:
+        load_checkpoint(bad, opt, model=model, lr_scheduler=sched)
+    assert ei.value.kind == "optimizer_mismatch" and ei.value.field == "lr_scheduler"
+    assert int(opt.param_groups[0]["step"]) == 0 and sched.last_epoch == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "half-applied"
+    assert load_checkpoint(bad, opt, model=model)["step"] == 2  # the rest of it is sound
+
+
+def test_a_failure_after_the_checks_is_a_checkpoint_error(root, monkeypatch):
+    """Whatever a rule missed and fails once the ranks agreed the files are good is still a
+    CheckpointError naming the checkpoint (load_latest can tell it), not a raw error."""
+    model, opt = fresh()
+
+    def broken(sds):
+        raise AttributeError("'str' object has no attribute 'items'")
+
+    monkeypatch.setattr(opt, "load_state_dict", broken)
+    with pytest.raises(CheckpointError, match="failed after every check passed .*AttributeError"):
+        load_checkpoint(root / NEW, opt, model=model)
 
 
 def test_load_state_dict_validates_hyperparameters():

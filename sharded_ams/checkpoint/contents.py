@@ -40,6 +40,7 @@ def check_shard(man: Manifest, name: str, obj: Any) -> None:
     osd = r.dict_(r.get(obj, "optimizer", ""), "optimizer")
     if osd.get("format") != "sharded_ams":
         raise r.fail("optimizer.format", f"{osd.get('format')!r:.60}, expected 'sharded_ams'")
+    _check_load_fields(r, man, osd, rank)
     groups = r.list_(r.get(osd, "param_groups", "optimizer"), "optimizer.param_groups")
     for i, g in enumerate(groups):
         check_hparams(r, r.dict_(g, f"optimizer.param_groups[{i}]"),
@@ -78,6 +79,23 @@ def check_shard(man: Manifest, name: str, obj: Any) -> None:
                              f"elements ({' or '.join(map(str, ok_dtypes))})")
     if "rng" in obj:
         check_rng(r, obj["rng"])
+
+
+def _check_load_fields(r: Rules, man: Manifest, osd: dict, rank: int) -> None:
+    """The fields of the optimizer state that ``ShardedAMS.load_state_dict`` reads besides
+    the pieces and groups: its rank and world size, ``skipped_steps`` (what ``inspect``
+    shows is the manifest's: a shard may not load another count) and ``model_parallel``.
+    The native format never holds tensor-parallel state (``group.Group.of`` refuses to
+    save it), so that is None (absent in files of older versions): anything else made the
+    load fail after the ranks had agreed the files were good."""
+    for key, want in (("world_size", man.world_size), ("rank", rank),
+                      ("skipped_steps", man.optimizer.get("skipped_steps", 0))):
+        got = osd.get(key, 0) if key == "skipped_steps" else osd.get(key)
+        if type(got) is not int or got != want:
+            raise r.fail(f"optimizer.{key}", f"{got!r:.60}, the manifest says {want!r}")
+    if osd.get("model_parallel") is not None:
+        raise r.fail("optimizer.model_parallel", f"{osd['model_parallel']!r:.80}: the native "
+                     "format holds no tensor-parallel state (expected None)")
 
 
 def check_rng(r: Rules, rng: Any) -> None:

@@ -37,6 +37,7 @@ from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, DCPManif
                        load_rng, load_trainer, read_dcp_metadata, rng_file_name, validate_dcp)
 from .format import MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
 from .group import Group
+from .load import check_scheduler
 from .snapshot import rng_state, set_rng_state
 
 __all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader_of",
@@ -326,6 +327,7 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
         man = validate_dcp(path, checksums=True)
         md = read_dcp_metadata(man, checksum=False)
         trainer = load_trainer(man)
+        check_scheduler(man, lr_scheduler, trainer)  # before anything is applied
         _check_shapes(man, md, sd)
         if sharded:
             optimizer._check_groups(man.param_groups)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import copy
 import itertools
 import logging
 from pathlib import Path
@@ -267,6 +268,7 @@ def load_checkpoint(path: PathLike, optimizer, *, model: Optional[nn.Module] = N
         man = read_manifest(path)
         check_against(man, optimizer, model)
         got = _read(man, optimizer, ctx, model, restore_rng, allow_nonfinite)
+        check_scheduler(man, lr_scheduler, got["trainer"])
     except CheckpointError as exc:
         err = exc
     except Exception as exc:
@@ -275,9 +277,48 @@ def load_checkpoint(path: PathLike, optimizer, *, model: Optional[nn.Module] = N
     ctx.agree(err)
     assert man is not None and got is not None
     try:
-        optimizer.load_state_dict(got["sds"])
+        return _apply(path, man, got, optimizer, model, lr_scheduler, restore_rng, ctx)
+    except CheckpointError:
+        raise
     except ValueError as exc:  # checked above; deterministic, so every rank raises
         raise CheckpointError(f"{path}: {exc}", path=path, kind="optimizer_mismatch") from exc
+    except Exception as exc:  # a rule missed above: still one clear refusal, not a traceback
+        raise CheckpointError(f"{path}: the load failed after every check passed "
+                              f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                              path=path, kind="corrupt") from exc
+
+
+def check_scheduler(man: Manifest, lr_scheduler, trainer: Optional[dict]) -> None:
+    """The saved scheduler state loads into ``lr_scheduler``: tried on a copy of it (that
+    shares the optimizer, which is not copied) before anything is applied, so a state it
+    rejects (``{}``: LambdaLR's KeyError) is refused on every rank, not a load that fails
+    after the optimizer state was overwritten. Not recoverable (``optimizer_mismatch``):
+    the scheduler may be the one that differs, and load_latest must not then skip every
+    checkpoint and start from scratch. A scheduler that cannot be copied is not tried."""
+    if lr_scheduler is None or trainer is None or trainer.get("lr_scheduler") is None:
+        return
+    opt = getattr(lr_scheduler, "optimizer", None)
+    try:
+        trial = copy.deepcopy(lr_scheduler, {id(opt): opt} if opt is not None else None)
+        state = copy.deepcopy(trainer["lr_scheduler"])  # LambdaLR pops from what it gets
+    except Exception as exc:  # noqa: BLE001 - an uncopyable scheduler: loaded untried
+        log.debug("lr_scheduler not tried before the load (%s: %s)", type(exc).__name__, exc)
+        return
+    try:
+        trial.load_state_dict(state)
+    except Exception as exc:
+        fpath = man.path / TRAINER_NAME
+        raise CheckpointError(
+            f"{fpath}: field lr_scheduler: does not load into {type(lr_scheduler).__name__} "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): a different "
+            "scheduler, or a damaged trainer.pt", path=fpath, kind="optimizer_mismatch",
+            field="lr_scheduler") from None
+
+
+def _apply(path: Path, man: Manifest, got: dict, optimizer, model, lr_scheduler,
+           restore_rng: bool, ctx: Group) -> dict:
+    """Everything read and checked, into the optimizer, model, scheduler and RNGs."""
+    optimizer.load_state_dict(got["sds"])
     sync = getattr(optimizer, "finish_param_sync", None)
     if sync is not None:
         sync()  # the load's re-gather of the params is complete before anyone reads them
