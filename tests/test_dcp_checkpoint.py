@@ -332,6 +332,40 @@ def test_convert_keeps_tied_weights_tied(tmp_path):
     assert tied_keys(head) == {"1.weight": "0.weight"} and tied_keys(model) == tied
 
 
+def test_a_param_without_state_consolidates_and_converts(tmp_path):
+    """A param that never had a gradient has no AMS state, so the DCP checkpoint holds
+    none for it (a KeyError traceback in ``ckpt consolidate``/``convert`` before):
+    consolidate leaves it out of ``state`` (as AMS.state_dict does), and --to zero1 gives
+    it zero moments (what ShardedAMS holds for a param whose gradients were all zero)."""
+    from sharded_ams.checkpoint import consolidate
+    from sharded_ams.checkpoint.convert import to_zero1
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+    opt = AMS(model.parameters(), lr=1e-2, lam=0.0)
+    model["a"](torch.randn(3, 4)).square().mean().backward()
+    opt.step()
+    src = tmp_path / "step-00000001"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_dcp(src, model, opt, step=1)
+        cons = consolidate(src)
+        names = cons["param_names"]
+        assert [names[i] for i in cons["optimizer"]["state"]] == ["a.weight", "a.bias"]
+        fresh = nn.ModuleDict({"a": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+        fopt = AMS(fresh.parameters(), lr=1e-2, lam=0.0)
+        fopt.load_state_dict(cons["optimizer"])  # torch.optim's rules: no entry, no state
+        to_zero1(src, tmp_path / "z1")
+        back = consolidate(tmp_path / "z1")
+    for i, n in enumerate(back["param_names"]):
+        st, want = back["optimizer"]["state"][i], cons["optimizer"]["state"]
+        j = names.index(n)
+        for k in ("exp_avg", "exp_avg_sq"):
+            expect = want[j][k] if j in want else torch.zeros_like(cons["model"][n])
+            assert torch.equal(st[k], expect), (n, k)
+        assert torch.equal(back["model"][n], cons["model"][n]), n
+
+
 def _draws():
     import random
 

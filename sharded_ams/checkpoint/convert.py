@@ -20,7 +20,7 @@ zero1 -> dcp -> zero1 gives back every tensor bit for bit (tested).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -130,6 +130,17 @@ def to_zero1(src: PathLike, out: PathLike) -> dict:
     return {"step": man.step, "params": sum(len(g["params"]) for g in opt.param_groups)}
 
 
+def _moments(st: Optional[dict], keys: list[str], numel: int) -> dict[str, torch.Tensor]:
+    """A param's flat fp32 moments for a ShardedAMS piece. The zero1 format holds every
+    state key for every param; a param the DCP checkpoint has no state for (it never had a
+    gradient, so torch.optim-style AMS never made any) gets zeros: exactly what ShardedAMS
+    holds for a param whose gradients were all zero (its moments stay 0; its group's step
+    counts on, there is no per-param step)."""
+    if st is None:
+        return {k: torch.zeros(numel) for k in keys if k != "master"}
+    return {k: st[k].reshape(-1).float() for k in keys if k != "master"}
+
+
 def _zero1_optimizer(full: dict):
     """A world-size-1 ShardedAMS (and the module holding its params) loaded with the state
     ``read_dcp_full`` read."""
@@ -149,9 +160,10 @@ def _zero1_optimizer(full: dict):
     opt = ShardedAMS(opt_groups, module=holder, broadcast_params=False, overlap=False,
                      bucket_numel=None, backend="eager")  # never stepped: no compile probe
     saved = man.param_groups
-    keys = sorted({k for st in optim["state"].values() for k in st if k != "step"} | {"master"})
+    keys = sorted({k for sh in opt.shards for k in sh.state} | {"master"})
+    state = optim.get("state") or {}
     pieces = [{"name": n, "offset": 0, "length": params[n].numel(),
-               **{k: optim["state"][n][k].reshape(-1).float() for k in keys if k != "master"},
+               **_moments(state.get(n), keys, params[n].numel()),
                "master": full["model"][n].reshape(-1).float()} for n in names]
     sd = {"format": "sharded_ams", "version": 1, "world_size": 1, "rank": 0,
           "param_groups": [{**{k: g[k] for k in _HP}, "step": int(s["step"]), "params": g["params"]}

@@ -108,7 +108,9 @@ def consolidate_dcp(path: PathLike, *, foreach: Optional[bool] = None,
                     fused: Optional[Union[bool, str]] = None) -> dict:
     """``consolidate()``'s dict from a DCP checkpoint: the model's state (fp32 params: an
     FSDP run's params are its masters), and an ``AMS`` state_dict (params indexed 0.. in
-    the order of the param groups; no ``master``: the params are fp32)."""
+    the order of the param groups; no ``master``: the params are fp32). A param the
+    checkpoint holds no state for (it never had a gradient: torch.optim-style AMS makes its
+    state at its first step) has no entry in ``state``, as in ``AMS.state_dict()``."""
     full = read_dcp_full(path)
     with refusing(full["manifest"].path):
         return _consolidated(full, foreach, fused)
@@ -118,11 +120,13 @@ def _consolidated(full: dict, foreach, fused) -> dict:
     """``consolidate_dcp``'s dict of what ``read_dcp_full`` read."""
     optim, trainer = full["optim"], full["trainer"]
     state, groups, names = {}, [], []
+    saved = optim.get("state") or {}
     for g in optim.get("param_groups") or []:
         ids = []
         for n in g["params"]:
-            state[len(names)] = {k: (v.float() if k == "step" else v)
-                                 for k, v in optim["state"][n].items()}
+            if n in saved:  # none for a param that never had a gradient: AMS makes it then
+                state[len(names)] = {k: (v.float() if k == "step" else v)
+                                     for k, v in saved[n].items()}
             ids.append(len(names))
             names.append(n)
         hp = {k: g[k] for k in ("lr", "betas", "beta3", "lam", "eps", "weight_decay")}
