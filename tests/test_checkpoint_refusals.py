@@ -322,6 +322,31 @@ def test_nesting_depth_counts_brackets_outside_strings_only(monkeypatch, chunk):
     assert jsonread.max_nesting_depth(b"[" * 100_000, 32) > 32
 
 
+def _deflate(fpath: Path) -> None:
+    """Re-zip ``fpath`` with its records DEFLATE-compressed: torch.load reads it all the
+    same (inflating each record), so a small file could hold a huge tensor (a zip bomb)."""
+    import zipfile
+
+    with zipfile.ZipFile(fpath) as z:
+        records = [(i, z.read(i.filename)) for i in z.infolist()]
+    with zipfile.ZipFile(fpath, "w") as z:
+        for info, data in records:
+            z.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+
+
+@pytest.mark.parametrize("victim", [C.TRAINER_NAME, C.MODEL_EXTRA_NAME])
+def test_compressed_zip_records_are_refused_unread(root, victim):
+    """A file with compressed zip records (size and sha256 in the manifest agree) is
+    refused before torch.load: file sizes bound what a load allocates (a 0.5 MB
+    trainer.pt inflated to 512 MiB before). trainer.pt and model-extra.pt are read
+    without mmap by a load; DCP's trainer.pt and rng files take the same path."""
+    _deflate(root / NEW / victim)
+    rewrite_manifest(root / NEW, files_from=(victim,))
+    assert torch.load(root / NEW / victim, weights_only=True)  # torch itself inflates it
+    err = assert_refused_everywhere(root, victim, "is compressed", shallow=False)
+    assert err.kind == "corrupt"
+
+
 # ----------------------------------------------------------------------------- contents
 def _groups(obj: dict) -> dict:
     return obj["optimizer"]["param_groups"][0]

@@ -6,7 +6,8 @@ A checkpoint is input from disk: it may be damaged, hand-edited or planted. So:
    symlink, FIFO, device or directory is refused before a byte is read (no hang on a FIFO
    or ``/dev/zero``, nothing read from outside the directory). Its size must equal the
    manifest's, and its sha256 too (``checksums=True``); a file is then loaded from that
-   same open file (``torch.load(weights_only=True)``), never re-opened by name.
+   same open file (``torch.load(weights_only=True)``), never re-opened by name, and only
+   if its zip records are stored uncompressed (``_check_zip``: no zip bomb).
 2. **The manifest** (at most ``MAX_MANIFEST_BYTES``, and nested at most ``MAX_JSON_DEPTH``
    levels deep, measured before it is parsed: ``jsonread.py``) is JSON whose every field
    is checked for type (before any lookup: a list is no dict key) and range, and every
@@ -36,6 +37,7 @@ import errno
 import hashlib
 import os
 import stat
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -131,7 +133,40 @@ def open_checked(man: Manifest, name: str, *, checksum: bool = True) -> Iterator
         yield fd
 
 
+def _check_zip(fd: int, fpath: Path) -> None:
+    """Refuse a file whose zip records are compressed, before ``torch.load`` sees it.
+
+    ``torch.save`` writes every record stored (uncompressed), but ``torch.load`` inflates
+    DEFLATE records too: a 0.5 MB file could allocate 512 MiB (a zip bomb), and the size
+    checked against the manifest would bound nothing. So the central directory is read
+    from the same fd (``zipfile``: sizes only, nothing is inflated): every record stored,
+    their sizes summing to at most the file's."""
+    size = os.fstat(fd).st_size
+    os.lseek(fd, 0, os.SEEK_SET)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f, zipfile.ZipFile(f) as z:
+            infos = z.infolist()
+    except Exception as exc:  # noqa: BLE001 - not a zip: not something torch.save wrote
+        raise CheckpointError(f"{fpath}: not a torch.save zip file ({type(exc).__name__}: "
+                              f"{exc})", path=fpath, kind="corrupt") from None
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    for i in infos:
+        if i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size:
+            raise CheckpointError(f"{fpath}: zip record {i.filename!r:.80} is compressed "
+                                  f"({i.compress_size} -> {i.file_size} bytes); torch.save "
+                                  "never compresses: refused unread", path=fpath,
+                                  kind="corrupt")
+    total = sum(i.file_size for i in infos)
+    if total > size:
+        raise CheckpointError(f"{fpath}: its zip records claim {total} bytes, more than the "
+                              f"file's {size}: refused unread", path=fpath, kind="corrupt")
+
+
 def _torch_load_fd(fd: int, fpath: Path, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)`` of the open file ``fd``, once its zip records are
+    known to be stored (:func:`_check_zip`): it allocates no more than the file holds."""
+    _check_zip(fd, fpath)
     try:
         if mmap and os.path.isdir("/proc/self/fd"):
             # the same open file (not the name again): map it instead of reading it
