@@ -147,8 +147,9 @@ def _check_zip(fd: int, fpath: Path) -> None:
         with os.fdopen(os.dup(fd), "rb") as f, zipfile.ZipFile(f) as z:
             infos = z.infolist()
     except Exception as exc:  # noqa: BLE001 - not a zip: not something torch.save wrote
-        raise CheckpointError(f"{fpath}: not a torch.save zip file ({type(exc).__name__}: "
-                              f"{exc})", path=fpath, kind="corrupt") from None
+        raise CheckpointError(f"{fpath}: cannot be loaded: not a torch.save zip file "
+                              f"({type(exc).__name__}: {exc})", path=fpath,
+                              kind="corrupt") from None
     finally:
         os.lseek(fd, 0, os.SEEK_SET)
     for i in infos:
