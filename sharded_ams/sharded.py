@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import torch
@@ -26,6 +25,8 @@ from .kernels import resolve_backend
 from .dtype_shard import DtypeShard, follow_params
 from .layout import BufferLayout, default_bucket_numel
 from .model_parallel import ModelParallel, resolve_groups
+from .param_guards import (frozen_params, refuse_grads_of_frozen, refuse_sparse_modules,
+                           watch_model_loads)
 from .shard_step import clip_coef, global_grad_norm, step_shards
 
 STATE_FORMAT_VERSION = 1
@@ -174,7 +175,7 @@ class ShardedAMS(Optimizer):
                 seen.add(id(p))
                 self._names[p] = name
         if module is not None:
-            _refuse_sparse_modules(module, self._names)
+            refuse_sparse_modules(module, self._names)
         elif param_sync_modules is not None:
             raise ValueError("param_sync_modules needs the model (pass it as params or module=)")
         param_sync_modules = list(param_sync_modules or ())
@@ -278,30 +279,10 @@ class ShardedAMS(Optimizer):
             collect_in_hook=self.overlap or any(sh.buf.main_grad for sh in self.shards))
         if module is not None:
             self._sync.register_module_hooks(module, self._sync_modules)
-        # params given (or in the model) but frozen now have no place in the buffers
-        stepped = {id(p) for _, p in trained}
-        frozen = {id(p): p for g in self.param_groups for p in g["params"]
-                  if id(p) not in stepped}
-        if module is not None:
-            frozen.update((id(p), p) for p in module.parameters() if not p.requires_grad)
-        names = {id(p): n for n, p in (module.named_parameters() if module else ())}
-        self._frozen = [(names.get(id(p)) or self._names.get(p, "?"), p)
-                        for p in frozen.values()]
-        # 16-bit params' fp32 masters are re-read from the params at the first step (the
-        # weights may be loaded or initialised after construction) and after a
-        # load_state_dict into the model (any module of it)
-        self._masters_stale = True
+        self._frozen = frozen_params(self.param_groups, module, trained, self._names)
+        self._masters_stale = True  # the first step re-reads them (``_refresh_masters``)
         if module is not None and any(sh.own_master for sh in self.shards):
-            ref = weakref.ref(self)
-
-            def params_loaded(mod, incompatible, _ref=ref) -> None:
-                opt = _ref()
-                if opt is not None:
-                    opt._masters_stale = True
-
-            for m in module.modules():
-                if any(id(p) in stepped for p in m.parameters(recurse=False)):
-                    self._sync.keep_hook(m.register_load_state_dict_post_hook(params_loaded))
+            watch_model_loads(module, self, {id(p) for _, p in trained}, self._sync.keep_hook)
 
     def _grad_dtype(self, dtype: torch.dtype) -> torch.dtype:
         if dtype not in LOW_PRECISION or self.grad_reduce_dtype in (None, torch.float32):
@@ -417,13 +398,7 @@ class ShardedAMS(Optimizer):
         if self._sync.closed:
             raise RuntimeError("This ShardedAMS was closed, or replaced by another one built "
                                "on the same params; step the new one")
-        for name, p in self._frozen:
-            if p.grad is not None:
-                raise RuntimeError(
-                    f"Parameter {name!r} has a gradient, but it was frozen "
-                    "(requires_grad=False) when this ShardedAMS was built, so its buffers "
-                    "hold no place for it and it would never be stepped. Build a new "
-                    "ShardedAMS after unfreezing it (its state_dict loads into the new one)")
+        refuse_grads_of_frozen(self._frozen)
         self._sync.finish_param_sync()  # gathers no forward waited for: unused params
         self._refresh_masters()
         self._sync.finish_grad_sync()
@@ -611,12 +586,3 @@ class ShardedAMS(Optimizer):
             raise ValueError(f"Checkpoint does not cover param {pc.slot.name!r} elements "
                              f"[{lo}, {hi}) (covered {covered} of {pc.length})")
 
-
-def _refuse_sparse_modules(module: nn.Module, names: dict[Tensor, str]) -> None:
-    """Embeddings built with ``sparse=True`` produce sparse gradients, which AMS refuses:
-    say so at construction (other sparse gradients are refused by a hook in backward)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight in names:
-            raise ValueError(f"AMS does not support sparse gradients: parameter "
-                             f"{names[m.weight]!r} belongs to {type(m).__name__}(sparse=True); "
-                             "build it with sparse=False")
