@@ -276,8 +276,11 @@ def test_param_sync_modules_fewer_graph_breaks():
         counts[blocks] = torch._dynamo.explain(model)(x, x).graph_break_count
         opt.close()
     torch._dynamo.reset()
-    # default: a break per module that owns params (~6 per block); blocks: one per block
-    assert counts[True] + 3 * CFG.n_layer <= counts[False], counts
+    # default: a break per hooked module (torch 2.13: ~6 per block, 27 in all; torch 2.11's
+    # dynamo breaks less, 6 in all); blocks: one per block (9 / 3). Fewer on both.
+    assert counts[True] < counts[False], counts
+    if torch.__version__ >= "2.13":
+        assert counts[True] + 3 * CFG.n_layer <= counts[False], counts
 
 
 def test_param_sync_modules_refused_outside_the_model():
