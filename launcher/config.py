@@ -62,7 +62,7 @@ _SCHEDULES = ("constant", "cosine")
 _PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
 _REDUCE_DTYPES = ("fp32", "bf16")
 _VERIFY = ("sha256", "size")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: "$" would allow a trailing newline
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -381,7 +381,7 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         s = "job"
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
             fail(s, "name", "must be letters, digits, '.', '_' or '-' (a directory name)", self.name)
         check_int(s, "steps", self.steps, 1)
         self.num_workers = parse_num_workers(self.num_workers)

@@ -14,7 +14,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: "$" would allow a trailing newline
 
 
 def fail(section: str, name: str, message: str, value: Any) -> None:
@@ -69,7 +69,7 @@ def check_env(section: str, name: str, value: Any) -> None:
     TOML must be quoted: the worker's environment holds strings only)."""
     check_table(section, name, value)
     for key, val in value.items():
-        if not isinstance(key, str) or not _ENV_NAME_RE.match(key):
+        if not isinstance(key, str) or not _ENV_NAME_RE.fullmatch(key):
             fail(section, name, "names must be letters, digits and '_', not starting with a digit",
                  key)
         if not isinstance(val, str):

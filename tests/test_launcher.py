@@ -103,6 +103,8 @@ def test_toml_and_yaml_give_the_same_config(tmp_path, monkeypatch):
     ("[job]\nsteps = 1.5\n", r"job\.steps must be an integer"),
     ("[job]\nnum_workers = 0\n", r"job\.num_workers must be >= 1"),
     ("[job]\nname = \"a/b\"\n", r"job\.name"),
+    ("[job]\nname = \"abc\\n\"\n", r"job\.name must be letters.*got 'abc\\n'"),  # re.match + $ let it through
+    ("[job]\nenv = {\"X\\n\" = \"a\"}\n", r"job\.env names must be letters.*got 'X\\n'"),
     ("[job]\nkeep_last = 0\n", r"job\.keep_last must be >= 1"),
     ("[job]\nmax_failures = -2\n", r"job\.max_failures must be >= -1"),
     ("[job]\nsteps = 10\nfail_at_step = 11\n", r"job\.fail_at_step must be <= job\.steps"),
