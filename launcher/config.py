@@ -131,6 +131,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         s = "model"
+        if self.size is not None and not isinstance(self.size, str):
+            fail(s, "size", "must be a size name (a string such as \"60m\")", self.size)
         check_factory(s, self.factory)
         check_table(s, "options", self.options)
         check_choice(s, "precision", self.precision, _PRECISIONS)
@@ -197,7 +199,8 @@ class DataConfig:
     block_size: Optional[int] = None
     """Training sequence length; default (unset): model.block_size. At most model.block_size."""
     seed: int = 0
-    """Seed of the model init and of the batch order (batches are a function of (seed, step))."""
+    """Seed of the model init and of the batch order (batches are a function of (seed, step));
+    0 <= seed < 2**64."""
     val_fraction: float = 0.1
     """Fraction of the corpus held out (from its end) for validation."""
     eval_iters: int = 8
@@ -220,6 +223,8 @@ class DataConfig:
         check_int(s, "micro_batch_size", self.micro_batch_size, 1, allow_none=True)
         check_int(s, "block_size", self.block_size, 1, allow_none=True)
         check_int(s, "seed", self.seed, 0)
+        if self.seed >= 2**64:  # torch.manual_seed (every worker's first call) takes 64 bits
+            fail(s, "seed", "must be < 2**64 (18446744073709551616, torch.manual_seed's limit)", self.seed)
         check_float(s, "val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
         check_int(s, "eval_iters", self.eval_iters, 1)
 

@@ -124,6 +124,11 @@ def test_toml_and_yaml_give_the_same_config(tmp_path, monkeypatch):
     ("[data]\nbatch_size = 16\nmicro_batch_size = 3\n",
      r"data\.micro_batch_size \(3\) must divide .* 16 / 2 = 8"),
     ("[data]\nmicro_batch_size = 0\n", r"data\.micro_batch_size must be >= 1"),
+    ("[data]\nseed = 18446744073709551616\n", r"data\.seed must be < 2\*\*64 .*got 18446744073709551616"),
+    ("[data]\nseed = -1\n", r"data\.seed must be >= 0"),
+    ("[model]\nsize = [\"tiny\"]\n", r"model\.size must be a size name .*got \['tiny'\]"),
+    ("[model]\narch = \"llama\"\nsize = {name = \"60m\"}\n", r"model\.size must be a size name .*got \{'name': '60m'\}"),
+    ("[model]\nsize = 60\n", r"model\.size must be a size name .*got 60"),
     ("[data]\npath = \"d\"\nfactory = \"m:f\"\n", r"data\.path or data\.factory, not both"),
     ("[data]\nfactory = \"nocolon\"\n", r"data\.factory must look like 'package\.module:function'"),
     ("[data]\nverify = \"md5\"\n", r"data\.verify must be one of"),
@@ -166,6 +171,30 @@ def test_invalid_configs_name_the_field(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_config(path, environ={})
+
+
+def test_the_largest_seed_the_config_accepts_is_one_torch_accepts():
+    """data.seed >= 2**64 passed the checks, then every worker died in torch.manual_seed
+    ("Overflow when unpacking long long"), max_failures times."""
+    import torch
+
+    cfg = load_config(None, {"data.seed": 2**64 - 1}, environ={})
+    torch.Generator().manual_seed(cfg.data.seed)  # what _build's torch.manual_seed takes
+    with pytest.raises(ValueError, match=r"data\.seed must be < 2\*\*64"):
+        load_config(None, {"data.seed": 2**64}, environ={})
+    with pytest.raises((ValueError, OverflowError, RuntimeError)):
+        torch.Generator().manual_seed(2**64)  # the bound is torch's
+
+
+def test_a_non_string_model_size_is_a_usage_error(tmp_path, capsys):
+    """A list or table for model.size (--set, YAML) was a raw TypeError (unhashable), exit 1."""
+    rc = cli_main(["train", str(GPT_TINY), "--set", 'model.size=["tiny"]', "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["sharded-ams train: error: model.size must be a size name (a string such "
+                               "as \"60m\"), got ['tiny']"], err
+    (tmp_path / "c.yaml").write_text("model:\n  arch: llama\n  size: {name: 60m}\n")
+    assert cli_main(["train", str(tmp_path / "c.yaml"), "--dry-run"]) == 2
+    assert "model.size must be a size name" in capsys.readouterr().err
 
 
 def test_bucket_numel_reaches_the_optimizer():
