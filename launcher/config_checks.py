@@ -76,6 +76,34 @@ def check_env(section: str, name: str, value: Any) -> None:
             fail(section, f"{name}.{key}", f'must be a string (quote it: "{val}")', val)
 
 
+def _unique_keys_loader():
+    """PyYAML's SafeLoader, refusing a key written twice in one mapping (safe_load keeps
+    the last one silently: a second ``job:`` section would replace the first; TOML refuses).
+    Keys merged in with ``<<`` may still be overridden, as YAML's merge keys allow."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node)
+                    except TypeError:  # an unhashable key: the base class refuses it
+                        continue
+                    if first is not key_node:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} on line {key_node.start_mark.line + 1} was already "
+                            f"set on line {first.start_mark.line + 1} (a key or section written twice: "
+                            "keep one)", key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_config_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
     """A TOML or YAML job config as a dict of sections (an empty YAML file is {})."""
     p = Path(path)
@@ -93,9 +121,9 @@ def read_config_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
 
         with open(p) as f:
             try:
-                data = yaml.safe_load(f)
+                data = yaml.load(f, Loader=_unique_keys_loader())
             except yaml.YAMLError as e:
-                raise ValueError(f"{p}: invalid YAML: {e}") from None
+                raise ValueError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
         data = {} if data is None else data
     else:
         raise ValueError(f"{p}: config files must end in .toml, .yaml or .yml")

@@ -95,6 +95,25 @@ def test_toml_and_yaml_give_the_same_config(tmp_path, monkeypatch):
     assert load_config("empty.yaml", environ={}) == Config()
 
 
+@pytest.mark.parametrize("text, where", [
+    ("job:\n  name: mine\n  steps: 7\ndata:\n  batch_size: 8\njob:\n  num_workers: 1\n",
+     "key 'job' on line 6 was already set on line 1"),
+    ("job:\n  name: a\n  steps: 7\n  name: b\n", "key 'name' on line 4 was already set on line 2"),
+    ("job: {steps: 3, steps: 4}\n", "key 'steps' on line 1 was already set on line 1"),
+])
+def test_a_yaml_key_written_twice_is_refused_as_in_toml(tmp_path, text, where):
+    """PyYAML's safe_load keeps the last of two equal keys: a second [job] section dropped
+    the first one's name and steps without a word (TOML refuses: "Cannot declare ('job',) twice")."""
+    (tmp_path / "twice.yaml").write_text(text)
+    with pytest.raises(ValueError, match=r"twice\.yaml: invalid YAML: " + re.escape(where)):
+        load_config(tmp_path / "twice.yaml", environ={})
+    # YAML merge keys may be overridden: that is what they are for
+    from launcher.config_checks import read_config_file
+
+    (tmp_path / "m.yaml").write_text("base: &b\n  steps: 3\njob:\n  <<: *b\n  steps: 5\n")
+    assert read_config_file(tmp_path / "m.yaml")["job"] == {"steps": 5}
+
+
 @pytest.mark.parametrize("text, match", [
     ("[optim]\nlrr = 1\n", r"unknown key\(s\) in \[optim\]: \['lrr'\]"),
     ("[trainer]\nsteps = 1\n", r"unknown config section\(s\) \['trainer'\]"),

@@ -30,7 +30,7 @@ HEADER = """# Config reference
 dataclasses in launcher/config.py; tests/test_config_reference.py fails when it is stale -->
 
 A job config is a TOML (or YAML) file with up to four tables; every key is optional, unknown
-keys are errors, and `--set table.key=value` overrides any of them on the command line
+keys and keys (or tables) written twice are errors, and `--set table.key=value` overrides any of them on the command line
 (values are read as TOML: `--set 'job.env={NCCL_DEBUG="INFO"}'`). "unset" means the key is
 left out (or `--set table.key=none`). How the values are checked and resolved:
 `launcher/config.py`.
