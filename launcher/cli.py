@@ -135,16 +135,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def batch_split(config) -> str:
     """How each optimizer step's global batch splits, at every worker count the job allows
-    (one line; on stderr in --dry-run, so that stdout stays the JSON config)."""
+    (one line; on stderr in --dry-run, so that stdout stays the JSON config). With
+    ``parallel.tp > 1`` the ``tp`` ranks of a replica share its rows: the batch splits over
+    the ``workers / tp`` data-parallel replicas, as the workers split it."""
+    from launcher.run.parallel_config import data_parallel_sizes
     from launcher.run.scaling import accumulation_steps, worker_range
 
-    d = config.data
+    d, tp = config.data, config.parallel.tp
     lo, hi = worker_range(config.job.num_workers)
     parts = []
-    for w in range(lo, hi + 1):
-        accum = accumulation_steps(d.batch_size, w, d.micro_batch_size)
-        parts.append(f"{w} worker{'s' if w != 1 else ''} x {accum} micro-batch{'es' if accum != 1 else ''}"
-                     f" (accumulation steps) x {d.batch_size // w // accum} sequences")
+    for w, dp in zip(range(lo, hi + 1), data_parallel_sizes(config.job.num_workers, tp)):
+        accum = accumulation_steps(d.batch_size, dp, d.micro_batch_size)
+        who = (f"{w} worker{'s' if w != 1 else ''}" if tp == 1 else
+               f"{dp} data-parallel replica{'s' if dp != 1 else ''} ({w} workers, tp {tp})")
+        parts.append(f"{who} x {accum} micro-batch{'es' if accum != 1 else ''}"
+                     f" (accumulation steps) x {d.batch_size // dp // accum} sequences")
     return (f"batch split: global batch {d.batch_size} sequences x {d.block_size} tokens = "
             + "; or ".join(parts))
 

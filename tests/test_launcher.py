@@ -414,6 +414,23 @@ def test_dry_run_prints_the_batch_split(capsys):
     assert "= 2 workers x 1 micro-batch (accumulation steps) x 8 sequences\n" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("batch, micro, workers, split", [
+    (4, 2, "4", "2 data-parallel replicas (4 workers, tp 2) x 1 micro-batch (accumulation steps) x 2 sequences"),
+    (8, None, "4", "2 data-parallel replicas (4 workers, tp 2) x 1 micro-batch (accumulation steps) x 4 sequences"),
+    (8, 1, "2", "1 data-parallel replica (2 workers, tp 2) x 8 micro-batches (accumulation steps) x 1 sequences"),
+])
+def test_dry_run_splits_the_batch_over_data_parallel_replicas_with_tp(capsys, monkeypatch, batch, micro, workers, split):
+    """The tp ranks of a replica share its rows: the batch splits over workers / tp replicas,
+    as the workers split it (the split over all workers crashed --dry-run, or was wrong)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    rc = cli_main(["train", str(ROOT / "launcher/configs/llama_tiny.toml"), "--dry-run", "--num-workers", workers,
+                   "--set", "data.path=none", "--set", "model.tie_weights=false", "--set", "parallel.tp=2",
+                   "--set", f"data.batch_size={batch}", "--set", f"data.micro_batch_size={micro or 'none'}"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.strip().splitlines()[-1].endswith(f"tokens = {split}"), err
+
+
 def test_cli_errors_exit_2(capsys, tmp_path):
     assert cli_main(["train", str(GPT_TINY), "--num-workers", "3", "--dry-run"]) == 2
     assert "divisible by job.num_workers (3)" in capsys.readouterr().err
