@@ -195,6 +195,20 @@ def test_tp_configs_that_compose(strategy):
     assert cfg.to_dict()["parallel"] == {"strategy": strategy, "tp": 2}
 
 
+def test_fsdp_reduces_fp32_params_in_fp32_whatever_grad_reduce_dtype_says():
+    """optim.grad_reduce_dtype applies to bf16 params only (docs/config.md: "fp32 params
+    always reduce in fp32", as ShardedAMS does under zero1); FSDP2's policy for fp32 and
+    bf16-autocast params reduced their gradients in bf16."""
+    from launcher.train.parallel.layout import mixed_precision
+
+    for precision in ("fp32", "bf16-autocast"):
+        for reduce in ("fp32", "bf16"):
+            assert mixed_precision(precision, reduce) is None, (precision, reduce)
+    for reduce, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        policy = mixed_precision("bf16", reduce)
+        assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, dtype)
+
+
 def test_compile_with_tp_gets_a_cache_per_rank(monkeypatch, tmp_path):
     """Compiled tp graphs name their tp process group, and the names differ between tp
     groups; a shared warm Inductor cache handed ranks another group's graph (a crash on the

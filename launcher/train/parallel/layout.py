@@ -77,13 +77,15 @@ def mixed_precision(precision: str, grad_reduce_dtype: str):
     """FSDP2's MixedPrecisionPolicy for ``model.precision``: for "bf16" the sharded params
     stay fp32 (they are the masters, as torchtitan keeps them) and are gathered and computed
     in bf16; gradients are reduced in fp32 (``optim.grad_reduce_dtype`` "bf16": in bf16)
-    and kept in fp32 shards. None for fp32 and bf16-autocast (autocast does the casting)."""
+    and kept in fp32 shards. None for fp32 and bf16-autocast (autocast does the casting):
+    fp32 params always reduce in fp32, whatever ``grad_reduce_dtype`` says (docs/config.md;
+    as ShardedAMS, which applies it to 16-bit params only)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision != "bf16" and grad_reduce_dtype == "fp32":
+    if precision != "bf16":
         return None
     return MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if precision == "bf16" else None,
+        param_dtype=torch.bfloat16,
         reduce_dtype=torch.bfloat16 if grad_reduce_dtype == "bf16" else torch.float32)
 
 
