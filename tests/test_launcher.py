@@ -625,3 +625,38 @@ def test_raising_steps_on_resume_keeps_the_schedule_unless_asked(tmp_path, monke
     assert ("set optim.schedule_steps=300" in line) == (schedule_steps is None)
     if schedule_steps is None:
         assert settle_schedule(sched2, optim, 200, 200) == ""  # the same length: nothing to say
+
+
+@pytest.mark.parametrize("change", [{}, {"optim.schedule": "constant"}, {"optim.min_lr_ratio": 0.5},
+                                    {"optim.warmup_steps": 80}])
+def test_the_first_step_after_a_resume_uses_the_configs_schedule(tmp_path, monkeypatch, change):
+    """A resume at step 60 of gpt_tiny's 200-step cosine run: the step after it trains at
+    the lr a run started with the rerun's config has there (the schedule comes from the
+    config), not at the lr the checkpoint's groups were saved with; unchanged, at that very
+    lr, bit for bit (an uninterrupted run's)."""
+    pytest.importorskip("ray.train")
+    import warnings
+
+    from launcher.train.loop import settle_schedule
+    from sharded_ams.checkpoint import load_checkpoint, save_checkpoint
+
+    def stepped(w, n):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scheduler.step() without optimizer.step()
+            for _ in range(n):
+                w.scheduler.step()
+        return w
+
+    first = stepped(_worker_at(200, monkeypatch), 60)
+    save_checkpoint(tmp_path / "ck", first.optimizer, step=60, lr_scheduler=first.scheduler)
+    rerun = _worker_at(200, monkeypatch, **change)
+    load_checkpoint(tmp_path / "ck", rerun.optimizer, lr_scheduler=rerun.scheduler)
+    settle_schedule(rerun.scheduler, rerun.cfg.optim, 200, 60)
+    fresh = stepped(_worker_at(200, monkeypatch, **change), 60)  # never interrupted
+    for _ in range(3):
+        assert [g["lr"] for g in rerun.optimizer.param_groups] == [g["lr"] for g in fresh.optimizer.param_groups]
+        assert rerun.scheduler.get_last_lr() == fresh.scheduler.get_last_lr()
+        stepped(rerun, 1), stepped(fresh, 1)
+    if not change:
+        assert rerun.optimizer.param_groups[0]["lr"] == stepped(first, 3).optimizer.param_groups[0]["lr"]
+

@@ -110,19 +110,25 @@ def settle_schedule(scheduler, optim_cfg, job_steps: int, start_step: int) -> st
     checkpoint from before this record keeps the config's). The config's other schedule
     keys (warmup, shape, min_lr_ratio) apply as set. Kept unless ``optim.schedule_steps``
     asks for another length: a rerun that raises ``job.steps`` continues the old decay
-    (at min_lr_ratio past its end) instead of jumping back up the cosine. Returns '' when
-    nothing changed."""
+    (at min_lr_ratio past its end) instead of jumping back up the cosine. Sets every group's
+    lr for step ``start_step + 1`` from the schedule in force (not the checkpoint's saved lr).
+    Returns '' when the length did not change."""
     fn = scheduler.lr_lambdas[0]
     started = fn.total_steps
     fn.__init__(optim_cfg.schedule_steps or started, optim_cfg.warmup_steps, optim_cfg.schedule,
                 optim_cfg.min_lr_ratio)
+    # The step after the resume uses the schedule in force, not the lr the checkpoint's
+    # groups were saved with (another schedule's, if the config changed it): LambdaLR's own
+    # value at step start_step (base_lr * lambda(last_epoch)), what an uninterrupted run of
+    # this schedule uses there; unchanged, it is the saved lr, bit for bit.
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * fn(start_step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
     if optim_cfg.schedule != "cosine" or started == job_steps == fn.total_steps:
         return ""
     other = job_steps if fn.total_steps == started else started
     lr = scheduler.base_lrs[0]
     now, alt = lr * fn(start_step), lr * Schedule(other, fn.warmup_steps, fn.schedule, fn.min_lr_ratio)(start_step)
-    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base * fn(start_step)  # the step after the resume uses the schedule in force
     why = ("optim.schedule_steps" if optim_cfg.schedule_steps else "the schedule the run started with;"
            f" set optim.schedule_steps={job_steps} to decay over the new total")
     return (f"lr schedule: cosine over {fn.total_steps} steps ({why}): lr at step {start_step + 1} "
