@@ -200,7 +200,8 @@ class DataConfig:
     """Training sequence length; default (unset): model.block_size. At most model.block_size."""
     seed: int = 0
     """Seed of the model init and of the batch order (batches are a function of (seed, step));
-    0 <= seed < 2**64."""
+    0 <= seed < 2**64. A rerun of the run must keep it (and its corpus and model.precision):
+    docs/fault-tolerance.md, "What a rerun may change"."""
     val_fraction: float = 0.1
     """Fraction of the corpus held out (from its end) for validation."""
     eval_iters: int = 8

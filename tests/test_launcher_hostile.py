@@ -1,6 +1,8 @@
 """The launcher's resume and batch checks under careless input (issue 23): a resume that
 changes the optimizer is refused naming both values (lr: the checkpoint's wins, said
-plainly), and a batch the workers cannot split names the nearest batch sizes that work."""
+plainly), as is one that changes the run's data, seed or precision (global batch and
+sequence length: a note); and a batch the workers cannot split names the nearest batch
+sizes that work."""
 
 from __future__ import annotations
 
@@ -97,3 +99,124 @@ def test_cli_names_a_batch_for_a_fixed_worker_count(capsys):
                    "--set", "data.batch_size=16", "--dry-run"])
     err = capsys.readouterr().err
     assert rc == 2 and "the nearest data.batch_size that work: 15 or 18" in err, err
+
+
+# ----------------------------------------------------------------------------- data and precision
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run directory "run" holding a checkpoint of gpt_tiny at step 3 written as the
+    training loop writes it (its _build and _extra: data, seed, precision, batch shape),
+    on 1 worker: the dry-runs below (2 workers) resume it resized."""
+    pytest.importorskip("ray.train")
+    from launcher.train.loop import _extra
+
+    root = tmp_path_factory.mktemp("runs")
+    w = _tiny_worker(root)
+    save_checkpoint(root / "run" / "step-00000003", w.optimizer, model=w.model, step=3, extra=_extra(w),
+                    lr_scheduler=w.scheduler)
+    return root
+
+
+def _tiny_worker(root: Path):
+    from launcher.config import load_config
+    from launcher.train.loop import _build
+
+    cfg = load_config(ROOT / "launcher/configs/gpt_tiny.toml",
+                      {"job.storage_path": str(root), "job.name": "run", "optim.backend": "eager",
+                       "data.max_bytes": 60000, "job.num_workers": 1}, environ={})
+    return _build({**cfg.to_dict(), "run_dir": cfg.job.run_dir}, device=torch.device("cpu"))
+
+
+_NEW_RUN = "start a new run (--name NEW; with --resume-from "
+
+
+@pytest.mark.parametrize("sets, named", [
+    (["data.seed=7"], "data.seed = 7 differs from the run's 0: the batch of each step is drawn from (data.seed, step)"),
+    (["model.precision=bf16"], "model.precision is 'bf16'; the run trained in 'fp32'"),
+    (["data.max_bytes=50000"], "data.max_bytes = 50000 differs from the run's 60000"),
+    (["data.val_fraction=0.2"], "data.val_fraction = 0.2 differs from the run's 0.1: another train split"),
+])
+def test_resume_refuses_other_data_seed_or_precision(tiny_run, capsys, sets, named):
+    """A rerun of the run's name resumed its checkpoint silently on other batches or in
+    another precision; the checkpoint records them (extra)."""
+    rc, err = _dry_run(capsys, tiny_run, *sets)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"sharded-ams train: error: {tiny_run / 'run' / 'step-00000003'}: {named}"), err
+    assert _NEW_RUN + str(tiny_run / "run" / "step-00000003") in err, err
+
+
+@pytest.mark.parametrize("sets, note", [
+    ([], None),
+    (["job.num_workers=1"], None),  # the size it was saved at; the others resize 1 -> 2
+    (["data.micro_batch_size=4"], None),  # the same global batch, accumulated
+    (["data.batch_size=8"], "note: data.batch_size = 8 differs from the run's 16"),
+    (["data.block_size=32"], "note: data.block_size = 32 differs from the run's 64"),
+])
+def test_resume_allows_a_resize_and_notes_a_new_batch_shape(tiny_run, capsys, sets, note):
+    rc, err = _dry_run(capsys, tiny_run, *sets)
+    notes = [ln for ln in err.splitlines() if "note:" in ln]
+    assert rc == 0, err
+    assert notes == ([] if note is None else [notes[0]]) and (note is None or note in notes[0]), err
+
+
+def test_resume_from_starts_a_new_run_that_may_change_the_data(tiny_run, capsys):
+    """job.resume_from (a new run from a checkpoint: fine-tuning, a copy) is not held to
+    the data, seed or precision of the run it starts from."""
+    ckpt = str(tiny_run / "run" / "step-00000003")
+    argv = ["train", str(ROOT / "launcher/configs/gpt_tiny.toml"), "--storage-path", str(tiny_run), "--dry-run",
+            "--name", "tuned", "--resume-from", ckpt]
+    for s in ("data.seed=7", "model.precision=bf16", "data.max_bytes=50000", "data.batch_size=8"):
+        argv += ["--set", s]
+    rc = cli_main(argv)
+    err = capsys.readouterr().err
+    assert rc == 0 and "error" not in err and "note: data" not in err, err
+    assert not (tiny_run / "tuned").exists()
+
+
+def test_a_changed_corpus_or_tokenizer_is_refused_by_name():
+    """check_same_run on the corpus descriptions a checkpoint records (prepare-data dirs
+    without preparing any): another directory; the same one prepared again with another
+    tokenizer (its sha256); another kind of data. Unrecorded keys (older checkpoints) pass."""
+    from types import SimpleNamespace
+
+    from launcher.run.resume_checks import check_same_run
+
+    data = SimpleNamespace(seed=0, val_fraction=0.1, max_bytes=1, batch_size=16, block_size=64)
+
+    def run(saved, now):
+        return check_same_run({"data": saved, "data_seed": 0, "precision": "fp32"}, data=data,
+                              data_describe=now, precision="fp32", path="CK")
+
+    a = {"path": "/d/a", "tokenizer_sha256": "1" * 64}
+    assert run(a, dict(a)) == [] and run(a, {**a, "path": "/d/a/"}) == []
+    for now, why in (({"path": "/d/b", "tokenizer_sha256": "1" * 64}, "another corpus"),
+                     ({"path": "/d/a", "tokenizer_sha256": "2" * 64}, "prepared again, with another tokenizer"),
+                     ({"corpus": "stdlib", "vocab_size": 256}, "another corpus"),
+                     ({"factory": "m:f", "vocab_size": 9}, "another corpus")):
+        with pytest.raises(ValueError, match=r"^CK: the run trained on data\.path /d/a \(tokenizer sha256 "
+                                             r"1111111111111111\.\.\.\); the config gives .*" + why):
+            run(a, now)
+    with pytest.raises(ValueError, match=r"trained on data\.factory 'm:f'; the config gives data\.factory 'm:g'"):
+        run({"factory": "m:f"}, {"factory": "m:g"})
+    assert check_same_run({"model": {}}, data=data, data_describe=a, precision="bf16", path="CK") == []
+
+
+def test_worker_refuses_to_resume_its_run_on_other_data(tiny_run, monkeypatch):
+    """The worker's own check (a checkpoint on an object store the driver could not read,
+    or a direct call): the run's checkpoints are checked, job.resume_from is not."""
+    import ray.train
+
+    from launcher.train.resume import resume
+
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    w = _tiny_worker(tiny_run)
+    same = {"data": w.data.describe, "precision": "bf16"}  # as a worker with model.precision = "bf16"
+    args = (0, 1, w.optimizer, w.model, w.scheduler, w.layout)
+    with pytest.raises(ValueError, match=r"model\.precision is 'bf16'; the run trained in 'fp32'"):
+        resume(w.config, str(tiny_run / "run"), *args, same_run=same)
+    ckpt = str(tiny_run / "run" / "step-00000003")  # job.resume_from of a new run: not checked
+    assert resume({**w.config, "resume_from": ckpt}, str(tiny_run / "other"), *args, same_run=same) == (3, ckpt)
+    assert resume(w.config, str(tiny_run / "run"), *args,
+                  same_run={**same, "precision": "fp32"}) == (3, ckpt)  # the same run: resumes

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # torch is imported where batches are made: prepare-data and 
     import torch
 
 __all__ = ["INDEX_NAME", "FORMAT", "DataError", "TokenStream", "TrainingData", "open_token_dir",
+           "describe_token_dir",
            "load_training_data", "sha256_file", "tokenizer_sha256"]
 
 INDEX_NAME = "index.json"
@@ -329,6 +330,19 @@ def _factory_data(table: Mapping[str, Any]) -> TrainingData:
     return TrainingData(streams[0], streams[1], vocab, {"factory": spec, "vocab_size": vocab})
 
 
+def describe_token_dir(path: os.PathLike, index: Optional[dict] = None) -> dict:
+    """What a checkpoint trained on the prepare-data directory ``path`` records of it
+    (``TrainingData.describe``): the path, vocabulary, tokenizer and the sha256 of its file
+    (what ``ckpt export`` and a resume check the directory against later). Reads the index
+    and hashes the tokenizer file, not the shards."""
+    index = read_index(path) if index is None else index
+    tok = index.get("tokenizer") or {}
+    tok_file = Path(path) / tok["file"] if tok.get("file") else None
+    sha = tokenizer_sha256(tok_file) if tok_file else None
+    return {"path": str(path), "vocab_size": index["vocab_size"], "tokenizer": tok,
+            "tokenizer_file": str(tok_file) if sha else None, "tokenizer_sha256": sha}
+
+
 def load_training_data(table: Mapping[str, Any], verify: Optional[str] = None) -> TrainingData:
     """The train/val data a ``[data]`` table describes: ``factory``, ``path`` (prepare-data
     output, checked with ``verify``, default the table's ``verify``), or the stdlib corpus.
@@ -341,13 +355,7 @@ def load_training_data(table: Mapping[str, Any], verify: Optional[str] = None) -
         path = table["path"]
         index, stream = open_token_dir(path, verify or table.get("verify", "sha256"))
         train, val = _split(stream, val_fraction, f"data.path {path}")
-        tok = index.get("tokenizer") or {}
-        tok_file = Path(path) / tok["file"] if tok.get("file") else None
-        sha = tokenizer_sha256(tok_file) if tok_file else None
-        # tokenizer_sha256: what `ckpt export` checks the data directory's file against later
-        describe = {"path": str(path), "vocab_size": index["vocab_size"], "tokenizer": tok,
-                    "tokenizer_file": str(tok_file) if sha else None, "tokenizer_sha256": sha}
-        return TrainingData(train, val, index["vocab_size"], describe)
+        return TrainingData(train, val, index["vocab_size"], describe_token_dir(path, index))
     from launcher.data.corpus import load_corpus, split
 
     train, val = split(load_corpus(table.get("max_bytes", 4_000_000)), val_fraction)

@@ -303,7 +303,9 @@ def find_resume_point(cfg: Config) -> ResumePoint:
 
 def check_resume(cfg: Config) -> ResumePoint:
     """The launch's resume point (:func:`find_resume_point`), its model checked against the
-    config; :class:`LaunchError` if it cannot be used."""
+    config, and for the run's own checkpoint its data, seed and precision
+    (:func:`launcher.run.resume_checks.check_same_run`; ``job.resume_from`` starts a new
+    run, which may change them); :class:`LaunchError` if it cannot be used."""
     point = find_resume_point(cfg)
     _check_same_model(cfg, point)
     if point.path and not is_uri(point.path):  # a changed preset/lam/beta3 refused; lr: says who wins
@@ -314,11 +316,28 @@ def check_resume(cfg: Config) -> ResumePoint:
         try:
             check_same_strategy(cfg.parallel.strategy, point.path, cfg.parallel.tp)
             notes = check_same_optimizer(cfg.optim, point.path)
+            if point.source in ("ray", "scan"):  # the run's own checkpoint: its data and precision
+                notes += _check_same_run(cfg, point.path)
         except ValueError as exc:
             raise LaunchError(str(exc)) from None
         for note in notes:
             print(f"{TAG} {note}", file=sys.stderr, flush=True)
     return point
+
+
+def _check_same_run(cfg: Config, path: str) -> list[str]:
+    """:func:`launcher.run.resume_checks.check_same_run` for a launch of ``cfg``: the
+    precision "auto" resolved as the workers will (bf16 on GPU workers, fp32 on CPU)."""
+    from launcher.run.resume_checks import check_same_run, describe_config_data, saved_extra
+
+    extra = saved_extra(path)
+    if extra is None:
+        return []
+    asked = cfg.model.precision
+    precision = asked if asked != "auto" else ("bf16" if cfg.job.use_gpu else "fp32")
+    how = "" if asked != "auto" else f" (\"auto\" on {'GPU' if cfg.job.use_gpu else 'CPU'} workers)"
+    return check_same_run(extra, data=cfg.data, data_describe=describe_config_data(cfg.data),
+                          precision=precision, path=path, precision_how=how)
 
 
 def _check_same_model(cfg: Config, point: ResumePoint) -> None:

@@ -15,17 +15,33 @@ and again in each worker before a load).
   ``sharded-ams ckpt convert`` command that fits.
 * The schedule's shape (``optim.schedule``, ``warmup_steps``, ``min_lr_ratio``, ``job.steps``)
   **comes from the config** (the schedule is a function, rebuilt from the config, applied to
-  the checkpoint's peak lr at the resumed step); raising ``--steps`` is how a run is extended.
+  the checkpoint's peak lr at the resumed step, from the first step after the resume);
+  raising ``--steps`` is how a run is extended.
+* The data and precision (:func:`check_same_run`; a resume of the run's own checkpoint only:
+  ``job.resume_from`` starts a NEW run from a checkpoint, which may change all of them, e.g.
+  to fine-tune). A resumed run sees the data an uninterrupted run sees (the batch of step s
+  is a function of the corpus, ``data.seed`` and s), so these are **refused**, naming the
+  saved and the new value: another corpus or tokenizer (``data.path``: another directory,
+  or the same one re-prepared with another tokenizer, by its sha256; ``data.factory``; the
+  standard-library corpus), another train split (``data.val_fraction``; ``data.max_bytes``
+  of the standard-library corpus), another ``data.seed`` (another batch order), another
+  ``model.precision`` (resolved: "auto" is bf16 on GPU workers, fp32 on CPU). Changed
+  deliberately, as a ramp, ``data.batch_size`` (the global batch) and ``data.block_size``
+  (the sequence length) are **allowed with a note**: the steps after the resume train on
+  batches of the new shape. ``job.num_workers`` and ``data.micro_batch_size`` change
+  nothing of the data (a resize reshards; the global batch is the same).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 __all__ = ["optimizer_identity", "check_same_optimizer", "check_loaded_groups", "describe_identity",
-           "check_same_strategy", "checkpoint_format"]
+           "check_same_strategy", "checkpoint_format", "saved_extra", "describe_config_data",
+           "check_same_run"]
 
 
 def optimizer_identity(preset: Optional[str], beta3: Optional[float], lam: Optional[float]) -> tuple[float, float]:
@@ -148,3 +164,130 @@ def check_same_strategy(strategy: str, path: str, tp: int = 1) -> None:
             f"{path} is a {have} checkpoint and {how}: convert it "
             f"(sharded-ams ckpt convert {path} OUT --to {want}) and start a new run from it "
             "(job.resume_from = OUT, --name), or keep the strategy")
+
+
+# ----------------------------------------------------------------------------- data, precision
+
+
+def saved_extra(path: str) -> Optional[dict]:
+    """The ``extra`` dict of checkpoint ``path``'s trainer state (what the training loop
+    records of the run: model table, data, seed, precision, ...); None if there is none or
+    it is unreadable (the load reports an unreadable checkpoint properly)."""
+    from sharded_ams.checkpoint import TRAINER_NAME
+
+    trainer = Path(path) / TRAINER_NAME
+    if not trainer.is_file():
+        return None
+    try:
+        import torch
+
+        extra = torch.load(trainer, map_location="cpu", weights_only=True).get("extra")
+    except Exception:  # untrusted or damaged: the load says what is wrong
+        return None
+    return extra if isinstance(extra, dict) else None
+
+
+def describe_config_data(data: Any) -> dict:
+    """What a checkpoint trained on ``data`` (a DataConfig) would record of its corpus
+    (``TrainingData.describe``), without loading it: a prepare-data directory's index and
+    tokenizer sha256, a factory's spec, or the standard-library corpus."""
+    if data.factory:
+        return {"factory": data.factory}
+    if data.path:
+        from launcher.data.tokens import describe_token_dir
+
+        return describe_token_dir(data.path)
+    return {"corpus": "stdlib"}
+
+
+def _corpus(desc: Any) -> Optional[tuple[str, Any]]:
+    if not isinstance(desc, Mapping):
+        return None
+    if desc.get("factory"):
+        return "data.factory", desc["factory"]
+    if desc.get("path"):
+        return "data.path", desc["path"]
+    if desc.get("corpus") == "stdlib":
+        return "stdlib", None
+    return None
+
+
+def _say_corpus(desc: Mapping) -> str:
+    kind, value = _corpus(desc)
+    if kind == "stdlib":
+        return "the standard-library corpus (data.path and data.factory unset)"
+    if kind == "data.factory":
+        return f"data.factory {value!r}"
+    sha = desc.get("tokenizer_sha256")
+    return f"data.path {value}" + (f" (tokenizer sha256 {sha[:16]}...)" if isinstance(sha, str) else "")
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
+
+
+def _new_run(path: str) -> str:
+    return ("A resume continues the run on its data and precision: restore the setting, or start a "
+            f"new run (--name NEW; with --resume-from {path} it starts from this checkpoint: a new "
+            "run may change the data, seed and precision, e.g. to fine-tune)")
+
+
+def check_same_run(extra: Optional[Mapping], *, data: Any, data_describe: Mapping, precision: str,
+                   path: str, precision_how: str = "") -> list[str]:
+    """A resume of a run's own checkpoint ``path`` (its trainer ``extra``) with this config
+    (the module docstring's rule): ValueError naming the key, the saved and the new value
+    for another corpus, tokenizer, train split, seed or precision; notes for another global
+    batch or sequence length. ``data``: the DataConfig (or its dict); ``data_describe``: the
+    config's corpus as a checkpoint records it (:func:`describe_config_data`, or the
+    worker's ``TrainingData.describe``); ``precision``: resolved (no "auto"), described by
+    ``precision_how`` in the message. Keys the checkpoint does not record (older
+    checkpoints) are not checked."""
+    if not isinstance(extra, Mapping):
+        return []
+
+    def get(key: str) -> Any:
+        return data.get(key) if isinstance(data, Mapping) else getattr(data, key)
+
+    def refuse(what: str) -> None:
+        raise ValueError(f"{path}: {what}. {_new_run(path)}")
+
+    saved_d, now_d = extra.get("data"), data_describe
+    saved_c, now_c = _corpus(saved_d), _corpus(now_d)
+    if saved_c and now_c:
+        same = saved_c[0] == now_c[0] and (
+            saved_c[1] == now_c[1] if saved_c[0] != "data.path" else _same_dir(saved_c[1], now_c[1]))
+        sha_saved, sha_now = saved_d.get("tokenizer_sha256"), now_d.get("tokenizer_sha256")
+        retokenized = (same and saved_c[0] == "data.path" and isinstance(sha_saved, str)
+                       and isinstance(sha_now, str) and sha_saved != sha_now)
+        if not same or retokenized:
+            refuse(f"the run trained on {_say_corpus(saved_d)}; the config gives {_say_corpus(now_d)}: "
+                   + ("the directory was prepared again, with another tokenizer" if retokenized
+                      else "another corpus"))
+    order = extra.get("data_order") if isinstance(extra.get("data_order"), Mapping) else {}
+    if "val_fraction" in order and not _same(order["val_fraction"], get("val_fraction")):
+        refuse(f"data.val_fraction = {get('val_fraction')!r} differs from the run's "
+               f"{order['val_fraction']!r}: another train split, so every batch after the resume "
+               "would be drawn from another token stream")
+    if ("max_bytes" in order and saved_c == ("stdlib", None) and now_c == ("stdlib", None)
+            and order["max_bytes"] != get("max_bytes")):
+        refuse(f"data.max_bytes = {get('max_bytes')!r} differs from the run's {order['max_bytes']!r}: "
+               "another standard-library corpus (and train split)")
+    seed = extra.get("data_seed")
+    if isinstance(seed, int) and seed != get("seed"):
+        refuse(f"data.seed = {get('seed')!r} differs from the run's {seed!r}: the batch of each step "
+               "is drawn from (data.seed, step), so the steps after the resume would train on "
+               "another run's batches, not the ones an uninterrupted run sees")
+    saved_p = extra.get("precision")
+    if isinstance(saved_p, str) and saved_p != precision:
+        refuse(f"model.precision{precision_how} is {precision!r}; the run trained in {saved_p!r} "
+               "(its params, gradients and masters are in that precision)")
+    notes = []
+    for key, what in (("batch_size", "global batches of {} sequences"),
+                      ("block_size", "sequences of {} tokens")):
+        if key in order and order[key] != get(key):
+            notes.append(f"note: data.{key} = {get(key)} differs from the run's {order[key]} ({path}): "
+                         f"the steps after the resume train on {what.format(get(key))} (the run's "
+                         f"steps so far: {what.format(order[key])}); restore it to continue as before, "
+                         "or start a new run (--name)")
+    return notes
+

@@ -432,9 +432,13 @@ def _report(w: _Worker, rec: _Records, step: int, start_step: int, window: _Wind
 
 def _extra(w: _Worker) -> dict:
     """What a checkpoint records of the run (read by ``ckpt export`` and the resume checks)."""
+    d = w.cfg.data
     return {"run": w.cfg.job.name, "model": w.model_table, "data": w.data.describe,
-            "data_seed": w.cfg.data.seed, "world_size": w.world_size, "precision": w.precision,
-            "mesh": {"strategy": w.layout.strategy, "dp": w.layout.dp_size, "tp": w.layout.tp}}
+            "data_seed": d.seed, "world_size": w.world_size, "precision": w.precision,
+            "mesh": {"strategy": w.layout.strategy, "dp": w.layout.dp_size, "tp": w.layout.tp},
+            # what each step's batch depends on besides the corpus and the seed (resume checks)
+            "data_order": {"batch_size": d.batch_size, "block_size": d.block_size,
+                           "val_fraction": d.val_fraction, "max_bytes": d.max_bytes}}
 
 
 def _train(w: _Worker, rec: _Records, start_step: int) -> dict:
@@ -486,7 +490,8 @@ def train_loop(config: dict) -> dict[str, Any]:
     w = _build(config)
     # the newest committed checkpoint of the run, at whatever size it was saved
     start_step, resumed_from = resume(config, w.run_dir, w.rank, w.world_size, w.optimizer,
-                                      w.model, w.scheduler, w.layout)
+                                      w.model, w.scheduler, w.layout,
+                                      same_run={"data": w.data.describe, "precision": w.precision})
     if w.rank == 0 and w.cfg.job.env:  # what this worker really has, not what was asked
         _log("job.env in the workers: " + ", ".join(f"{k}={os.environ.get(k, '<unset>')}"
                                                     for k in sorted(w.cfg.job.env)))

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import torch.distributed as dist
 
 import ray.train  # [Ray]
 
-from launcher.run.resume_checks import check_loaded_groups, check_same_strategy, checkpoint_format
+from launcher.run.resume_checks import (check_loaded_groups, check_same_run, check_same_strategy,
+                                        checkpoint_format, saved_extra)
 from launcher.train.step import log_progress
 from sharded_ams.checkpoint import (DCP_FORMAT, CheckpointError, find_latest_checkpoint,
                                     load_checkpoint, load_dcp, manifest_format, save_checkpoint,
@@ -77,11 +78,13 @@ def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int
 
 
 def resume(config: dict, run_dir: str, rank: int, world_size: int, optimizer, model, scheduler,
-           layout):
+           layout, same_run: Optional[dict] = None):
     """Load the newest committed checkpoint (rank 0 picks, every rank loads; any world size:
     the format reshards); on a checkpoint that fails to load (checksums: the loader agrees
     the error over all ranks) fall back to the next. Returns ``(step, path)``; ``(0, None)``
-    for a new run."""
+    for a new run. ``same_run``: ``{"data": TrainingData.describe, "precision": resolved}``
+    of this worker; the run's own checkpoints are checked against it first (the driver's
+    check, again: a checkpoint on an object store, a direct call), ``job.resume_from`` not."""
     checkpoint = ray.train.get_checkpoint()  # [Ray] the latest registered one; None for a new run
     candidates: Any = None
     if rank == 0:
@@ -95,12 +98,24 @@ def resume(config: dict, run_dir: str, rank: int, world_size: int, optimizer, mo
         candidates = box[0]
     if isinstance(candidates, str):
         raise CheckpointError(candidates)
+    def check(local: str, source: str) -> None:
+        if same_run is None or source == "config":  # resume_from: a new run, which may change them
+            return
+        notes = check_same_run(saved_extra(local), data=config.get("data") or {},
+                               data_describe=same_run["data"], precision=same_run["precision"],
+                               path=local)
+        if rank == 0:
+            for note in notes:
+                log_progress(note)
+
     errors = []
     for _, path, source in candidates:
         try:
             if source == "ray" and "://" in path:
                 with checkpoint.as_directory() as local:  # [Ray] a download
+                    check(local, source)
                     return _load(local, optimizer, model, scheduler, layout), path
+            check(path, source)
             return _load(path, optimizer, model, scheduler, layout), path
         except CheckpointError as exc:
             errors.append(f"{path}: {exc}")
