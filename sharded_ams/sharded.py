@@ -280,7 +280,10 @@ class ShardedAMS(Optimizer):
         if module is not None:
             self._sync.register_module_hooks(module, self._sync_modules)
         self._frozen = frozen_params(self.param_groups, module, trained, self._names)
-        self._masters_stale = True  # the first step re-reads them (``_refresh_masters``)
+        # 16-bit params' fp32 masters follow writes to the params behind the optimizer
+        # (``_refresh_masters``): a model load any time, any in-place write before step 1
+        self._masters_stale = False
+        self._versions = self._param_versions()
         if module is not None and any(sh.own_master for sh in self.shards):
             watch_model_loads(module, self, {id(p) for _, p in trained}, self._sync.keep_hook)
 
@@ -401,6 +404,7 @@ class ShardedAMS(Optimizer):
         refuse_grads_of_frozen(self._frozen)
         self._sync.finish_param_sync()  # gathers no forward waited for: unused params
         self._refresh_masters()
+        self._versions = None
         self._sync.finish_grad_sync()
         norm = skip = coef = None
         if self.max_grad_norm is None and not self.skip_nonfinite:
@@ -425,10 +429,17 @@ class ShardedAMS(Optimizer):
         self.last_step = StepInfo(norm, skip)
         return loss
 
+    def _param_versions(self) -> list[int]:  # each param's: ``.data`` views keep their own
+        return [p._version for sh in self.shards for p in sh.buf.params]
+
     def _refresh_masters(self) -> None:
         """16-bit params' fp32 masters follow the params where those were written behind
         the optimizer's back (see ``_build``, ``follow_params``); fp32 params' buffer is
-        their master."""
+        their master. Nothing is read or allocated when nothing was written (a save stays
+        free of device memory). Versions are compared only until the first step: from then
+        on the optimizer's own gathers write the params too."""
+        if self._versions is not None and self._versions != self._param_versions():
+            self._masters_stale = True
         if not self._masters_stale:
             return
         for sh in self.shards:
@@ -549,6 +560,7 @@ class ShardedAMS(Optimizer):
                     g[k] = tuple(v) if k == "betas" else v
         self.skipped_steps = skipped_steps
         self._masters_stale = False
+        self._versions = None
         for sh in self.shards:
             for b in range(len(sh.layout.buckets)):
                 if sh.own_master:
