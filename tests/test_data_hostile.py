@@ -276,6 +276,42 @@ def test_index_fields_that_lie_are_refused(tmp_path, edit, match):
         read_index(out)
 
 
+def test_an_index_and_tokenizer_that_disagree_on_the_vocabulary_are_refused(tmp_path, monkeypatch):
+    """index.json's vocab_size is held to the tokenizer.json beside it, when the directory
+    is opened for training (driver and workers), without reading a shard: a tokenizer
+    replaced by another, an index edited (both of its vocab_size entries, or one)."""
+    out = tmp_path / "out"
+    _prep([EMAIL / "charset.py"], out)  # byte-level: 256
+    index = json.loads((out / "index.json").read_text())
+    from launcher.data import tokens
+
+    def no_shard(*_):
+        raise AssertionError("a shard was read")
+
+    monkeypatch.setattr(tokens, "_check_shard", no_shard)  # the check reads none
+    tok = out / "tokenizer.json"
+    byte_json = tok.read_bytes()
+    _gappy_tokenizer(tok)  # another tokenizer: ids up to 70,000
+    lie = r"index\.json: vocab_size 256 is not the vocabulary of .*out/tokenizer\.json \(70,001 tokens\)"
+    for verify in ("sha256", "size"):
+        with pytest.raises(DataError, match=lie + ": the tokenizer was replaced"):
+            load_training_data({"path": str(out)}, verify=verify)
+    tok.write_bytes(byte_json)
+    _index_edit(out, lambda ix: (ix.update(vocab_size=300), ix["tokenizer"].update(vocab_size=300)))
+    with pytest.raises(DataError, match=r"vocab_size 300 is not the vocabulary of .*tokenizer\.json \(256 tokens\)"):
+        open_token_dir(out, verify="size")
+    _index_edit(out, lambda ix: ix.update(vocab_size=300, tokenizer=index["tokenizer"]))
+    with pytest.raises(DataError, match=r"index\.json: tokenizer\.vocab_size 256 differs from vocab_size 300"):
+        read_index(out)
+    _index_edit(out, lambda ix: ix.update(vocab_size=256))
+    tok.write_text("{not json")
+    with pytest.raises(DataError, match=r"tokenizer\.json: not a Hugging Face tokenizer\.json"):
+        open_token_dir(out, verify="size")
+    tok.unlink()  # no tokenizer file: nothing to disagree with (the run records none)
+    monkeypatch.undo()
+    assert open_token_dir(out)[0]["vocab_size"] == 256
+
+
 def test_a_deeply_nested_index_is_refused_in_one_line(tmp_path):
     out = tmp_path / "out"
     _prep([EMAIL / "charset.py"], out)

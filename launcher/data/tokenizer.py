@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 __all__ = ["Tokenizer", "parse_tokenizer_spec", "byte_tokenizer", "train_bpe", "load_tokenizer_file",
-           "EOS_TOKEN"]
+           "tokenizer_json_vocab", "EOS_TOKEN"]
 
 EOS_TOKEN = "<|endoftext|>"
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
@@ -185,6 +185,18 @@ def load_tokenizer_file(path: os.PathLike) -> Tokenizer:
         raise ValueError(f"{path}: not a Hugging Face tokenizer.json ({exc})") from None
     eos = next((hf.token_to_id(t) for t in _EOS_CANDIDATES if hf.token_to_id(t) is not None), None)
     return Tokenizer("file", hf, eos)
+
+
+def tokenizer_json_vocab(text: str) -> int:
+    """The vocabulary size prepare-data writes into an index for the tokenizer.json ``text``
+    (1 + its largest id, :class:`Tokenizer`); ValueError if it does not parse."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        hf = HFTokenizer.from_str(text)
+    except Exception as exc:  # untrusted bytes: any parse failure is a refusal, no traceback
+        raise ValueError(f"not a Hugging Face tokenizer.json ({type(exc).__name__})") from None
+    return _id_bound(hf)
 
 
 def tokenizer_config(tok_entry: dict) -> dict:

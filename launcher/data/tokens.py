@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # torch is imported where batches are made: prepare-data and 
     import torch
 
 __all__ = ["INDEX_NAME", "FORMAT", "DataError", "TokenStream", "TrainingData", "open_token_dir",
-           "describe_token_dir",
+           "describe_token_dir", "check_tokenizer_vocab",
            "load_training_data", "sha256_file", "tokenizer_sha256"]
 
 INDEX_NAME = "index.json"
@@ -239,7 +239,42 @@ def read_index(path: os.PathLike) -> dict:
                             (tok.get("file") is not None and not _plain_name(tok.get("file")))):
         raise bad(f"tokenizer.file {tok.get('file') if isinstance(tok, dict) else tok!r} must be "
                   "a plain file name inside the data directory")
+    if isinstance(tok, dict) and "vocab_size" in tok and tok["vocab_size"] != vocab:
+        raise bad(f"tokenizer.vocab_size {tok['vocab_size']!r} differs from vocab_size {vocab:,} "
+                  "(edited after prepare-data); rerun prepare-data")
     return index
+
+
+def check_tokenizer_vocab(path: os.PathLike, index: dict) -> None:
+    """Refuse a directory whose index ``vocab_size`` is not the vocabulary of the tokenizer
+    file shipped beside it (tokenizer.json replaced, or index.json edited): the model is
+    built for the index's vocabulary, and the run records (and ``ckpt export`` ships) that
+    tokenizer. Reads the tokenizer file only, never the shards; one that is absent, not a
+    regular file or over MAX_TOKENIZER_BYTES is not the run's tokenizer
+    (:func:`tokenizer_sha256`), so there is nothing to check."""
+    name = (index.get("tokenizer") or {}).get("file")
+    if not name:
+        return
+    tok_path = Path(path) / name
+    try:  # no symlink followed, no FIFO waited on
+        fd = os.open(tok_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_TOKENIZER_BYTES:
+            return
+        blob = f.read(MAX_TOKENIZER_BYTES + 1)
+    from launcher.data.tokenizer import tokenizer_json_vocab
+
+    try:
+        have = tokenizer_json_vocab(blob.decode("utf-8", errors="replace"))
+    except ValueError as exc:
+        raise DataError(f"{tok_path}: {exc}; rerun prepare-data") from None
+    if have != index["vocab_size"]:
+        raise DataError(f"{Path(path) / INDEX_NAME}: vocab_size {index['vocab_size']:,} is not the "
+                        f"vocabulary of {tok_path} ({have:,} tokens): the tokenizer was replaced or "
+                        "the index edited after prepare-data; rerun prepare-data")
 
 
 def _plain_name(name: Any) -> bool:
@@ -289,9 +324,11 @@ def open_token_dir(path: os.PathLike, verify: str = "sha256") -> tuple[dict, Tok
     """Validate a prepare-data directory and memmap its shards as one stream.
 
     ``verify``: "sha256" checks every shard's size and checksum against the index, "size"
-    sizes only. Raises :class:`DataError` naming the file at fault."""
+    sizes only; either way the index's vocabulary against its tokenizer file's
+    (:func:`check_tokenizer_vocab`). Raises :class:`DataError` naming the file at fault."""
     d = Path(path)
     index = read_index(d)
+    check_tokenizer_vocab(d, index)
     dtype = DTYPES[index["dtype"]]
     parts, names = [], []
     for sh in index["shards"]:
