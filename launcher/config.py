@@ -93,9 +93,9 @@ class ModelConfig:
     docs/llm.md); gpt "tiny". Unset: the arch's default shape (its tiny one)."""
     factory: Optional[str] = None
     """Your own model: "package.module:function", called with this table as a dict, returning
-    an nn.Module (contract in docs/llm.md). Unset: the built-in arch."""
+    an nn.Module (contract in docs/llm.md). Unset: the built-in arch. A rerun of the run must keep it."""
     options: dict = field(default_factory=dict)
-    """Free-form settings for your factory ([model.options]); the built-ins ignore them."""
+    """Settings for your factory ([model.options]; built-ins ignore them). A rerun of the run must keep them."""
     vocab_size: Optional[int] = None
     """Token vocabulary; unset: the data's (256 for the byte-level corpora). Must be >= it."""
     block_size: Optional[int] = None

@@ -1,7 +1,7 @@
 """The launcher's resume and batch checks under careless input (issue 23): a resume that
 changes the optimizer is refused naming both values (lr: the checkpoint's wins, said
-plainly), as is one that changes the run's data, seed or precision (global batch and
-sequence length: a note); and a batch the workers cannot split names the nearest batch
+plainly), as is one that changes the run's data, seed, precision or a factory model's
+inputs (global batch and sequence length: a note); and a batch the workers cannot split names the nearest batch
 sizes that work."""
 
 from __future__ import annotations
@@ -119,13 +119,13 @@ def tiny_run(tmp_path_factory) -> Path:
     return root
 
 
-def _tiny_worker(root: Path):
+def _tiny_worker(root: Path, **sets):
     from launcher.config import load_config
     from launcher.train.loop import _build
 
     cfg = load_config(ROOT / "launcher/configs/gpt_tiny.toml",
                       {"job.storage_path": str(root), "job.name": "run", "optim.backend": "eager",
-                       "data.max_bytes": 60000, "job.num_workers": 1}, environ={})
+                       "data.max_bytes": 60000, "job.num_workers": 1, **sets}, environ={})
     return _build({**cfg.to_dict(), "run_dir": cfg.job.run_dir}, device=torch.device("cpu"))
 
 
@@ -220,3 +220,100 @@ def test_worker_refuses_to_resume_its_run_on_other_data(tiny_run, monkeypatch):
     assert resume({**w.config, "resume_from": ckpt}, str(tiny_run / "other"), *args, same_run=same) == (3, ckpt)
     assert resume(w.config, str(tiny_run / "run"), *args,
                   same_run={**same, "precision": "fp32"}) == (3, ckpt)  # the same run: resumes
+
+
+# ----------------------------------------------------------------------------- a factory's model
+
+FACTORY = """
+import torch
+class Scaled(torch.nn.Module):
+    def __init__(self, vocab, scale):
+        super().__init__()
+        self.table, self.scale = torch.nn.Embedding(vocab, vocab), scale
+    def forward(self, idx, targets=None):
+        return self.table(idx) * self.scale
+def build(table):
+    return Scaled(table["vocab_size"], table["options"].get("scale", 1.0))
+def build_other(table):
+    return Scaled(table["vocab_size"], 2.0)
+"""
+_FACTORY = {"model.factory": "resume_factory:build", "model.options": {"scale": 0.5}}
+
+
+@pytest.fixture
+def factory_run(tmp_path, monkeypatch) -> Path:
+    """A run "run" of a factory model whose option (a logit scale) keeps every shape, saved
+    as the training loop saves it (_extra)."""
+    pytest.importorskip("ray.train")
+    from launcher.train.loop import _extra
+
+    (tmp_path / "resume_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    w = _tiny_worker(tmp_path, **_FACTORY)
+    assert _extra(w)["model"]["options"] == {"scale": 0.5}  # the record the check reads
+    save_checkpoint(tmp_path / "run" / "step-00000003", w.optimizer, model=w.model, step=3, extra=_extra(w),
+                    lr_scheduler=w.scheduler)
+    return tmp_path
+
+
+_OPTIONS = "model.options differ from the run's "
+
+
+@pytest.mark.parametrize("sets, named", [
+    (["model.options={ scale = 0.25 }"],
+     _OPTIONS + "(scale: the run's 0.5, now 0.25): model.factory 'resume_factory:build' builds the model from them"),
+    (["model.options={ scale = 0.5, rope = \"yarn\" }"], _OPTIONS + "(rope: the run's unset, now 'yarn')"),
+    (["model.options={}"], _OPTIONS + "(scale: the run's 0.5, now unset)"),
+    (["model.options={ scale = 0.5 }", "model.dropout=0.1"],
+     "model.dropout = 0.1 differs from the run's None: model.factory 'resume_factory:build' is given"),
+])
+def test_resume_refuses_other_factory_options(factory_run, capsys, sets, named):
+    """Options that keep every tensor's shape loaded silently into another model."""
+    rc, err = _dry_run(capsys, factory_run, "model.factory=resume_factory:build", *sets)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"sharded-ams train: error: {factory_run / 'run' / 'step-00000003'}: {named}"), err
+    assert _NEW_RUN + str(factory_run / "run" / "step-00000003") in err, err
+    rc, err = _dry_run(capsys, factory_run, "model.factory=resume_factory:build", "model.options={ scale = 0.5 }")
+    assert rc == 0 and "error" not in err, err
+
+
+def test_worker_refuses_to_resume_its_run_with_another_factory_or_options(factory_run, monkeypatch):
+    import ray.train
+
+    from launcher.train.resume import resume
+
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    w = _tiny_worker(factory_run, **_FACTORY)
+    same = {"data": w.data.describe, "precision": w.precision}
+    args = (0, 1, w.optimizer, w.model, w.scheduler, w.layout)
+    run, ckpt = str(factory_run / "run"), str(factory_run / "run" / "step-00000003")
+    other = "resume_factory:build_other"
+    refusals = (({"options": {"scale": 2.0}}, r"model\.options differ from the run's \(scale: the run's 0\.5, now 2\.0\)"),
+                ({"factory": other}, rf"model\.factory = '{other}' differs from the run's 'resume_factory:build'"))
+    for model, match in refusals:
+        config = {**w.config, "model": {**w.config["model"], **model}}
+        with pytest.raises(ValueError, match=match):
+            resume(config, run, *args, same_run=same)
+        assert resume({**config, "resume_from": ckpt}, str(factory_run / "new"), *args, same_run=same) == (3, ckpt)
+    assert resume(w.config, run, *args, same_run=same) == (3, ckpt)
+
+
+def test_a_model_record_without_options_is_not_held_to_them():
+    """Checkpoints written before a key was recorded resume; a built-in model ignores options."""
+    from types import SimpleNamespace
+
+    from launcher.run.resume_checks import check_same_run
+
+    data = SimpleNamespace(seed=0, val_fraction=0.1, max_bytes=1, batch_size=16, block_size=64)
+    now = {"factory": "m:f", "options": {"scale": 2.0}, "dropout": 0.1}
+
+    def run(saved_model, model=now):
+        extra = {"data_seed": 0} if saved_model is None else {"data_seed": 0, "model": saved_model}
+        return check_same_run(extra, data=data, data_describe={}, precision="fp32", path="CK", model=model)
+
+    assert run(None) == [] and run({}) == [] and run({"factory": "m:f"}) == []
+    assert run({"factory": None, "options": {"a": 1}}, {"factory": None, "options": {"a": 2}}) == []
+    assert run({"factory": "m:f", "options": {"scale": 2.0}, "dropout": 0.1}) == []
+    assert run({"factory": "m:f", "options": {"scale": 2.0}}, model=None) == []  # not asked to check
+    with pytest.raises(ValueError, match=r"^CK: model\.factory = 'm:f' differs from the run's None"):
+        run({"factory": None, "options": {}})

@@ -303,7 +303,7 @@ def find_resume_point(cfg: Config) -> ResumePoint:
 
 def check_resume(cfg: Config) -> ResumePoint:
     """The launch's resume point (:func:`find_resume_point`), its model checked against the
-    config, and for the run's own checkpoint its data, seed and precision
+    config, and for the run's own checkpoint its data, seed, precision and factory inputs
     (:func:`launcher.run.resume_checks.check_same_run`; ``job.resume_from`` starts a new
     run, which may change them); :class:`LaunchError` if it cannot be used."""
     point = find_resume_point(cfg)
@@ -316,7 +316,7 @@ def check_resume(cfg: Config) -> ResumePoint:
         try:
             check_same_strategy(cfg.parallel.strategy, point.path, cfg.parallel.tp)
             notes = check_same_optimizer(cfg.optim, point.path)
-            if point.source in ("ray", "scan"):  # the run's own checkpoint: its data and precision
+            if point.source in ("ray", "scan"):  # the run's own checkpoint: data, precision, model
                 notes += _check_same_run(cfg, point.path)
         except ValueError as exc:
             raise LaunchError(str(exc)) from None
@@ -337,7 +337,7 @@ def _check_same_run(cfg: Config, path: str) -> list[str]:
     precision = asked if asked != "auto" else ("bf16" if cfg.job.use_gpu else "fp32")
     how = "" if asked != "auto" else f" (\"auto\" on {'GPU' if cfg.job.use_gpu else 'CPU'} workers)"
     return check_same_run(extra, data=cfg.data, data_describe=describe_config_data(cfg.data),
-                          precision=precision, path=path, precision_how=how)
+                          precision=precision, path=path, precision_how=how, model=cfg.model)
 
 
 def _check_same_model(cfg: Config, point: ResumePoint) -> None:

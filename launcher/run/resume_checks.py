@@ -17,19 +17,23 @@ and again in each worker before a load).
   **comes from the config** (the schedule is a function, rebuilt from the config, applied to
   the checkpoint's peak lr at the resumed step, from the first step after the resume);
   raising ``--steps`` is how a run is extended.
-* The data and precision (:func:`check_same_run`; a resume of the run's own checkpoint only:
-  ``job.resume_from`` starts a NEW run from a checkpoint, which may change all of them, e.g.
-  to fine-tune). A resumed run sees the data an uninterrupted run sees (the batch of step s
-  is a function of the corpus, ``data.seed`` and s), so these are **refused**, naming the
-  saved and the new value: another corpus or tokenizer (``data.path``: another directory,
-  or the same one re-prepared with another tokenizer, by its sha256; ``data.factory``; the
-  standard-library corpus), another train split (``data.val_fraction``; ``data.max_bytes``
-  of the standard-library corpus), another ``data.seed`` (another batch order), another
-  ``model.precision`` (resolved: "auto" is bf16 on GPU workers, fp32 on CPU). Changed
-  deliberately, as a ramp, ``data.batch_size`` (the global batch) and ``data.block_size``
-  (the sequence length) are **allowed with a note**: the steps after the resume train on
-  batches of the new shape. ``job.num_workers`` and ``data.micro_batch_size`` change
-  nothing of the data (a resize reshards; the global batch is the same).
+* The data, precision and model factory (:func:`check_same_run`; a resume of the run's own
+  checkpoint only: ``job.resume_from`` starts a NEW run from a checkpoint, which may change
+  all of them but the factory, e.g. to fine-tune). A resumed run sees the data an
+  uninterrupted run sees (the batch of step s is a function of the corpus, ``data.seed``
+  and s), so these are **refused**, naming the saved and the new value: another corpus or
+  tokenizer (``data.path``: another directory, or the same one re-prepared with another
+  tokenizer, by its sha256; ``data.factory``; the standard-library corpus), another train
+  split (``data.val_fraction``; ``data.max_bytes`` of the standard-library corpus), another
+  ``data.seed`` (another batch order), another ``model.precision`` (resolved: "auto" is
+  bf16 on GPU workers, fp32 on CPU), another ``model.factory`` or, for a factory's model,
+  another input to it: ``model.options`` and the other ``[model]`` settings it is given
+  (``dropout``, ``rope_theta``, ...; a change that keeps every tensor's shape would load,
+  and train another model from the checkpoint's weights). Changed deliberately, as a
+  ramp, ``data.batch_size`` (the global batch) and ``data.block_size`` (the sequence
+  length) are **allowed with a note**: the steps after the resume train on batches of the
+  new shape. ``job.num_workers`` and ``data.micro_batch_size`` change nothing of the data
+  (a resize reshards; the global batch is the same).
 """
 
 from __future__ import annotations
@@ -227,21 +231,69 @@ def _same_dir(a: str, b: str) -> bool:
 
 
 def _new_run(path: str) -> str:
-    return ("A resume continues the run on its data and precision: restore the setting, or start a "
-            f"new run (--name NEW; with --resume-from {path} it starts from this checkpoint: a new "
-            "run may change the data, seed and precision, e.g. to fine-tune)")
+    return ("A resume continues the run on its data, model and precision: restore the setting, or "
+            f"start a new run (--name NEW; with --resume-from {path} it starts from this checkpoint: "
+            "a new run may change the data, seed, precision and model.options, e.g. to fine-tune)")
+
+
+# what a factory's model is built from besides its shape (vocab_size, block_size: the load's
+# and the driver's shape checks): the factory is called with the whole [model] table
+_FACTORY_INPUTS = ("options", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size",
+                   "rope_theta", "norm_eps", "dropout", "tie_weights")
+_UNSET = object()
+
+
+def _say(value: Any) -> str:
+    return "unset" if value is _UNSET else repr(value)
+
+
+def _model_change(saved: Any, model: Any) -> Optional[str]:
+    """What differs between the run's recorded ``[model]`` table (the checkpoint's
+    ``extra["model"]``) and the config's ``model`` (a ModelConfig or its dict) that a
+    resume must not change: the factory, and what a factory is given. None if nothing
+    (or nothing recorded: older checkpoints)."""
+    if not isinstance(saved, Mapping) or model is None or "factory" not in saved:
+        return None
+
+    def get(key: str) -> Any:
+        return model.get(key) if isinstance(model, Mapping) else getattr(model, key, None)
+
+    spec = saved["factory"]
+    if spec != get("factory"):
+        return (f"model.factory = {get('factory')!r} differs from the run's {spec!r}: another model "
+                "would train from the checkpoint's weights")
+    if not spec:
+        return None  # a built-in model: its shape is checked with the checkpoint's, options unused
+    for key in _FACTORY_INPUTS:
+        if key not in saved:
+            continue
+        was, now = saved[key], get(key)
+        if key == "options" and isinstance(was, Mapping) and isinstance(now, Mapping):
+            keys = [k for k in sorted({*was, *now}, key=str) if was.get(k, _UNSET) != now.get(k, _UNSET)]
+            if keys:
+                diff = "; ".join(f"{k}: the run's {_say(was.get(k, _UNSET))}, now "
+                                 f"{_say(now.get(k, _UNSET))}" for k in keys)
+                return (f"model.options differ from the run's ({diff}): model.factory {spec!r} "
+                        "builds the model from them, so the steps after the resume would train "
+                        "another model from the checkpoint's weights")
+        elif was != now:
+            return (f"model.{key} = {now!r} differs from the run's {was!r}: model.factory {spec!r} "
+                    "is given the [model] table, so the steps after the resume would train "
+                    "another model from the checkpoint's weights")
+    return None
 
 
 def check_same_run(extra: Optional[Mapping], *, data: Any, data_describe: Mapping, precision: str,
-                   path: str, precision_how: str = "") -> list[str]:
+                   path: str, precision_how: str = "", model: Any = None) -> list[str]:
     """A resume of a run's own checkpoint ``path`` (its trainer ``extra``) with this config
     (the module docstring's rule): ValueError naming the key, the saved and the new value
-    for another corpus, tokenizer, train split, seed or precision; notes for another global
-    batch or sequence length. ``data``: the DataConfig (or its dict); ``data_describe``: the
-    config's corpus as a checkpoint records it (:func:`describe_config_data`, or the
-    worker's ``TrainingData.describe``); ``precision``: resolved (no "auto"), described by
-    ``precision_how`` in the message. Keys the checkpoint does not record (older
-    checkpoints) are not checked."""
+    for another corpus, tokenizer, train split, seed, precision, model factory or factory
+    input; notes for another global batch or sequence length. ``data``: the DataConfig (or
+    its dict); ``data_describe``: the config's corpus as a checkpoint records it
+    (:func:`describe_config_data`, or the worker's ``TrainingData.describe``);
+    ``precision``: resolved (no "auto"), described by ``precision_how`` in the message;
+    ``model``: the ModelConfig (or its dict; None: not checked). Keys the checkpoint does
+    not record (older checkpoints) are not checked."""
     if not isinstance(extra, Mapping):
         return []
 
@@ -281,6 +333,9 @@ def check_same_run(extra: Optional[Mapping], *, data: Any, data_describe: Mappin
     if isinstance(saved_p, str) and saved_p != precision:
         refuse(f"model.precision{precision_how} is {precision!r}; the run trained in {saved_p!r} "
                "(its params, gradients and masters are in that precision)")
+    changed = _model_change(extra.get("model"), model)
+    if changed:
+        refuse(changed)
     notes = []
     for key, what in (("batch_size", "global batches of {} sequences"),
                       ("block_size", "sequences of {} tokens")):

@@ -103,7 +103,7 @@ def resume(config: dict, run_dir: str, rank: int, world_size: int, optimizer, mo
             return
         notes = check_same_run(saved_extra(local), data=config.get("data") or {},
                                data_describe=same_run["data"], precision=same_run["precision"],
-                               path=local)
+                               path=local, model=config.get("model") or {})
         if rank == 0:
             for note in notes:
                 log_progress(note)
