@@ -408,10 +408,15 @@ def test_scheduler_state_is_tried_before_anything_is_applied(root):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(CheckpointError, match=r"trainer\.pt: field lr_scheduler: .*KeyError") as ei:
         load_checkpoint(bad, opt, model=model, lr_scheduler=sched)
-    assert ei.value.kind == "optimizer_mismatch" and ei.value.field == "lr_scheduler"
+    assert ei.value.kind == "scheduler_mismatch" and ei.value.field == "lr_scheduler"
     assert int(opt.param_groups[0]["step"]) == 0 and sched.last_epoch == 0
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "half-applied"
     assert load_checkpoint(bad, opt, model=model)["step"] == 2  # the rest of it is sound
+    model, opt = fresh()  # load_latest raises it: not skipped for the older checkpoint (no scheduler state)
+    with pytest.raises(CheckpointError, match="field lr_scheduler") as ei:
+        CheckpointManager(root).load_latest(opt, model=model,
+                                            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    assert ei.value.kind == "scheduler_mismatch"
 
 
 def test_a_failure_after_the_checks_is_a_checkpoint_error(root, monkeypatch):

@@ -71,6 +71,9 @@ class CheckpointError(RuntimeError):
       refused by a load unless ``allow_nonfinite=True``;
     * ``"model_mismatch"``: parameter names/shapes (or buffers) differ from the model's;
     * ``"optimizer_mismatch"``: optimizer class, state keys or param groups differ;
+    * ``"scheduler_mismatch"``: the saved ``lr_scheduler`` state does not load into the
+      scheduler given (``field="lr_scheduler"``; another scheduler class, or a damaged
+      ``trainer.pt``);
     * ``"save_failed"``: a rank could not write its files (nothing was committed);
     * ``"locked"``: another CheckpointManager (another job) is writing to the same root.
 

@@ -292,7 +292,7 @@ def check_scheduler(man: Manifest, lr_scheduler, trainer: Optional[dict]) -> Non
     """The saved scheduler state loads into ``lr_scheduler``: tried on a copy of it (that
     shares the optimizer, which is not copied) before anything is applied, so a state it
     rejects (``{}``: LambdaLR's KeyError) is refused on every rank, not a load that fails
-    after the optimizer state was overwritten. Not recoverable (``optimizer_mismatch``):
+    after the optimizer state was overwritten. Not recoverable (``scheduler_mismatch``):
     the scheduler may be the one that differs, and load_latest must not then skip every
     checkpoint and start from scratch. A scheduler that cannot be copied is not tried."""
     if lr_scheduler is None or trainer is None or trainer.get("lr_scheduler") is None:
@@ -311,7 +311,7 @@ def check_scheduler(man: Manifest, lr_scheduler, trainer: Optional[dict]) -> Non
         raise CheckpointError(
             f"{fpath}: field lr_scheduler: does not load into {type(lr_scheduler).__name__} "
             f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}): a different "
-            "scheduler, or a damaged trainer.pt", path=fpath, kind="optimizer_mismatch",
+            "scheduler, or a damaged trainer.pt", path=fpath, kind="scheduler_mismatch",
             field="lr_scheduler") from None
 
 
