@@ -22,6 +22,7 @@ from .kernels.eager import compile_available
 from .kernels.foreach import foreach_apply, foreach_count, foreach_moments
 from .kernels.tables import RunTable, build_run_table
 from .kernels.multi import multi_ops
+from .optim_protocols import runs_load_state_dict_hooks, runs_state_dict_hooks
 from .update import bias_corrections, lam_is_unit, step_scalars
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_s", "master")
@@ -360,8 +361,29 @@ class AMS(Optimizer):
         elif "master" not in st and work is not p:
             p.copy_(work)
 
+    def _follow_written_params(self) -> None:
+        """16-bit params written since this optimizer last stepped them (a model load, an
+        in-place init): their fp32 masters follow them now, as the next step would, so a
+        save (and a state-dict hook) holds the weights that step starts from."""
+        if not self._versions:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                seen = self._versions.get(id(p))
+                if seen is not None and seen != p._version and "master" in self.state[p]:
+                    follow_params(self.state[p]["master"], p.detach())
+                    self._versions[id(p)] = p._version
+
+    @runs_state_dict_hooks(settle=_follow_written_params)
+    def state_dict(self) -> dict[str, Any]:
+        """As torch.optim (its four state-dict hook kinds included), the masters first
+        following weights written since the last step."""
+        return super().state_dict()
+
+    @runs_load_state_dict_hooks
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim, but optimizer state stays fp32 whatever the param dtype."""
+        """As torch.optim (pre-hooks see the whole dict and may replace it; post-hooks see
+        the loaded state), but optimizer state stays fp32 whatever the param dtype."""
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
         self._versions.clear()  # the loaded masters are the weights to step from

@@ -25,6 +25,7 @@ from .kernels import resolve_backend
 from .dtype_shard import DtypeShard, follow_params
 from .layout import BufferLayout, default_bucket_numel
 from .model_parallel import ModelParallel, resolve_groups
+from .optim_protocols import runs_load_state_dict_hooks, runs_state_dict_hooks
 from .param_guards import (frozen_params, refuse_grads_of_frozen, refuse_sparse_modules,
                            watch_model_loads)
 from .shard_step import clip_coef, global_grad_norm, step_shards
@@ -402,7 +403,6 @@ class ShardedAMS(Optimizer):
             raise RuntimeError("This ShardedAMS was closed, or replaced by another one built "
                                "on the same params; step the new one")
         refuse_grads_of_frozen(self._frozen)
-        self._sync.finish_param_sync()  # gathers no forward waited for: unused params
         self._refresh_masters()
         self._versions = None
         self._sync.finish_grad_sync()
@@ -433,11 +433,12 @@ class ShardedAMS(Optimizer):
         return [p._version for sh in self.shards for p in sh.buf.params]
 
     def _refresh_masters(self) -> None:
-        """16-bit params' fp32 masters follow the params where those were written behind
-        the optimizer's back (see ``_build``, ``follow_params``); fp32 params' buffer is
-        their master. Nothing is read or allocated when nothing was written (a save stays
-        free of device memory). Versions are compared only until the first step: from then
-        on the optimizer's own gathers write the params too."""
+        """Pending gathers waited for (also unused params', which no forward waited for),
+        then 16-bit params' fp32 masters follow the params where something else wrote them
+        (``_build``, ``follow_params``; fp32 params' buffer is their master). Nothing is read
+        or allocated when nothing was written (a save stays free of device memory). Versions
+        are compared only until the first step: then its own gathers write the params too."""
+        self._sync.finish_param_sync()
         if self._versions is not None and self._versions != self._param_versions():
             self._masters_stale = True
         if not self._masters_stale:
@@ -448,10 +449,6 @@ class ShardedAMS(Optimizer):
                     follow_params(sh.master_view(b), sh.param_shard(b))
         self._masters_stale = False
 
-    def _gather_params_now(self) -> None:
-        self._sync.start_param_sync()
-        self._sync.finish_param_sync()
-
     # ------------------------------------------------------------------ state
     def state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (m, v[, s], separate fp32 masters)."""
@@ -460,6 +457,7 @@ class ShardedAMS(Optimizer):
     def param_names(self) -> list[str]:
         return [self._names[p] for g in self.param_groups for p in g["params"]]
 
+    @runs_state_dict_hooks(settle=_refresh_masters)  # torch's hooks, seeing the settled state
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard in the unpadded per-parameter index space (see docs/checkpoint.md).
 
@@ -470,8 +468,6 @@ class ShardedAMS(Optimizer):
         local element)."""
         from .checkpoint.snapshot import copy_to_host  # here: `import sharded_ams` stays light
 
-        self._sync.finish_param_sync()
-        self._refresh_masters()
         groups = []
         for g in self.param_groups:
             hp = {k: v for k, v in g.items() if k not in ("params", "param_names")}
@@ -501,6 +497,7 @@ class ShardedAMS(Optimizer):
                 "state_keys": sorted({k for sh in self.shards for k in sh.state} | {"master"}),
                 "skipped_steps": self.skipped_steps, "model_parallel": self.mp.describe()}
 
+    @runs_load_state_dict_hooks  # torch's hooks: post-hooks see the loaded state
     def load_state_dict(self, state_dict: Union[dict, list[dict]]) -> None:
         """Load state saved on any world size: one rank's dict, or a list of them (every
         rank's pieces merged). Params are re-gathered from the fp32 masters afterwards."""
@@ -565,7 +562,8 @@ class ShardedAMS(Optimizer):
             for b in range(len(sh.layout.buckets)):
                 if sh.own_master:
                     sh.param_shard(b).copy_(sh.master_view(b))
-        self._gather_params_now()
+        self._sync.start_param_sync()  # the params re-gathered now
+        self._sync.finish_param_sync()
 
     def _check_compatible(self, sd: dict) -> None:
         mine = {s.name: list(s.shape) for sh in self.shards for s in sh.layout.slots}

@@ -215,3 +215,110 @@ def test_float64_params_refused(cls):
     with pytest.raises(ValueError, match="not torch.float64"):
         opt.add_param_group({"params": [p]})
     assert len(opt.param_groups) == 1
+
+
+def _opt(cls, model, **kw):
+    if cls == "AMS":
+        return AMS(model.parameters(), fused="eager", **kw)
+    return ShardedAMS(model, backend="eager", **kw)
+
+
+def _masters(opt):
+    """The fp32 masters of the 16-bit params, as the optimizer holds them (not copies)."""
+    if isinstance(opt, ShardedAMS):
+        return [sh.state["master"] for sh in opt.shards if "master" in sh.state]
+    return [st["master"] for st in opt.state.values() if "master" in st]
+
+
+def _moments(opt):
+    if isinstance(opt, ShardedAMS):
+        return [sh.state["exp_avg"] for sh in opt.shards]
+    return [st["exp_avg"] for st in opt.state.values()]
+
+
+@pytest.mark.parametrize("cls", ["AMS", "ShardedAMS"])
+def test_state_dict_hooks_run_as_torch_runs_them(cls):
+    """Pre-hooks run once each, in order (``prepend`` first), before the dict is built, and
+    see the state the save holds: masters already following weights loaded into the model
+    since the last step. Post-hooks run in order; a returned dict replaces the state dict
+    for the hooks after it and the caller. (AMS ran its hooks but saved stale masters;
+    ShardedAMS, overriding state_dict, ran none.)"""
+    model = _model()
+    opt = _opt(cls, model, lr=1e-2)
+    _backward(model)
+    opt.step()
+    model.load_state_dict(_weights(_model(seed=5)))
+    stale = [m.clone() for m in _masters(opt)]
+    log, seen = [], []
+
+    def pre(o):
+        log.append("pre")
+        seen.extend(m.clone() for m in _masters(o))
+        o.param_groups[0]["lr"] = 0.125  # pre-processing lands in the saved dict
+
+    def post_a(o, sd):
+        log.append(("a", "by" in sd))
+        return {**sd, "by": ["a"]}
+
+    def post_b(o, sd):
+        log.append(("b", list(sd["by"])))
+        sd["by"].append("b")
+
+    opt.register_state_dict_pre_hook(pre)
+    opt.register_state_dict_pre_hook(lambda o: log.append("first"), prepend=True)
+    gone = opt.register_state_dict_pre_hook(lambda o: log.append("removed"))
+    opt.register_state_dict_post_hook(post_a)
+    opt.register_state_dict_post_hook(post_b)
+    opt.register_state_dict_post_hook(lambda o, sd: log.append(("c", "by" in sd)), prepend=True)
+    gone.remove()
+    sd = opt.state_dict()
+    assert log == ["first", "pre", ("c", False), ("a", False), ("b", ["a"])]
+    assert sd["by"] == ["a", "b"] and sd["param_groups"][0]["lr"] == 0.125
+    assert seen and all(torch.equal(a, b) for a, b in zip(seen, _masters(opt)))
+    assert not all(torch.equal(a, b) for a, b in zip(stale, seen))
+
+
+def _zero_moments(sd: dict) -> dict:
+    """A replacement state dict with every exp_avg zeroed (either optimizer's format)."""
+    if "pieces" in sd:
+        return {**sd, "pieces": [{**r, "exp_avg": torch.zeros_like(r["exp_avg"])}
+                                 for r in sd["pieces"]]}
+    return {**sd, "state": {k: {**v, "exp_avg": torch.zeros_like(v["exp_avg"])}
+                            for k, v in sd["state"].items()}}
+
+
+@pytest.mark.parametrize("cls", ["AMS", "ShardedAMS"])
+def test_load_state_dict_hooks_run_as_torch_runs_them(cls):
+    """Pre-hooks get a shallow copy of the whole dict (AMS passed them one with no state),
+    in order; a returned dict is what the hooks after it see and what is loaded, state
+    included (AMS loaded the caller's state). Post-hooks run after the state is in (AMS ran
+    them before; ShardedAMS, overriding load_state_dict, ran no hooks)."""
+    model = _model()
+    opt = _opt(cls, model, lr=1e-2)
+    _backward(model)
+    opt.step()
+    sd = opt.state_dict()
+    model2 = _model(seed=3)
+    opt2 = _opt(cls, model2, lr=1e-2)
+    log = []
+
+    def replace(o, got):
+        log.append(("replace", bool(got.get("state") or got.get("pieces"))))
+        got["mine"] = True  # the caller's dict is not touched
+        return _zero_moments({**got, "param_groups": [{**g, "lr": 0.5}
+                                                      for g in got["param_groups"]]})
+
+    def after(o):
+        log.append(("after", o.param_groups[0]["lr"], bool(_moments(o)),
+                    all(not m.any() for m in _moments(o))))
+
+    opt2.register_load_state_dict_pre_hook(replace)
+    opt2.register_load_state_dict_pre_hook(
+        lambda o, got: log.append(("next", got["param_groups"][0]["lr"])))
+    opt2.register_load_state_dict_pre_hook(lambda o, got: log.append(("first", "mine" in got)),
+                                           prepend=True)
+    opt2.register_load_state_dict_post_hook(after)
+    opt2.load_state_dict(sd)
+    assert log == [("first", False), ("replace", True), ("next", 0.5), ("after", 0.5, True, True)]
+    assert "mine" not in sd and any(m.any() for m in _moments(opt))
+
