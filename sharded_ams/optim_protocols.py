@@ -1,7 +1,8 @@
 """torch.optim protocols that ``AMS`` and ``ShardedAMS`` keep although they override
 ``state_dict`` / ``load_state_dict``: torch runs the four state-dict hook kinds inside its
 own methods, which an override bypasses (or, calling ``super()``, runs too early or on a
-stripped dict)."""
+stripped dict). And ``torch.amp.GradScaler``, which ``ShardedAMS`` refuses: it unscales
+and inf-checks ``p.grad``, where ``ShardedAMS``'s gradients are not."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch.optim import Optimizer
 
-__all__ = ["runs_load_state_dict_hooks", "runs_state_dict_hooks"]
+__all__ = ["refuse_grad_scaler", "runs_load_state_dict_hooks", "runs_state_dict_hooks"]
 
 _SAVE_HOOKS = ("_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks")
 _LOAD_HOOKS = ("_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks")
@@ -78,3 +79,20 @@ def runs_load_state_dict_hooks(fn: Callable[[Any, Any], None]) -> Callable[[Any,
             hook(self)
     return load_state_dict
 
+
+def refuse_grad_scaler(opt: Optimizer) -> bool:
+    """``ShardedAMS._step_supports_amp_scaling``, the attribute ``GradScaler.step`` reads
+    before anything else (a disabled scaler reads nothing). Raises: ShardedAMS's gradients
+    live in its flat buffers, reduced across ranks in backward and ``step()``, so the
+    scaler's unscale and inf check of ``p.grad`` would miss them (16-bit params: no
+    ``p.grad`` at all) or read them mid-reduction and decide the skip per rank (ranks
+    that disagree desynchronise their collectives); the custom-optimizer route records no
+    inf check that ``GradScaler.update`` can read without the scaler's private state."""
+    raise RuntimeError(
+        f"torch.amp.GradScaler cannot drive {type(opt).__name__}: its gradients live in "
+        "the optimizer's flat buffers (reduced across ranks during backward and step()), "
+        "not in p.grad, so the scaler could neither unscale them nor agree across ranks "
+        "on skipping a step with inf/NaN gradients. Train in bf16 (bf16 params or "
+        "torch.autocast(dtype=torch.bfloat16): no loss scaling needed; ShardedAMS skips "
+        "non-finite steps on every rank itself, skip_nonfinite=True), or use the "
+        "single-process AMS optimizer, which works with GradScaler")

@@ -25,7 +25,7 @@ from .kernels import resolve_backend
 from .dtype_shard import DtypeShard, follow_params
 from .layout import BufferLayout, default_bucket_numel
 from .model_parallel import ModelParallel, resolve_groups
-from .optim_protocols import runs_load_state_dict_hooks, runs_state_dict_hooks
+from .optim_protocols import refuse_grad_scaler, runs_load_state_dict_hooks, runs_state_dict_hooks
 from .param_guards import (frozen_params, refuse_grads_of_frozen, refuse_sparse_modules,
                            watch_model_loads)
 from .shard_step import clip_coef, global_grad_norm, step_shards
@@ -201,6 +201,8 @@ class ShardedAMS(Optimizer):
         raise TypeError("ShardedAMS cannot be pickled or deep-copied: it owns the model's flat "
                         "param and grad buffers and a process group. Save its state_dict() "
                         "and load it into a ShardedAMS built on the copy of the model")
+
+    _step_supports_amp_scaling = property(refuse_grad_scaler)  # GradScaler.step: refused
 
     # ------------------------------------------------------------------ layout
     def _build(self, bucket_numel: Union[int, str, None], backend: str, broadcast: bool,

@@ -2,7 +2,8 @@
 process group, eager kernels): weights written after construction are the ones stepped,
 copies step, group changes and frozen params are refused where they would be ignored,
 checkpoints go to the groups that hold the same params, dtypes the fp32 maths would round
-are refused. Each test fails with the defect it names put back."""
+are refused, state-dict hooks run as torch runs them, GradScaler works with AMS and is
+refused by ShardedAMS. Each test fails with the defect it names put back."""
 
 from __future__ import annotations
 
@@ -322,3 +323,59 @@ def test_load_state_dict_hooks_run_as_torch_runs_them(cls):
     assert log == [("first", False), ("replace", True), ("next", 0.5), ("after", 0.5, True, True)]
     assert "mine" not in sd and any(m.any() for m in _moments(opt))
 
+
+def test_ams_works_with_grad_scaler():
+    """AMS steps from p.grad, so torch.amp.GradScaler unscales and checks it as for any
+    torch optimizer: scaled steps equal unscaled ones, an inf step is skipped (params and
+    step count unchanged) and the scale backs off."""
+    def run(scaler):
+        model = _model(torch.float32)
+        opt = AMS(model.parameters(), lr=1e-2, fused="eager")
+        for seed in range(3):
+            torch.manual_seed(seed)
+            loss = model(torch.randn(3, 4)).square().sum()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad()
+        return model, opt
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    model, opt = run(scaler)
+    ref, _ = run(None)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    before, steps = _weights(model), [float(st["step"]) for st in opt.state.values()]
+    x = torch.randn(3, 4)
+    x[0, 0] = float("inf")
+    scaler.scale(model(x).square().sum()).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert [float(st["step"]) for st in opt.state.values()] == steps == [3.0] * 4
+    assert scaler.get_scale() == 2.0 ** 9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sharded_refuses_grad_scaler(dtype):
+    """ShardedAMS's gradients are in its flat buffers, not p.grad: GradScaler.step is
+    refused, naming the alternatives, before anything moves (16-bit params failed with
+    GradScaler's own "No inf checks were recorded"; fp32 ones stepped at world size 1 but
+    decide the skip per rank on more). A disabled scaler just steps."""
+    model = _model(dtype)
+    opt = ShardedAMS(model, lr=1e-2, backend="eager")
+    scaler = torch.amp.GradScaler("cpu")
+    torch.manual_seed(1)
+    scaler.scale(model(torch.randn(3, 4, dtype=dtype)).float().square().sum()).backward()
+    before = _weights(model)
+    with pytest.raises(RuntimeError, match="GradScaler cannot drive ShardedAMS.*bf16.*"
+                       "single-process AMS"):
+        scaler.step(opt)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    torch.amp.GradScaler("cpu", enabled=False).step(opt)
+    opt.finish_param_sync()
+    assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])
