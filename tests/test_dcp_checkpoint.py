@@ -7,10 +7,14 @@ tests/test_parallel_launcher.py."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import signal
+import struct
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -136,6 +140,27 @@ def _planted_metadata(src, dst, edit):
     return bad
 
 
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _append_item(path, md, key, payload: bytes, name: str = "__0_0.distcp") -> None:
+    """Append ``payload`` to the data file ``name`` and store the item ``key`` (fqn, chunk
+    offsets or None) there, the data file re-hashed (the manifest agrees)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    with open(path / name, "ab") as f:
+        start = f.seek(0, os.SEEK_END)
+        f.write(payload)
+    fqn, off = key
+    md.storage_data[MetadataIndex(fqn, None if off is None else torch.Size(off))] = \
+        _StorageInfo(name, start, len(payload))
+    _rehash(path, name)
+
+
 def _split_rows(md, *, overlap: bool, storage: bool = True) -> None:
     """model.0.weight (5 x 4) as two chunks: rows 0-2 and 3-4, or rows 0-2 and 2-3 (the
     same 20 elements in all, row 2 twice and row 4 never)."""
@@ -179,9 +204,14 @@ def test_chunks_must_tile_each_tensor_exactly_once(saved, tmp_path, case):
         with pytest.raises(CheckpointError, match=r"\.metadata: .*" + phrase) as ei:
             call(bad)
         assert ei.value.kind == "corrupt"
-    # two chunks that do tile it pass the rule (their bytes are not the rows': not read here)
-    validate_checkpoint(_planted_metadata(path, tmp_path / "ok",
-                                          lambda md: _split_rows(md, overlap=False)))
+    # two chunks that do tile it, each stored as DCP stores a chunk, pass and read back
+    weight = saved[1][0].weight.detach()
+    ok = _planted_metadata(path, tmp_path / "ok", lambda md: (
+        _split_rows(md, overlap=False, storage=False),
+        _append_item(tmp_path / "ok", md, ("model.0.weight", (0, 0)), _saved(weight[:3])),
+        _append_item(tmp_path / "ok", md, ("model.0.weight", (3, 0)), _saved(weight[3:]))))
+    validate_checkpoint(ok)
+    assert torch.equal(consolidate(ok)["model"]["0.weight"], weight)
 
 
 def _move(md, path) -> None:
@@ -238,6 +268,164 @@ def test_metadata_nesting_paths_and_dtypes_are_checked(saved, tmp_path, case, ca
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert "Traceback" not in err and "error:" in err, err
+
+
+def _storage(md, fqn):
+    return next(v for i, v in md.storage_data.items() if i.fqn == fqn)
+
+
+def _share(md, fqn, other, shift: int = 0) -> None:
+    """``fqn``'s storage at ``other``'s bytes (``shift`` bytes on: its own length kept)."""
+    mine, theirs = _storage(md, fqn), _storage(md, other)
+    mine.offset, mine.length = theirs.offset + shift, mine.length if shift else theirs.length
+
+
+def _transform(descriptors):
+    return lambda md: setattr(_storage(md, "model.2.bias"), "transform_descriptors", descriptors)
+
+
+STORAGE_CASES = {  # name: (edit of the metadata, a phrase of the refusal)
+    # the weights read back as exp_avg_sq, silently (accepted by every reader before)
+    "same-bytes": (lambda md: _share(md, "optim.state.0.weight.exp_avg_sq", "model.0.weight"),
+                   "overlaps that of 'model.0.weight'"),
+    "bytes-in-another": (lambda md: _share(md, "optim.state.0.bias.exp_avg", "model.0.bias", 100),
+                         "overlaps that of 'model.0.bias'"),
+    # DCP's stream transforms (zstd: a decompression bomb where zstandard is installed)
+    "zstd": (_transform(["stream.zstd/1"]), r"stream transforms \['stream\.zstd/1'\]"),
+    "unknown": (_transform(("evil/1",)), "stream transforms"),
+    "not-a-list": (_transform("stream.zstd/1"), "stream transforms"),
+}
+
+
+@pytest.mark.parametrize("case", list(STORAGE_CASES))
+def test_items_have_bytes_of_their_own_and_no_transforms(saved, tmp_path, case):
+    """Two items over the same bytes (one read as the other), or an item with a stream
+    transform (none is written; DCP's zstd inflates without bound), are refused from the
+    metadata by every reader (before: a silent load or DCP's raw CheckpointException)."""
+    from sharded_ams.checkpoint import consolidate
+
+    path, _, _ = saved
+    edit, phrase = STORAGE_CASES[case]
+    bad = _planted_metadata(path, tmp_path / "c", edit)
+    fresh, fopt = _trained(seed=1)
+    for call in (validate_checkpoint, consolidate, lambda p: load_dcp(p, fresh, fopt)):
+        with pytest.raises(CheckpointError, match=r"\.metadata: storage of .*" + phrase) as ei:
+            call(bad)
+        assert ei.value.kind == "corrupt"
+
+
+def _deflated(payload: bytes) -> bytes:
+    """The same zip with every record DEFLATE-compressed (torch.load inflates them)."""
+    src, out = zipfile.ZipFile(io.BytesIO(payload)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in src.namelist():
+            z.writestr(name, src.read(name))
+    return out.getvalue()
+
+
+def _claims_huge(payload: bytes) -> bytes:
+    """The same stored zip, each record claiming 1 GiB in the central directory."""
+    data, at = bytearray(payload), 0
+    while (at := data.find(b"PK\x01\x02", at + 1)) > 0:
+        struct.pack_into("<II", data, at + 20, 1 << 30, 1 << 30)  # compressed, uncompressed
+    return bytes(data)
+
+
+ZIP_CASES = {  # name: (the item, its new bytes, a phrase of the refusal)
+    # 16 MiB of zeros in 16 KB: any ratio to 1000:1 (a bomb of the file's size x 1000)
+    "bytes-deflated": (("optim.param_groups.0.lr", None),
+                       lambda: _deflated(_saved(torch.zeros(16 << 20, dtype=torch.uint8))),
+                       "is compressed"),
+    "tensor-deflated": (("model.2.bias", (0,)),
+                        lambda: _deflated(_saved(torch.zeros(4 << 20))), "is compressed"),
+    "bytes-claims-1GiB": (("optim.param_groups.0.lr", None),
+                          lambda: _claims_huge(_saved(torch.zeros(64))), "claim .* more than"),
+    "not-a-zip": (("model.2.bias", (0,)), lambda: b"\0" * 64, "not a torch.save zip"),
+}
+
+
+@pytest.mark.parametrize("case", list(ZIP_CASES))
+def test_items_that_would_inflate_are_refused_unread(saved, tmp_path, case, capsys):
+    """Each item of a data file goes to ``torch.load``, which inflates DEFLATE records: its
+    zip directory is checked first, as the native format's files are (records stored,
+    summing to at most its length). Before: valid, and 400 MiB from a 0.4 MB item."""
+    from launcher.commands.ckpt import main
+    from sharded_ams.checkpoint import consolidate
+
+    path, _, _ = saved
+    key, payload, phrase = ZIP_CASES[case]
+    bad = _planted_metadata(path, tmp_path / "c",
+                            lambda md: _append_item(tmp_path / "c", md, key, payload()))
+    fresh, fopt = _trained(seed=1)
+    for call in (validate_checkpoint, consolidate, lambda p: load_dcp(p, fresh, fopt)):
+        with pytest.raises(CheckpointError, match=rf"__0_0\.distcp: item '{key[0]}' .*{phrase}"):
+            call(bad)
+    assert main(["inspect", str(bad)]) == 1 and "INVALID" in capsys.readouterr().out
+
+
+def test_dcp_read_failures_are_refusals(saved, tmp_path, capsys):
+    """DCP's own read errors (CheckpointException: a BaseException, which ``refusing`` let
+    through as a traceback; here a pickle claiming 64 GiB for a 4-byte record, which torch
+    refuses unallocated) are CheckpointErrors, and ``ckpt consolidate`` exits 2."""
+    from launcher.commands.ckpt import main
+    from sharded_ams.checkpoint import consolidate
+    from sharded_ams.checkpoint.convert import to_zero1
+    src = zipfile.ZipFile(io.BytesIO(_saved(torch.zeros(4, dtype=torch.uint8))))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for name in src.namelist():
+            b = src.read(name)
+            if name.endswith("data.pkl"):  # the storage's numel, BININT1 4 -> LONG1 2**36
+                at = b.index(b"K\x04", b.index(b"cpu"))
+                b = b[:at] + b"\x8a\x08" + (1 << 36).to_bytes(8, "little") + b[at + 2:]
+            z.writestr(name, b)
+    bad = _planted_metadata(saved[0], tmp_path / "c", lambda md: _append_item(
+        tmp_path / "c", md, ("model.2.bias", (0,)), out.getvalue()))
+    fresh, fopt = _trained(seed=1)
+    for call in (consolidate, lambda p: to_zero1(p, tmp_path / "z"),
+                 lambda p: load_dcp(p, fresh, fopt)):
+        with pytest.raises(CheckpointError, match=r"c: cannot be read \(RuntimeError: ") as ei:
+            call(bad)
+        assert ei.value.path == bad
+    assert main(["consolidate", str(bad), str(tmp_path / "full.pt")]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_data_file_swapped_after_the_checks_is_not_followed(saved, tmp_path, monkeypatch,
+                                                              kind):
+    """DCP opens the data files again by name after the checks (``Path.open``): one made
+    a symlink since (to an identical copy outside: read through it, silently) or a FIFO
+    (the read hung) is refused by our reader, which opens them as the checks do."""
+    from sharded_ams.checkpoint import consolidate
+    import sharded_ams.checkpoint.dcp as dcp_mod
+    import sharded_ams.checkpoint.dcp_read as dcp_read
+
+    path = _copy(saved[0], tmp_path / "c")
+
+    def swap(man, _load=dcp_read.load_trainer):  # runs after validate_dcp, before dcp.load
+        if data.is_file() and not data.is_symlink():
+            outside = tmp_path / "outside.distcp"
+            outside.write_bytes(data.read_bytes())
+            data.unlink()
+            data.symlink_to(outside) if kind == "symlink" else os.mkfifo(data)
+        return _load(man)
+
+    monkeypatch.setattr(dcp_read, "load_trainer", swap)
+    monkeypatch.setattr(dcp_mod, "load_trainer", swap)
+    phrase = "is a symbolic link" if kind == "symlink" else "is a FIFO"
+    old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("hung")))
+    signal.alarm(20)  # a read that waits on the FIFO fails the test, not hangs it
+    try:
+        for i, call in enumerate((consolidate, lambda p: load_dcp(p, *_trained(seed=1)))):
+            path = path if not i else _copy(saved[0], tmp_path / "d")  # the swap again
+            data = path / "__0_0.distcp"
+            with pytest.raises(CheckpointError, match=rf"__0_0\.distcp: {phrase}") as ei:
+                call(path)
+            assert ei.value.kind == "unsafe"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_a_different_model_is_named(saved):

@@ -19,6 +19,7 @@ refused before a load is ``dcp_meta.py``'s.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -34,11 +35,13 @@ from torch import nn
 from .commit import fsync_dir, write_bytes_durably, write_file
 from .dcp_sharded import Chunks, ChunkSavePlanner, lookup_chunk, sharded_dcp_state_dict
 from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, DCPManifest,
-                       load_rng, load_trainer, read_dcp_metadata, rng_file_name, validate_dcp)
+                       load_rng, load_trainer, read_dcp_metadata, refusing, rng_file_name,
+                       validate_dcp)
 from .format import MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
 from .group import Group
 from .load import check_scheduler
 from .snapshot import rng_state, set_rng_state
+from .validate import open_regular
 
 __all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader_of",
            "dcp_state_dict"]
@@ -264,15 +267,40 @@ def _holds_chunks(sd: Any) -> bool:
     return isinstance(sd, Chunks)
 
 
-def reader_of(path: Path, metadata):
-    """A FileSystemReader that returns the checked metadata instead of unpickling the file."""
+def reader_of(man: DCPManifest, metadata):
+    """A FileSystemReader that returns the checked metadata instead of unpickling the file
+    and opens each data file as the checks did (``validate.open_regular``): DCP opens the
+    files again by name (``Path.open``), which follows a symlink and waits on a FIFO put
+    there since; each must still be a regular file of the manifest's size."""
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    root, sizes = Path(str(man.path)), {n: int(f["size"]) for n, f in man.files.items()}
+
+    class _Files(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str):
+            path = Path(path)
+            if mode != "rb" or path.parent != root or path.name not in sizes:
+                raise CheckpointError(f"{path}: not a file of checkpoint {root} to read",
+                                      path=path, kind="unsafe")
+            with open_regular(path) as (fd, size):
+                if size != sizes[path.name]:
+                    raise CheckpointError(f"{path}: changed since it was checked ({size} "
+                                          f"bytes, the manifest says {sizes[path.name]})",
+                                          path=path, kind="corrupt")
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    yield f
 
     class _Reader(FileSystemReader):
+        def __init__(self) -> None:
+            super().__init__(str(root))
+            self.fs = _Files()
+
         def read_metadata(self, *args: Any, **kwargs: Any):
             return metadata
 
-    return _Reader(str(path))
+    return _Reader()
 
 
 def _check_shapes(man: DCPManifest, md, sd: dict) -> None:
@@ -341,7 +369,8 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
     ctx.agree(err)
     if sharded:
         optimizer._begin_state_load()
-    dcp.load(sd, storage_reader=reader_of(man.path, md), planner=SafeLoadPlanner())
+    with refusing(man.path):  # DCP's errors (an item that is no tensor of its chunk's shape)
+        dcp.load(sd, storage_reader=reader_of(man, md), planner=SafeLoadPlanner())
     if sharded:
         optimizer._end_state_load(man.param_groups,
                                   int(man.raw["optimizer"].get("skipped_steps", 0)))

@@ -15,8 +15,9 @@ Input from disk may be planted, so:
    (``torch.distributed.checkpoint.metadata`` and ``filesystem._StorageInfo``, torch
    dtypes, ``torch.Size``, ``pathlib`` paths); any other global is refused before it is
    looked up. The result is then checked: every item's storage lies inside a listed data
-   file (``relative_path`` a listed name, ``offset + length`` within its size), every
-   chunk inside its tensor, the chunks of each tensor tile it exactly once (each with a
+   file (``relative_path`` a listed name, ``offset + length`` within its size), no two
+   items share a byte, no item has stream transforms (``transform_descriptors``: none is
+   written, and DCP's zstd inflates without bound), every chunk inside its tensor, the chunks of each tensor tile it exactly once (each with a
    storage entry: DCP does not check that every element is read), dtypes torch dtypes,
    the nesting paths (``planner_data``) of every item small tuples of names and list
    indices, sizes bounded.
@@ -25,11 +26,16 @@ Input from disk may be planted, so:
    them with ``weights_only=True`` instead. Tensor items are read by DCP with
    ``torch.load(weights_only=True)``, into tensors the loading model allocated (their
    shapes are compared with the metadata's before the load: a mismatch is "different
-   model", not DCP's bare AssertionError).
+   model", not DCP's bare AssertionError). Each item is a ``torch.save`` zip, and
+   ``torch.load`` inflates compressed records: with checksums every item's zip directory
+   is read (``_check_items``: records stored, within the item). DCP opens the data files
+   again by name: ``dcp.reader_of`` opens them as the checks do (no symlink, no FIFO, the
+   listed size), and what DCP raises is a CheckpointError (:func:`refusing`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -37,7 +43,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -45,12 +51,12 @@ from .contents import check_rng
 from .format import CheckpointError, MANIFEST_NAME, PathLike, TRAINER_NAME
 from .jsonread import MAX_MANIFEST_BYTES, parse_json
 from .rules import Rules, check_hparams
-from .validate import _sha256_fd, _torch_load_fd, open_regular
+from .validate import _check_zip, _sha256_fd, _torch_load_fd, open_regular
 from .validate import validate_checkpoint as validate_native
 
 __all__ = ["DCP_FORMAT", "DCP_VERSION", "METADATA_NAME", "DCPManifest", "read_dcp_manifest",
            "read_dcp_metadata", "validate_dcp", "load_trainer", "load_rng", "validate_any",
-           "manifest_format", "data_file_name", "rng_file_name"]
+           "manifest_format", "data_file_name", "rng_file_name", "refusing"]
 
 DCP_FORMAT = "sharded_ams.dcp"
 DCP_VERSION = 1
@@ -78,6 +84,42 @@ _ALLOWED = {
     "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
     "collections": {"OrderedDict"},
 }
+
+
+@contextlib.contextmanager
+def refusing(path: PathLike) -> Iterator[None]:
+    """Whatever else the checked data still makes fail here (a value of a type no rule
+    expected, DCP's own errors) is a CheckpointError naming ``path``, not a traceback:
+    ``ckpt consolidate``/``export``/``convert`` then refuse it in one line. An OSError (the
+    disk) and a MemoryError (the machine) are not the data's fault and pass through.
+    DCP raises what failed in a read wrapped in its ``CheckpointException``, a
+    BaseException (not an Exception): it is unwrapped, and judged by what it wraps."""
+    try:
+        yield
+    except (CheckpointError, OSError, MemoryError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - untrusted input: any failure is a refusal
+        inner = _dcp_failure(exc)
+        if inner is None and not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit
+        inner = exc if inner is None else inner
+        if isinstance(inner, (CheckpointError, OSError, MemoryError)):
+            raise inner from None
+        raise CheckpointError(f"{path}: cannot be read ({type(inner).__name__}: "
+                              f"{' '.join(str(inner).split())[:200]})", path=path,
+                              kind="corrupt") from exc
+
+
+def _dcp_failure(exc: BaseException) -> Optional[BaseException]:
+    """The exception of the lowest failing rank in DCP's ``CheckpointException``."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # torch without distributed
+        return None
+    if not isinstance(exc, CheckpointException) or not exc.failures:
+        return None
+    first = exc.failures[min(exc.failures)]
+    return first[0] if isinstance(first, tuple) else first
 
 
 def data_file_name(rank: int) -> str:
@@ -249,6 +291,7 @@ def _check_metadata(man: DCPManifest, md: Any) -> None:
             raise bad(f"{key}: dtype {getattr(item.properties, 'dtype', None)!r:.60} is not a "
                       "torch dtype")
         _check_chunks(md, key, item, bad)
+    spans: dict[str, list] = {}
     for index, info in md.storage_data.items():
         if not isinstance(info, _StorageInfo):
             raise bad(f"storage of {index!r:.80} is not a _StorageInfo")
@@ -259,7 +302,27 @@ def _check_metadata(man: DCPManifest, md: Any) -> None:
         if not (type(info.offset) is int and type(info.length) is int and info.offset >= 0
                 and info.length >= 0 and info.offset + info.length <= man.files[rel]["size"]):
             raise bad(f"storage of {getattr(index, 'fqn', index)!r:.80} lies outside {rel}")
+        transforms = getattr(info, "transform_descriptors", None)
+        if transforms is not None and (not isinstance(transforms, (list, tuple)) or transforms):
+            raise bad(f"storage of {getattr(index, 'fqn', index)!r:.80} has stream transforms "
+                      f"{transforms!r:.80} (e.g. compression, which inflates to any size): "
+                      "checkpoints are written without any; refused")
+        spans.setdefault(rel, []).append((info.offset, info.length, getattr(index, "fqn", "?")))
+    _refuse_shared_bytes(spans, bad)
     _check_paths(md, bad)
+
+
+def _refuse_shared_bytes(spans: dict, bad) -> None:
+    """No two items' storage share a byte of a data file: DCP writes each item once, one
+    after the other; two items over the same bytes would give one the other's value."""
+    for rel, items in spans.items():
+        end, last = 0, None
+        for offset, length, fqn in sorted(items):
+            if length and offset < end:
+                raise bad(f"storage of {fqn!r:.80} overlaps that of {last!r:.80} in {rel} "
+                          f"(bytes {offset} < {end}): each item has bytes of its own")
+            if length and offset + length > end:
+                end, last = offset + length, fqn
 
 
 def _need_storage(md: Any, key: str, offsets: Optional[tuple], bad) -> None:
@@ -337,15 +400,36 @@ def _check_paths(md: Any, bad) -> None:
                       f"and list indices in [0, {_MAX_INDEX})")
 
 
+def _check_items(man: DCPManifest, md: Any) -> None:
+    """Every item of the data files (a tensor's chunk, or a non-tensor value) is what DCP
+    and ``SafeLoadPlanner`` hand to ``torch.load``: a ``torch.save`` zip. Its records must
+    be stored, summing to at most the item's length (``validate._check_zip``, on the
+    item's byte range): a DEFLATE record inflates to any size, and the files' sizes and
+    sha256 would bound nothing. Reads each item's zip directory only (its last bytes)."""
+    by_file: dict[str, list] = {}
+    for index, info in md.storage_data.items():
+        by_file.setdefault(info.relative_path, []).append((info.offset, info.length, index))
+    for rel, items in sorted(by_file.items()):
+        fpath = man.path / rel
+        with open_regular(fpath) as (fd, size):
+            if size != man.files[rel]["size"]:
+                raise CheckpointError(f"{fpath}: changed while being read", path=fpath,
+                                      kind="corrupt")
+            for offset, length, index in sorted(items, key=lambda t: t[:2]):
+                what = f"item {getattr(index, 'fqn', index)!r:.80} (bytes {offset}+{length})"
+                _check_zip(fd, fpath, offset, length, what)
+
+
 def validate_dcp(path: PathLike, *, checksums: bool = True) -> DCPManifest:
     """Check a DCP checkpoint: its manifest, every file (size; sha256 with ``checksums``)
-    and, with ``checksums``, its ``.metadata`` (unpickled safely and checked)."""
+    and, with ``checksums``, its ``.metadata`` (unpickled safely and checked) and every
+    data item's zip directory (``_check_items``)."""
     man = read_dcp_manifest(path)
     for name in man.files:
         if name != METADATA_NAME:
             _check_file(man, name, checksums)
     if checksums:
-        read_dcp_metadata(man)
+        _check_items(man, read_dcp_metadata(man))
     else:
         _check_file(man, METADATA_NAME, False)
     return man

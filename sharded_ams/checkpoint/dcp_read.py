@@ -6,34 +6,17 @@ known to fit in the data files that hold them."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
 from .dcp import SafeLoadPlanner, reader_of
-from .dcp_meta import load_trainer, read_dcp_metadata, validate_dcp
+from .dcp_meta import load_trainer, read_dcp_metadata, refusing, validate_dcp
 from .format import CheckpointError, PathLike
 
 __all__ = ["read_dcp_full", "consolidate_dcp", "refusing"]
-
-
-@contextlib.contextmanager
-def refusing(path: PathLike) -> Iterator[None]:
-    """Whatever else the checked data still makes fail here (a value of a type no rule
-    expected, DCP's own errors) is a CheckpointError naming ``path``, not a traceback:
-    ``ckpt consolidate``/``export``/``convert`` then refuse it in one line. An OSError (the
-    disk) and a MemoryError (the machine) are not the data's fault and pass through."""
-    try:
-        yield
-    except (CheckpointError, OSError, MemoryError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - untrusted input: any failure is a refusal
-        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]})", path=path,
-                              kind="corrupt") from exc
 
 
 def read_dcp_full(path: PathLike) -> dict:
@@ -59,7 +42,7 @@ def read_dcp_full(path: PathLike) -> dict:
         for key, m in md.state_dict_metadata.items():
             flat[key] = (torch.empty(tuple(m.size), dtype=m.properties.dtype)
                          if isinstance(m, TensorStorageMetadata) else None)
-        dcp.load(flat, storage_reader=reader_of(man.path, md),
+        dcp.load(flat, storage_reader=reader_of(man, md),
                  planner=SafeLoadPlanner(flatten_state_dict=False), no_dist=True)
         nested = _nest(flat, md.planner_data, man.path)
     return {"model": nested.get("model", {}), "optim": nested.get("optim", {}),

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import stat
 import zipfile
@@ -133,35 +134,69 @@ def open_checked(man: Manifest, name: str, *, checksum: bool = True) -> Iterator
         yield fd
 
 
-def _check_zip(fd: int, fpath: Path) -> None:
-    """Refuse a file whose zip records are compressed, before ``torch.load`` sees it.
+class _Range(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of the open file ``fd``, read with ``os.pread``
+    (the fd's own offset is left alone): what ``zipfile`` needs to read one zip that is a
+    range of a larger file (a DCP data file's item)."""
+
+    def __init__(self, fd: int, start: int, length: int):
+        super().__init__()
+        self._fd, self._start, self._len, self._pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._len}[whence]
+        if base + pos < 0:
+            raise OSError(errno.EINVAL, "seek before the start")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self._len - self._pos))
+        data = os.pread(self._fd, n, self._start + self._pos) if n else b""
+        buf[:len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def _check_zip(fd: int, fpath: Path, start: int = 0, length: Optional[int] = None,
+               what: str = "") -> None:
+    """Refuse a file (or the range ``[start, start + length)`` of it: ``what`` names it,
+    e.g. a DCP item) whose zip records are compressed, before ``torch.load`` sees it.
 
     ``torch.save`` writes every record stored (uncompressed), but ``torch.load`` inflates
     DEFLATE records too: a 0.5 MB file could allocate 512 MiB (a zip bomb), and the size
     checked against the manifest would bound nothing. So the central directory is read
     from the same fd (``zipfile``: sizes only, nothing is inflated): every record stored,
-    their sizes summing to at most the file's."""
-    size = os.fstat(fd).st_size
-    os.lseek(fd, 0, os.SEEK_SET)
+    their sizes summing to at most the file's (the range's)."""
+    size = os.fstat(fd).st_size if length is None else length
+    where = f"{fpath}: {what}" if what else f"{fpath}:"
     try:
-        with os.fdopen(os.dup(fd), "rb") as f, zipfile.ZipFile(f) as z:
+        with zipfile.ZipFile(_Range(fd, start, size)) as z:
             infos = z.infolist()
     except Exception as exc:  # noqa: BLE001 - not a zip: not something torch.save wrote
-        raise CheckpointError(f"{fpath}: cannot be loaded: not a torch.save zip file "
+        raise CheckpointError(f"{where} cannot be loaded: not a torch.save zip file "
                               f"({type(exc).__name__}: {exc})", path=fpath,
                               kind="corrupt") from None
-    finally:
-        os.lseek(fd, 0, os.SEEK_SET)
     for i in infos:
         if i.compress_type != zipfile.ZIP_STORED or i.compress_size != i.file_size:
-            raise CheckpointError(f"{fpath}: zip record {i.filename!r:.80} is compressed "
+            raise CheckpointError(f"{where} zip record {i.filename!r:.80} is compressed "
                                   f"({i.compress_size} -> {i.file_size} bytes); torch.save "
                                   "never compresses: refused unread", path=fpath,
                                   kind="corrupt")
     total = sum(i.file_size for i in infos)
     if total > size:
-        raise CheckpointError(f"{fpath}: its zip records claim {total} bytes, more than the "
-                              f"file's {size}: refused unread", path=fpath, kind="corrupt")
+        raise CheckpointError(f"{where} its zip records claim {total} bytes, more than the "
+                              f"{'file' if length is None else 'item'}'s {size}: refused "
+                              "unread", path=fpath, kind="corrupt")
 
 
 def _torch_load_fd(fd: int, fpath: Path, mmap: bool) -> Any:
