@@ -68,6 +68,23 @@ def test_sharded_masters_follow_weights_loaded_after_construction():
     assert opt.state_dict()["pieces"][0]["master"].dtype == torch.float32
 
 
+def test_sharded_dcp_save_holds_weights_loaded_before_it():
+    """The DCP layout of a ShardedAMS run (``sharded_dcp_state_dict``) saves the masters of
+    weights loaded into the model after construction, as ``state_dict()`` does."""
+    from sharded_ams.checkpoint.dcp_sharded import sharded_dcp_state_dict
+
+    model = _model()
+    opt = ShardedAMS(model, preset="adamw", lr=1e-2, backend="eager")
+    loaded = _weights(_model(seed=5))
+    model.load_state_dict(loaded)
+    saved = sharded_dcp_state_dict(model, opt)["model"]
+    for k, v in loaded.items():
+        whole = torch.full(tuple(saved[k].size()), float("nan"))
+        for off, box in saved[k].pieces.items():
+            whole[tuple(slice(o, o + n) for o, n in zip(off, box.shape))] = box
+        assert torch.equal(whole.bfloat16(), v), k
+
+
 def test_sharded_masters_keep_their_bits_when_the_model_is_loaded_after_them():
     """Optimizer state, then the model, from one checkpoint: the params are the masters'
     rounding, so the masters keep their fp32 bits (a plain re-read would round them)."""

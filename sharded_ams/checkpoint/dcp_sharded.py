@@ -175,6 +175,7 @@ def sharded_dcp_state_dict(model: torch.nn.Module, opt) -> dict:
     :class:`Chunks` views, the model's other entries as they are."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    opt._refresh_masters()  # as state_dict(): gathers done, masters follow loaded weights
     chunks = _param_chunks(opt)
     # every name of an optimized param (tied weights: each of them), as state dicts spell
     # it (a torch.compile wrapper's "_orig_mod." left out, as get_model_state_dict does)
