@@ -60,8 +60,26 @@ def check_factory(section: str, value: Any) -> None:
 
 
 def check_table(section: str, name: str, value: Any) -> None:
+    """A table of settings a checkpoint records and a resume reads back with
+    ``weights_only=True``: strings, numbers, booleans, null, lists and tables only (a TOML
+    or YAML date would make the run's record unreadable, and its resume checks with it)."""
     if not isinstance(value, Mapping):
         fail(section, name, "must be a table of settings", value)
+    _check_plain(section, name, value)
+
+
+def _check_plain(section: str, name: str, value: Any) -> None:
+    if isinstance(value, Mapping):
+        for key, val in value.items():
+            if not isinstance(key, str):
+                fail(section, name, "keys must be strings", key)
+            _check_plain(section, f"{name}.{key}", val)
+    elif isinstance(value, list):
+        for i, val in enumerate(value):
+            _check_plain(section, f"{name}[{i}]", val)
+    elif value is not None and not isinstance(value, (str, bool, int, float)):
+        fail(section, name, f"must be a string, number, boolean, list or table, not "
+                            f"{type(value).__name__} (quote a date or time)", value)
 
 
 def check_env(section: str, name: str, value: Any) -> None:

@@ -151,6 +151,10 @@ def test_a_yaml_key_written_twice_is_refused_as_in_toml(tmp_path, text, where):
     ("[data]\npath = \"d\"\nfactory = \"m:f\"\n", r"data\.path or data\.factory, not both"),
     ("[data]\nfactory = \"nocolon\"\n", r"data\.factory must look like 'package\.module:function'"),
     ("[data]\nverify = \"md5\"\n", r"data\.verify must be one of"),
+    ("[model]\nfactory = \"m:f\"\noptions = {start = 2026-01-01}\n",  # unreadable in the record
+     r"model\.options\.start must be a string, number, boolean, list or table, not date"),
+    ("[data]\nfactory = \"m:f\"\n[data.options]\nat = [{t = 07:32:00}]\n",
+     r"data\.options\.at\[0\]\.t must be .* not time"),
     ("[model]\narch = \"mamba\"\n", r"model\.arch must be one of \['gpt', 'llama'\]"),
     ("[model]\narch = \"llama\"\nsize = \"7b\"\n", r"model\.size '7b' is not a size of model\.arch='llama'"),
     ("[model]\nn_kv_head = 1\n", r"model\.n_kv_head does not apply to model\.arch='gpt'"),
