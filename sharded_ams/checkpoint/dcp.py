@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -34,9 +35,9 @@ from torch import nn
 
 from .commit import fsync_dir, write_bytes_durably, write_file
 from .dcp_sharded import Chunks, ChunkSavePlanner, lookup_chunk, sharded_dcp_state_dict
-from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, DCPManifest,
-                       load_rng, load_trainer, read_dcp_metadata, refusing, rng_file_name,
-                       validate_dcp)
+from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, RNG_RE, DCPManifest,
+                       check_dcp_files, check_dcp_items, load_rng, load_trainer,
+                       read_dcp_manifest, read_dcp_metadata, refusing, rng_file_name)
 from .format import MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
 from .group import Group
 from .load import check_scheduler
@@ -45,6 +46,8 @@ from .validate import open_regular
 
 __all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader_of",
            "dcp_state_dict"]
+
+log = logging.getLogger("sharded_ams.checkpoint")
 
 
 def _world_group() -> Group:
@@ -328,12 +331,61 @@ def _check_shapes(man: DCPManifest, md, sd: dict) -> None:
                               path=man.path, kind="mismatch")
 
 
+def _nesting_copy(obj: Any) -> Any:
+    """``obj``'s dicts, lists and tuples copied, every other value shared: DCP's planner
+    set-up rewrites the nesting it is given in place (meta tensors materialised, values
+    of types it does not know, such as Chunks, replaced), so a plan made ahead of the load
+    is made on a copy of it."""
+    if isinstance(obj, dict):
+        return {k: _nesting_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map(_nesting_copy, obj)) if type(obj) in (list, tuple) else obj
+    return obj
+
+
+def files_read(md, sd: dict, rank: int) -> Optional[set[str]]:
+    """The data files this rank's ``dcp.load`` of ``sd`` reads from: DCP's own local plan
+    (a fresh ``SafeLoadPlanner``, as ``load_dcp`` loads with; its global plan changes no
+    rank's reads), each read item's storage file. None if the plan cannot be made."""
+    try:
+        planner = SafeLoadPlanner()
+        planner.set_up_planner({k: _nesting_copy(sd[k]) for k in sorted(sd)}, md, rank == 0)
+        return {md.storage_data[item.storage_index].relative_path
+                for item in planner.create_local_plan().items}
+    except Exception as exc:  # noqa: BLE001 - an unforeseen layout: check every file
+        log.warning("load_dcp: cannot plan this rank's reads (%s: %s); checksumming every "
+                    "data file", type(exc).__name__, str(exc)[:200])
+        return None
+
+
+def hash_duty(man: DCPManifest, md, sd: dict, ctx: Group) -> set[str]:
+    """The files this rank checksums in ``load_dcp`` (``.metadata`` and ``trainer.pt``,
+    which every rank reads, aside): every data file it reads (the directory may be a
+    per-node copy, e.g. downloaded by Ray Train: a rank checks what it reads; all of them
+    if its reads cannot be planned) plus a round-robin share of all data and RNG files,
+    the i-th in saved-rank order to rank i mod world size, so that together the ranks
+    check every file. A share of all files, not only of those that no rank reads: no
+    collective, and the shares add at most one read of the checkpoint to the ranks' own;
+    on the world size it was saved on, rank r's share is ``__r_0.distcp``, a file it
+    reads anyway."""
+    data = sorted((n for n in man.files if DATA_RE.match(n)),
+                  key=lambda n: tuple(map(int, DATA_RE.match(n).groups())))
+    rngs = sorted((n for n in man.files if RNG_RE.match(n)),
+                  key=lambda n: int(RNG_RE.match(n).group(1)))
+    reads = files_read(md, sd, ctx.rank)
+    share = {n for files in (data, rngs) for i, n in enumerate(files)
+             if i % ctx.world_size == ctx.rank}
+    return share | (set(data) if reads is None else reads)
+
+
 def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
              restore_rng: bool = True) -> dict:
     """Load a DCP checkpoint into ``model`` and ``optimizer`` on any mesh (DCP reshards);
-    every rank calls it. Every file is checked first (sizes, sha256, the metadata through
-    the allowlist, this rank's RNG states). With ``restore_rng``, each rank gets its RNG
-    states back when the world size is the one saved (as the native format does; on
+    every rank calls it. Every file is checked first: sizes (every rank), the metadata
+    through the allowlist, this rank's RNG states, and sha256 and item zip directories of
+    the data files (each rank those it reads and a share of the rest: ``hash_duty``);
+    a failure on any rank is raised on every rank. With ``restore_rng``, each rank gets
+    its RNG states back when the world size is the one saved (as the native format does; on
     another world size there is no rank-for-rank match and they are left as they are).
     Returns ``{"step", "extra", "manifest"}``."""
     import torch.distributed.checkpoint as dcp
@@ -352,11 +404,13 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
         sd["optim"] = {"state": {n: {k: v for k, v in st.items() if k != "step"}
                                  for n, st in sd["optim"]["state"].items()}}
     try:
-        man = validate_dcp(path, checksums=True)
-        md = read_dcp_metadata(man, checksum=False)
+        man = read_dcp_manifest(path)
+        check_dcp_files(man, ())  # sizes of every file (cheap): a truncated one is corrupt
+        md = read_dcp_metadata(man)  # every rank reads it: checksummed here
+        _check_shapes(man, md, sd)  # first: the plan of this rank's reads needs the keys
+        check_dcp_items(man, md, check_dcp_files(man, hash_duty(man, md, sd, ctx)))
         trainer = load_trainer(man)
         check_scheduler(man, lr_scheduler, trainer)  # before anything is applied
-        _check_shapes(man, md, sd)
         if sharded:
             optimizer._check_groups(man.param_groups)
         elif len(man.param_groups) != len(groups):

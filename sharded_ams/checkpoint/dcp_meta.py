@@ -43,7 +43,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Collection, Iterator, Optional
 
 import torch
 
@@ -55,8 +55,9 @@ from .validate import _check_zip, _sha256_fd, _torch_load_fd, open_regular
 from .validate import validate_checkpoint as validate_native
 
 __all__ = ["DCP_FORMAT", "DCP_VERSION", "METADATA_NAME", "DCPManifest", "read_dcp_manifest",
-           "read_dcp_metadata", "validate_dcp", "load_trainer", "load_rng", "validate_any",
-           "manifest_format", "data_file_name", "rng_file_name", "refusing"]
+           "read_dcp_metadata", "validate_dcp", "check_dcp_files", "check_dcp_items",
+           "load_trainer", "load_rng", "validate_any", "manifest_format", "data_file_name",
+           "rng_file_name", "refusing"]
 
 DCP_FORMAT = "sharded_ams.dcp"
 DCP_VERSION = 1
@@ -400,15 +401,17 @@ def _check_paths(md: Any, bad) -> None:
                       f"and list indices in [0, {_MAX_INDEX})")
 
 
-def _check_items(man: DCPManifest, md: Any) -> None:
+def _check_items(man: DCPManifest, md: Any, files: Optional[Collection[str]] = None) -> None:
     """Every item of the data files (a tensor's chunk, or a non-tensor value) is what DCP
     and ``SafeLoadPlanner`` hand to ``torch.load``: a ``torch.save`` zip. Its records must
     be stored, summing to at most the item's length (``validate._check_zip``, on the
     item's byte range): a DEFLATE record inflates to any size, and the files' sizes and
-    sha256 would bound nothing. Reads each item's zip directory only (its last bytes)."""
+    sha256 would bound nothing. Reads each item's zip directory only (its last bytes).
+    ``files``: only the items in these data files (None: every one)."""
     by_file: dict[str, list] = {}
     for index, info in md.storage_data.items():
-        by_file.setdefault(info.relative_path, []).append((info.offset, info.length, index))
+        if files is None or info.relative_path in files:
+            by_file.setdefault(info.relative_path, []).append((info.offset, info.length, index))
     for rel, items in sorted(by_file.items()):
         fpath = man.path / rel
         with open_regular(fpath) as (fd, size):
@@ -420,14 +423,32 @@ def _check_items(man: DCPManifest, md: Any) -> None:
                 _check_zip(fd, fpath, offset, length, what)
 
 
+def check_dcp_files(man: DCPManifest, hashed: Optional[Collection[str]] = None) -> set[str]:
+    """Every listed file but ``.metadata`` (``read_dcp_metadata``'s) is a regular file of
+    its listed size; those in ``hashed`` (None: every one) also have their sha256.
+    Returns the names hashed: ``check_dcp_items`` then reads their items' zip directories."""
+    done = set()
+    for name in man.files:
+        if name != METADATA_NAME:
+            _check_file(man, name, hashed is None or name in hashed)
+            if hashed is None or name in hashed:
+                done.add(name)
+    return done
+
+
+def check_dcp_items(man: DCPManifest, md: Any, hashed: Collection[str]) -> None:
+    """``_check_items`` of the data files in ``hashed`` (a rank's share, in ``load_dcp``:
+    together the ranks read every item's zip directory)."""
+    _check_items(man, md, {n for n in hashed if DATA_RE.match(n)})
+
+
 def validate_dcp(path: PathLike, *, checksums: bool = True) -> DCPManifest:
     """Check a DCP checkpoint: its manifest, every file (size; sha256 with ``checksums``)
     and, with ``checksums``, its ``.metadata`` (unpickled safely and checked) and every
-    data item's zip directory (``_check_items``)."""
+    data item's zip directory (``_check_items``). One process checks everything:
+    ``load_dcp`` shares the sha256 work among its ranks (``dcp.hash_duty``)."""
     man = read_dcp_manifest(path)
-    for name in man.files:
-        if name != METADATA_NAME:
-            _check_file(man, name, checksums)
+    check_dcp_files(man, None if checksums else ())
     if checksums:
         _check_items(man, read_dcp_metadata(man))
     else:
