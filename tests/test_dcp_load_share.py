@@ -5,8 +5,8 @@ together the ranks check every file, instead of every rank reading the whole che
 One spawned job of 2 gloo ranks records, inside each rank, the files ``load_dcp`` hashes
 (``dcp_meta._check_file`` with ``checksum``) and the data files ``dcp.load`` opens
 (``dcp.open_regular``): a ShardedAMS checkpoint loaded on the same layout (each rank reads
-its own file only), an FSDP2 one (rank 0 also reads rank 1's file: DCP's save put some
-replicated items there), and a data file only rank 1 reads made corrupt: every rank
+its own file only), an FSDP2 one (rank 1 also reads rank 0's file, which holds the
+replicated items, ``save_dcp``'s ``dedup_save_to_lowest_rank``), and a data file only rank 1 reads made corrupt: every rank
 refuses with the same CheckpointError. A file that no rank reads is hashed by its share
 (``hash_duty`` called directly)."""
 
@@ -109,8 +109,8 @@ def test_each_rank_hashes_what_it_reads_and_together_every_file(results, kind):
     if kind == "zero1":  # the same layout: each rank reads its own file, hashes only that
         assert opened == [{DATA[0]}, {DATA[1]}]
         assert [h & set(DATA) for h in hashed] == [{DATA[0]}, {DATA[1]}]
-    else:  # DCP's save put replicated items (the steps) in rank 1's file: rank 0 reads it
-        assert opened[0] == set(DATA)
+    else:  # replicated items (the steps) saved in rank 0's file only: rank 0 reads its own
+        assert opened == [{DATA[0]}, set(DATA)]  # file, rank 1 its own and rank 0's
 
 
 def test_a_corrupt_file_only_rank_1_reads_is_refused_on_every_rank(results):

@@ -158,7 +158,10 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
     ctx.agree(err)
     dcp.save(sd, storage_writer=FileSystemWriter(str(path), single_file_per_rank=True,
                                                  sync_files=True),
-             planner=ChunkSavePlanner(), no_dist=not ctx.active)
+             # replicated items (the per-param steps, unsharded buffers) in rank 0's file
+             # only: a load then reads its own file and rank 0's, and hashes those two, not
+             # a little of every rank's (DCP's default spreads them over all files)
+             planner=ChunkSavePlanner(dedup_save_to_lowest_rank=True), no_dist=not ctx.active)
     try:
         for name in sorted(os.listdir(path)):
             m = DATA_RE.match(name)
