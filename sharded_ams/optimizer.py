@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from .config import (DEFAULTS, check_grad, check_params, preset_hparams, validate_group,
                      validate_hparams)
-from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, is_dtensor,
+from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, is_dtensor, local,
                       local_param, needs_batch)
 from .dtype_shard import follow_params
 from .kernels import (GroupHParams, Piece, flat_apply, flat_count, flat_step, host_scalar,
@@ -101,10 +101,10 @@ class AMS(Optimizer):
         self._tables: dict[tuple, Any] = {}
         #: DTensor params' checked layouts and local state views (``dtensor.local_param``)
         self._checked: dict[int, Any] = {}
-        #: id(p) -> p._version after this optimizer last wrote p, for the plain 16-bit
-        #: params (fp32 masters): another write since (a model.load_state_dict, an in-place
-        #: init) makes the next step re-read the master from the param
-        self._versions: dict[int, int] = {}
+        #: id(p) -> ``_written(p)`` after this optimizer last wrote p, for the 16-bit params
+        #: (fp32 masters), plain or DTensor: another write since (a model.load_state_dict,
+        #: an in-place init) makes the next step re-read the master from the param
+        self._versions: dict[int, Any] = {}
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -176,10 +176,11 @@ class AMS(Optimizer):
             for (device, step), part in buckets.items():
                 self._step_bucket(group, hp, part, device, step, batch)
         batch.finish()
-        for _, _, params in groups:
+        for group, _, params in groups:
             for lp in params:
-                if lp.groups == () and "master" in lp.state:  # plain 16-bit params
-                    self._versions[id(lp.p)] = lp.p._version
+                if "master" in lp.state:  # 16-bit params (lp.p: a DTensor's local shard)
+                    p = group["params"][lp.key[1]]
+                    self._versions[id(p)] = _written(p, lp.p)
         return loss
 
     def _local_params(self, gi: int, group: dict) -> list[LocalParam]:
@@ -200,7 +201,12 @@ class AMS(Optimizer):
                 out.append(LocalParam(p, g, state, p.numel(), (), (gi, i)))
                 continue
             what = describe(names[i] if names else None, i, gi, p)
-            out.append(local_param(p, state, (gi, i), what, self._checked))
+            lp = local_param(p, state, (gi, i), what, self._checked)
+            if "master" in state:  # a DTensor op bumps the wrapper's version, not the shard's
+                seen = self._versions.get(id(p))
+                if seen is not None and seen != _written(p, lp.p):
+                    follow_params(lp.state["master"], lp.p.detach())  # p was written since
+            out.append(lp)
         return out
 
     def _step_bucket(self, group: dict, hp: GroupHParams, params: list, device: torch.device,
@@ -369,10 +375,10 @@ class AMS(Optimizer):
             return
         for group in self.param_groups:
             for p in group["params"]:
-                seen = self._versions.get(id(p))
-                if seen is not None and seen != p._version and "master" in self.state[p]:
-                    follow_params(self.state[p]["master"], p.detach())
-                    self._versions[id(p)] = p._version
+                seen, shard = self._versions.get(id(p)), local(p)
+                if seen is not None and seen != _written(p, shard) and "master" in self.state[p]:
+                    follow_params(local(self.state[p]["master"]), shard.detach())
+                    self._versions[id(p)] = _written(p, shard)
 
     @runs_state_dict_hooks(settle=_follow_written_params)
     def state_dict(self) -> dict[str, Any]:
@@ -408,6 +414,14 @@ class AMS(Optimizer):
                                          f"the param has {tuple(p.shape)}")
                     st[k] = v.to(device=p.device, dtype=torch.float32).clone()
             self.state[p] = st
+
+
+def _written(p: Tensor, shard: Tensor) -> Union[int, tuple[int, int]]:
+    """What a write to ``p`` changes: its version; for a DTensor (``shard`` its local
+    tensor) the wrapper's and the shard's, as an in-place DTensor op (a model's
+    load_state_dict) bumps only the wrapper's, a write to ``to_local()`` (and this
+    optimizer's own) only the shard's."""
+    return p._version if shard is p else (p._version, shard._version)
 
 
 def _is_flat(lp: LocalParam) -> bool:
