@@ -23,7 +23,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from dist_utils import run_distributed
