@@ -391,29 +391,51 @@ class AMS(Optimizer):
         """As torch.optim (pre-hooks see the whole dict and may replace it; post-hooks see
         the loaded state), but optimizer state stays fp32 whatever the param dtype."""
         saved = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
+        pairs = self._check_saved_state(state_dict)  # before anything changes: a refused
+        super().load_state_dict({**state_dict, "state": {}})  # load leaves the state as it was
         self._versions.clear()  # the loaded masters are the weights to step from
         for group in self.param_groups:  # groups saved by another optimizer lack our keys
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
-        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for pid, p in zip(ids, params):
-            if pid not in saved:
-                continue
-            st = {}
+        for pid, p in pairs:
+            self.state[p] = {k: torch.as_tensor(v, dtype=torch.float32).clone() if k == "step"
+                             else v.to(device=p.device, dtype=torch.float32).clone()
+                             for k, v in saved[pid].items()}
+
+    def _check_saved_state(self, state_dict: dict) -> list:
+        """(saved id, param) of every saved state, each entry checked: keys this optimizer
+        keeps, the param's shape and sharding. Groups that do not match in number or size
+        are left to torch.optim's own check (its error)."""
+        saved_groups, groups = state_dict["param_groups"], self.param_groups
+        if len(saved_groups) != len(groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(saved_groups, groups)):
+            return []  # torch.optim's load_state_dict raises
+        saved = state_dict["state"]
+        ids = chain.from_iterable(g["params"] for g in saved_groups)
+        params = chain.from_iterable(g["params"] for g in groups)
+        pairs = [(pid, p) for pid, p in zip(ids, params) if pid in saved]
+        for pid, p in pairs:
             for k, v in saved[pid].items():
                 if k != "step" and k not in STATE_KEYS:
                     raise KeyError(f"Unexpected optimizer state {k!r} for param {pid}: "
                                    "was this state_dict saved by a different optimizer?")
                 if k == "step":
-                    st[k] = torch.as_tensor(v, dtype=torch.float32).clone()
-                else:
-                    if v.shape != p.shape:
-                        raise ValueError(f"State {k!r} of param {pid} has shape {tuple(v.shape)}, "
-                                         f"the param has {tuple(p.shape)}")
-                    st[k] = v.to(device=p.device, dtype=torch.float32).clone()
-            self.state[p] = st
+                    continue
+                if is_dtensor(v) != is_dtensor(p):  # step() would fail in DTensor dispatch
+                    raise ValueError(
+                        f"State {k!r} of param {pid} is {_kind(v)}, the param is "
+                        f"{_kind(p)}: this state_dict was saved with another sharding. "
+                        "Move between FSDP/TP and plain params through "
+                        "torch.distributed.checkpoint.state_dict's get/set_optimizer_state_dict "
+                        "(full_state_dict) or `sharded-ams ckpt consolidate`")
+                if v.shape != p.shape:
+                    raise ValueError(f"State {k!r} of param {pid} has shape {tuple(v.shape)}, "
+                                     f"the param has {tuple(p.shape)}")
+        return pairs
+
+
+def _kind(t: Tensor) -> str:
+    return "a DTensor" if is_dtensor(t) else "a plain tensor"
 
 
 def _written(p: Tensor, shard: Tensor) -> Union[int, tuple[int, int]]:

@@ -92,9 +92,34 @@ def _written_weights(kw: dict) -> dict:
     return out
 
 
+def _cross_loads() -> list:
+    """An FSDP2 optimizer's state_dict (DTensor state) into AMS over plain params, and the
+    reverse: refused at load, naming the param (before: an unclear error at step)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from sharded_ams import AMS
+
+    ref = _model(0)
+    model = copy.deepcopy(ref)
+    fully_shard(model)
+    opts = [AMS(m.parameters(), lr=LR) for m in (model, ref)]
+    for m, o in zip((model, ref), opts):
+        m(torch.randn(2, 5, dtype=torch.bfloat16)).float().sum().backward()
+        o.step()
+    msgs = []
+    for src, dst in ((opts[0], opts[1]), (opts[1], opts[0])):
+        try:
+            dst.load_state_dict(src.state_dict())
+            msgs.append(None)
+        except ValueError as exc:
+            msgs.append(str(exc))
+    return msgs
+
+
 def _job() -> dict:
     os.environ["SHARDED_AMS_NO_COMPILE"] = "1"  # the eager / _foreach paths: no cold compile
-    return {name: _written_weights(kw) for name, kw in CASES.items()}
+    return {**{name: _written_weights(kw) for name, kw in CASES.items()},
+            "cross_loads": _cross_loads()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,3 +135,11 @@ def test_bf16_fsdp_masters_follow_weights_written_between_steps(case):
     for rank_res in _results():
         r = rank_res[case]
         assert max(r.values()) < 1e-6, r
+
+
+def test_state_of_another_sharding_is_refused_at_load():
+    for rank_res in _results():
+        into_plain, into_fsdp = rank_res["cross_loads"]
+        assert into_plain and "is a DTensor, the param is a plain tensor" in into_plain
+        assert into_fsdp and "is a plain tensor, the param is a DTensor" in into_fsdp
+        assert "State 'exp_avg' of param 0" in into_plain and "get/set_optimizer_state_dict" in into_fsdp

@@ -223,6 +223,29 @@ def test_sharded_load_refuses_groups_that_hold_other_params():
     assert [g["weight_decay"] for g in same.param_groups] == [0.5, 0.0]
 
 
+def test_a_refused_load_keeps_the_state():
+    """AMS checks every saved state before anything changes: a state_dict with a wrong
+    shape (or a key of another optimizer) is refused and the optimizer steps on as if the
+    load had not been tried (before: its state was wiped first, then the error raised)."""
+    model, twin = _model(torch.float32), _model(torch.float32)
+    opt, twin_opt = AMS(model.parameters(), lr=1e-2), AMS(twin.parameters(), lr=1e-2)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        _backward(m)
+        o.step()
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][3]["exp_avg"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"State 'exp_avg' of param 3 has shape \(3,\)"):
+        opt.load_state_dict(bad)
+    other = copy.deepcopy(opt.state_dict())
+    other["state"][0]["momentum_buffer"] = torch.zeros(8, 4)
+    with pytest.raises(KeyError, match="momentum_buffer"):
+        opt.load_state_dict(other)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        _backward(m, seed=2)
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
 @pytest.mark.parametrize("cls", ["AMS", "ShardedAMS"])
 def test_float64_params_refused(cls):
     """The maths is fp32: a float64 param would be rounded to fp32 at every step."""
