@@ -246,6 +246,44 @@ def test_a_refused_load_keeps_the_state():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
 
 
+@pytest.mark.parametrize("bad, match", [
+    (lambda r: r.update(exp_avg=torch.zeros(1)), r"state 'exp_avg' must be a 1-D float tensor of "
+                                                  r"its 32 elements, got torch.float32 of shape \(1,\)"),
+    (lambda r: r.update(bogus=torch.zeros(32)), r"unexpected state \['bogus'\]"),
+    (lambda r: r.update(length=40, **{k: torch.zeros(40) for k in ("exp_avg", "exp_avg_sq", "master")}),
+     r"elements \[0, 0\+40\) are not within its 32 elements"),
+    (lambda r: r.update(name="2.weight"), r"no such param"),
+    (lambda r: r.update(offset=16, length=16, **{k: r[k][16:] for k in ("exp_avg", "exp_avg_sq", "master")}),
+     r"does not cover param '0.weight' elements \[0, 32\) once each \(records cover 16 of 32"),
+])
+def test_sharded_load_checks_every_piece_before_writing(bad, match):
+    """A ShardedAMS state dict a user torch.load()s gets no file checks: each piece is
+    checked (a 1-element tensor was broadcast over its range; a missing range raised after
+    the pieces before it were written), and a refused load leaves the state as it was."""
+    model, twin = _model(torch.float32), _model(torch.float32)
+    opt, twin_opt = (ShardedAMS(m, lr=1e-2, backend="eager") for m in (model, twin))
+    for m, o in ((model, opt), (twin, twin_opt)):
+        _backward(m)
+        o.step()
+    sd = copy.deepcopy(opt.state_dict())
+    for other in sd["pieces"]:  # other values: a piece written before the refusal shows
+        other["exp_avg"] = other["exp_avg"] * 2 + 1
+    rec = next(r for r in sd["pieces"] if r["name"] == "0.weight")
+    bad(rec)
+    fresh = _model(torch.float32, seed=3)
+    fresh_opt = ShardedAMS(fresh, lr=1e-2, backend="eager")
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match=match):
+        fresh_opt.load_state_dict([sd])
+    for m, o in ((model, opt), (twin, twin_opt)):
+        _backward(m, seed=2)
+        o.step()
+        o.finish_param_sync()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert torch.equal(opt.state_dict()["pieces"][0]["exp_avg"], twin_opt.state_dict()["pieces"][0]["exp_avg"])
+
+
 @pytest.mark.parametrize("cls", ["AMS", "ShardedAMS"])
 def test_float64_params_refused(cls):
     """The maths is fp32: a float64 param would be rounded to fp32 at every step."""
