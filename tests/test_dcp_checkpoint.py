@@ -214,9 +214,9 @@ def test_chunks_must_tile_each_tensor_exactly_once(saved, tmp_path, case):
     assert torch.equal(consolidate(ok)["model"]["0.weight"], weight)
 
 
-def _move(md, path) -> None:
-    """Give the first param group's ``lr`` item the nesting path ``path``."""
-    md.planner_data["optim.param_groups.0.lr"] = path
+def _move(md, path, key: str = "lr") -> None:
+    """Give the first param group's ``key`` item the nesting path ``path``."""
+    md.planner_data[f"optim.param_groups.0.{key}"] = path
 
 
 PATH_CASES = {  # name: (edit, a phrase, refused by validate_checkpoint too)
@@ -236,8 +236,8 @@ PATH_CASES = {  # name: (edit, a phrase, refused by validate_checkpoint too)
                    "are both at", False),
     "through-an-item": (lambda md: _move(md, ("optim", "param_groups", 0, "betas", "x")),
                         "runs through another item|are both at", False),
-    "lr-elsewhere": (lambda md: _move(md, ("optim", "param_groups", 0, "lr2")),
-                     r"cannot be read \(KeyError: 'lr'\)", False),
+    "params-elsewhere": (lambda md: _move(md, ("optim", "param_groups", 0, "params2"), "params"),
+                         r"cannot be read \(KeyError: 'params'\)", False),
 }
 
 

@@ -39,7 +39,8 @@ def consolidate(path: PathLike, *, foreach: Optional[bool] = None,
       ``master`` (only for non-fp32 params). Group hyperparameters are the saved ones plus
       ``foreach``/``fused`` (arguments here), which torch.optim's load_state_dict copies
       into the AMS groups.
-    A DCP checkpoint gives the same keys: its fp32 params (no ``master``), its state.
+    A DCP checkpoint gives the same keys: its fp32 params (no ``master``), its state,
+    the manifest's hyperparameters (``dcp_read.consolidate_dcp``; values refused alike).
 
     * ``model``: a model state_dict: params from the fp32 masters cast to the param
       dtype (tied weights under every key), plus buffers/frozen params from
@@ -47,7 +48,8 @@ def consolidate(path: PathLike, *, foreach: Optional[bool] = None,
       optimized params under their optimizer names only.
     """
     if manifest_format(path) == DCP_FORMAT:
-        return consolidate_dcp(path, foreach=foreach, fused=fused)
+        return consolidate_dcp(path, foreach=foreach, fused=fused,
+                               allow_nonfinite=allow_nonfinite)
     man = read_manifest(path)
     loaded = {n: load_checked(man, n, checksum=True, mmap=True) for n in man.files}
     if not allow_nonfinite:

@@ -27,7 +27,7 @@ from torch import nn
 
 from .consolidate import consolidate
 from .dcp import write_dcp_state
-from .dcp_read import read_dcp_full, refusing
+from .dcp_read import read_dcp_full, refusing, saved_groups
 from .dcp_sharded import dcp_param_groups
 from .format import CheckpointError, PathLike
 
@@ -36,9 +36,10 @@ __all__ = ["to_dcp", "to_zero1"]
 _HP = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
 
 
-def to_dcp(src: PathLike, out: PathLike) -> dict:
-    """Write the native checkpoint ``src`` as a DCP checkpoint in ``out`` (new)."""
-    full = consolidate(src)
+def to_dcp(src: PathLike, out: PathLike, *, allow_nonfinite: bool = False) -> dict:
+    """Write the native checkpoint ``src`` as a DCP checkpoint in ``out`` (new). NaN/inf or
+    a negative ``exp_avg_sq`` is refused (``kind="values"``) unless ``allow_nonfinite``."""
+    full = consolidate(src, allow_nonfinite=allow_nonfinite)
     names, groups = full["param_names"], full["optimizer"]["param_groups"]
     state = {names[i]: st for i, st in full["optimizer"]["state"].items()}
     masters = {n: st.get("master", full["model"].get(n)) for n, st in state.items()}
@@ -116,11 +117,13 @@ def _tied(man, tensors: dict, params: dict) -> dict[str, nn.Parameter]:
     return out
 
 
-def to_zero1(src: PathLike, out: PathLike) -> dict:
-    """Write the DCP checkpoint ``src`` as a native checkpoint of world size 1 in ``out``."""
+def to_zero1(src: PathLike, out: PathLike, *, allow_nonfinite: bool = False) -> dict:
+    """Write the DCP checkpoint ``src`` as a native checkpoint of world size 1 in ``out``
+    (the groups' hyperparameters and steps from its manifest). NaN/inf or a negative
+    ``exp_avg_sq`` is refused (``kind="values"``) unless ``allow_nonfinite``."""
     from .commit import save_checkpoint
 
-    full = read_dcp_full(src)
+    full = read_dcp_full(src, allow_nonfinite=allow_nonfinite)
     man, trainer = full["manifest"], full["trainer"]
     with refusing(man.path):  # what the checks let through, and the load, are the input's
         opt, holder = _zero1_optimizer(full)
@@ -150,7 +153,7 @@ def _zero1_optimizer(full: dict):
     extra = trainer.get("extra") or {}
     dtype = torch.bfloat16 if isinstance(extra, dict) and extra.get("precision") == "bf16" \
         else torch.float32
-    groups = optim.get("param_groups") or []
+    groups = saved_groups(full)  # the manifest's hyperparameters, the files' param names
     names = [n for g in groups for n in g["params"]]
     params = {n: nn.Parameter(full["model"][n].to(dtype)) for n in names}
     params.update(_tied(man, full["model"], params))
@@ -159,15 +162,14 @@ def _zero1_optimizer(full: dict):
                   for g in groups]
     opt = ShardedAMS(opt_groups, module=holder, broadcast_params=False, overlap=False,
                      bucket_numel=None, backend="eager")  # never stepped: no compile probe
-    saved = man.param_groups
     keys = sorted({k for sh in opt.shards for k in sh.state} | {"master"})
     state = optim.get("state") or {}
     pieces = [{"name": n, "offset": 0, "length": params[n].numel(),
                **_moments(state.get(n), keys, params[n].numel()),
                "master": full["model"][n].reshape(-1).float()} for n in names]
     sd = {"format": "sharded_ams", "version": 1, "world_size": 1, "rank": 0,
-          "param_groups": [{**{k: g[k] for k in _HP}, "step": int(s["step"]), "params": g["params"]}
-                           for g, s in zip(groups, saved)],
+          "param_groups": [{**{k: g[k] for k in _HP}, "step": g["step"], "params": g["params"]}
+                           for g in groups],
           "params": {n: {"shape": list(params[n].shape), "dtype": str(dtype), "group": gi}
                      for gi, g in enumerate(groups) for n in g["params"]},
           "pieces": pieces, "state_keys": keys,

@@ -43,6 +43,7 @@ from .group import Group
 from .load import check_scheduler
 from .snapshot import rng_state, set_rng_state
 from .validate import open_regular
+from .values import check_dcp_values
 
 __all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader_of",
            "dcp_state_dict"]
@@ -150,11 +151,11 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
     files: dict = {}
     try:
         if os.path.lexists(path / MANIFEST_NAME) and (ctx.rank == 0 or not shared_fs):
-            raise CheckpointError(f"{path}: already holds a checkpoint; save into a new "
-                                  "directory", path=path, kind="exists")
+            raise CheckpointError(f"{path}: save aborted, it already holds a checkpoint; save "
+                                  "into a new directory", path=path, kind="save_failed")
         path.mkdir(parents=True, exist_ok=True)
     except Exception as exc:
-        err = exc
+        err = _save_failed(path, ctx.rank, "prepare", exc)
     ctx.agree(err)
     dcp.save(sd, storage_writer=FileSystemWriter(str(path), single_file_per_rank=True,
                                                  sync_files=True),
@@ -177,7 +178,7 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
             files[TRAINER_NAME] = write_file(path, TRAINER_NAME, trainer)
         fsync_dir(path)
     except Exception as exc:
-        err = exc
+        err = _save_failed(path, ctx.rank, "write its files", exc)
     ctx.agree(err)
     everyone = ctx.gather0(files)
     if ctx.rank == 0:
@@ -185,9 +186,18 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
             _commit(path, everyone, step, ctx.world_size, mesh, groups, int(skipped_steps),
                     optimizer_class, tied or {})
         except Exception as exc:
-            err = exc
+            err = _save_failed(path, ctx.rank, "commit", exc)
     ctx.agree(err)
     return path
+
+
+def _save_failed(path: Path, rank: int, what: str, exc: Exception) -> CheckpointError:
+    """A failed save's error, of the native save's kind (``save_failed``); a
+    CheckpointError as it is."""
+    if isinstance(exc, CheckpointError):
+        return exc
+    return CheckpointError(f"{path}: save failed (rank {rank} could not {what}: "
+                           f"{type(exc).__name__}: {exc})", path=path, kind="save_failed")
 
 
 def _commit(path: Path, everyone: list, step: int, world: int, mesh: Optional[dict],
@@ -312,12 +322,14 @@ def reader_of(man: DCPManifest, metadata):
 def _check_shapes(man: DCPManifest, md, sd: dict) -> None:
     """Every item the load fills exists in the checkpoint (keys as DCP flattens them),
     every tensor with the same global shape: a mismatch is "a different model or
-    optimizer", before anything loads, not DCP's bare error halfway through."""
+    optimizer", before anything loads, not DCP's bare error halfway through. Its kind is
+    the native load's: ``model_mismatch`` if a ``model.`` item differs, else
+    ``optimizer_mismatch`` (state keys: e.g. beta3 > 0 vs 0)."""
     from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     flat, _ = flatten_state_dict(sd)
-    missing, differ = [], []
+    missing, differ, keys = [], [], []
     for key, t in flat.items():
         item = md.state_dict_metadata.get(key)
         if item is None:
@@ -327,11 +339,14 @@ def _check_shapes(man: DCPManifest, md, sd: dict) -> None:
         elif not isinstance(item, TensorStorageMetadata) or tuple(item.size) != tuple(t.size()):
             have = tuple(item.size) if isinstance(item, TensorStorageMetadata) else "bytes"
             differ.append(f"{key} {have} vs {tuple(t.size())}")
+            keys.append(key)
     if missing or differ:
         what = "; ".join([f"missing: {', '.join(missing[:6])}"] * bool(missing)
                          + [f"shapes differ: {', '.join(differ[:6])}"] * bool(differ))
+        model = any(k.startswith("model.") for k in missing + keys)
         raise CheckpointError(f"{man.path}: a different model or optimizer ({what})",
-                              path=man.path, kind="mismatch")
+                              path=man.path, kind="model_mismatch" if model else
+                              "optimizer_mismatch")
 
 
 def _nesting_copy(obj: Any) -> Any:
@@ -382,7 +397,7 @@ def hash_duty(man: DCPManifest, md, sd: dict, ctx: Group) -> set[str]:
 
 
 def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
-             restore_rng: bool = True) -> dict:
+             restore_rng: bool = True, allow_nonfinite: bool = False) -> dict:
     """Load a DCP checkpoint into ``model`` and ``optimizer`` on any mesh (DCP reshards);
     every rank calls it. Every file is checked first: sizes (every rank), the metadata
     through the allowlist, this rank's RNG states, and sha256 and item zip directories of
@@ -390,6 +405,20 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
     a failure on any rank is raised on every rank. With ``restore_rng``, each rank gets
     its RNG states back when the world size is the one saved (as the native format does; on
     another world size there is no rank-for-rank match and they are left as they are).
+
+    A master (an FSDP run's param) or moment holding NaN/inf, or a negative
+    ``exp_avg_sq``, is refused as ``load_checkpoint`` refuses it (``kind="values"``,
+    ``field`` the DCP key naming the param and state key: ``model.<param>`` or
+    ``optim.state.<param>.<key>``) unless ``allow_nonfinite=True``. Each rank checks what
+    it loaded (its own shards, no copy) and the ranks agree. DCP loads in place, so this
+    check comes after the load: on that refusal (only) what DCP loaded in place holds the
+    refused checkpoint's values (an FSDP2 model's params, an FSDP2 AMS's moments and
+    per-param ``step`` tensors; a ShardedAMS's fp32 masters and moments, which for fp32
+    params are this rank's range of the params themselves), while the groups'
+    hyperparameters and step counts, the scheduler and the RNG states are as they were.
+    Load another checkpoint (it overwrites every element: the chunks tile each tensor) or
+    rebuild them before training on. Every other refusal comes before anything is loaded.
+
     Returns ``{"step", "extra", "manifest"}``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
@@ -415,10 +444,15 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
         trainer = load_trainer(man)
         check_scheduler(man, lr_scheduler, trainer)  # before anything is applied
         if sharded:
-            optimizer._check_groups(man.param_groups)
+            try:
+                optimizer._check_groups(man.param_groups)
+            except ValueError as exc:  # as load_checkpoint's
+                raise CheckpointError(f"{man.path}: {exc}", path=man.path,
+                                      kind="optimizer_mismatch") from None
         elif len(man.param_groups) != len(groups):
             raise CheckpointError(f"{man.path}: {len(man.param_groups)} param groups, the "
-                                  f"optimizer has {len(groups)}", path=man.path, kind="mismatch")
+                                  f"optimizer has {len(groups)}", path=man.path,
+                                  kind="optimizer_mismatch")
         rng = load_rng(man, ctx.rank) if restore_rng and man.world_size == ctx.world_size \
             else None
     except Exception as exc:
@@ -428,6 +462,12 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
         optimizer._begin_state_load()
     with refusing(man.path):  # DCP's errors (an item that is no tensor of its chunk's shape)
         dcp.load(sd, storage_reader=reader_of(man, md), planner=SafeLoadPlanner())
+    if not allow_nonfinite:  # this rank's shards as loaded (no copy), before the rest applies
+        try:
+            check_dcp_values(man.path, sd, [n for g in groups for n in g["params"]])
+        except Exception as exc:
+            err = exc
+        ctx.agree(err)
     if sharded:
         optimizer._end_state_load(man.param_groups,
                                   int(man.raw["optimizer"].get("skipped_steps", 0)))

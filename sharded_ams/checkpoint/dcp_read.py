@@ -15,14 +15,19 @@ import torch
 from .dcp import SafeLoadPlanner, reader_of
 from .dcp_meta import load_trainer, read_dcp_metadata, refusing, validate_dcp
 from .format import CheckpointError, PathLike
+from .values import check_dcp_values
 
-__all__ = ["read_dcp_full", "consolidate_dcp", "refusing"]
+__all__ = ["read_dcp_full", "consolidate_dcp", "refusing", "saved_groups", "HP_KEYS"]
+
+HP_KEYS = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
 
 
-def read_dcp_full(path: PathLike) -> dict:
+def read_dcp_full(path: PathLike, *, allow_nonfinite: bool = False) -> dict:
     """Every tensor of a DCP checkpoint, whole, in one process (no group): checked first
     (``validate_dcp``), and allocated only once the metadata's tensors are known to fit in
-    the data files that hold them. Returns ``{"model", "optim", "trainer", "manifest"}``."""
+    the data files that hold them. A master or moment holding NaN/inf, or a negative
+    ``exp_avg_sq``, is refused (``kind="values"``, as ``load_dcp``) unless
+    ``allow_nonfinite``. Returns ``{"model", "optim", "trainer", "manifest"}``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -45,8 +50,27 @@ def read_dcp_full(path: PathLike) -> dict:
         dcp.load(flat, storage_reader=reader_of(man, md),
                  planner=SafeLoadPlanner(flatten_state_dict=False), no_dist=True)
         nested = _nest(flat, md.planner_data, man.path)
-    return {"model": nested.get("model", {}), "optim": nested.get("optim", {}),
-            "trainer": trainer, "manifest": man}
+        full = {"model": nested.get("model", {}), "optim": nested.get("optim", {}),
+                "trainer": trainer, "manifest": man}
+        if not allow_nonfinite:
+            check_dcp_values(man.path, full, [n for g in saved_groups(full) for n in g["params"]])
+    return full
+
+
+def saved_groups(full: dict) -> list[dict]:
+    """The param groups of ``read_dcp_full``'s checkpoint: each one's hyperparameters and
+    step from the checked manifest, as ``load_dcp`` takes them (the data files' copies,
+    unchecked, are not used: a tensor or an out-of-range ``lr`` there goes nowhere), and
+    its params' names from the data files (the manifest has none); as many groups in both,
+    else ``corrupt``."""
+    man = full["manifest"]
+    data = (full["optim"] or {}).get("param_groups") or []
+    if not isinstance(data, list) or len(data) != len(man.param_groups):
+        raise CheckpointError(f"{man.path}: the data files hold {len(data)} param groups, "
+                              f"the manifest {len(man.param_groups)}", path=man.path,
+                              kind="corrupt", field="optimizer.param_groups")
+    return [{**{k: saved[k] for k in HP_KEYS}, "step": int(saved["step"]),
+             "params": list(g["params"])} for g, saved in zip(data, man.param_groups)]
 
 
 class _Node(dict):
@@ -88,13 +112,16 @@ def _lists(node: Any, bad) -> Any:
 
 
 def consolidate_dcp(path: PathLike, *, foreach: Optional[bool] = None,
-                    fused: Optional[Union[bool, str]] = None) -> dict:
+                    fused: Optional[Union[bool, str]] = None,
+                    allow_nonfinite: bool = False) -> dict:
     """``consolidate()``'s dict from a DCP checkpoint: the model's state (fp32 params: an
     FSDP run's params are its masters), and an ``AMS`` state_dict (params indexed 0.. in
     the order of the param groups; no ``master``: the params are fp32). A param the
     checkpoint holds no state for (it never had a gradient: torch.optim-style AMS makes its
-    state at its first step) has no entry in ``state``, as in ``AMS.state_dict()``."""
-    full = read_dcp_full(path)
+    state at its first step) has no entry in ``state``, as in ``AMS.state_dict()``. The
+    groups' hyperparameters are the manifest's (``saved_groups``); NaN/inf or a negative
+    ``exp_avg_sq`` is refused unless ``allow_nonfinite`` (``read_dcp_full``)."""
+    full = read_dcp_full(path, allow_nonfinite=allow_nonfinite)
     with refusing(full["manifest"].path):
         return _consolidated(full, foreach, fused)
 
@@ -104,7 +131,7 @@ def _consolidated(full: dict, foreach, fused) -> dict:
     optim, trainer = full["optim"], full["trainer"]
     state, groups, names = {}, [], []
     saved = optim.get("state") or {}
-    for g in optim.get("param_groups") or []:
+    for g in saved_groups(full):
         ids = []
         for n in g["params"]:
             if n in saved:  # none for a param that never had a gradient: AMS makes it then
@@ -112,7 +139,7 @@ def _consolidated(full: dict, foreach, fused) -> dict:
                                      for k, v in saved[n].items()}
             ids.append(len(names))
             names.append(n)
-        hp = {k: g[k] for k in ("lr", "betas", "beta3", "lam", "eps", "weight_decay")}
+        hp = {k: g[k] for k in HP_KEYS}
         hp["betas"] = tuple(hp["betas"])
         groups.append({**hp, "foreach": foreach, "fused": fused, "params": ids,
                        "param_names": list(g["params"])})

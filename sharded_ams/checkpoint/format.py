@@ -67,14 +67,16 @@ class CheckpointError(RuntimeError):
       where a checkpoint file should be: refused without reading it;
     * ``"corrupt"``: a file's size or sha256 differs from the manifest, it does not load,
       or its content disagrees with the manifest;
-    * ``"values"``: a shard holds NaN/inf or a negative ``exp_avg_sq`` (``values.py``):
-      refused by a load unless ``allow_nonfinite=True``;
+    * ``"values"``: a shard holds NaN/inf or a negative ``exp_avg_sq`` (``values.py``; a
+      DCP checkpoint's master or moment alike, ``field`` its DCP key): refused by a load,
+      ``consolidate`` and ``ckpt convert`` unless ``allow_nonfinite=True``;
     * ``"model_mismatch"``: parameter names/shapes (or buffers) differ from the model's;
     * ``"optimizer_mismatch"``: optimizer class, state keys or param groups differ;
     * ``"scheduler_mismatch"``: the saved ``lr_scheduler`` state does not load into the
       scheduler given (``field="lr_scheduler"``; another scheduler class, or a damaged
       ``trainer.pt``);
-    * ``"save_failed"``: a rank could not write its files (nothing was committed);
+    * ``"save_failed"``: a rank could not prepare or write its files (nothing was
+      committed; ``save_dcp``: also a directory that already holds a checkpoint);
     * ``"locked"``: another CheckpointManager (another job) is writing to the same root.
 
     ``path`` is the file (or directory) concerned; ``field`` the manifest or file field.

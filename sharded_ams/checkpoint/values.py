@@ -7,6 +7,9 @@ moments (a diverged run that saved anyway, a bad kernel, a tampered file), or a 
 Loading that silently resumes a dead run. So ``load_checkpoint`` and ``consolidate``
 refuse it (``kind="values"``, naming the file, piece, param and state key) unless the
 caller opts in (``allow_nonfinite=True``), and ``ckpt inspect`` lists every such piece.
+A DCP checkpoint's the same (``check_dcp_values``: ``load_dcp`` on what each rank loaded,
+``consolidate``/``ckpt convert`` on the whole state), naming the param and the DCP key
+(``model.<param>`` for its fp32 master, ``optim.state.<param>.<key>`` for a moment).
 
 The cost is one pass over tensors that are already loaded (``isfinite().all()`` per
 piece and state key; the counts only for a piece that fails).
@@ -21,7 +24,8 @@ from torch import Tensor
 
 from .format import CheckpointError, Manifest
 
-__all__ = ["NONNEGATIVE_KEYS", "shard_value_problems", "describe_problem", "check_values"]
+__all__ = ["NONNEGATIVE_KEYS", "shard_value_problems", "describe_problem", "check_values",
+           "dcp_value_problems", "check_dcp_values"]
 
 #: state keys that are averages of squares: never negative
 NONNEGATIVE_KEYS = frozenset({"exp_avg_sq"})
@@ -50,16 +54,20 @@ def shard_value_problems(man: Manifest, name: str, obj: Any) -> list[dict]:
     return out
 
 
-def describe_problem(p: dict) -> str:
-    """One line: the field, the param and what is wrong (the caller names the file)."""
+def _what(p: dict) -> str:
     what = []
     if p["nonfinite"]:
         what.append(f"{p['nonfinite']} non-finite values (NaN/inf)")
     if p["negative"]:
         what.append(f"{p['negative']} negative values (a second moment is never negative)")
+    return " and ".join(what)
+
+
+def describe_problem(p: dict) -> str:
+    """One line: the field, the param and what is wrong (the caller names the file)."""
     end = p["offset"] + p["length"]
     return (f"field optimizer.pieces[{p['piece']}].{p['key']} (param "
-            f"{p['param']!r:.80}, elements [{p['offset']}, {end})): {' and '.join(what)}")
+            f"{p['param']!r:.80}, elements [{p['offset']}, {end})): {_what(p)}")
 
 
 def check_values(man: Manifest, name: str, obj: Any) -> None:
@@ -74,3 +82,59 @@ def check_values(man: Manifest, name: str, obj: Any) -> None:
             "never saves these (pass allow_nonfinite=True to load it anyway)",
             path=man.path / name, kind="values",
             field=f"optimizer.pieces[{p['piece']}].{p['key']}")
+
+
+def _local_parts(value: Any) -> list[Tensor]:
+    """The tensors of a loaded DCP value held here: a DTensor's local shard (no
+    collective), a ShardedAMS's ``dcp_sharded.Chunks`` boxes, a tensor itself."""
+    pieces = getattr(value, "pieces", None)
+    if isinstance(pieces, dict):  # Chunks: views of the flat state
+        return list(pieces.values())
+    if not isinstance(value, Tensor):
+        return []
+    to_local = getattr(value, "to_local", None)
+    return [to_local() if to_local is not None else value]
+
+
+def dcp_value_problems(sd: dict, names: list[str]) -> list[dict]:
+    """Every (param, state key) of the DCP state dict ``sd`` (``{"model", "optim":
+    {"state"}}``, as loaded: on a rank, its own shards) holding non-finite values or
+    (``exp_avg_sq``) negative ones, for the optimized params ``names``: their fp32
+    masters (``model.<name>``, key ``master``) and optimizer state but ``step``.
+    ``{"param", "key", "field", "nonfinite", "negative"}`` (counts of elements here)."""
+    out = []
+    model, state = sd.get("model") or {}, (sd.get("optim") or {}).get("state") or {}
+    # a ShardedAMS's masters (Chunks) under a model key that is not its optimizer name
+    # too; tied keys (one Chunks under each) once
+    seen = {id(model[n]) for n in names if n in model}
+    chunked = [k for k, v in model.items() if isinstance(getattr(v, "pieces", None), dict)
+               and id(v) not in seen and not seen.add(id(v))]
+    for name in list(names) + chunked:
+        fields = [(f"model.{name}", "master", model.get(name))]
+        fields += [(f"optim.state.{name}.{k}", k, v) for k, v in (state.get(name) or {}).items()
+                   if k != "step"]
+        for fld, key, value in fields:
+            nonfinite = negative = 0
+            for t in _local_parts(value):
+                a, b = _problem(t, key)
+                nonfinite, negative = nonfinite + a, negative + b
+            if nonfinite or negative:
+                out.append({"param": name, "key": key, "field": fld,
+                            "nonfinite": nonfinite, "negative": negative})
+    return out
+
+
+def check_dcp_values(path: Any, sd: dict, names: list[str]) -> None:
+    """Refuse the DCP state ``sd`` (see :func:`dcp_value_problems`) if a master or moment
+    holds non-finite values or a second moment negative ones (CheckpointError
+    ``kind="values"``, ``field`` the DCP key of the first, e.g.
+    ``optim.state.<param>.exp_avg_sq``)."""
+    problems = dcp_value_problems(sd, names)
+    if problems:
+        p = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"{path}: field {p['field']} (param {p['param']!r:.80}, state {p['key']}): "
+            f"{_what(p)}{more}; refused: a sound training step never saves these (pass "
+            "allow_nonfinite=True to load it anyway)", path=path, kind="values",
+            field=p["field"])
