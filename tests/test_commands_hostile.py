@@ -38,7 +38,7 @@ def _prep(inputs, out, **kw):
                         warn=lambda *_: None, **kw)
 
 
-def _save_run(run: Path, data_dir: Path, steps=(1, 2), extra_data=None) -> None:
+def _save_run(run: Path, data_dir: Path, steps=(1, 2), extra_data=None, nan_at=None) -> None:
     cfg = load_config(None, {**LLAMA, "data.path": str(data_dir)}, environ={})
     data = load_training_data(dataclasses.asdict(cfg.data))
     table = dict(dataclasses.asdict(cfg.model), vocab_size=data.vocab_size)
@@ -50,6 +50,9 @@ def _save_run(run: Path, data_dir: Path, steps=(1, 2), extra_data=None) -> None:
         forward_backward(model, opt, [(x, y)])
         opt.step()
         opt.zero_grad()
+        if step == nan_at:  # a diverged run: fp32 params are the masters
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("nan")
         if step in steps:  # the trainer extra as launcher.train.loop._extra records it
             save_checkpoint(run / f"step-{step:08d}", opt, model=model, step=step,
                             extra={"model": table, "data": extra_data or data.describe})
@@ -227,6 +230,26 @@ def test_export_and_consolidate_fall_back_past_a_corrupt_newest_checkpoint(work,
     assert "step-00000002 is unusable" in cap.err and "step 1" in cap.out
     # an explicitly named checkpoint is what the user asked for: no fallback
     _cli_refused(capsys, ["ckpt", "consolidate", str(work / "run" / "step-00000002"), str(work / "x.pt")])
+
+
+def test_consolidate_and_convert_read_a_diverged_checkpoint_only_when_asked(work, capsys):
+    """A NaN master is refused (a run directory falls back to the older checkpoint);
+    --allow-nonfinite reads it, e.g. to look at a diverged run."""
+    _save_run(work / "nan", work / "data", nan_at=2)
+    ckpt = str(work / "nan" / "step-00000002")
+    _cli_refused(capsys, ["ckpt", "consolidate", ckpt, str(work / "a.pt")], "NaN", "--allow-nonfinite")
+    _cli_refused(capsys, ["ckpt", "convert", ckpt, str(work / "d"), "--to", "dcp"], "NaN",
+                 "--allow-nonfinite")
+    assert cli_main(["ckpt", "consolidate", str(work / "nan"), str(work / "b.pt")]) == 0
+    assert "step-00000002 is unusable" in capsys.readouterr().err
+    assert torch.load(work / "b.pt", weights_only=True)["step"] == 1
+    assert cli_main(["ckpt", "consolidate", ckpt, str(work / "c.pt"), "--allow-nonfinite"]) == 0
+    full = torch.load(work / "c.pt", weights_only=True)
+    assert full["step"] == 2 and any(t.isnan().any() for t in full["model"].values())
+    assert cli_main(["ckpt", "convert", ckpt, str(work / "d"), "--to", "dcp", "--allow-nonfinite"]) == 0
+    _cli_refused(capsys, ["ckpt", "convert", str(work / "d"), str(work / "z"), "--to", "zero1"], "NaN")
+    assert cli_main(["ckpt", "convert", str(work / "d"), str(work / "z"), "--to", "zero1",
+                     "--allow-nonfinite"]) == 0
 
 
 # ----------------------------------------------------------------------------- newcomers

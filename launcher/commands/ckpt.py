@@ -140,17 +140,19 @@ def _cmd_consolidate(args: argparse.Namespace) -> int:
     """Exit status as every command's (:mod:`launcher.commands.outputs`): 2 refused, 1 failed."""
     import torch
 
-    from launcher.commands.outputs import (EXIT_FAILED, EXIT_REFUSED, Refused, check_output,
-                                           is_torch_save_file, newest_usable)
+    from launcher.commands.outputs import (EXIT_FAILED, EXIT_REFUSED, NONFINITE_HINT, Refused,
+                                           check_output, is_torch_save_file, newest_usable)
     from sharded_ams.checkpoint import CheckpointError, export_consolidated
 
     out = Path(args.out).expanduser().absolute()
     try:
         check_output(out, [Path(args.dir)], force=args.force, ours=is_torch_save_file,
                      what="an earlier consolidated file (torch.save)")
-        path, full = newest_usable(args.dir, lambda p: export_consolidated(p, out), _note)
+        path, full = newest_usable(args.dir, lambda p: export_consolidated(
+            p, out, allow_nonfinite=args.allow_nonfinite), _note)
     except (Refused, CheckpointError, IsADirectoryError) as exc:
-        print(f"sharded-ams ckpt consolidate: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"sharded-ams ckpt consolidate: error: {' '.join(str(exc).split())}"
+              f"{NONFINITE_HINT if getattr(exc, 'kind', None) == 'values' else ''}", file=sys.stderr)
         return EXIT_REFUSED
     except OSError as exc:
         print(f"sharded-ams ckpt consolidate: failed: {exc}", file=sys.stderr)
@@ -187,6 +189,9 @@ def _add_commands(sub) -> None:
     c.add_argument("out", help="output file (.pt)")
     c.add_argument("--force", action="store_true",
                    help="replace OUT if it is an earlier consolidated file")
+    from launcher.commands.outputs import add_allow_nonfinite
+
+    add_allow_nonfinite(c)
     c.set_defaults(func=_cmd_consolidate)
     from launcher.commands.export import add_export_command  # `ckpt export` (launcher/commands/export.py)
 

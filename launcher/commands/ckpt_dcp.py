@@ -88,7 +88,7 @@ def _cmd_convert(args) -> int:
     import os
     import sys
 
-    from launcher.commands.outputs import EXIT_FAILED, EXIT_REFUSED
+    from launcher.commands.outputs import EXIT_FAILED, EXIT_REFUSED, NONFINITE_HINT
     from sharded_ams.checkpoint import DCP_FORMAT, CheckpointError, manifest_format
     from sharded_ams.checkpoint.convert import to_dcp, to_zero1
 
@@ -99,9 +99,11 @@ def _cmd_convert(args) -> int:
             raise CheckpointError(f"{out} exists; give a new directory")
         if have == args.to:
             raise CheckpointError(f"{src} is already a {have} checkpoint")
-        done = (to_dcp if args.to == "dcp" else to_zero1)(src, out)
+        done = (to_dcp if args.to == "dcp" else to_zero1)(src, out,
+                                                           allow_nonfinite=args.allow_nonfinite)
     except CheckpointError as exc:
-        print(f"sharded-ams ckpt convert: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"sharded-ams ckpt convert: error: {' '.join(str(exc).split())}"
+              f"{NONFINITE_HINT if getattr(exc, 'kind', None) == 'values' else ''}", file=sys.stderr)
         return EXIT_REFUSED
     except OSError as exc:
         print(f"sharded-ams ckpt convert: failed: {exc}", file=sys.stderr)
@@ -122,4 +124,7 @@ def add_convert_command(sub) -> None:
     c.add_argument("out", help="new checkpoint directory")
     c.add_argument("--to", required=True, choices=("dcp", "zero1"),
                    help="dcp: for parallel.strategy fsdp; zero1: for ShardedAMS")
+    from launcher.commands.outputs import add_allow_nonfinite
+
+    add_allow_nonfinite(c)
     c.set_defaults(func=_cmd_convert)

@@ -20,7 +20,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 __all__ = ["Refused", "check_output", "is_export_dir", "is_torch_save_file", "newest_usable",
            "EXIT_FAILED", "EXIT_REFUSED"]
@@ -96,6 +96,7 @@ def newest_usable(ckpt: Any, read: Callable[[Path], Any], log: Callable[[str], N
     manifest), else the run directory's newest checkpoint that ``read`` accepts, falling back
     past corrupt newer ones as a training resume does and saying so through ``log``."""
     from sharded_ams.checkpoint import CheckpointError, find_latest_checkpoint, validate_checkpoint
+    from sharded_ams.checkpoint.manager import checkpoint_dirs, read_step
 
     p = Path(ckpt)
     if not p.is_dir():
@@ -110,14 +111,31 @@ def newest_usable(ckpt: Any, read: Callable[[Path], Any], log: Callable[[str], N
     skipped = _newer_step_dirs(p, validate_checkpoint(latest, checksums=False).step)
     try:
         got = read(latest)
-    except CheckpointError as exc:
-        valid: Optional[Path] = find_latest_checkpoint(p, checksums=True)
-        if valid is None or Path(valid) == latest:
-            raise
-        log(f"note: the newest checkpoint {latest} is unusable ({str(exc).splitlines()[0]}); "
-            f"using the newest valid one, {valid}, as a training resume would")
-        return Path(valid), read(Path(valid))
+    except CheckpointError as exc:  # corrupt, or holding NaN (diverged): the next older one
+        for older in checkpoint_dirs(p):
+            if older == latest or read_step(older) is None \
+                    or read_step(older) >= read_step(latest):
+                continue
+            try:
+                got = read(older)
+            except CheckpointError:
+                continue
+            log(f"note: the newest checkpoint {latest} is unusable ({str(exc).splitlines()[0]}); "
+                f"using the newest usable one, {older}, as a training resume would")
+            return older, got
+        raise
     if skipped:
         log(f"note: {', '.join(skipped)} in {p} are not valid checkpoints; using {latest}, "
             "the newest valid one, as a training resume would")
     return latest, got
+
+
+NONFINITE_HINT = " (on the command line: --allow-nonfinite)"
+
+
+def add_allow_nonfinite(parser) -> None:
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="read a checkpoint holding NaN/inf (masters or moments) or a "
+                             "negative exp_avg_sq, e.g. to look at a diverged run (refused "
+                             "otherwise; a run directory's newest such checkpoint is skipped for "
+                             "an older one, as a training resume does)")

@@ -13,7 +13,7 @@ from torch import Tensor
 from .commit import fsync_dir, write_bytes_durably
 from .dcp_meta import DCP_FORMAT, manifest_format
 from .dcp_read import consolidate_dcp
-from .format import MODEL_EXTRA_NAME, TRAINER_NAME, CheckpointError, PathLike, param_dtype
+from .format import HP_KEYS, MODEL_EXTRA_NAME, TRAINER_NAME, CheckpointError, PathLike, param_dtype
 from .validate import load_checked, read_manifest
 from .values import check_values
 
@@ -81,7 +81,7 @@ def consolidate(path: PathLike, *, foreach: Optional[bool] = None,
             model_params[n] = full[n]["master"].view(shape).to(dtype)
             ids.append(pidx)
             pidx += 1
-        hp = {k: g[k] for k in ("lr", "betas", "beta3", "lam", "eps", "weight_decay")}
+        hp = {k: g[k] for k in HP_KEYS}
         hp["betas"] = tuple(hp["betas"])
         groups.append({**hp, "foreach": foreach, "fused": fused, "params": ids,
                        "param_names": list(g["params"])})
@@ -98,11 +98,11 @@ def consolidate(path: PathLike, *, foreach: Optional[bool] = None,
             "lr_scheduler": trainer.get("lr_scheduler")}
 
 
-def export_consolidated(path: PathLike, out: PathLike) -> dict:
+def export_consolidated(path: PathLike, out: PathLike, *, allow_nonfinite: bool = False) -> dict:
     """``torch.save(consolidate(path))`` to the file ``out``, durably (temp file, fsync,
     rename; the temp file is removed on any failure). Refuses an ``out`` that is a
     directory or lies inside the checkpoint (it would overwrite or pollute it). Returns
-    the consolidated dict."""
+    the consolidated dict. ``allow_nonfinite``: as :func:`consolidate`'s."""
     src, out = Path(path), Path(out)
     inside = src.resolve()
     target = out.parent.resolve() / out.name
@@ -111,7 +111,7 @@ def export_consolidated(path: PathLike, out: PathLike) -> dict:
                               "file somewhere else", path=out, kind="unsafe")
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a directory; give a file name, e.g. {out / 'full.pt'}")
-    full = consolidate(src)
+    full = consolidate(src, allow_nonfinite=allow_nonfinite)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_durably(out, lambda f, box: torch.save(full, f))
     fsync_dir(out.parent)

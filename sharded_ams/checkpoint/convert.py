@@ -29,11 +29,10 @@ from .consolidate import consolidate
 from .dcp import write_dcp_state
 from .dcp_read import read_dcp_full, refusing, saved_groups
 from .dcp_sharded import dcp_param_groups
-from .format import CheckpointError, PathLike
+from .format import HP_KEYS, CheckpointError, PathLike
 
 __all__ = ["to_dcp", "to_zero1"]
 
-_HP = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
 
 
 def to_dcp(src: PathLike, out: PathLike, *, allow_nonfinite: bool = False) -> dict:
@@ -50,11 +49,11 @@ def to_dcp(src: PathLike, out: PathLike, *, allow_nonfinite: bool = False) -> di
     optim = {"state": {n: {k: v for k, v in st.items() if k != "master"}
                        for n, st in state.items()},
              "param_groups": dcp_param_groups([{**g, "params": g["param_names"]} for g in groups],
-                                              _HP)}
+                                              HP_KEYS)}
     from .validate import read_manifest
 
     man = read_manifest(src)
-    hp = [{**{k: (list(g[k]) if k == "betas" else g[k]) for k in _HP}, "step": int(g["step"])}
+    hp = [{**{k: (list(g[k]) if k == "betas" else g[k]) for k in HP_KEYS}, "step": int(g["step"])}
           for g in man.param_groups]
     tied = {k: v["param"] for k, v in (man.model or {"keys": {}})["keys"].items()
             if "param" in v and v["param"] != k}
@@ -98,6 +97,16 @@ def _holder(tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -
     return root
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit equal (``torch.equal`` calls NaN unequal to itself)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
+
+
 def _tied(man, tensors: dict, params: dict) -> dict[str, nn.Parameter]:
     """The manifest's tied keys (``lm_head.weight`` -> ``wte.weight``), each the very
     Parameter of the key it is tied to: a tied key left a buffer would come back as an
@@ -109,7 +118,7 @@ def _tied(man, tensors: dict, params: dict) -> dict[str, nn.Parameter]:
             raise CheckpointError(f"{man.path}: tied key {key!r:.80} -> {name!r:.80} is not a "
                                   "model tensor tied to an optimized param", path=man.path,
                                   kind="corrupt", field=f"tied[{key!r:.80}]")
-        if not torch.equal(tensors[key], tensors[name]):
+        if not _same_bits(tensors[key], tensors[name]):  # NaN too (a diverged run's)
             raise CheckpointError(f"{man.path}: tied key {key!r:.80} holds other values than "
                                   f"{name!r:.80}", path=man.path, kind="corrupt",
                                   field=f"tied[{key!r:.80}]")
@@ -158,7 +167,7 @@ def _zero1_optimizer(full: dict):
     params = {n: nn.Parameter(full["model"][n].to(dtype)) for n in names}
     params.update(_tied(man, full["model"], params))
     holder = _holder(full["model"], params)
-    opt_groups = [{"params": [params[n] for n in g["params"]], **{k: g[k] for k in _HP}}
+    opt_groups = [{"params": [params[n] for n in g["params"]], **{k: g[k] for k in HP_KEYS}}
                   for g in groups]
     opt = ShardedAMS(opt_groups, module=holder, broadcast_params=False, overlap=False,
                      bucket_numel=None, backend="eager")  # never stepped: no compile probe
@@ -168,7 +177,7 @@ def _zero1_optimizer(full: dict):
                **_moments(state.get(n), keys, params[n].numel()),
                "master": full["model"][n].reshape(-1).float()} for n in names]
     sd = {"format": "sharded_ams", "version": 1, "world_size": 1, "rank": 0,
-          "param_groups": [{**{k: g[k] for k in _HP}, "step": g["step"], "params": g["params"]}
+          "param_groups": [{**{k: g[k] for k in HP_KEYS}, "step": g["step"], "params": g["params"]}
                            for g in groups],
           "params": {n: {"shape": list(params[n].shape), "dtype": str(dtype), "group": gi}
                      for gi, g in enumerate(groups) for n in g["params"]},

@@ -38,7 +38,7 @@ from .dcp_sharded import Chunks, ChunkSavePlanner, lookup_chunk, sharded_dcp_sta
 from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, RNG_RE, DCPManifest,
                        check_dcp_files, check_dcp_items, load_rng, load_trainer,
                        read_dcp_manifest, read_dcp_metadata, refusing, rng_file_name)
-from .format import MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
+from .format import HP_KEYS, MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
 from .group import Group
 from .load import check_scheduler
 from .snapshot import rng_state, set_rng_state
@@ -84,7 +84,7 @@ def _sha256(path: Path) -> dict:
 def _groups_of(optimizer, step: int) -> list[dict]:
     """Each group's hyperparameters and step count (its params' AMS step: skipped steps
     are not counted, as ShardedAMS's group step; the training step if it has no state)."""
-    keys = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
+    keys = HP_KEYS
     out = []
     for g in optimizer.param_groups:
         if "step" in g:  # ShardedAMS: one count per group

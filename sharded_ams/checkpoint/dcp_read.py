@@ -14,12 +14,11 @@ import torch
 
 from .dcp import SafeLoadPlanner, reader_of
 from .dcp_meta import load_trainer, read_dcp_metadata, refusing, validate_dcp
-from .format import CheckpointError, PathLike
+from .format import HP_KEYS, CheckpointError, PathLike
 from .values import check_dcp_values
 
 __all__ = ["read_dcp_full", "consolidate_dcp", "refusing", "saved_groups", "HP_KEYS"]
 
-HP_KEYS = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
 
 
 def read_dcp_full(path: PathLike, *, allow_nonfinite: bool = False) -> dict:

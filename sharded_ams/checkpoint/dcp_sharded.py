@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..dtensor import is_dtensor, local
+from .format import HP_KEYS
 
 __all__ = ["Chunks", "flat_range_boxes", "sharded_dcp_state_dict", "ChunkSavePlanner",
            "lookup_chunk", "dcp_param_groups"]
@@ -197,6 +198,6 @@ def sharded_dcp_state_dict(model: torch.nn.Module, opt) -> dict:
                "params": [opt._names[p] for p in g["params"]]} for g in opt.param_groups]
     for g in groups:
         g["lr"] = float(g["lr"]) if isinstance(g["lr"], Tensor) else g["lr"]
-    keys = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
+    keys = HP_KEYS
     return {"model": model_sd, "optim": {"state": state,
                                          "param_groups": dcp_param_groups(groups, keys)}}

@@ -24,6 +24,9 @@ from typing import Optional, Union
 
 import torch
 
+#: a param group's hyperparameters, as every format records them
+HP_KEYS = ("lr", "betas", "beta3", "lam", "eps", "weight_decay")
+
 FORMAT = "sharded_ams.checkpoint"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

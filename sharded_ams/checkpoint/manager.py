@@ -82,6 +82,12 @@ def _list_candidates(root: Path) -> list[tuple[int, Path]]:
     return out
 
 
+def checkpoint_dirs(root: PathLike) -> list[Path]:
+    """``root``'s directories that are or may be checkpoints (``root`` itself if it holds a
+    manifest), newest first, unvalidated: for callers that try each in turn."""
+    return [p for _, p in _list_candidates(Path(root))]
+
+
 def find_latest_checkpoint(root: PathLike, *, checksums: bool = True) -> Optional[Path]:
     """The valid checkpoint with the highest step among ``root``'s real subdirectories
     that hold a manifest (``step-XXXXXXXX`` or any other name) and ``root`` itself; None

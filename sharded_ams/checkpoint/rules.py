@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import validate_hparams
-from .format import CheckpointError
+from .format import HP_KEYS, CheckpointError
 
 __all__ = ["Rules", "check_hparams", "MAX_NAME"]
 
@@ -66,7 +66,7 @@ class Rules:
 
 def check_hparams(r: Rules, g: dict, where: str) -> None:
     """A param group's hyperparameters, exactly as the optimizer constructor checks them."""
-    args = [r.get(g, k, where) for k in ("lr", "betas", "beta3", "lam", "eps", "weight_decay")]
+    args = [r.get(g, k, where) for k in HP_KEYS]
     try:
         validate_hparams(*args)
     except ValueError as exc:
