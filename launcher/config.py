@@ -90,14 +90,16 @@ class ModelConfig:
     parameter names and shapes of Hugging Face's LlamaForCausalLM). Ignored with factory."""
     size: Optional[str] = None
     """Named shape of arch: llama "tiny", "60m", "130m", "350m", "1b" (GaLore's configs, see
-    docs/llm.md); gpt "tiny". Unset: the arch's default shape (its tiny one)."""
+    docs/llm.md), "llama3-8b", "llama3-70b" (Meta's Llama 3 shapes, with their vocabulary
+    of 128256); gpt "tiny". Unset: the arch's default shape (its tiny one)."""
     factory: Optional[str] = None
     """Your own model: "package.module:function", called with this table as a dict, returning
     an nn.Module (contract in docs/llm.md). Unset: the built-in arch. A rerun of the run must keep it."""
     options: dict = field(default_factory=dict)
     """Settings for your factory ([model.options]; built-ins ignore them). A rerun of the run must keep them."""
     vocab_size: Optional[int] = None
-    """Token vocabulary; unset: the data's (256 for the byte-level corpora). Must be >= it."""
+    """Token vocabulary; unset: the size's (llama3-*), else the data's (256 for the byte-level
+    corpora). Must be >= the data's."""
     block_size: Optional[int] = None
     """Longest sequence the model takes (GPT: position table; Llama: rotary tables)."""
     n_layer: Optional[int] = None
