@@ -131,6 +131,22 @@ def test_run_summary_shows_sizes_and_restarts():
     assert "restarted on 1 worker (was 2) after step 22: resumed from step 20 (2 steps lost); 31.2 s" in text
 
 
+def test_run_summary_counts_the_launch_from_its_own_start():
+    """After a restart, "this launch trained" starts where the launch did, not where its last
+    worker group resumed (RunResult.start_step)."""
+    pytest.importorskip("ray.train")
+    from launcher.run.driver import ResumePoint, RunResult
+
+    def summary(resumed_from: ResumePoint, step: int = 8) -> str:
+        return RunResult(name="r", run_dir="/x", start_step=2, step=step, steps=8, train_loss=2.0, val_loss=None,
+                         restarts=1, wall_time_s=9.0, checkpoint=None, num_workers=2, use_gpu=False,
+                         resumed_from=resumed_from).summary()
+
+    assert "steps       8/8 (this launch trained steps 0 -> 8)" in summary(ResumePoint())
+    assert "(this launch trained steps 4 -> 8)" in summary(ResumePoint("scan", "/x/step-00000004", 4))
+    assert "nothing left to train" in summary(ResumePoint("ray", "/x/step-00000008", 8))
+
+
 def test_ray_log_filter():
     """Routine and repeated Ray lines are hidden, a failure keeps its short form."""
     for noise in ("Failed to query Ray Train Controller actor state. State API may be temporarily",

@@ -128,7 +128,8 @@ class RunResult:
         def f(x: Optional[float]) -> str:
             return "n/a" if x is None else f"{x:.4f}"
 
-        trained = (f"this launch trained steps {self.start_step} -> {self.step}" if self.step > self.start_step
+        first = self.resumed_from.step or 0  # this launch's start (start_step: its last group's)
+        trained = (f"this launch trained steps {first} -> {self.step}" if self.step > first
                    else "nothing left to train: raise job.steps (--steps) to train further")
         asked = (f"{self.num_workers[0]}-{self.num_workers[1]}" if isinstance(self.num_workers, (list, tuple))
                  else str(self.num_workers))
