@@ -88,7 +88,7 @@ def test_batch_split_errors_name_the_nearest_batches_that_work(batch, workers, m
     with pytest.raises(ValueError) as e:
         check_batch_split(batch, workers, micro)
     msg = str(e.value)
-    assert f"the nearest data.batch_size that work{'' if nearest.startswith(':') else ': '}{nearest}" in msg, msg
+    assert f"the nearest data.batch_size values that work{'' if nearest.startswith(':') else ': '}{nearest}" in msg, msg
     assert "every size in the range must divide" not in msg  # read backwards
     for fix in [int(x) for x in nearest.replace(":", "").split(" or ")]:
         check_batch_split(fix, workers, micro)  # each named size does split
@@ -98,7 +98,7 @@ def test_cli_names_a_batch_for_a_fixed_worker_count(capsys):
     rc = cli_main(["train", str(ROOT / "launcher/configs/gpt_tiny.toml"), "--num-workers", "3",
                    "--set", "data.batch_size=16", "--dry-run"])
     err = capsys.readouterr().err
-    assert rc == 2 and "the nearest data.batch_size that work: 15 or 18" in err, err
+    assert rc == 2 and "the nearest data.batch_size values that work: 15 or 18" in err, err
 
 
 # ----------------------------------------------------------------------------- data and precision

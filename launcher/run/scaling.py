@@ -92,10 +92,10 @@ def accumulation_steps(global_batch: int, num_workers: int, micro_batch_size: Op
 
 
 def nearest_batches(global_batch: int, unit: int) -> str:
-    """'the nearest data.batch_size that work: 15 or 18' (the multiples of ``unit`` around it)."""
+    """'the nearest data.batch_size values that work: 15 or 18' (the multiples of ``unit`` around it)."""
     below, above = (global_batch // unit) * unit, (global_batch // unit + 1) * unit
     sizes = f"{below} or {above}" if below > 0 else f"{above}"
-    return f"the nearest data.batch_size that work: {sizes}"
+    return f"the nearest data.batch_size values that work: {sizes}"
 
 
 def check_batch_split(global_batch: int, num_workers: NumWorkers, micro_batch_size: Optional[int]) -> None:
