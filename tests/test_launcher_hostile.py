@@ -175,6 +175,20 @@ def test_resume_from_starts_a_new_run_that_may_change_the_data(tiny_run, capsys)
     assert not (tiny_run / "tuned").exists()
 
 
+def test_a_different_model_is_refused_with_the_way_out_that_fits(tiny_run, capsys):
+    """A rerun of the run with another model shape: a new name; --resume-from a checkpoint
+    of another model (already a new name): a checkpoint of this model, or none."""
+    rc, err = _dry_run(capsys, tiny_run, "model.n_embd=32")
+    assert rc == 2 and "holds a different model (model.n_embd: checkpoint 64, config 32)" in err, err
+    assert "Use a new job.name (--name)" in err, err
+    ckpt = str(tiny_run / "run" / "step-00000003")
+    rc = cli_main(["train", str(ROOT / "launcher/configs/gpt_tiny.toml"), "--storage-path", str(tiny_run),
+                   "--dry-run", "--name", "other", "--resume-from", ckpt, "--set", "model.n_embd=32"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds a different model" in err and "job.name" not in err, err
+    assert "name one of this model, or start from scratch without it" in err, err
+
+
 def test_a_changed_corpus_or_tokenizer_is_refused_by_name():
     """check_same_run on the corpus descriptions a checkpoint records (prepare-data dirs
     without preparing any): another directory; the same one prepared again with another
