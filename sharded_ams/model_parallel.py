@@ -20,6 +20,13 @@ things are about whole tensors and need the model-parallel (mp) ranks too:
   tensor's numel; all tensors' counts ride in one vector: one all-reduce per step.
 * **error flags** (a rank's failed gradient check) ride with the norm, so every rank of
   the grid raises together.
+* **initial copies** (``broadcast_params``): the data-parallel broadcast reaches only the
+  ranks of one mp coordinate, so the copies of a replicated param are then broadcast over
+  each mp dimension it is replicated over too (:meth:`ModelParallel.broadcast_replicated`):
+  every rank starts from global rank 0's values. ``parallelize_module`` scatters its
+  ``Shard`` params from tp rank 0, but it leaves plain params, and ``SequenceParallel``
+  makes its ``Replicate`` params from each rank's own values (``from_local``), so ranks
+  seeded differently held different copies, each tp rank trained its own.
 
 Params are grouped into buffers by which mp dimensions they are replicated over (the same
 on every rank), so "counts here" is one flag per buffer.
@@ -148,6 +155,17 @@ class ModelParallel:
         dp_reduce(t)
         for c in self.comms:
             c.all_reduce(t).wait()
+
+    def broadcast_replicated(self, buffers: Sequence[Tensor],
+                             replicated: Sequence[Sequence[int]]) -> None:
+        """Each flat param buffer broadcast from coordinate 0 of every mp dimension its
+        params are replicated over (``replicated``, per buffer), waited: one dimension at a
+        time, after the dp broadcast (one memory must not be in two broadcasts at once)."""
+        for d in range(len(self.comms)):
+            handles = [self.comms[d].broadcast(buf)
+                       for buf, dims in zip(buffers, replicated) if d in dims]
+            for h in handles:
+                h.wait()
 
     def check_same(self, what: str, items: list[str], device: torch.device) -> None:
         """Every rank of each mp dimension has the same ``items`` (the count vector's

@@ -265,10 +265,11 @@ class ShardedAMS(Optimizer):
             self.mp.check_same("the buffers' params (the count vector lines up across "
                                "model-parallel ranks)", [f"{s.name}@{i}" for i, sh in
                                enumerate(self.shards) for s in sh.layout.slots], self.device)
-        if broadcast and self.comm.active:
-            handles = [self.comm.broadcast(sh.buf.param) for sh in self.shards]
-            for h in handles:
-                h.wait()
+        if broadcast and (self.comm.active or self.mp.active):
+            for h in [self.comm.broadcast(sh.buf.param) for sh in self.shards]:
+                h.wait()  # then the tp copies of replicated params: rank 0's too
+            self.mp.broadcast_replicated([sh.buf.param for sh in self.shards],
+                                         [rd for _, rd, _ in specs])
             for sh in self.shards:  # masters follow the broadcast params
                 if sh.own_master:
                     for b in range(len(sh.layout.buckets)):

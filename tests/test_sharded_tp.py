@@ -23,7 +23,8 @@ parallelism), both clipped on every step. In the C-Adam run one rank's replicate
 weight gets an inf gradient at one step: every rank must skip it. Each ShardedAMS
 ``step()`` issues one small all-reduce for the norm (two with C-Adam's counts) over the
 whole grid. A third case steps the same TP Llama ``fully_shard``-ed over dp with ``AMS``
-(C-Adam on 2-D DTensors: FSDP2 + TP).
+(C-Adam on 2-D DTensors: FSDP2 + TP). Last, ranks that initialise the model from their own
+seeds must all start from rank 0's params (``broadcast_params``, over dp and tp).
 """
 
 from __future__ import annotations
@@ -237,12 +238,44 @@ def _misuse() -> str:
     return "no error"
 
 
+def _seeded_per_rank(mesh) -> dict:
+    """Each rank builds the TP Llama from its own seed, with random norm weights (with
+    sequence parallelism they are Replicate DTensors made from each rank's values, without
+    it plain tensors): after ``ShardedAMS(broadcast_params=True)`` every param must hold
+    rank 0's (seed 0) values on every rank, its tp copies included. The largest
+    difference per layout."""
+    from launcher.train.models.llama import Llama
+    from launcher.train.parallel.tp import apply_tp
+    from sharded_ams import ShardedAMS
+
+    def llama(seed: int):
+        torch.manual_seed(seed)
+        model = Llama(_cfg())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:  # ones by default: the same on every rank anyway
+                    p.add_(0.1 * torch.randn_like(p))
+        return model
+
+    want = dict(llama(0).named_parameters())
+    out = {}
+    for sp in (True, False):
+        model = apply_tp(llama(dist.get_rank()), mesh["tp"], sequence_parallel=sp)
+        opt = ShardedAMS(model, device_mesh=mesh, backend="eager")
+        opt.finish_param_sync()
+        out[sp] = max(float((_full(p.detach()) - want[n]).abs().max())
+                      for n, p in model.named_parameters())
+        opt.close()
+    return out
+
+
 def _job() -> dict:
     from torch.distributed.tensor import init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     out = {name: _run_case(name, mesh) for name in CASES}
     out["misuse"] = _misuse()
+    out["seeded"] = _seeded_per_rank(mesh)
     return out
 
 
@@ -277,6 +310,13 @@ def test_nonfinite_on_one_rank_skips_everywhere():
         want = [s == INF_STEP for s in range(STEPS)]
         assert res["cadam"]["skipped"] == want, (rank, res["cadam"]["skipped"])
         assert res["grams"]["skipped"] == res["fsdp_cadam"]["skipped"] == [False] * STEPS
+
+
+def test_broadcast_params_makes_tp_copies_rank_0s():
+    """Ranks seeded differently: the dp broadcast alone left each tp rank its own copy of
+    the replicated norm weights (each tp rank then trained a different model)."""
+    for rank, res in enumerate(_results()):
+        assert res["seeded"] == {True: 0.0, False: 0.0}, (rank, res["seeded"])
 
 
 def test_checkpoint_records_the_mesh_and_refuses_another_tp():
