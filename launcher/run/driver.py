@@ -364,11 +364,11 @@ def _check_same_model(cfg: Config, point: ResumePoint) -> None:
             for k, v in cfg.model.shape().items() if k in saved and saved[k] != v]
     if diff:
         way = ("job.resume_from (--resume-from) starts a run from a checkpoint of the same "
-               "model: name one of this model, or start from scratch without it"
+               "model: name one of this model, or start from scratch without it."
                if point.source == "config" else
                "Use a new job.name (--name) for a new model, or restore these settings to "
-               "resume this run")
-        raise LaunchError(f"{point.path} holds a different model ({'; '.join(diff)}). {way}.")
+               "resume this run.")
+        raise LaunchError(f"{point.path} holds a different model ({'; '.join(diff)}). {way}")
 
 
 def _scaling_config(job):
