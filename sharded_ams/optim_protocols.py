@@ -80,14 +80,23 @@ def runs_load_state_dict_hooks(fn: Callable[[Any, Any], None]) -> Callable[[Any,
     return load_state_dict
 
 
-def refuse_grad_scaler(opt: Optimizer) -> bool:
-    """``ShardedAMS._step_supports_amp_scaling``, the attribute ``GradScaler.step`` reads
-    before anything else (a disabled scaler reads nothing). Raises: ShardedAMS's gradients
-    live in its flat buffers, reduced across ranks in backward and ``step()``, so the
-    scaler's unscale and inf check of ``p.grad`` would miss them (16-bit params: no
-    ``p.grad`` at all) or read them mid-reduction and decide the skip per rank (ranks
-    that disagree desynchronise their collectives); the custom-optimizer route records no
-    inf check that ``GradScaler.update`` can read without the scaler's private state."""
+def refuse_grad_scaler(opt: Optimizer) -> None:
+    """Raises where ``torch.amp.GradScaler`` drives ``opt.step()``; ``ShardedAMS.step``
+    calls it first. ShardedAMS's gradients live in its flat buffers, reduced across ranks
+    in backward and ``step()``, so the scaler's unscale and inf check of ``p.grad`` would
+    miss them (16-bit params: no ``p.grad`` at all) or read them mid-reduction and decide
+    the skip per rank (ranks that disagree desynchronise their collectives).
+
+    How it knows: ShardedAMS declares ``_step_supports_amp_scaling = True`` (a plain
+    attribute: ``hasattr`` and other introspection keep working), so ``GradScaler.step``
+    hands the step over with its ``grad_scale`` and ``found_inf`` set as attributes of the
+    optimizer instead of stepping it itself. They are removed here, as the scaler removes
+    them after a step that returns, so a later plain ``step()`` is not refused."""
+    handed = [name for name in ("grad_scale", "found_inf") if name in vars(opt)]
+    if not handed:
+        return
+    for name in handed:
+        delattr(opt, name)
     raise RuntimeError(
         f"torch.amp.GradScaler cannot drive {type(opt).__name__}: its gradients live in "
         "the optimizer's flat buffers (reduced across ranks during backward and step()), "

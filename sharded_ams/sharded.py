@@ -203,7 +203,7 @@ class ShardedAMS(Optimizer):
                         "param and grad buffers and a process group. Save its state_dict() "
                         "and load it into a ShardedAMS built on the copy of the model")
 
-    _step_supports_amp_scaling = property(refuse_grad_scaler)  # GradScaler.step: refused
+    _step_supports_amp_scaling = True  # GradScaler.step hands the step over: refused in step()
 
     # ------------------------------------------------------------------ layout
     def _build(self, bucket_numel: Union[int, str, None], backend: str, broadcast: bool,
@@ -399,6 +399,7 @@ class ShardedAMS(Optimizer):
 
         Clipping and the non-finite skip are decided on the device; the only host read
         is the ranks' error flag at world size > 1 (bucket_sync.py, "Misuse")."""
+        refuse_grad_scaler(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():

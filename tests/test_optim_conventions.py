@@ -450,8 +450,13 @@ def test_sharded_refuses_grad_scaler(dtype):
     torch.manual_seed(1)
     scaler.scale(model(torch.randn(3, 4, dtype=dtype)).float().square().sum()).backward()
     before = _weights(model)
+    assert hasattr(opt, "_step_supports_amp_scaling")  # introspection does not raise
     with pytest.raises(RuntimeError, match="GradScaler cannot drive ShardedAMS.*bf16.*"
                        "single-process AMS"):
+        scaler.step(opt)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    scaler.unscale_(opt)  # unscale_ first (clipping's order): refused too
+    with pytest.raises(RuntimeError, match="GradScaler cannot drive ShardedAMS"):
         scaler.step(opt)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     torch.amp.GradScaler("cpu", enabled=False).step(opt)
