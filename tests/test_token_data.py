@@ -278,9 +278,33 @@ def test_damaged_data_is_refused_before_training(tmp_path, capsys, how, match):
 
 
 @pytest.mark.slow
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid``."""
+    out = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.add(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie or a recycled pid of another program counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z" and b"multiprocessing" in cmd
+
+
 def test_killed_prepare_data_leaves_no_output(tmp_path):
     """SIGKILL at arbitrary moments: OUT is either absent or complete and valid; the next
-    run removes the dead runs' temporary directories and finishes."""
+    run removes the dead runs' temporary directories and finishes; the killed runs' pool
+    workers exit (they waited for work forever)."""
     src = tmp_path / "in"
     src.mkdir()
     text = (EMAIL / "_header_value_parser.py").read_text()
@@ -311,10 +335,11 @@ def test_killed_prepare_data_leaves_no_output(tmp_path):
     assert cal.wait() == 0, cal.stderr.read().decode()
     assert window > 0.02, f"prepare-data wrote for only {window:.3f} s (started {t1 - t0:.1f} s)"
     shutil.rmtree(tmp_path / "cal")
-    interrupted = 0
+    interrupted, orphans = 0, set()
     for _ in range(8):
         proc = start_and_wait_for_writes(out)
         time.sleep(rng.uniform(0.0, 0.9 * window))
+        orphans |= _children(proc.pid)  # its pool workers: they must not outlive it
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if out.exists():  # it finished before the kill: then it is whole; write it again
@@ -324,6 +349,11 @@ def test_killed_prepare_data_leaves_no_output(tmp_path):
         if interrupted >= 2:
             break
     assert interrupted, "no kill landed while prepare-data was writing"
+    assert orphans, "the runs killed had no pool workers (--workers defaults to the cores)"
+    deadline = time.monotonic() + 30
+    while (alive := {p for p in orphans if _alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, f"pool workers {sorted(alive)} outlived their SIGKILLed prepare-data"
     _prep([src], out, force=True)
     open_token_dir(out)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

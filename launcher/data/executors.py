@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import signal
+import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Callable, Optional, Sequence
 
@@ -39,9 +41,20 @@ def _pin_threads() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # threads pinned above: no fork warning
 
 
+def _exit_with(parent: int) -> None:
+    """Exit once ``parent`` is gone (this process re-parented). A pool worker outlives a
+    SIGKILLed prepare-data otherwise: the pool's queues keep both ends of their pipes open
+    in every worker, so it would wait for work forever, holding its memory."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _init_worker() -> None:
     _pin_threads()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True,
+                     name="exit-with-parent").start()
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
