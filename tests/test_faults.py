@@ -188,7 +188,9 @@ class Driver:
         self.log = storage / f"{name}.log"
         self.cmd = [sys.executable, "-m", "launcher", "train", str(GPT_TINY), "--address", cluster.address,
                     "--storage-path", str(storage), "--name", name, "--steps", str(steps), *JOB, *extra]
+        # no PreemptionWatcher actor per group start (CPU; no cloud preemption here)
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05",
+                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                     **(env or {})}
         self.proc = None
         self.start()

@@ -664,3 +664,23 @@ def test_the_first_step_after_a_resume_uses_the_configs_schedule(tmp_path, monke
     if not change:
         assert rerun.optimizer.param_groups[0]["lr"] == stepped(first, 3).optimizer.param_groups[0]["lr"]
 
+
+
+@pytest.mark.parametrize("address", [None, "10.0.0.1:6379"])
+def test_ray_train_settings_for_an_embedded_ray(address, monkeypatch):
+    """A Ray embedded on this machine polls reports every 0.25 s and starts no
+    PreemptionWatcher actor per group start (no cloud preemption reaches it); a cluster
+    keeps Ray's defaults; a value the user set is kept either way."""
+    from launcher.run.driver import _prepare_env
+
+    names = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+             "RAY_ADDRESS", "RAY_AUTH_MODE", "PYTHONPATH", "RAY_TRAIN_V2_ENABLED")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    _prepare_env(address)
+    got = {n: os.environ.get(n) for n in names[:2]}
+    assert got == ({names[0]: "0.25", names[1]: "0"} if address is None else
+                   dict.fromkeys(names[:2]))
+    monkeypatch.setenv(names[1], "1")
+    _prepare_env(address)
+    assert os.environ[names[1]] == "1"

@@ -170,6 +170,11 @@ def _prepare_env(address: Optional[str]) -> None:
         # each fit() (ENV_VARS_TO_PROPAGATE), so it also applies to a local Ray started
         # before run() (e.g. by the examples).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+        # Each worker-group start also starts a PreemptionWatcher actor (a process that
+        # imports Ray Train: ~3.5 s of CPU here) polling for cloud preemption notices,
+        # which a Ray embedded on this machine never gets; Ray Train copies the switch to
+        # the controller like the interval above.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # A local Ray's workers inherit this environment: what the driver imports (model and
         # data factories from the current directory or sys.path) they import too.
         paths = [os.getcwd(), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
