@@ -18,6 +18,7 @@ cannot be stepped shard by shard: :func:`dtensor_layout` raises a ValueError nam
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -26,23 +27,37 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-try:  # torch.distributed.tensor is public from torch 2.4; the project needs >= 2.4 anyway
-    from torch.distributed.tensor import DTensor
+#: DTensor's class once ``torch.distributed.tensor`` is imported (see :func:`is_dtensor`)
+_DTensor: Optional[type] = None
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether ``t`` is a DTensor. Nothing here imports ``torch.distributed.tensor``
+    (~1.3 s of CPU per process here: it pulls in sympy): no tensor can be a DTensor
+    before that module is imported (by FSDP2, a TP plan, DCP or the user), so until then
+    the answer is False, and a run on plain tensors never pays for it."""
+    global _DTensor
+    if _DTensor is None:
+        _DTensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+        if _DTensor is None:
+            return False
+    return isinstance(t, _DTensor)
+
+
+@functools.lru_cache(maxsize=None)
+def _placement_types() -> tuple:
+    """(Shard or strided-shard types, Replicate): imported when a DTensor is first laid
+    out, i.e. once its module is loaded anyway."""
     from torch.distributed.tensor.placement_types import Replicate, Shard
     try:
         from torch.distributed.tensor.placement_types import _StridedShard
     except ImportError:  # pragma: no cover - older torch
-        _StridedShard = Shard
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None
-    Replicate = Shard = _StridedShard = ()
+        return (Shard,), Replicate
+    return (Shard, _StridedShard), Replicate
+
 
 #: process groups whose sum makes a shard's count the whole tensor's (ranks as the key)
 Groups = tuple
-
-
-def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
 
 
 def local(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -99,11 +114,12 @@ def dtensor_layout(p: Tensor, what: Union[str, ParamName]) -> Groups:
 
 def _groups(p: Tensor, what: Union[str, ParamName]) -> Groups:
     groups = []
+    shard, replicate = _placement_types()
     for dim, pl in enumerate(p.placements):
-        if isinstance(pl, (Shard, _StridedShard)):
+        if isinstance(pl, shard):
             if p.device_mesh.size(dim) > 1:  # one rank holds the whole extent: no sum
                 groups.append(p.device_mesh.get_group(dim))
-        elif not isinstance(pl, Replicate):
+        elif not isinstance(pl, replicate):
             raise ValueError(
                 f"AMS cannot step {what}: it is a DTensor with placement {pl} on mesh "
                 f"dimension {dim} (placements {tuple(p.placements)}); only Shard and "

@@ -143,3 +143,35 @@ def test_state_of_another_sharding_is_refused_at_load():
         assert into_plain and "is a DTensor, the param is a plain tensor" in into_plain
         assert into_fsdp and "is a plain tensor, the param is a DTensor" in into_fsdp
         assert "State 'exp_avg' of param 0" in into_plain and "get/set_optimizer_state_dict" in into_fsdp
+
+
+_IMPORT_CHECK = """
+import sys, tempfile
+import torch
+import sharded_ams, launcher.run.driver, launcher.train.loop
+from sharded_ams.dtensor import is_dtensor
+assert not is_dtensor(torch.zeros(2))
+late = sorted(m for m in ("torch.distributed.tensor", "sympy") if m in sys.modules)
+assert not late, f"imported by sharded_ams and the launcher's worker and driver: {late}"
+import torch.distributed as dist
+from torch.distributed.tensor import distribute_tensor, init_device_mesh
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+d = distribute_tensor(torch.zeros(4), init_device_mesh("cpu", (1,)))
+assert is_dtensor(d) and not is_dtensor(d.to_local())
+dist.destroy_process_group()
+"""
+
+
+def test_plain_runs_do_not_import_dtensor_and_late_dtensors_are_seen():
+    """Importing sharded_ams (and the launcher's driver and worker loop) does not import
+    torch.distributed.tensor, which costs every process ~1.3 s of CPU (it pulls in sympy);
+    ``is_dtensor`` still recognises a DTensor made after it answered False for plain
+    tensors (FSDP2 imported later)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_CHECK], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
