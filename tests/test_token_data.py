@@ -336,6 +336,15 @@ def test_killed_prepare_data_leaves_no_output(tmp_path):
     assert window > 0.02, f"prepare-data wrote for only {window:.3f} s (started {t1 - t0:.1f} s)"
     shutil.rmtree(tmp_path / "cal")
     interrupted, orphans = 0, set()
+    # killed as its pool starts: workers still starting must not outlive it either
+    early = subprocess.Popen(cmd, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (kids := _children(early.pid)) and early.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    orphans |= kids
+    early.kill()
+    early.wait()
     for _ in range(8):
         proc = start_and_wait_for_writes(out)
         time.sleep(rng.uniform(0.0, 0.9 * window))

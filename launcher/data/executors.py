@@ -50,10 +50,12 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
+    """``parent``: the pid of the process that made the pool, passed from there (a worker
+    that starts after it died would read its new parent, 1, from ``os.getppid()``)."""
     _pin_threads()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True,
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True,
                      name="exit-with-parent").start()
 
 
@@ -80,7 +82,7 @@ def _run_local(job: EncodeJob, blocks: Sequence[Block], workers: int, on_done: C
 
     # spawn: a fresh interpreter per worker (no inherited tokenizer threads, locks or Ray state)
     pool = ProcessPoolExecutor(min(workers, len(blocks)), mp_context=mp.get_context("spawn"),
-                               initializer=_init_worker)
+                               initializer=_init_worker, initargs=(os.getpid(),))
     try:
         pending = {pool.submit(encode_block, job, b) for b in blocks}
         while pending:
