@@ -391,38 +391,132 @@ def test_dcp_read_failures_are_refusals(saved, tmp_path, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+STORED_CASES = {  # name: (what model.2.bias (1 float32) is stored as, the refusal's phrase)
+    "float64": (torch.tensor([0.25], dtype=torch.float64), r"a torch\.float64 tensor of shape \[1\]"),
+    "int": (torch.tensor([7], dtype=torch.int32), r"a torch\.int32 tensor of shape \[1\]"),
+    "shape": (torch.zeros(1, 1), r"a torch\.float32 tensor of shape \[1, 1\]"),
+    "not-a-tensor": ({"x": 1}, "a dict"),
+}
+
+
+@pytest.mark.parametrize("case", list(STORED_CASES))
+def test_a_stored_chunk_of_another_dtype_or_shape_is_refused(saved, tmp_path, case):
+    """The metadata says model.2.bias is a float32 [1]; its bytes hold something else.
+    DCP's reader ``copy_``'d a float64 or int chunk into the float32 param, converted
+    silently (the native format refuses a dtype that is not its manifest's); every
+    reader now refuses it, naming the item and both dtypes and shapes."""
+    from sharded_ams.checkpoint import consolidate
+
+    stored, phrase = STORED_CASES[case]
+    bad = _planted_metadata(saved[0], tmp_path / "c", lambda md: _append_item(
+        tmp_path / "c", md, ("model.2.bias", (0,)), _saved(stored)))
+    fresh, fopt = _trained(seed=1)
+    for call in (consolidate, lambda p: load_dcp(p, fresh, fopt)):
+        with pytest.raises(CheckpointError, match=r"__0_0\.distcp: item 'model\.2\.bias' "
+                           r"\(chunk at \(0,\)\) holds " + phrase + r"; the metadata says "
+                           r"a torch\.float32 tensor of shape \[1\]") as ei:
+            call(bad)
+        assert (ei.value.kind, ei.value.field) == ("corrupt", "model.2.bias")
+
+
+@pytest.mark.parametrize("victim", [".metadata", "trainer.pt", "rng-rank00000.pt",
+                                    "__0_0.distcp"])
+def test_a_file_replaced_right_after_its_checksum_is_not_read(saved, tmp_path, monkeypatch,
+                                                             victim):
+    """Each file is read through the fd its sha256 was taken on. Before, ``.metadata``,
+    ``trainer.pt`` and the RNG states were hashed on one open and read on another, by
+    name: bytes renamed over the file in between (here random ones of the same size,
+    the moment its check returns) were what got unpickled or loaded."""
+    import contextlib
+
+    from sharded_ams.checkpoint import consolidate
+    from sharded_ams.checkpoint import dcp_meta
+
+    real, swapped = dcp_meta.open_checked, set()
+
+    @contextlib.contextmanager
+    def checked_then_replaced(man, name, *, checksum=True):
+        with real(man, name, checksum=checksum) as fd:
+            if name == victim and checksum and man.path not in swapped:
+                swapped.add(man.path)
+                target = man.path / name
+                other = target.with_name("replacement")
+                other.write_bytes(os.urandom(target.stat().st_size))
+                os.replace(other, target)
+            yield fd
+
+    monkeypatch.setattr(dcp_meta, "open_checked", checked_then_replaced)
+    want = saved[1].state_dict()
+    calls = [] if victim.startswith("rng") else [lambda p: consolidate(p)["model"]]
+    for i, call in enumerate(calls + [None]):
+        path = _copy(saved[0], tmp_path / f"c{i}")
+        if call is None:
+            model, opt = _trained(seed=1)
+            assert load_dcp(path, model, opt)["step"] == 2
+            got = model.state_dict()
+        else:
+            got = call(path)
+        assert path in swapped
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "over-the-fd-cap"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "same-size-content"])
 def test_a_data_file_swapped_after_the_checks_is_not_followed(saved, tmp_path, monkeypatch,
-                                                              kind):
-    """DCP opens the data files again by name after the checks (``Path.open``): one made
-    a symlink since (to an identical copy outside: read through it, silently) or a FIFO
-    (the read hung) is refused by our reader, which opens them as the checks do."""
+                                                              kind, held):
+    """DCP's own reader opens the data files again by name after the checks: one made a
+    symlink since (to a copy outside: read through it, silently), a FIFO (the read hung)
+    or a same-size file of other bytes renamed over it (read unchecked) was followed. Ours
+    reads through the fds the checks hashed (``CheckedFiles``): the checked bytes load,
+    whatever the name points at now. Past the cap on held fds a file is opened again at the
+    read and checked again: the swap is refused."""
     from sharded_ams.checkpoint import consolidate
     import sharded_ams.checkpoint.dcp as dcp_mod
     import sharded_ams.checkpoint.dcp_read as dcp_read
+    from sharded_ams.checkpoint.dcp_meta import CheckedFiles
 
+    if not held:
+        monkeypatch.setattr(CheckedFiles, "MAX_HELD", 0)
     path = _copy(saved[0], tmp_path / "c")
 
-    def swap(man, _load=dcp_read.load_trainer):  # runs after validate_dcp, before dcp.load
+    def swap(man, *a, _load=dcp_read.load_trainer):  # after the checks, before dcp.load
         if data.is_file() and not data.is_symlink():
             outside = tmp_path / "outside.distcp"
-            outside.write_bytes(data.read_bytes())
-            data.unlink()
-            data.symlink_to(outside) if kind == "symlink" else os.mkfifo(data)
-        return _load(man)
+            raw = bytearray(data.read_bytes())
+            if kind == "same-size-content":  # a weight's stored float changed, size kept
+                at = raw.find(want["2.weight"].numpy().tobytes())
+                assert at > 0
+                raw[at + 1] ^= 0x40
+                outside.write_bytes(bytes(raw))
+                os.replace(outside, data)
+            else:
+                outside.write_bytes(bytes(raw))
+                data.unlink()
+                data.symlink_to(outside) if kind == "symlink" else os.mkfifo(data)
+        return _load(man, *a)
 
     monkeypatch.setattr(dcp_read, "load_trainer", swap)
     monkeypatch.setattr(dcp_mod, "load_trainer", swap)
-    phrase = "is a symbolic link" if kind == "symlink" else "is a FIFO"
+    want = saved[1].state_dict()
+    phrase, why = {"symlink": ("is a symbolic link", "unsafe"), "fifo": ("is a FIFO", "unsafe"),
+                   "same-size-content": ("sha256 checksum mismatch", "corrupt")}[kind]
     old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("hung")))
     signal.alarm(20)  # a read that waits on the FIFO fails the test, not hangs it
     try:
-        for i, call in enumerate((consolidate, lambda p: load_dcp(p, *_trained(seed=1)))):
+        for i in range(2):
             path = path if not i else _copy(saved[0], tmp_path / "d")  # the swap again
             data = path / "__0_0.distcp"
+            model, opt = _trained(seed=1)
+            call = consolidate if i == 0 else (lambda p: load_dcp(p, model, opt))
+            if held:
+                out = call(path)
+                got = out["model"] if i == 0 else model.state_dict()
+                assert data.is_symlink() or not data.is_file() or kind == "same-size-content"
+                assert all(torch.equal(got[k], want[k]) for k in want)
+                continue
             with pytest.raises(CheckpointError, match=rf"__0_0\.distcp: {phrase}") as ei:
                 call(path)
-            assert ei.value.kind == "unsafe"
+            assert ei.value.kind == why
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

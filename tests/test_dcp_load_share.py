@@ -3,8 +3,8 @@ files it reads (DCP's own load plan) plus a round-robin share of all of them, so
 together the ranks check every file, instead of every rank reading the whole checkpoint.
 
 One spawned job of 2 gloo ranks records, inside each rank, the files ``load_dcp`` hashes
-(``dcp_meta._check_file`` with ``checksum``) and the data files ``dcp.load`` opens
-(``dcp.open_regular``): a ShardedAMS checkpoint loaded on the same layout (each rank reads
+(``dcp_meta.open_checked`` with ``checksum``) and the data files ``dcp.load`` reads
+(``dcp_reader._read_file``): a ShardedAMS checkpoint loaded on the same layout (each rank reads
 its own file only), an FSDP2 one (rank 1 also reads rank 0's file, which holds the
 replicated items, ``save_dcp``'s ``dedup_save_to_lowest_rank``), and a data file only rank 1 reads made corrupt: every rank
 refuses with the same CheckpointError. A file that no rank reads is hashed by its share
@@ -45,22 +45,22 @@ def _pair(kind: str, seed: int):
 def _job(root: str) -> dict:
     import torch.distributed as dist
 
-    from sharded_ams.checkpoint import CheckpointError, dcp, dcp_meta
+    from sharded_ams.checkpoint import CheckpointError, dcp, dcp_meta, dcp_reader
 
     hashed: set = set()
     opened: set = set()
-    check, open_regular = dcp_meta._check_file, dcp.open_regular
+    check, read_file = dcp_meta.open_checked, dcp_reader._read_file
 
-    def checking(man, name, checksum):
+    def checking(man, name, *, checksum=True):
         if checksum:
             hashed.add(name)
-        return check(man, name, checksum)
+        return check(man, name, checksum=checksum)
 
-    def opening(path, *a, **k):
-        opened.add(os.path.basename(path))
-        return open_regular(path, *a, **k)
+    def reading(man, md, files, rel, *a):  # hashed before the load, not only as it reads
+        opened.add(rel if rel in hashed else f"{rel} (not checked before the load)")
+        return read_file(man, md, files, rel, *a)
 
-    dcp_meta._check_file, dcp.open_regular = checking, opening
+    dcp_meta.open_checked, dcp_reader._read_file = checking, reading
     warnings.simplefilter("ignore")
     out: dict = {}
     for kind in ("zero1", "fsdp"):

@@ -15,7 +15,8 @@ Where things are:
   the writer lock;
 * ``dcp.py`` / ``dcp_meta.py``: checkpoints of FSDP2 / tensor-parallel runs in
   ``torch.distributed.checkpoint`` format under the same rules (commit last, checksums,
-  the DCP metadata pickle read through an allowlist);
+  the DCP metadata pickle read through an allowlist); ``dcp_reader.py``: DCP's reads,
+  through the fds the checks hashed, each chunk of its metadata's dtype and shape;
 * ``consolidate.py``: one unsharded state for the single-process ``AMS``, and its export;
 * ``snapshot.py`` / ``group.py``: CPU snapshots (pinned, one sync) and RNG states; the
   process group and how ranks agree on an error.

@@ -35,14 +35,14 @@ from torch import nn
 
 from .commit import fsync_dir, write_bytes_durably, write_file
 from .dcp_sharded import Chunks, ChunkSavePlanner, lookup_chunk, sharded_dcp_state_dict
-from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, RNG_RE, DCPManifest,
-                       check_dcp_files, check_dcp_items, load_rng, load_trainer,
+from .dcp_meta import (DCP_FORMAT, DCP_VERSION, DATA_RE, METADATA_NAME, RNG_RE, CheckedFiles,
+                       DCPManifest, check_dcp_files, check_dcp_items, load_rng, load_trainer,
                        read_dcp_manifest, read_dcp_metadata, refusing, rng_file_name)
+from .dcp_reader import reader_of
 from .format import HP_KEYS, MANIFEST_NAME, TRAINER_NAME, CheckpointError, PathLike
 from .group import Group
 from .load import check_scheduler
 from .snapshot import rng_state, set_rng_state
-from .validate import open_regular
 from .values import check_dcp_values
 
 __all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader_of",
@@ -283,42 +283,6 @@ def _holds_chunks(sd: Any) -> bool:
     return isinstance(sd, Chunks)
 
 
-def reader_of(man: DCPManifest, metadata):
-    """A FileSystemReader that returns the checked metadata instead of unpickling the file
-    and opens each data file as the checks did (``validate.open_regular``): DCP opens the
-    files again by name (``Path.open``), which follows a symlink and waits on a FIFO put
-    there since; each must still be a regular file of the manifest's size."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.filesystem import FileSystem
-
-    root, sizes = Path(str(man.path)), {n: int(f["size"]) for n, f in man.files.items()}
-
-    class _Files(FileSystem):
-        @contextlib.contextmanager
-        def create_stream(self, path: Any, mode: str):
-            path = Path(path)
-            if mode != "rb" or path.parent != root or path.name not in sizes:
-                raise CheckpointError(f"{path}: not a file of checkpoint {root} to read",
-                                      path=path, kind="unsafe")
-            with open_regular(path) as (fd, size):
-                if size != sizes[path.name]:
-                    raise CheckpointError(f"{path}: changed since it was checked ({size} "
-                                          f"bytes, the manifest says {sizes[path.name]})",
-                                          path=path, kind="corrupt")
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    yield f
-
-    class _Reader(FileSystemReader):
-        def __init__(self) -> None:
-            super().__init__(str(root))
-            self.fs = _Files()
-
-        def read_metadata(self, *args: Any, **kwargs: Any):
-            return metadata
-
-    return _Reader()
-
-
 def _check_shapes(man: DCPManifest, md, sd: dict) -> None:
     """Every item the load fills exists in the checkpoint (keys as DCP flattens them),
     every tensor with the same global shape: a mismatch is "a different model or
@@ -435,13 +399,15 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
     if sharded:  # the state is read in place
         sd["optim"] = {"state": {n: {k: v for k, v in st.items() if k != "step"}
                                  for n, st in sd["optim"]["state"].items()}}
+    files = contextlib.ExitStack()  # the checked files, held open for dcp.load's reads
     try:
         man = read_dcp_manifest(path)
-        check_dcp_files(man, ())  # sizes of every file (cheap): a truncated one is corrupt
+        held = files.enter_context(CheckedFiles(man))
+        check_dcp_files(man, held, ())  # sizes of every file (cheap): a truncated one is corrupt
         md = read_dcp_metadata(man)  # every rank reads it: checksummed here
         _check_shapes(man, md, sd)  # first: the plan of this rank's reads needs the keys
-        check_dcp_items(man, md, check_dcp_files(man, hash_duty(man, md, sd, ctx)))
-        trainer = load_trainer(man)
+        check_dcp_items(man, md, held, check_dcp_files(man, held, hash_duty(man, md, sd, ctx)))
+        trainer = load_trainer(man, held)
         check_scheduler(man, lr_scheduler, trainer)  # before anything is applied
         if sharded:
             try:
@@ -453,15 +419,18 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
             raise CheckpointError(f"{man.path}: {len(man.param_groups)} param groups, the "
                                   f"optimizer has {len(groups)}", path=man.path,
                                   kind="optimizer_mismatch")
-        rng = load_rng(man, ctx.rank) if restore_rng and man.world_size == ctx.world_size \
+        rng = load_rng(man, ctx.rank, held) if restore_rng and man.world_size == ctx.world_size \
             else None
     except Exception as exc:
         err = exc
-    ctx.agree(err)
-    if sharded:
-        optimizer._begin_state_load()
-    with refusing(man.path):  # DCP's errors (an item that is no tensor of its chunk's shape)
-        dcp.load(sd, storage_reader=reader_of(man, md), planner=SafeLoadPlanner())
+    try:
+        ctx.agree(err)
+        if sharded:
+            optimizer._begin_state_load()
+        with refusing(man.path):  # DCP's errors, and the reader's refusals
+            dcp.load(sd, storage_reader=reader_of(man, md, held), planner=SafeLoadPlanner())
+    finally:
+        files.close()
     if not allow_nonfinite:  # this rank's shards as loaded (no copy), before the rest applies
         try:
             check_dcp_values(man.path, sd, [n for g in groups for n in g["params"]])

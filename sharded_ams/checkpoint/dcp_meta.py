@@ -23,14 +23,17 @@ Input from disk may be planted, so:
    indices, sizes bounded.
 4. DCP's default load planner reads non-tensor items (param groups, ints) with
    ``torch.load(weights_only=False)``, i.e. unpickles them; :class:`SafeLoadPlanner` loads
-   them with ``weights_only=True`` instead. Tensor items are read by DCP with
+   them with ``weights_only=True`` instead. Tensor items are read with
    ``torch.load(weights_only=True)``, into tensors the loading model allocated (their
    shapes are compared with the metadata's before the load: a mismatch is "different
    model", not DCP's bare AssertionError). Each item is a ``torch.save`` zip, and
    ``torch.load`` inflates compressed records: with checksums every item's zip directory
-   is read (``_check_items``: records stored, within the item). DCP opens the data files
-   again by name: ``dcp.reader_of`` opens them as the checks do (no symlink, no FIFO, the
-   listed size), and what DCP raises is a CheckpointError (:func:`refusing`).
+   is read (``_check_items``: records stored, within the item).
+5. **What is read is what was checked**: every file is read through the fd its checks
+   hashed (:class:`CheckedFiles`; ``dcp_reader.reader_of`` for DCP's reads, which would
+   open the data files again by name), each stored chunk must be a tensor of its
+   metadata's dtype and chunk shape (``dcp_reader``), and what DCP raises is a
+   CheckpointError (:func:`refusing`).
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ from .contents import check_rng
 from .format import CheckpointError, MANIFEST_NAME, PathLike, TRAINER_NAME
 from .jsonread import MAX_MANIFEST_BYTES, parse_json
 from .rules import Rules, check_hparams
-from .validate import _check_zip, _sha256_fd, _torch_load_fd, open_regular
+from .validate import _check_zip, _torch_load_fd, open_checked, open_regular
 from .validate import validate_checkpoint as validate_native
 
 __all__ = ["DCP_FORMAT", "DCP_VERSION", "METADATA_NAME", "DCPManifest", "read_dcp_manifest",
            "read_dcp_metadata", "validate_dcp", "check_dcp_files", "check_dcp_items",
+           "CheckedFiles", "check_files",
            "load_trainer", "load_rng", "validate_any", "manifest_format", "data_file_name",
            "rng_file_name", "refusing"]
 
@@ -231,15 +235,50 @@ def _check_files(r: Rules, files: dict, world: int) -> None:
 
 
 def _check_file(man: DCPManifest, name: str, checksum: bool) -> None:
-    entry, fpath = man.files[name], man.path / name
-    with open_regular(fpath) as (fd, size):
-        if size != entry["size"]:
-            raise CheckpointError(f"{fpath}: size is {size} bytes, the manifest says "
-                                  f"{entry['size']} (truncated or corrupt)", path=fpath,
-                                  kind="corrupt", field="size")
-        if checksum and _sha256_fd(fd) != entry["sha256"]:
-            raise CheckpointError(f"{fpath}: sha256 checksum mismatch: the file is corrupt",
-                                  path=fpath, kind="corrupt", field="sha256")
+    """``name`` is a regular file of the manifest's size (and sha256)."""
+    with open_checked(man, name, checksum=checksum):
+        pass
+
+
+class CheckedFiles:
+    """The files of one load, each opened once: checked (size, sha256) and then read
+    through the same fd (its items' zip directories, DCP's reads), as the native format's
+    ``open_checked``. A file renamed over since its check (same name, same size) is then
+    never read: what is read is what was hashed. Checksummed files stay open until the
+    ``with`` ends (``max_held`` at most: past that, one is checked again when it is read).
+    """
+
+    #: open fds held at most (a reshard from many ranks reads many files)
+    MAX_HELD = 256
+
+    def __init__(self, man: DCPManifest, max_held: Optional[int] = None) -> None:
+        self.man, self.max_held = man, self.MAX_HELD if max_held is None else max_held
+        self._fds: dict[str, int] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> "CheckedFiles":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._fds.clear()
+        self._stack.close()
+
+    def check(self, name: str, checksum: bool = True) -> None:
+        """Size (and with ``checksum`` sha256) of ``name``; a checksummed one is kept open."""
+        with self.open(name, checksum):
+            pass
+
+    @contextlib.contextmanager
+    def open(self, name: str, checksum: bool = True) -> Iterator[int]:
+        """An fd of ``name`` as checked: the one held, else opened and checked now."""
+        fd = self._fds.get(name)
+        if fd is None and checksum and len(self._fds) < self.max_held:
+            fd = self._fds[name] = self._stack.enter_context(open_checked(self.man, name))
+        if fd is not None:
+            yield fd
+            return
+        with open_checked(self.man, name, checksum=checksum) as fd:
+            yield fd
 
 
 def read_dcp_metadata(man: DCPManifest, *, checksum: bool = True):
@@ -250,9 +289,8 @@ def read_dcp_metadata(man: DCPManifest, *, checksum: bool = True):
     if entry["size"] > MAX_METADATA_BYTES:
         raise CheckpointError(f"{fpath}: {entry['size']} bytes, more than {MAX_METADATA_BYTES}",
                               path=fpath, kind="format")
-    _check_file(man, METADATA_NAME, checksum)
-    with open_regular(fpath, max_size=MAX_METADATA_BYTES) as (fd, size):
-        data = os.read(fd, size + 1)
+    with open_checked(man, METADATA_NAME, checksum=checksum) as fd:
+        data = os.read(fd, entry["size"] + 1)  # the hashed fd: what is unpickled was checked
     try:
         md = _MetadataUnpickler(io.BytesIO(data)).load()
     except Exception as exc:  # noqa: BLE001 - any failure of untrusted bytes is a refusal
@@ -401,45 +439,46 @@ def _check_paths(md: Any, bad) -> None:
                       f"and list indices in [0, {_MAX_INDEX})")
 
 
-def _check_items(man: DCPManifest, md: Any, files: Optional[Collection[str]] = None) -> None:
+def _check_items(man: DCPManifest, md: Any, files: CheckedFiles,
+                 names: Optional[Collection[str]] = None) -> None:
     """Every item of the data files (a tensor's chunk, or a non-tensor value) is what DCP
     and ``SafeLoadPlanner`` hand to ``torch.load``: a ``torch.save`` zip. Its records must
     be stored, summing to at most the item's length (``validate._check_zip``, on the
     item's byte range): a DEFLATE record inflates to any size, and the files' sizes and
-    sha256 would bound nothing. Reads each item's zip directory only (its last bytes).
-    ``files``: only the items in these data files (None: every one)."""
+    sha256 would bound nothing. Reads each item's zip directory only (its last bytes),
+    through ``files``' checked fds. ``names``: only the items in these data files (None:
+    every one)."""
     by_file: dict[str, list] = {}
     for index, info in md.storage_data.items():
-        if files is None or info.relative_path in files:
+        if names is None or info.relative_path in names:
             by_file.setdefault(info.relative_path, []).append((info.offset, info.length, index))
     for rel, items in sorted(by_file.items()):
-        fpath = man.path / rel
-        with open_regular(fpath) as (fd, size):
-            if size != man.files[rel]["size"]:
-                raise CheckpointError(f"{fpath}: changed while being read", path=fpath,
-                                      kind="corrupt")
+        with files.open(rel) as fd:
             for offset, length, index in sorted(items, key=lambda t: t[:2]):
                 what = f"item {getattr(index, 'fqn', index)!r:.80} (bytes {offset}+{length})"
-                _check_zip(fd, fpath, offset, length, what)
+                _check_zip(fd, man.path / rel, offset, length, what)
 
 
-def check_dcp_files(man: DCPManifest, hashed: Optional[Collection[str]] = None) -> set[str]:
+def check_dcp_files(man: DCPManifest, files: CheckedFiles,
+                    hashed: Optional[Collection[str]] = None) -> set[str]:
     """Every listed file but ``.metadata`` (``read_dcp_metadata``'s) is a regular file of
-    its listed size; those in ``hashed`` (None: every one) also have their sha256.
-    Returns the names hashed: ``check_dcp_items`` then reads their items' zip directories."""
+    its listed size; those in ``hashed`` (None: every one) also have their sha256, and stay
+    open in ``files`` for the reads. Returns the names hashed: ``check_dcp_items`` then
+    reads their items' zip directories."""
     done = set()
     for name in man.files:
         if name != METADATA_NAME:
-            _check_file(man, name, hashed is None or name in hashed)
+            files.check(name, hashed is None or name in hashed)
             if hashed is None or name in hashed:
                 done.add(name)
     return done
 
 
-def check_dcp_items(man: DCPManifest, md: Any, hashed: Collection[str]) -> None:
+def check_dcp_items(man: DCPManifest, md: Any, files: CheckedFiles,
+                    hashed: Collection[str]) -> None:
     """``_check_items`` of the data files in ``hashed`` (a rank's share, in ``load_dcp``:
     together the ranks read every item's zip directory)."""
-    _check_items(man, md, {n for n in hashed if DATA_RE.match(n)})
+    _check_items(man, md, files, {n for n in hashed if DATA_RE.match(n)})
 
 
 def validate_dcp(path: PathLike, *, checksums: bool = True) -> DCPManifest:
@@ -448,22 +487,34 @@ def validate_dcp(path: PathLike, *, checksums: bool = True) -> DCPManifest:
     data item's zip directory (``_check_items``). One process checks everything:
     ``load_dcp`` shares the sha256 work among its ranks (``dcp.hash_duty``)."""
     man = read_dcp_manifest(path)
-    check_dcp_files(man, None if checksums else ())
-    if checksums:
-        _check_items(man, read_dcp_metadata(man))
-    else:
-        _check_file(man, METADATA_NAME, False)
+    with CheckedFiles(man) as held:
+        check_files(man, held, checksums)
     return man
 
 
-def load_trainer(man: DCPManifest) -> dict:
+def check_files(man: DCPManifest, files: CheckedFiles, checksums: bool = True) -> Any:
+    """``validate_dcp``'s checks of every file, the checksummed ones held open in ``files``
+    (for a read that follows); returns the checked metadata (None without ``checksums``)."""
+    check_dcp_files(man, files, None if checksums else ())
+    if not checksums:
+        _check_file(man, METADATA_NAME, False)
+        return None
+    md = read_dcp_metadata(man)
+    _check_items(man, md, files)
+    return md
+
+
+def _opened(man: DCPManifest, files: Optional[CheckedFiles], name: str):
+    """``name``'s checked fd: the one ``files`` holds (hashed already), else opened and
+    checked now."""
+    return open_checked(man, name) if files is None else files.open(name)
+
+
+def load_trainer(man: DCPManifest, files: Optional[CheckedFiles] = None) -> dict:
     """``trainer.pt``, checked (size, sha256) and loaded with ``weights_only=True`` from
-    the same open file."""
-    fpath, entry = man.path / TRAINER_NAME, man.files[TRAINER_NAME]
-    _check_file(man, TRAINER_NAME, True)
-    with open_regular(fpath) as (fd, size):
-        if size != entry["size"]:
-            raise CheckpointError(f"{fpath}: changed while being read", path=fpath, kind="corrupt")
+    the same open file (``files``': the one its check hashed)."""
+    fpath = man.path / TRAINER_NAME
+    with _opened(man, files, TRAINER_NAME) as fd:
         obj = _torch_load_fd(fd, fpath, False)
     if not isinstance(obj, dict) or obj.get("format") != "sharded_ams.trainer" \
             or obj.get("step") != man.step:
@@ -472,18 +523,16 @@ def load_trainer(man: DCPManifest) -> dict:
     return obj
 
 
-def load_rng(man: DCPManifest, rank: int) -> Optional[dict]:
+def load_rng(man: DCPManifest, rank: int,
+             files: Optional[CheckedFiles] = None) -> Optional[dict]:
     """Rank ``rank``'s RNG states, checked (size, sha256, weights-only load, each state
     settable: ``contents.check_rng``); None when the checkpoint has none for it (saved on
     another world size, or converted by ``ckpt convert``)."""
     name = rng_file_name(rank)
     if name not in man.files:
         return None
-    fpath, entry = man.path / name, man.files[name]
-    _check_file(man, name, True)
-    with open_regular(fpath) as (fd, size):
-        if size != entry["size"]:
-            raise CheckpointError(f"{fpath}: changed while being read", path=fpath, kind="corrupt")
+    fpath = man.path / name
+    with _opened(man, files, name) as fd:
         obj = _torch_load_fd(fd, fpath, False)
     if not isinstance(obj, dict) or obj.get("format") != "sharded_ams.rng" \
             or obj.get("rank") != rank:

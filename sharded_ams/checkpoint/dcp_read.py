@@ -12,8 +12,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .dcp import SafeLoadPlanner, reader_of
-from .dcp_meta import load_trainer, read_dcp_metadata, refusing, validate_dcp
+from .dcp import SafeLoadPlanner
+from .dcp_meta import CheckedFiles, check_files, load_trainer, read_dcp_manifest, refusing
+from .dcp_reader import reader_of
 from .format import HP_KEYS, CheckpointError, PathLike
 from .values import check_dcp_values
 
@@ -30,10 +31,10 @@ def read_dcp_full(path: PathLike, *, allow_nonfinite: bool = False) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    man = validate_dcp(path, checksums=True)
-    with refusing(man.path):
-        md = read_dcp_metadata(man, checksum=False)
-        trainer = load_trainer(man)
+    man = read_dcp_manifest(path)
+    with CheckedFiles(man) as files, refusing(man.path):
+        md = check_files(man, files)  # every file checked, and read through the same fds
+        trainer = load_trainer(man, files)
         data_bytes = sum(int(f["size"]) for n, f in man.files.items() if n.endswith(".distcp"))
         need = sum(math.prod(m.size) * m.properties.dtype.itemsize
                    for m in md.state_dict_metadata.values()
@@ -46,7 +47,7 @@ def read_dcp_full(path: PathLike, *, allow_nonfinite: bool = False) -> dict:
         for key, m in md.state_dict_metadata.items():
             flat[key] = (torch.empty(tuple(m.size), dtype=m.properties.dtype)
                          if isinstance(m, TensorStorageMetadata) else None)
-        dcp.load(flat, storage_reader=reader_of(man, md),
+        dcp.load(flat, storage_reader=reader_of(man, md, files),
                  planner=SafeLoadPlanner(flatten_state_dict=False), no_dist=True)
         nested = _nest(flat, md.planner_data, man.path)
         full = {"model": nested.get("model", {}), "optim": nested.get("optim", {}),

@@ -161,10 +161,16 @@ class _Range(io.RawIOBase):
 
     def readinto(self, buf) -> int:
         n = max(0, min(len(buf), self._len - self._pos))
-        data = os.pread(self._fd, n, self._start + self._pos) if n else b""
-        buf[:len(data)] = data
-        self._pos += len(data)
-        return len(data)
+        if not n:
+            return 0
+        if hasattr(os, "preadv"):  # straight into the caller's buffer (a tensor's bytes)
+            got = os.preadv(self._fd, [memoryview(buf).cast("B")[:n]], self._start + self._pos)
+        else:
+            data = os.pread(self._fd, n, self._start + self._pos)
+            got = len(data)
+            buf[:got] = data
+        self._pos += got
+        return got
 
 
 def _check_zip(fd: int, fpath: Path, start: int = 0, length: Optional[int] = None,
