@@ -130,9 +130,13 @@ def _job(root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    root = tmp_path_factory.mktemp("values")
-    return run_distributed(_job, 2, str(root), timeout=240)
+def values_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("values")
+
+
+@pytest.fixture(scope="module")
+def results(values_root):
+    return run_distributed(_job, 2, str(values_root), timeout=240)
 
 
 @pytest.mark.parametrize("kind", ["zero1", "fsdp"])
@@ -150,6 +154,27 @@ def test_load_dcp_refuses_unsound_values_on_every_rank(results, kind, key):
     assert r0["same"] and r1["same"]  # a good checkpoint's load overwrites every element
     got = r1["planted"]  # allow_nonfinite=True loads it as saved
     assert math.isnan(got) if key == "master" else got == -1.0
+
+
+@pytest.mark.parametrize("kind", ["zero1", "fsdp"])
+def test_inspect_lists_what_a_load_refuses(results, values_root, kind, capsys):
+    """``ckpt inspect`` of a DCP checkpoint reads every master and moment (one stored chunk
+    at a time) and lists each field a load refuses, as it does for the native format: the
+    planted one only, counted over its chunks; a sound checkpoint is valid, none listed."""
+    from launcher.commands.ckpt import inspect_checkpoint, main
+
+    for key in PLANT:
+        name = results[1][(kind, key)]["name"]
+        field = f"model.{name}" if key == "master" else f"optim.state.{name}.{key}"
+        info = inspect_checkpoint(str(values_root / kind / key))
+        assert not info["valid"] and field in info["reason"], info["reason"]
+        (p,) = info["unsound_values"]
+        assert (p["field"], p["param"], p["nonfinite"], p["negative"]) == (
+            field, name, int(key == "master"), int(key == "exp_avg_sq")), p
+        assert main(["inspect", str(values_root / kind / key)]) == 1
+        assert f"{field}: {int(key == 'master')} NaN/inf" in capsys.readouterr().out
+    good = inspect_checkpoint(str(values_root / kind / "good"))
+    assert good["valid"] and good["unsound_values"] == [], good
 
 
 # ---------------------------------------------------------------- one process, plain AMS
@@ -176,6 +201,7 @@ def _quiet():
 
 @pytest.mark.parametrize("key", ["master", "exp_avg", "exp_avg_sq"])
 def test_consolidate_and_convert_refuse_unsound_values(tmp_path, key):
+    from launcher.commands.ckpt import inspect_checkpoint
     from sharded_ams.checkpoint import CheckpointError, consolidate, save_dcp
     from sharded_ams.checkpoint.convert import to_zero1
 
@@ -193,6 +219,8 @@ def test_consolidate_and_convert_refuse_unsound_values(tmp_path, key):
             fn(path)
         assert (ei.value.kind, ei.value.field) == ("values", field), str(ei.value)
         assert "'2.weight'" in str(ei.value)
+    (p,) = inspect_checkpoint(str(path))["unsound_values"]
+    assert (p["field"], p["nonfinite"] + p["negative"]) == (field, 1), p
     full = consolidate(path, allow_nonfinite=True)
     bad = full["model"]["2.weight"] if key == "master" else full["optimizer"]["state"][2][key]
     assert not torch.isfinite(bad).all() or bad.min() < 0
@@ -208,6 +236,10 @@ def test_a_negative_moment_elsewhere_is_not_refused(tmp_path):
         opt.state[model[0].weight]["exp_avg"][0, 0] = -3.0
     path = save_dcp(tmp_path / "ckpt", model, opt, step=1)
     assert consolidate(path)["optimizer"]["state"][0]["exp_avg"][0, 0] == -3.0
+    from launcher.commands.ckpt import inspect_checkpoint
+
+    info = inspect_checkpoint(str(path))
+    assert info["valid"] and info["unsound_values"] == [], info
 
 
 def test_consolidate_and_convert_take_hyperparameters_from_the_manifest(tmp_path):

@@ -1,6 +1,7 @@
 """``ckpt inspect`` of a DCP checkpoint (an ``fsdp`` run's, ``sharded_ams.checkpoint.dcp``):
 the manifest's record (step, mesh, files) and, when the metadata is read (checksums on),
-what DCP's index says of the model and optimizer state. The metadata is read through
+what DCP's index says of the model and optimizer state, and every field a load would
+refuse as unsound (NaN/inf, a negative ``exp_avg_sq``), read one chunk at a time. The metadata is read through
 ``sharded_ams.checkpoint.dcp_meta``'s allowlist, never ``pickle.load``."""
 
 from __future__ import annotations
@@ -34,15 +35,22 @@ def inspect_dcp(path: str, *, checksums: bool = True) -> dict:
     """As ``inspect_checkpoint`` for a DCP checkpoint (``valid``, ``reason`` and what a
     well-formed manifest tells)."""
     from sharded_ams.checkpoint import CheckpointError
-    from sharded_ams.checkpoint.dcp_meta import read_dcp_manifest, read_dcp_metadata, validate_dcp
+    from sharded_ams.checkpoint.dcp_meta import CheckedFiles, check_files, read_dcp_manifest
+    from sharded_ams.checkpoint.dcp_reader import dcp_value_report
+    from sharded_ams.checkpoint.values import describe_dcp_problem
 
-    out: dict = {"path": str(path), "valid": False, "reason": None, "format": "dcp"}
+    out: dict = {"path": str(path), "valid": False, "reason": None, "format": "dcp",
+                 "unsound_values": None}
     man, md = None, None
     try:
-        man = validate_dcp(path, checksums=checksums)
-        if checksums:
-            md = read_dcp_metadata(man, checksum=False)
-        out["valid"] = True
+        man = read_dcp_manifest(path)
+        with CheckedFiles(man) as files:
+            md = check_files(man, files, checksums)
+            bad = dcp_value_report(man, md, files) if checksums else None
+        out["valid"], out["unsound_values"] = not bad, bad
+        if bad:  # as the native format's: a load refuses it
+            out["reason"] = (f"{man.path}: {describe_dcp_problem(bad[0])} ({len(bad)} fields "
+                             "in all); a load refuses it unless allow_nonfinite=True")
     except CheckpointError as exc:
         out["reason"] = str(exc)
         try:
@@ -78,6 +86,9 @@ def print_dcp(info: dict, fmt_bytes) -> Optional[int]:
             print(f"state {k + ':':<12}{fmt_bytes(v)}")
         print(f"state total:      {fmt_bytes(info['state_bytes_total'])}")
     print(f"files:      {len(info['files'])}, {fmt_bytes(info['files_bytes'])}")
+    for p in (info.get("unsound_values") or [])[:10]:
+        print(f"unsound:    {p['file']}: {p['field']}: {p['nonfinite']} NaN/inf, "
+              f"{p['negative']} negative")
     for i, g in enumerate(info["hyperparameters"]):
         print(f"group {i}:    " + ", ".join(f"{k}={v}" for k, v in g.items()))
     return 0 if info["valid"] else 1

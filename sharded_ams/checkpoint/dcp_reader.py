@@ -23,8 +23,9 @@ from torch.futures import Future
 from .dcp_meta import CheckedFiles, DCPManifest
 from .format import CheckpointError
 from .validate import _check_zip, _Range
+from .values import problem_counts
 
-__all__ = ["reader_of"]
+__all__ = ["reader_of", "dcp_value_report"]
 
 
 def _chunk_of(md: Any, index: Any) -> tuple[torch.dtype, tuple]:
@@ -54,6 +55,62 @@ def _stored_tensor(man: DCPManifest, md: Any, fd: int, rel: str, index: Any,
                               f"tensor of shape {list(sizes)}: refused (a load would convert "
                               "it silently)", path=fpath, kind="corrupt", field=index.fqn)
     return t
+
+
+def _load_bytes(man: DCPManifest, fd: int, rel: str, index: Any, info: Any) -> Any:
+    """A non-tensor item (weights only, zip directory read first)."""
+    _check_zip(fd, man.path / rel, info.offset, info.length, f"item {index.fqn!r:.80}")
+    with io.BufferedReader(_Range(fd, info.offset, info.length)) as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _optimized_names(man: DCPManifest, md: Any, files: CheckedFiles) -> list[str]:
+    """The params of the saved param groups (their ``params`` items: lists of names)."""
+    names: list[str] = []
+    for index, info in md.storage_data.items():
+        path = md.planner_data.get(index.fqn, ())
+        if tuple(path[:2]) == ("optim", "param_groups") and path[-1:] == ("params",):
+            with files.open(info.relative_path) as fd:
+                value = _load_bytes(man, fd, info.relative_path, index, info)
+            if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+                raise CheckpointError(f"{man.path / info.relative_path}: item {index.fqn!r:.80} "
+                                      "is not a list of param names", path=man.path, kind="corrupt")
+            names += value
+    return names
+
+
+def dcp_value_report(man: DCPManifest, md: Any, files: CheckedFiles) -> list[dict]:
+    """What ``load_dcp`` would refuse as unsound values (``values.dcp_value_problems``:
+    NaN/inf in an optimized param's fp32 master ``model.<param>`` or its state but ``step``,
+    a negative ``exp_avg_sq``), read one stored chunk at a time through ``files`` (no
+    whole state in memory: ``ckpt inspect`` of any size). One entry per field, counts
+    summed over its chunks: ``{"param", "key", "field", "file", "nonfinite", "negative"}``."""
+    names = set(_optimized_names(man, md, files))
+    fields = {}  # DCP key -> (param, state key), from each item's nesting path
+    for key in md.state_dict_metadata:
+        path = tuple(md.planner_data.get(key, ()))
+        if len(path) == 2 and path[0] == "model" and path[1] in names:
+            fields[key] = (path[1], "master")
+        elif len(path) == 4 and path[:2] == ("optim", "state") and path[2] in names \
+                and path[3] != "step":
+            fields[key] = (path[2], path[3])
+    out: dict[str, dict] = {}
+    by_file: dict[str, list] = {}
+    for index, info in md.storage_data.items():
+        if index.fqn in fields:
+            by_file.setdefault(info.relative_path, []).append((info.offset, index, info))
+    for rel in sorted(by_file):
+        with files.open(rel) as fd:
+            for _, index, info in sorted(by_file[rel], key=lambda t: t[0]):
+                param, key = fields[index.fqn]
+                nonfinite, negative = problem_counts(
+                    _stored_tensor(man, md, fd, rel, index, info), key)
+                if nonfinite or negative:
+                    p = out.setdefault(index.fqn, {"param": param, "key": key, "field": index.fqn,
+                                                   "file": rel, "nonfinite": 0, "negative": 0})
+                    p["nonfinite"] += nonfinite
+                    p["negative"] += negative
+    return list(out.values())
 
 
 def _read_file(man: DCPManifest, md: Any, files: CheckedFiles, rel: str, reqs: list,

@@ -25,13 +25,13 @@ from torch import Tensor
 from .format import CheckpointError, Manifest
 
 __all__ = ["NONNEGATIVE_KEYS", "shard_value_problems", "describe_problem", "check_values",
-           "dcp_value_problems", "check_dcp_values"]
+           "dcp_value_problems", "check_dcp_values", "describe_dcp_problem", "problem_counts"]
 
 #: state keys that are averages of squares: never negative
 NONNEGATIVE_KEYS = frozenset({"exp_avg_sq"})
 
 
-def _problem(t: Tensor, key: str) -> tuple[int, int]:
+def problem_counts(t: Tensor, key: str) -> tuple[int, int]:
     """(non-finite count, negative count) of one state tensor; (0, 0) on the fast path."""
     finite = torch.isfinite(t)
     nonfinite = 0 if bool(finite.all()) else int((~finite).sum())
@@ -46,7 +46,7 @@ def shard_value_problems(man: Manifest, name: str, obj: Any) -> list[dict]:
     out = []
     for i, rec in enumerate(obj["optimizer"]["pieces"]):
         for key in man.state_keys:
-            nonfinite, negative = _problem(rec[key], key)
+            nonfinite, negative = problem_counts(rec[key], key)
             if nonfinite or negative:
                 out.append({"file": name, "piece": i, "param": rec["name"],
                             "offset": rec["offset"], "length": rec["length"], "key": key,
@@ -116,7 +116,7 @@ def dcp_value_problems(sd: dict, names: list[str]) -> list[dict]:
         for fld, key, value in fields:
             nonfinite = negative = 0
             for t in _local_parts(value):
-                a, b = _problem(t, key)
+                a, b = problem_counts(t, key)
                 nonfinite, negative = nonfinite + a, negative + b
             if nonfinite or negative:
                 out.append({"param": name, "key": key, "field": fld,
@@ -134,7 +134,12 @@ def check_dcp_values(path: Any, sd: dict, names: list[str]) -> None:
         p = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CheckpointError(
-            f"{path}: field {p['field']} (param {p['param']!r:.80}, state {p['key']}): "
-            f"{_what(p)}{more}; refused: a sound training step never saves these (pass "
-            "allow_nonfinite=True to load it anyway)", path=path, kind="values",
-            field=p["field"])
+            f"{path}: {describe_dcp_problem(p)}{more}; refused: a sound training step never "
+            "saves these (pass allow_nonfinite=True to load it anyway)", path=path,
+            kind="values", field=p["field"])
+
+
+def describe_dcp_problem(p: dict) -> str:
+    """One line of a DCP problem (``dcp_value_problems``'s): the field, param and what."""
+    return f"field {p['field']} (param {p['param']!r:.80}, state {p['key']}): {_what(p)}"
+
