@@ -347,6 +347,13 @@ class SaveHandle:
         self.write_s = 0.0                     # time the file writes took (thread or inline)
         self.commit_s = 0.0                    # time of gather + manifest commit in wait()
 
+    @classmethod
+    def committed(cls, path: Path, ctx: Group, step: int, shared_fs: bool = True) -> "SaveHandle":
+        """A handle of a save that already committed (a DCP save: synchronous)."""
+        handle = cls(path, path, ctx, step, None, shared_fs, [], [], False)
+        handle._done = True
+        return handle
+
     def _write(self) -> None:
         t0 = time.perf_counter()
         try:

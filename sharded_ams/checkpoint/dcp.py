@@ -51,7 +51,8 @@ __all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader
 log = logging.getLogger("sharded_ams.checkpoint")
 
 
-def _world_group() -> Group:
+def world_group() -> Group:
+    """Every rank of the default process group (a DCP save or load is over all of them)."""
     if dist.is_initialized():
         return Group(dist.get_rank(), dist.get_world_size(), None, True)
     return Group(0, 1, None, False)
@@ -146,7 +147,7 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
 
-    path, ctx = Path(path), _world_group()
+    path, ctx = Path(path), world_group()
     err: Optional[BaseException] = None
     files: dict = {}
     try:
@@ -388,7 +389,7 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
     from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    ctx = _world_group()
+    ctx = world_group()
     err: Optional[BaseException] = None
     man = md = trainer = rng = None
     sharded = _is_sharded(optimizer)

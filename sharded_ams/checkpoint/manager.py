@@ -33,6 +33,8 @@ from .format import (LOCK_NAME, MANIFEST_NAME, RESAVE_DIR_RE, STEP_DIR_RE, Check
 from .group import Group
 from .jsonread import parse_json
 from .load import load_checkpoint
+from .dcp import _is_sharded, load_dcp, save_dcp, world_group
+from .dcp_meta import DCP_FORMAT, manifest_format
 from .dcp_meta import validate_any as validate_checkpoint
 from .validate import open_regular, read_step
 
@@ -43,7 +45,7 @@ except ImportError:  # pragma: no cover - not POSIX
 
 log = logging.getLogger("sharded_ams.checkpoint")
 
-__all__ = ["find_latest_checkpoint", "CheckpointManager", "WriterLock"]
+__all__ = ["find_latest_checkpoint", "CheckpointManager", "WriterLock", "default_format"]
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -86,6 +88,16 @@ def checkpoint_dirs(root: PathLike) -> list[Path]:
     """``root``'s directories that are or may be checkpoints (``root`` itself if it holds a
     manifest), newest first, unvalidated: for callers that try each in turn."""
     return [p for _, p in _list_candidates(Path(root))]
+
+
+def default_format(optimizer) -> str:
+    """The format ``CheckpointManager.save`` writes for ``optimizer`` by default: native
+    for a ShardedAMS on plain params; DCP for one with tensor-parallel params (the native
+    files are named by dp rank) and for any other optimizer (an ``AMS`` on FSDP2 params)."""
+    if not _is_sharded(optimizer):
+        return "dcp"
+    mp = getattr(optimizer, "mp", None)
+    return "dcp" if mp is not None and mp.active else "native"
 
 
 def find_latest_checkpoint(root: PathLike, *, checksums: bool = True) -> Optional[Path]:
@@ -277,10 +289,21 @@ class CheckpointManager:
 
     def save(self, step: int, optimizer, *, model: Optional[nn.Module] = None,
              extra: Optional[dict] = None, lr_scheduler=None, async_save: bool = False,
-             shared_fs: bool = True) -> SaveHandle:
+             shared_fs: bool = True, format: Optional[str] = None) -> SaveHandle:
         """Save into ``root/step-{step:08d}``; a pending async save is committed first.
-        Collective, as :func:`save_checkpoint`."""
+        Collective, as :func:`save_checkpoint`.
+
+        ``format``: ``"native"`` (:func:`save_checkpoint`) or ``"dcp"`` (:func:`save_dcp`,
+        synchronous, ``model`` required); None picks what the optimizer needs: native for a
+        :class:`~sharded_ams.ShardedAMS` on plain params, DCP for one with tensor-parallel
+        params and for an ``AMS`` on FSDP2 (DTensor) params, which only DCP holds."""
         self.wait()
+        fmt = format or default_format(optimizer)
+        if fmt not in ("native", "dcp"):
+            raise ValueError(f"format must be 'native' or 'dcp' (or None), got {format!r}")
+        if fmt == "dcp":
+            return self._save_dcp(step, optimizer, model, extra, lr_scheduler, async_save,
+                                  shared_fs)
         ctx = Group.of(optimizer)
         if not self._locked:
             self._take_lock(ctx)
@@ -291,6 +314,22 @@ class CheckpointManager:
             handle.add_done_callback(self._after_commit)
         if not handle.done():
             self._pending = handle
+        return handle
+
+    def _save_dcp(self, step: int, optimizer, model: Optional[nn.Module], extra, lr_scheduler,
+                  async_save: bool, shared_fs: bool) -> SaveHandle:
+        if model is None:
+            raise ValueError("a DCP checkpoint holds the model's state too: pass model=")
+        if async_save:
+            raise ValueError("async_save is the native format's (a DCP save is synchronous)")
+        ctx = world_group()  # an FSDP2 AMS has no group of its own: every rank of the world
+        if not self._locked:
+            self._take_lock(ctx)
+        path = save_dcp(self.path_for(step), model, optimizer, step=step, extra=extra,
+                        lr_scheduler=lr_scheduler, shared_fs=shared_fs)
+        handle = SaveHandle.committed(path, ctx, step, shared_fs)
+        if shared_fs:
+            self._after_commit(handle)
         return handle
 
     def wait(self) -> Optional[Path]:
@@ -380,8 +419,16 @@ class CheckpointManager:
         checkpoint. A model/optimizer mismatch is raised, not skipped."""
         for _, p in _list_candidates(self.root):
             try:
-                return load_checkpoint(p, optimizer, model=model, lr_scheduler=lr_scheduler,
-                                       restore_rng=restore_rng, allow_nonfinite=allow_nonfinite)
+                if manifest_format(p) != DCP_FORMAT:
+                    return load_checkpoint(p, optimizer, model=model, lr_scheduler=lr_scheduler,
+                                           restore_rng=restore_rng,
+                                           allow_nonfinite=allow_nonfinite)
+                if model is None:
+                    raise ValueError(f"{p} is a DCP checkpoint: it loads into the model too, "
+                                     "pass model=")
+                out = load_dcp(p, model, optimizer, lr_scheduler=lr_scheduler,
+                               restore_rng=restore_rng, allow_nonfinite=allow_nonfinite)
+                return {"step": out["step"], "extra": out["extra"], "path": p}
             except CheckpointError as exc:
                 if exc.kind not in CheckpointError.RECOVERABLE:
                     raise
