@@ -38,30 +38,34 @@ def _chunk_of(md: Any, index: Any) -> tuple[torch.dtype, tuple]:
     raise KeyError(f"{index.fqn!r:.80}: no chunk at {offsets!r:.60} in the metadata")
 
 
+def _item(man: DCPManifest, fd: int, rel: str, index: Any, info: Any) -> io.BufferedReader:
+    """A stream of the item stored at ``index`` (bytes ``info.offset + info.length`` of
+    ``rel``, through its checked fd), once its zip directory was read: what torch.load
+    then reads allocates no more than the item holds."""
+    where = f"item {index.fqn!r:.80}"
+    if index.offset is not None:
+        where += f" (chunk at {tuple(index.offset)!r:.60})"
+    _check_zip(fd, man.path / rel, info.offset, info.length, where)
+    return io.BufferedReader(_Range(fd, info.offset, info.length))
+
+
 def _stored_tensor(man: DCPManifest, md: Any, fd: int, rel: str, index: Any,
                    info: Any) -> Tensor:
-    """The chunk stored at ``index`` (bytes ``info.offset + info.length`` of ``rel``),
-    loaded (weights only, zip directory read first) and checked against its metadata."""
-    fpath = man.path / rel
-    what = f"item {index.fqn!r:.80} (chunk at {tuple(index.offset or ())!r:.60})"
-    _check_zip(fd, fpath, info.offset, info.length, what)
-    with io.BufferedReader(_Range(fd, info.offset, info.length)) as f:
+    """The chunk stored at ``index``, loaded (weights only) and checked against its
+    metadata: a tensor of its dtype and chunk shape."""
+    with _item(man, fd, rel, index, info) as f:
         t = torch.load(f, map_location="cpu", weights_only=True)
     dtype, sizes = _chunk_of(md, index)
-    if type(t) is not Tensor or t.dtype != dtype or tuple(t.shape) != sizes:
+    if not isinstance(t, Tensor) or t.dtype != dtype or tuple(t.shape) != sizes:
         got = (f"a {t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, Tensor)
                else f"a {type(t).__name__}")
-        raise CheckpointError(f"{fpath}: {what} holds {got}; the metadata says a {dtype} "
-                              f"tensor of shape {list(sizes)}: refused (a load would convert "
-                              "it silently)", path=fpath, kind="corrupt", field=index.fqn)
+        fpath = man.path / rel
+        raise CheckpointError(f"{fpath}: item {index.fqn!r:.80} (chunk at "
+                              f"{tuple(index.offset or ())!r:.60}) holds {got}; the metadata "
+                              f"says a {dtype} tensor of shape {list(sizes)}: refused (a load "
+                              "would convert it silently)", path=fpath, kind="corrupt",
+                              field=index.fqn)
     return t
-
-
-def _load_bytes(man: DCPManifest, fd: int, rel: str, index: Any, info: Any) -> Any:
-    """A non-tensor item (weights only, zip directory read first)."""
-    _check_zip(fd, man.path / rel, info.offset, info.length, f"item {index.fqn!r:.80}")
-    with io.BufferedReader(_Range(fd, info.offset, info.length)) as f:
-        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def _optimized_names(man: DCPManifest, md: Any, files: CheckedFiles) -> list[str]:
@@ -70,8 +74,9 @@ def _optimized_names(man: DCPManifest, md: Any, files: CheckedFiles) -> list[str
     for index, info in md.storage_data.items():
         path = md.planner_data.get(index.fqn, ())
         if tuple(path[:2]) == ("optim", "param_groups") and path[-1:] == ("params",):
-            with files.open(info.relative_path) as fd:
-                value = _load_bytes(man, fd, info.relative_path, index, info)
+            with files.open(info.relative_path) as fd, \
+                    _item(man, fd, info.relative_path, index, info) as f:
+                value = torch.load(f, map_location="cpu", weights_only=True)
             if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
                 raise CheckpointError(f"{man.path / info.relative_path}: item {index.fqn!r:.80} "
                                       "is not a list of param names", path=man.path, kind="corrupt")
@@ -121,10 +126,8 @@ def _read_file(man: DCPManifest, md: Any, files: CheckedFiles, rel: str, reqs: l
     with files.open(rel) as fd:
         for req in sorted(reqs, key=lambda r: storage[r.storage_index].offset):
             info = storage[req.storage_index]
-            if req.type == LoadItemType.BYTE_IO:
-                _check_zip(fd, man.path / rel, info.offset, info.length,
-                           f"item {req.storage_index.fqn!r:.80}")
-                with io.BufferedReader(_Range(fd, info.offset, info.length)) as f:
+            if req.type == LoadItemType.BYTE_IO:  # SafeLoadPlanner loads it, weights only
+                with _item(man, fd, rel, req.storage_index, info) as f:
                     planner.load_bytes(req, io.BytesIO(f.read()))
                 continue
             t = _stored_tensor(man, md, fd, rel, req.storage_index, info)
