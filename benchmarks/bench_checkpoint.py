@@ -6,7 +6,10 @@ For world size 1 (no process group) and 2+ (gloo, spawned processes) it times, p
 * ``async`` : ``save_checkpoint(async_save=True)`` returns after the CPU snapshot ("blocked",
   the time the training loop stops), ``handle.wait()`` right after gives the total;
 * ``load``  : ``load_checkpoint`` into a fresh optimizer (sha256 of every file, read, copy
-  into the state, re-gather of the params), same world size.
+  into the state, re-gather of the params), same world size;
+* ``dcp_sync`` / ``dcp_load``: the same state in DCP format (``save_dcp`` / ``load_dcp``,
+  the format of ``fsdp`` and ``tp`` runs and of ``ckpt convert --to dcp``), for the
+  cost of that format against the native one on the same optimizer.
 
 Each rank's time is taken between barriers; the slowest rank counts. "state" is the
 optimizer state of all ranks (fp32 m, v and master = the fp32 params), the bytes a
@@ -41,7 +44,8 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from bench_common import add_out_args, env_info, resolve_out  # noqa: E402
 from sharded_ams import ShardedAMS  # noqa: E402
-from sharded_ams.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from sharded_ams.checkpoint import (load_checkpoint, load_dcp, save_checkpoint,  # noqa: E402
+                                    save_dcp)
 
 
 class Blob(nn.Module):
@@ -106,15 +110,19 @@ def _bench(numel: int, repeats: int, root: str) -> list[dict]:
             t_sync = run_sync()
         fresh = _build(numel, seed=1)
         t_load, _ = _timed(lambda: load_checkpoint(d_sync, fresh[1], model=fresh[0]), active)
+        d_dcp = Path(root) / f"dcp-{i}"
+        t_dcp, _ = _timed(lambda: save_dcp(d_dcp, model, opt, step=i), active)
+        t_dcp_load, _ = _timed(lambda: load_dcp(d_dcp, fresh[0], fresh[1]), active)
         fresh = None  # free it before the next repeat
         rows.append({"repeat": i, "rank": rank, "state_bytes": state_bytes, "sync": t_sync,
                      "async_blocked": t_block, "async_total": t_async,
-                     "async_write": write_s, "load": t_load})
+                     "async_write": write_s, "load": t_load, "dcp_sync": t_dcp,
+                     "dcp_load": t_dcp_load})
         if active:
             dist.barrier()
         if rank == 0:
-            shutil.rmtree(d_sync, ignore_errors=True)
-            shutil.rmtree(d_async, ignore_errors=True)
+            for d in (d_sync, d_async, d_dcp):
+                shutil.rmtree(d, ignore_errors=True)
     return rows
 
 
@@ -171,7 +179,8 @@ def summarise(world: int, raw: list[dict]) -> list[dict]:
 
     out = []
     for mode, blocked, total in (("sync", "sync", "sync"), ("async", "async_blocked", "async_total"),
-                                 ("load", "load", "load")):
+                                 ("load", "load", "load"), ("dcp_sync", "dcp_sync", "dcp_sync"),
+                                 ("dcp_load", "dcp_load", "dcp_load")):
         b, t = med(blocked), med(total)
         out.append({"world_size": world, "ranks": len(ranks), "mode": mode, "state_bytes": state,
                     "blocked_s": b, "total_s": t, "blocked_s_per_gb": b / gb,

@@ -459,5 +459,6 @@ def test_benchmark_smoke(tmp_path):
     assert "| world" in r.stdout
     res = json.loads(out.read_text())
     assert {row["world_size"] for row in res["rows"]} == {1, 2}
-    assert {row["mode"] for row in res["rows"]} >= {"sync", "async", "load"}
+    assert {row["mode"] for row in res["rows"]} >= {"sync", "async", "load", "dcp_sync",
+                                                    "dcp_load"}
     assert "torch" in res["env"] and "git_sha" in res["env"]
