@@ -6,6 +6,13 @@ the number of buckets B where it can be (issue 26, items 5 and 6).
   read as one range), then one small all-reduce of the squared norm. The squared norm
   also carries the non-finite test: it is NaN/inf iff some gradient is (or the fp32 norm
   overflows), so no second reduction checks the values.
+* The norm in the count pass: with the non-finite skip, no clipping and every group
+  per-tensor scaled (C-Adam, lam not in {1, -1}), the count pass, which reads every
+  gradient anyway, also sums their squares (float64), and ONE all-reduce carries the
+  counts and the squared norm (:func:`step_shards_norm_in_count`): no norm pass, and one
+  small all-reduce a step instead of two. The skip is then decided after the count pass,
+  which stores nothing, and before the apply pass. (Triton: the norm is still its own
+  read of each run, next to the count launch; the all-reduce is saved, not the read.)
 * Clipping: the coefficient min(1, max_norm / (norm + 1e-6)) stays a 0-d device tensor
   that the step kernels multiply each gradient by as they load it: no pass scales the
   gradients, nothing is read on the host (issue 21).
@@ -37,6 +44,28 @@ from .kernels import GroupHParams, Piece, get_ops, host_scalar, scaled_scalars, 
 from .kernels.tables import RunTable, build_run_table
 from .layout import Run
 from .update import Scalar, StepScalars, lam_is_unit
+
+
+class StepInfo:
+    """What the last ``step()`` did: the global grad norm (before clipping) and whether the
+    step was skipped because a gradient was not finite on some rank.
+
+    Both live on the device (``step()`` never waits for them); reading ``grad_norm`` or
+    ``skipped`` is the host sync, paid only by whoever reads them."""
+
+    def __init__(self, norm: Optional[Tensor] = None, skip: Optional[Tensor] = None):
+        self.grad_norm_tensor, self.skipped_tensor = norm, skip
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        return None if self.grad_norm_tensor is None else float(self.grad_norm_tensor)
+
+    @property
+    def skipped(self) -> bool:
+        return False if self.skipped_tensor is None else bool(self.skipped_tensor)
+
+    def __repr__(self) -> str:
+        return f"StepInfo(grad_norm={self.grad_norm}, skipped={self.skipped})"
 
 
 @dataclass(frozen=True)
@@ -77,6 +106,13 @@ def grad_ranges(sh: Any) -> list[Tensor]:
     return [sh.buf.grad[a:b] for a, b in spans]
 
 
+def counted_sq(sh: Any, sq: Tensor) -> Tensor:
+    """A shard's sum of squares as the global norm counts it: times 0 where the shard
+    holds copies another rank counts (``counted`` False), which keeps an inf or NaN
+    (0 * inf = NaN): every rank still skips on it."""
+    return sq if getattr(sh, "counted", True) else sq * 0.0
+
+
 def global_grad_norm(shards: Sequence[Any], device: torch.device,
                      reduce: Callable[[Tensor], None], backend: str = "eager") -> Tensor:
     """sqrt of the sum over ranks of every local grad element squared, then ``reduce``
@@ -97,7 +133,7 @@ def global_grad_norm(shards: Sequence[Any], device: torch.device,
             sq = get_ops("triton").sq_norm(r)
         else:
             sq = torch.stack(torch._foreach_norm(r, 2, dtype=torch.float32)).double().square().sum()
-        parts.append(sq if getattr(sh, "counted", True) else sq * 0.0)
+        parts.append(counted_sq(sh, sq))
     if parts:
         sq = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
     else:
@@ -148,6 +184,52 @@ def numels_of(sh: Any) -> Tensor:
     return sh.numels
 
 
+def _slot_sizes(shards: Sequence[Any]) -> list[int]:
+    """Each shard's slots in the step's count vector: one per tensor, one for padding."""
+    return [len(sh.layout.slots) + 1 for sh in shards]
+
+
+def _views(counts: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    out, pos = [], 0
+    for size in sizes:
+        out.append(counts[pos:pos + size])
+        pos += size
+    return out
+
+
+def _count_vector(shards: Sequence[Any], gs: Sequence[GroupStep],
+                  device: torch.device) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
+    """ONE int64 count vector for every shard and each shard's view of it; (None, Nones)
+    when no group is per-tensor scaled."""
+    if all(gs[run.group].unit for sh in shards for run in sh.runs):
+        return None, [None] * len(shards)
+    sizes = _slot_sizes(shards)
+    counts = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
+    return counts, _views(counts, sizes)
+
+
+def _runs(sh: Any) -> list[tuple[int, Run]]:
+    return [(i, run) for i, run in enumerate(sh.runs) if run.local_end > run.local_start]
+
+
+def _apply_scaled(shards: Sequence[Any], gs: Sequence[GroupStep], views: Sequence[Tensor],
+                  ops: Any, skip: Optional[Tensor], coef: Optional[Tensor]) -> None:
+    """The apply pass of every per-tensor-scaled run, from the reduced counts; the
+    scalars once per (shard, group)."""
+    for sh, cnt in zip(shards, views):
+        per_group: dict[int, StepScalars] = {}
+        for i, run in _runs(sh):
+            g = gs[run.group]
+            if g.unit:
+                continue
+            if run.group not in per_group:
+                per_group[run.group] = g.scaled(numels_of(sh), cnt)
+            sc = per_group[run.group]
+            p, gr, m, v, s, out = _ranges(sh, run)
+            ops.apply_run(p, gr, m, v, s, out, sc.inv_sqrt_bc2, g.hp, run_table_of(sh, i, run),
+                          sc.step_size, sc.decay, skip, coef)
+
+
 def step_shards(shards: Sequence[Any], groups: Sequence[dict], device: torch.device,
                 backend: str, skip: Optional[Tensor],
                 reduce: Callable[[Tensor], None], coef: Optional[Tensor] = None) -> None:
@@ -157,35 +239,63 @@ def step_shards(shards: Sequence[Any], groups: Sequence[dict], device: torch.dev
     clip coefficient (:func:`clip_coef`), applied to each gradient as the kernels load it."""
     ops = get_ops(backend)
     gs = [GroupStep.of(g, device, backend) for g in groups]
-    sizes = [len(sh.layout.slots) + 1 for sh in shards]
-    scaled = any(not gs[run.group].unit for sh in shards for run in sh.runs)
-    counts = torch.zeros(sum(sizes), dtype=torch.int64, device=device) if scaled else None
-    views, pos = [], 0
-    for sh, size in zip(shards, sizes):
-        views.append(counts[pos:pos + size] if scaled else None)
-        pos += size
+    counts, views = _count_vector(shards, gs, device)
     for sh, cnt in zip(shards, views):  # one-pass runs, and the count pass of the others
-        for i, run in enumerate(sh.runs):
-            if run.local_end == run.local_start:
-                continue
+        for i, run in _runs(sh):
             g = gs[run.group]
             p, gr, m, v, s, out = _ranges(sh, run)
             if g.unit:
                 ops.fused_step(p, gr, m, v, s, out, g.sc, g.hp, skip, coef)
             else:
                 ops.count_run(gr, m, v, s, g.hp, run_table_of(sh, i, run), cnt, skip, coef)
-    if not scaled:
+    if counts is None:
         return
     reduce(counts)
-    for sh, cnt in zip(shards, views):  # the apply pass, scalars once per (shard, group)
-        per_group: dict[int, StepScalars] = {}
-        for i, run in enumerate(sh.runs):
-            g = gs[run.group]
-            if g.unit or run.local_end == run.local_start:
-                continue
-            if run.group not in per_group:
-                per_group[run.group] = g.scaled(numels_of(sh), cnt)
-            sc = per_group[run.group]
+    _apply_scaled(shards, gs, views, ops, skip, coef)
+
+
+def norm_in_count(groups: Sequence[dict]) -> bool:
+    """Every group is per-tensor scaled (|lam| != 1): a step with the non-finite skip and
+    no clipping can take the norm from the count pass (:func:`step_shards_norm_in_count`)."""
+    return bool(groups) and not any(lam_is_unit(float(g["lam"])) for g in groups)
+
+
+def step_shards_norm_in_count(shards: Sequence[Any], groups: Sequence[dict],
+                              device: torch.device, backend: str,
+                              reduce: Callable[[Tensor], None],
+                              count_mask: Optional[Tensor] = None) -> Tensor:
+    """The step of every run when every group is per-tensor scaled (:func:`norm_in_count`)
+    and nothing is clipped: the count pass reads every gradient anyway, so it also sums
+    their squares, and ONE all-reduce (``reduce``, of a float64 vector: the counts, then
+    the squared norm; counts are exact in float64 up to 2**53) carries both, where the
+    norm pass and its all-reduce came first before (4 of the 40 B per element the three
+    passes read and wrote, and one small all-reduce a step). Each run's pieces are read,
+    not its alignment padding, which is zero. Returns the global norm; a non-finite one
+    skips: the group steps are bumped by ``~skip`` before the apply pass reads them.
+    ``count_mask``: 0 for the slots of tensors another rank counts (model parallelism).
+
+    Nothing is stored before the skip is known: the count pass stores nothing."""
+    ops = get_ops(backend)
+    hps = [GroupHParams.from_group(g) for g in groups]
+    sizes = _slot_sizes(shards)
+    counts = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
+    views, parts = _views(counts, sizes), []
+    for sh, cnt in zip(shards, views):
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        for i, run in _runs(sh):
             p, gr, m, v, s, out = _ranges(sh, run)
-            ops.apply_run(p, gr, m, v, s, out, sc.inv_sqrt_bc2, g.hp, run_table_of(sh, i, run),
-                          sc.step_size, sc.decay, skip, coef)
+            ops.count_run(gr, m, v, s, hps[run.group], run_table_of(sh, i, run), cnt, None,
+                          None, sq)
+        parts.append(counted_sq(sh, sq))
+    if count_mask is not None:
+        counts.mul_(count_mask)
+    both = torch.cat([counts.double(), torch.stack(parts).sum().reshape(1)])
+    reduce(both)
+    counts.copy_(both[:-1])
+    norm = both[-1].sqrt()
+    skip = ~torch.isfinite(norm)
+    for group in groups:
+        group["step"] += (~skip).float()
+    _apply_scaled(shards, [GroupStep.of(g, device, backend) for g in groups], views, ops,
+                  skip, None)
+    return norm

@@ -28,34 +28,13 @@ from .model_parallel import ModelParallel, resolve_groups
 from .optim_protocols import refuse_grad_scaler, runs_load_state_dict_hooks, runs_state_dict_hooks
 from .param_guards import (frozen_params, refuse_grads_of_frozen, refuse_sparse_modules,
                            watch_model_loads)
-from .shard_step import clip_coef, global_grad_norm, step_shards
+from .shard_step import (StepInfo, clip_coef, global_grad_norm, norm_in_count, step_shards,
+                         step_shards_norm_in_count)
 from .state_records import check_covered, overlap, records_by_name
 
 STATE_FORMAT_VERSION = 1
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-class StepInfo:
-    """What the last ``step()`` did: the global grad norm (before clipping) and whether the
-    step was skipped because a gradient was not finite on some rank.
-
-    Both live on the device (``step()`` never waits for them); reading ``grad_norm`` or
-    ``skipped`` is the host sync, paid only by whoever reads them."""
-
-    def __init__(self, norm: Optional[Tensor] = None, skip: Optional[Tensor] = None):
-        self.grad_norm_tensor, self.skipped_tensor = norm, skip
-
-    @property
-    def grad_norm(self) -> Optional[float]:
-        return None if self.grad_norm_tensor is None else float(self.grad_norm_tensor)
-
-    @property
-    def skipped(self) -> bool:
-        return False if self.skipped_tensor is None else bool(self.skipped_tensor)
-
-    def __repr__(self) -> str:
-        return f"StepInfo(grad_norm={self.grad_norm}, skipped={self.skipped})"
 
 
 class ShardedAMS(Optimizer):
@@ -386,11 +365,11 @@ class ShardedAMS(Optimizer):
             if t is not None:
                 self.mp.reduce(t, self._reduce_small)
             return
-        both = flag.reshape(1) if t is None else torch.stack([t, flag])
+        both = flag.reshape(1) if t is None else torch.cat([t.reshape(-1), flag.reshape(1)])
         self.mp.reduce(both, self._reduce_small)
         self._sync.raise_if_failed(both[-1])
         if t is not None:
-            t.copy_(both[0])
+            t.copy_(both[:-1].reshape(t.shape))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -412,6 +391,14 @@ class ShardedAMS(Optimizer):
         self._versions = None
         self._sync.finish_grad_sync()
         norm = skip = coef = None
+        if self.skip_nonfinite and self.max_grad_norm is None and norm_in_count(
+                self.param_groups):  # the count pass reads g: the norm rides on it
+            norm = step_shards_norm_in_count(self.shards, self.param_groups, self.device,
+                                             self.backend, self._reduce_with_error_flag,
+                                             self._count_mask if self.mp.active else None)
+            skip = ~torch.isfinite(norm)
+            self._finish_step(norm, skip)
+            return loss
         if self.max_grad_norm is None and not self.skip_nonfinite:
             self._reduce_with_error_flag(None)  # world size > 1: the ranks' error flags
         else:  # one read of the gradients gives the norm and the non-finite test
@@ -425,6 +412,11 @@ class ShardedAMS(Optimizer):
             group["step"] += 1 if skip is None else (~skip).float()
         step_shards(self.shards, self.param_groups, self.device, self.backend, skip,
                     self._reduce_counts, coef)
+        self._finish_step(norm, skip)
+        return loss
+
+    def _finish_step(self, norm: Optional[Tensor], skip: Optional[Tensor]) -> None:
+        """After the update: gradients consumed, the param gathers launched, the record."""
         for sh in self.shards:
             sh.buf.consumed()
         if skip is not None:
@@ -432,7 +424,6 @@ class ShardedAMS(Optimizer):
         self._sync.start_param_sync()
         self._sync.stats.steps += 1
         self.last_step = StepInfo(norm, skip)
-        return loss
 
     def _param_versions(self) -> list[int]:  # each param's: ``.data`` views keep their own
         return [p._version for sh in self.shards for p in sh.buf.params]

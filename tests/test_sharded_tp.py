@@ -48,6 +48,9 @@ GRAD_TOL = 1e-5    # relative; TP changes the summation order only
 CASES = {
     "grams": dict(kw=dict(preset="grams"), sp=True, mesh_arg=False, ckpt=True),
     "cadam": dict(kw=dict(preset="cadam", weight_decay=0.1), sp=False, mesh_arg=True, inf=True),
+    # no clipping: the norm taken with the count pass, one all-reduce for both
+    "cadam_noclip": dict(kw=dict(preset="cadam", weight_decay=0.1, max_grad_norm=None),
+                         sp=False, mesh_arg=True, inf=True),
     # AMS (C-Adam) on FSDP2 over dp of the same TP Llama: 2-D DTensors (part 1's path)
     "fsdp_cadam": dict(kw=dict(weight_decay=0.1), sp=True, fsdp=True),
 }
@@ -92,8 +95,8 @@ def _build(mesh, case: dict, seed: int):
         process_group=mesh["dp"].get_group())
     # eager: the step kernels see plain local buffers (TP changes nothing there; the
     # compiled and Triton paths are tested on those in test_sharded.py), no compile wait
-    return model, ShardedAMS(model, lr=LR, max_grad_norm=MAX_NORM, backend="eager", **where,
-                             **case["kw"])
+    return model, ShardedAMS(model, lr=LR, backend="eager", **where,
+                             **{"max_grad_norm": MAX_NORM, **case["kw"]})
 
 
 def _capture_reduced(model, opt) -> list:
@@ -176,7 +179,8 @@ def _run_case(name: str, mesh) -> dict:
                 for n, p in ref.named_parameters()))
             grads = [got[n].double() for n, _ in model.named_parameters()]
             norm = float(torch.sqrt(sum((g * g).sum() for g in grads)))
-            coef = 1.0 if reported is None else MAX_NORM / (norm + 1e-6)  # FSDP: no clipping
+            max_norm = case["kw"].get("max_grad_norm", MAX_NORM)
+            coef = 1.0 if reported is None or max_norm is None else max_norm / (norm + 1e-6)
             out["norm_err"].append(0.0 if reported is None else abs(reported - norm) / norm)
             oracle.step([g * coef for g in grads] if coef < 1 else grads)
         getattr(opt, "finish_param_sync", lambda: None)()
@@ -297,10 +301,12 @@ def test_tp_dp_mesh_equals_one_process(name):
 
 def test_one_small_all_reduce_each_for_the_norm_and_the_counts():
     """The grid (dp x tp) is the world: the norm (with the error flags) takes one
-    all-reduce, and C-Adam's per-tensor counts of every tensor one more, per step."""
+    all-reduce, and C-Adam's per-tensor counts of every tensor one more, per step; without
+    clipping C-Adam's count pass takes the norm and one all-reduce carries both."""
     for res in _results():
         assert res["grams"]["small_all_reduces"] == [1] * STEPS
         assert res["cadam"]["small_all_reduces"] == [2] * STEPS
+        assert res["cadam_noclip"]["small_all_reduces"] == [1] * STEPS
 
 
 def test_nonfinite_on_one_rank_skips_everywhere():
@@ -308,7 +314,8 @@ def test_nonfinite_on_one_rank_skips_everywhere():
     (and only that one); the oracle skips it too, so the trajectories above still agree."""
     for rank, res in enumerate(_results()):
         want = [s == INF_STEP for s in range(STEPS)]
-        assert res["cadam"]["skipped"] == want, (rank, res["cadam"]["skipped"])
+        for name in ("cadam", "cadam_noclip"):
+            assert res[name]["skipped"] == want, (rank, name, res[name]["skipped"])
         assert res["grams"]["skipped"] == res["fsdp_cadam"]["skipped"] == [False] * STEPS
 
 

@@ -326,11 +326,17 @@ def _check_bf16_moments() -> None:
 
 
 def _check_sharded_norm_clip_skip() -> None:
-    """``ShardedAMS(backend="triton", max_grad_norm=...)`` at world size 1: the norm from the
-    kernel's block partials, the clip coefficient inside the update kernel and the
-    non-finite skip, against ``backend="eager"`` (moments bitwise where the coefficient
-    agrees, params to 2 ulp) and a float64 run of ``update.py`` on the clipped gradients
-    (norm and coefficient in float64); a NaN step stores nothing."""
+    """``ShardedAMS(backend="triton")`` at world size 1, against ``backend="eager"`` (moments
+    bitwise where the coefficient agrees, params to 4 ulp) and a float64 run of
+    ``update.py`` (norm and coefficient in float64); a NaN step stores nothing. Grams with
+    ``max_grad_norm``: the norm from the kernel's block partials, the clip coefficient
+    inside the update kernel. C-Adam without clipping: the norm taken with the count pass
+    (``step_shards_norm_in_count``), the skip decided from it before the apply pass."""
+    _sharded_case("grams", -1.0, 0.5)
+    _sharded_case("cadam", 0.0, None)
+
+
+def _sharded_case(preset: str, lam: float, max_norm) -> None:
     import math
 
     import torch
@@ -339,14 +345,14 @@ def _check_sharded_norm_clip_skip() -> None:
     from sharded_ams import ShardedAMS
     from sharded_ams.update import reference_init, reference_step
 
-    shapes, steps, nan_at, max_norm = ((1500,), (37, 11)), 6, 3, 0.5
+    shapes, steps, nan_at = ((1500,), (37, 11)), 6, 3
     p0s = [make_param(s, 400 + i) for i, s in enumerate(shapes)]
     gss = [make_grads(s, steps, seed=410 + i, zero_frac=0.2) for i, s in enumerate(shapes)]
     gss[1][nan_at].view(-1)[5] = float("nan")
     runs = {}
     for backend in ("triton", "eager"):
         params = [torch.nn.Parameter(p.clone()) for p in p0s]
-        opt = ShardedAMS(params, preset="grams", lr=1e-2, weight_decay=0.1,
+        opt = ShardedAMS(params, preset=preset, lr=1e-2, weight_decay=0.1,
                          max_grad_norm=max_norm, backend=backend, broadcast_params=False)
         norms = []
         for t in range(steps):
@@ -371,18 +377,19 @@ def _check_sharded_norm_clip_skip() -> None:
         g64 = [gs[t].double() for gs in gss]
         norm = math.sqrt(sum(float((g * g).sum()) for g in g64))
         for r, got in ((runs["triton"][1][t], "triton"), (runs["eager"][1][t], "eager")):
-            assert abs(r - norm) <= 1e-5 * norm, (got, t, r, norm)
-        coef = min(1.0, max_norm / (norm + 1e-6))
+            assert abs(r - norm) <= 1e-5 * norm, (preset, got, t, r, norm)
+        coef = 1.0 if max_norm is None else min(1.0, max_norm / (norm + 1e-6))
         refs = [reference_step(st, g * coef, lr=1e-2, beta1=0.9, beta2=0.999, beta3=0.0,
-                               lam=-1.0, eps=1e-8, weight_decay=0.1)
+                               lam=lam, eps=1e-8, weight_decay=0.1)
                 for st, g in zip(refs, g64)]
-    assert any(max_norm / (n + 1e-6) < 1.0 for n in runs["eager"][1] if math.isfinite(n)), \
+    assert max_norm is None or any(
+        max_norm / (n + 1e-6) < 1.0 for n in runs["eager"][1] if math.isfinite(n)), \
         "no step clipped: the test would not see the coefficient"
     for i, (pt, pe, ref) in enumerate(zip(runs["triton"][0], runs["eager"][0], refs)):
-        _close(pt, pe, f"sharded triton vs eager, param {i}", ulps=4)
+        _close(pt, pe, f"sharded {preset} triton vs eager, param {i}", ulps=4)
         scale = float((ref.p - p0s[i].double()).abs().max())
         err = float((pt.double() - ref.p).abs().max()) / scale
-        assert err < FP32_RTOL, f"param {i} vs float64 reference: rel err {err:.3g}"
+        assert err < FP32_RTOL, f"{preset} param {i} vs float64 reference: rel err {err:.3g}"
     assert not torch.isnan(runs["triton"][2]["exp_avg"]).any()
 
 

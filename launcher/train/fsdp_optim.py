@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from sharded_ams import AMS
 from sharded_ams.config import preset_hparams
 from sharded_ams.dtensor import is_dtensor, local
-from sharded_ams.sharded import StepInfo
+from sharded_ams.shard_step import StepInfo
 
 __all__ = ["FSDPAMS", "replicas", "global_grad_norm"]
 

@@ -7,7 +7,9 @@ the contract every backend follows):
   writes p, m, v[, s] and optionally a low-precision copy of p).
 * ``count_run``: first pass of the per-tensor-scaled case (lam not in {1, -1}) over a
   whole run: adds each tensor's count of u*s < 0 (from this step's m and s, computed and
-  not stored: reads g, m[, s]) to ``counts``.
+  not stored: reads g, m[, s]) to ``counts``; given ``sq`` (a 0-d float64 accumulator,
+  no clip coefficient), the same read also adds the sum of the run's pieces' g squared
+  (the gradient norm and non-finite test of ``ShardedAMS``, at no extra pass).
 * ``apply_run``: second pass: the whole one-pass step (moments and parameters), each
   element with its tensor's step size and decay (gathered from per-tensor tables).
 
@@ -80,6 +82,21 @@ def _count(g, m, s, beta1: float, beta3: float, coef=None) -> Tensor:
     return _disagree(g, m, s, beta1, beta3, coef).sum(dtype=torch.int64)
 
 
+def _sumsq(g) -> Tensor:
+    """Sum of g squared, each square and the sum in float64: inf or NaN iff some element
+    is (no fp32 overflow of a finite gradient). Read in the loop that already reads g, it
+    costs the count pass ~1% (29M fp32 elements, one core), not a pass of its own."""
+    return g.double().square().sum()
+
+
+def _count_sq(g, m, s, beta1: float, beta3: float) -> tuple[Tensor, Tensor]:
+    return _count(g, m, s, beta1, beta3), _sumsq(g)
+
+
+def _disagree_sq(g, m, s, beta1: float, beta3: float) -> tuple[Tensor, Tensor]:
+    return _disagree(g, m, s, beta1, beta3), _sumsq(g)
+
+
 def _fused_indexed(p, g, m, v, s, out, step_sizes, decays, index, inv_sqrt_bc2, beta1: float,
                    beta2: float, beta3: float, lam: float, eps: float, skip=None,
                    coef=None) -> None:
@@ -108,6 +125,12 @@ def _count_all(gs, ms, ss, beta1: float, beta3: float, wide: bool, coef=None) ->
         flags = _disagree(gs[i], ms[i], None if ss is None else ss[i], beta1, beta3, coef)
         out.append(flags.sum(dtype=torch.int64 if wide else torch.int32))
     return torch.stack(out).to(torch.int64)
+
+
+def _count_all_sq(gs, ms, ss, beta1: float, beta3: float, wide: bool) -> tuple[Tensor, Tensor]:
+    """``_count_all`` and the float64 sum of every listed gradient squared, one read."""
+    return (_count_all(gs, ms, ss, beta1, beta3, wide),
+            torch.stack([_sumsq(g) for g in gs]).sum())
 
 
 def _apply_all(ps, gs, ms, vs, ss, outs, step_sizes, decays, inv_sqrt_bc2, beta1: float,
@@ -175,19 +198,29 @@ class EagerOps:
 
     @classmethod
     def count_run(cls, g, m, v, s, hp, table: RunTable, counts: Tensor,
-                  skip: Optional[Tensor] = None, coef: Optional[Tensor] = None) -> None:
+                  skip: Optional[Tensor] = None, coef: Optional[Tensor] = None,
+                  sq: Optional[Tensor] = None) -> None:
         # stores nothing (``_disagree``), so a skipped step needs nothing here
-        consts = dict(beta1=hp.beta1, beta3=hp.beta3, coef=coef)
+        if sq is not None and coef is not None:
+            raise ValueError("count_run: sq (the norm folded into the count) is of the "
+                             "unclipped gradient; a clip coefficient needs the norm first")
+        consts = dict(beta1=hp.beta1, beta3=hp.beta3) if sq is not None else \
+            dict(beta1=hp.beta1, beta3=hp.beta3, coef=coef)
         one = table.single
         if one is not None:  # one piece: a plain sum
-            counts[one.index:one.index + 1].add_(cls._call(_count, (g, m, s), consts))
+            got = cls._call(_count if sq is None else _count_sq, (g, m, s), consts)
+            counts[one.index:one.index + 1].add_(got if sq is None else got[0])
         elif _by_segment(table):  # the pieces, one call (the gaps' slot has scale 1 anyway)
             r = [(pc.start, pc.end) for pc in table.pieces]
-            counts.index_add_(0, table.seg_tensor, cls._call_list(
-                _count_all, (_cut(g, r), _cut(m, r), _cut(s, r)),
-                dict(consts, wide=count_wide(b - a for a, b in r))))
+            got = cls._call_list(_count_all if sq is None else _count_all_sq,
+                                 (_cut(g, r), _cut(m, r), _cut(s, r)),
+                                 dict(consts, wide=count_wide(b - a for a, b in r)))
+            counts.index_add_(0, table.seg_tensor, got if sq is None else got[0])
         else:
-            counts.add_(piece_counts(cls._call(_disagree, (g, m, s), consts), table))
+            got = cls._call(_disagree if sq is None else _disagree_sq, (g, m, s), consts)
+            counts.add_(piece_counts(got if sq is None else got[0], table))
+        if sq is not None:
+            sq.add_(got[1])
 
     @classmethod
     def apply_run(cls, p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable,

@@ -289,10 +289,16 @@ class TritonOps:
 
     @staticmethod
     def count_run(g, m, v, s, hp, table: RunTable, counts: Tensor, skip=None,
-                  coef=None) -> None:
-        # stores nothing, reads g, m[, s]; the apply pass is the whole step (36 B in all)
+                  coef=None, sq=None) -> None:
+        # stores nothing, reads g, m[, s]; the apply pass is the whole step (36 B in all).
+        # ``sq`` (the unclipped norm's float64 accumulator): the norm's own read of the run
+        # here, not folded into the kernel (the step still saves its all-reduce)
+        if sq is not None and coef is not None:
+            raise ValueError("count_run: sq is of the unclipped gradient; no coef with it")
         _launch(MODE_COUNT_ONLY, g, m, v, s, hp, table=table, counts=counts, skip=skip,
                 coef=coef)
+        if sq is not None:
+            sq.add_(sq_norm([g]))
 
     @staticmethod
     def apply_run(p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable, step_sizes: Tensor,
