@@ -32,9 +32,10 @@ fp32 params, grads set once, weight decay 0:
   ``sharded_ams.kernels.flat_step(...)``: ShardedAMS's kernel path.
 * ``sharded_ams``: ``ShardedAMS(params, preset="grams")`` at world size 1 (no process
   group): the flat pass plus its global grad norm (the non-finite check), a read of g.
-* ``sharded_cadam``: ``ShardedAMS(params, preset="cadam")``: a count pass that also takes
-  the norm (reads g, m; ``shard_step.step_shards_norm_in_count``) and the apply pass (the
-  whole step with per-tensor step sizes); peer ``adamw_fused_norm``.
+* ``sharded_cadam``: ``ShardedAMS(params, preset="cadam")``: the count pass, whose calls
+  also sum the gradients' squares for the norm (``shard_step.step_shards_norm_in_count``;
+  one all-reduce for both), and the apply pass (the whole step with per-tensor step
+  sizes); peer ``adamw_fused_norm``.
 * ``sharded_cadam_clip``: the same with ``max_grad_norm=1.0``: the norm pass first (the
   count reads the clipped gradient), then the count and apply passes; peer
   ``adamw_fused_clip``.

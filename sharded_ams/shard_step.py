@@ -6,13 +6,14 @@ the number of buckets B where it can be (issue 26, items 5 and 6).
   read as one range), then one small all-reduce of the squared norm. The squared norm
   also carries the non-finite test: it is NaN/inf iff some gradient is (or the fp32 norm
   overflows), so no second reduction checks the values.
-* The norm in the count pass: with the non-finite skip, no clipping and every group
-  per-tensor scaled (C-Adam, lam not in {1, -1}), the count pass, which reads every
-  gradient anyway, also sums their squares (float64), and ONE all-reduce carries the
-  counts and the squared norm (:func:`step_shards_norm_in_count`): no norm pass, and one
-  small all-reduce a step instead of two. The skip is then decided after the count pass,
-  which stores nothing, and before the apply pass. (Triton: the norm is still its own
-  read of each run, next to the count launch; the all-reduce is saved, not the read.)
+* The norm with the counts: with the non-finite skip, no clipping and every group
+  per-tensor scaled (C-Adam, lam not in {1, -1}), each run's count call also sums its
+  gradients' squares (float64), and ONE all-reduce carries the counts and the squared
+  norm (:func:`step_shards_norm_in_count`): one small all-reduce a step instead of two
+  (one wait, one sync point across the ranks, fewer). The skip is then decided after the
+  count pass, which stores nothing, and before the apply pass. The gradients are still
+  read twice there: no backend fuses the two reductions into one loop today (Inductor's
+  C++ code keeps a loop each, measured; Triton launches its norm kernel beside the count).
 * Clipping: the coefficient min(1, max_norm / (norm + 1e-6)) stays a 0-d device tensor
   that the step kernels multiply each gradient by as they load it: no pass scales the
   gradients, nothing is read on the host (issue 21).
@@ -268,8 +269,7 @@ def step_shards_norm_in_count(shards: Sequence[Any], groups: Sequence[dict],
     and nothing is clipped: the count pass reads every gradient anyway, so it also sums
     their squares, and ONE all-reduce (``reduce``, of a float64 vector: the counts, then
     the squared norm; counts are exact in float64 up to 2**53) carries both, where the
-    norm pass and its all-reduce came first before (4 of the 40 B per element the three
-    passes read and wrote, and one small all-reduce a step). Each run's pieces are read,
+    norm pass had an all-reduce of its own before. Each run's pieces are read,
     not its alignment padding, which is zero. Returns the global norm; a non-finite one
     skips: the group steps are bumped by ``~skip`` before the apply pass reads them.
     ``count_mask``: 0 for the slots of tensors another rank counts (model parallelism).

@@ -242,3 +242,17 @@ def deadline(seconds: int, what: str = "call"):
     finally:
         timer.cancel()
         signal.signal(signal.SIGALRM, old)
+
+
+OLD, NEW = "step-00000001", "step-00000002"
+SHARD = "shard-rank00000-of-00001.pt"
+
+
+def make_run_ckpts(root: Path) -> Path:
+    """A run dir with two committed checkpoints of one run (steps 1 and 2)."""
+    model = make_model(0)
+    opt = ShardedAMS(model, backend="eager", **GRAMS)
+    for s in (1, 2):
+        train(model, opt, range(s - 1, s))
+        save_checkpoint(root / C.step_dir_name(s), opt, model=model, step=s)
+    return root

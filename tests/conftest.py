@@ -44,3 +44,25 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
             return group_of(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])
 
     return ByGroup(config, log)
+
+
+# --- checkpoint fixtures (test_checkpoint_refusals.py, test_checkpoint_writes.py) -------
+
+
+@pytest.fixture(scope="module")
+def run_ckpts(tmp_path_factory):
+    """A run dir with two committed checkpoints of one run (steps 1 and 2); read-only."""
+    from ckpt_common import make_run_ckpts
+
+    return make_run_ckpts(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture
+def root(run_ckpts, tmp_path):
+    """A copy of ``run_ckpts`` a test may damage."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run_ckpts, dst)
+    return dst
+

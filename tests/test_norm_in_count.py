@@ -1,6 +1,6 @@
 """``ShardedAMS`` with the non-finite skip, no clipping and every group per-tensor scaled
-(C-Adam, any lam not in {1, -1}) takes the gradient norm from the count pass
-(``shard_step.step_shards_norm_in_count``): the count reads every gradient anyway.
+(C-Adam, any lam not in {1, -1}) takes the gradient norm with the count pass
+(``shard_step.step_shards_norm_in_count``): one all-reduce carries both.
 
 Checked at world size 1 on both CPU backends and on the three ways a run is counted (one
 piece; pieces averaging >= ``SEGMENT_LOOP_MIN_AVG``, one call over the list; short

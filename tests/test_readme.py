@@ -39,7 +39,7 @@ BASH_BLOCKS = {
     ("Checkpoints", 0): "excluded: an fsdp run of llama_tiny takes minutes; its path (the "
                         "launcher with parallel.strategy=fsdp, DCP checkpoints) runs in "
                         "tests/test_faults.py::test_e_fsdp_sigkill_a_worker_then_lose_a_node "
-                        "and the convert line's in tests/test_dcp_checkpoint.py::"
+                        "and the convert line's in tests/test_dcp_convert.py::"
                         "test_convert_zero1_to_dcp_and_back_is_bitwise",
     ("Does Grams help?", 0): "excluded: the full CPU study takes ~25-60 min and the paper "
                              "preset needs GPUs and C4; the smoke line's path runs in "

@@ -8,8 +8,8 @@ the contract every backend follows):
 * ``count_run``: first pass of the per-tensor-scaled case (lam not in {1, -1}) over a
   whole run: adds each tensor's count of u*s < 0 (from this step's m and s, computed and
   not stored: reads g, m[, s]) to ``counts``; given ``sq`` (a 0-d float64 accumulator,
-  no clip coefficient), the same read also adds the sum of the run's pieces' g squared
-  (the gradient norm and non-finite test of ``ShardedAMS``, at no extra pass).
+  no clip coefficient), the same call also adds the sum of the run's pieces' g squared
+  (the gradient norm and non-finite test of ``ShardedAMS``, reduced with the counts).
 * ``apply_run``: second pass: the whole one-pass step (moments and parameters), each
   element with its tensor's step size and decay (gathered from per-tensor tables).
 
@@ -84,8 +84,10 @@ def _count(g, m, s, beta1: float, beta3: float, coef=None) -> Tensor:
 
 def _sumsq(g) -> Tensor:
     """Sum of g squared, each square and the sum in float64: inf or NaN iff some element
-    is (no fp32 overflow of a finite gradient). Read in the loop that already reads g, it
-    costs the count pass ~1% (29M fp32 elements, one core), not a pass of its own."""
+    is (no fp32 overflow of a finite gradient). In the compiled call beside the count, but
+    Inductor's C++ code gives it a loop of its own (measured: one tensor alone, with
+    horizontal fusion on, shares the count's loop; a list of them does not, either way),
+    so it is a second read of g, as the separate norm pass was."""
     return g.double().square().sum()
 
 
