@@ -112,3 +112,43 @@ def test_norm_pass_where_the_count_cannot_take_it(kw, lams, monkeypatch):
         p.grad = torch.ones_like(p)
     opt.step()
     assert calls == [1]
+
+
+def test_two_dtype_shards_step_as_the_norm_pass_path(monkeypatch):
+    """A bf16 param (fp32 master, gradient reduced in fp32) and an fp32 one: two dtype
+    shards, one count vector, one all-reduce. Params and every state tensor equal,
+    bitwise, those of the same run through the separate norm pass (its exactness is
+    tested against the oracles in test_sharded.py), a NaN in the bf16 gradient skips the
+    step, and the norm is the float64 one of the gradients as reduced."""
+    def run(fold: bool) -> tuple:
+        monkeypatch.setattr(sharded_mod, "norm_in_count",
+                            sharded_mod.norm_in_count if fold else (lambda groups: False))
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(300, 70).to(torch.bfloat16)),
+                  torch.nn.Parameter(torch.randn(513))]
+        opt = ShardedAMS(params, preset="cadam", lr=LR, weight_decay=WD, backend="eager",
+                         broadcast_params=False)
+        norms, skipped = [], []
+        for t in range(STEPS):
+            gen = torch.Generator().manual_seed(t)
+            grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+            if t == NAN_AT:
+                grads[0][7, 3] = float("nan")
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            norms.append((opt.last_step.grad_norm,
+                          math.sqrt(sum(float(g.double().square().sum()) for g in grads))))
+            skipped.append(opt.last_step.skipped)
+        opt.finish_param_sync()
+        state = [x.clone() for sh in opt.shards for x in sh.state.values()]
+        return [p.detach().clone() for p in params], state, norms, skipped, len(opt.shards)
+
+    p1, s1, n1, k1, shards = run(True)
+    p0, s0, _, k0, _ = run(False)
+    assert shards == 2
+    assert k1 == k0 == [t == NAN_AT for t in range(STEPS)]
+    assert all(torch.equal(a, b) for a, b in zip(p1 + s1, p0 + s0))
+    for t, (got, want) in enumerate(n1):
+        if t != NAN_AT:
+            assert abs(got - want) <= 1e-12 * want, (t, got, want)
