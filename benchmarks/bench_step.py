@@ -7,7 +7,7 @@ LayerNorm. With the default 4 layers that is 28,976,128 fp32 parameters (~29M, t
 DESIGN.md section 5 measured; 8 layers would be 41.6M). ``--numel-scale s`` multiplies the
 first dimension of every tensor by s (rounded up) for quick runs.
 
-Rows: ``bench_step_rows.py`` (one function each, named and documented there).
+Rows: ``step_rows.py`` (one function each, named and documented there).
 
 Timing: every row is built first; the first step of each row (torch.compile included) is
 reported as ``first_step_s``; then 2 warm-up steps each; then ``--repeats`` ROUNDS, each
@@ -53,8 +53,8 @@ for _p in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(_p))
 
 from bench_common import add_out_args, device_name, env_info, loadavg, resolve_out  # noqa: E402
-from bench_step_rows import (BYTES_PER_ELEMENT, PEERS, ROW_NAMES, ROWS,  # noqa: E402
-                             TWO_PASS_FLOOR, gpt_shapes)
+from step_rows import (BYTES_PER_ELEMENT, PEERS, ROW_NAMES, ROWS,  # noqa: E402
+                       TWO_PASS_FLOOR, gpt_shapes)
 
 
 # --- timing -----------------------------------------------------------------------------
