@@ -11,9 +11,10 @@ the number of buckets B where it can be (issue 26, items 5 and 6).
   gradients' squares (float64), and ONE all-reduce carries the counts and the squared
   norm (:func:`step_shards_norm_in_count`): one small all-reduce a step instead of two
   (one wait, one sync point across the ranks, fewer). The skip is then decided after the
-  count pass, which stores nothing, and before the apply pass. The gradients are still
-  read twice there: no backend fuses the two reductions into one loop today (Inductor's
-  C++ code keeps a loop each, measured; Triton launches its norm kernel beside the count).
+  count pass, which stores nothing, and before the apply pass. On the compiled CPU
+  backend each tensor's count and sum of squares share one loop (``eager.PAIR_FUSED``):
+  no read of the gradients for the norm (measured: the step costs what C-Adam without
+  any norm does). Triton still launches its norm kernel beside the count (a read).
 * Clipping: the coefficient min(1, max_norm / (norm + 1e-6)) stays a 0-d device tensor
   that the step kernels multiply each gradient by as they load it: no pass scales the
   gradients, nothing is read on the host (issue 21).
@@ -269,9 +270,10 @@ def step_shards_norm_in_count(shards: Sequence[Any], groups: Sequence[dict],
     and nothing is clipped: the count pass reads every gradient anyway, so it also sums
     their squares, and ONE all-reduce (``reduce``, of a float64 vector: the counts, then
     the squared norm; counts are exact in float64 up to 2**53) carries both, where the
-    norm pass had an all-reduce of its own before. Each run's pieces are read,
-    not its alignment padding, which is zero. Returns the global norm; a non-finite one
-    skips: the group steps are bumped by ``~skip`` before the apply pass reads them.
+    norm pass had an all-reduce (and, on CPU, a read of g) of its own before. Each run's
+    pieces are read, not its alignment padding, which is zero. Returns the global norm; a
+    non-finite one skips: the group steps are bumped by ``~skip`` before the apply pass
+    reads them.
     ``count_mask``: 0 for the slots of tensors another rank counts (model parallelism).
 
     Nothing is stored before the skip is known: the count pass stores nothing."""
