@@ -1,13 +1,17 @@
 """Communication overlap in ShardedAMS: overlap off vs on vs DDP + ZeroRedundancyOptimizer.
 
-Rows (the same model, initial weights and batches; AdamW maths everywhere, lr 1e-3,
-betas (0.9, 0.999), eps 1e-8, weight decay 0.01, no clipping):
+Rows (the same model, initial weights and batches; AdamW maths everywhere unless
+``--preset`` says otherwise for the ShardedAMS rows, lr 1e-3, betas (0.9, 0.999), eps 1e-8,
+weight decay 0.01, no clipping):
 
 * ``off``: ``ShardedAMS(model, preset="adamw", overlap=False)``: every reduction and
   gather in ``step()``, one bucket per dtype (the behaviour before overlap existed).
 * ``on``: ``ShardedAMS(model, preset="adamw")`` (overlap on, the backend's default
   bucket size): reductions launched during backward, gathers waited for in the next
   forward's module pre-hooks.
+* ``on_step_count`` (not run by default): ``on`` with ``count_in_backward=False``: with
+  ``--preset cadam`` C-Adam's count pass stays in ``step()``, where ``on`` counts each
+  bucket in backward as its reduction lands (``sharded_ams/backward_count.py``).
 * ``ddp_zero``: ``DDP(model)`` + ``ZeroRedundancyOptimizer(params, AdamW, foreach=True)``.
 * with ``--bucket-sweep``: ``on@N`` rows, overlap on with ``bucket_numel=N``.
 
@@ -37,6 +41,7 @@ group (or none) on any device, for any model builder: the GPU check calls it wit
 
     PYTHONPATH=. python benchmarks/bench_overlap.py                 # 2 gloo ranks, 12.8M GPT
     PYTHONPATH=. python benchmarks/bench_overlap.py --bucket-sweep  # the gloo default bucket
+    PYTHONPATH=. python benchmarks/bench_overlap.py --preset cadam --rows on on_step_count ddp_zero
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ from dist_bench import (add_gpt_args, check_gpt_args, gpt_batch, gpt_model_info,
                         make_gpt, max_over_ranks, run_on_ranks)
 
 ROWS = ("off", "on", "ddp_zero")
+#: also selectable: overlap on with C-Adam's count pass kept in step() (--preset cadam)
+ROW_CHOICES = ROWS + ("on_step_count",)
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 SWEEP = (500_000, 1_000_000, 2_000_000, 4_000_000, 8_000_000, None)
 STAT_KEYS = ("grad_wait_s", "param_wait_s", "small_wait_s", "late_buckets")
@@ -79,7 +86,8 @@ def _world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _build_row(name: str, build_model: Callable[[], nn.Module], backend: str):
+def _build_row(name: str, build_model: Callable[[], nn.Module], backend: str,
+               preset: str = "adamw"):
     """(module to call, optimizer, local-step timer box or None) for row ``name``."""
     from sharded_ams import ShardedAMS
 
@@ -105,8 +113,9 @@ def _build_row(name: str, build_model: Callable[[], nn.Module], backend: str):
     if "@" in name:
         size = name.split("@", 1)[1]
         bucket = None if size == "None" else int(size)
-    return model, ShardedAMS(model, preset="adamw", backend=backend, overlap=name != "off",
-                             bucket_numel=bucket, **HP), None
+    return model, ShardedAMS(model, preset=preset, backend=backend, overlap=name != "off",
+                             bucket_numel=bucket, count_in_backward=name != "on_step_count",
+                             **HP), None
 
 
 def _sync(device: torch.device) -> None:
@@ -117,7 +126,8 @@ def _sync(device: torch.device) -> None:
 def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[int], Any], *,
                     rows: Sequence[str] = ROWS, steps: int = 5, rounds: int = 4,
                     backend: str = "auto", loss_fn: LossFn = _default_loss,
-                    device: Optional[torch.device] = None) -> dict[str, dict]:
+                    device: Optional[torch.device] = None,
+                    preset: str = "adamw") -> dict[str, dict]:
     """Time ``rows`` on this rank (see the module docstring); returns per row the lists of
     per-step times in ms on this rank (the caller takes the max over ranks per step).
 
@@ -126,7 +136,7 @@ def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[in
     On CUDA the host timers around waits see launches only (waits are stream waits);
     ``step_ms`` is synchronised per step."""
     device = device or torch.device("cpu")
-    built = {name: _build_row(name, build_model, backend) for name in rows}
+    built = {name: _build_row(name, build_model, backend, preset) for name in rows}
     twin = build_model()
     out: dict[str, dict] = {name: {k: [] for k in ("step_ms", "fwd_bwd_ms", "opt_ms",
                                                    "exposed_ms", "late_buckets",
@@ -246,7 +256,7 @@ def _rank_main(rank: int, world: int, args) -> dict:
     build = MODELS[args.model]
     per_rank = measure_overlap(lambda: build(args), lambda step: gpt_batch(args, step, rank, world),
                                rows=rows, steps=args.steps, rounds=args.rounds,
-                               backend=args.backend)
+                               backend=args.backend, preset=args.preset)
     return {"params": sum(p.numel() for p in build(args).parameters()),
             "rows": summarise(per_rank)}
 
@@ -260,7 +270,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     add_gpt_args(ap)
     ap.add_argument("--model", default="gpt", choices=sorted(MODELS),
                     help="the model (gpt: sized by --n-layer etc.; llama_tiny: the launcher's)")
-    ap.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS))
+    ap.add_argument("--rows", nargs="*", choices=ROW_CHOICES, default=list(ROWS))
+    ap.add_argument("--preset", default="adamw", choices=("adamw", "grams", "cadam"),
+                    help="ShardedAMS rows' preset (ddp_zero stays AdamW); cadam with the "
+                         "on_step_count row shows the count pass moved into backward")
     ap.add_argument("--bucket-sweep", nargs="*", default=None, metavar="NUMEL",
                     type=lambda v: None if v == "None" else int(v),
                     help=f"add overlap-on rows with these bucket_numel values (none given: "
@@ -274,7 +287,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                       threads=args.threads)[0]
     rows = r0["rows"]
     meta = dict(env_info(), world_size=args.world_size, threads_per_rank=args.threads,
-                backend=args.backend, steps=args.steps, rounds=args.rounds, params=r0["params"],
+                backend=args.backend, preset=args.preset, steps=args.steps, rounds=args.rounds, params=r0["params"],
                 model=dict(gpt_model_info(args), name=args.model) if args.model == "gpt"
                 else dict(name=args.model, global_batch=args.batch, block_size=args.block_size),
                 hparams={k: list(v) if isinstance(v, tuple) else v for k, v in HP.items()},
@@ -286,7 +299,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"\nOverlap on {args.world_size} gloo ranks, {meta['device']}, torch {meta['torch']}, "
           f"{args.threads} thread(s)/rank; {args.model} {r0['params']:,} params{shape}, global "
           f"batch {args.batch} x {args.block_size}; median of {args.rounds} x {args.steps} steps; "
-          f"ShardedAMS backend {args.backend}; 1-min load average before/after "
+          f"ShardedAMS preset {args.preset}, backend {args.backend}; 1-min load average before/after "
           f"{meta['load_avg_1m']}\n")
     cols = ["name", "step_ms", "exposed_ms", "grad_wait_ms", "param_wait_ms", "small_wait_ms",
             "fwd_bwd_ms", "opt_ms", "compute_ms", "late_buckets", "n_buckets", "step_ms_x_off",

@@ -70,6 +70,11 @@ _clock = time.perf_counter
 
 
 def _timed(step, device) -> float:
+    """One call of ``step``, timed; its ``before`` (if any: the row's backward) untimed."""
+    before = getattr(step, "before", None)
+    if before is not None:
+        before()
+        _sync(device)
     t0 = _clock()
     step()
     _sync(device)
@@ -91,7 +96,7 @@ def time_rows(names, shapes, device, repeats: int, warmup: int = 2) -> list[dict
         _sync(device)
         r["first_step_s"] = _timed(step, device)
         for _ in range(warmup):
-            step()
+            _timed(step, device)
         steps[name] = step
         r["times_ms"] = []
         out.append(r)

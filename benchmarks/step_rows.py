@@ -39,6 +39,15 @@ fp32 params, grads set once, weight decay 0:
 * ``sharded_cadam_clip``: the same with ``max_grad_norm=1.0``: the norm pass first (the
   count reads the clipped gradient), then the count and apply passes; peer
   ``adamw_fused_clip``.
+* ``sharded_cadam_bwd``: the same optimizer, its gradients from a backward
+  (``_leaf_backward``: autograd adds fixed gradients into the zeroed ``p.grad`` and runs
+  the hooks), which counts the buckets (``count_in_backward``, on by default): the timed
+  ``step()`` is the one all-reduce and the apply pass; the backward is untimed. Peer
+  ``adamw_fused_norm``.
+* ``sharded_cadam_bwd_iter`` / ``sharded_cadam_iter``: zero_grad + that backward + step,
+  timed together, with the count in backward / in ``step()`` (``count_in_backward=False``):
+  at world size 1 the count moves, it does not vanish. Peer ``adamw_fused_norm_iter``:
+  zero_grad + the same backward + ``get_total_norm`` + fused AdamW.
 * ``sharded_ams_no_check``: the same with ``skip_nonfinite=False`` (no norm pass): the
   work of fused AdamW, so "vs fused" compares like with like.
 * ``sharded_ams_clip``: ``ShardedAMS(max_grad_norm=1.0)``: the norm pass, then the step
@@ -295,6 +304,70 @@ def row_sharded_cadam_clip(shapes, device):
                                       "count, apply")
 
 
+def _leaf_backward(params, grads) -> Callable[[], None]:
+    """A backward that gives every param the same gradient again (autograd adds it into
+    the zeroed ``p.grad`` in place and runs the post-accumulate-grad hooks, as a model's
+    backward would), from fixed copies of the first gradients."""
+    fixed = [g.detach().clone() for g in grads]
+
+    def backward():
+        torch.autograd.backward(params, grad_tensors=fixed)
+    return backward
+
+
+def _sharded_after_backward(shapes, device, iteration: bool, **kw):
+    """ShardedAMS C-Adam whose gradients come from :func:`_leaf_backward`: ``iteration``
+    times zero_grad + backward + step, else step() alone (the backward untimed before)."""
+    opt = _sharded(shapes, device, preset="cadam", **kw)
+    params = [p for sh in opt.shards for p in sh.buf.params]
+    backward = _leaf_backward(params, [p.grad for p in params])
+
+    def before():
+        opt.zero_grad()
+        backward()
+
+    if iteration:
+        def step():
+            before()
+            opt.step()
+        return step
+    step = opt.step
+    step_fn = lambda: step()  # noqa: E731  (an attribute can ride on it)
+    step_fn.before = before
+    return step_fn
+
+
+def row_sharded_cadam_bwd(shapes, device):
+    return _sharded_after_backward(shapes, device, False), (
+        "ShardedAMS(preset='cadam') step() alone, after a backward that counted (world "
+        "size 1: the one bucket is counted in its last hook); the backward untimed")
+
+
+def row_sharded_cadam_bwd_iter(shapes, device):
+    return _sharded_after_backward(shapes, device, True), (
+        "zero_grad + backward (the count in it) + step() of ShardedAMS(preset='cadam')")
+
+
+def row_sharded_cadam_iter(shapes, device):
+    return _sharded_after_backward(shapes, device, True, count_in_backward=False), (
+        "the same with count_in_backward=False: the count in step()")
+
+
+def row_adamw_fused_norm_iter(shapes, device):
+    params = make_params(shapes, device)
+    opt = _fused_adamw(params)
+    backward = _leaf_backward(params, [p.grad for p in params])
+    sink = []
+
+    def step():
+        opt.zero_grad(set_to_none=False)  # zeroed in place: backward adds into it, as above
+        backward()
+        sink[:] = [torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)]
+        opt.step()
+
+    return step, "zero_grad + the same backward + get_total_norm + AdamW(fused=True)"
+
+
 def row_sharded_ams_clip(shapes, device):
     opt = _sharded(shapes, device, max_grad_norm=1.0)
     return step_keeping_grads(opt), ("ShardedAMS(preset='grams', max_grad_norm=1.0): norm, "
@@ -376,6 +449,10 @@ ROWS: dict[str, Callable] = {
     "sharded_ams": row_sharded_ams,
     "sharded_cadam": row_sharded_cadam,
     "sharded_cadam_clip": row_sharded_cadam_clip,
+    "sharded_cadam_bwd": row_sharded_cadam_bwd,
+    "sharded_cadam_bwd_iter": row_sharded_cadam_bwd_iter,
+    "sharded_cadam_iter": row_sharded_cadam_iter,
+    "adamw_fused_norm_iter": row_adamw_fused_norm_iter,
     "sharded_ams_no_check": row_sharded_ams_no_check,
     "sharded_ams_clip": row_sharded_ams_clip,
     "grad_norm_pass": row_grad_norm_pass,
@@ -391,7 +468,9 @@ PEERS = {"ams_default": "adamw_fused", "cadam_default": "adamw_fused",
          "ams_triton": "adamw_fused", "cadam_triton": "adamw_fused",
          "sharded_ams_no_check": "adamw_fused", "sharded_ams": "adamw_fused_norm",
          "sharded_cadam": "adamw_fused_norm", "sharded_cadam_clip": "adamw_fused_clip",
-         "sharded_ams_clip": "adamw_fused_clip"}
+         "sharded_ams_clip": "adamw_fused_clip", "sharded_cadam_bwd": "adamw_fused_norm",
+         "sharded_cadam_bwd_iter": "adamw_fused_norm_iter",
+         "sharded_cadam_iter": "adamw_fused_norm_iter"}
 
 #: The rows whose sum is the floor of an exact two-pass C-Adam step (``cadam_default``).
 TWO_PASS_FLOOR = ("cadam_count_pass", "ams_default")

@@ -114,6 +114,11 @@ class BucketSync:
         self.order = [bk for _, bk in sorted(buckets, key=lambda kb: kb[0])]
         self._next = 0                      # next bucket (in ``order``) to launch
         self._grad_handles: list[Any] = []
+        self._launched: list[_Bucket] = []  # the bucket of each of ``_grad_handles``
+        self._polled = 0                    # handles known finished (``poll_reduced``)
+        #: called with each bucket whose reduction finished during backward (C-Adam's
+        #: count pass, backward_count.py); None: nothing polls
+        self.on_reduced: Optional[Callable[[_Bucket], None]] = None
         self._gathers_pending = False
         self._n_gathers = 0                 # gathers launched and not waited for yet
         self.accumulating = False           # inside no_sync()
@@ -207,12 +212,26 @@ class BucketSync:
                 if nxt.n_ready < len(nxt.slots):
                     break
                 self.start_grad_sync(nxt)
+        if self.on_reduced is not None:
+            self.poll_reduced()
+
+    def poll_reduced(self) -> None:
+        """Hand every bucket whose reduction has finished, in launch order, to
+        ``on_reduced`` (without waiting for the ones still running)."""
+        while self._polled < len(self._grad_handles):
+            h = self._grad_handles[self._polled]
+            if not h.is_completed():
+                return
+            h.wait()  # finished: returns at once (raises if the collective failed)
+            self._polled += 1
+            self.on_reduced(self._launched[self._polled - 1])
 
     def start_grad_sync(self, bk: _Bucket) -> None:
         """Launch one bucket's averaging reduction (no wait)."""
         sh = bk.shard
         grad = sh.buf.grad[bk.start:bk.end]
         self._grad_handles.append(self.comm.average_grads(grad, sh.grad_shard(bk.index)))
+        self._launched.append(bk)
         bk.launched = True
         self._next += 1
 
@@ -280,7 +299,7 @@ class BucketSync:
                 "so no rank is left waiting in a collective. The step was not applied")
 
     def _reset_grad_state(self) -> None:
-        self._grad_handles = []
+        self._grad_handles, self._launched, self._polled = [], [], 0
         self._next = 0
         for bk in self.order:
             bk.reset()

@@ -93,6 +93,9 @@ class _Done:
     def wait(self) -> bool:
         return True
 
+    def is_completed(self) -> bool:
+        return True
+
 
 class _Handles:
     """Several collectives waited on as one."""
@@ -104,6 +107,9 @@ class _Handles:
         for h in self.handles:
             h.wait()
         return True
+
+    def is_completed(self) -> bool:
+        return all(h.is_completed() for h in self.handles)
 
 
 class Comm:

@@ -234,21 +234,27 @@ def _apply_scaled(shards: Sequence[Any], gs: Sequence[GroupStep], views: Sequenc
 
 def step_shards(shards: Sequence[Any], groups: Sequence[dict], device: torch.device,
                 backend: str, skip: Optional[Tensor],
-                reduce: Callable[[Tensor], None], coef: Optional[Tensor] = None) -> None:
+                reduce: Callable[[Tensor], None], coef: Optional[Tensor] = None,
+                pre: Optional[Any] = None) -> None:
     """One AMS step on every run of every shard (see the module docstring); ``reduce``
     all-reduces the count vector and waits (called once, only when some group has
     |lam| != 1, on every rank alike: the runs are the same on every rank). ``coef``: the
-    clip coefficient (:func:`clip_coef`), applied to each gradient as the kernels load it."""
+    clip coefficient (:func:`clip_coef`), applied to each gradient as the kernels load it.
+    ``pre``: the counts of the runs backward counted already (``backward_count.Counted``;
+    never with ``coef``)."""
     ops = get_ops(backend)
     gs = [GroupStep.of(g, device, backend) for g in groups]
     counts, views = _count_vector(shards, gs, device)
-    for sh, cnt in zip(shards, views):  # one-pass runs, and the count pass of the others
+    done: set = set()
+    if pre is not None and counts is not None:
+        counts, views, done = pre.counts, _views(pre.counts, _slot_sizes(shards)), pre.done
+    for k, (sh, cnt) in enumerate(zip(shards, views)):  # one-pass runs, the others' counts
         for i, run in _runs(sh):
             g = gs[run.group]
             p, gr, m, v, s, out = _ranges(sh, run)
             if g.unit:
                 ops.fused_step(p, gr, m, v, s, out, g.sc, g.hp, skip, coef)
-            else:
+            elif (k, i) not in done:
                 ops.count_run(gr, m, v, s, g.hp, run_table_of(sh, i, run), cnt, skip, coef)
     if counts is None:
         return
@@ -265,7 +271,8 @@ def norm_in_count(groups: Sequence[dict]) -> bool:
 def step_shards_norm_in_count(shards: Sequence[Any], groups: Sequence[dict],
                               device: torch.device, backend: str,
                               reduce: Callable[[Tensor], None],
-                              count_mask: Optional[Tensor] = None) -> Tensor:
+                              count_mask: Optional[Tensor] = None,
+                              pre: Optional[Any] = None) -> Tensor:
     """The step of every run when every group is per-tensor scaled (:func:`norm_in_count`)
     and nothing is clipped: the count pass reads every gradient anyway, so it also sums
     their squares, and ONE all-reduce (``reduce``, of a float64 vector: the counts, then
@@ -275,16 +282,23 @@ def step_shards_norm_in_count(shards: Sequence[Any], groups: Sequence[dict],
     non-finite one skips: the group steps are bumped by ``~skip`` before the apply pass
     reads them.
     ``count_mask``: 0 for the slots of tensors another rank counts (model parallelism).
+    ``pre``: the counts and squared sums of the runs backward counted already
+    (``backward_count.Counted``).
 
     Nothing is stored before the skip is known: the count pass stores nothing."""
     ops = get_ops(backend)
     hps = [GroupHParams.from_group(g) for g in groups]
     sizes = _slot_sizes(shards)
-    counts = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
+    if pre is None:
+        counts, done = torch.zeros(sum(sizes), dtype=torch.int64, device=device), set()
+    else:
+        counts, done = pre.counts, pre.done
     views, parts = _views(counts, sizes), []
-    for sh, cnt in zip(shards, views):
-        sq = torch.zeros((), dtype=torch.float64, device=device)
+    for k, (sh, cnt) in enumerate(zip(shards, views)):
+        sq = torch.zeros((), dtype=torch.float64, device=device) if pre is None else pre.sq[k]
         for i, run in _runs(sh):
+            if (k, i) in done:
+                continue
             p, gr, m, v, s, out = _ranges(sh, run)
             ops.count_run(gr, m, v, s, hps[run.group], run_table_of(sh, i, run), cnt, None,
                           None, sq)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .backward_count import BackwardCounts
 from .bucket_sync import BucketSync, SyncStats, quiesce_owners
 from .collectives import COLLECTIVES, Comm, bytes_of
 from .config import DEFAULTS, check_params, preset_hparams, validate_hparams
@@ -30,7 +31,7 @@ from .param_guards import (frozen_params, refuse_grads_of_frozen, refuse_sparse_
                            watch_model_loads)
 from .shard_step import (StepInfo, clip_coef, global_grad_norm, norm_in_count, step_shards,
                          step_shards_norm_in_count)
-from .state_records import check_covered, overlap, records_by_name
+from .state_records import check_compatible, check_covered, fill_piece, records_by_name
 
 STATE_FORMAT_VERSION = 1
 
@@ -69,6 +70,10 @@ class ShardedAMS(Optimizer):
             produced them all, and wait for each bucket's param all-gather in the next
             forward, just before the first module that uses it (default True; for equal
             ``bucket_numel`` bitwise the same results as False). See docs/sharding.md.
+        count_in_backward: with overlap and |lam| != 1 (C-Adam), count each bucket's
+            signs as soon as its reduction finishes in backward, not in ``step()``
+            (default True; bitwise the same results, used only when still exact:
+            ``backward_count.py``). No effect with clipping or without overlap.
         grad_reduce_dtype: dtype gradients of bf16/fp16 params are accumulated and reduced
             in: None or ``torch.float32`` (default: fp32, as Megatron's
             ``grad_reduce_in_fp32``; ``p.grad`` is then None after backward, the gradient
@@ -109,7 +114,8 @@ class ShardedAMS(Optimizer):
                  overlap: bool = True, grad_reduce_dtype: Optional[torch.dtype] = None,
                  module: Optional[nn.Module] = None,
                  param_sync_modules: Optional[Iterable[nn.Module]] = None,
-                 collectives: str = "auto", device_mesh: Optional[Any] = None):
+                 collectives: str = "auto", device_mesh: Optional[Any] = None,
+                 count_in_backward: bool = True):
         fixed = preset_hparams(preset) if preset else {}
         if fixed and (beta3 is not None or lam is not None):
             raise ValueError(f"preset={preset!r} fixes beta3 and lam; do not pass them too")
@@ -142,6 +148,7 @@ class ShardedAMS(Optimizer):
         self._comm_args = (process_group, collectives)  # the Comm is made once the device is known
         self.max_grad_norm, self.skip_nonfinite = max_grad_norm, skip_nonfinite
         self.overlap, self.grad_reduce_dtype = overlap, grad_reduce_dtype
+        self.count_in_backward = count_in_backward
         self._names: dict[Tensor, str] = {}
         seen: set[int] = set()
         for gi, group in enumerate(self.param_groups):
@@ -263,6 +270,13 @@ class ShardedAMS(Optimizer):
             collect_in_hook=self.overlap or any(sh.buf.main_grad for sh in self.shards))
         if module is not None:
             self._sync.register_module_hooks(module, self._sync_modules)
+        self._bwd = None
+        if self.overlap and self.count_in_backward:
+            self._bwd = BackwardCounts(self.shards, self.param_groups, self.device,
+                                       self.backend, [len(sh.layout.slots) + 1
+                                                      for sh in self.shards])
+            self._sync.on_reduced = self._bwd.count_bucket
+            self._bwd.set_policy(self.max_grad_norm, self.skip_nonfinite)
         self._frozen = frozen_params(self.param_groups, module, trained, self._names)
         # 16-bit params' fp32 masters follow writes to the params behind the optimizer
         # (``_refresh_masters``): a model load any time, any in-place write before step 1
@@ -341,6 +355,8 @@ class ShardedAMS(Optimizer):
         """Zero the gradients: the flat grad buffers (fp32 params: grads stay views into
         them; ``set_to_none`` is ignored), after waiting for reductions still running."""
         self._sync.abandon_grad_sync()
+        if self._bwd is not None:
+            self._bwd.discard()
         for sh in self.shards:
             sh.buf.zero_grad()
 
@@ -389,13 +405,16 @@ class ShardedAMS(Optimizer):
         refuse_grads_of_frozen(self._frozen)
         self._refresh_masters()
         self._versions = None
+        fold = self.skip_nonfinite and self.max_grad_norm is None and norm_in_count(
+            self.param_groups)  # the count pass reads g: the norm rides on it
+        pre = None if self._bwd is None else self._bwd.take(
+            fold, self.max_grad_norm is not None)  # before late reductions write the grads
         self._sync.finish_grad_sync()
         norm = skip = coef = None
-        if self.skip_nonfinite and self.max_grad_norm is None and norm_in_count(
-                self.param_groups):  # the count pass reads g: the norm rides on it
+        if fold:
             norm = step_shards_norm_in_count(self.shards, self.param_groups, self.device,
                                              self.backend, self._reduce_with_error_flag,
-                                             self._count_mask if self.mp.active else None)
+                                             self._count_mask if self.mp.active else None, pre)
             skip = ~torch.isfinite(norm)
             self._finish_step(norm, skip)
             return loss
@@ -411,7 +430,7 @@ class ShardedAMS(Optimizer):
         for group in self.param_groups:
             group["step"] += 1 if skip is None else (~skip).float()
         step_shards(self.shards, self.param_groups, self.device, self.backend, skip,
-                    self._reduce_counts, coef)
+                    self._reduce_counts, coef, pre)
         self._finish_step(norm, skip)
         return loss
 
@@ -424,6 +443,8 @@ class ShardedAMS(Optimizer):
         self._sync.start_param_sync()
         self._sync.stats.steps += 1
         self.last_step = StepInfo(norm, skip)
+        if self._bwd is not None:  # what the next backward counts (clipping may change)
+            self._bwd.set_policy(self.max_grad_norm, self.skip_nonfinite)
 
     def _param_versions(self) -> list[int]:  # each param's: ``.data`` views keep their own
         return [p._version for sh in self.shards for p in sh.buf.params]
@@ -505,7 +526,7 @@ class ShardedAMS(Optimizer):
                              "for a single-process AMS state dict use AMS.load_state_dict")
         sds = self.mp.select(sds)  # this rank's tp coordinate; another mp layout: refused
         head = sds[0]
-        self._check_compatible(head)
+        check_compatible(self.shards, head)
         self._check_groups(head["param_groups"])
         by_name = records_by_name(sds, set(head["state_keys"]),
                                   {s.name: s.numel for sh in self.shards for s in sh.layout.slots})
@@ -515,7 +536,7 @@ class ShardedAMS(Optimizer):
             check_covered(pc.slot.name, pc.param_offset, pc.param_offset + pc.length, recs)
         self._begin_state_load()
         for sh, pc, recs in mine:
-            self._fill_piece(sh, pc, recs)
+            fill_piece(sh, pc, recs)
         self._end_state_load(head["param_groups"], head.get("skipped_steps", 0))
 
     def _check_groups(self, saved_groups: list[dict]) -> None:
@@ -542,6 +563,8 @@ class ShardedAMS(Optimizer):
         no pending gather may overwrite it, no pending reduction may land after it."""
         self._sync.finish_param_sync()
         self._sync.abandon_grad_sync()
+        if self._bwd is not None:
+            self._bwd.discard()
 
     def _end_state_load(self, saved_groups: list[dict], skipped_steps: int) -> None:
         """After the state and fp32 masters were written: the groups' hyperparameters and
@@ -561,31 +584,3 @@ class ShardedAMS(Optimizer):
                     sh.param_shard(b).copy_(sh.master_view(b))
         self._sync.start_param_sync()  # the params re-gathered now
         self._sync.finish_param_sync()
-
-    def _check_compatible(self, sd: dict) -> None:
-        mine = {s.name: list(s.shape) for sh in self.shards for s in sh.layout.slots}
-        theirs = {n: list(v["shape"]) for n, v in sd["params"].items()}
-        if mine != theirs:
-            missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
-            shapes = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])
-            raise ValueError(f"Checkpoint is for a different model: missing params {missing[:5]}, "
-                             f"unexpected params {extra[:5]}, shape mismatch {shapes[:5]}")
-        need = {k for sh in self.shards for k in sh.state} | {"master"}
-        if need != set(sd["state_keys"]):
-            raise ValueError(f"Checkpoint state {sorted(sd['state_keys'])} differs from this "
-                             f"optimizer's {sorted(need)} (saved with a different beta3 or optimizer?)")
-
-    def _fill_piece(self, sh: DtypeShard, pc, recs: list[dict]) -> None:
-        """This rank's piece ``pc`` from the checked records (``state_records``)."""
-        lo = pc.param_offset
-        for rec in recs:
-            hit = overlap(lo, lo + pc.length, rec)
-            if hit is None:
-                continue
-            src, a = hit
-            dst = slice(pc.local_start + a - lo, pc.local_start + a - lo + src.stop - src.start)
-            for k, t in sh.state.items():
-                if k != "master":
-                    t[dst].copy_(rec[k][src])
-            sh.master_piece(dst.start, dst.stop - dst.start).copy_(rec["master"][src])
-

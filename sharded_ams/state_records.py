@@ -9,7 +9,7 @@ as it was (a piece found missing half-way used to leave it half overwritten)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from torch import Tensor
 
@@ -68,3 +68,34 @@ def check_covered(name: str, lo: int, hi: int, recs: list[dict]) -> None:
         raise ValueError(f"Checkpoint does not cover param {name!r} elements [{lo}, {hi}) "
                          f"once each (records cover {covered} of {hi - lo}"
                          f"{', some twice' if twice else ''})")
+
+
+def check_compatible(shards: Sequence[Any], sd: dict) -> None:
+    """The state dict ``sd`` is for these params (names, shapes) and keeps the same state
+    keys (beta3 > 0 keeps s)."""
+    mine = {s.name: list(s.shape) for sh in shards for s in sh.layout.slots}
+    theirs = {n: list(v["shape"]) for n, v in sd["params"].items()}
+    if mine != theirs:
+        missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+        shapes = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])
+        raise ValueError(f"Checkpoint is for a different model: missing params {missing[:5]}, "
+                         f"unexpected params {extra[:5]}, shape mismatch {shapes[:5]}")
+    need = {k for sh in shards for k in sh.state} | {"master"}
+    if need != set(sd["state_keys"]):
+        raise ValueError(f"Checkpoint state {sorted(sd['state_keys'])} differs from this "
+                         f"optimizer's {sorted(need)} (saved with a different beta3 or optimizer?)")
+
+
+def fill_piece(sh: Any, pc: Any, recs: list[dict]) -> None:
+    """This rank's piece ``pc`` of shard ``sh`` from the checked records."""
+    lo = pc.param_offset
+    for rec in recs:
+        hit = overlap(lo, lo + pc.length, rec)
+        if hit is None:
+            continue
+        src, a = hit
+        dst = slice(pc.local_start + a - lo, pc.local_start + a - lo + src.stop - src.start)
+        for k, t in sh.state.items():
+            if k != "master":
+                t[dst].copy_(rec[k][src])
+        sh.master_piece(dst.start, dst.stop - dst.start).copy_(rec["master"][src])

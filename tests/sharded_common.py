@@ -163,6 +163,41 @@ class ReducedGrads:
         sync.finish_grad_sync = finish_and_capture
 
 
+class _InBackward:
+    """A reduction that runs (synchronously) the first time anyone asks whether it has
+    finished: polled from backward, it has always finished there."""
+
+    def __init__(self, run: Callable[[], None]):
+        self.run: Optional[Callable[[], None]] = run
+
+    def is_completed(self) -> bool:
+        if self.run is not None:
+            run, self.run = self.run, None
+            run()
+        return True
+
+    def wait(self) -> bool:
+        return self.is_completed()
+
+
+def finish_in_backward(opt) -> list:
+    """Make every gradient reduction of ``opt`` finish when first polled, so C-Adam's
+    counts are taken in backward on every step (backward_count.py), deterministically;
+    a poll that did not ask (counting before the reduction) reads unreduced gradients.
+    Returns the list that gets, per step, how many runs backward counted (None: none)."""
+    real, taken = opt.comm.average_grads, []
+    opt.comm.average_grads = lambda bucket, shard: _InBackward(
+        lambda: real(bucket, shard).wait())
+    take = opt._bwd.take
+
+    def recorded(*args):
+        got = take(*args)
+        taken.append(None if got is None else len(got.done))
+        return got
+    opt._bwd.take = recorded
+    return taken
+
+
 def assemble_reduced(per_rank: list[list[list]], params: dict[str, torch.Tensor]) -> list:
     """``per_rank[r][t]``: rank r's pieces at step t -> per step, the full reduced gradient
     of every param in ``params`` (name -> a tensor of its shape and dtype), in that order."""

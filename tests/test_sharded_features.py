@@ -27,8 +27,9 @@ from sharded_ams import AMS, ShardedAMS
 from sharded_ams.layout import ALIGN
 
 from sharded_common import (PATHS, GradRecorder, ams_kwargs, compare_params, compare_state,
-                            features, gather_to_rank0, gpt_batch, make_gpt, make_mlp,
-                            means_per_step, mlp_batch, replay, snapshot, trainable, world)
+                            features, finish_in_backward, gather_to_rank0, gpt_batch,
+                            make_gpt, make_mlp, means_per_step, mlp_batch, replay, snapshot,
+                            trainable, world)
 
 FEATURE_WORLD = 2
 
@@ -43,11 +44,12 @@ def _means(recorded_local: list) -> list:
     return means_per_step(everyone) if everyone is not None else None
 
 
-def _feat_groups_frozen_tied_buckets(path: str) -> dict:
+def _feat_groups_frozen_tied_buckets(path: str, in_backward: bool = False) -> dict:
     """cadam (per-tensor counts and, without clipping, the norm: ONE small all-reduce per
     step for all runs), two groups
     with different lr / weight decay, a frozen param inside a group, the tied lm_head,
-    several buckets, overlap through ``module=``. Replayed bitwise."""
+    several buckets, overlap through ``module=``. Replayed bitwise. ``in_backward``: the
+    reductions finish in backward, so every run is counted there (test_backward_count)."""
     rank, n = world()
     model = make_gpt()
     model.wpe.weight.requires_grad_(False)
@@ -61,6 +63,7 @@ def _feat_groups_frozen_tied_buckets(path: str) -> dict:
     opt = ShardedAMS([{**g, "params": [by_name[k] for k in g["params"]]} for g in groups],
                      preset="cadam", backend="eager", bucket_numel=4000, module=model,
                      collectives=path)
+    taken = finish_in_backward(opt) if in_backward else None
     init = snapshot(model)
     sh = opt.shards[0]
     lo, hi = sh.buf.param.data_ptr(), sh.buf.param.data_ptr() + sh.buf.param.numel() * 4
@@ -81,7 +84,8 @@ def _feat_groups_frozen_tied_buckets(path: str) -> dict:
                tied=model.lm_head.weight is model.wte.weight,
                slot_names=[s.name for s in sh.layout.slots], n_buckets=len(sh.layout.buckets),
                n_runs=len(sh.runs), calls=calls, steps=[int(g["step"]) for g in opt.param_groups],
-               lrs=[g["lr"] for g in opt.param_groups], stats=opt.sync_stats.as_dict())
+               lrs=[g["lr"] for g in opt.param_groups], stats=opt.sync_stats.as_dict(),
+               taken=taken, nonempty_runs=sum(r.local_end > r.local_start for r in sh.runs))
     means = _means(local)
     sds = gather_to_rank0(opt.state_dict())
     if rank == 0:
@@ -412,6 +416,7 @@ FEATURES = {
     "nonfinite_skip": _feat_nonfinite_skip,
     "memory_and_calls": _feat_memory_and_calls,
     "misuse": _feat_misuse,
+    "backward_count": lambda path: _feat_groups_frozen_tied_buckets(path, in_backward=True),
 }
 
 

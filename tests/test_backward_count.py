@@ -1,0 +1,207 @@
+"""C-Adam's count pass during backward (``sharded_ams/backward_count.py``).
+
+With overlap and |lam| != 1, ``ShardedAMS`` counts each bucket once its reduction has
+finished, from the post-accumulate-grad hooks, and ``step()`` counts only the rest. The
+counts are integers summed per piece, so the results must be bitwise those of counting in
+``step()`` (``count_in_backward=False``, itself checked against the float64 oracle in
+test_norm_in_count.py and test_sharded.py). Checked here at world size 1:
+
+* bitwise equal to counting in the step, and every run counted in backward, for C-Adam
+  and lam = -0.5 with beta3 = 0.5, two dtype shards (bf16 with fp32 masters, fp32), a
+  |lam| = 1 group beside a counted one, a non-finite step, the skip off;
+* the counts are thrown away, not used stale, when something changes between backward
+  and ``step()``: an in-place write to ``p.grad``, beta1, a state load, clipping turned
+  on; and nothing is counted under ``no_sync`` or with clipping.
+
+At world size 2 (the shared features job, test_sharded_features.py, both collective
+paths) the reductions are made to finish inside backward deterministically, every run
+is counted there, and the params and state replay bitwise through the independent
+oracle (:func:`test_counted_in_backward_at_world_size_2`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sharded_ams.backward_count as bc
+from sharded_ams import ShardedAMS
+
+from sharded_common import features
+
+STEPS = 6
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(24, 96), nn.Tanh(), nn.Linear(96, 80), nn.Tanh(),
+                      nn.Linear(80, 5))
+    m[2].to(torch.bfloat16)  # a second dtype shard, with fp32 masters
+    return m
+
+
+def _forward(m: nn.Module, t: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + t)
+    x = torch.randn(12, 24, generator=g)
+    h = torch.tanh(m[0](x))
+    h = torch.tanh(m[2](h.bfloat16()).float())
+    return m[4](h).pow(2).mean()
+
+
+def _groups(m: nn.Module, mixed: bool) -> list[dict]:
+    if not mixed:
+        return [dict(params=list(m.parameters()))]
+    return [dict(params=list(m[0].parameters()) + list(m[4].parameters())),
+            dict(params=list(m[2].parameters()), lam=1.0, beta3=0.0)]  # Grams: one pass
+
+
+def _train(cib: bool, kw: dict, mixed: bool = False, between=None, nan_at: int = -1,
+           micro: int = 1) -> dict:
+    """STEPS steps; ``between(t, model, opt)`` runs after backward, before ``step()``."""
+    m = _model()
+    opt = ShardedAMS(_groups(m, mixed), module=m, lr=1e-2, weight_decay=0.05,
+                     count_in_backward=cib, **kw)
+    taken = []
+    if opt._bwd is not None:
+        real = opt._bwd.take
+
+        def take(*a):
+            got = real(*a)
+            taken.append(None if got is None else len(got.done))
+            return got
+        opt._bwd.take = take
+    for t in range(STEPS):
+        for j in range(micro):
+            ctx = opt.no_sync() if j < micro - 1 else _null()
+            with ctx:
+                loss = _forward(m, t * micro + j)
+                (loss * (float("nan") if t == nan_at else 1.0)).backward()
+        if between is not None:
+            between(t, m, opt)
+        opt.step()
+        opt.zero_grad()
+    opt.finish_param_sync()
+    state = [x.clone() for sh in opt.shards for x in sh.state.values()]
+    per_tensor = sum(1 for sh in opt.shards for run in sh.runs
+                     if run.local_end > run.local_start
+                     and abs(float(opt.param_groups[run.group]["lam"])) != 1.0)
+    return dict(params=[p.detach().clone() for p in m.parameters()], state=state,
+                taken=taken, per_tensor=per_tensor, skipped=int(opt.skipped_steps))
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return (all(torch.equal(x, y) for x, y in zip(a["params"], b["params"]))
+            and all(torch.equal(x, y) for x, y in zip(a["state"], b["state"])))
+
+
+CASES = {
+    "cadam": (dict(preset="cadam"), False, -1),
+    "lam-0.5_beta3-0.5": (dict(lam=-0.5, beta3=0.5), False, -1),
+    "mixed_groups": (dict(lam=0.0, beta3=0.0), True, -1),
+    "nonfinite_step": (dict(preset="cadam"), False, 2),
+    "skip_off": (dict(preset="cadam", skip_nonfinite=False), False, -1),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bitwise_as_counting_in_step(case):
+    kw, mixed, nan_at = CASES[case]
+    got = _train(True, kw, mixed, nan_at=nan_at)
+    ref = _train(False, kw, mixed, nan_at=nan_at)
+    assert _equal(got, ref)
+    assert got["per_tensor"] > 0
+    assert got["taken"] == [got["per_tensor"]] * STEPS, "every run counted in backward"
+    assert got["skipped"] == ref["skipped"] == (1 if nan_at >= 0 else 0)
+
+
+def _scale_grads(t, m, opt):
+    if t == 2:
+        for p in m.parameters():
+            if p.grad is not None:
+                p.grad.mul_(0.5)
+
+
+def _change_beta1(t, m, opt):
+    if t == 3:
+        for g in opt.param_groups:
+            g["betas"] = (0.8, g["betas"][1])
+
+
+_SAVED: dict = {}
+
+
+def _reload_state(t, m, opt):
+    if t == 1:
+        _SAVED["sd"] = copy.deepcopy(opt.state_dict())
+    if t == 3:  # back to the state after step 1: m differs from what backward read
+        opt.load_state_dict(_SAVED["sd"])
+
+
+def _clip_on(t, m, opt):
+    if t == 2:
+        opt.max_grad_norm = 0.05
+
+
+STALE = {"grad_written_in_place": (_scale_grads, 2), "beta1_changed": (_change_beta1, 3),
+         "state_loaded": (_reload_state, 3), "clipping_turned_on": (_clip_on, 2)}
+
+
+@pytest.mark.parametrize("case", STALE)
+def test_stale_counts_are_not_used(case):
+    """A change between backward and step(): that step counts everything itself."""
+    between, at = STALE[case]
+    got = _train(True, dict(preset="cadam"), between=between)
+    ref = _train(False, dict(preset="cadam"), between=between)
+    assert _equal(got, ref)
+    n = got["per_tensor"]
+    assert got["taken"][at] is None
+    assert got["taken"][:at] == [n] * at
+    if case != "clipping_turned_on":  # clipping stays on: nothing counted in backward
+        assert got["taken"][at + 1:] == [n] * (STEPS - at - 1)
+
+
+def test_accumulation_counts_only_the_last_micro_batch(monkeypatch):
+    calls = []
+    real = bc.BackwardCounts.count_bucket
+
+    def count_bucket(self, bk):
+        calls.append(bk.index)
+        return real(self, bk)
+    monkeypatch.setattr(bc.BackwardCounts, "count_bucket", count_bucket)
+    got = _train(True, dict(preset="cadam"), micro=3)
+    ref = _train(False, dict(preset="cadam"), micro=3)
+    assert _equal(got, ref)
+    assert got["taken"] == [got["per_tensor"]] * STEPS
+    assert len(calls) == STEPS * 2  # two dtype shards, one bucket each at world size 1
+
+
+def test_off_without_overlap_or_with_clipping():
+    assert ShardedAMS(_model(), preset="cadam", overlap=False)._bwd is None
+    got = _train(True, dict(preset="cadam", max_grad_norm=0.05))
+    assert got["taken"] == [None] * STEPS
+    assert _equal(got, _train(False, dict(preset="cadam", max_grad_norm=0.05)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ("all_reduce", "reduce_scatter"))
+def test_counted_in_backward_at_world_size_2(path):
+    """The reductions finish inside backward (``sharded_common.finish_in_backward``):
+    every run is counted there, from reduced gradients, and the run replays bitwise."""
+    res = features("backward_count", path)
+    r0 = res[0]
+    assert r0["replay"]["equal"], r0["replay"]
+    assert not r0["state"]["mismatches"], r0["state"]["mismatches"][:10]
+    assert r0["n_buckets"] > 1
+    for r in res:
+        assert r["taken"] == [r["nonempty_runs"]] * len(r["taken"]), r["taken"]
