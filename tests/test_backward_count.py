@@ -13,10 +13,10 @@ test_norm_in_count.py and test_sharded.py). Checked here at world size 1:
   and ``step()``: an in-place write to ``p.grad``, beta1, a state load, clipping turned
   on; and nothing is counted under ``no_sync`` or with clipping.
 
-At world size 2 (the shared features job, test_sharded_features.py, both collective
-paths) the reductions are made to finish inside backward deterministically, every run
-is counted there, and the params and state replay bitwise through the independent
-oracle (:func:`test_counted_in_backward_at_world_size_2`).
+At world size 2 (the shared features job, both collective paths) the reductions are made
+to finish inside backward deterministically, every run is counted there, and the params
+and state replay bitwise through the independent oracle: test_sharded_features.py,
+``test_counted_in_backward_replays_bitwise``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from torch import nn
 
 import sharded_ams.backward_count as bc
 from sharded_ams import ShardedAMS
-
-from sharded_common import features
 
 STEPS = 6
 
@@ -191,17 +189,3 @@ def test_off_without_overlap_or_with_clipping():
     got = _train(True, dict(preset="cadam", max_grad_norm=0.05))
     assert got["taken"] == [None] * STEPS
     assert _equal(got, _train(False, dict(preset="cadam", max_grad_norm=0.05)))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("path", ("all_reduce", "reduce_scatter"))
-def test_counted_in_backward_at_world_size_2(path):
-    """The reductions finish inside backward (``sharded_common.finish_in_backward``):
-    every run is counted there, from reduced gradients, and the run replays bitwise."""
-    res = features("backward_count", path)
-    r0 = res[0]
-    assert r0["replay"]["equal"], r0["replay"]
-    assert not r0["state"]["mismatches"], r0["state"]["mismatches"][:10]
-    assert r0["n_buckets"] > 1
-    for r in res:
-        assert r["taken"] == [r["nonempty_runs"]] * len(r["taken"]), r["taken"]

@@ -580,3 +580,16 @@ def test_state_bytes_and_collective_counts(path):
     # the two-pass case without clipping: its per-tensor counts and the norm (from the
     # count pass) in the one small all-reduce
     assert r["beta3_fp32"]["calls"] == {path: 1, "all_gather": 1, "all_reduce_small": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
+def test_counted_in_backward_replays_bitwise(path):
+    """C-Adam's counts taken in backward (test_backward_count.py), the reductions made to
+    finish there (``sharded_common.finish_in_backward``): every run counted in backward,
+    from reduced gradients, and the run replays bitwise through the oracle."""
+    res = features("backward_count", path)
+    assert res[0]["replay"]["equal"], res[0]["replay"]
+    assert not res[0]["state"]["mismatches"], res[0]["state"]["mismatches"][:10]
+    for r in res:
+        assert r["n_buckets"] > 1 and r["taken"] == [r["nonempty_runs"]] * 12, r["taken"]
