@@ -44,6 +44,9 @@ fp32 params, grads set once, weight decay 0:
   the hooks), which counts the buckets (``count_in_backward``, on by default): the timed
   ``step()`` is the one all-reduce and the apply pass; the backward is untimed. Peer
   ``adamw_fused_norm``.
+* ``sharded_cadam_clip_bwd``: the same with ``max_grad_norm=CLIP_NOT_HIT`` (100, above
+  these gradients' norm of about 54): the norm pass, a clip coefficient of exactly 1, so
+  backward's counts hold and the apply pass follows. Peer ``adamw_fused_clip``.
 * ``sharded_cadam_bwd_iter`` / ``sharded_cadam_iter``: zero_grad + that backward + step,
   timed together, with the count in backward / in ``step()`` (``count_in_backward=False``):
   at world size 1 the count moves, it does not vanish. Peer ``adamw_fused_norm_iter``:
@@ -304,6 +307,11 @@ def row_sharded_cadam_clip(shapes, device):
                                       "count, apply")
 
 
+#: a clip limit above these gradients' norm (about 54: 29M elements of 0.01 N(0, 1)): the
+#: clipping pass runs, its coefficient is 1, as on most steps of a pre-training run
+CLIP_NOT_HIT = 100.0
+
+
 def _leaf_backward(params, grads) -> Callable[[], None]:
     """A backward that gives every param the same gradient again (autograd adds it into
     the zeroed ``p.grad`` in place and runs the post-accumulate-grad hooks, as a model's
@@ -341,6 +349,13 @@ def row_sharded_cadam_bwd(shapes, device):
     return _sharded_after_backward(shapes, device, False), (
         "ShardedAMS(preset='cadam') step() alone, after a backward that counted (world "
         "size 1: the one bucket is counted in its last hook); the backward untimed")
+
+
+def row_sharded_cadam_clip_bwd(shapes, device):
+    return _sharded_after_backward(shapes, device, False, max_grad_norm=CLIP_NOT_HIT), (
+        f"ShardedAMS(preset='cadam', max_grad_norm={CLIP_NOT_HIT:g}) step() alone after a "
+        "backward that counted: the norm pass, then the apply pass (the norm is within the "
+        "limit, so backward's counts hold); the backward untimed")
 
 
 def row_sharded_cadam_bwd_iter(shapes, device):
@@ -450,6 +465,7 @@ ROWS: dict[str, Callable] = {
     "sharded_cadam": row_sharded_cadam,
     "sharded_cadam_clip": row_sharded_cadam_clip,
     "sharded_cadam_bwd": row_sharded_cadam_bwd,
+    "sharded_cadam_clip_bwd": row_sharded_cadam_clip_bwd,
     "sharded_cadam_bwd_iter": row_sharded_cadam_bwd_iter,
     "sharded_cadam_iter": row_sharded_cadam_iter,
     "adamw_fused_norm_iter": row_adamw_fused_norm_iter,
@@ -469,6 +485,7 @@ PEERS = {"ams_default": "adamw_fused", "cadam_default": "adamw_fused",
          "sharded_ams_no_check": "adamw_fused", "sharded_ams": "adamw_fused_norm",
          "sharded_cadam": "adamw_fused_norm", "sharded_cadam_clip": "adamw_fused_clip",
          "sharded_ams_clip": "adamw_fused_clip", "sharded_cadam_bwd": "adamw_fused_norm",
+         "sharded_cadam_clip_bwd": "adamw_fused_clip",
          "sharded_cadam_bwd_iter": "adamw_fused_norm_iter",
          "sharded_cadam_iter": "adamw_fused_norm_iter"}
 

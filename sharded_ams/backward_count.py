@@ -14,7 +14,9 @@ they are what ``step()`` would have counted itself (:meth:`BackwardCounts.take`)
 
 * the counted gradients are unchanged (the grad buffers' version counters, taken at the
   end of backward, match; an in-place write to ``p.grad``, a view of the buffer, bumps
-  them), and no clipping is asked for (a clipped step counts the scaled gradient);
+  them), and the step does not clip them: without ``max_grad_norm``, or with it on a
+  step whose clip coefficient is exactly 1 (:meth:`BackwardCounts.unclipped`; a clipped
+  step counts g * coef, so it counts again);
 * every group's beta1, beta3 and |lam| == 1 are what they were when counted;
 * m and s are what they were: only ``step()`` and state loads write them, and loads and
   ``zero_grad()`` discard the counts (:meth:`BackwardCounts.discard`).
@@ -66,7 +68,6 @@ class BackwardCounts:
         self.sizes = list(sizes)
         self.index = {id(sh): k for k, sh in enumerate(shards)}
         self.with_sq = False      # set_policy: sum the squares too
-        self.enabled = True       # set_policy: False while clipping
         self._counts: Optional[Tensor] = None
         self._sq: list[Tensor] = []
         self._done: set = set()
@@ -75,18 +76,15 @@ class BackwardCounts:
         self._end_queued = False
 
     def set_policy(self, max_grad_norm: Optional[float], skip_nonfinite: bool) -> None:
-        """What the next backward counts: nothing with clipping (the count reads the
-        clipped gradient), the squared sums too where the step folds its norm into the
-        count (``shard_step.norm_in_count``)."""
-        self.enabled = max_grad_norm is None
-        self.with_sq = bool(skip_nonfinite and self.enabled and norm_in_count(self.groups))
+        """What the next backward sums besides the counts: the squares where the step
+        folds its norm into the count (``shard_step.norm_in_count``: no clipping)."""
+        self.with_sq = bool(skip_nonfinite and max_grad_norm is None
+                            and norm_in_count(self.groups))
 
     # ------------------------------------------------------------------ backward side
     def count_bucket(self, bk: Any) -> None:
         """Count bucket ``bk`` (its reduction has finished): every per-tensor-scaled run
         in it, into the step's count vector (and squared sums)."""
-        if not self.enabled:
-            return
         key = _key(self.groups)
         if all(unit for _, _, unit in key):  # nothing per-tensor scaled: nothing to count
             return
@@ -144,14 +142,25 @@ class BackwardCounts:
         self._key, self._done, self._versions = None, set(), None
         self._end_queued = False
 
-    def take(self, need_sq: bool, clipped: bool) -> Optional[Counted]:
-        """What backward counted, if it is exactly what ``step()`` would count now (see
-        the module docstring), else None; either way nothing is kept for the next step.
-        Call before anything in the step writes the grad buffers (late reductions)."""
+    def take(self, need_sq: bool) -> Optional[Counted]:
+        """What backward counted, if it is exactly what ``step()`` would count on the
+        unclipped gradients now (see the module docstring), else None; either way nothing
+        is kept for the next step. Call before anything in the step writes the grad
+        buffers (late reductions); with clipping, use it only if :meth:`unclipped`."""
         key, done, versions = self._key, self._done, self._versions
         self.discard()
-        if key is None or not done or clipped or (need_sq and not self.with_sq):
+        if key is None or not done or (need_sq and not self.with_sq):
             return None
         if versions is None or versions != self._grad_versions() or key != _key(self.groups):
             return None
         return Counted(self._counts, self._sq if need_sq else None, done)
+
+    def unclipped(self, coef: Tensor, synced: bool) -> bool:
+        """The clip coefficient is exactly 1 (the norm is within ``max_grad_norm``): the
+        step then counts g * 1.0 == g, what backward counted. A host read of one number:
+        done on CPU, where it costs nothing, and where the step read the ranks' error
+        flag already (``synced``: world size > 1); elsewhere (one GPU) the step counts
+        again rather than wait for the device."""
+        if coef.device.type != "cpu" and not synced:
+            return False
+        return bool(coef == 1.0)

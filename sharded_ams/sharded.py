@@ -73,7 +73,8 @@ class ShardedAMS(Optimizer):
         count_in_backward: with overlap and |lam| != 1 (C-Adam), count each bucket's
             signs as soon as its reduction finishes in backward, not in ``step()``
             (default True; bitwise the same results, used only when still exact:
-            ``backward_count.py``). No effect with clipping or without overlap.
+            ``backward_count.py``; with ``max_grad_norm``, on steps it does not clip).
+            No effect without overlap.
         grad_reduce_dtype: dtype gradients of bf16/fp16 params are accumulated and reduced
             in: None or ``torch.float32`` (default: fp32, as Megatron's
             ``grad_reduce_in_fp32``; ``p.grad`` is then None after backward, the gradient
@@ -407,14 +408,14 @@ class ShardedAMS(Optimizer):
         self._versions = None
         fold = self.skip_nonfinite and self.max_grad_norm is None and norm_in_count(
             self.param_groups)  # the count pass reads g: the norm rides on it
-        pre = None if self._bwd is None else self._bwd.take(
-            fold, self.max_grad_norm is not None)  # before late reductions write the grads
+        pre = None if self._bwd is None else self._bwd.take(fold)  # before late reductions
         self._sync.finish_grad_sync()
         norm = skip = coef = None
         if fold:
             norm = step_shards_norm_in_count(self.shards, self.param_groups, self.device,
                                              self.backend, self._reduce_with_error_flag,
-                                             self._count_mask if self.mp.active else None, pre)
+                                             self._count_mask if self.mp.active else None,
+                                             pre=pre)
             skip = ~torch.isfinite(norm)
             self._finish_step(norm, skip)
             return loss
@@ -427,10 +428,12 @@ class ShardedAMS(Optimizer):
                 skip = ~torch.isfinite(norm)
             if self.max_grad_norm is not None:  # applied inside the step's kernels
                 coef = clip_coef(norm, self.max_grad_norm)
+                if pre is not None and not self._bwd.unclipped(coef, self.comm.active):
+                    pre = None  # backward counted g, the step counts g * coef
         for group in self.param_groups:
             group["step"] += 1 if skip is None else (~skip).float()
         step_shards(self.shards, self.param_groups, self.device, self.backend, skip,
-                    self._reduce_counts, coef, pre)
+                    self._reduce_counts, coef, pre=pre)
         self._finish_step(norm, skip)
         return loss
 

@@ -11,7 +11,8 @@ test_norm_in_count.py and test_sharded.py). Checked here at world size 1:
   |lam| = 1 group beside a counted one, a non-finite step, the skip off;
 * the counts are thrown away, not used stale, when something changes between backward
   and ``step()``: an in-place write to ``p.grad``, beta1, a state load, clipping turned
-  on; and nothing is counted under ``no_sync`` or with clipping.
+  on; nothing is counted under ``no_sync``; with ``max_grad_norm`` they are used exactly
+  on the steps whose clip coefficient is 1.
 
 At world size 2 (the shared features job, both collective paths) the reductions are made
 to finish inside backward deterministically, every run is counted there, and the params
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 import sharded_ams.backward_count as bc
+import sharded_ams.sharded as sharded_mod
 from sharded_ams import ShardedAMS
 
 STEPS = 6
@@ -62,15 +64,7 @@ def _train(cib: bool, kw: dict, mixed: bool = False, between=None, nan_at: int =
     m = _model()
     opt = ShardedAMS(_groups(m, mixed), module=m, lr=1e-2, weight_decay=0.05,
                      count_in_backward=cib, **kw)
-    taken = []
-    if opt._bwd is not None:
-        real = opt._bwd.take
-
-        def take(*a):
-            got = real(*a)
-            taken.append(None if got is None else len(got.done))
-            return got
-        opt._bwd.take = take
+    start, norms = len(_TAKEN), []
     for t in range(STEPS):
         for j in range(micro):
             ctx = opt.no_sync() if j < micro - 1 else _null()
@@ -80,6 +74,7 @@ def _train(cib: bool, kw: dict, mixed: bool = False, between=None, nan_at: int =
         if between is not None:
             between(t, m, opt)
         opt.step()
+        norms.append(opt.last_step.grad_norm)
         opt.zero_grad()
     opt.finish_param_sync()
     state = [x.clone() for sh in opt.shards for x in sh.state.values()]
@@ -87,7 +82,24 @@ def _train(cib: bool, kw: dict, mixed: bool = False, between=None, nan_at: int =
                      if run.local_end > run.local_start
                      and abs(float(opt.param_groups[run.group]["lam"])) != 1.0)
     return dict(params=[p.detach().clone() for p in m.parameters()], state=state,
-                taken=taken, per_tensor=per_tensor, skipped=int(opt.skipped_steps))
+                taken=_TAKEN[start:], norms=norms,
+                per_tensor=per_tensor, skipped=int(opt.skipped_steps))
+
+
+_TAKEN: list = []
+
+
+@pytest.fixture(autouse=True)
+def record_counts_used(monkeypatch):
+    """Per step, how many runs the step took from backward (None: it counted them all)."""
+    _TAKEN.clear()
+    for name in ("step_shards", "step_shards_norm_in_count"):
+        real = getattr(sharded_mod, name)
+
+        def recorded(*args, _real=real, **kw):
+            _TAKEN.append(None if kw["pre"] is None else len(kw["pre"].done))
+            return _real(*args, **kw)
+        monkeypatch.setattr(sharded_mod, name, recorded)
 
 
 class _null:
@@ -148,7 +160,7 @@ def _reload_state(t, m, opt):
 
 def _clip_on(t, m, opt):
     if t == 2:
-        opt.max_grad_norm = 0.05
+        opt.max_grad_norm = 1e-6  # every later step clipped: counted again in step()
 
 
 STALE = {"grad_written_in_place": (_scale_grads, 2), "beta1_changed": (_change_beta1, 3),
@@ -165,8 +177,8 @@ def test_stale_counts_are_not_used(case):
     n = got["per_tensor"]
     assert got["taken"][at] is None
     assert got["taken"][:at] == [n] * at
-    if case != "clipping_turned_on":  # clipping stays on: nothing counted in backward
-        assert got["taken"][at + 1:] == [n] * (STEPS - at - 1)
+    later = [None if case == "clipping_turned_on" else n] * (STEPS - at - 1)
+    assert got["taken"][at + 1:] == later
 
 
 def test_accumulation_counts_only_the_last_micro_batch(monkeypatch):
@@ -184,8 +196,19 @@ def test_accumulation_counts_only_the_last_micro_batch(monkeypatch):
     assert len(calls) == STEPS * 2  # two dtype shards, one bucket each at world size 1
 
 
-def test_off_without_overlap_or_with_clipping():
+def test_off_without_overlap():
     assert ShardedAMS(_model(), preset="cadam", overlap=False)._bwd is None
-    got = _train(True, dict(preset="cadam", max_grad_norm=0.05))
-    assert got["taken"] == [None] * STEPS
-    assert _equal(got, _train(False, dict(preset="cadam", max_grad_norm=0.05)))
+
+
+def test_with_clipping_used_on_the_steps_it_does_not_clip():
+    """max_grad_norm between the steps' norms: the steps within it take backward's counts
+    (g * 1.0 == g), the clipped ones count g * coef themselves; bitwise either way."""
+    norms = _train(False, dict(preset="cadam"))["norms"]
+    limit = sorted(norms)[len(norms) // 2]
+    kw = dict(preset="cadam", max_grad_norm=limit * (1 + 1e-6))
+    got, ref = _train(True, kw), _train(False, kw)
+    assert _equal(got, ref)
+    n = got["per_tensor"]
+    clipped = [x > kw["max_grad_norm"] for x in got["norms"]]
+    assert 0 < sum(clipped) < STEPS, got["norms"]
+    assert got["taken"] == [None if c else n for c in clipped]
