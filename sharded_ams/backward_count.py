@@ -38,6 +38,11 @@ from .shard_step import _ranges, _runs, _views, norm_in_count, run_table_of
 from .update import lam_is_unit
 
 
+#: devices where reading one number back costs nothing (no device to wait for): there a
+#: clipped step reads whether its coefficient is 1 and keeps backward's counts
+HOST_READ_FREE = frozenset({"cpu"})
+
+
 def _key(groups: Sequence[dict]) -> tuple:
     """What the count reads from the groups: beta1, beta3, and which groups are counted."""
     out = []
@@ -161,6 +166,6 @@ class BackwardCounts:
         done on CPU, where it costs nothing, and where the step read the ranks' error
         flag already (``synced``: world size > 1); elsewhere (one GPU) the step counts
         again rather than wait for the device."""
-        if coef.device.type != "cpu" and not synced:
+        if coef.device.type not in HOST_READ_FREE and not synced:
             return False
         return bool(coef == 1.0)

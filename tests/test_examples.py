@@ -9,7 +9,8 @@ fixture) cover what needs Ray, and the rest runs without it:
   and table;
 * ``resume_demo``: rank 1 exits after step 15, checkpoints every 10 steps: the run reports
   one restart and resumes at step 10 (``--no-compare``: the bitwise equality with an
-  uninterrupted run is already ``tests/test_launcher.py``'s);
+  uninterrupted run is already ``tests/test_faults.py``'s: a run whose worker is SIGKILLed
+  ends bitwise where the uninterrupted reference does);
 * ``lam_sweep``: lam = 0.5 and -0.5, 10 steps, on Ray (the two-pass AMS step that no
   preset uses); and without Ray, a fake runner checks the config each lam gets (no
   preset, beta3 = 0, lam) and returns a synthetic ``RunResult.history`` through the same
