@@ -393,8 +393,10 @@ class ShardedAMS(Optimizer):
         """Reduce grads, clip, check, update the local shard, gather params. Returns the
         closure's loss; :attr:`last_step` says the grad norm and whether it was skipped.
 
-        Clipping and the non-finite skip are decided on the device; the only host read
-        is the ranks' error flag at world size > 1 (bucket_sync.py, "Misuse")."""
+        Clipping and the non-finite skip are decided on the device; the only host reads
+        are the ranks' error flag at world size > 1 (bucket_sync.py, "Misuse") and, where
+        a read is free or that one was made, whether a clipped C-Adam step's coefficient
+        is 1 (``BackwardCounts.unclipped``)."""
         refuse_grad_scaler(self)
         loss = None
         if closure is not None:
