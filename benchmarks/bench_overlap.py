@@ -31,6 +31,8 @@ sets the pace), the median over steps reported:
   plain twin, the median of its own block just before, in the same round) +
   (``ZeRO.step()`` - its local ``AdamW.step()``, i.e. the broadcasts), per step.
 * ``compute_ms``: forward + backward of a plain twin (no hooks, no communication).
+* ``counted_in_backward``: C-Adam runs whose count ``step()`` took from backward
+  (``opt.sync_stats``; the max over ranks per step, the median over steps).
 
 Rows run in ``--rounds`` interleaved blocks of ``--steps`` timed steps (after one untimed
 step per block, which would otherwise find its gathers long finished), so every row sees
@@ -71,7 +73,8 @@ ROWS = ("off", "on", "ddp_zero")
 ROW_CHOICES = ROWS + ("on_step_count",)
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 SWEEP = (500_000, 1_000_000, 2_000_000, 4_000_000, 8_000_000, None)
-STAT_KEYS = ("grad_wait_s", "param_wait_s", "small_wait_s", "late_buckets")
+STAT_KEYS = ("grad_wait_s", "param_wait_s", "small_wait_s", "late_buckets",
+             "counted_in_backward")
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -140,6 +143,7 @@ def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[in
     twin = build_model()
     out: dict[str, dict] = {name: {k: [] for k in ("step_ms", "fwd_bwd_ms", "opt_ms",
                                                    "exposed_ms", "late_buckets",
+                                                   "counted_in_backward",
                                                    "grad_wait_ms", "param_wait_ms",
                                                    "small_wait_ms")}
                             for name in rows}
@@ -186,6 +190,7 @@ def measure_overlap(build_model: Callable[[], nn.Module], batch_fn: Callable[[in
                     rec["param_wait_ms"].append(1e3 * d["param_wait_s"])
                     rec["small_wait_ms"].append(1e3 * d["small_wait_s"])
                     rec["late_buckets"].append(d["late_buckets"])
+                    rec["counted_in_backward"].append(d["counted_in_backward"])
                     rec["exposed_ms"].append(1e3 * (d["grad_wait_s"] + d["param_wait_s"]
                                                     + d["small_wait_s"]))
                 else:  # by difference: DDP's blocked all-reduce + ZeRO's broadcasts
@@ -302,13 +307,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"ShardedAMS preset {args.preset}, backend {args.backend}; 1-min load average before/after "
           f"{meta['load_avg_1m']}\n")
     cols = ["name", "step_ms", "exposed_ms", "grad_wait_ms", "param_wait_ms", "small_wait_ms",
-            "fwd_bwd_ms", "opt_ms", "compute_ms", "late_buckets", "n_buckets", "step_ms_x_off",
+            "fwd_bwd_ms", "opt_ms", "compute_ms", "late_buckets", "counted_in_backward",
+            "n_buckets", "step_ms_x_off",
             "exposed_ms_x_off"]
     headers = {"step_ms": "step ms", "exposed_ms": "exposed comm ms",
                "grad_wait_ms": "grad wait ms", "param_wait_ms": "param wait ms",
                "small_wait_ms": "norm wait ms", "fwd_bwd_ms": "fwd+bwd ms",
                "opt_ms": "step()+zero_grad ms", "compute_ms": "compute-only ms",
                "late_buckets": "late buckets", "n_buckets": "buckets",
+               "counted_in_backward": "runs counted in bwd",
                "step_ms_x_off": "step / off", "exposed_ms_x_off": "exposed / off"}
     print_table(rows, cols, headers)
     report = dict(meta=meta, rows=rows)

@@ -59,6 +59,7 @@ class SyncStats:
     param_wait_s: float = 0.0   # param all-gathers: forward pre-hooks and step()
     small_wait_s: float = 0.0   # the grad-norm and per-tensor-count all-reduces
     late_buckets: int = 0       # buckets launched by step() rather than during backward
+    counted_in_backward: int = 0  # C-Adam runs whose count step() took from backward
     steps: int = 0
 
     def reset(self) -> None:

@@ -419,7 +419,7 @@ class ShardedAMS(Optimizer):
                                              self._count_mask if self.mp.active else None,
                                              pre=pre)
             skip = ~torch.isfinite(norm)
-            self._finish_step(norm, skip)
+            self._finish_step(norm, skip, pre)
             return loss
         if self.max_grad_norm is None and not self.skip_nonfinite:
             self._reduce_with_error_flag(None)  # world size > 1: the ranks' error flags
@@ -436,17 +436,21 @@ class ShardedAMS(Optimizer):
             group["step"] += 1 if skip is None else (~skip).float()
         step_shards(self.shards, self.param_groups, self.device, self.backend, skip,
                     self._reduce_counts, coef, pre=pre)
-        self._finish_step(norm, skip)
+        self._finish_step(norm, skip, pre)
         return loss
 
-    def _finish_step(self, norm: Optional[Tensor], skip: Optional[Tensor]) -> None:
-        """After the update: gradients consumed, the param gathers launched, the record."""
+    def _finish_step(self, norm: Optional[Tensor], skip: Optional[Tensor],
+                     pre: Optional[Any] = None) -> None:
+        """After the update: gradients consumed, the param gathers launched, the record
+        (``pre``: what the step took from backward's counts)."""
         for sh in self.shards:
             sh.buf.consumed()
         if skip is not None:
             self._skipped += skip
         self._sync.start_param_sync()
         self._sync.stats.steps += 1
+        if pre is not None:
+            self._sync.stats.counted_in_backward += len(pre.done)
         self.last_step = StepInfo(norm, skip)
         if self._bwd is not None:  # what the next backward counts (clipping may change)
             self._bwd.set_policy(self.max_grad_norm, self.skip_nonfinite)

@@ -82,7 +82,7 @@ def _train(cib: bool, kw: dict, mixed: bool = False, between=None, nan_at: int =
                      if run.local_end > run.local_start
                      and abs(float(opt.param_groups[run.group]["lam"])) != 1.0)
     return dict(params=[p.detach().clone() for p in m.parameters()], state=state,
-                taken=_TAKEN[start:], norms=norms,
+                taken=_TAKEN[start:], norms=norms, stat=opt.sync_stats.counted_in_backward,
                 per_tensor=per_tensor, skipped=int(opt.skipped_steps))
 
 
@@ -132,6 +132,7 @@ def test_bitwise_as_counting_in_step(case):
     assert _equal(got, ref)
     assert got["per_tensor"] > 0
     assert got["taken"] == [got["per_tensor"]] * STEPS, "every run counted in backward"
+    assert got["stat"] == got["per_tensor"] * STEPS and ref["stat"] == 0  # sync_stats
     assert got["skipped"] == ref["skipped"] == (1 if nan_at >= 0 else 0)
 
 
