@@ -11,6 +11,15 @@ every row sees the same machine load):
   plain tensors shaped like this rank's local shards (no DTensor, no communication): what
   the step costs without FSDP.
 
+Rows with a backward (``--backward``; FSDP2 only): ``*_bwd`` time the step after an untimed
+``zero_grad`` + forward + backward (C-Adam's counts then come from FSDP2's
+post-reduce-scatter hooks, ``count_in_backward``; ``fsdp_cadam_nohook_bwd`` is the same with
+``count_in_backward=False``: every count in the step); ``*_iter`` time the whole iteration
+(zero_grad, forward, backward, step), where the count costs what it costs wherever it runs.
+``speed_vs_torch_fused`` of these rows is against ``fsdp_torch_adamw_fused`` of the same
+kind (``_bwd`` or ``_iter``); ``counted_in_backward`` is the tensors whose counts the last
+timed step took from backward.
+
 Model (default): ``--layers`` x ``nn.Linear(--width, --width)`` (16 x 1024 x 1024 + biases:
 16.8M params, the size of the issue's measurement), each layer and the root
 ``fully_shard``-ed. Each timed step: barrier, step, per-rank time; the step's time is the
@@ -50,7 +59,10 @@ from bench_common import add_out_args, env_info, print_table, resolve_out, write
 from dist_bench import max_over_ranks, run_on_ranks  # noqa: E402
 
 OPTS = ("grams", "cadam", "torch_adamw_fused")
-ROW_NAMES = tuple(f"{kind}_{o}" for kind in ("fsdp", "local") for o in OPTS)
+STEP_ROWS = tuple(f"{kind}_{o}" for kind in ("fsdp", "local") for o in OPTS)
+#: with --backward: (row, optimizer, what is timed)
+BACKWARD_ROWS = tuple((f"fsdp_{o}_{mode}", o, mode) for mode in ("bwd", "iter")
+                      for o in ("cadam", "cadam_nohook", "torch_adamw_fused"))
 LR = 1e-3
 
 
@@ -59,6 +71,8 @@ def _optimizer(name: str, params):
 
     if name == "torch_adamw_fused":
         return torch.optim.AdamW(params, lr=LR, fused=True)
+    if name == "cadam_nohook":
+        return CAdam(params, lr=LR, count_in_backward=False)
     return {"grams": Grams, "cadam": CAdam}[name](params, lr=LR)
 
 
@@ -78,19 +92,45 @@ def _fsdp_model(args):
 
 
 def _setups(args) -> dict:
-    """Row name -> (optimizer, params): FSDP2 params with grads (a model of its own for
-    each optimizer: the same values), and plain local-shard twins."""
+    """Row name -> (optimizer, params, model, mode): FSDP2 params with grads (a model of its
+    own for each optimizer: the same values), plain local-shard twins ("step": the step
+    alone, on the gradients set once), and with ``--backward`` the rows that run one."""
     from torch import nn
 
     out = {}
     for o in OPTS:
-        fsdp_params = list(_fsdp_model(args).parameters())
-        out[f"fsdp_{o}"] = (_optimizer(o, fsdp_params), fsdp_params)
+        model = _fsdp_model(args)
+        fsdp_params = list(model.parameters())
+        out[f"fsdp_{o}"] = (_optimizer(o, fsdp_params), fsdp_params, model, "step")
         plain = [nn.Parameter(p.to_local().detach().clone()) for p in fsdp_params]
         for p, src in zip(plain, fsdp_params):
             p.grad = src.grad.to_local().detach().clone()
-        out[f"local_{o}"] = (_optimizer(o, plain), plain)
-    return out
+        out[f"local_{o}"] = (_optimizer(o, plain), plain, None, "step")
+    for name, o, mode in BACKWARD_ROWS if args.backward else ():
+        model = _fsdp_model(args)
+        params = list(model.parameters())
+        out[name] = (_optimizer(o, params), params, model, mode)
+    return {n: out[n] for n in STEP_ROWS + tuple(n for n, _, _ in BACKWARD_ROWS) if n in out}
+
+
+def _backward(opt, model, width: int) -> None:
+    opt.zero_grad()
+    model(torch.randn(4, width)).square().mean().backward()
+
+
+def _timed_step(row: tuple, width: int) -> float:
+    """One timed step (ms) of a row, after its untimed backward where it has one."""
+    import torch.distributed as dist
+
+    opt, _, model, mode = row
+    if mode == "bwd":
+        _backward(opt, model, width)
+    dist.barrier()
+    t0 = time.perf_counter()
+    if mode == "iter":
+        _backward(opt, model, width)
+    opt.step()
+    return (time.perf_counter() - t0) * 1e3
 
 
 class _AllReduceTimer:
@@ -119,39 +159,50 @@ def _worker(rank: int, world: int, args) -> dict:
     import torch.distributed as dist
 
     setups = _setups(args)
-    first, times = {}, {name: [] for name in ROW_NAMES}
-    waits = {name: [] for name in ROW_NAMES}
-    for name in ROW_NAMES:
-        dist.barrier()
-        t0 = time.perf_counter()
-        setups[name][0].step()
-        first[name] = max_over_ranks([time.perf_counter() - t0])[0]
+    names = list(setups)
+    first, times = {}, {name: [] for name in names}
+    waits = {name: [] for name in names}
+    for name in names:
+        first[name] = max_over_ranks([_timed_step(setups[name], args.width) / 1e3])[0]
     for _ in range(args.rounds):
-        for name in ROW_NAMES:
-            dist.barrier()
+        for name in names:
             with _AllReduceTimer(dist) as timer:
-                t0 = time.perf_counter()
-                setups[name][0].step()
-                ms = (time.perf_counter() - t0) * 1e3
+                ms = _timed_step(setups[name], args.width)
             step_ms, wait_ms = max_over_ranks([ms, timer.ms])
             times[name].append(step_ms)
             waits[name].append(wait_ms)
+    counted = {name: getattr(getattr(row[0], "_hook_counts", None), "used", None)
+               for name, row in setups.items()}
     numel = sum(p.numel() for p in setups["fsdp_grams"][1])
     local = sum(p.numel() for p in setups["local_grams"][1])
-    return dict(first=first, times=times, waits=waits, numel=numel, local_numel=local)
+    return dict(first=first, times=times, waits=waits, numel=numel, local_numel=local,
+                counted=counted)
+
+
+def _peers(name: str) -> tuple[str, str]:
+    """(the torch fused AdamW row, the local row) a row is compared with."""
+    if name.endswith(("_bwd", "_iter")):
+        mode = name.rsplit("_", 1)[1]
+        return f"fsdp_torch_adamw_fused_{mode}", ""
+    kind, opt = name.split("_", 1)
+    return f"{kind}_torch_adamw_fused", f"local_{opt}"
 
 
 def rows_from(res: dict) -> list[dict]:
-    med = {n: statistics.median(res["times"][n]) for n in ROW_NAMES}
+    med = {n: statistics.median(t) for n, t in res["times"].items()}
     rows = []
-    for name in ROW_NAMES:
-        kind, opt = name.split("_", 1)
+    for name in res["times"]:
+        torch_row, local_row = _peers(name)
         wait = statistics.median(res["waits"][name])
+        local_ms = med.get(local_row)
         rows.append(dict(name=name, ms_median=med[name], times_ms=res["times"][name],
                          first_step_s=res["first"][name],
-                         speed_vs_torch_fused=med[f"{kind}_torch_adamw_fused"] / med[name],
-                         x_local=med[name] / med[f"local_{opt}"], all_reduce_ms=wait,
-                         x_local_besides_all_reduce=(med[name] - wait) / med[f"local_{opt}"]))
+                         speed_vs_torch_fused=med[torch_row] / med[name],
+                         x_local=med[name] / local_ms if local_ms else None,
+                         all_reduce_ms=wait,
+                         x_local_besides_all_reduce=(med[name] - wait) / local_ms
+                         if local_ms else None,
+                         counted_in_backward=res["counted"].get(name)))
     return rows
 
 
@@ -161,6 +212,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--backward", action="store_true",
+                    help="add the rows that run a backward (_bwd: step after it; _iter: both)")
     ap.add_argument("--timeout", type=float, default=1200.0)
     add_out_args(ap, "bench_fsdp.json")
     args = ap.parse_args(argv)
@@ -169,11 +222,12 @@ def main(argv=None) -> dict:
     rows = rows_from(res)
     meta = dict(env, world_size=2, params=res["numel"], local_numel_rank0=res["local_numel"],
                 layers=args.layers, width=args.width, rounds=args.rounds,
+                backward=args.backward,
                 threads_per_rank=args.threads, load_avg_1m_end=env_info()["load_average_1m"])
     print(f"FSDP2 on 2 gloo ranks, {res['numel']:,} params; load average "
           f"{meta['load_average_1m']} -> {meta['load_avg_1m_end']}")
     print_table(rows, ["name", "ms_median", "first_step_s", "speed_vs_torch_fused", "x_local",
-                       "all_reduce_ms", "x_local_besides_all_reduce"])
+                       "all_reduce_ms", "x_local_besides_all_reduce", "counted_in_backward"])
     write_json(resolve_out(args.out, args.update_record, "bench_fsdp.json"),
                dict(meta=meta, rows=rows))
     return dict(meta=meta, rows=rows)

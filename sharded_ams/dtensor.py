@@ -174,6 +174,14 @@ class LocalParam:
     key: tuple
 
 
+def is_flat(lp: LocalParam) -> bool:
+    """Param, master, gradient and state all contiguous: steppable as flat ranges (the
+    one-call path of ``AMS``)."""
+    master = lp.state.get("master", lp.p)
+    return (master.is_contiguous() and lp.grad.is_contiguous()
+            and ("master" not in lp.state or lp.p.is_contiguous()))
+
+
 @dataclass(slots=True)
 class _Checked:
     """A DTensor param's layout and state as last checked: while the param keeps its spec

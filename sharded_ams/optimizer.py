@@ -13,9 +13,10 @@ from torch.optim import Optimizer
 
 from .config import (DEFAULTS, check_grad, check_params, preset_hparams, validate_group,
                      validate_hparams)
-from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, is_dtensor, local,
-                      local_param, needs_batch)
+from .dtensor import (CountBatch, LocalParam, describe, dtensor_layout, is_dtensor, is_flat,
+                      local, local_param, needs_batch)
 from .dtype_shard import follow_params
+from .hook_count import HookCounts
 from .kernels import (GroupHParams, Piece, flat_apply, flat_count, flat_step, host_scalar,
                       resolve_backend, scaled_scalars, triton_available)
 from .kernels.eager import compile_available
@@ -82,6 +83,11 @@ class AMS(Optimizer):
             :func:`default_path`.
         fused: single-pass kernel per tensor: ``True``/``"auto"`` (Triton on CUDA,
             torch.compile on CPU) or a backend name ``"triton"``, ``"compiled"``, ``"eager"``.
+        count_in_backward: for DTensor params (FSDP2, tensor parallel) with lam not in
+            {1, -1} on the default path, count each tensor in its post-accumulate-grad hook
+            (on FSDP2 right after its reduce-scatter), so ``step()`` does not read g and m
+            twice; used only when it is exactly what the step would count
+            (``hook_count.py``). Plain params are never hooked. Default True.
 
     bf16/fp16 params keep an fp32 master copy in the state ("master"); m, v, s are fp32.
     For flat buffers and ZeRO-1 sharding across ranks use :class:`ShardedAMS`.
@@ -91,7 +97,8 @@ class AMS(Optimizer):
                  betas: tuple[float, float] = DEFAULTS["betas"], beta3: float = DEFAULTS["beta3"],
                  lam: float = DEFAULTS["lam"], eps: float = DEFAULTS["eps"],
                  weight_decay: float = DEFAULTS["weight_decay"], *,
-                 foreach: Optional[bool] = None, fused: Optional[Union[bool, str]] = None):
+                 foreach: Optional[bool] = None, fused: Optional[Union[bool, str]] = None,
+                 count_in_backward: bool = True):
         validate_hparams(lr, betas, beta3, lam, eps, weight_decay)
         if foreach and fused:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -105,6 +112,8 @@ class AMS(Optimizer):
         #: (fp32 masters), plain or DTensor: another write since (a model.load_state_dict,
         #: an in-place init) makes the next step re-read the master from the param
         self._versions: dict[int, Any] = {}
+        #: C-Adam's counts of DTensor params taken during backward (``hook_count.py``)
+        self._hook_counts = HookCounts(self) if count_in_backward else None
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
@@ -114,6 +123,7 @@ class AMS(Optimizer):
         self.__dict__.setdefault("_tables", {})
         self.__dict__.setdefault("_checked", {})
         self.__dict__.setdefault("_versions", {})
+        self.__dict__.setdefault("_hook_counts", None)  # a copy's params are not hooked
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch.optim, and the group's hyperparameters and params are validated (a
@@ -131,6 +141,8 @@ class AMS(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if self._hook_counts is not None:
+            self._hook_counts.register(group["params"])
 
     def _init_state(self, p: Tensor, beta3: float) -> dict:
         state = self.state[p]
@@ -166,6 +178,21 @@ class AMS(Optimizer):
         groups = [(group, GroupHParams.from_group(group), self._local_params(gi, group))
                   for gi, group in enumerate(self.param_groups)]
         batch = CountBatch()
+        if self._hook_counts is not None:
+            self._hook_counts.start_step()
+        try:
+            self._step_groups(groups, batch)
+        finally:  # the apply moved m: what backward counted is stale either way
+            if self._hook_counts is not None:
+                self._hook_counts.clear()
+        for group, _, params in groups:
+            for lp in params:
+                if "master" in lp.state:  # 16-bit params (lp.p: a DTensor's local shard)
+                    p = group["params"][lp.key[1]]
+                    self._versions[id(p)] = _written(p, lp.p)
+        return loss
+
+    def _step_groups(self, groups: list, batch: CountBatch) -> None:
         for group, hp, params in groups:
             if params:  # one op for every step count (CPU tensors), as torch.optim does
                 torch._foreach_add_([lp.state["step"] for lp in params], 1.0)
@@ -176,12 +203,6 @@ class AMS(Optimizer):
             for (device, step), part in buckets.items():
                 self._step_bucket(group, hp, part, device, step, batch)
         batch.finish()
-        for group, _, params in groups:
-            for lp in params:
-                if "master" in lp.state:  # 16-bit params (lp.p: a DTensor's local shard)
-                    p = group["params"][lp.key[1]]
-                    self._versions[id(p)] = _written(p, lp.p)
-        return loss
 
     def _local_params(self, gi: int, group: dict) -> list[LocalParam]:
         """The params with a gradient, checked, with their state (created if new) as plain
@@ -218,7 +239,7 @@ class AMS(Optimizer):
             # launch on CUDA (a call per tensor costs ~0.1 ms on CPU, ~10-20 us on CUDA)
             flat, rest = [], []
             for lp in params:
-                (flat if _is_flat(lp) else rest).append(lp)
+                (flat if is_flat(lp) else rest).append(lp)
             if flat:
                 self._multi_group(group, hp, flat, step, batch, backend=path)
             params = rest
@@ -293,7 +314,10 @@ class AMS(Optimizer):
             fused_step(ps, gs, ms, vs, ss, outs, step_scalars(lr, bc1, bc2, hp.weight_decay),
                        hp, cache=self._tables)
             return
-        counts = count(ps, gs, ms, vs, ss, outs, hp, cache=self._tables)
+        counts = None if self._hook_counts is None else self._hook_counts.take(
+            group, params, hp, backend)
+        if counts is None:
+            counts = count(ps, gs, ms, vs, ss, outs, hp, cache=self._tables)
         numels = self._numels(tuple(lp.numel for lp in params), counts.device)
 
         def finish() -> None:
@@ -444,13 +468,6 @@ def _written(p: Tensor, shard: Tensor) -> Union[int, tuple[int, int]]:
     load_state_dict) bumps only the wrapper's, a write to ``to_local()`` (and this
     optimizer's own) only the shard's."""
     return p._version if shard is p else (p._version, shard._version)
-
-
-def _is_flat(lp: LocalParam) -> bool:
-    """Param, master, gradient and state all contiguous: steppable as flat ranges."""
-    master = lp.state.get("master", lp.p)
-    return (master.is_contiguous() and lp.grad.is_contiguous()
-            and ("master" not in lp.state or lp.p.is_contiguous()))
 
 
 def _preset(name: str, doc: str):

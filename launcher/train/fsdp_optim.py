@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sharded_ams import AMS
+from sharded_ams.backward_count import HOST_READ_FREE
 from sharded_ams.config import preset_hparams
 from sharded_ams.dtensor import is_dtensor, local
 from sharded_ams.shard_step import StepInfo
@@ -66,6 +67,9 @@ class FSDPAMS(AMS):
         skip_nonfinite: skip the step on every rank when the norm is not finite (read on
             the host: one device sync per step, unlike ShardedAMS's device-side skip).
         backend: "auto" (AMS's default path) or a fused kernel backend name.
+        count_in_backward (in ``hparams``): as :class:`sharded_ams.AMS` (default True:
+            C-Adam's counts taken in FSDP2's post-reduce-scatter hooks; kept on a step
+            whose clip coefficient is exactly 1).
     """
 
     def __init__(self, model: nn.Module, *, preset: Optional[str] = None,
@@ -124,15 +128,24 @@ class FSDPAMS(AMS):
             norm = global_grad_norm(params, self.world_size, device)
             if self.skip_nonfinite:
                 skip = ~torch.isfinite(norm)
-            if self.max_grad_norm is not None:
-                coef = self.max_grad_norm / (norm + 1e-6)
-                coef = torch.where(coef < 1.0, coef, torch.ones_like(coef)).float()
-                grads = [local(p.grad) for p in params if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, coef)
         self.last_step = StepInfo(norm, skip)
         if skip is not None and bool(skip):  # the host sync: every rank read the same norm
             self._skipped += 1
             return loss
+        if self.max_grad_norm is not None:
+            self._clip(params, norm, synced=skip is not None)
         super().step()
         return loss
+
+    def _clip(self, params: list[Tensor], norm: Tensor, synced: bool) -> None:
+        """Scale the gradients by min(1, max_grad_norm / norm). A coefficient of exactly 1
+        scales nothing: where the host may read it for free (CPU, or after the skip
+        test's sync) the gradients are left untouched, so the counts backward took of
+        them (``count_in_backward``) still hold."""
+        coef = self.max_grad_norm / (norm + 1e-6)
+        coef = torch.where(coef < 1.0, coef, torch.ones_like(coef)).float()
+        if (synced or coef.device.type in HOST_READ_FREE) and bool(coef == 1.0):
+            return
+        grads = [local(p.grad) for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef)

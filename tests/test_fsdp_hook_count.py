@@ -1,0 +1,207 @@
+"""C-Adam's count in FSDP2's post-accumulate-grad hooks (``sharded_ams/hook_count.py``).
+
+The oracle is the same optimizer with ``count_in_backward=False`` (every count taken in
+``step()``; that path is checked against the float64 oracle in ``test_fsdp.py``), run on
+the same model, batches and user actions: the params must be bitwise equal after every
+step, and ``used`` (the tensors whose counts the step took from backward) shows which way
+each step went. One spawn of 2 gloo ranks; the model is three equal ``fully_shard``-ed
+Linear layers and a root head, uneven shards (257 rows over 2 ranks), the compiled
+one-call path (``COMPILE_MIN_NUMEL = 0``).
+
+Each user action that changes what the step would count must make the step count again:
+a gradient written in place after backward (through the DTensor or its local shard), a
+state loaded between backward and step, beta1 changed, a second step on the same
+gradients. ``FSDPAMS`` keeps backward's counts when its clip coefficient is exactly 1 and
+counts again when it clips.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from dist_utils import run_distributed
+
+STEPS = 4
+WIDTH = 257
+KW = {"cadam": dict(lam=0.0), "lam-0.5_beta3-0.5": dict(lam=-0.5, beta3=0.5, weight_decay=0.1)}
+ACTIONS = ("none", "no_sync", "dtensor_grad_write", "local_grad_write", "load_state",
+           "beta1", "second_step")
+
+
+def _model():
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(3)], nn.Linear(WIDTH, 2))
+    for layer in model[:3]:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _backward(model, step: int, micro: int = 0) -> None:
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(1000 * step + 10 * dist.get_rank() + micro)
+    model(torch.randn(6, WIDTH, generator=g)).square().mean().backward()
+
+
+def _act(action: str, step: int, model, opt, saved) -> None:
+    """What the user does between backward and step (from the second step on)."""
+    if step == 0:
+        return
+    p = next(model.parameters())
+    if action == "dtensor_grad_write":
+        p.grad.mul_(0.5)
+    elif action == "local_grad_write":
+        p.grad.to_local().mul_(0.5)
+    elif action == "load_state":
+        opt.load_state_dict(saved)
+    elif action == "beta1":  # a new value each step, as a schedule would set
+        opt.param_groups[0]["betas"] = (0.9 - 0.01 * step, 0.999)
+
+
+def _run(kw: dict, action: str, count_in_backward: bool) -> tuple[list, list]:
+    from sharded_ams import AMS
+
+    model = _model()
+    opt = AMS(model.parameters(), lr=1e-2, count_in_backward=count_in_backward, **kw)
+    used, saved = [], None
+    for step in range(STEPS):
+        if action == "no_sync":  # accumulation: hooks fire on the synced micro-batch only
+            model.set_requires_gradient_sync(False)
+            _backward(model, step, 1)
+            model.set_requires_gradient_sync(True)
+        _backward(model, step)
+        _act(action, step, model, opt, saved)
+        opt.step()
+        used.append(opt._hook_counts.used if count_in_backward else None)
+        if action == "second_step":
+            # nothing kept past a step: on CUDA the kernels write m without a version bump
+            assert not count_in_backward or not opt._hook_counts._entries
+            opt.step()
+            used.append(opt._hook_counts.used if count_in_backward else None)
+        if step == 0:
+            saved = _state_at_first_step(opt)
+        opt.zero_grad()
+    return [p.detach().full_tensor().clone() for p in model.parameters()], used
+
+
+def _state_at_first_step(opt) -> dict:
+    """A state_dict to load later: the state after the first step (not the current one)."""
+    import copy
+
+    return copy.deepcopy(opt.state_dict())
+
+
+def _bursts() -> list[int]:
+    """The sizes of the count calls one backward makes: one per ``fully_shard`` module."""
+    from sharded_ams import AMS
+    from sharded_ams.hook_count import HookCounts
+
+    sizes = []
+    orig = HookCounts._count_group
+
+    def spy(self, opt, gi, pairs):
+        sizes.append(len(pairs))
+        return orig(self, opt, gi, pairs)
+
+    HookCounts._count_group = spy
+    try:
+        model = _model()
+        opt = AMS(model.parameters(), lr=1e-2, lam=0.0)
+        _backward(model, 0)
+        opt.step()  # creates the state: the first backward counts nothing
+        sizes.clear()
+        _backward(model, 1)
+        return sizes
+    finally:
+        HookCounts._count_group = orig
+
+
+def _fsdpams(max_grad_norm: float, count_in_backward: bool) -> tuple[list, list]:
+    from launcher.train.fsdp_optim import FSDPAMS
+
+    model = _model()
+    opt = FSDPAMS(model, preset="cadam", lr=1e-2, max_grad_norm=max_grad_norm,
+                  count_in_backward=count_in_backward)
+    used = []
+    for step in range(STEPS):
+        _backward(model, step)
+        opt.step()
+        used.append(opt._hook_counts.used if count_in_backward else None)
+        opt.zero_grad()
+    return [p.detach().full_tensor().clone() for p in model.parameters()], used
+
+
+def _job() -> dict:
+    import sharded_ams.optimizer as optimizer
+
+    optimizer.COMPILE_MIN_NUMEL = 0  # the one compiled call per group, as on big models
+    out: dict = {"bursts": _bursts()}
+    for name, kw in KW.items():
+        for action in ACTIONS:
+            if name != "cadam" and action not in ("none", "no_sync"):
+                continue
+            hooked, used = _run(kw, action, True)
+            plain, _ = _run(kw, action, False)
+            out[(name, action)] = dict(used=used, equal=all(
+                torch.equal(a, b) for a, b in zip(hooked, plain)))
+    for clip in (1e6, 1e-3):  # never reached / always reached
+        hooked, used = _fsdpams(clip, True)
+        plain, _ = _fsdpams(clip, False)
+        out[("fsdpams", clip)] = dict(used=used, equal=all(
+            torch.equal(a, b) for a, b in zip(hooked, plain)))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _results() -> list[dict]:
+    return run_distributed(_job, 2, timeout=300)
+
+
+N_TENSORS = 8  # 4 Linear layers, weight and bias
+
+
+def test_one_count_call_per_fully_shard_module():
+    """FSDP2 calls the hooks of one module's params back to back: one count each."""
+    for r in _results():
+        assert r["bursts"] == [2, 2, 2, 2], r["bursts"]
+
+
+@pytest.mark.parametrize("name", list(KW))
+@pytest.mark.parametrize("action", ["none", "no_sync"])
+def test_counts_from_backward_are_used_and_bitwise_equal(name, action):
+    for r in _results():
+        got = r[(name, action)]
+        assert got["equal"], (name, action)
+        # the first step creates m: nothing to count in the first backward
+        assert got["used"] == [0] + [N_TENSORS] * (STEPS - 1), got["used"]
+
+
+@pytest.mark.parametrize("action", ["dtensor_grad_write", "local_grad_write", "load_state",
+                                    "beta1"])
+def test_a_change_after_backward_makes_the_step_count_again(action):
+    for r in _results():
+        got = r[("cadam", action)]
+        assert got["equal"], action
+        # the written gradient is the first param's (the first layer's group counts again)
+        assert all(u < N_TENSORS for u in got["used"][1:]), got["used"]
+
+
+def test_a_second_step_on_the_same_gradients_counts_again():
+    for r in _results():
+        got = r[("cadam", "second_step")]
+        assert got["equal"]
+        assert got["used"] == [0, 0] + [N_TENSORS, 0] * (STEPS - 1), got["used"]
+
+
+def test_fsdpams_keeps_the_counts_unless_it_clips():
+    for r in _results():
+        never, always = r[("fsdpams", 1e6)], r[("fsdpams", 1e-3)]
+        assert never["equal"] and always["equal"]
+        assert never["used"] == [0] + [N_TENSORS] * (STEPS - 1), never["used"]
+        assert always["used"] == [0] * STEPS, always["used"]
