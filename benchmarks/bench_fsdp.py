@@ -12,10 +12,10 @@ every row sees the same machine load):
   the step costs without FSDP.
 
 Rows with a backward (``--backward``; FSDP2 only): ``*_bwd`` time the step after an untimed
-``zero_grad`` + forward + backward (C-Adam's counts then come from FSDP2's
-post-reduce-scatter hooks, ``count_in_backward``; ``fsdp_cadam_nohook_bwd`` is the same with
-``count_in_backward=False``: every count in the step); ``*_iter`` time the whole iteration
-(zero_grad, forward, backward, step), where the count costs what it costs wherever it runs.
+``zero_grad`` + forward + backward; ``*_iter`` time the whole iteration (zero_grad, forward,
+backward, step), where the count costs what it costs wherever it runs. ``fsdp_cadam_hook_*``
+is ``CAdam(..., count_in_backward=True)``: its counts come from FSDP2's post-reduce-scatter
+hooks (the default, ``fsdp_cadam_*``, does that on CUDA only: on CPU it counts in the step).
 ``speed_vs_torch_fused`` of these rows is against ``fsdp_torch_adamw_fused`` of the same
 kind (``_bwd`` or ``_iter``); ``counted_in_backward`` is the tensors whose counts the last
 timed step took from backward.
@@ -62,7 +62,7 @@ OPTS = ("grams", "cadam", "torch_adamw_fused")
 STEP_ROWS = tuple(f"{kind}_{o}" for kind in ("fsdp", "local") for o in OPTS)
 #: with --backward: (row, optimizer, what is timed)
 BACKWARD_ROWS = tuple((f"fsdp_{o}_{mode}", o, mode) for mode in ("bwd", "iter")
-                      for o in ("cadam", "cadam_nohook", "torch_adamw_fused"))
+                      for o in ("cadam", "cadam_hook", "torch_adamw_fused"))
 LR = 1e-3
 
 
@@ -71,8 +71,8 @@ def _optimizer(name: str, params):
 
     if name == "torch_adamw_fused":
         return torch.optim.AdamW(params, lr=LR, fused=True)
-    if name == "cadam_nohook":
-        return CAdam(params, lr=LR, count_in_backward=False)
+    if name == "cadam_hook":
+        return CAdam(params, lr=LR, count_in_backward=True)
     return {"grams": Grams, "cadam": CAdam}[name](params, lr=LR)
 
 

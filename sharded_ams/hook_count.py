@@ -45,12 +45,12 @@ from .update import lam_is_unit
 class _Entry:
     """One tensor's count from backward and what it was counted from."""
 
-    __slots__ = ("count", "grad", "grad_versions", "m", "m_version", "s", "s_version",
-                 "beta1", "beta3", "backend")
+    __slots__ = ("counts", "index", "grad", "grad_versions", "m", "m_version", "s",
+                 "s_version", "beta1", "beta3", "backend")
 
-    def __init__(self, count: Tensor, p: Tensor, lp: LocalParam, hp: GroupHParams,
-                 backend: str) -> None:
-        self.count, self.backend = count, backend
+    def __init__(self, counts: Tensor, index: int, p: Tensor, lp: LocalParam,
+                 hp: GroupHParams, backend: str) -> None:
+        self.counts, self.index, self.backend = counts, index, backend
         self.grad, self.grad_versions = weakref.ref(lp.grad), _grad_versions(p, lp.grad)
         m, s = lp.state["exp_avg"], lp.state.get("exp_avg_s")
         self.m, self.m_version = weakref.ref(m), m._version
@@ -79,8 +79,9 @@ class HookCounts:
     kept for the next ``step()`` of ``opt`` (held weakly: a dropped optimizer's hooks do
     nothing)."""
 
-    def __init__(self, opt: Any) -> None:
+    def __init__(self, opt: Any, cuda_only: bool = False) -> None:
         self._opt = weakref.ref(opt)
+        self._cuda_only = cuda_only
         self._index: dict[int, tuple[int, int]] = {}
         self._entries: dict[tuple[int, int], _Entry] = {}
         self._burst: list[Tensor] = []
@@ -93,7 +94,8 @@ class HookCounts:
 
     def register(self, params: Sequence[Tensor]) -> None:
         for p in params:
-            if is_dtensor(p) and p.requires_grad:
+            if (is_dtensor(p) and p.requires_grad
+                    and not (self._cuda_only and p.device.type != "cuda")):
                 self.handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     # ------------------------------------------------------------------ backward side
@@ -185,7 +187,7 @@ class HookCounts:
         count = multi_ops(backend)[1]
         counts = count(ps, [lp.grad for lp in lps], ms, vs, ss, outs, hp, cache=opt._tables)
         for j, (p, lp) in enumerate(pairs):
-            self._entries[lp.key] = _Entry(counts[j], p, lp, hp, backend)
+            self._entries[lp.key] = _Entry(counts, j, p, lp, hp, backend)
 
     def _key(self, opt: Any, p: Tensor) -> Optional[tuple[int, int]]:
         key = self._index.get(id(p))
@@ -200,16 +202,26 @@ class HookCounts:
              backend: str) -> Optional[Tensor]:
         """The int64 count vector of ``params`` (this rank's, not yet summed) if backward
         counted every one of them exactly as the step would now, else None."""
-        out = []
+        entries = []
         for lp in params:
             e = self._entries.get(lp.key)
             if e is None or not e.holds(group["params"][lp.key[1]], lp, hp, backend):
                 return None
-            out.append(e.count)
-        if not out:
+            entries.append(e)
+        if not entries:
             return None
-        self.used += len(out)
-        return torch.stack(out)
+        vectors = {id(e.counts): e.counts for e in entries}
+        first = entries[0].counts
+        if (len(vectors) == 1 and first.numel() == len(entries)
+                and [e.index for e in entries] == list(range(len(entries)))):
+            out = first.clone()  # one count call, in the step's order: no gather
+        else:
+            out = torch.stack([e.counts[e.index] for e in entries])
+        if out.is_cuda:  # counted on FSDP2's reduce-scatter stream, read on this one
+            for v in vectors.values():
+                v.record_stream(torch.cuda.current_stream(out.device))
+        self.used += len(entries)
+        return out
 
     def start_step(self) -> None:
         self.used = 0

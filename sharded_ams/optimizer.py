@@ -87,7 +87,10 @@ class AMS(Optimizer):
             {1, -1} on the default path, count each tensor in its post-accumulate-grad hook
             (on FSDP2 right after its reduce-scatter), so ``step()`` does not read g and m
             twice; used only when it is exactly what the step would count
-            (``hook_count.py``). Plain params are never hooked. Default True.
+            (``hook_count.py``). Plain params are never hooked. Default None: CUDA params
+            only (there the count can run beside backward's matmuls; on CPU the gloo
+            transfers of backward already fill the cores, and it slowed a whole FSDP2
+            iteration by ~7% while saving ~30% of the step: ``benchmarks/RESULTS.md``).
 
     bf16/fp16 params keep an fp32 master copy in the state ("master"); m, v, s are fp32.
     For flat buffers and ZeRO-1 sharding across ranks use :class:`ShardedAMS`.
@@ -98,7 +101,7 @@ class AMS(Optimizer):
                  lam: float = DEFAULTS["lam"], eps: float = DEFAULTS["eps"],
                  weight_decay: float = DEFAULTS["weight_decay"], *,
                  foreach: Optional[bool] = None, fused: Optional[Union[bool, str]] = None,
-                 count_in_backward: bool = True):
+                 count_in_backward: Optional[bool] = None):
         validate_hparams(lr, betas, beta3, lam, eps, weight_decay)
         if foreach and fused:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
@@ -113,7 +116,8 @@ class AMS(Optimizer):
         #: an in-place init) makes the next step re-read the master from the param
         self._versions: dict[int, Any] = {}
         #: C-Adam's counts of DTensor params taken during backward (``hook_count.py``)
-        self._hook_counts = HookCounts(self) if count_in_backward else None
+        self._hook_counts = (HookCounts(self, cuda_only=count_in_backward is None)
+                             if count_in_backward is not False else None)
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict) -> None:
