@@ -17,7 +17,8 @@ ceiling and torch's AdamW), ``step`` (``bench_step.py``'s rows: Grams / CAdam / 
 defaults against torch's AdamW on a 29M GPT-like set, issue 21's ratios), then what can
 hang in a collective: ``sharded`` (ShardedAMS on
 NCCL at world size 1), ``training`` (the Llama 60M in bf16: tokens/s, MFU, peak memory),
-``overlap``; and last ``pytest -m gpu``.
+``overlap``, ``fsdp`` (C-Adam on FSDP2, its count in backward or in the step: the
+measurement the CUDA default of ``count_in_backward`` rests on); and last ``pytest -m gpu``.
 
 So that a hang or a crash cannot take the numbers already measured with it:
 

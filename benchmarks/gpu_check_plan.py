@@ -12,16 +12,17 @@ import torch
 #: every section, in the order the check runs them: the kernel and bandwidth numbers first,
 #: then what can hang in a collective (NCCL), then ``pytest -m gpu`` (issue 21)
 ALL_SECTIONS = ("env", "static", "correctness", "bandwidth", "step", "sharded", "training",
-                "overlap", "pytest")
+                "overlap", "fsdp", "pytest")
 #: sections that launch the Triton kernel (under the interpreter in the dry run)
-KERNEL_SECTIONS = ("correctness", "bandwidth", "step", "sharded", "training", "overlap")
+KERNEL_SECTIONS = ("correctness", "bandwidth", "step", "sharded", "training", "overlap",
+                   "fsdp")
 
 #: each section's time cap in seconds on one H100/H200 (what it needs, with room to spare;
 #: the whole check's ``--time-limit`` trims the later ones). A section that runs past its
 #: cap is stopped: cooperatively where it checks the time (correctness skips cases), else
 #: its process is killed with its stack recorded.
 CUDA_CAPS = {"env": 20, "static": 45, "correctness": 75, "bandwidth": 90, "step": 45,
-             "sharded": 40, "training": 60, "overlap": 40, "pytest": 120}
+             "sharded": 40, "training": 60, "overlap": 40, "fsdp": 40, "pytest": 120}
 #: the dry run's caps: 2 shared cores, the kernel interpreted; only a hang should reach them
 CPU_CAPS = {name: 240 for name in ALL_SECTIONS}
 #: sections that share one child process (one start-up); a group is killed as a whole when
@@ -29,11 +30,11 @@ CPU_CAPS = {name: 240 for name in ALL_SECTIONS}
 #: that can hang in a collective has a process to itself; ``pytest`` runs in its own
 #: subprocess from the driver.
 CUDA_GROUPS = (("env", "static", "correctness", "bandwidth", "step"), ("sharded",),
-               ("training",), ("overlap",))
+               ("training",), ("overlap",), ("fsdp",))
 #: the dry run: the static section cannot run under the interpreter; the rest share one
 #: child to keep CI's time down (the kill path is tested with an injected hang)
 CPU_GROUPS = (("env", "static"),
-              ("correctness", "bandwidth", "step", "sharded", "training", "overlap"))
+              ("correctness", "bandwidth", "step", "sharded", "training", "overlap", "fsdp"))
 #: the default ``--time-limit`` on CUDA: the check and one rerun fit a 15-minute device
 #: lease with the machine's start-up (docs: benchmarks/RESULTS.md "GPU")
 CUDA_TIME_LIMIT_S = 330.0

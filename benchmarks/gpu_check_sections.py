@@ -1,5 +1,6 @@
 """The sections of ``gpu_check.py``: what each one checks or measures, at its plan's sizes
-(the correctness section is in ``gpu_check_correctness.py``).
+(the correctness section is in ``gpu_check_correctness.py``, the FSDP2 one in
+``gpu_check_fsdp.py``).
 
 Every section takes the :class:`Plan` and returns a dict with ``status`` ("ok", "fail",
 "skipped") and its rows or checks; :func:`run_section` adds the time and turns an
@@ -26,6 +27,7 @@ import torch
 from bench_common import env_info
 from bench_gpu import bandwidth_rows
 from gpu_check_correctness import FP32_RTOL, norm_err, section_correctness
+from gpu_check_fsdp import section_fsdp
 from gpu_check_plan import Plan
 from launcher.train.models.gpt import GPT, GPTConfig
 from sharded_ams import AMS, ShardedAMS
@@ -506,5 +508,5 @@ SECTIONS: dict[str, Callable[[Plan], dict]] = {
     "env": section_env, "static": section_static, "correctness": section_correctness,
     "pytest": section_pytest, "bandwidth": section_bandwidth, "step": section_step,
     "sharded": section_sharded,
-    "training": section_training, "overlap": section_overlap,
+    "training": section_training, "overlap": section_overlap, "fsdp": section_fsdp,
 }

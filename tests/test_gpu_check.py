@@ -40,12 +40,17 @@ def test_gpu_check_dry_run(tmp_path):
     sec = report["sections"]
     # the kernel and bandwidth numbers first, then what can hang (collectives), pytest last
     assert list(sec) == ["env", "static", "correctness", "bandwidth", "step", "sharded",
-                         "training", "overlap", "pytest"]
+                         "training", "overlap", "fsdp", "pytest"]
     for name, res in sec.items():
         assert res["status"] in ("ok", "skipped"), (name, res)
     # overlap: bench_overlap's rows at world size 1 (hook overhead; no bytes to hide)
     assert [r["name"] for r in sec["overlap"]["rows"]] == ["off", "on", "ddp_zero"]
     assert all(r["step_ms"] > 0 and r["world_size"] == 1 for r in sec["overlap"]["rows"])
+    # fsdp: both rows ran on FSDP2 and stayed bitwise equal on the same gradients
+    fsdp = sec["fsdp"]
+    assert fsdp["params_bitwise_equal"] and [r["optimizer"] for r in fsdp["rows"]] == [
+        "CAdam(count_in_backward=True)", "CAdam(count_in_backward=False)"]
+    assert all(r["iter_ms"] > 0 for r in fsdp["rows"])
     # static: the kernel compiled for sm_90 has 16-byte vector loads and, fusion off, no fma
     static = {r["variant"]: r for r in sec["static"]["rows"]}
     assert all(r["v4_loads"] > 0 for r in static.values())
