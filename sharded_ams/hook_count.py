@@ -89,6 +89,9 @@ class HookCounts:
         self._loose: list[Tensor] = []
         self._end_queued = False
         self.handles: list[Any] = []
+        # the hooks go with the optimizer (they would only find it gone; this list does not
+        # refer to it, so the finalizer does not keep it alive)
+        weakref.finalize(opt, _remove_all, self.handles)
         #: tensors whose counts the last step took from backward (tests, benchmarks)
         self.used = 0
 
@@ -229,6 +232,12 @@ class HookCounts:
     def clear(self) -> None:
         """Forget every count (each step ends with this: its apply moved m)."""
         self._entries.clear()
+
+
+def _remove_all(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
 
 
 def _param_at(opt: Any, key: tuple[int, int]) -> Optional[Tensor]:

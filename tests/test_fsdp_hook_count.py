@@ -149,11 +149,30 @@ def _hooked_by_default() -> int:
     return len(AMS(_model().parameters(), lam=0.0)._hook_counts.handles)
 
 
+def _hooks_left_by_a_deleted_optimizer() -> tuple[int, int]:
+    """(hooks on the params while the optimizer lives, after it is deleted)."""
+    import gc
+
+    from sharded_ams import AMS
+
+    params = list(_model().parameters())
+    opt = AMS(params, lam=0.0, count_in_backward=True)
+
+    def hooks() -> int:
+        return sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in params)
+
+    alive = hooks()
+    del opt
+    gc.collect()
+    return alive, hooks()
+
+
 def _job() -> dict:
     import sharded_ams.optimizer as optimizer
 
     optimizer.COMPILE_MIN_NUMEL = 0  # the one compiled call per group, as on big models
-    out: dict = {"bursts": _bursts(), "hooked_by_default": _hooked_by_default()}
+    out: dict = {"bursts": _bursts(), "hooked_by_default": _hooked_by_default(),
+                 "hooks_after_delete": _hooks_left_by_a_deleted_optimizer()}
     for name, kw in KW.items():
         for action in ACTIONS:
             if name != "cadam" and action not in ("none", "no_sync", "root_only"):
@@ -183,6 +202,11 @@ def test_the_default_counts_in_backward_on_cuda_only():
     iteration, RESULTS.md): the default hooks no CPU param."""
     for r in _results():
         assert r["hooked_by_default"] == 0
+
+
+def test_a_deleted_optimizer_takes_its_hooks_with_it():
+    for r in _results():
+        assert r["hooks_after_delete"] == (N_TENSORS, 0), r["hooks_after_delete"]
 
 
 def test_one_count_call_per_fully_shard_module():
