@@ -29,27 +29,35 @@ from dist_utils import run_distributed
 STEPS = 4
 WIDTH = 257
 KW = {"cadam": dict(lam=0.0), "lam-0.5_beta3-0.5": dict(lam=-0.5, beta3=0.5, weight_decay=0.1)}
-ACTIONS = ("none", "no_sync", "root_only", "grad_dropped", "dtensor_grad_write", "local_grad_write", "load_state",
+#: what the second preset (beta3 > 0: the s state) runs too (each new layout compiles)
+LAM_ACTIONS = ("none", "no_sync")
+ACTIONS = ("none", "no_sync", "root_only", "bf16", "grad_dropped", "dtensor_grad_write", "local_grad_write", "load_state",
            "beta1", "second_step")
 
 
-def _model(root_only: bool = False):
+def _model(root_only: bool = False, bf16: bool = False):
     """Three fully_shard-ed layers under a root that holds the head; or (``root_only``)
-    every param in the root's one group: one count call for the whole param group."""
-    from torch.distributed.fsdp import fully_shard
+    every param in the root's one group: one count call for the whole param group.
+    ``bf16``: bf16 params (fp32 masters in the optimizer), gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(3)], nn.Linear(WIDTH, 2))
+    kw = {}
+    if bf16:
+        model.to(torch.bfloat16)
+        kw["mp_policy"] = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in model[:3] if not root_only else ():
-        fully_shard(layer)
-    return fully_shard(model)
+        fully_shard(layer, **kw)
+    return fully_shard(model, **kw)
 
 
 def _backward(model, step: int, micro: int = 0) -> None:
     import torch.distributed as dist
 
     g = torch.Generator().manual_seed(1000 * step + 10 * dist.get_rank() + micro)
-    model(torch.randn(6, WIDTH, generator=g)).square().mean().backward()
+    x = torch.randn(6, WIDTH, generator=g).to(next(model.parameters()).dtype)
+    model(x).float().square().mean().backward()
 
 
 def _act(action: str, step: int, model, opt, saved) -> None:
@@ -72,7 +80,7 @@ def _act(action: str, step: int, model, opt, saved) -> None:
 def _run(kw: dict, action: str, count_in_backward: bool) -> tuple[list, list]:
     from sharded_ams import AMS
 
-    model = _model(root_only=action in ("root_only", "grad_dropped"))
+    model = _model(root_only=action in ("root_only", "grad_dropped"), bf16=action == "bf16")
     opt = AMS(model.parameters(), lr=1e-2, count_in_backward=count_in_backward, **kw)
     used, saved = [], None
     for step in range(STEPS):
@@ -175,7 +183,7 @@ def _job() -> dict:
                  "hooks_after_delete": _hooks_left_by_a_deleted_optimizer()}
     for name, kw in KW.items():
         for action in ACTIONS:
-            if name != "cadam" and action not in ("none", "no_sync", "root_only"):
+            if name != "cadam" and action not in LAM_ACTIONS:
                 continue
             hooked, used = _run(kw, action, True)
             plain, _ = _run(kw, action, False)
@@ -215,8 +223,9 @@ def test_one_count_call_per_fully_shard_module():
         assert r["bursts"] == [2, 2, 2, 2], r["bursts"]
 
 
-@pytest.mark.parametrize("name", list(KW))
-@pytest.mark.parametrize("action", ["none", "no_sync", "root_only"])
+@pytest.mark.parametrize("name, action", [
+    (name, action) for name in KW for action in ("none", "no_sync", "root_only", "bf16")
+    if name == "cadam" or action in LAM_ACTIONS])
 def test_counts_from_backward_are_used_and_bitwise_equal(name, action):
     for r in _results():
         got = r[(name, action)]
