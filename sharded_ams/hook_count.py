@@ -11,9 +11,11 @@ beside backward's matmuls instead of after them; on CPU it moves, it does not va
 
 Which hooks make one call: FSDP2's gradients of one group are views of one
 reduce-scatter output, so consecutive hooks whose gradients share a storage are counted
-together when the next storage begins (one call per ``fully_shard`` module); a gradient
-with a storage of its own (a tensor-parallel param, accumulated by autograd) waits for the
-end of backward, where everything still pending is counted in one call.
+together when the next storage begins (one call per ``fully_shard`` module; the last at the
+end of backward). A gradient with a storage of its own (a tensor-parallel param that
+autograd accumulates, not FSDP2) is left to the step: counted in its own hook it would be
+a call per tensor (a compile per shape), batched it would wait for the end of backward and
+overlap nothing, and either way its hook fires on every micro-batch of an accumulation.
 
 Exactness does not depend on the user's calls: a count is used only if it is what the
 step would count now (:meth:`HookCounts.take`): the same gradient tensor at the same
@@ -86,7 +88,6 @@ class HookCounts:
         self._entries: dict[tuple[int, int], _Entry] = {}
         self._burst: list[Tensor] = []
         self._burst_key: Optional[int] = None
-        self._loose: list[Tensor] = []
         self._end_queued = False
         self.handles: list[Any] = []
         # the hooks go with the optimizer (they would only find it gone; this list does not
@@ -111,14 +112,13 @@ class HookCounts:
             return  # |lam| = 1 (Grams, AdamW) counts nothing
         g = local(p.grad)
         storage = g.untyped_storage()
-        if storage.nbytes() <= g.numel() * g.element_size():  # a gradient of its own
-            self._loose.append(p)
-        else:  # a view of a group's reduce-scatter output
-            key = storage.data_ptr()
-            if self._burst and key != self._burst_key:
-                self._flush_burst()
-            self._burst.append(p)
-            self._burst_key = key
+        if storage.nbytes() <= g.numel() * g.element_size():
+            return  # a gradient of its own: the step counts it (see the module docstring)
+        key = storage.data_ptr()  # a view of a group's reduce-scatter output
+        if self._burst and key != self._burst_key:
+            self._flush_burst()
+        self._burst.append(p)
+        self._burst_key = key
         self._queue_end_of_backward()
 
     def _flush_burst(self) -> None:
@@ -133,8 +133,6 @@ class HookCounts:
         def at_end() -> None:
             self._end_queued = False
             self._flush_burst()
-            loose, self._loose = self._loose, []
-            self._count(loose)
 
         try:
             torch.autograd.Variable._execution_engine.queue_callback(at_end)

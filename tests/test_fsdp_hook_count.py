@@ -30,8 +30,8 @@ STEPS = 4
 WIDTH = 257
 KW = {"cadam": dict(lam=0.0), "lam-0.5_beta3-0.5": dict(lam=-0.5, beta3=0.5, weight_decay=0.1)}
 #: what the second preset (beta3 > 0: the s state) runs too (each new layout compiles)
-LAM_ACTIONS = ("none", "no_sync")
-ACTIONS = ("none", "no_sync", "root_only", "bf16", "grad_dropped", "dtensor_grad_write", "local_grad_write", "load_state",
+LAM_ACTIONS = ("none",)
+ACTIONS = ("none", "no_sync", "root_only", "bf16", "tp", "grad_dropped", "dtensor_grad_write", "local_grad_write", "load_state",
            "beta1", "second_step")
 
 
@@ -52,10 +52,25 @@ def _model(root_only: bool = False, bf16: bool = False):
     return fully_shard(model, **kw)
 
 
-def _backward(model, step: int, micro: int = 0) -> None:
+def _tp_model():
+    """Tensor parallel only (no FSDP2): DTensor params whose gradients autograd
+    accumulates, each in a storage of its own, so the step counts them."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    torch.manual_seed(0)  # in WIDTH features; an even hidden width (TP splits it evenly)
+    model = nn.Sequential(nn.Linear(WIDTH, 256), nn.Tanh(), nn.Linear(256, 2))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    return parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+def _backward(model, step: int, micro: int = 0, same_input: bool = False) -> None:
     import torch.distributed as dist
 
-    g = torch.Generator().manual_seed(1000 * step + 10 * dist.get_rank() + micro)
+    rank = 0 if same_input else dist.get_rank()  # tensor parallel: one batch for all ranks
+    g = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
     x = torch.randn(6, WIDTH, generator=g).to(next(model.parameters()).dtype)
     model(x).float().square().mean().backward()
 
@@ -73,14 +88,15 @@ def _act(action: str, step: int, model, opt, saved) -> None:
         opt.load_state_dict(saved)
     elif action == "grad_dropped":  # the step skips it; the others keep their counts
         list(model.parameters())[-1].grad = None
-    elif action == "beta1":  # a new value each step, as a schedule would set
-        opt.param_groups[0]["betas"] = (0.9 - 0.01 * step, 0.999)
+    elif action == "beta1":  # another value each step (two values: each one compiles)
+        opt.param_groups[0]["betas"] = (0.85 if step % 2 else 0.9, 0.999)
 
 
 def _run(kw: dict, action: str, count_in_backward: bool) -> tuple[list, list]:
     from sharded_ams import AMS
 
-    model = _model(root_only=action in ("root_only", "grad_dropped"), bf16=action == "bf16")
+    model = (_tp_model() if action == "tp" else
+             _model(root_only=action in ("root_only", "grad_dropped"), bf16=action == "bf16"))
     opt = AMS(model.parameters(), lr=1e-2, count_in_backward=count_in_backward, **kw)
     used, saved = [], None
     for step in range(STEPS):
@@ -88,7 +104,7 @@ def _run(kw: dict, action: str, count_in_backward: bool) -> tuple[list, list]:
             model.set_requires_gradient_sync(False)
             _backward(model, step, 1)
             model.set_requires_gradient_sync(True)
-        _backward(model, step)
+        _backward(model, step, same_input=action == "tp")
         _act(action, step, model, opt, saved)
         opt.step()
         used.append(opt._hook_counts.used if count_in_backward else None)
@@ -249,6 +265,12 @@ def test_a_param_left_without_a_gradient_leaves_the_others_counts():
         got = r[("cadam", "grad_dropped")]
         assert got["equal"]
         assert got["used"] == [0] + [N_TENSORS - 1] * (STEPS - 1), got["used"]
+
+
+def test_tensor_parallel_gradients_of_their_own_are_counted_in_the_step():
+    for r in _results():
+        got = r[("cadam", "tp")]
+        assert got["equal"] and got["used"] == [0] * STEPS, got["used"]
 
 
 def test_a_second_step_on_the_same_gradients_counts_again():
