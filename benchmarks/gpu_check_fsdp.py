@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -37,14 +38,15 @@ def _shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def section_fsdp(plan: Plan) -> dict:
-    import gpu_check_sections as gs
+def fsdp_section(plan: Plan, builder: Callable, process_group: Callable, make_batch: Callable,
+                 sync: Callable) -> dict:
+    """The section, given ``gpu_check_sections``'s model builder, process-group context,
+    batch maker and device sync (passed in: that module imports this one)."""
     from sharded_ams import CAdam
 
-    builder = gs.MODELS[plan.model]
     steps, warmup = (20, 3) if plan.device.type == "cuda" else (3, 1)
     rows, times = [], {}
-    with gs._process_group(plan):
+    with process_group(plan):
         pairs = []
         for hooked in (True, False):
             torch.manual_seed(0)
@@ -55,27 +57,27 @@ def section_fsdp(plan: Plan) -> dict:
         gen = torch.Generator(device=plan.device).manual_seed(4)
         used = []
         for step in range(steps):
-            batch = gs._batch(pairs[0][0], plan, gen, batch=8 if plan.device.type == "cuda"
-                              else 2)
+            batch = make_batch(pairs[0][0], plan, gen,
+                               batch=8 if plan.device.type == "cuda" else 2)
             for k, (model, opt) in enumerate(pairs):
                 hooked = k == 0
                 opt.zero_grad()
-                gs._sync(plan)
+                sync(plan)
                 t0 = time.perf_counter()
                 with torch.autocast(plan.device.type, dtype=torch.bfloat16,
                                     enabled=plan.device.type == "cuda"):
                     loss = model(*batch)[1]
                 loss.backward()
-                gs._sync(plan)
+                sync(plan)
                 t1 = time.perf_counter()
                 if not hooked:  # the same gradients as the hooked copy (outside the timing)
                     with torch.no_grad():
                         for p, q in zip(model.parameters(), pairs[0][0].parameters()):
                             p.grad.to_local().copy_(q.grad.to_local())
-                gs._sync(plan)
+                sync(plan)
                 t2 = time.perf_counter()
                 opt.step()
-                gs._sync(plan)
+                sync(plan)
                 t3 = time.perf_counter()
                 if step >= warmup:
                     times[hooked][0].append((t1 - t0) * 1e3)

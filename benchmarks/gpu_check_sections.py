@@ -27,7 +27,7 @@ import torch
 from bench_common import env_info
 from bench_gpu import bandwidth_rows
 from gpu_check_correctness import FP32_RTOL, norm_err, section_correctness
-from gpu_check_fsdp import section_fsdp
+from gpu_check_fsdp import fsdp_section
 from gpu_check_plan import Plan
 from launcher.train.models.gpt import GPT, GPTConfig
 from sharded_ams import AMS, ShardedAMS
@@ -502,6 +502,12 @@ def overlap_rows(plan: Plan) -> list[dict]:
 def section_overlap(plan: Plan) -> dict:
     return {"status": "ok", "rows": overlap_rows(plan),
             "note": "world size 1: hook overhead only, no communication to hide"}
+
+
+def section_fsdp(plan: Plan) -> dict:
+    """C-Adam on FSDP2 at world size 1, its count in backward or in the step
+    (``gpu_check_fsdp.py``)."""
+    return fsdp_section(plan, MODELS[plan.model], _process_group, _batch, _sync)
 
 
 SECTIONS: dict[str, Callable[[Plan], dict]] = {
