@@ -22,7 +22,7 @@ KERNEL_SECTIONS = ("correctness", "bandwidth", "step", "sharded", "training", "o
 #: cap is stopped: cooperatively where it checks the time (correctness skips cases), else
 #: its process is killed with its stack recorded.
 CUDA_CAPS = {"env": 20, "static": 45, "correctness": 75, "bandwidth": 90, "step": 45,
-             "sharded": 40, "training": 60, "overlap": 40, "fsdp": 40, "pytest": 120}
+             "sharded": 40, "training": 60, "overlap": 40, "fsdp": 30, "pytest": 120}
 #: the dry run's caps: 2 shared cores, the kernel interpreted; only a hang should reach them
 CPU_CAPS = {name: 240 for name in ALL_SECTIONS}
 #: sections that share one child process (one start-up); a group is killed as a whole when

@@ -88,7 +88,7 @@ def _act(action: str, step: int, model, opt, saved) -> None:
         opt.load_state_dict(saved)
     elif action == "grad_dropped":  # the step skips it; the others keep their counts
         list(model.parameters())[-1].grad = None
-    elif action == "beta1":  # another value each step (two values: each one compiles)
+    elif action == "beta1":  # another value each step (two values: fewer recompiles)
         opt.param_groups[0]["betas"] = (0.85 if step % 2 else 0.9, 0.999)
 
 
