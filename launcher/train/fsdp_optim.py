@@ -67,9 +67,9 @@ class FSDPAMS(AMS):
         skip_nonfinite: skip the step on every rank when the norm is not finite (read on
             the host: one device sync per step, unlike ShardedAMS's device-side skip).
         backend: "auto" (AMS's default path) or a fused kernel backend name.
-        count_in_backward (in ``hparams``): as :class:`sharded_ams.AMS` (default True:
-            C-Adam's counts taken in FSDP2's post-reduce-scatter hooks; kept on a step
-            whose clip coefficient is exactly 1).
+        count_in_backward (in ``hparams``): as :class:`sharded_ams.AMS` (default None:
+            on CUDA, C-Adam's counts taken in FSDP2's post-reduce-scatter hooks; kept on a
+            step whose clip coefficient is exactly 1).
     """
 
     def __init__(self, model: nn.Module, *, preset: Optional[str] = None,
