@@ -114,11 +114,11 @@ class HookCounts:
         storage = g.untyped_storage()
         if storage.nbytes() <= g.numel() * g.element_size():
             return  # a gradient of its own: the step counts it (see the module docstring)
-        key = storage.data_ptr()  # a view of a group's reduce-scatter output
-        if self._burst and key != self._burst_key:
+        ptr = storage.data_ptr()  # a view of a group's reduce-scatter output
+        if self._burst and ptr != self._burst_key:
             self._flush_burst()
         self._burst.append(p)
-        self._burst_key = key
+        self._burst_key = ptr
         self._queue_end_of_backward()
 
     def _flush_burst(self) -> None:
@@ -228,8 +228,10 @@ class HookCounts:
         self.used = 0
 
     def clear(self) -> None:
-        """Forget every count (each step ends with this: its apply moved m)."""
+        """Forget every count (each step ends with this: its apply moved m), and what a
+        backward that raised left behind (its end-of-backward callback never ran)."""
         self._entries.clear()
+        self._burst, self._burst_key, self._end_queued = [], None, False
 
 
 def _remove_all(handles: list) -> None:
