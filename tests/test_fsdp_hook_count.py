@@ -286,3 +286,31 @@ def test_fsdpams_keeps_the_counts_unless_it_clips():
         assert never["equal"] and always["equal"]
         assert never["used"] == [0] + [N_TENSORS] * (STEPS - 1), never["used"]
         assert always["used"] == [0] * STEPS, always["used"]
+
+
+class _Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("a backward that raises")
+
+
+def test_a_step_clears_what_a_backward_that_raised_left_pending():
+    """A backward that raises never runs its end-of-backward callbacks: without the step's
+    clear(), no later backward would queue one again (its last FSDP2 group left to the
+    step for good). FSDP2 itself needs a fresh start after such a backward, so this is
+    checked on the bookkeeping alone (one process, no FSDP2)."""
+    from sharded_ams import AMS
+
+    w = nn.Parameter(torch.ones(3))
+    hc = AMS([w], lam=0.0, count_in_backward=True)._hook_counts
+    w.register_post_accumulate_grad_hook(lambda _: hc._queue_end_of_backward())
+    x = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="a backward that raises"):
+        (_Boom.apply(x) * w).sum().backward()
+    assert hc._end_queued  # the callback was queued and never ran
+    hc.clear()
+    assert not hc._end_queued and not hc._burst
