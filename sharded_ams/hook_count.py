@@ -85,6 +85,9 @@ class HookCounts:
         self._opt = weakref.ref(opt)
         self._cuda_only = cuda_only
         self._index: dict[int, tuple[int, int]] = {}
+        #: (group index, device) -> the group's local elements there (the step's path
+        #: choice), recomputed when the index is (the groups changed)
+        self._numels: dict[tuple, int] = {}
         self._entries: dict[tuple[int, int], _Entry] = {}
         self._burst: list[Tensor] = []
         self._burst_key: Optional[int] = None
@@ -170,8 +173,10 @@ class HookCounts:
         if not opt._is_default(group):
             return
         device = pairs[0][1].p.device
-        numel = sum(local(p).numel() for p in group["params"]
-                    if local(p).device == device)
+        numel = self._numels.get((gi, device))
+        if numel is None:  # once, not per group of hooks: ~3 us a param
+            numel = self._numels[(gi, device)] = sum(
+                local(p).numel() for p in group["params"] if local(p).device == device)
         backend = opt._path(group, device, numel)
         if not ((backend == "compiled" and device.type == "cpu") or backend == "triton"):
             return
@@ -195,6 +200,7 @@ class HookCounts:
         if key is None or _param_at(opt, key) is not p:
             self._index = {id(q): (gi, i) for gi, g in enumerate(opt.param_groups)
                            for i, q in enumerate(g["params"])}
+            self._numels.clear()
             key = self._index.get(id(p))
         return key
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def test_bench_fsdp_smoke(tmp_path, capsys):
         assert torch_row.startswith(name.split("_", 1)[0] + "_torch_adamw_fused")
         assert r["speed_vs_torch_fused"] == pytest.approx(
             rows[torch_row]["ms_median"] / r["ms_median"])
+        assert r["speed_vs_torch_fused_per_round"] == pytest.approx(statistics.median(
+            a / b for a, b in zip(rows[torch_row]["times_ms"], r["times_ms"])))
         if name.endswith(("_bwd", "_iter")):
             assert local_row == "" and r["x_local"] is None, name
         else:

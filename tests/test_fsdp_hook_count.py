@@ -31,7 +31,7 @@ WIDTH = 257
 KW = {"cadam": dict(lam=0.0), "lam-0.5_beta3-0.5": dict(lam=-0.5, beta3=0.5, weight_decay=0.1)}
 #: what the second preset (beta3 > 0: the s state) runs too (each new layout compiles)
 LAM_ACTIONS = ("none",)
-ACTIONS = ("none", "no_sync", "root_only", "bf16", "tp", "grad_dropped", "dtensor_grad_write", "local_grad_write", "load_state",
+ACTIONS = ("none", "no_sync", "root_only", "bf16", "threshold", "tp", "grad_dropped", "dtensor_grad_write", "local_grad_write", "load_state",
            "beta1", "second_step")
 
 
@@ -93,6 +93,18 @@ def _act(action: str, step: int, model, opt, saved) -> None:
 
 
 def _run(kw: dict, action: str, count_in_backward: bool) -> tuple[list, list]:
+    import sharded_ams.optimizer as optimizer
+
+    threshold = optimizer.COMPILE_MIN_NUMEL
+    if action == "threshold":  # above one module's shards, below the group's: the hooks
+        optimizer.COMPILE_MIN_NUMEL = 50_000  # must choose the step's (compiled) path
+    try:
+        return _train(kw, action, count_in_backward)
+    finally:
+        optimizer.COMPILE_MIN_NUMEL = threshold
+
+
+def _train(kw: dict, action: str, count_in_backward: bool) -> tuple[list, list]:
     from sharded_ams import AMS
 
     model = (_tp_model() if action == "tp" else
@@ -240,7 +252,8 @@ def test_one_count_call_per_fully_shard_module():
 
 
 @pytest.mark.parametrize("name, action", [
-    (name, action) for name in KW for action in ("none", "no_sync", "root_only", "bf16")
+    (name, action) for name in KW
+    for action in ("none", "no_sync", "root_only", "bf16", "threshold")
     if name == "cadam" or action in LAM_ACTIONS])
 def test_counts_from_backward_are_used_and_bitwise_equal(name, action):
     for r in _results():
