@@ -331,16 +331,19 @@ def _check_sharded_norm_clip_skip() -> None:
     ``update.py`` (norm and coefficient in float64); a NaN step stores nothing. Grams with
     ``max_grad_norm``: the norm from the kernel's block partials, the clip coefficient
     inside the update kernel. C-Adam without clipping: the norm taken with the count pass
-    (``step_shards_norm_in_count``), the skip decided from it before the apply pass."""
-    _sharded_case("grams", -1.0, 0.5)
-    _sharded_case("cadam", 0.0, None)
+    (``step_shards_norm_in_count``), in the count launch itself (no norm kernel of its own:
+    no second read of g), the skip decided from it before the apply pass."""
+    assert _sharded_case("grams", -1.0, 0.5) > 0  # the clipped norm: its read pass
+    assert _sharded_case("cadam", 0.0, None) == 0
 
 
-def _sharded_case(preset: str, lam: float, max_norm) -> None:
+def _sharded_case(preset: str, lam: float, max_norm) -> int:
+    """Returns how many times the Triton run launched the norm's own kernel."""
     import math
 
     import torch
 
+    import sharded_ams.kernels.triton_kernel as tk
     from cases import FP32_RTOL, make_grads, make_param
     from sharded_ams import ShardedAMS
     from sharded_ams.update import reference_init, reference_step
@@ -349,8 +352,10 @@ def _sharded_case(preset: str, lam: float, max_norm) -> None:
     p0s = [make_param(s, 400 + i) for i, s in enumerate(shapes)]
     gss = [make_grads(s, steps, seed=410 + i, zero_frac=0.2) for i, s in enumerate(shapes)]
     gss[1][nan_at].view(-1)[5] = float("nan")
-    runs = {}
+    runs, norm_kernel = {}, _LaunchCounter(tk._sq_partials_kernel)
     for backend in ("triton", "eager"):
+        if backend == "triton":
+            tk._sq_partials_kernel = norm_kernel
         params = [torch.nn.Parameter(p.clone()) for p in p0s]
         opt = ShardedAMS(params, preset=preset, lr=1e-2, weight_decay=0.1,
                          max_grad_norm=max_norm, backend=backend, broadcast_params=False)
@@ -368,6 +373,7 @@ def _sharded_case(preset: str, lam: float, max_norm) -> None:
                     x for sh in opt.shards for x in sh.state.values()]
                 assert all(torch.equal(a, b) for a, b in zip(before, after)), backend
         opt.finish_param_sync()
+        tk._sq_partials_kernel = norm_kernel.kernel
         assert int(opt.param_groups[0]["step"]) == steps - 1
         runs[backend] = ([p.detach().clone() for p in params], norms, opt.shards[0].state)
     refs = [reference_init(p, 0.0) for p in p0s]
@@ -391,6 +397,7 @@ def _sharded_case(preset: str, lam: float, max_norm) -> None:
         err = float((pt.double() - ref.p).abs().max()) / scale
         assert err < FP32_RTOL, f"{preset} param {i} vs float64 reference: rel err {err:.3g}"
     assert not torch.isnan(runs["triton"][2]["exp_avg"]).any()
+    return norm_kernel.launches
 
 
 def _check_multi_tensor() -> None:

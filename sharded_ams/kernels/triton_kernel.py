@@ -26,8 +26,9 @@ eager torch rounds them (no fma contraction); with the same order of operations 
 Fused around the step (issue 21): the clip coefficient (a 0-d fp32 device tensor,
 ``HAS_COEF``) multiplies each gradient as it is loaded, so clipping costs no pass over the
 gradients and no host sync; ``sq_norm`` is the gradient norm's one read pass (per-block fp32
-partials, summed in float64), whose value is also the non-finite test; p is cast to fp32
-on load like g, m, v and s.
+partials, summed in float64), whose value is also the non-finite test; without clipping, the
+count pass of lam not in {1, -1} writes those partials itself (``HAS_SQ``) from the g it
+loads, so that norm costs no read of its own; p is cast to fp32 on load like g, m, v and s.
 
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` for tests.
 """
@@ -77,12 +78,16 @@ def _st(ptr, offs, value, mask, MASKED: tl.constexpr):
 
 @triton.jit
 def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
-               ss_ptr, dec_ptr, scal_ptr, coef_ptr, beta1, beta2, beta3, omb1, omb2, omb3, lam,
-               tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S: tl.constexpr,
+               ss_ptr, dec_ptr, scal_ptr, coef_ptr, sq_ptr, beta1, beta2, beta3, omb1, omb2,
+               omb3, lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S: tl.constexpr,
                HAS_OUT: tl.constexpr, MODE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr,
-               HAS_COEF: tl.constexpr, MASKED: tl.constexpr):
-    """One block of the step; MASKED=False for whole blocks (unpredicated vector loads)."""
+               HAS_COEF: tl.constexpr, HAS_SQ: tl.constexpr, MASKED: tl.constexpr):
+    """One block of the step; MASKED=False for whole blocks (unpredicated vector loads).
+    ``HAS_SQ`` (the count pass, unclipped): this block's fp32 sum of g^2 goes to
+    ``sq_ptr`` (this program's slot), the norm read with the count's."""
     g = _ld(g_ptr, offs, mask, MASKED).to(tl.float32)
+    if HAS_SQ:  # masked-off lanes loaded as 0
+        tl.store(sq_ptr, tl.sum(g * g, axis=0))
     if HAS_COEF:  # the clip coefficient, folded in: no pass scales the gradients
         g = g * tl.load(coef_ptr)
     m = _ld(m_ptr, offs, mask, MASKED).to(tl.float32)
@@ -133,13 +138,13 @@ def _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, coun
 @triton.jit
 def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
                 cbase_ptr, clo_ptr, chi_ptr, cidx_ptr, counts_ptr, ss_ptr, dec_ptr, scal_ptr,
-                skip_ptr, coef_ptr, n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam,
+                skip_ptr, coef_ptr, sq_ptr, n, piece_index, beta1, beta2, beta3, omb1, omb2, omb3, lam,
                 tie, eps,
                 step_size, decay, inv_sqrt_bc2,
                 HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
                 USE_TABLE: tl.constexpr, SCALARS_ON_DEVICE: tl.constexpr,
-                HAS_SKIP: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                ALIGN_TO: tl.constexpr):
+                HAS_SKIP: tl.constexpr, HAS_COEF: tl.constexpr, HAS_SQ: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, ALIGN_TO: tl.constexpr):
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_SIZE)
     if USE_TABLE:  # one chunk of one piece per program
@@ -162,14 +167,14 @@ def _ams_kernel(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr,
         mask = mask & ((tl.full([BLOCK_SIZE], 0, tl.int32) + skip) == 0)
     if whole:
         _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
-                   ss_ptr, dec_ptr, scal_ptr, coef_ptr, beta1, beta2, beta3, omb1, omb2, omb3,
-                   lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
-                   SCALARS_ON_DEVICE, HAS_COEF, False)
+                   ss_ptr, dec_ptr, scal_ptr, coef_ptr, sq_ptr + pid, beta1, beta2, beta3,
+                   omb1, omb2, omb3, lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S,
+                   HAS_OUT, MODE, SCALARS_ON_DEVICE, HAS_COEF, HAS_SQ, False)
     else:
         _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, idx, counts_ptr,
-                   ss_ptr, dec_ptr, scal_ptr, coef_ptr, beta1, beta2, beta3, omb1, omb2, omb3,
-                   lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
-                   SCALARS_ON_DEVICE, HAS_COEF, True)
+                   ss_ptr, dec_ptr, scal_ptr, coef_ptr, sq_ptr + pid, beta1, beta2, beta3,
+                   omb1, omb2, omb3, lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S,
+                   HAS_OUT, MODE, SCALARS_ON_DEVICE, HAS_COEF, HAS_SQ, True)
 
 
 #: elements per program of the squared-norm kernel (one fp32 partial each)
@@ -241,7 +246,10 @@ def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp,
             sc: Optional[StepScalars] = None, inv_sqrt_bc2=None, table: Optional[RunTable] = None,
             counts: Optional[Tensor] = None, step_sizes: Optional[Tensor] = None,
             decays: Optional[Tensor] = None, skip: Optional[Tensor] = None,
-            coef: Optional[Tensor] = None) -> None:
+            coef: Optional[Tensor] = None, sq_acc: Optional[Tensor] = None) -> None:
+    """One launch; ``sq_acc`` (the count pass): the float64 accumulator the launch's g^2 adds
+    to, from one fp32 partial per program (a block or a table chunk: a run's padding is
+    not read)."""
     n = g.numel()
     if n == 0:
         return
@@ -259,6 +267,8 @@ def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp,
         cbase = clo = chi = cidx = g
         grid = (triton.cdiv(n, BLOCK),)
     dummy = m
+    parts = (torch.empty(grid[0], dtype=torch.float32, device=g.device)
+             if sq_acc is not None else None)
     with _device_guard(g):
         _ams_kernel[grid](
             p if p is not None else dummy, g, m, v, s if s is not None else dummy,
@@ -266,14 +276,17 @@ def _launch(mode: int, g: Tensor, m: Tensor, v: Tensor, s: Optional[Tensor], hp,
             counts if counts is not None else dummy, step_sizes if step_sizes is not None else dummy,
             decays if decays is not None else dummy, scal if on_device else dummy,
             skip.view(torch.uint8) if skip is not None else dummy,
-            coef if coef is not None else dummy, n, one.index if one is not None else 0,
+            coef if coef is not None else dummy, parts if parts is not None else dummy, n,
+            one.index if one is not None else 0,
             float(hp.beta1), float(hp.beta2), float(hp.beta3), 1.0 - hp.beta1, 1.0 - hp.beta2,
             1.0 - hp.beta3, float(hp.lam), max(float(hp.lam), 0.0), float(hp.eps),
             step_size, decay, sq,
             HAS_S=s is not None, HAS_OUT=out is not None, MODE=mode, USE_TABLE=use_table,
             SCALARS_ON_DEVICE=on_device, HAS_SKIP=skip is not None,
-            HAS_COEF=coef is not None, BLOCK_SIZE=BLOCK,
+            HAS_COEF=coef is not None, HAS_SQ=parts is not None, BLOCK_SIZE=BLOCK,
             ALIGN_TO=ALIGN, **LAUNCH_OPTIONS)
+    if parts is not None:
+        sq_acc.add_(parts.sum(dtype=torch.float64))
 
 
 class TritonOps:
@@ -291,14 +304,12 @@ class TritonOps:
     def count_run(g, m, v, s, hp, table: RunTable, counts: Tensor, skip=None,
                   coef=None, sq=None) -> None:
         # stores nothing, reads g, m[, s]; the apply pass is the whole step (36 B in all).
-        # ``sq`` (the unclipped norm's float64 accumulator): the norm's own read of the run
-        # here, not folded into the kernel (the step still saves its all-reduce)
+        # ``sq`` (the unclipped norm's float64 accumulator): g^2 summed in the same launch,
+        # from the g it loads for the count (no read of its own)
         if sq is not None and coef is not None:
             raise ValueError("count_run: sq is of the unclipped gradient; no coef with it")
         _launch(MODE_COUNT_ONLY, g, m, v, s, hp, table=table, counts=counts, skip=skip,
-                coef=coef)
-        if sq is not None:
-            sq.add_(sq_norm([g]))
+                coef=coef, sq_acc=sq)
 
     @staticmethod
     def apply_run(p, g, m, v, s, out, inv_sqrt_bc2, hp, table: RunTable, step_sizes: Tensor,

@@ -80,14 +80,14 @@ def _ams_multi_kernel(addr_ptr, numel_ptr, ctensor_ptr, cbase_ptr, p0, g0, m0, s
     mask = offs < n
     if base + BLOCK_SIZE <= n:
         _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, t, counts_ptr,
-                   ss_ptr, dec_ptr, scal_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3,
-                   lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
-                   SCALARS_ON_DEVICE, False, False)
+                   ss_ptr, dec_ptr, scal_ptr, scal_ptr, scal_ptr, beta1, beta2, beta3, omb1,
+                   omb2, omb3, lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT,
+                   MODE, SCALARS_ON_DEVICE, False, False, False)
     else:
         _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, t, counts_ptr,
-                   ss_ptr, dec_ptr, scal_ptr, scal_ptr, beta1, beta2, beta3, omb1, omb2, omb3,
-                   lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT, MODE,
-                   SCALARS_ON_DEVICE, False, True)
+                   ss_ptr, dec_ptr, scal_ptr, scal_ptr, scal_ptr, beta1, beta2, beta3, omb1,
+                   omb2, omb3, lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT,
+                   MODE, SCALARS_ON_DEVICE, False, False, True)
 
 
 @dataclass
