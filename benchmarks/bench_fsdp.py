@@ -64,7 +64,38 @@ STEP_ROWS = tuple(f"{kind}_{o}" for kind in ("fsdp", "local") for o in OPTS)
 #: with --backward: (row, optimizer, what is timed)
 BACKWARD_ROWS = tuple((f"fsdp_{o}_{mode}", o, mode) for mode in ("bwd", "iter")
                       for o in ("cadam", "cadam_hook", "torch_adamw_fused"))
+#: with --launcher: the launcher's FSDP optimizer (``FSDPAMS``: Grams, global-norm clipping,
+#: the non-finite skip) against what a user would write instead, ``clip_grad_norm_`` + torch's
+#: fused AdamW; "clip" rows clip every step (max norm below the gradients'), "noclip" rows
+#: never do (the norm is still taken: the skip test, ``clip_grad_norm_``'s own norm)
+LAUNCHER_ROWS = ("fsdp_launcher_grams_clip", "fsdp_torch_clip_adamw_fused_clip",
+                 "fsdp_launcher_grams_noclip", "fsdp_torch_clip_adamw_fused_noclip")
+CLIP = {"clip": 1e-4, "noclip": 1e9}
 LR = 1e-3
+
+
+class _ClipThenStep:
+    """``clip_grad_norm_`` (DTensor grads: the global norm) then the optimizer's step."""
+
+    def __init__(self, params: list, max_norm: float) -> None:
+        self.params, self.max_norm = params, max_norm
+        self.opt = torch.optim.AdamW(params, lr=LR, fused=True)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad()
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.opt.step()
+
+
+def _launcher_optimizer(name: str, model):
+    from launcher.train.fsdp_optim import FSDPAMS
+
+    max_norm = CLIP[name.rsplit("_", 1)[1]]
+    if "_launcher_" in name:
+        return FSDPAMS(model, preset="grams", lr=LR, max_grad_norm=max_norm)
+    return _ClipThenStep(list(model.parameters()), max_norm)
 
 
 def _optimizer(name: str, params):
@@ -111,7 +142,11 @@ def _setups(args) -> dict:
         model = _fsdp_model(args)
         params = list(model.parameters())
         out[name] = (_optimizer(o, params), params, model, mode)
-    return {n: out[n] for n in STEP_ROWS + tuple(n for n, _, _ in BACKWARD_ROWS) if n in out}
+    for name in LAUNCHER_ROWS if args.launcher else ():
+        model = _fsdp_model(args)
+        out[name] = (_launcher_optimizer(name, model), list(model.parameters()), model, "step")
+    order = STEP_ROWS + tuple(n for n, _, _ in BACKWARD_ROWS) + LAUNCHER_ROWS
+    return {n: out[n] for n in order if n in out}
 
 
 def _backward(opt, model, width: int) -> None:
@@ -182,6 +217,10 @@ def _worker(rank: int, world: int, args) -> dict:
 
 def _peers(name: str) -> tuple[str, str]:
     """(the torch fused AdamW row, the local row) a row is compared with."""
+    if name.startswith("fsdp_launcher_"):
+        return f"fsdp_torch_clip_adamw_fused_{name.rsplit('_', 1)[1]}", ""
+    if name.startswith("fsdp_torch_clip_"):
+        return name, ""
     if name.endswith(("_bwd", "_iter")):
         mode = name.rsplit("_", 1)[1]
         return f"fsdp_torch_adamw_fused_{mode}", ""
@@ -223,6 +262,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--backward", action="store_true",
                     help="add the rows that run a backward (_bwd: step after it; _iter: both)")
+    ap.add_argument("--launcher", action="store_true",
+                    help="add the launcher's FSDPAMS (Grams, clipping) against clip_grad_norm_ "
+                         "+ torch's fused AdamW")
     ap.add_argument("--timeout", type=float, default=1200.0)
     add_out_args(ap, "bench_fsdp.json")
     args = ap.parse_args(argv)
@@ -231,7 +273,7 @@ def main(argv=None) -> dict:
     rows = rows_from(res)
     meta = dict(env, world_size=2, params=res["numel"], local_numel_rank0=res["local_numel"],
                 layers=args.layers, width=args.width, rounds=args.rounds,
-                backward=args.backward,
+                backward=args.backward, launcher=args.launcher,
                 threads_per_rank=args.threads, load_avg_1m_end=env_info()["load_average_1m"])
     print(f"FSDP2 on 2 gloo ranks, {res['numel']:,} params; load average "
           f"{meta['load_average_1m']} -> {meta['load_avg_1m_end']}")

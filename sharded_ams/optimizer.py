@@ -177,6 +177,14 @@ class AMS(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_scaled(None)
+        return loss
+
+    @torch.no_grad()
+    def _step_scaled(self, coef: Optional[Tensor]) -> None:
+        """The step, every gradient read as ``g * coef`` when ``coef`` (a 0-d fp32 tensor
+        on the params' device: a clip coefficient) is given; the gradients are left as they
+        are. For ``FSDPAMS``: no pass over the gradients to clip them."""
         # every param of every group checked before anything moves: an error leaves no
         # group half-stepped (the applies of lam not in {1, -1} wait for the last group)
         groups = [(group, GroupHParams.from_group(group), self._local_params(gi, group))
@@ -185,7 +193,7 @@ class AMS(Optimizer):
         if self._hook_counts is not None:
             self._hook_counts.start_step()
         try:
-            self._step_groups(groups, batch)
+            self._step_groups(groups, batch, coef)
         finally:  # the apply moved m: what backward counted is stale either way
             if self._hook_counts is not None:
                 self._hook_counts.clear()
@@ -194,9 +202,8 @@ class AMS(Optimizer):
                 if "master" in lp.state:  # 16-bit params (lp.p: a DTensor's local shard)
                     p = group["params"][lp.key[1]]
                     self._versions[id(p)] = _written(p, lp.p)
-        return loss
 
-    def _step_groups(self, groups: list, batch: CountBatch) -> None:
+    def _step_groups(self, groups: list, batch: CountBatch, coef: Optional[Tensor]) -> None:
         for group, hp, params in groups:
             if params:  # one op for every step count (CPU tensors), as torch.optim does
                 torch._foreach_add_([lp.state["step"] for lp in params], 1.0)
@@ -205,7 +212,7 @@ class AMS(Optimizer):
             for lp in params:
                 buckets.setdefault((lp.p.device, float(lp.state["step"])), []).append(lp)
             for (device, step), part in buckets.items():
-                self._step_bucket(group, hp, part, device, step, batch)
+                self._step_bucket(group, hp, part, device, step, batch, coef)
         batch.finish()
 
     def _local_params(self, gi: int, group: dict) -> list[LocalParam]:
@@ -235,7 +242,7 @@ class AMS(Optimizer):
         return out
 
     def _step_bucket(self, group: dict, hp: GroupHParams, params: list, device: torch.device,
-                     step: float, batch: CountBatch) -> None:
+                     step: float, batch: CountBatch, coef: Optional[Tensor]) -> None:
         path = self._path(group, device, sum(lp.p.numel() for lp in params))
         if self._is_default(group) and ((path == "compiled" and device.type == "cpu")
                                         or path == "triton"):
@@ -245,14 +252,14 @@ class AMS(Optimizer):
             for lp in params:
                 (flat if is_flat(lp) else rest).append(lp)
             if flat:
-                self._multi_group(group, hp, flat, step, batch, backend=path)
+                self._multi_group(group, hp, flat, step, batch, coef, backend=path)
             params = rest
         if not params:
             return
         if path == "foreach":
-            self._foreach_group(group, hp, params, step, batch)
+            self._foreach_group(group, hp, params, step, batch, coef)
         else:
-            self._fused_group(group, hp, params, step, batch, backend=path)
+            self._fused_group(group, hp, params, step, batch, coef, backend=path)
 
     @staticmethod
     def _is_default(group: dict) -> bool:
@@ -272,7 +279,7 @@ class AMS(Optimizer):
         return "foreach"
 
     def _foreach_group(self, group, hp: GroupHParams, params: list, step: float,
-                       batch: CountBatch) -> None:
+                       batch: CountBatch, coef: Optional[Tensor]) -> None:
         device = params[0].p.device
         bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
         states = [lp.state for lp in params]
@@ -291,7 +298,7 @@ class AMS(Optimizer):
                                      [states[i]["master"] for i in lowp])
 
         grads = foreach_moments([lp.grad for lp in params], ms, vs, ss, beta1=hp.beta1,
-                                beta2=hp.beta2, beta3=hp.beta3)
+                                beta2=hp.beta2, beta3=hp.beta3, coef=coef)
         if not needs_batch(params, hp.lam):
             finish()
             return
@@ -301,7 +308,7 @@ class AMS(Optimizer):
         batch.defer(lambda: finish(counts))
 
     def _multi_group(self, group, hp: GroupHParams, params: list, step: float,
-                     batch: CountBatch, *, backend: str) -> None:
+                     batch: CountBatch, coef: Optional[Tensor], *, backend: str) -> None:
         """Every tensor in one call (``kernels/multi.py``: compiled on CPU, Triton on CUDA);
         with lam not in {1, -1} a count call, the counts summed across ranks where a tensor
         is split (``batch``), then an apply call."""
@@ -316,17 +323,18 @@ class AMS(Optimizer):
         if lam_is_unit(hp.lam):
             bc1, bc2 = bias_corrections(step, hp.beta1, hp.beta2)
             fused_step(ps, gs, ms, vs, ss, outs, step_scalars(lr, bc1, bc2, hp.weight_decay),
-                       hp, cache=self._tables)
+                       hp, cache=self._tables, coef=coef)
             return
-        counts = None if self._hook_counts is None else self._hook_counts.take(
-            group, params, hp, backend)
+        # backward counted the gradients as they are, not scaled by coef
+        counts = None if self._hook_counts is None or coef is not None else \
+            self._hook_counts.take(group, params, hp, backend)
         if counts is None:
-            counts = count(ps, gs, ms, vs, ss, outs, hp, cache=self._tables)
+            counts = count(ps, gs, ms, vs, ss, outs, hp, cache=self._tables, coef=coef)
         numels = self._numels(tuple(lp.numel for lp in params), counts.device)
 
         def finish() -> None:
             apply(ps, gs, ms, vs, ss, outs, scaled_scalars(lr, step, numels, counts, hp, backend),
-                  hp, cache=self._tables)
+                  hp, cache=self._tables, coef=coef)
 
         if not needs_batch(params, hp.lam):
             finish()
@@ -344,7 +352,7 @@ class AMS(Optimizer):
         return t
 
     def _fused_group(self, group, hp: GroupHParams, params: list, step: float,
-                     batch: CountBatch, *, backend: str) -> None:
+                     batch: CountBatch, coef: Optional[Tensor], *, backend: str) -> None:
         deferred = needs_batch(params, hp.lam)
         for lp in params:
             p, st = lp.p, lp.state
@@ -359,14 +367,14 @@ class AMS(Optimizer):
                                                                       p.device)
             if deferred:
                 table, counts = flat_count(*vecs[1:], hp=hp, num_tensors=1, backend=backend,
-                                           table=table)
+                                           table=table, coef=coef)
                 batch.add([lp], counts[:1])
                 batch.defer(functools.partial(
                     self._apply_one, vecs, outv, group["lr"], step, hp, table, counts,
-                    backend, (p, st, master, work, out)))
+                    backend, (p, st, master, work, out), coef))
                 continue
             flat_step(*vecs, outv, lr=group["lr"], step=step, hp=hp, num_tensors=1,
-                      backend=backend, table=table)
+                      backend=backend, table=table, coef=coef)
             self._write_back(p, st, master, work, out)
 
     def _run_table(self, n: int, numel: int, device: torch.device) -> RunTable:
@@ -380,9 +388,10 @@ class AMS(Optimizer):
         return table
 
     @classmethod
-    def _apply_one(cls, vecs, outv, lr, step, hp, table, counts, backend, back) -> None:
+    def _apply_one(cls, vecs, outv, lr, step, hp, table, counts, backend, back,
+                   coef) -> None:
         flat_apply(*vecs, outv, lr=lr, step=step, hp=hp, table=table, counts=counts,
-                   backend=backend)
+                   backend=backend, coef=coef)
         cls._write_back(*back)
 
     @staticmethod

@@ -13,7 +13,8 @@ Each user action that changes what the step would count must make the step count
 a gradient written in place after backward (through the DTensor or its local shard), a
 state loaded between backward and step, beta1 changed, a second step on the same
 gradients. ``FSDPAMS`` keeps backward's counts when its clip coefficient is exactly 1 and
-counts again when it clips.
+counts again when it clips; its clip coefficient, read inside the step, gives bitwise the
+step on gradients scaled beforehand.
 """
 
 from __future__ import annotations
@@ -178,6 +179,37 @@ def _fsdpams(max_grad_norm: float, count_in_backward: bool) -> tuple[list, list]
     return [p.detach().full_tensor().clone() for p in model.parameters()], used
 
 
+def _fsdpams_vs_grads_scaled_first(backend: str) -> bool:
+    """``FSDPAMS`` clipping every step (its coefficient read inside the step's kernels,
+    the gradients left as they are) against ``AMS`` stepping the same model's gradients
+    scaled beforehand by that coefficient: bitwise equal params. ``backend="eager"``: the
+    per-tensor path (count and apply per tensor, the counts summed across ranks)."""
+    import torch.distributed as dist
+
+    from launcher.train.fsdp_optim import FSDPAMS, global_grad_norm
+    from sharded_ams import AMS
+
+    clip, fused = 1e-3, None if backend == "auto" else backend
+    a, b = _model(), _model()
+    opt = FSDPAMS(a, preset="cadam", lr=1e-2, max_grad_norm=clip, backend=backend)
+    ref = AMS(b.parameters(), lr=1e-2, lam=0.0, fused=fused)
+    for step in range(STEPS):
+        _backward(a, step)
+        _backward(b, step)
+        norm = global_grad_norm(list(b.parameters()), dist.get_world_size(), torch.device("cpu"))
+        coef = clip / (norm + 1e-6)
+        assert float(coef) < 1.0
+        torch._foreach_mul_([p.grad.to_local() for p in b.parameters()], coef.float())
+        opt.step()
+        ref.step()
+        assert not any(torch.equal(p.grad.to_local(), q.grad.to_local())  # a's: unscaled
+                       for p, q in zip(a.parameters(), b.parameters()) if p.grad.numel())
+        opt.zero_grad()
+        ref.zero_grad()
+    return all(torch.equal(p.full_tensor(), q.full_tensor())
+               for p, q in zip(a.parameters(), b.parameters()))
+
+
 def _hooked_by_default() -> int:
     """Params hooked by ``AMS``'s default (None: CUDA params only) on these CPU params."""
     from sharded_ams import AMS
@@ -222,6 +254,7 @@ def _job() -> dict:
         plain, _ = _fsdpams(clip, False)
         out[("fsdpams", clip)] = dict(used=used, equal=all(
             torch.equal(a, b) for a, b in zip(hooked, plain)))
+    out["fsdpams_clip_in_step"] = {b: _fsdpams_vs_grads_scaled_first(b) for b in ("auto", "eager")}
     return out
 
 
@@ -299,6 +332,11 @@ def test_fsdpams_keeps_the_counts_unless_it_clips():
         assert never["equal"] and always["equal"]
         assert never["used"] == [0] + [N_TENSORS] * (STEPS - 1), never["used"]
         assert always["used"] == [0] * STEPS, always["used"]
+
+
+def test_fsdpams_clips_inside_the_step_as_on_gradients_scaled_first():
+    for r in _results():
+        assert r["fsdpams_clip_in_step"] == {"auto": True, "eager": True}
 
 
 class _Boom(torch.autograd.Function):

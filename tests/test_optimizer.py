@@ -533,3 +533,43 @@ def test_default_cpu_path_with_view_grads_and_under_a_dispatch_mode(monkeypatch)
             opts[1].step()
             for a, b in zip(*runs):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+# --- a clip coefficient inside the step (FSDPAMS's clipping) -------------------------------
+
+
+@pytest.mark.parametrize("lam,beta3", [(-1.0, 0.0), (0.0, 0.0), (-0.5, 0.5)])
+@pytest.mark.parametrize("path", ["foreach", "single",
+                                  pytest.param("multi", marks=needs_compile)])
+def test_a_coefficient_in_the_step_equals_scaling_the_grads_first(path, lam, beta3,
+                                                                  monkeypatch):
+    """``_step_scaled(coef)`` reads every gradient as ``g * coef`` on each path (the
+    compiled one-call path, ``_foreach``, per tensor): bitwise the step on gradients
+    scaled beforehand with ``_foreach_mul_`` (fp32), and ``p.grad`` is left unscaled."""
+    import sharded_ams.optimizer as optimizer_mod
+
+    kw = {"foreach": dict(foreach=True), "single": dict(foreach=False), "multi": {}}[path]
+    monkeypatch.setattr(optimizer_mod, "COMPILE_MIN_NUMEL", 0 if path == "multi" else 1 << 40)
+    shapes = [(300,), (20, 17), (64,)]
+    p0s = [make_param(s, 90 + i) for i, s in enumerate(shapes)]
+    gss = [make_grads(s, 3, seed=95 + i, zero_frac=0.1) for i, s in enumerate(shapes)]
+    coefs = [0.37, 1.0, 0.0123]
+    runs = []
+    for fold in (True, False):
+        params = [torch.nn.Parameter(p.clone()) for p in p0s]
+        opt = AMS(params, lr=1e-2, lam=lam, beta3=beta3, weight_decay=0.1, **kw)
+        for t, c in enumerate(coefs):
+            coef = torch.tensor(c, dtype=torch.float32)
+            _set_grads(params, gss, t)
+            if fold:
+                opt._step_scaled(coef)
+                assert all(torch.equal(p.grad, gs[t]) for p, gs in zip(params, gss))
+            else:
+                torch._foreach_mul_([p.grad for p in params], coef)
+                opt.step()
+        runs.append(([p.detach() for p in params], [dict(opt.state[p]) for p in params]))
+    (pf, sf), (pr, sr) = runs
+    for i in range(len(shapes)):
+        assert torch.equal(pf[i], pr[i]), (path, lam, i)
+        for k in sf[i]:
+            assert torch.equal(sf[i][k], sr[i][k]), (path, lam, i, k)

@@ -404,8 +404,9 @@ def _check_multi_tensor() -> None:
     """``triton_multi.py``: a list of tensors in one launch per dtype signature is bit for
     bit the per-tensor kernel on each (one pass; count + apply with per-tensor step sizes),
     for sizes off the block (0, 1, 1023, 2500 elements), fp32 and bf16 params (a bf16 one
-    with its fp32 master and model-dtype copy), with and without s; no write past a range;
-    and the address table is not rebuilt while the addresses stay (only when one moves)."""
+    with its fp32 master and model-dtype copy), with and without s, with a clip coefficient
+    (``coef``, read in the kernel) and without; no write past a range; and the address
+    table is not rebuilt while the addresses stay (only when one moves)."""
     import torch
 
     import sharded_ams.kernels.triton_multi as tm
@@ -417,6 +418,7 @@ def _check_multi_tensor() -> None:
     sizes, lowp = (2500, 0, 1, 1023, 700), {3}
     for lam, use_s, wd in ((-1.0, False, 0.1), (0.0, False, 0.0), (-0.5, True, 0.1)):
         hp = GroupHParams(0.9, 0.999, 0.5 if use_s else 0.0, lam, 1e-8, wd)
+        coef = None if use_s else torch.tensor(0.37)
         bc1, bc2 = bias_corrections(3, 0.9, 0.999)
         base = [_state(n, 40 + i, use_s) for i, n in enumerate(sizes)]
         for i in lowp:  # a bf16 param: the master is p, the model-dtype copy is out
@@ -431,17 +433,17 @@ def _check_multi_tensor() -> None:
         try:
             if lam == -1.0:
                 sc = step_scalars(1e-2, bc1, bc2, wd)
-                tm.triton_multi_fused_step(*lists, sc, hp)
+                tm.triton_multi_fused_step(*lists, sc, hp, coef=coef)
                 for st in one:
                     TritonOps.fused_step(st["p"], st["g"], st["m"], st["v"], st["s"],
-                                         st.get("out"), sc, hp)
+                                         st.get("out"), sc, hp, coef=coef)
                 want_launches = 2  # two dtype signatures
             else:
-                counts = tm.triton_multi_count(*lists, hp)
+                counts = tm.triton_multi_count(*lists, hp, coef=coef)
                 lrs = torch.tensor([1e-2 * (1 + i) for i in range(len(sizes))],
                                    dtype=torch.float64)
                 sc = step_scalars(lrs, bc1, bc2, wd)
-                tm.triton_multi_apply(*lists, sc, hp)
+                tm.triton_multi_apply(*lists, sc, hp, coef=coef)
                 for i, st in enumerate(one):
                     n = sizes[i]
                     if n == 0:
@@ -449,11 +451,12 @@ def _check_multi_tensor() -> None:
                         continue
                     table = build_run_table((Piece(0, n, 0, n),), n, 1, torch.device("cpu"))
                     c = torch.zeros(1, dtype=torch.int64)
-                    TritonOps.count_run(st["g"], st["m"], st["v"], st["s"], hp, table, c)
+                    TritonOps.count_run(st["g"], st["m"], st["v"], st["s"], hp, table, c,
+                                        coef=coef)
                     assert int(c) == int(counts[i]), f"count of tensor {i}"
                     TritonOps.apply_run(st["p"], st["g"], st["m"], st["v"], st["s"],
                                         st.get("out"), sc.inv_sqrt_bc2, hp, table,
-                                        sc.step_size[i:i + 1], sc.decay[i:i + 1])
+                                        sc.step_size[i:i + 1], sc.decay[i:i + 1], coef=coef)
                 want_launches = 4  # count and apply, two dtype signatures each
         finally:
             tm._ams_multi_kernel = counter.kernel

@@ -116,7 +116,8 @@ class FSDPAMS(AMS):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):  # type: ignore[override]
-        """Clip by the global norm, skip if it is not finite, then the AMS step."""
+        """Clip by the global norm (inside the step: ``p.grad`` keeps the unclipped
+        gradient), skip if it is not finite, then the AMS step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -132,20 +133,20 @@ class FSDPAMS(AMS):
         if skip is not None and bool(skip):  # the host sync: every rank read the same norm
             self._skipped += 1
             return loss
+        coef = None
         if self.max_grad_norm is not None:
-            self._clip(params, norm, synced=skip is not None)
-        super().step()
+            coef = self._clip_coef(norm, synced=skip is not None)
+        self._step_scaled(coef)
         return loss
 
-    def _clip(self, params: list[Tensor], norm: Tensor, synced: bool) -> None:
-        """Scale the gradients by min(1, max_grad_norm / norm). A coefficient of exactly 1
-        scales nothing: where the host may read it for free (CPU, or after the skip
-        test's sync) the gradients are left untouched, so the counts backward took of
-        them (``count_in_backward``) still hold."""
+    def _clip_coef(self, norm: Tensor, synced: bool) -> Optional[Tensor]:
+        """min(1, max_grad_norm / norm) as a 0-d fp32 device tensor, which the step's
+        kernels multiply each gradient by as they load it (the gradients are not scaled in
+        place: no pass over them). None where it is exactly 1 and the host may read that
+        for free (CPU, or after the skip test's sync): then the counts backward took of
+        the gradients (``count_in_backward``) still hold."""
         coef = self.max_grad_norm / (norm + 1e-6)
         coef = torch.where(coef < 1.0, coef, torch.ones_like(coef)).float()
         if (synced or coef.device.type in HOST_READ_FREE) and bool(coef == 1.0):
-            return
-        grads = [local(p.grad) for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, coef)
+            return None
+        return coef

@@ -32,10 +32,13 @@ def foreach_step(params: Sequence[Tensor], grads: Sequence[Tensor], ms: Sequence
 
 def foreach_moments(grads: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tensor],
                     ss: Optional[Sequence[Tensor]], *, beta1: float, beta2: float,
-                    beta3: float) -> list[Tensor]:
+                    beta3: float, coef: Optional[Tensor] = None) -> list[Tensor]:
     """Update m, v[, s] in place; returns the gradients as fp32 (the sign reference when
-    beta3 == 0)."""
+    beta3 == 0), times ``coef`` (a 0-d clip coefficient) if given: new tensors, the
+    gradients themselves are not scaled."""
     grads = [g.float() for g in grads]
+    if coef is not None:
+        grads = torch._foreach_mul(grads, coef)
     torch._foreach_lerp_(ms, grads, 1 - beta1)
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)

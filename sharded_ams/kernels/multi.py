@@ -33,10 +33,10 @@ from .eager import _apply_all, _count_all, _flat, _fused_step, _scalar, compiled
 
 
 def _fused_all(ps, gs, ms, vs, ss, outs, step_size, decay, inv_sqrt_bc2, beta1: float,
-               beta2: float, beta3: float, lam: float, eps: float) -> None:
+               beta2: float, beta3: float, lam: float, eps: float, coef=None) -> None:
     for i in range(len(ps)):
         _fused_step(ps[i], gs[i], ms[i], vs[i], None if ss is None else ss[i], outs[i],
-                    step_size, decay, inv_sqrt_bc2, beta1, beta2, beta3, lam, eps)
+                    step_size, decay, inv_sqrt_bc2, beta1, beta2, beta3, lam, eps, coef=coef)
 
 
 def _consts(hp) -> dict:
@@ -46,16 +46,18 @@ def _consts(hp) -> dict:
 def multi_fused_step(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Tensor],
                      vs: Sequence[Tensor], ss: Optional[Sequence[Tensor]],
                      outs: Sequence[Optional[Tensor]], sc: StepScalars, hp,
-                     cache: Optional[dict] = None) -> None:
+                     cache: Optional[dict] = None, coef: Optional[Tensor] = None) -> None:
     """|lam| == 1: one pass over every tensor, in one compiled call (``cache``: unused, the
-    Triton twin's table cache)."""
+    Triton twin's table cache). ``coef`` (each function here): an optional 0-d fp32 clip
+    coefficient, the gradients read as ``g * coef`` (no pass scales them)."""
     decay = _scalar(sc.decay) if hp.weight_decay else None
     compiled(_fused_all, static=True)(*_flat(ps, gs, ms, vs, ss, outs), _scalar(sc.step_size),
-                                      decay, _scalar(sc.inv_sqrt_bc2), **_consts(hp))
+                                      decay, _scalar(sc.inv_sqrt_bc2), **_consts(hp), coef=coef)
 
 
 def multi_count(ps, gs: Sequence[Tensor], ms: Sequence[Tensor], vs,
-                ss: Optional[Sequence[Tensor]], outs, hp, cache: Optional[dict] = None) -> Tensor:
+                ss: Optional[Sequence[Tensor]], outs, hp, cache: Optional[dict] = None,
+                coef: Optional[Tensor] = None) -> Tensor:
     """lam not in {1, -1}, first pass: int64[len(gs)], each tensor's count of u*s < 0 (the
     numbers summed across ranks) from its new m and s, which are NOT stored: this pass
     reads g and m[, s] only (8 B per fp32 element), and the apply pass is the whole
@@ -65,19 +67,19 @@ def multi_count(ps, gs: Sequence[Tensor], ms: Sequence[Tensor], vs,
     used (the signature is the Triton pass's)."""
     return compiled(_count_all, static=True)(*_flat(gs, ms, ss), beta1=hp.beta1,
                                              beta3=hp.beta3,
-                                             wide=count_wide(g.numel() for g in gs))
+                                             wide=count_wide(g.numel() for g in gs), coef=coef)
 
 
 def multi_apply(ps: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Tensor],
                 vs: Sequence[Tensor], ss: Optional[Sequence[Tensor]],
                 outs: Sequence[Optional[Tensor]], sc: StepScalars, hp,
-                cache: Optional[dict] = None) -> None:
+                cache: Optional[dict] = None, coef: Optional[Tensor] = None) -> None:
     """Second pass: the whole step (moments and params), each tensor with its own step
     size and decay (``sc`` holds 1-D tensors, one entry per tensor, from its whole-tensor
     count)."""
     decays = sc.decay if hp.weight_decay else None
     compiled(_apply_all, static=True)(*_flat(ps, gs, ms, vs, ss, outs), sc.step_size, decays,
-                                      _scalar(sc.inv_sqrt_bc2), **_consts(hp))
+                                      _scalar(sc.inv_sqrt_bc2), **_consts(hp), coef=coef)
 
 
 def multi_ops(backend: str) -> tuple:

@@ -54,11 +54,12 @@ def _array(addr_ptr, row, num_tensors, t, ref, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _ams_multi_kernel(addr_ptr, numel_ptr, ctensor_ptr, cbase_ptr, p0, g0, m0, s0, out0,
-                      counts_ptr, ss_ptr, dec_ptr, scal_ptr, num_tensors, beta1, beta2, beta3,
+                      counts_ptr, ss_ptr, dec_ptr, scal_ptr, coef_ptr, num_tensors, beta1,
+                      beta2, beta3,
                       omb1, omb2, omb3, lam, tie, eps, step_size, decay, inv_sqrt_bc2,
                       HAS_S: tl.constexpr, HAS_OUT: tl.constexpr, MODE: tl.constexpr,
-                      SCALARS_ON_DEVICE: tl.constexpr, ALIGNED: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr):
+                      SCALARS_ON_DEVICE: tl.constexpr, HAS_COEF: tl.constexpr,
+                      ALIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(ctensor_ptr + pid)
     base = tl.load(cbase_ptr + pid)
@@ -80,14 +81,14 @@ def _ams_multi_kernel(addr_ptr, numel_ptr, ctensor_ptr, cbase_ptr, p0, g0, m0, s
     mask = offs < n
     if base + BLOCK_SIZE <= n:
         _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, t, counts_ptr,
-                   ss_ptr, dec_ptr, scal_ptr, scal_ptr, scal_ptr, beta1, beta2, beta3, omb1,
+                   ss_ptr, dec_ptr, scal_ptr, coef_ptr, scal_ptr, beta1, beta2, beta3, omb1,
                    omb2, omb3, lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT,
-                   MODE, SCALARS_ON_DEVICE, False, False, False)
+                   MODE, SCALARS_ON_DEVICE, HAS_COEF, False, False)
     else:
         _ams_block(p_ptr, g_ptr, m_ptr, v_ptr, s_ptr, out_ptr, offs, mask, t, counts_ptr,
-                   ss_ptr, dec_ptr, scal_ptr, scal_ptr, scal_ptr, beta1, beta2, beta3, omb1,
+                   ss_ptr, dec_ptr, scal_ptr, coef_ptr, scal_ptr, beta1, beta2, beta3, omb1,
                    omb2, omb3, lam, tie, eps, step_size, decay, inv_sqrt_bc2, HAS_S, HAS_OUT,
-                   MODE, SCALARS_ON_DEVICE, False, False, True)
+                   MODE, SCALARS_ON_DEVICE, HAS_COEF, False, True)
 
 
 @dataclass
@@ -160,7 +161,8 @@ def _addresses(tables: _Tables, arrays: Sequence[Optional[Sequence[Optional[Tens
 
 def _launch(mode: int, ps, gs, ms, vs, ss, outs, hp, *, sc: Optional[StepScalars] = None,
             counts: Optional[Tensor] = None, step_sizes: Optional[Tensor] = None,
-            decays: Optional[Tensor] = None, cache: Optional[dict] = None) -> None:
+            decays: Optional[Tensor] = None, cache: Optional[dict] = None,
+            coef: Optional[Tensor] = None) -> None:
     device = gs[0].device
     outs = outs if outs is not None else [None] * len(gs)
     tables = _tables(ps, gs, outs, device, cache)
@@ -180,34 +182,39 @@ def _launch(mode: int, ps, gs, ms, vs, ss, outs, hp, *, sc: Optional[StepScalars
                 counts if counts is not None else dummy,
                 step_sizes if step_sizes is not None else dummy,
                 decays if decays is not None else dummy, scal if scal is not None else dummy,
-                len(gs), float(hp.beta1), float(hp.beta2), float(hp.beta3), 1.0 - hp.beta1,
+                coef if coef is not None else dummy, len(gs), float(hp.beta1), float(hp.beta2), float(hp.beta3), 1.0 - hp.beta1,
                 1.0 - hp.beta2, 1.0 - hp.beta3, float(hp.lam), max(float(hp.lam), 0.0),
                 float(hp.eps), step_size, decay, inv_sqrt_bc2,
                 HAS_S=ss is not None, HAS_OUT=out0 is not None, MODE=mode,
-                SCALARS_ON_DEVICE=scal is not None, ALIGNED=tables.aligned, BLOCK_SIZE=BLOCK,
+                SCALARS_ON_DEVICE=scal is not None, HAS_COEF=coef is not None,
+                ALIGNED=tables.aligned, BLOCK_SIZE=BLOCK,
                 **LAUNCH_OPTIONS)
 
 
 def triton_multi_fused_step(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp,
-                            cache: Optional[dict] = None) -> None:
+                            cache: Optional[dict] = None, coef: Optional[Tensor] = None) -> None:
     """|lam| == 1: one pass over every tensor, one launch per dtype signature. ``cache``:
-    where the tables are kept (the caller's dict; default: this module's)."""
-    _launch(MODE_FUSED, ps, gs, ms, vs, ss, outs, hp, sc=sc, cache=cache)
+    where the tables are kept (the caller's dict; default: this module's). ``coef`` (each
+    function here): an optional 0-d fp32 clip coefficient on the device, multiplied into
+    each gradient as it is loaded."""
+    _launch(MODE_FUSED, ps, gs, ms, vs, ss, outs, hp, sc=sc, cache=cache, coef=coef)
 
 
-def triton_multi_count(ps, gs, ms, vs, ss, outs, hp, cache: Optional[dict] = None) -> Tensor:
+def triton_multi_count(ps, gs, ms, vs, ss, outs, hp, cache: Optional[dict] = None,
+                       coef: Optional[Tensor] = None) -> Tensor:
     """lam not in {1, -1}, first pass: each tensor's count of u*s < 0 from its new m (and
     s), atomically added into its slot: int64[len(gs)] on the device. Nothing is stored:
     the pass reads g and m[, s] only (``ps``, ``vs``, ``outs``: passed so that both passes
     share one address table), and the apply pass recomputes the moments."""
     counts = torch.zeros(len(gs), dtype=torch.int64, device=gs[0].device)
-    _launch(MODE_COUNT_ONLY, ps, gs, ms, vs, ss, outs, hp, counts=counts, cache=cache)
+    _launch(MODE_COUNT_ONLY, ps, gs, ms, vs, ss, outs, hp, counts=counts, cache=cache,
+            coef=coef)
     return counts
 
 
 def triton_multi_apply(ps, gs, ms, vs, ss, outs, sc: StepScalars, hp,
-                       cache: Optional[dict] = None) -> None:
+                       cache: Optional[dict] = None, coef: Optional[Tensor] = None) -> None:
     """Second pass: the whole step (moments and params), each tensor with its own step
     size and decay (``sc.step_size`` / ``sc.decay``: fp32[len(ps)] device tensors)."""
     _launch(MODE_FUSED_TABLE, ps, gs, ms, vs, ss, outs, hp, sc=sc, step_sizes=sc.step_size,
-            decays=sc.decay, cache=cache)
+            decays=sc.decay, cache=cache, coef=coef)
