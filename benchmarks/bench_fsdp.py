@@ -20,6 +20,12 @@ hooks (the default, ``fsdp_cadam_*``, does that on CUDA only: on CPU it counts i
 kind (``_bwd`` or ``_iter``); ``counted_in_backward`` is the tensors whose counts the last
 timed step took from backward.
 
+Rows of the launcher (``--launcher``): ``fsdp_launcher_grams_{clip,noclip}`` is the
+launcher's FSDP optimizer (``FSDPAMS``: Grams, clipping by the global norm, the
+non-finite skip; its clip coefficient read inside the step), against
+``fsdp_torch_clip_adamw_fused_{clip,noclip}``, ``clip_grad_norm_`` + torch's fused AdamW on
+the same model; "clip" rows clip every step, "noclip" rows never do.
+
 Model (default): ``--layers`` x ``nn.Linear(--width, --width)`` (16 x 1024 x 1024 + biases:
 16.8M params, the size of the issue's measurement), each layer and the root
 ``fully_shard``-ed. Each timed step: barrier, step, per-rank time; the step's time is the
