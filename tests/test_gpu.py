@@ -212,7 +212,8 @@ def test_bf16_moments_round_to_nearest_even():
 def test_default_one_launch_per_group_equals_a_launch_per_tensor(kw):
     """AMS's CUDA default (``kernels/triton_multi.py``: the group's tensors in one launch,
     bf16 params with fp32 masters in a second) is bit for bit ``fused="triton"`` (a launch
-    per tensor), over 5 steps; the default launches the multi-tensor kernel once per dtype
+    per tensor), over 5 steps, every other one with a clip coefficient read in the kernels
+    (``FSDPAMS``'s clipping); the default launches the multi-tensor kernel once per dtype
     signature and pass, and the per-tensor kernel never."""
     import sharded_ams.kernels.triton_kernel as tk
     import sharded_ams.kernels.triton_multi as tm
@@ -242,12 +243,13 @@ def test_default_one_launch_per_group_equals_a_launch_per_tensor(kw):
         for ps in runs:
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
+        coef = torch.tensor(0.37, device="cuda") if step % 2 else None
         tm._ams_multi_kernel, tk._ams_kernel = Count(multi_kernel, "multi"), Count(single_kernel, "single")
         try:
-            opts[0].step()
+            opts[0]._step_scaled(coef)
         finally:
             tm._ams_multi_kernel, tk._ams_kernel = multi_kernel, single_kernel
-        opts[1].step()
+        opts[1]._step_scaled(coef)
         passes = 1 if abs(kw["lam"]) == 1 else 2
         assert launches == {"multi": 2 * passes, "single": 0}, launches
         launches.update(multi=0, single=0)
