@@ -114,17 +114,21 @@ def section_static(plan: Plan) -> dict:
                  True),
                 ("count pass, chunk table, s", tk.MODE_COUNT_ONLY, True, False, "fp32", False,
                  True),
+                ("count pass + the norm's partials, chunk table, s", tk.MODE_COUNT_ONLY, True,
+                 False, "fp32", False, True, True),
                 ("apply pass (the whole step), chunk table, s", tk.MODE_FUSED_TABLE, True, False,
                  "fp32", False, True)]
     multi = [("multi-tensor one pass, fp32", tk.MODE_FUSED, False, "fp32"),
+             ("multi-tensor one pass, fp32, clip coefficient", tk.MODE_FUSED, False, "fp32",
+              True),
              ("multi-tensor one pass, bf16 params + fp32 master", tk.MODE_FUSED, True, "bf16"),
              ("multi-tensor count pass (stores nothing), s", tk.MODE_COUNT_ONLY, False,
               "fp32"),
              ("multi-tensor apply pass (the whole step), s", tk.MODE_FUSED_TABLE, False,
               "fp32")]
     ptxs = [(v[0], v[5], _compile_ptx(tk, target, *v[1:])) for v in variants]
-    ptxs += [(name, False, _compile_multi_ptx(tm, target, mode, has_out, gdtype, False))
-             for name, mode, has_out, gdtype in multi]
+    ptxs += [(v[0], False, _compile_multi_ptx(tm, target, *v[1:4], False, *v[4:]))
+             for v in multi]
     rows, ok = [], True
     for name, fusion, ptx in ptxs:
         row = dict(variant=name, target=f"{target.backend} sm_{target.arch}", fp_fusion=fusion,
@@ -139,26 +143,27 @@ def section_static(plan: Plan) -> dict:
                       "path) in every variant"}
 
 
-def _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16) -> str:
+def _compile_ptx(tk, target, mode, table, has_out, gdtype, fusion, n16, sq=False) -> str:
     ptr = {"p_ptr": "fp32", "g_ptr": gdtype, "m_ptr": "fp32", "v_ptr": "fp32", "s_ptr": "fp32",
            "out_ptr": "bf16" if has_out else "fp32", "cbase_ptr": "i64", "clo_ptr": "i64",
            "chi_ptr": "i64", "cidx_ptr": "i64", "counts_ptr": "i64", "ss_ptr": "fp32",
-           "dec_ptr": "fp32", "scal_ptr": "fp32", "skip_ptr": "u8", "coef_ptr": "fp32"}
+           "dec_ptr": "fp32", "scal_ptr": "fp32", "skip_ptr": "u8", "coef_ptr": "fp32",
+           "sq_ptr": "fp32"}
     consts = dict(HAS_S=table, HAS_OUT=has_out, MODE=mode, USE_TABLE=table,
-                  SCALARS_ON_DEVICE=False, HAS_SKIP=False, HAS_COEF=False, BLOCK_SIZE=tk.BLOCK,
-                  ALIGN_TO=tk.ALIGN)
+                  SCALARS_ON_DEVICE=False, HAS_SKIP=False, HAS_COEF=False, HAS_SQ=sq,
+                  BLOCK_SIZE=tk.BLOCK, ALIGN_TO=tk.ALIGN)
     ints = {"n": n16, "piece_index": False}
     return _ptx(tk._ams_kernel, ptr, consts, ints, target, fusion)
 
 
-def _compile_multi_ptx(tm, target, mode, has_out, gdtype, fusion) -> str:
+def _compile_multi_ptx(tm, target, mode, has_out, gdtype, fusion, coef=False) -> str:
     """The multi-tensor kernel (``triton_multi.py``), its addresses 16-byte aligned."""
     ptr = {"addr_ptr": "i64", "numel_ptr": "i64", "ctensor_ptr": "i64", "cbase_ptr": "i64",
            "p0": "fp32", "g0": gdtype, "m0": "fp32", "s0": "fp32",
            "out0": "bf16" if has_out else "fp32", "counts_ptr": "i64", "ss_ptr": "fp32",
-           "dec_ptr": "fp32", "scal_ptr": "fp32"}
+           "dec_ptr": "fp32", "scal_ptr": "fp32", "coef_ptr": "fp32"}
     consts = dict(HAS_S=mode != tm.MODE_FUSED, HAS_OUT=has_out, MODE=mode,
-                  SCALARS_ON_DEVICE=False, ALIGNED=True, BLOCK_SIZE=tm.BLOCK)
+                  SCALARS_ON_DEVICE=False, HAS_COEF=coef, ALIGNED=True, BLOCK_SIZE=tm.BLOCK)
     return _ptx(tm._ams_multi_kernel, ptr, consts, {"num_tensors": False}, target, fusion)
 
 
