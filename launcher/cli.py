@@ -126,9 +126,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingFailed as exc:
         print(f"[sharded-ams] TRAINING FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:
-        print("[sharded-ams] interrupted; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr, flush=True)
+    except KeyboardInterrupt as exc:  # RunInterrupted once training started: it says where
+        where = str(exc) or "rerun the same command to resume from the last checkpoint"
+        print(f"[sharded-ams] INTERRUPTED: {where}", file=sys.stderr, flush=True)
         return 130
     return 0
 

@@ -146,6 +146,10 @@ class Driver:
             pass
         self.proc.wait()
 
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGINT to the driver process."""
+        os.kill(self.proc.pid, signal.SIGINT)
+
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 

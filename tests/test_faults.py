@@ -17,7 +17,8 @@ pace it), a checkpoint every 10 steps, all kept. The reference is one uninterrup
   (the rank's temp dir exists) or uploaded (its step dir exists, not yet committed);
 * (b, c) remove a node (``num_workers = [1, 2]``): training goes on with one worker; add a
   node back: the group grows to two at the next resize;
-* (d) SIGKILL the driver, run the same command again: it resumes;
+* (d) Ctrl-C the driver (it stops the workers, exit status 130), run the same command
+  again: it resumes; SIGKILL its driver, run it again: it resumes;
 * (e) the same with ``parallel.strategy = "fsdp"`` (DCP checkpoints): a worker SIGKILLed,
   then a node lost (resharded 2 -> 1);
 * ``max_failures = 0`` with a killed worker fails with exit status 1 and names the last
@@ -402,21 +403,43 @@ def test_e_fsdp_sigkill_a_worker_then_lose_a_node(cluster, storage, reference):
 
 
 @pytest.mark.timeout(900)
-def test_d_driver_killed_then_same_command_resumes(cluster, storage, reference):
+def test_d_driver_interrupted_then_killed_then_same_command_resumes(cluster, storage, reference):
+    """Ctrl-C the driver (SIGINT) at a random step: it stops the workers and exits with
+    status 130, naming the checkpoint a rerun starts from. The same command resumes; its
+    driver is SIGKILLed at a random step; the same command again finishes the run, bitwise
+    the reference's."""
     rng = random.Random(SEED + 2)
     steps = 60
     drv = Driver(cluster, storage, "kill-driver", steps)
     w = Watcher(drv.run_dir, drv)
-    k = rng.randint(12, 40)
+    k = rng.randint(12, 25)
     w.until(lambda: w.step() >= k and w.newest_committed() > 0, f"step {k}")
+    drv.interrupt()
+    t_int = time.time()
+    assert drv.wait(timeout=60) == 130, drv.tail()
+    w.scan()
+    said = drv.text().split("INTERRUPTED: ")[-1]
+    assert said.startswith("run 'kill-driver' stopped (aborted); the last committed checkpoint is step "
+                           f"{w.newest_committed()}: {drv.run_dir}/step-{w.newest_committed():08d}; "
+                           "rerun the same command to resume from it"), drv.tail()
+    deadline = time.monotonic() + 10
+    while cluster.train_workers() and time.monotonic() < deadline:  # Ray's abort kills them
+        time.sleep(0.1)
+    assert cluster.train_workers() == [], "a worker outlived the interrupted run"
+    interrupted = w.newest_committed()
+    drv.start()  # the same command
+    k = rng.randint(interrupted + 12, 45)
+    w.until(lambda: w.step() >= k and w.newest_committed() > interrupted, f"step {k}")
     committed, at = w.newest_committed(), w.step()
     drv.kill()
     t_kill = time.time()
     drv.start()  # the same command
     assert drv.wait() == 0, drv.tail()
     events = check_finished_run(drv, w, steps)
-    assert [e["world_size"] for e in events] == [2, 2] and events[1]["relaunch"], events
-    check_restart(events[1], t_kill, committed, "(d) SIGKILL the driver, rerun", fault="driver", at_step=at)
+    assert [e["world_size"] for e in events] == [2, 2, 2], events
+    assert events[1]["relaunch"] and events[2]["relaunch"], events
+    check_restart(events[1], t_int, interrupted, "(d) Ctrl-C the driver, rerun", fault="driver")
+    check_restart(events[2], t_kill, committed, "(d) SIGKILL the driver, rerun", fault="driver", at_step=at)
     assert "resuming run 'kill-driver'" in drv.text()
     ref = _losses(reference.run_dir)
     assert _losses(drv.run_dir) == {s: ref[s] for s in range(1, steps + 1)}
@@ -449,3 +472,27 @@ def test_rerun_of_a_finished_run_trains_nothing(cluster, storage, reference):
     text = reference.text().split("run 'reference' finished")[-1]
     assert "nothing left to train" in text
     assert_bitwise_equal(final, _state(reference.run_dir, REF_STEPS))
+
+
+# =============================================================================== Ctrl-C while waiting
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_while_an_elastic_run_waits_for_its_workers(cluster, storage):
+    """An elastic run whose minimum the cluster cannot hold waits in Ray Train's controller,
+    whose loop then never yields to serve ``abort()``: Ray's own Ctrl-C handler hung there.
+    The launcher's stops it. Last in the module: the killed controller's resource request
+    stays booked in Ray's AutoscalingCoordinator for up to 180 s (docs/fault-tolerance.md),
+    which would delay a later elastic run on this cluster."""
+    drv = Driver(cluster, storage, "waiting", 20, "--num-workers", "3-4", "--set", "data.batch_size=12",
+                 "--verbose")
+    deadline = time.monotonic() + 120
+    while "Deciding NOT to start" not in drv.text():  # the controller's waiting loop (verbose)
+        assert drv.running() and time.monotonic() < deadline, drv.tail()
+        time.sleep(0.2)
+    drv.interrupt()
+    assert drv.wait(timeout=60) == 130, drv.tail()
+    said = drv.text().split("INTERRUPTED: ")[-1]
+    assert said.startswith("run 'waiting' stopped (killed); no checkpoint was committed; a rerun "
+                           "starts from scratch"), drv.tail()
+    assert not (drv.run_dir / ".sharded_ams" / "attempts").exists()  # no worker ever started

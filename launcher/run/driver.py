@@ -49,12 +49,13 @@ from typing import Any, Iterator, Optional
 from launcher.config import Config, is_uri
 from launcher.run.preflight import LaunchError
 from launcher.run.console import TAG, quiet_ray_logs, short_error
+from launcher.run.interrupt import ABORT_WAIT_S, NOT_STARTED_WAIT_S, own_ctrl_c, stop
 from launcher.run.records import (HISTORY_FILE, STATE_DIR, describe_start, exists,  # noqa: F401
                               format_sizes, read_events, read_history, size_history)
 from launcher.run.scaling import oversubscription_warning
 
-__all__ = ["run", "RunResult", "TrainingFailed", "LaunchError", "ResumePoint", "find_resume_point",
-           "check_resume", "read_history"]
+__all__ = ["run", "RunResult", "TrainingFailed", "RunInterrupted", "LaunchError", "ResumePoint",
+           "find_resume_point", "check_resume", "read_history"]
 
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Elastic runs: how long Ray Train waits to place a worker group before it decides the size
@@ -80,6 +81,16 @@ class TrainingFailed(RuntimeError):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.cause = cause
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C on the driver: the run's workers were stopped (:mod:`launcher.run.interrupt`).
+    The message says where a rerun of the same command resumes; ``checkpoint`` is that
+    checkpoint (None: a rerun starts from scratch)."""
+
+    def __init__(self, message: str, *, checkpoint: Optional[str] = None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -508,26 +519,43 @@ def _trainer(config: Config, resume: ResumePoint, launch_id: str):
 
 
 def _fit(trainer, config: Config, launch_id: str, verbose: bool):
-    """``trainer.fit()``; a run that failed beyond ``job.max_failures`` becomes
-    :class:`TrainingFailed`, saying where a rerun of the same command resumes."""
+    """``trainer.fit()``. A run that failed beyond ``job.max_failures`` becomes
+    :class:`TrainingFailed`, a Ctrl-C :class:`RunInterrupted` once the workers are stopped;
+    both say where a rerun of the same command resumes."""
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     job = config.job
+    controller = own_ctrl_c(trainer)
     try:
         return trainer.fit()
     except TrainingFailedError as exc:
         restarts = max(0, _count_attempts(job.run_dir, launch_id) - 1)
-        try:
-            last = find_resume_point(config)  # where a rerun of this command would start
-        except Exception:  # noqa: BLE001 - only for the message
-            last = ResumePoint()
-        where = (f"the last committed checkpoint is step {last.step}: {last.path}; rerun the "
-                 "same command to resume from it" if last.path else
-                 "no checkpoint was committed; a rerun starts from scratch")
+        last, where = _where_a_rerun_resumes(config)
         raise TrainingFailed(
             f"run {job.name!r} failed after {restarts} restart(s) "
             f"(job.max_failures={job.max_failures}):\n{short_error(exc, verbose)}\n{where}",
             checkpoint=last.path, cause=exc) from exc
+    except KeyboardInterrupt:
+        _say("interrupted: stopping the workers (Ctrl-C again to stop them at once)")
+        # no group started in this launch: the controller is placing one or waiting for
+        # its workers, and serves no abort() until that ends (see launcher.run.interrupt)
+        started = _count_attempts(job.run_dir, launch_id) > 0
+        how = stop(controller, ABORT_WAIT_S if started else NOT_STARTED_WAIT_S)
+        last, where = _where_a_rerun_resumes(config)
+        raise RunInterrupted(f"run {job.name!r} stopped ({how}); {where}",
+                             checkpoint=last.path) from None
+
+
+def _where_a_rerun_resumes(config: Config) -> tuple["ResumePoint", str]:
+    """The checkpoint a rerun of this command would start from, and a sentence saying so."""
+    try:
+        last = find_resume_point(config)
+    except Exception:  # noqa: BLE001 - only for the message
+        last = ResumePoint()
+    if last.path:
+        return last, (f"the last committed checkpoint is step {last.step}: {last.path}; rerun "
+                      "the same command to resume from it")
+    return last, "no checkpoint was committed; a rerun starts from scratch"
 
 
 def _run_result(config: Config, resume: ResumePoint, result, launch_id: str,
