@@ -174,6 +174,15 @@ def test_ray_log_filter():
         assert filter_line(long) == (short or long)
 
 
+def test_an_elastic_run_waiting_for_its_workers_says_so():
+    """Ray's elastic controller logs its wait every 30 s; hidden, the user saw nothing at all
+    while the run waited (up to 3 minutes after a killed driver)."""
+    shown = filter_line("Detected ready resources for 1 workers in the cluster. Deciding NOT to start/restart "
+                        "training due to the number of workers falling below the minimum (min_workers=3).")
+    assert shown.startswith("[sharded-ams] waiting for workers: Ray has room for 1 of the 3 this elastic run "
+                            "needs to start"), shown
+
+
 RAYLET_DIED = (
     "Raylet is terminated. Termination is unexpected. Possible reasons include: (1) SIGKILL by the user "
     "or system OOM killer. Last 20 lines of the Raylet logs:\n    [state-dump] \n    [state-dump] "

@@ -72,8 +72,20 @@ _QUIET_PIDS = ("gcs_server", "autoscaler", "dashboard")  # pids of Ray's own dae
 _QUIET_ACTORS = ("PlacementGroupCleaner",)
 
 
+# The elastic controller's wait for its minimum (every 30 s; ``ray.train.v2`` elastic policy)
+_WAITING = re.compile(r"Detected ready resources for (\d+) workers in the cluster\. Deciding NOT "
+                      r"to start/restart training .*\(min_workers=(\d+)\)")
+
+
 def filter_line(line: str) -> Optional[str]:
-    """The line to show in place of one of Ray's (None: hide it)."""
+    """The line to show in place of one of Ray's (None: hide it; a line starting with
+    :data:`TAG` is the launcher's own, shown without Ray's prefix)."""
+    waiting = _WAITING.search(line)
+    if waiting:  # otherwise the user sees nothing at all while the run waits
+        return (f"{TAG} waiting for workers: Ray has room for {waiting[1]} of the "
+                f"{waiting[2]} this elastic run needs to start (a busy or still-joining "
+                "cluster, or a killed driver's request, booked for up to 3 minutes: "
+                "docs/fault-tolerance.md)")
     if _NOISE.search(line):
         return None
     if line[:1] in (" ", "\t") and not _KEEP_INDENTED.match(line):
@@ -151,7 +163,9 @@ def _hook_dispatcher(enabled: bool, fresh: _Dedup) -> Iterator[None]:
                 keep.append(line)
             elif not quiet:
                 shown = filter_line(line)
-                if shown is not None and fresh(shown):
+                if shown is not None and shown.startswith(TAG):  # Ray's period, not the dedup's
+                    print(shown, file=sys.stdout, flush=True)
+                elif shown is not None and fresh(shown):
                     keep.append(shown)
         if keep:
             original({**data, "lines": keep})
