@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -128,8 +129,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt as exc:  # RunInterrupted once training started: it says where
         where = str(exc) or "rerun the same command to resume from the last checkpoint"
-        print(f"[sharded-ams] INTERRUPTED: {where}", file=sys.stderr, flush=True)
-        return 130
+        signum = getattr(exc, "signum", signal.SIGINT)
+        what = "INTERRUPTED" if signum == signal.SIGINT else f"STOPPED by {signal.Signals(signum).name}"
+        print(f"[sharded-ams] {what}: {where}", file=sys.stderr, flush=True)
+        return 128 + signum  # the shell's status for a process ended by that signal
     return 0
 
 

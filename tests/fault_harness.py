@@ -146,9 +146,9 @@ class Driver:
             pass
         self.proc.wait()
 
-    def interrupt(self) -> None:
-        """Ctrl-C: SIGINT to the driver process."""
-        os.kill(self.proc.pid, signal.SIGINT)
+    def interrupt(self, signum: int = signal.SIGINT) -> None:
+        """Ctrl-C (SIGINT), or a scheduler's SIGTERM, to the driver process."""
+        os.kill(self.proc.pid, signum)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")

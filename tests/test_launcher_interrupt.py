@@ -24,7 +24,8 @@ import launcher.run.driver as rd  # noqa: E402
 from launcher.cli import main as cli_main  # noqa: E402
 from launcher.config import load_config  # noqa: E402
 from launcher.run.interrupt import (ABORT_WAIT_S, NOT_STARTED_WAIT_S,  # noqa: E402
-                                    ControllerHandle, own_ctrl_c, stop)
+                                    ControllerHandle, Terminated, own_ctrl_c,
+                                    sigterm_as_interrupt, stop)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT_TINY = ROOT / "launcher" / "configs" / "gpt_tiny.toml"
@@ -54,6 +55,18 @@ def test_own_ctrl_c_records_the_controller_and_leaves_the_sigint_handler():
     assert handle.actor == "the controller" and trainer.registered is None
     assert signal.getsignal(signal.SIGINT) is before
     assert own_ctrl_c(object()).actor is None  # a Ray without the hook: nothing to replace
+
+
+def test_sigterm_in_the_block_is_an_interrupt_and_the_handler_comes_back():
+    """A scheduler's SIGTERM stops the run as a Ctrl-C does (Ray's driver would end at once,
+    status 1, with a C++ stack dump)."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as info:
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode: never gets here
+    assert isinstance(info.value, KeyboardInterrupt) and info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 class _Actor:
@@ -115,14 +128,23 @@ def test_stop_before_the_controller_exists(fake_ray):
 
 
 class _InterruptedTrainer:
-    """fit() as Ray's: the controller handed to the hook, then Ctrl-C while waiting on it."""
+    """fit() as Ray's: the controller handed to the hook, then a signal while waiting on it."""
+
+    def __init__(self, signum=signal.SIGINT):
+        self.signum = signum
 
     def _register_sigint_handler(self, controller):
         raise AssertionError("Ray's handler must not be installed")
 
     def fit(self):
         self._register_sigint_handler("controller")
-        raise KeyboardInterrupt
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        try:
+            os.kill(os.getpid(), self.signum)
+            time.sleep(5)
+        except KeyboardInterrupt:  # as ray.get: a plain one, whatever the handler raised
+            raise KeyboardInterrupt from None
 
 
 @pytest.mark.parametrize("group_started", [False, True])
@@ -141,6 +163,17 @@ def test_fit_stops_the_run_and_says_where_a_rerun_resumes(tmp_path, monkeypatch,
     assert calls == [("controller", ABORT_WAIT_S if group_started else NOT_STARTED_WAIT_S)]
     assert str(info.value) == "run 'r' stopped (killed); no checkpoint was committed; a rerun starts from scratch"
     assert info.value.checkpoint is None and isinstance(info.value, KeyboardInterrupt)
+    assert info.value.signum == signal.SIGINT
+
+
+def test_fit_stops_the_run_on_sigterm(tmp_path, monkeypatch):
+    config = load_config(GPT_TINY, {"job.storage_path": str(tmp_path), "job.name": "r"}, environ={})
+    monkeypatch.setattr(rd, "stop", lambda handle, wait_s: "aborted")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(rd.RunInterrupted) as info:
+        rd._fit(_InterruptedTrainer(signal.SIGTERM), config, "L", verbose=False)
+    assert info.value.signum == signal.SIGTERM and str(info.value).startswith("run 'r' stopped (aborted); ")
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.parametrize("exc, said", [
@@ -150,11 +183,16 @@ def test_fit_stops_the_run_and_says_where_a_rerun_resumes(tmp_path, monkeypatch,
      "step 20: runs/r/step-00000020; rerun the same command to resume from it\n"),
     (KeyboardInterrupt(),  # before training started (ray.init, the checks)
      "[sharded-ams] INTERRUPTED: rerun the same command to resume from the last checkpoint\n"),
+    (rd.RunInterrupted("run 'r' stopped (killed); no checkpoint was committed; a rerun starts from "
+                       "scratch", signum=signal.SIGTERM),
+     "[sharded-ams] STOPPED by SIGTERM: run 'r' stopped (killed); no checkpoint was committed; a "
+     "rerun starts from scratch\n"),
 ])
-def test_cli_exits_130_and_says_where_a_rerun_resumes(monkeypatch, capsys, exc, said):
+def test_cli_exits_128_plus_the_signal_and_says_where_a_rerun_resumes(monkeypatch, capsys, exc, said):
+    """The shell's status for a process ended by the signal: 130 for Ctrl-C, 143 for SIGTERM."""
     def run(*a, **k):
         raise exc
 
     monkeypatch.setattr(rd, "run", run)
-    assert cli_main(["train", str(GPT_TINY)]) == 130
+    assert cli_main(["train", str(GPT_TINY)]) == 128 + getattr(exc, "signum", signal.SIGINT)
     assert capsys.readouterr().err.endswith(said)

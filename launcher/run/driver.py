@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import uuid
 from contextlib import ExitStack, contextmanager
@@ -49,7 +50,8 @@ from typing import Any, Iterator, Optional
 from launcher.config import Config, is_uri
 from launcher.run.preflight import LaunchError
 from launcher.run.console import TAG, quiet_ray_logs, short_error
-from launcher.run.interrupt import ABORT_WAIT_S, NOT_STARTED_WAIT_S, own_ctrl_c, stop
+from launcher.run.interrupt import (ABORT_WAIT_S, NOT_STARTED_WAIT_S, RunInterrupted,
+                                    own_ctrl_c, sigterm_as_interrupt, stop)
 from launcher.run.records import (HISTORY_FILE, STATE_DIR, describe_start, exists,  # noqa: F401
                               format_sizes, read_events, read_history, size_history)
 from launcher.run.scaling import oversubscription_warning
@@ -81,16 +83,6 @@ class TrainingFailed(RuntimeError):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.cause = cause
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C on the driver: the run's workers were stopped (:mod:`launcher.run.interrupt`).
-    The message says where a rerun of the same command resumes; ``checkpoint`` is that
-    checkpoint (None: a rerun starts from scratch)."""
-
-    def __init__(self, message: str, *, checkpoint: Optional[str] = None):
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -429,8 +421,9 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
 
     Returns a :class:`RunResult` and prints a summary. Raises :class:`LaunchError` (a
     ValueError) for what is wrong before training starts (bad data, storage, resume point),
-    :class:`TrainingFailed` if the run failed beyond ``job.max_failures`` (its
-    ``checkpoint`` says where a rerun resumes).
+    :class:`TrainingFailed` if the run failed beyond ``job.max_failures``, and
+    :class:`RunInterrupted` (a KeyboardInterrupt) after a Ctrl-C or SIGTERM stopped the
+    workers; the ``checkpoint`` of either says where a rerun resumes.
     """
     t_start = time.perf_counter()
     config = _checked(config, address, checked)
@@ -520,30 +513,33 @@ def _trainer(config: Config, resume: ResumePoint, launch_id: str):
 
 def _fit(trainer, config: Config, launch_id: str, verbose: bool):
     """``trainer.fit()``. A run that failed beyond ``job.max_failures`` becomes
-    :class:`TrainingFailed`, a Ctrl-C :class:`RunInterrupted` once the workers are stopped;
-    both say where a rerun of the same command resumes."""
+    :class:`TrainingFailed`; a Ctrl-C or SIGTERM becomes :class:`RunInterrupted` once the
+    workers are stopped. Both say where a rerun of the same command resumes."""
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     job = config.job
     controller = own_ctrl_c(trainer)
-    try:
-        return trainer.fit()
-    except TrainingFailedError as exc:
-        restarts = max(0, _count_attempts(job.run_dir, launch_id) - 1)
-        last, where = _where_a_rerun_resumes(config)
-        raise TrainingFailed(
-            f"run {job.name!r} failed after {restarts} restart(s) "
-            f"(job.max_failures={job.max_failures}):\n{short_error(exc, verbose)}\n{where}",
-            checkpoint=last.path, cause=exc) from exc
-    except KeyboardInterrupt:
-        _say("interrupted: stopping the workers (Ctrl-C again to stop them at once)")
-        # no group started in this launch: the controller is placing one or waiting for
-        # its workers, and serves no abort() until that ends (see launcher.run.interrupt)
-        started = _count_attempts(job.run_dir, launch_id) > 0
-        how = stop(controller, ABORT_WAIT_S if started else NOT_STARTED_WAIT_S)
-        last, where = _where_a_rerun_resumes(config)
-        raise RunInterrupted(f"run {job.name!r} stopped ({how}); {where}",
-                             checkpoint=last.path) from None
+    with sigterm_as_interrupt() as signals:  # also while stopping: a second one stops at once
+        try:
+            return trainer.fit()
+        except TrainingFailedError as exc:
+            restarts = max(0, _count_attempts(job.run_dir, launch_id) - 1)
+            last, where = _where_a_rerun_resumes(config)
+            raise TrainingFailed(
+                f"run {job.name!r} failed after {restarts} restart(s) "
+                f"(job.max_failures={job.max_failures}):\n{short_error(exc, verbose)}\n{where}",
+                checkpoint=last.path, cause=exc) from exc
+        except KeyboardInterrupt as exc:
+            signum = signals.received or getattr(exc, "signum", signal.SIGINT)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            _say(f"{name}: stopping the workers (a second {name} stops them at once)")
+            # no group started in this launch: the controller is placing one or waiting for
+            # its workers, and serves no abort() until that ends (see launcher.run.interrupt)
+            started = _count_attempts(job.run_dir, launch_id) > 0
+            how = stop(controller, ABORT_WAIT_S if started else NOT_STARTED_WAIT_S)
+            last, where = _where_a_rerun_resumes(config)
+            raise RunInterrupted(f"run {job.name!r} stopped ({how}); {where}",
+                                 checkpoint=last.path, signum=signum) from None
 
 
 def _where_a_rerun_resumes(config: Config) -> tuple["ResumePoint", str]:

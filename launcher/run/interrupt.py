@@ -1,4 +1,5 @@
-"""Ctrl-C on the driver while Ray Train runs: stop the run's workers, say where a rerun resumes.
+"""Ctrl-C or SIGTERM on the driver while Ray Train runs: stop the run's workers, say where a
+rerun resumes.
 
 Ray Train (2.60, Train V2) registers its own SIGINT handler in ``fit()``. The handler
 blocks until the controller's ``abort()`` returns, then calls ``sys.exit(0)``. This had two
@@ -18,6 +19,7 @@ run's resource request. :func:`stop` waits up to ``ABORT_WAIT_S`` for the abort,
 ``NOT_STARTED_WAIT_S`` when no worker group of the launch has started (the waiting case
 above, where no answer comes). If the controller does not answer, or a second Ctrl-C
 comes, it kills the controller, and the workers die with their owner.
+:func:`sigterm_as_interrupt` makes a SIGTERM take the same path.
 
 Either way no committed checkpoint is harmed. A worker killed mid-save leaves an
 uncommitted directory that a resume skips (``tests/test_faults.py`` kills workers there).
@@ -25,16 +27,39 @@ uncommitted directory that a resume skips (``tests/test_faults.py`` kills worker
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
-__all__ = ["ABORT_WAIT_S", "NOT_STARTED_WAIT_S", "ControllerHandle", "own_ctrl_c", "stop"]
+__all__ = ["ABORT_WAIT_S", "NOT_STARTED_WAIT_S", "ControllerHandle", "RunInterrupted", "Signals",
+           "Terminated", "own_ctrl_c", "sigterm_as_interrupt", "stop"]
 
 #: how long the first Ctrl-C waits for Ray Train's controller to abort the run gracefully
 ABORT_WAIT_S = 15.0
 #: the same before any worker group of this launch has started (the controller is waiting
 #: for resources or placing the group, and serves no abort() until that ends)
 NOT_STARTED_WAIT_S = 2.0
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) on the driver, after :func:`stop` ended the run. The message
+    says where a rerun of the same command resumes; ``checkpoint`` is that checkpoint
+    (None: a rerun starts from scratch)."""
+
+    def __init__(self, message: str, *, checkpoint: Optional[str] = None,
+                 signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.signum = int(signum)  #: SIGINT (Ctrl-C) or SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during ``fit()`` (a SLURM time limit, ``timeout``, a pod's end): stopped
+    like a Ctrl-C."""
+
+    signum = signal.SIGTERM
 
 
 class ControllerHandle:
@@ -79,3 +104,40 @@ def stop(handle: ControllerHandle, wait_s: float = ABORT_WAIT_S) -> str:
         pass  # a second Ctrl-C: now
     ray.kill(actor, no_restart=True)
     return "killed"
+
+
+class Signals:
+    """The signal that ended the block of :func:`sigterm_as_interrupt` (None: none there).
+
+    Ray's ``ray.get`` turns an exception raised by a signal handler while it waits into a
+    plain KeyboardInterrupt, so the exception's type does not tell SIGTERM from Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[Signals]:
+    """SIGTERM raises :class:`Terminated` in the block (on the main thread only) and is
+    recorded in the :class:`Signals` it yields.
+
+    Ray's driver would otherwise exit at once: its C++ failure handler prints a stack dump
+    and the process ends with status 1, without a word on where the run resumes. The
+    process also skips Ray's graceful abort, so an elastic run's resource request stays
+    booked for up to 180 s. Schedulers send SIGTERM before SIGKILL (SLURM at a time limit,
+    ``KillWait`` = 30 s before by default; Kubernetes, a 30 s grace period), so the run has
+    time to stop as it does on Ctrl-C. The block must start after ``ray.init``, whose handlers this one replaces."""
+    seen = Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        seen.received = signum
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
