@@ -106,6 +106,13 @@ class SimCluster:
 _DRIVERS: list = []  # every Driver started, for the tests' clean-up
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """The driver gets Ctrl-C as a user's terminal delivers it. A suite run in the
+    background (``&``, a CI runner) ignores SIGINT, and a child inherits an ignored signal,
+    so Python would install no KeyboardInterrupt handler and SIGINT would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Driver:
     """``sharded-ams train`` in its own process (session), output to ``<name>.log``."""
 
@@ -126,7 +133,8 @@ class Driver:
         _DRIVERS.append(self)
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                         cwd=self.run_dir.parent, start_new_session=True)
+                                         cwd=self.run_dir.parent, start_new_session=True,
+                                         preexec_fn=_sigint_as_in_a_terminal)
 
     def running(self) -> bool:
         return self.proc.poll() is None
