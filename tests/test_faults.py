@@ -410,14 +410,19 @@ def test_d_driver_interrupted_then_killed_then_same_command_resumes(cluster, sto
     driver is SIGKILLed at a random step; the same command again finishes the run, bitwise
     the reference's."""
     rng = random.Random(SEED + 2)
-    steps = 80  # the workers train on while Ray aborts them (~2 s): room for the kill after
+    # the workers train on until Ray's abort reaches them (15-20 steps on an idle machine,
+    # more under load): room for the kill after; steps are cheap (~40 ms)
+    steps = 120
     drv = Driver(cluster, storage, "kill-driver", steps)
     w = Watcher(drv.run_dir, drv)
     k = rng.randint(12, 25)
     w.until(lambda: w.step() >= k and w.newest_committed() > 0, f"step {k}")
+    at_int = w.step()
     drv.interrupt()
     t_int = time.time()
     assert drv.wait(timeout=60) == 130, drv.tail()
+    _report(case="(d) Ctrl-C the driver", exited_after_s=round(time.time() - t_int, 3),
+            steps_after_the_signal=w.step() - at_int)
     w.scan()
     said = drv.text().split("INTERRUPTED: ")[-1]
     assert said.startswith("run 'kill-driver' stopped (aborted); the last committed checkpoint is step "
