@@ -126,7 +126,8 @@ def sigterm_as_interrupt() -> Iterator[Signals]:
     process also skips Ray's graceful abort, so an elastic run's resource request stays
     booked for up to 180 s. Schedulers send SIGTERM before SIGKILL (SLURM at a time limit,
     ``KillWait`` = 30 s before by default; Kubernetes, a 30 s grace period), so the run has
-    time to stop as it does on Ctrl-C. The block must start after ``ray.init``, whose handlers this one replaces."""
+    time to stop as it does on Ctrl-C. The block must start after ``ray.init``, whose
+    handlers this one replaces."""
     seen = Signals()
     if threading.current_thread() is not threading.main_thread():
         yield seen
@@ -139,5 +140,5 @@ def sigterm_as_interrupt() -> Iterator[Signals]:
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield seen
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler not set from Python (then the default, as at exec)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
