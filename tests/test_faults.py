@@ -156,20 +156,27 @@ def check_finished_run(drv: Driver, watcher: Watcher, steps: int) -> list[dict]:
     return watcher.events()
 
 
+#: how long after a kill the previous group's last heartbeat may come: rank 0, when it is
+#: not the rank killed, finishes what it was doing, e.g. its forced beat after a checkpoint
+#: commit (CI, test_e: a node removed at step 10, a checkpoint step; the last beat came
+#: 58 ms after the kill, where this bound was 0.05 s)
+BEAT_AFTER_KILL_S = 2.0
+
+
 def check_restart(ev: dict, t_fault: float, committed_before: int, kind: str, *,
                   fault: str = "failure", **extra) -> None:
     """A start event after a fault at ``t_fault``: it resumed from a committed checkpoint at
     least as new as the newest seen before; its cost as the launcher measured it, from the
     previous group's last heartbeat, is at least what the outside saw from a killed process
-    (the heartbeat precedes the kill), at most what it saw from a node's arrival (the group
-    trained on until Ray resized it). A killed driver's workers train on until Ray ends the
+    (the heartbeat precedes the kill, within BEAT_AFTER_KILL_S), at most what it saw from a
+    node's arrival (the group trained on until Ray resized it). A killed driver's workers train on until Ray ends the
     job: either may be larger."""
     seen_s = ev["first_step_time"] - t_fault  # the fault to the first trained step after it, from outside
     assert ev["restart_s"] is not None and ev["restart_s"] > 0, ev
     if fault == "resize":
         assert ev["restart_s"] <= seen_s + 0.05, (ev, seen_s)
-    elif fault == "failure":
-        assert ev["restart_s"] >= seen_s - 0.05, (ev, seen_s)
+    elif fault == "failure":  # rank 0, if it survived, may beat once more: BEAT_AFTER_KILL_S
+        assert ev["restart_s"] >= seen_s - BEAT_AFTER_KILL_S, (ev, seen_s)
     assert ev["start_step"] >= committed_before and ev["start_step"] % 10 == 0, ev
     assert ev["steps_lost"] == ev["previous_step"] - ev["start_step"] >= 0, ev
     _report(case=kind, restart_s=ev["restart_s"], **{"seen_from_node_added_s" if fault == "resize" else
