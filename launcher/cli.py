@@ -210,7 +210,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    rc = func(args)
+    try:
+        rc = func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `sharded-ams ckpt inspect DIR | head`: the reader is gone
+        # stdout to /dev/null, so that the interpreter's flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     return int(rc or 0)
 
 

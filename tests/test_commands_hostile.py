@@ -252,6 +252,50 @@ def test_consolidate_and_convert_read_a_diverged_checkpoint_only_when_asked(work
                      "--allow-nonfinite"]) == 0
 
 
+def test_convert_reads_a_run_directory_as_export_does(work, capsys):
+    """SRC may be a run directory: its newest usable checkpoint (it said a run directory of
+    DCP checkpoints "is already a zero1 checkpoint"); OUT is never written inside SRC."""
+    run = work / "run"
+    assert cli_main(["ckpt", "convert", str(run), str(work / "d"), "--to", "dcp"]) == 0
+    assert f"from {run / 'step-00000002'}: step 2" in capsys.readouterr().out
+    drun = work / "drun"  # an fsdp run's directory: DCP checkpoints
+    drun.mkdir()
+    shutil.move(work / "d", drun / "step-00000002")
+    _cli_refused(capsys, ["ckpt", "convert", str(drun), str(work / "y"), "--to", "dcp"],
+                 f"{drun / 'step-00000002'} is already a dcp checkpoint")
+    assert cli_main(["ckpt", "convert", str(drun), str(work / "z"), "--to", "zero1"]) == 0
+    assert f"from {drun / 'step-00000002'}: step 2" in capsys.readouterr().out
+    _cli_refused(capsys, ["ckpt", "convert", str(run), str(run / "step-00000009"), "--to", "dcp"],
+                 "inside the checkpoint directory")
+    assert not (run / "step-00000009").exists() and not (work / "y").exists()
+    _save_run(work / "nan", work / "data", nan_at=2)  # falls back past a diverged newest one
+    assert cli_main(["ckpt", "convert", str(work / "nan"), str(work / "e"), "--to", "dcp"]) == 0
+    assert "step-00000002 is unusable" in capsys.readouterr().err
+    assert json.loads((work / "e" / "manifest.json").read_text())["step"] == 1
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    """`sharded-ams plan ... | head -1`: the reader leaves early; the command stops with
+    128 + SIGPIPE and no BrokenPipeError traceback."""
+    import signal
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run(["sharded-ams", "plan", "--model", "llama3-8b", "--gpus", "8"],
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "PATH": _bin_path()})
+    finally:
+        os.close(w)
+    assert proc.returncode == 128 + signal.SIGPIPE and "Traceback" not in proc.stderr, proc.stderr
+
+
+def _bin_path() -> str:
+    import sys
+
+    return str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
+
 # ----------------------------------------------------------------------------- newcomers
 
 

@@ -88,6 +88,11 @@ def test_convert_keeps_tied_weights_tied(tmp_path):
         assert main(["convert", str(mid), str(back), "--to", "zero1"]) == 0
     tied = json.loads((mid / "manifest.json").read_text())["tied"]
     assert tied == {"lm_head.weight": "wte.weight"}
+    from launcher.commands.ckpt import inspect_checkpoint
+
+    # `ckpt inspect` counts the tied weight once on both sides (DCP stores it under each key)
+    a, b = inspect_checkpoint(str(src)), inspect_checkpoint(str(mid))
+    assert (b["num_params"], b["numel"]) == (a["num_params"], a["numel"]), (a, b)
     assert read_manifest(back).model == read_manifest(src).model
     assert "lm_head.weight" not in torch.load(back / "model-extra.pt")["tensors"]
     assert _same(consolidate(src), consolidate(back))
@@ -99,6 +104,23 @@ def test_convert_keeps_tied_weights_tied(tmp_path):
     head = nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 4, bias=False))
     head[1].weight = head[0].weight
     assert tied_keys(head) == {"1.weight": "0.weight"} and tied_keys(model) == tied
+
+
+def test_a_one_process_convert_does_not_warn(tmp_path):
+    """DCP's "assuming the intent is to load in a single process" UserWarning, printed by
+    every ``ckpt convert``/``export``/``consolidate`` of a DCP checkpoint, is not shown."""
+    from ckpt_common import make_checkpoint
+
+    from launcher.commands.ckpt import main
+    from sharded_ams.checkpoint import consolidate
+
+    make_checkpoint(tmp_path / "src")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        assert main(["convert", str(tmp_path / "src"), str(tmp_path / "mid"), "--to", "dcp"]) == 0
+        assert main(["convert", str(tmp_path / "mid"), str(tmp_path / "z"), "--to", "zero1"]) == 0
+        consolidate(tmp_path / "mid")
+    assert not [w for w in got if "single process" in str(w.message)], [str(w.message) for w in got]
 
 
 def test_a_param_without_state_consolidates_and_converts(tmp_path):

@@ -339,6 +339,11 @@ def test_lr_schedule():
     assert lr_factor(55, **kw) == pytest.approx(0.55)
     assert lr_factor(100, **kw) == pytest.approx(0.1)
     assert lr_factor(50, **{**kw, "schedule": "constant"}) == 1.0
+    # a warmup as long as the run (--steps 30 on a config warming up 30): past the end
+    # of the schedule its minimum, not the full lr of a cosine of length 0
+    assert lr_factor(9, **{**kw, "total_steps": 10}) == pytest.approx(1.0)
+    assert lr_factor(10, **{**kw, "total_steps": 10}) == pytest.approx(0.1)
+    assert lr_factor(12, **{**kw, "total_steps": 5}) == pytest.approx(0.1)
 
 
 def test_resume_point_is_the_newest_committed_checkpoint(tmp_path):

@@ -12,17 +12,19 @@ from typing import Optional
 __all__ = ["inspect_dcp", "print_dcp", "add_convert_command"]
 
 
-def _summary(md) -> dict:
-    """Params (the ``model.`` tensors) and state bytes per key (``optim.state.FQN.KEY``)."""
+def _summary(md, tied: dict) -> dict:
+    """Params (the ``model.`` tensors, a tied weight once: DCP stores it under every key) and
+    state bytes per key (``optim.state.FQN.KEY``)."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     params, numel, state = 0, 0, {}
+    aliases = {"model." + k for k in tied}
     for key, item in md.state_dict_metadata.items():
         if not isinstance(item, TensorStorageMetadata):
             continue
         n = math.prod(item.size)
         nbytes = n * item.properties.dtype.itemsize
-        if key.startswith("model."):
+        if key.startswith("model.") and key not in aliases:
             params, numel = params + 1, numel + n
         elif key.startswith("optim.state.") and not key.endswith(".step"):
             skey = key.rsplit(".", 1)[1]
@@ -64,7 +66,7 @@ def inspect_dcp(path: str, *, checksums: bool = True) -> dict:
                 "files_bytes": man.files_bytes,
                 "files": {n: int(f["size"]) for n, f in man.files.items()}})
     if md is not None:
-        out.update(_summary(md))
+        out.update(_summary(md, man.tied))
     return out
 
 
@@ -95,24 +97,32 @@ def print_dcp(info: dict, fmt_bytes) -> Optional[int]:
 
 
 def _cmd_convert(args) -> int:
-    """Exit status as every command's (:mod:`launcher.commands.outputs`): 2 refused, 1 failed."""
+    """Exit status as every command's (:mod:`launcher.commands.outputs`): 2 refused, 1 failed.
+    SRC may be a run directory: its newest usable checkpoint, as ``ckpt export`` reads."""
     import os
     import sys
+    from pathlib import Path
 
-    from launcher.commands.outputs import EXIT_FAILED, EXIT_REFUSED, NONFINITE_HINT
+    from launcher.commands.outputs import (EXIT_FAILED, EXIT_REFUSED, NONFINITE_HINT, Refused,
+                                           check_output, newest_usable)
     from sharded_ams.checkpoint import DCP_FORMAT, CheckpointError, manifest_format
     from sharded_ams.checkpoint.convert import to_dcp, to_zero1
 
-    src, out = args.src, args.out
-    have = "dcp" if manifest_format(src) == DCP_FORMAT else "zero1"
+    def convert(src):
+        have = "dcp" if manifest_format(src) == DCP_FORMAT else "zero1"
+        if have == args.to:  # not a CheckpointError: no fallback to an older checkpoint
+            raise Refused(f"{src} is already a {have} checkpoint")
+        return (to_dcp if args.to == "dcp" else to_zero1)(src, args.out,
+                                                          allow_nonfinite=args.allow_nonfinite)
+
     try:
-        if os.path.lexists(out):
-            raise CheckpointError(f"{out} exists; give a new directory")
-        if have == args.to:
-            raise CheckpointError(f"{src} is already a {have} checkpoint")
-        done = (to_dcp if args.to == "dcp" else to_zero1)(src, out,
-                                                           allow_nonfinite=args.allow_nonfinite)
-    except CheckpointError as exc:
+        if os.path.lexists(args.out):
+            raise Refused(f"{args.out} exists; give a new directory")
+        check_output(Path(args.out).absolute(), [Path(args.src)], force=False,
+                     ours=lambda _: False, what="")  # not inside SRC, nor through a link
+        src, done = newest_usable(args.src, convert,
+                                  lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (Refused, CheckpointError) as exc:
         print(f"sharded-ams ckpt convert: error: {' '.join(str(exc).split())}"
               f"{NONFINITE_HINT if getattr(exc, 'kind', None) == 'values' else ''}", file=sys.stderr)
         return EXIT_REFUSED
@@ -120,8 +130,9 @@ def _cmd_convert(args) -> int:
         print(f"sharded-ams ckpt convert: failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     strategy = "fsdp" if args.to == "dcp" else "zero1"
-    print(f"wrote {out} ({args.to}) from {src}: step {done['step']}, {done['params']} params; "
-          f"start a run from it with parallel.strategy = \"{strategy}\" and job.resume_from = {out}")
+    print(f"wrote {args.out} ({args.to}) from {src}: step {done['step']}, {done['params']} params; "
+          f"start a run from it with parallel.strategy = \"{strategy}\" and job.resume_from = "
+          f"{args.out}")
     return 0
 
 
@@ -131,7 +142,8 @@ def add_convert_command(sub) -> None:
                        description="Write SRC (a zero1 or a DCP checkpoint) in the other "
                                    "format, so that a run can switch parallel.strategy. "
                                    "Every tensor is kept bit for bit.")
-    c.add_argument("src", help="checkpoint directory (holding manifest.json)")
+    c.add_argument("src", help="checkpoint directory (holding manifest.json), or a run "
+                               "directory: its newest usable checkpoint")
     c.add_argument("out", help="new checkpoint directory")
     c.add_argument("--to", required=True, choices=("dcp", "zero1"),
                    help="dcp: for parallel.strategy fsdp; zero1: for ShardedAMS")

@@ -11,7 +11,8 @@ regular file written by ``torch.save``). Anything else is refused, and nothing i
 Exit status of every ``sharded-ams`` command: 0 done; 1 the command ran and failed (training
 failed, ``ckpt inspect`` found the checkpoint invalid, an I/O error while writing); 2 refused
 before doing anything (bad command line, config, input data, checkpoint or OUT): one line
-on stderr naming the file and field.
+on stderr naming the file and field; 141 (128 + SIGPIPE) the reader of its output left
+(``| head``: ``launcher/cli.py``); 130 / 143 a training run stopped by Ctrl-C / SIGTERM.
 """
 
 from __future__ import annotations

@@ -81,8 +81,8 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
+    span = total_steps - warmup_steps  # <= 0: the warmup ran to (or past) the end
+    progress = 1.0 if span <= 0 else min(1.0, (step - warmup_steps) / span)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 _log = log_progress

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,6 +50,17 @@ __all__ = ["save_dcp", "load_dcp", "write_dcp_state", "SafeLoadPlanner", "reader
            "dcp_state_dict"]
 
 log = logging.getLogger("sharded_ams.checkpoint")
+
+
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns "assuming the intent is to load/save in a single process" whenever no
+    process group is up; a one-process save, ``ckpt convert`` or ``ckpt export`` means just
+    that, so the warning is noise on a user's terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning,
+                                message=r"torch\.distributed is .*single process")
+        yield
 
 
 def world_group() -> Group:
@@ -158,12 +170,14 @@ def write_dcp_state(path: PathLike, sd: dict, *, step: int, extra: Optional[dict
     except Exception as exc:
         err = _save_failed(path, ctx.rank, "prepare", exc)
     ctx.agree(err)
-    dcp.save(sd, storage_writer=FileSystemWriter(str(path), single_file_per_rank=True,
-                                                 sync_files=True),
-             # replicated items (the per-param steps, unsharded buffers) in rank 0's file
-             # only: a load then reads its own file and rank 0's, and hashes those two, not
-             # a little of every rank's (DCP's default spreads them over all files)
-             planner=ChunkSavePlanner(dedup_save_to_lowest_rank=True), no_dist=not ctx.active)
+    with quiet_single_process():
+        dcp.save(sd, storage_writer=FileSystemWriter(str(path), single_file_per_rank=True,
+                                                     sync_files=True),
+                 # replicated items (the per-param steps, unsharded buffers) in rank 0's
+                 # file only: a load then reads its own file and rank 0's, and hashes those
+                 # two, not a little of every rank's (DCP's default spreads them over all)
+                 planner=ChunkSavePlanner(dedup_save_to_lowest_rank=True),
+                 no_dist=not ctx.active)
     try:
         for name in sorted(os.listdir(path)):
             m = DATA_RE.match(name)
@@ -429,7 +443,8 @@ def load_dcp(path: PathLike, model: nn.Module, optimizer, *, lr_scheduler=None,
         if sharded:
             optimizer._begin_state_load()
         with refusing(man.path):  # DCP's errors, and the reader's refusals
-            dcp.load(sd, storage_reader=reader_of(man, md, held), planner=SafeLoadPlanner())
+            with quiet_single_process():
+                dcp.load(sd, storage_reader=reader_of(man, md, held), planner=SafeLoadPlanner())
     finally:
         files.close()
     if not allow_nonfinite:  # this rank's shards as loaded (no copy), before the rest applies

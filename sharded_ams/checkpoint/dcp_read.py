@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .dcp import SafeLoadPlanner
+from .dcp import SafeLoadPlanner, quiet_single_process
 from .dcp_meta import CheckedFiles, check_files, load_trainer, read_dcp_manifest, refusing
 from .dcp_reader import reader_of
 from .format import HP_KEYS, CheckpointError, PathLike
@@ -47,8 +47,9 @@ def read_dcp_full(path: PathLike, *, allow_nonfinite: bool = False) -> dict:
         for key, m in md.state_dict_metadata.items():
             flat[key] = (torch.empty(tuple(m.size), dtype=m.properties.dtype)
                          if isinstance(m, TensorStorageMetadata) else None)
-        dcp.load(flat, storage_reader=reader_of(man, md, files),
-                 planner=SafeLoadPlanner(flatten_state_dict=False), no_dist=True)
+        with quiet_single_process():
+            dcp.load(flat, storage_reader=reader_of(man, md, files),
+                     planner=SafeLoadPlanner(flatten_state_dict=False), no_dist=True)
         nested = _nest(flat, md.planner_data, man.path)
         full = {"model": nested.get("model", {}), "optim": nested.get("optim", {}),
                 "trainer": trainer, "manifest": man}
