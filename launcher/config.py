@@ -22,6 +22,7 @@ factory imports) is checked by :mod:`launcher.run.preflight`, still before Ray s
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -512,15 +513,28 @@ class Config:
         return cls(**{k: _build_section(k, v) for k, v in d.items()})
 
 
+def _did_you_mean(unknown: Sequence[str], known: set[str]) -> str:
+    """" (did you mean 'lr'?)" for a near-miss of a known key, else ""."""
+    close = [m for u in unknown for m in difflib.get_close_matches(u, sorted(known), n=1)]
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+
+
 def _build_section(name: str, values: Any):
     cls = _SECTIONS[name]
     if not isinstance(values, Mapping):
         raise ValueError(f"[{name}] must be a table of settings, got {values!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    _check_keys(name, values)
+    return cls(**values)
+
+
+def _check_keys(name: str, values: Mapping, where: str = "") -> None:
+    """ValueError for keys ``[name]`` does not have (``where``: "FILE: ", the file they
+    came from), naming a near miss."""
+    known = {f.name for f in dataclasses.fields(_SECTIONS[name])}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown key(s) in [{name}]: {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
+        raise ValueError(f"{where}unknown key(s) in [{name}]: {unknown}"
+                         f"{_did_you_mean(unknown, known)}; known keys: {sorted(known)}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -550,7 +564,8 @@ def _apply(data: dict[str, Any], key: str, value: Any) -> None:
         raise ValueError(f"override {key!r}: unknown section {section!r}; expected {sorted(_SECTIONS)}")
     known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
     if name not in known:
-        raise ValueError(f"override {key!r}: unknown key {name!r} in [{section}]; known keys: {sorted(known)}")
+        raise ValueError(f"override {key!r}: unknown key {name!r} in [{section}]"
+                         f"{_did_you_mean([name], known)}; known keys: {sorted(known)}")
     table = data.setdefault(section, {})
     if not isinstance(table, dict):
         raise ValueError(f"[{section}] must be a table of settings, got {table!r}")
@@ -591,6 +606,9 @@ def load_config(
     if unknown:
         raise ValueError(f"{path}: unknown config section(s) {unknown}; expected {sorted(_SECTIONS)}")
     data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for name, values in data.items():
+        if isinstance(values, Mapping):
+            _check_keys(name, values, f"{path}: ")
     for key, value in _env_overrides(os.environ if environ is None else environ).items():
         _apply(data, key, value)
     if overrides:

@@ -115,7 +115,8 @@ def test_a_yaml_key_written_twice_is_refused_as_in_toml(tmp_path, text, where):
 
 
 @pytest.mark.parametrize("text, match", [
-    ("[optim]\nlrr = 1\n", r"unknown key\(s\) in \[optim\]: \['lrr'\]"),
+    ("[optim]\nlrr = 1\n", r"bad\.toml: unknown key\(s\) in \[optim\]: \['lrr'\] \(did you mean 'lr'\?\)"),
+    ("[optim]\nzzz = 1\n", r"unknown key\(s\) in \[optim\]: \['zzz'\]; known keys"),
     ("[trainer]\nsteps = 1\n", r"unknown config section\(s\) \['trainer'\]"),
     ("steps = 1\n", r"unknown config section\(s\) \['steps'\]"),
     ("[job]\nsteps = 0\n", r"job\.steps must be >= 1"),
@@ -250,7 +251,7 @@ def test_overrides_env_and_precedence(tmp_path):
     assert parse_override("job.fail_at_step=none") == ("job.fail_at_step", None)
     with pytest.raises(ValueError, match="section.key=value"):
         parse_override("steps")
-    with pytest.raises(ValueError, match=r"unknown key 'stepz' in \[job\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'stepz' in \[job\] \(did you mean 'steps'\?\)"):
         load_config(None, ["job.stepz=3"], environ={})
     with pytest.raises(ValueError, match="must be section.key"):
         load_config(None, ["steps=3"], environ={})

@@ -65,7 +65,7 @@ def check_parallel(par: ParallelConfig, model: Any, data: Any, job: Any) -> None
         fail("parallel", "tp", f"has a plan for the built-in llama only, not {what}", tp)
     problems = tp_refusals(model, tp, seq_len=data.block_size)  # tp.py's, as apply_tp checks
     if problems:
-        fail("parallel", "tp", "does not fit the model: " + "; ".join(problems), tp)
+        raise ValueError(f"parallel.tp = {tp} does not fit the model: " + "; ".join(problems))
     lo, hi = worker_range(job.num_workers)
     bad = [w for w in range(lo, hi + 1) if w % tp]
     if bad:

@@ -41,8 +41,9 @@ def tp_refusals(cfg: Any, tp: int, seq_len: int | None = None,
         if value % tp:
             out.append(f"tp = {tp} does not divide model.{name} = {value}")
     if getattr(cfg, "tie_weights", False) and tp > 1:
-        out.append("tp > 1 needs model.tie_weights = false (the embedding is split by "
-                   "vocabulary rows for lookup, lm_head by vocabulary columns)")
+        out.append("tp > 1 needs untied embeddings (the embedding is split by vocabulary "
+                   "rows for lookup, lm_head by vocabulary columns), and this model ties "
+                   "them: set model.tie_weights = false")
     if sequence_parallel and seq_len is not None and seq_len % tp:
         out.append(f"tp = {tp} does not divide the sequence length {seq_len} "
                    "(sequence parallelism splits it)")
