@@ -151,7 +151,10 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     (("--model", "60m", "--gpus", "6", "--tp", "3", "--seq", "1024",
       "--global-batch-tokens", "6144"), "--tp 3 does not divide the model's n_head (8)"),
     (("--model", "60m", "--gpus", "8", "--tp", "1", "--seq", "1024", "--global-batch-tokens", "12288"),
-     "does not split into 8 data-parallel ranks"),
+     "does not split into 8 data-parallel ranks x micro-batches of 1 (--global-batch-tokens "
+     "8_192 or 16_384 would)"),
+    (("--model", "60m", "--gpus", "8", "--tp", "1", "--seq", "1024", "--global-batch-tokens", "4096"),
+     "(--global-batch-tokens 8_192 would)"),
     (("--model", "60m", "--gpus", "8", "--seq", "1000", "--global-batch-tokens", "8192"),
      "is not a multiple of --seq 1000"),
     (("--model", "no/such.toml", "--gpus", "8"), "no such config file"),

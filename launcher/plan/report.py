@@ -53,9 +53,13 @@ def geometry(inp: PlanInputs, tp: int, checkpointing: bool) -> timing.Geometry:
         raise ValueError(f"--global-batch-tokens {inp.global_batch_tokens} is not a multiple "
                          f"of --seq {inp.seq}")
     seqs = inp.global_batch_tokens // inp.seq
-    if seqs % (dp * inp.micro_batch):
+    unit = dp * inp.micro_batch
+    if seqs % unit:
+        near = sorted({max(unit, seqs // unit * unit), -(-seqs // unit) * unit})
         raise ValueError(f"the global batch of {seqs} sequences does not split into "
-                         f"{dp} data-parallel ranks x micro-batches of {inp.micro_batch}")
+                         f"{dp} data-parallel ranks x micro-batches of {inp.micro_batch} "
+                         f"(--global-batch-tokens {' or '.join(f'{n * inp.seq:_}' for n in near)}"
+                         " would)")
     per_rank = seqs // dp
     return timing.Geometry(inp.gpus, tp, inp.gpus_per_node, per_rank * inp.seq,
                            inp.micro_batch * inp.seq, per_rank // inp.micro_batch, checkpointing)
