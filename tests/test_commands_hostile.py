@@ -103,6 +103,20 @@ def test_export_copies_the_runs_tokenizer_and_records_its_sha256(work):
                                                      "tokenizer_config.json"]
 
 
+def test_export_dtype_takes_the_configs_spelling_too(work, capsys):
+    """``--dtype bf16`` (as ``model.precision`` spells it) is bfloat16, not a usage error."""
+    from safetensors import safe_open
+
+    for name, want in (("bf16", "BF16"), ("fp16", "F16"), ("float32", "F32")):
+        assert cli_main(["ckpt", "export", str(work / "run"), str(work / name), "--format",
+                         "safetensors", "--dtype", name]) == 0
+        with safe_open(work / name / "model.safetensors", "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {want}
+    with pytest.raises(SystemExit):
+        cli_main(["ckpt", "export", str(work / "run"), str(work / "x"), "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("how, match", [
     ("dotdot", r"tokenizer\.file '\.\./secret/creds' must be a plain file name"),
     ("symlink", r"tokenizer\.json: cannot open the tokenizer .*symbolic link is not followed"),

@@ -44,6 +44,8 @@ __all__ = ["export_checkpoint", "resolve_checkpoint", "add_export_command", "Exp
 WEIGHTS = "model.safetensors"
 _OUR_FILES = {WEIGHTS, "config.json", "tokenizer.json", "tokenizer_config.json"}
 _DTYPES = ("float32", "bfloat16", "float16")
+#: the config's spelling (``model.precision = "bf16"``) means the same dtype here
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class ExportError(ValueError):
@@ -247,7 +249,9 @@ def add_export_command(sub) -> None:
     p.add_argument("out", help="output directory")
     p.add_argument("--format", dest="fmt", choices=("hf", "safetensors"), default="hf")
     p.add_argument("--dtype", choices=_DTYPES, default=None,
-                   help="cast the weights (default: the dtype they were trained in)")
+                   type=lambda x: _DTYPE_ALIASES.get(x, x),
+                   help="cast the weights (default: the dtype they were trained in; bf16, fp16 "
+                        "and fp32 name the same three)")
     p.add_argument("--force", action="store_true", help="replace OUT if it is an earlier export")
     p.add_argument("--no-tokenizer", dest="tokenizer", action="store_false",
                    help="--format hf: do not copy the run's tokenizer")
