@@ -101,6 +101,31 @@ def test_cli_names_a_batch_for_a_fixed_worker_count(capsys):
     assert rc == 2 and "the nearest data.batch_size values that work: 15 or 18" in err, err
 
 
+@pytest.mark.timeout(60)  # without the check, ray.init retries here for many minutes
+def test_an_address_nothing_answers_at_is_refused_in_seconds(tmp_path, capsys):
+    """A mistyped port: Ray's connect retried for minutes (still at it after 200 s), with
+    GCS timeouts on the terminal; now one line, exit 2, before any Ray call."""
+    import socket
+
+    from launcher.run.preflight import LaunchError, check_ray_address
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        check_ray_address(f"127.0.0.1:{port}")  # something answers: Ray's turn
+        check_ray_address(f"ray://127.0.0.1:{port}")
+    check_ray_address("auto")  # Ray's to resolve
+    with pytest.raises(LaunchError, match=rf"--address ray://127\.0\.0\.1:{port}: no Ray cluster"):
+        check_ray_address(f"ray://127.0.0.1:{port}")
+    rc = cli_main(["train", str(ROOT / "launcher/configs/gpt_tiny.toml"), "--address",
+                   f"127.0.0.1:{port}", "--set", f"job.storage_path={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"sharded-ams train: error: --address 127.0.0.1:{port}: "
+                                          "no Ray cluster answers there"), err
+    assert "ray start --head --port=" in err[-1]
+
+
 # ----------------------------------------------------------------------------- data and precision
 
 

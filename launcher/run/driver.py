@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from launcher.config import Config, is_uri
-from launcher.run.preflight import LaunchError
+from launcher.run.preflight import LaunchError, check_ray_address
 from launcher.run.console import TAG, quiet_ray_logs, short_error
 from launcher.run.interrupt import (ABORT_WAIT_S, NOT_STARTED_WAIT_S, RunInterrupted,
                                     own_ctrl_c, sigterm_as_interrupt, stop)
@@ -218,7 +218,12 @@ def _ray_session(address: Optional[str], cfg: Config, verbose: bool) -> Iterator
         _say(f"started a local Ray ({cpus} CPUs) in {time.perf_counter() - t0:.1f} s")
     else:
         target = address or os.environ["RAY_ADDRESS"]
-        ray.init(address=target, logging_level=log_level, runtime_env=cfg.job.runtime_env() or None)
+        check_ray_address(target)
+        try:
+            ray.init(address=target, logging_level=log_level,
+                     runtime_env=cfg.job.runtime_env() or None)
+        except ConnectionError as exc:  # "auto" with no cluster on this machine, and the like
+            raise LaunchError(f"--address {target}: {exc}") from None
         _say(f"connected to the Ray cluster at {target}")
     with ExitStack() as stack:
         # entered first, so exited last: the filter stays on while Ray shuts down

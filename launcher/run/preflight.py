@@ -11,13 +11,16 @@ every restart, up to ``job.max_failures`` times (or fail later, after minutes of
   ``data.block_size`` window;
 * the vocabulary: ``model.vocab_size`` unset takes the data's; set, it must cover it;
 * the model: built on the ``meta`` device (no memory, any size), so a factory that does not
-  import or returns the wrong thing fails here; its parameter count and FLOPs per token.
+  import or returns the wrong thing fails here; its parameter count and FLOPs per token;
+* a cluster's address (``--address HOST:PORT``): something answers there
+  (:func:`check_ray_address`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import Optional
 from launcher.config import Config, is_uri
 from launcher.run.scaling import oversubscription_warning
 
-__all__ = ["preflight", "Preflight", "LaunchError"]
+__all__ = ["preflight", "Preflight", "LaunchError", "check_ray_address"]
 
 
 class LaunchError(ValueError):
@@ -142,3 +145,24 @@ def _where(cfg: Config) -> str:
     if cfg.data.path:
         return f"data.path {cfg.data.path}"
     return "the standard-library corpus"
+
+
+#: how long a cluster's head may take to accept a TCP connection
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """LaunchError when nothing accepts a TCP connection at ``address`` (``HOST:PORT`` or
+    ``ray://HOST:PORT``; ``auto`` and other forms are Ray's to resolve). Without it a
+    mistyped port made ``ray.init`` retry for minutes, printing GCS timeouts (Ray 2.60:
+    still retrying after 200 s), instead of saying what is wrong."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise LaunchError(f"--address {address}: no Ray cluster answers there ({why}); start "
+                          f"its head with `ray start --head --port={port}` or check the "
+                          "address (docs/cluster.md)") from None
