@@ -22,7 +22,6 @@ factory imports) is checked by :mod:`launcher.run.preflight`, still before Ray s
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,15 +29,11 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from .config_checks import (check_bool, check_choice, check_env, check_factory, check_float,
-                            check_int, check_table, fail, read_config_file)
+                            check_int, check_table, did_you_mean, fail, parse_override,
+                            read_config_file)
 from .train.models.sizes import ARCH_DEFAULTS, ARCHES, SHAPE_FIELDS, resolve_shape
 from .run.parallel_config import ParallelConfig, check_parallel
 from .run.scaling import accumulation_steps, check_batch_split, parse_num_workers, worker_range
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
     "ModelConfig",
@@ -513,12 +508,6 @@ class Config:
         return cls(**{k: _build_section(k, v) for k, v in d.items()})
 
 
-def _did_you_mean(unknown: Sequence[str], known: set[str]) -> str:
-    """" (did you mean 'lr'?)" for a near-miss of a known key, else ""."""
-    close = [m for u in unknown for m in difflib.get_close_matches(u, sorted(known), n=1)]
-    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-
-
 def _build_section(name: str, values: Any):
     cls = _SECTIONS[name]
     if not isinstance(values, Mapping):
@@ -534,26 +523,10 @@ def _check_keys(name: str, values: Mapping, where: str = "") -> None:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}unknown key(s) in [{name}]: {unknown}"
-                         f"{_did_you_mean(unknown, known)}; known keys: {sorted(known)}")
+                         f"{did_you_mean(unknown, known)}; known keys: {sorted(known)}")
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"optim.lr=3e-4"`` -> ``("optim.lr", 0.0003)``. The value is read as a TOML value
-    (numbers, true/false, [lists], "quoted strings"); anything else is a bare string."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ValueError(f"override {item!r} must look like section.key=value")
-    raw = raw.strip()
-    if raw.lower() in ("none", "null"):
-        return key, None
-    try:
-        return key, tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return key, raw
 
 
 def _apply(data: dict[str, Any], key: str, value: Any) -> None:
@@ -565,7 +538,7 @@ def _apply(data: dict[str, Any], key: str, value: Any) -> None:
     known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
     if name not in known:
         raise ValueError(f"override {key!r}: unknown key {name!r} in [{section}]"
-                         f"{_did_you_mean([name], known)}; known keys: {sorted(known)}")
+                         f"{did_you_mean([name], known)}; known keys: {sorted(known)}")
     table = data.setdefault(section, {})
     if not isinstance(table, dict):
         raise ValueError(f"[{section}] must be a table of settings, got {table!r}")

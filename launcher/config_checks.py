@@ -3,6 +3,7 @@ and quoting the bad value (``"job.steps must be >= 1, got 0"``)."""
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -148,3 +149,25 @@ def read_config_file(path: Union[str, os.PathLike]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{p}: the top level must be a table of sections, got {type(data).__name__}")
     return data
+
+
+def did_you_mean(unknown: Sequence[str], known: set[str]) -> str:
+    """" (did you mean 'lr'?)" for a near-miss of a known key, else ""."""
+    close = [m for u in unknown for m in difflib.get_close_matches(u, sorted(known), n=1)]
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=3e-4"`` -> ``("optim.lr", 0.0003)``. The value is read as a TOML value
+    (numbers, true/false, [lists], "quoted strings"); anything else is a bare string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    raw = raw.strip()
+    if raw.lower() in ("none", "null"):
+        return key, None
+    try:
+        return key, tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, raw
