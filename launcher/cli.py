@@ -108,7 +108,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checked = preflight(config, local=local)
         from launcher.run.driver import check_resume
 
-        check_resume(checked.config)  # the checkpoint a rerun resumes from: usable, same model
+        point = check_resume(checked.config)  # where a rerun resumes from: usable, same model
     except (ValueError, FileNotFoundError) as exc:
         return _usage_error(exc)
     for msg in checked.warnings:
@@ -121,7 +121,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from launcher.run.driver import LaunchError, TrainingFailed, run
 
     try:
-        run(checked.config, address=args.address, verbose=args.verbose, checked=True)
+        run(checked.config, address=args.address, verbose=args.verbose, checked=True,
+            resume=point)
     except LaunchError as exc:  # found on the driver before training started
         return _usage_error(exc)
     except TrainingFailed as exc:

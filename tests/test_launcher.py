@@ -357,7 +357,7 @@ def test_resume_point_is_the_newest_committed_checkpoint(tmp_path):
 
     pytest.importorskip("ray.train")
     from launcher.train.models import build_model
-    from launcher.run.driver import LaunchError, _check_same_model, find_resume_point
+    from launcher.run.resume_point import LaunchError, _check_same_model, find_resume_point
     from launcher.train.resume import _resume_candidates
     from sharded_ams import ShardedAMS
     from sharded_ams.checkpoint import CheckpointError, save_checkpoint
@@ -388,6 +388,65 @@ def test_resume_point_is_the_newest_committed_checkpoint(tmp_path):
     assert _resume_candidates({}, str(tmp_path / "new"), None) == []
     with pytest.raises(CheckpointError, match="not a valid checkpoint and the run dir holds no other"):
         _resume_candidates(loop, str(tmp_path / "new"), SimpleNamespace(path=str(run_dir / "step-00000015")))
+
+
+def test_a_ray_checkpoint_with_a_truncated_file_is_passed_over_on_the_driver(tmp_path, monkeypatch,
+                                                                            capsys):
+    """Ray's snapshot registered step 12, whose shard was then truncated: the driver said
+    "resuming ... from its checkpoint at step 12" and the workers resumed from step 10.
+    Now the driver passes it over as they do and says so once; a run whose only
+    checkpoint is unusable is refused (the workers would not start over on top of it)."""
+    import dataclasses
+    import shutil
+
+    pytest.importorskip("ray.train")
+    import launcher.run.resume_point as rp
+    from launcher.train.models import build_model
+    from sharded_ams import ShardedAMS
+    from sharded_ams.checkpoint import save_checkpoint
+
+    cfg = _config(tmp_path, "r")
+    model = build_model(dataclasses.asdict(cfg.model))
+    opt = ShardedAMS(model, backend="eager")
+    run_dir = Path(cfg.job.run_dir)
+    for step in (10, 12):
+        save_checkpoint(run_dir / f"step-{step:08d}", opt, model=model, step=step)
+    shard = next((run_dir / "step-00000012").glob("shard-*"))
+    shard.write_bytes(shard.read_bytes()[:-1])
+    monkeypatch.setattr(rp, "_ray_latest", lambda d: rp.ResumePoint("ray", f"{d}/step-00000012", 12))
+    said: list[str] = []
+    point = rp.find_resume_point(cfg, say=said.append)
+    assert (point.source, point.step) == ("scan", 10), point
+    assert len(said) == 1 and said[0].startswith(f"not resuming from {run_dir}/step-00000012: "), said
+    from types import SimpleNamespace
+
+    from launcher.train.resume import _resume_candidates
+
+    capsys.readouterr()  # the workers' choice, said once too (their scan logged it again)
+    assert _resume_candidates({}, str(run_dir), SimpleNamespace(path=f"{run_dir}/step-00000012")) \
+        == [(10, str(run_dir / "step-00000010"), "scan")]
+    assert capsys.readouterr().out.count("not resuming from") == 1
+    shutil.rmtree(run_dir / "step-00000010")
+    with pytest.raises(rp.LaunchError, match=r"has checkpoints in .* but none is usable \(.*step-00000012"):
+        rp.find_resume_point(cfg)
+
+
+def test_run_takes_the_resume_point_the_cli_checked(tmp_path, monkeypatch):
+    """The CLI checks the resume point before run(); run() checked it again and printed
+    every note (a changed lr's) twice."""
+    import launcher.run.driver as drv
+
+    class Started(Exception):
+        pass
+
+    def ray_session(*_a, **_k):
+        raise Started
+
+    monkeypatch.setattr(drv, "check_resume", lambda cfg: pytest.fail("the resume point checked twice"))
+    monkeypatch.setattr(drv, "_prepare_env", lambda address: None)
+    monkeypatch.setattr(drv, "_ray_session", ray_session)
+    with pytest.raises(Started):
+        drv.run(_config(tmp_path, "once"), checked=True, resume=drv.ResumePoint())
 
 
 # =============================================================================== CLI

@@ -22,9 +22,14 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-__all__ = ["TAG", "filter_line", "filter_text", "quiet_ray_logs", "short_error"]
+__all__ = ["TAG", "say", "filter_line", "filter_text", "quiet_ray_logs", "short_error"]
 
 TAG = "[sharded-ams]"  # launcher.train.step.PROGRESS_TAG (not imported: it imports torch)
+
+
+def say(msg: str) -> None:
+    """One tagged line of the launcher's own on the driver's stdout."""
+    print(f"{TAG} {msg}", flush=True)
 
 # Ray lines that say nothing a user of this launcher needs; hidden unless verbose.
 _NOISE = re.compile("|".join(re.escape(s) for s in (

@@ -21,10 +21,11 @@ Fault tolerance, in layers (docs/fault-tolerance.md):
 * the workers resume from the newest of that checkpoint and the newest committed one in
   the run directory (``sharded_ams.checkpoint.find_latest_checkpoint``: Ray's can lag
   behind, and may be missing: deleted snapshot, checkpoints copied in by hand), else from
-  ``job.resume_from`` (see :func:`find_resume_point`, and ``launcher.train.loop``).
+  ``job.resume_from`` (see :func:`launcher.run.resume_point.find_resume_point`, and
+  ``launcher.train.loop``).
 
 Before Ray starts, the driver checks what it can (:mod:`launcher.run.preflight`; the resume
-point and its model, here): errors raise :class:`LaunchError` (exit status 2 in the CLI).
+point and its model, :mod:`launcher.run.resume_point`): errors raise :class:`LaunchError` (exit status 2 in the CLI).
 
 Records: rank 0 appends every report and one event per start of the worker group to
 ``run_dir/.sharded_ams/metrics.jsonl`` (:mod:`launcher.run.records`), read back into
@@ -44,22 +45,22 @@ import time
 import uuid
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from launcher.config import Config, is_uri
 from launcher.run.preflight import LaunchError, check_ray_address
-from launcher.run.console import TAG, quiet_ray_logs, short_error
+from launcher.run.console import TAG, quiet_ray_logs, say, short_error
 from launcher.run.interrupt import (ABORT_WAIT_S, NOT_STARTED_WAIT_S, RunInterrupted,
                                     own_ctrl_c, sigterm_as_interrupt, stop)
 from launcher.run.records import (HISTORY_FILE, STATE_DIR, describe_start, exists,  # noqa: F401
                               format_sizes, read_events, read_history, size_history)
+from launcher.run.resume_point import (RAY_SNAPSHOT, ResumePoint, check_resume,  # noqa: F401
+                                       find_resume_point)
 from launcher.run.scaling import oversubscription_warning
 
 __all__ = ["run", "RunResult", "TrainingFailed", "RunInterrupted", "LaunchError", "ResumePoint",
            "find_resume_point", "check_resume", "read_history"]
 
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Elastic runs: how long Ray Train waits to place a worker group before it decides the size
 # again (Ray's default is 60 s). After a node is lost, Ray's view of the cluster lags (the
 # GCS marks the node dead after missed heartbeats; the elastic policy's resource view
@@ -70,8 +71,6 @@ ELASTIC_START_TIMEOUT_S = "10"
 _START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
-def _say(msg: str) -> None:
-    print(f"{TAG} {msg}", flush=True)
 
 
 class TrainingFailed(RuntimeError):
@@ -83,16 +82,6 @@ class TrainingFailed(RuntimeError):
         super().__init__(message)
         self.checkpoint = checkpoint
         self.cause = cause
-
-
-@dataclass
-class ResumePoint:
-    """Where a launch starts: ``source`` is "ray" (the run's Ray snapshot), "scan" (a
-    committed checkpoint found in the run dir), "config" (job.resume_from) or None (fresh)."""
-
-    source: Optional[str] = None
-    path: Optional[str] = None
-    step: Optional[int] = None
 
 
 @dataclass
@@ -215,7 +204,7 @@ def _ray_session(address: Optional[str], cfg: Config, verbose: bool) -> Iterator
         cpus = max(2, cfg.job.max_workers)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                  logging_level=log_level, runtime_env=cfg.job.runtime_env() or None)
-        _say(f"started a local Ray ({cpus} CPUs) in {time.perf_counter() - t0:.1f} s")
+        say(f"started a local Ray ({cpus} CPUs) in {time.perf_counter() - t0:.1f} s")
     else:
         target = address or os.environ["RAY_ADDRESS"]
         check_ray_address(target)
@@ -224,7 +213,7 @@ def _ray_session(address: Optional[str], cfg: Config, verbose: bool) -> Iterator
                      runtime_env=cfg.job.runtime_env() or None)
         except ConnectionError as exc:  # "auto" with no cluster on this machine, and the like
             raise LaunchError(f"--address {target}: {exc}") from None
-        _say(f"connected to the Ray cluster at {target}")
+        say(f"connected to the Ray cluster at {target}")
     with ExitStack() as stack:
         # entered first, so exited last: the filter stays on while Ray shuts down
         stack.enter_context(quiet_ray_logs(enabled=not verbose))
@@ -247,141 +236,7 @@ def _check_cluster_resources(cfg: Config, started_locally: bool) -> None:
     if not started_locally or job.use_gpu:  # an embedded CPU Ray: checked against the cores by preflight
         msg = oversubscription_warning(job.num_workers, have, kind, local=False)
         if msg:
-            _say(msg)
-
-
-# ----------------------------------------------------------------------------- resume
-
-
-@contextmanager
-def _ray_train_logs_at(level: int) -> Iterator[None]:
-    lg = logging.getLogger("ray.train")
-    old = lg.level
-    lg.setLevel(level)
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
-
-
-def _ray_latest(run_dir: str) -> ResumePoint:
-    """The latest checkpoint in the run's Ray Train snapshot, if any."""
-    snapshot = f"{run_dir}/{RAY_SNAPSHOT}"
-    if not exists(snapshot):
-        return ResumePoint()
-    from ray.train import Result
-
-    try:
-        with _ray_train_logs_at(logging.WARNING):
-            result = Result.from_path(run_dir)
-    except Exception as exc:  # corrupt snapshot or deleted checkpoints
-        raise LaunchError(
-            f"cannot resume run dir {run_dir}: Ray Train's {RAY_SNAPSHOT} there is unusable "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Move or delete "
-            "that file to resume from the newest committed checkpoint in the directory, or pick a "
-            "new job.name.") from exc
-    if result.checkpoint is None:
-        return ResumePoint()
-    step = (result.metrics or {}).get("step")
-    return ResumePoint("ray", result.checkpoint.path, int(step) if step is not None else None)
-
-
-def find_resume_point(cfg: Config) -> ResumePoint:
-    """Where a launch of ``cfg`` starts: the newest of the run's Ray snapshot's latest
-    checkpoint and the newest committed checkpoint in the run dir (Ray's wins a tie); else
-    ``job.resume_from``; else nothing (a new run). The workers make the same choice
-    (``launcher.train.loop``). Raises :class:`LaunchError` for an unusable snapshot or
-    ``resume_from``."""
-    from sharded_ams.checkpoint import CheckpointError, find_latest_checkpoint, validate_checkpoint
-
-    run_dir = cfg.job.run_dir
-    point = _ray_latest(run_dir)
-    if not is_uri(run_dir) and Path(run_dir).is_dir():
-        # sizes only (every file present, none truncated): the workers verify checksums on load
-        latest = find_latest_checkpoint(run_dir, checksums=False)
-        if latest is not None:
-            step = validate_checkpoint(latest, checksums=False).step
-            if point.source is None or (point.step is not None and step > point.step):
-                point = ResumePoint("scan", str(latest), step)
-    if point.source or not cfg.job.resume_from:
-        return point
-    step = None
-    if not is_uri(cfg.job.resume_from):
-        try:
-            step = validate_checkpoint(cfg.job.resume_from, checksums=False).step
-        except (CheckpointError, OSError) as exc:
-            raise LaunchError(f"job.resume_from {cfg.job.resume_from} is not a usable checkpoint: "
-                              f"{str(exc).splitlines()[0]}") from exc
-    return ResumePoint("config", cfg.job.resume_from, step)
-
-
-def check_resume(cfg: Config) -> ResumePoint:
-    """The launch's resume point (:func:`find_resume_point`), its model checked against the
-    config, and for the run's own checkpoint its data, seed, precision and factory inputs
-    (:func:`launcher.run.resume_checks.check_same_run`; ``job.resume_from`` starts a new
-    run, which may change them); :class:`LaunchError` if it cannot be used."""
-    point = find_resume_point(cfg)
-    _check_same_model(cfg, point)
-    if point.path and not is_uri(point.path):  # a changed preset/lam/beta3 refused; lr: says who wins
-        import sys
-
-        from launcher.run.resume_checks import check_same_optimizer, check_same_strategy
-
-        try:
-            check_same_strategy(cfg.parallel.strategy, point.path, cfg.parallel.tp)
-            notes = check_same_optimizer(cfg.optim, point.path)
-            if point.source in ("ray", "scan"):  # the run's own checkpoint: data, precision, model
-                notes += _check_same_run(cfg, point.path)
-        except ValueError as exc:
-            raise LaunchError(str(exc)) from None
-        for note in notes:
-            print(f"{TAG} {note}", file=sys.stderr, flush=True)
-    return point
-
-
-def _check_same_run(cfg: Config, path: str) -> list[str]:
-    """:func:`launcher.run.resume_checks.check_same_run` for a launch of ``cfg``: the
-    precision "auto" resolved as the workers will (bf16 on GPU workers, fp32 on CPU)."""
-    from launcher.run.resume_checks import check_same_run, describe_config_data, saved_extra
-
-    extra = saved_extra(path)
-    if extra is None:
-        return []
-    asked = cfg.model.precision
-    precision = asked if asked != "auto" else ("bf16" if cfg.job.use_gpu else "fp32")
-    how = "" if asked != "auto" else f" (\"auto\" on {'GPU' if cfg.job.use_gpu else 'CPU'} workers)"
-    return check_same_run(extra, data=cfg.data, data_describe=describe_config_data(cfg.data),
-                          precision=precision, path=path, precision_how=how, model=cfg.model)
-
-
-def _check_same_model(cfg: Config, point: ResumePoint) -> None:
-    """Refuse to resume a checkpoint of a differently shaped model before any worker starts
-    (inside the workers the load would fail on every restart, up to job.max_failures)."""
-    if not point.path or is_uri(point.path):
-        return
-    from sharded_ams.checkpoint import TRAINER_NAME
-
-    trainer = Path(point.path) / TRAINER_NAME
-    if not trainer.is_file():
-        return
-    import torch
-
-    try:
-        extra = torch.load(trainer, map_location="cpu", weights_only=True).get("extra") or {}
-    except Exception:  # unreadable: the workers' load reports it properly
-        return
-    saved = extra.get("model") if isinstance(extra, dict) else None
-    if not isinstance(saved, dict):
-        return
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
-            for k, v in cfg.model.shape().items() if k in saved and saved[k] != v]
-    if diff:
-        way = ("job.resume_from (--resume-from) starts a run from a checkpoint of the same "
-               "model: name one of this model, or start from scratch without it."
-               if point.source == "config" else
-               "Use a new job.name (--name) for a new model, or restore these settings to "
-               "resume this run.")
-        raise LaunchError(f"{point.path} holds a different model ({'; '.join(diff)}). {way}")
+            say(msg)
 
 
 def _scaling_config(job):
@@ -413,7 +268,7 @@ def _count_attempts(run_dir: str, launch_id: str) -> int:
 
 
 def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
-        checked: bool = False) -> RunResult:
+        checked: bool = False, resume: Optional[ResumePoint] = None) -> RunResult:
     """Run (or resume) the job described by ``config``; see the module docstring.
 
     Args:
@@ -423,6 +278,8 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
         address: None: an embedded local Ray (or ``RAY_ADDRESS`` if set, as inside
             ``ray job submit``); ``"auto"`` / ``"host:6379"`` / ``"ray://host:10001"``: a cluster.
         verbose: show all of Ray's log lines.
+        resume: with ``checked``, the caller's :func:`check_resume` of this config (its
+            notes said once); else it is found here.
 
     Returns a :class:`RunResult` and prints a summary. Raises :class:`LaunchError` (a
     ValueError) for what is wrong before training starts (bad data, storage, resume point),
@@ -433,7 +290,8 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
     t_start = time.perf_counter()
     config = _checked(config, address, checked)
     _prepare_env(address)
-    resume = check_resume(config)
+    if resume is None or not checked:
+        resume = check_resume(config)
     _announce(config.job, resume)
     launch_id = uuid.uuid4().hex[:12]
     with ExitStack() as stack:
@@ -456,7 +314,7 @@ def _checked(config: Config, address: Optional[str], checked: bool) -> Config:
         pf = preflight(config, local=_is_local(address))
         config = pf.config
         for msg in pf.warnings:
-            _say(msg)
+            say(msg)
     storage = config.job.storage_path
     if not is_uri(storage):
         try:
@@ -469,16 +327,16 @@ def _checked(config: Config, address: Optional[str], checked: bool) -> Config:
 def _announce(job, resume: ResumePoint) -> None:
     """Say where the run starts from (and any fault injection) before Ray's start-up."""
     if resume.source == "ray":
-        _say(f"resuming run {job.name!r} from its checkpoint at step {resume.step}: {resume.path}")
+        say(f"resuming run {job.name!r} from its checkpoint at step {resume.step}: {resume.path}")
     elif resume.source == "scan":
-        _say(f"resuming run {job.name!r} from the newest committed checkpoint in {job.run_dir}: "
+        say(f"resuming run {job.name!r} from the newest committed checkpoint in {job.run_dir}: "
              f"step {resume.step}: {resume.path}")
     elif resume.source == "config":
-        _say(f"starting run {job.name!r} from job.resume_from (step {resume.step}): {resume.path}")
+        say(f"starting run {job.name!r} from job.resume_from (step {resume.step}): {resume.path}")
     else:
-        _say(f"starting new run {job.name!r} in {job.run_dir}")
+        say(f"starting new run {job.name!r} in {job.run_dir}")
     if job.fail_at_step is not None:
-        _say(f"fault injection: rank {job.fail_rank} will exit after step {job.fail_at_step} "
+        say(f"fault injection: rank {job.fail_rank} will exit after step {job.fail_at_step} "
              f"(once per run), max_failures={job.max_failures}")
 
 
@@ -511,7 +369,7 @@ def _trainer(config: Config, resume: ResumePoint, launch_id: str):
     kind = "GPU" if job.use_gpu else "CPU"
     size = (f"{job.min_workers} to {job.max_workers} {kind} workers (elastic: resize checks every "
             f"{job.resize_interval_s:g} s)" if job.elastic else f"{job.num_workers} {kind} worker(s)")
-    _say(f"training {job.steps} steps on {size}; checkpoints every {job.checkpoint_every} steps "
+    say(f"training {job.steps} steps on {size}; checkpoints every {job.checkpoint_every} steps "
          f"in {job.run_dir}")
     return trainer
 
@@ -537,7 +395,7 @@ def _fit(trainer, config: Config, launch_id: str, verbose: bool):
         except KeyboardInterrupt as exc:
             signum = signals.received or getattr(exc, "signum", signal.SIGINT)
             name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            _say(f"{name}: stopping the workers (a second {name} stops them at once)")
+            say(f"{name}: stopping the workers (a second {name} stops them at once)")
             # no group started in this launch: the controller is placing one or waiting for
             # its workers, and serves no abort() until that ends (see launcher.run.interrupt)
             started = _count_attempts(job.run_dir, launch_id) > 0

@@ -49,6 +49,12 @@ def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int
     a valid manifest, every file present with its size); the driver's ``resume_from`` is
     used only when the run has none of its own."""
     found: dict[str, tuple[int, str, str]] = {}
+    said: set[str] = set()
+
+    def skip(path, exc: CheckpointError) -> None:  # each unusable checkpoint named once
+        if str(path) not in said:
+            said.add(str(path))
+            log_progress(f"not resuming from {path}: {exc}")
 
     def add(path, source: str, step=None) -> None:
         path = str(path)
@@ -56,7 +62,7 @@ def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int
             try:
                 step = validate_checkpoint(path, checksums=False).step
             except CheckpointError as exc:
-                log_progress(f"not resuming from {path}: {exc}")
+                skip(path, exc)
                 return
         found.setdefault(path, (int(step), path, source))
 
@@ -66,7 +72,7 @@ def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int
         else:
             add(checkpoint.path, "ray")
     if "://" not in run_dir and os.path.isdir(run_dir):
-        latest = find_latest_checkpoint(run_dir, checksums=False)
+        latest = find_latest_checkpoint(run_dir, checksums=False, on_skip=skip)
         if latest is not None:
             add(latest, "scan")
     if not found and checkpoint is not None:  # never restart from scratch over a checkpoint

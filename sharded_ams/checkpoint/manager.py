@@ -23,7 +23,7 @@ import stat
 import time
 import weakref
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -100,21 +100,27 @@ def default_format(optimizer) -> str:
     return "dcp" if mp is not None and mp.active else "native"
 
 
-def find_latest_checkpoint(root: PathLike, *, checksums: bool = True) -> Optional[Path]:
+def find_latest_checkpoint(root: PathLike, *, checksums: bool = True,
+                           on_skip: Optional[Callable[[Path, CheckpointError], None]] = None
+                           ) -> Optional[Path]:
     """The valid checkpoint with the highest step among ``root``'s real subdirectories
     that hold a manifest (``step-XXXXXXXX`` or any other name) and ``root`` itself; None
     if there is none.
 
     Candidates are validated newest first (``validate_checkpoint``: every rule, and the
-    sha256 and content of every file unless ``checksums=False``); invalid ones are skipped
-    with a logged warning. Symlinked subdirectories are not followed.
+    sha256 and content of every file unless ``checksums=False``); invalid ones are skipped,
+    each passed to ``on_skip`` (default: a logged warning). Symlinked subdirectories are
+    not followed.
     """
     for _, p in _list_candidates(Path(root)):
         try:
             validate_checkpoint(p, checksums=checksums)
             return p
         except CheckpointError as exc:
-            log.warning("skipping invalid checkpoint %s: %s", p, exc)
+            if on_skip is None:
+                log.warning("skipping invalid checkpoint %s: %s", p, exc)
+            else:
+                on_skip(p, exc)
     return None
 
 
