@@ -337,6 +337,12 @@ def test_cli_inspect_and_consolidate(base_ckpt, ckpt_copy, tmp_path, capsys):
     assert "INVALID" in out and "shard-rank00000-of-00001.pt" in out and "step:       2" in out
     assert ckpt_cli.main(["inspect", str(tmp_path / "nothing"), "--json"]) == 1
     assert json.loads(capsys.readouterr().out)["valid"] is False
+    (tmp_path / "a_file").write_text("x")  # a file, an empty run dir: said as they are
+    assert ckpt_cli.main(["inspect", str(tmp_path / "a_file")]) == 1
+    assert f"{tmp_path / 'a_file'}: not a directory" in capsys.readouterr().out
+    (tmp_path / "empty_run").mkdir()
+    assert ckpt_cli.main(["inspect", str(tmp_path / "empty_run")]) == 1
+    assert "not a checkpoint, nor a run directory holding a committed one" in capsys.readouterr().err
 
     out_file = tmp_path / "full" / "consolidated.pt"
     assert ckpt_cli.main(["consolidate", str(base_ckpt), str(out_file)]) == 0

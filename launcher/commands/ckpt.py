@@ -87,6 +87,8 @@ def _checkpoint_dir(path: str) -> str:
         return path
     latest = find_latest_checkpoint(path, checksums=False)
     if latest is None:
+        print(f"{path}: not a checkpoint, nor a run directory holding a committed one",
+              file=sys.stderr)
         return path
     print(f"{path}: newest committed checkpoint {latest}", file=sys.stderr)
     return str(latest)

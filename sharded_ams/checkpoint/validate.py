@@ -266,7 +266,8 @@ def read_manifest(path: PathLike) -> Manifest:
     path = Path(path)
     mpath = path / MANIFEST_NAME
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory", path=path, kind="missing")
+        what = "not a directory" if os.path.lexists(path) else "no such checkpoint directory"
+        raise CheckpointError(f"{path}: {what}", path=path, kind="missing")
     if not os.path.lexists(mpath):
         raise CheckpointError(f"{path}: not a committed checkpoint (no {MANIFEST_NAME}; "
                               "the save did not finish)", path=mpath, kind="uncommitted")
