@@ -241,5 +241,16 @@ def test_troubleshooting_quotes_the_real_messages(capsys, monkeypatch):
     assert cli_main(["train", gpt, "--dry-run", "--set", "data.path=/nfs/data/c4"]) == 2
     assert capsys.readouterr().err.split("error: ")[1].strip() in doc
     refusal = "Use a new job.name (--name) for a new model, or restore these settings to resume this run."
-    assert refusal in " ".join((ROOT / "launcher" / "run" / "driver.py").read_text().split()).replace('" "', "")
+    assert refusal in " ".join((ROOT / "launcher" / "run" / "resume_point.py").read_text().split()).replace('" "', "")
     assert refusal in doc
+    import socket
+
+    from launcher.run.preflight import LaunchError, check_ray_address
+
+    with socket.socket() as s:  # a port nothing listens at any more
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(LaunchError) as e:
+        check_ray_address(f"127.0.0.1:{port}")
+    said = str(e.value).replace(f"127.0.0.1:{port}", "10.0.0.5:6380").replace(f"={port}", "=6380")
+    assert said.split("start its head")[0] + "start its head with" in doc, said
