@@ -55,6 +55,20 @@ def test_out_holding_an_input_or_inside_one_is_refused(tmp_path, capsys):
     assert _tree(data) == before
 
 
+@pytest.mark.timeout(60)  # without the check, ray.init retries for minutes (after the BPE)
+def test_a_cluster_address_nothing_answers_at_is_refused_before_any_work(tmp_path, capsys):
+    """`prepare-data ... --address HOST:WRONGPORT`: one line and exit 2, before a BPE is
+    trained or a work directory made."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = cli_main(["prepare-data", str(EMAIL / "charset.py"), "--tokenizer", "bpe:300",
+                   "--out", str(tmp_path / "out"), "--address", f"127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--address 127.0.0.1:{port}: no Ray cluster answers there" in err, err
+    assert "training BPE" not in err and list(tmp_path.iterdir()) == []
+
+
 def test_stale_cleanup_removes_only_its_own_dead_leftovers(tmp_path):
     """A user's `.tok.old-20240101`, another host's in-progress `.partial-PID` and a symlink
     are kept; this tool's leftover from a dead process on this host is removed, also one a

@@ -176,6 +176,10 @@ def prepare_data(inputs: Sequence[str], out: os.PathLike, *, tokenizer: str = "b
     error or an interrupt keeps the blocks done so far for a rerun of the same command."""
     t0 = time.perf_counter()
     _check_options(shard_tokens, dtype, block_bytes, workers)
+    if address:  # before a BPE is trained: a wrong port made ray.init retry for minutes there
+        from launcher.run.preflight import check_ray_address
+
+        check_ray_address(address)
     out = Path(out).expanduser().absolute()
     files = collect_inputs(inputs, ext)
     tok_file = parse_tokenizer_spec(tokenizer)[2]  # an input too: --force would replace it
