@@ -244,6 +244,11 @@ def test_export_and_consolidate_fall_back_past_a_corrupt_newest_checkpoint(work,
     assert "step-00000002 is unusable" in cap.err and "step 1" in cap.out
     # an explicitly named checkpoint is what the user asked for: no fallback
     _cli_refused(capsys, ["ckpt", "consolidate", str(work / "run" / "step-00000002"), str(work / "x.pt")])
+    # inspect shows the newest (invalid) one, and says which one a resume loads instead
+    assert cli_main(["ckpt", "inspect", str(work / "run")]) == 1
+    cap = capsys.readouterr()
+    assert "INVALID" in cap.out and (f"a resume would load {work / 'run' / 'step-00000001'}, the "
+                                     "newest valid checkpoint") in cap.err, cap.err
 
 
 def test_consolidate_and_convert_read_a_diverged_checkpoint_only_when_asked(work, capsys):

@@ -16,7 +16,7 @@ from launcher.cli import main as cli_main
 from launcher.run.resume_checks import check_loaded_groups
 from launcher.run.scaling import check_batch_split
 from sharded_ams import ShardedAMS
-from sharded_ams.checkpoint import save_checkpoint
+from sharded_ams.checkpoint import CheckpointError, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,6 +240,36 @@ def test_a_changed_corpus_or_tokenizer_is_refused_by_name():
     with pytest.raises(ValueError, match=r"trained on data\.factory 'm:f'; the config gives data\.factory 'm:g'"):
         run({"factory": "m:f"}, {"factory": "m:g"})
     assert check_same_run({"model": {}}, data=data, data_describe=a, precision="bf16", path="CK") == []
+
+
+def test_a_checkpoint_whose_contents_fail_to_load_gives_way_to_an_older_one(tmp_path, monkeypatch,
+                                                                           capsys):
+    """A flipped bit in the newest checkpoint (sizes intact: only the load's sha256 sees it):
+    the worker said "trying the next newest checkpoint" but had no other candidate, so every
+    restart and every rerun failed; now it loads the next older one."""
+    import ray.train
+
+    from launcher.train.loop import _extra
+    from launcher.train.resume import resume
+
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    w = _tiny_worker(tmp_path)
+    run = tmp_path / "run"
+    for step in (3, 5):
+        save_checkpoint(run / f"step-{step:08d}", w.optimizer, model=w.model, step=step,
+                        extra=_extra(w), lr_scheduler=w.scheduler)
+    shard = next((run / "step-00000005").glob("shard-*"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    args = (0, 1, w.optimizer, w.model, w.scheduler, w.layout)
+    assert resume(w.config, str(run), *args) == (3, str(run / "step-00000003"))
+    out = capsys.readouterr().out
+    assert f"cannot resume from {run / 'step-00000005'}" in out and "checksum" in out, out
+    (run / "step-00000003" / "manifest.json").unlink()  # nothing older left: refused, not a new start
+    with pytest.raises(CheckpointError, match="no checkpoint of the run could be loaded"):
+        resume(w.config, str(run), *args)
 
 
 def test_worker_refuses_to_resume_its_run_on_other_data(tiny_run, monkeypatch):

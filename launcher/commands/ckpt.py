@@ -94,6 +94,18 @@ def _checkpoint_dir(path: str) -> str:
     return str(latest)
 
 
+def _say_fallback(run_dir: str, newest: str, checksums: bool) -> None:
+    """On stderr: the newest valid checkpoint older than the invalid ``newest``, which a
+    training resume loads instead (or that there is none)."""
+    from sharded_ams.checkpoint import find_latest_checkpoint
+
+    older = find_latest_checkpoint(run_dir, checksums=checksums,
+                                   on_skip=lambda *_: None)
+    print(f"{run_dir}: " + (f"a resume would load {older}, the newest valid checkpoint"
+                            if older is not None else "no valid checkpoint to resume from"),
+          file=sys.stderr)
+
+
 def _fmt_bytes(n: int) -> str:
     """'1.5 MiB (1,572,864 B)': human size plus the exact byte count."""
     if n < 1024:
@@ -107,7 +119,10 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    info = inspect_checkpoint(_checkpoint_dir(args.dir), checksums=not args.no_checksums)
+    path = _checkpoint_dir(args.dir)
+    info = inspect_checkpoint(path, checksums=not args.no_checksums)
+    if path != args.dir and not info["valid"]:  # a run directory: what a resume falls back to
+        _say_fallback(args.dir, path, checksums=not args.no_checksums)
     if args.json:
         print(json.dumps(info, indent=2, default=repr))
         return 0 if info["valid"] else 1

@@ -23,9 +23,10 @@ import ray.train  # [Ray]
 from launcher.run.resume_checks import (check_loaded_groups, check_same_run, check_same_strategy,
                                         checkpoint_format, saved_extra)
 from launcher.train.step import log_progress
-from sharded_ams.checkpoint import (DCP_FORMAT, CheckpointError, find_latest_checkpoint,
-                                    load_checkpoint, load_dcp, manifest_format, save_checkpoint,
-                                    save_dcp, step_dir_name, validate_checkpoint)
+from sharded_ams.checkpoint import (DCP_FORMAT, CheckpointError, load_checkpoint, load_dcp,
+                                    manifest_format, save_checkpoint, save_dcp, step_dir_name,
+                                    validate_checkpoint)
+from sharded_ams.checkpoint.manager import checkpoint_dirs
 
 __all__ = ["resume", "save_and_report"]
 
@@ -45,9 +46,10 @@ def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int
     Ray's latest registered checkpoint (``ray.train.get_checkpoint()``) can be older than
     the newest committed one in the run dir: a worker killed within one controller poll of
     reporting loses that report, checkpoint included (see launcher.train.loop.REPORT_SETTLE_S). So on a
-    local/NFS run dir the newest committed checkpoint there is a candidate too (committed:
-    a valid manifest, every file present with its size); the driver's ``resume_from`` is
-    used only when the run has none of its own."""
+    local/NFS run dir every committed checkpoint there is a candidate too (committed: a
+    valid manifest, every file present with its size), and :func:`resume` tries them
+    newest first; the driver's ``resume_from`` is used only when the run has none of its
+    own."""
     found: dict[str, tuple[int, str, str]] = {}
     said: set[str] = set()
 
@@ -72,9 +74,19 @@ def _resume_candidates(config: dict, run_dir: str, checkpoint) -> list[tuple[int
         else:
             add(checkpoint.path, "ray")
     if "://" not in run_dir and os.path.isdir(run_dir):
-        latest = find_latest_checkpoint(run_dir, checksums=False, on_skip=skip)
-        if latest is not None:
-            add(latest, "scan")
+        # every committed one, newest first: one whose contents fail to load (a checksum,
+        # a NaN master) gives way to the next older one (this took the newest only, so a
+        # flipped bit in it failed every restart and every rerun, older ones untried)
+        seen_valid = False
+        for path in checkpoint_dirs(run_dir):
+            try:
+                step = validate_checkpoint(path, checksums=False).step
+            except CheckpointError as exc:
+                if not seen_valid:  # an older broken one is never the resume point: quiet
+                    skip(path, exc)
+                continue
+            seen_valid = True
+            add(path, "scan", step)
     if not found and checkpoint is not None:  # never restart from scratch over a checkpoint
         raise CheckpointError(f"Ray Train's latest checkpoint {checkpoint.path} is not a valid "
                               f"checkpoint and the run dir holds no other")
