@@ -272,6 +272,23 @@ def test_a_checkpoint_whose_contents_fail_to_load_gives_way_to_an_older_one(tmp_
         resume(w.config, str(run), *args)
 
 
+def test_a_reported_lr_is_the_one_its_step_used(tmp_path):
+    """`step 20 | loss ... | lr X`: X was read after the scheduler moved on, so it was the
+    next step's lr (step 30 of a 30-step warmup said 3e-4, the end of the schedule, for a
+    step taken at 3e-3). The loss and grad norm beside it are the step's own."""
+    from launcher.train.loop import _step_metrics, _train_step, _Window, lr_factor
+
+    w = _tiny_worker(tmp_path, **{"job.steps": 4, "optim.warmup_steps": 3})
+    window = _Window(w.device)
+    for step in range(4):
+        window.add(_train_step(w, step).detach())
+        used = 3e-3 * lr_factor(step, total_steps=4, warmup_steps=3, schedule="cosine",
+                                min_lr_ratio=0.1)
+        metrics = _step_metrics(w, step + 1, 0, window)
+        assert metrics["lr"] == pytest.approx(used, rel=1e-12), (step, metrics["lr"], used)
+    assert metrics["lr"] == pytest.approx(3e-3)  # the last step ran at full lr; after it, the minimum
+
+
 def test_worker_refuses_to_resume_its_run_on_other_data(tiny_run, monkeypatch):
     """The worker's own check (a checkpoint on an object store the driver could not read,
     or a direct call): the run's checkpoints are checked, job.resume_from is not."""

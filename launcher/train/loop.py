@@ -198,6 +198,7 @@ class _Worker:
     scheduler: Any
     flops_per_token: float = 0.0  # set when training starts (throughput and MFU)
     peak: Any = None              # the device's bf16 peak FLOP/s, None if unknown
+    step_lr: float = float("nan")  # the lr the last step used (the scheduler then moves on)
 
     @property
     def total_steps(self) -> int:
@@ -386,6 +387,7 @@ def _train_step(w: _Worker, step: int) -> torch.Tensor:
     loss = forward_backward(w.model, w.optimizer, split_micro(x, y, w.accum), amp=w.amp, where=w.where)
     w.optimizer.step()  # reduce grads (once per step), AMS step on this rank's shard, gather params
     w.optimizer.zero_grad()
+    w.step_lr = float(w.optimizer.param_groups[0]["lr"])
     w.scheduler.step()
     return loss
 
@@ -402,7 +404,7 @@ def _step_metrics(w: _Worker, step: int, start_step: int, window: _Window) -> di
         "step": step,
         "start_step": start_step,
         "loss": _mean_over_ranks(window.loss_sum / window.steps, w.world_size),
-        "lr": float(w.optimizer.param_groups[0]["lr"]),
+        "lr": w.step_lr,  # the step's own, as its loss and grad norm (not the next one's)
         "grad_norm": float("nan") if info.grad_norm is None else float(info.grad_norm),
         "skipped_steps": w.optimizer.skipped_steps,
         "step_time_ms": 1000.0 * window_time / window.steps,
