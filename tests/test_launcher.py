@@ -378,6 +378,9 @@ def test_resume_point_is_the_newest_committed_checkpoint(tmp_path):
         _check_same_model(_config(tmp_path, "scan", model__n_layer=3), point)
     point = find_resume_point(_config(tmp_path, "other", job__resume_from=point.path))
     assert (point.source, point.step) == ("config", 10)
+    with pytest.raises(LaunchError, match=r"is a run directory, not a checkpoint: name one of its "
+                                          r"checkpoints, e\.g\. its newest, .*step-00000010$"):
+        find_resume_point(_config(tmp_path, "other", job__resume_from=str(run_dir)))
 
     ray_ckpt = SimpleNamespace(path=str(run_dir / "step-00000005"))  # Ray lags: it registered step 5
     loop = {"resume_from": str(run_dir / "step-00000005")}

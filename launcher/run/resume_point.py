@@ -107,6 +107,13 @@ def find_resume_point(cfg: Config, say: Optional[Callable[[str], None]] = None) 
         try:
             step = validate_checkpoint(cfg.job.resume_from, checksums=False).step
         except (CheckpointError, OSError) as exc:
+            newest = (find_latest_checkpoint(cfg.job.resume_from, checksums=False,
+                                             on_skip=lambda *_: None)
+                      if Path(cfg.job.resume_from).is_dir() else None)
+            if newest is not None:  # a run directory: its checkpoints are what it holds
+                raise LaunchError(f"job.resume_from {cfg.job.resume_from} is a run directory, "
+                                  f"not a checkpoint: name one of its checkpoints, e.g. its "
+                                  f"newest, {newest}") from None
             raise LaunchError(f"job.resume_from {cfg.job.resume_from} is not a usable checkpoint: "
                               f"{str(exc).splitlines()[0]}") from exc
     return ResumePoint("config", cfg.job.resume_from, step)
