@@ -147,6 +147,30 @@ def test_run_summary_counts_the_launch_from_its_own_start():
     assert "nothing left to train" in summary(ResumePoint("ray", "/x/step-00000008", 8))
 
 
+def test_skipped_steps_are_said_in_the_progress_line_and_the_summary():
+    """lr 1e4 on the tiny GPT: every step after the first few skipped (NaN gradients), and
+    the progress read "loss 1.8e9 ... grad norm nan" like a run that trains."""
+    pytest.importorskip("ray.train")
+    from launcher.run.driver import RunResult
+    from launcher.train.loop import _progress_line
+
+    m = {"step": 20, "loss": 1.5, "tokens_per_s": 10.0, "step_time_ms": 1.0, "lr": 1e-3,
+         "grad_norm": float("nan"), "world_size": 2}
+    assert "skipped" not in _progress_line({**m, "skipped_steps": 0}, 60)
+    assert "grad norm nan | 17 steps skipped (non-finite grads) | 2 workers" in \
+        _progress_line({**m, "skipped_steps": 17}, 60)
+
+    def summary(skipped: int) -> str:
+        return RunResult(name="r", run_dir="/x", start_step=0, step=60, steps=60, train_loss=2.0,
+                         val_loss=None, restarts=0, wall_time_s=9.0, checkpoint=None, num_workers=2,
+                         use_gpu=False, metrics={"skipped_steps": skipped}).summary()
+
+    assert "skipped" not in summary(0)
+    lines = summary(51).splitlines()
+    assert lines[4] == ("[sharded-ams]   skipped     51 step(s) of the run: a gradient was NaN/inf "
+                        "on some rank, so the params did not move (a diverged run?)"), lines
+
+
 def test_ray_log_filter():
     """Routine and repeated Ray lines are hidden, a failure keeps its short form."""
     for noise in ("Failed to query Ray Train Controller actor state. State API may be temporarily",

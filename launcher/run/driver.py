@@ -138,6 +138,10 @@ class RunResult:
             *(f"    {describe_start(ev)}" for ev in self.restart_events),
             f"  checkpoint  {self.checkpoint or 'none'}",
         ]
+        skipped = self.metrics.get("skipped_steps") or 0
+        if skipped:  # the run's, not only this launch's (the count is checkpointed)
+            lines.insert(4, f"  skipped     {skipped} step(s) of the run: a gradient was NaN/inf "
+                            "on some rank, so the params did not move (a diverged run?)")
         return "\n".join(f"{TAG} {ln}" for ln in lines)
 
 

@@ -171,8 +171,13 @@ def _progress_line(m: dict, total_steps: int) -> str:
         speed += f" | MFU {100 * m['mfu']:.1f}%"
     elif "tflops" in m:
         speed += f" | {m['tflops']:.3g} TFLOP/s"
+    # a non-finite gradient skips the step (the params do not move): say so, or a run whose
+    # every step is skipped reads like one that trains (loss flat, "grad norm nan")
+    skipped = m.get("skipped_steps") or 0
+    skips = f" | {skipped} step{'s' if skipped != 1 else ''} skipped (non-finite grads)" if skipped else ""
     return (f"step {m['step']:>{len(str(total_steps))}}/{total_steps} | loss {m['loss']:.4f}{val} | "
-            f"{speed} | {m['step_time_ms']:.1f} ms/step | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | {workers}")
+            f"{speed} | {m['step_time_ms']:.1f} ms/step | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f}"
+            f"{skips} | {workers}")
 
 
 @dataclasses.dataclass
