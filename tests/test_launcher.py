@@ -432,6 +432,12 @@ def test_a_ray_checkpoint_with_a_truncated_file_is_passed_over_on_the_driver(tmp
     shutil.rmtree(run_dir / "step-00000010")
     with pytest.raises(rp.LaunchError, match=r"has checkpoints in .* but none is usable \(.*step-00000012"):
         rp.find_resume_point(cfg)
+    # a save that never committed (killed in the run's first save) is no checkpoint: a new start
+    (run_dir / "step-00000012" / "manifest.json").unlink()
+    monkeypatch.setattr(rp, "_ray_latest", lambda d: rp.ResumePoint())
+    said.clear()
+    assert rp.find_resume_point(cfg, say=said.append).source is None
+    assert len(said) == 1 and "not a committed checkpoint" in said[0], said
 
 
 def test_run_takes_the_resume_point_the_cli_checked(tmp_path, monkeypatch):

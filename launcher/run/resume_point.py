@@ -71,17 +71,22 @@ def find_resume_point(cfg: Config, say: Optional[Callable[[str], None]] = None) 
     ``job.resume_from``; else nothing (a new run). On local storage a checkpoint with a
     missing or truncated file is passed over, each named once through ``say``, as the
     workers pass it over (``launcher.train.resume``). Raises :class:`LaunchError` for an
-    unusable snapshot or ``resume_from``, or a run whose only checkpoint is unusable."""
+    unusable snapshot or ``resume_from``, or a run whose committed checkpoints are all
+    unusable (a save that never committed is none: such a run starts over)."""
     from sharded_ams.checkpoint import CheckpointError, find_latest_checkpoint, validate_checkpoint
 
     run_dir = cfg.job.run_dir
     point = _ray_latest(run_dir)
     noted: dict[str, str] = {}
+    unsaved: dict[str, str] = {}
 
     def skip(path, exc: Exception) -> None:
-        if str(path) not in noted and say is not None:
+        if str(path) not in noted and str(path) not in unsaved and say is not None:
             say(f"not resuming from {path}: {str(exc).splitlines()[0]}")
-        noted[str(path)] = str(exc).splitlines()[0]
+        # a save that never committed is no checkpoint: a run killed in its first save
+        # starts over; one that committed and broke is, and keeps the run from starting over
+        (unsaved if getattr(exc, "kind", None) == "uncommitted" else noted)[str(path)] = \
+            str(exc).splitlines()[0]
 
     if not is_uri(run_dir) and Path(run_dir).is_dir():
         if point.path and not is_uri(point.path):
