@@ -398,7 +398,8 @@ def test_a_ray_checkpoint_with_a_truncated_file_is_passed_over_on_the_driver(tmp
     """Ray's snapshot registered step 12, whose shard was then truncated: the driver said
     "resuming ... from its checkpoint at step 12" and the workers resumed from step 10.
     Now the driver passes it over as they do and says so once; a run whose only
-    checkpoint is unusable is refused (the workers would not start over on top of it)."""
+    checkpoint, Ray's, is unusable is refused (the workers would not start over on top of
+    it)."""
     import dataclasses
     import shutil
 
@@ -430,14 +431,15 @@ def test_a_ray_checkpoint_with_a_truncated_file_is_passed_over_on_the_driver(tmp
         == [(10, str(run_dir / "step-00000010"), "scan")]
     assert capsys.readouterr().out.count("not resuming from") == 1
     shutil.rmtree(run_dir / "step-00000010")
-    with pytest.raises(rp.LaunchError, match=r"has checkpoints in .* but none is usable \(.*step-00000012"):
+    with pytest.raises(rp.LaunchError, match=r"Ray Train's latest checkpoint is unusable \(.*step-00000012: "
+                                             r".*\) and .* holds no other"):
         rp.find_resume_point(cfg)
-    # a save that never committed (killed in the run's first save) is no checkpoint: a new start
-    (run_dir / "step-00000012" / "manifest.json").unlink()
+    # a directory only the scan finds broken may be a save that never finished (a rank's
+    # files missing, killed in the run's first save): not Ray's, so the run starts over
     monkeypatch.setattr(rp, "_ray_latest", lambda d: rp.ResumePoint())
     said.clear()
     assert rp.find_resume_point(cfg, say=said.append).source is None
-    assert len(said) == 1 and "not a committed checkpoint" in said[0], said
+    assert len(said) == 1 and "truncated" in said[0], said
 
 
 def test_run_takes_the_resume_point_the_cli_checked(tmp_path, monkeypatch):

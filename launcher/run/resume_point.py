@@ -71,22 +71,19 @@ def find_resume_point(cfg: Config, say: Optional[Callable[[str], None]] = None) 
     ``job.resume_from``; else nothing (a new run). On local storage a checkpoint with a
     missing or truncated file is passed over, each named once through ``say``, as the
     workers pass it over (``launcher.train.resume``). Raises :class:`LaunchError` for an
-    unusable snapshot or ``resume_from``, or a run whose committed checkpoints are all
-    unusable (a save that never committed is none: such a run starts over)."""
+    unusable snapshot or ``resume_from``, or a run whose Ray-registered checkpoint is
+    unusable with no other to resume from."""
     from sharded_ams.checkpoint import CheckpointError, find_latest_checkpoint, validate_checkpoint
 
     run_dir = cfg.job.run_dir
     point = _ray_latest(run_dir)
-    noted: dict[str, str] = {}
-    unsaved: dict[str, str] = {}
+    said: set[str] = set()
+    ray_bad: Optional[str] = None
 
     def skip(path, exc: Exception) -> None:
-        if str(path) not in noted and str(path) not in unsaved and say is not None:
+        if str(path) not in said and say is not None:
             say(f"not resuming from {path}: {str(exc).splitlines()[0]}")
-        # a save that never committed is no checkpoint: a run killed in its first save
-        # starts over; one that committed and broke is, and keeps the run from starting over
-        (unsaved if getattr(exc, "kind", None) == "uncommitted" else noted)[str(path)] = \
-            str(exc).splitlines()[0]
+        said.add(str(path))
 
     if not is_uri(run_dir) and Path(run_dir).is_dir():
         if point.path and not is_uri(point.path):
@@ -94,6 +91,7 @@ def find_resume_point(cfg: Config, say: Optional[Callable[[str], None]] = None) 
                 validate_checkpoint(point.path, checksums=False)
             except CheckpointError as exc:
                 skip(point.path, exc)
+                ray_bad = f"{point.path}: {str(exc).splitlines()[0]}"
                 point = ResumePoint()
         # the workers verify checksums on load
         latest = find_latest_checkpoint(run_dir, checksums=False, on_skip=skip)
@@ -101,9 +99,13 @@ def find_resume_point(cfg: Config, say: Optional[Callable[[str], None]] = None) 
             step = validate_checkpoint(latest, checksums=False).step
             if point.source is None or (point.step is not None and step > point.step):
                 point = ResumePoint("scan", str(latest), step)
-    if point.source is None and noted:  # never start over from scratch on top of a checkpoint
-        raise LaunchError(f"run {cfg.job.name!r} has checkpoints in {run_dir} but none is usable "
-                          f"({'; '.join(f'{p}: {why}' for p, why in noted.items())}); move them "
+    # Ray registers a checkpoint once its upload finished: broken now, it was damaged after,
+    # and the workers would not start over on top of it. (A directory the scan passes over
+    # may be a save that never finished, rank files missing: a run killed in its first save
+    # starts over.)
+    if point.source is None and ray_bad:
+        raise LaunchError(f"run {cfg.job.name!r}: Ray Train's latest checkpoint is unusable "
+                          f"({ray_bad}) and {run_dir} holds no other; move the run directory "
                           "away to start over, or pick a new job.name")
     if point.source or not cfg.job.resume_from:
         return point
