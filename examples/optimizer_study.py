@@ -170,6 +170,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
         a.extra = dict(map(parse_override, a.overrides))
         study_settings(a, data_path=a.data or "check")  # bad keys/values: an error now, not in a trial
+        if a.address:  # a wrong port: ray.init retried for minutes, after the data was prepared
+            from launcher.run.preflight import check_ray_address
+
+            check_ray_address(a.address)
     except ValueError as e:
         ap.error(str(e))
     return a

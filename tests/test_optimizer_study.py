@@ -311,7 +311,13 @@ def test_trials_span_counts_interruptions_and_resumes(tmp_path):
 
 
 def test_bad_flags_exit_2(capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens at any more
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
     for argv, msg in [
+        (["--address", closed], f"--address {closed}: no Ray cluster answers there"),
         (["--optimizers", "grams,sgd"], "must be distinct names"),
         (["--lrs", "1e-3,x"], "comma-separated numbers"),
         (["--lrs", "1e-3,-1"], "distinct positive"),
