@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from bench_common import add_out_args, env_info, resolve_out  # noqa: E402
+from dist_bench import run_on_ranks  # noqa: E402
 from sharded_ams import ShardedAMS  # noqa: E402
 from sharded_ams.checkpoint import (load_checkpoint, load_dcp, save_checkpoint,  # noqa: E402
                                     save_dcp)
@@ -126,45 +124,15 @@ def _bench(numel: int, repeats: int, root: str) -> list[dict]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, numel: int, repeats: int, root: str,
-            out: str) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
-    try:
-        rows = _bench(numel, repeats, root)
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(rows, f)
+def _bench_rank(rank: int, world: int, args: tuple) -> list[dict]:
+    return _bench(*args)
 
 
 def run_world(world: int, numel: int, repeats: int, root: str) -> list[dict]:
     if world == 1:
         return _bench(numel, repeats, root)
-    ctx = mp.get_context("spawn")
-    out = tempfile.mkdtemp(prefix="bench_ckpt_")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, numel, repeats, root, out))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
-    rows = []
-    for r in range(world):
-        with open(os.path.join(out, f"rank{r}.json")) as f:
-            rows += json.load(f)
-    shutil.rmtree(out, ignore_errors=True)
-    return rows
+    return [row for rows in run_on_ranks(_bench_rank, world, (numel, repeats, root))
+            for row in rows]
 
 
 def summarise(world: int, raw: list[dict]) -> list[dict]:
