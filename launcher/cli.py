@@ -32,6 +32,7 @@ one line on stderr naming the file and field.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -106,8 +107,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         local = args.address is None and not os.environ.get("RAY_ADDRESS")
         checked = preflight(config, local=local)
-        from launcher.run.driver import check_resume
+    except (ValueError, FileNotFoundError) as exc:
+        return _usage_error(exc)
+    from launcher.run.driver import LaunchError, run_lock
 
+    job = checked.config.job
+    try:  # a second launch of a running job is refused; a dry run only reads
+        with contextlib.nullcontext() if args.dry_run else run_lock(job.run_dir, job.name):
+            return _train(args, checked)
+    except LaunchError as exc:
+        return _usage_error(exc)
+
+
+def _train(args: argparse.Namespace, checked) -> int:
+    from launcher.run.driver import LaunchError, TrainingFailed, check_resume, run
+
+    try:
         point = check_resume(checked.config)  # where a rerun resumes from: usable, same model
     except (ValueError, FileNotFoundError) as exc:
         return _usage_error(exc)
@@ -117,9 +132,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(json.dumps(checked.config.to_dict(), indent=2))
         print(f"[sharded-ams] {batch_split(checked.config)}", file=sys.stderr, flush=True)
         return 0
-
-    from launcher.run.driver import LaunchError, TrainingFailed, run
-
     try:
         run(checked.config, address=args.address, verbose=args.verbose, checked=True,
             resume=point)

@@ -24,6 +24,8 @@ Fault tolerance, in layers (docs/fault-tolerance.md):
   ``job.resume_from`` (see :func:`launcher.run.resume_point.find_resume_point`, and
   ``launcher.train.loop``).
 
+A second launch of a run that is training is refused (:mod:`launcher.run.run_lock`).
+
 Before Ray starts, the driver checks what it can (:mod:`launcher.run.preflight`; the resume
 point and its model, :mod:`launcher.run.resume_point`): errors raise :class:`LaunchError` (exit status 2 in the CLI).
 
@@ -56,6 +58,7 @@ from launcher.run.records import (HISTORY_FILE, STATE_DIR, describe_start, exist
                               format_sizes, read_events, read_history, size_history)
 from launcher.run.resume_point import (RAY_SNAPSHOT, ResumePoint, check_resume,  # noqa: F401
                                        find_resume_point)
+from launcher.run.run_lock import run_lock
 from launcher.run.scaling import oversubscription_warning
 
 __all__ = ["run", "RunResult", "TrainingFailed", "RunInterrupted", "LaunchError", "ResumePoint",
@@ -294,11 +297,13 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
     t_start = time.perf_counter()
     config = _checked(config, address, checked)
     _prepare_env(address)
-    if resume is None or not checked:
-        resume = check_resume(config)
-    _announce(config.job, resume)
-    launch_id = uuid.uuid4().hex[:12]
     with ExitStack() as stack:
+        # held from before the resume point is read until Ray is shut down
+        stack.enter_context(run_lock(config.job.run_dir, config.job.name))
+        if resume is None or not checked:
+            resume = check_resume(config)
+        _announce(config.job, resume)
+        launch_id = uuid.uuid4().hex[:12]
         started = stack.enter_context(_ray_session(address, config, verbose))
         stack.enter_context(_env(_START_TIMEOUT_ENV,
                                  ELASTIC_START_TIMEOUT_S if config.job.elastic else None))
