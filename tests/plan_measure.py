@@ -9,6 +9,8 @@ import torch.nn as nn
 
 VOCAB = 4093  # free (the data's); small keeps 130m cheap; odd: FSDP2's dim-0 chunks come out uneven
 SEQ, BATCH = 16, 2
+#: (model.precision, optim.grad_reduce_dtype) whose held accumulation gradients are measured
+HELD_CASES = (("fp32", "fp32"), ("bf16", "fp32"), ("bf16", "bf16"))
 
 
 def build(size: str, dtype: torch.dtype = torch.float32, vocab: int = VOCAB,
@@ -73,6 +75,44 @@ def _fsdp(size: str) -> dict:
             "optimizer": sum(_local_bytes(t) for t in state)}
 
 
+def _unsharded_grad_bytes(model: nn.Module) -> int:
+    """Bytes of the unsharded gradients FSDP2 holds between backward passes with gradient
+    sync off (its accumulation buffers, in the reduce dtype, or the unsharded params'
+    grads). FSDP2's internals (torch 2.11-2.13): there is no public API for it, and CPU has
+    no allocator statistics to read the peak from."""
+    held = 0
+    for mod in model.modules():
+        state = getattr(mod, "_get_fsdp_state", None)
+        group = state()._fsdp_param_group if state is not None else None
+        for fp in (group.fsdp_params if group is not None else ()):
+            acc = getattr(fp, "unsharded_accumulated_grad", None)
+            if acc is not None:
+                held += acc.numel() * acc.element_size()
+            up = getattr(fp, "_unsharded_param", None)
+            if up is not None and up.grad is not None:
+                held += up.grad.numel() * up.grad.element_size()
+    return held
+
+
+def _fsdp_held(size: str, precision: str, grad_reduce: str, grad_sync: str) -> int:
+    """The launcher's fsdp model and optimizer (``parallelize``, ``FSDPAMS``): the bytes of
+    unsharded gradients held after the first of two accumulation micro-batches."""
+    import torch.distributed as dist
+
+    from launcher.train.fsdp_optim import FSDPAMS
+    from launcher.train.parallel.layout import make_layout, parallelize
+    from launcher.train.step import loss_of
+
+    model = build(size, torch.float32)
+    layout = make_layout("fsdp", 1, dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    model = parallelize(model, layout, precision, grad_reduce)
+    opt = FSDPAMS(model, preset="grams", sync_every_micro_batch=grad_sync == "micro_batch")
+    x = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    with opt.no_sync():  # the first micro-batch, as launcher.train.step.forward_backward runs it
+        loss_of(model(x, x), x).backward()
+    return _unsharded_grad_bytes(model)
+
+
 def measure_rank(sizes: tuple[str, ...]) -> dict:
     """On each rank: bytes of params, grads and optimizer state of each (size, strategy,
     precision): zero1 in bf16 (separate fp32 masters, fp32 grad buffer) for every size and
@@ -84,6 +124,10 @@ def measure_rank(sizes: tuple[str, ...]) -> dict:
             out[(size, "zero1", "fp32")] = _zero1(size, torch.float32)
         out[(size, "zero1", "bf16")] = _zero1(size, torch.bfloat16)
         out[(size, "fsdp", "fp32")] = _fsdp(size)
+    for precision, reduce in HELD_CASES:  # accumulation's held gradients: the smallest model
+        for sync in ("step", "micro_batch"):
+            out[(sizes[0], "fsdp-held", precision, reduce, sync)] = _fsdp_held(
+                sizes[0], precision, reduce, sync)
     return out
 
 

@@ -5,7 +5,8 @@ Three gloo spawns (no Ray, for exactness): 2 ranks train a small Llama with
 gradient sync; lam = 0 so every tensor's scale needs counts from both ranks; a clip that
 binds) and save a DCP checkpoint after step SAVE_AT through the launcher's save; then 4
 ranks resume that checkpoint on a 2 x 2 (dp x tp) mesh (DCP reshards) and train the
-remaining steps, once with ``fsdp`` and once with ``zero1`` (ShardedAMS over dp of the
+remaining steps, once with ``fsdp`` (``parallel.grad_sync = "micro_batch"``: both
+micro-batches reduce-scattered) and once with ``zero1`` (ShardedAMS over dp of the
 tensor-parallel model: a switch of strategy through the DCP format).
 
 The reference shares no code with the launcher's optimizer path: each step the test
@@ -38,7 +39,7 @@ MODEL = {"arch": "llama", "vocab_size": 256, "block_size": 16, "n_layer": 2, "n_
          "n_kv_head": 2, "n_embd": 32, "intermediate_size": 48, "tie_weights": False}
 
 
-def _config(run_dir: str, tp: int, strategy: str) -> dict:
+def _config(run_dir: str, tp: int, strategy: str, grad_sync: str = "step") -> dict:
     from launcher.config import Config
 
     cfg = Config.from_dict({
@@ -47,7 +48,7 @@ def _config(run_dir: str, tp: int, strategy: str) -> dict:
         "optim": {"preset": "cadam", "lr": LR, "max_grad_norm": CLIP, "eps": EPS,
                   "backend": "eager"},
         "job": {"steps": STEPS, "num_workers": dist.get_world_size(), "storage_path": run_dir},
-        "parallel": {"strategy": strategy, "tp": tp}})
+        "parallel": {"strategy": strategy, "tp": tp, "grad_sync": grad_sync}})
     return {**cfg.to_dict(), "run_dir": run_dir}
 
 
@@ -96,14 +97,14 @@ def _train(w, start: int, stop: int, oracle, ref) -> dict:
     return {"errs": errs, "norms": norms, "final": [_full(p) for p in w.model.parameters()]}
 
 
-def _job(ckpt: str, tp: int, resume: bool, strategy: str = "fsdp") -> dict:
+def _job(ckpt: str, tp: int, resume: bool, strategy: str = "fsdp", grad_sync: str = "step") -> dict:
     from launcher.train.loop import _build, _extra
     from launcher.train.models import build_model
     from sharded_ams.checkpoint import load_dcp, save_dcp
     from sharded_ams.checkpoint.dcp_read import read_dcp_full
 
     torch.manual_seed(0)
-    w = _build(_config(os.path.join(ckpt, "run", strategy), tp, strategy),
+    w = _build(_config(os.path.join(ckpt, "run", strategy), tp, strategy, grad_sync),
                device=torch.device("cpu"))
     ref = build_model(w.model_table).double()
     start = 0
@@ -124,6 +125,7 @@ def _job(ckpt: str, tp: int, resume: bool, strategy: str = "fsdp") -> dict:
         more = _train(w, SAVE_AT, STEPS, oracle, ref)
         out = {k: out[k] + more[k] if k != "final" else more[k] for k in out}
     out["layout"] = (w.layout.strategy, w.layout.dp_size, w.layout.tp)
+    out["sync_every_micro_batch"] = getattr(w.optimizer, "sync_every_micro_batch", None)
     return out
 
 
@@ -131,7 +133,7 @@ def _job(ckpt: str, tp: int, resume: bool, strategy: str = "fsdp") -> dict:
 def _results() -> tuple:
     with tempfile.TemporaryDirectory(prefix="parlaunch_") as d:
         first = run_distributed(_job, 2, d, 1, False, timeout=300)
-        second = run_distributed(_job, 4, d, 2, True, timeout=300)
+        second = run_distributed(_job, 4, d, 2, True, "fsdp", "micro_batch", timeout=300)
         third = run_distributed(_job, 4, d, 2, True, "zero1", timeout=300)
     return first, second, third
 
@@ -147,6 +149,7 @@ def test_fsdp_train_step_equals_one_process():
     first = _results()[0]
     for r in first:
         _check(r, ("fsdp", 2, 1))
+        assert r["sync_every_micro_batch"] is False  # the default: no sync before the last
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero1"])
@@ -156,12 +159,15 @@ def test_dcp_resume_on_a_2x2_tp_mesh_equals_the_uninterrupted_run(strategy):
     first, *resumed = _results()
     for r in resumed[strategy == "zero1"]:
         _check(r, (strategy, 2, 2))
+        assert r["sync_every_micro_batch"] is (True if strategy == "fsdp" else None)
         for a, b in zip(r["final"], first[0]["final"]):
             assert float((a - b).abs().max()) < TOL
 
 
 @pytest.mark.parametrize("sets, message", [
     (["parallel.strategy=ddp"], r"parallel.strategy must be one of \['zero1', 'fsdp'\]"),
+    (["parallel.grad_sync=micro_batch"], r"parallel.grad_sync is for strategy 'fsdp' \(strategy 'zero1' reduces once"),
+    (["parallel.strategy=fsdp", "parallel.grad_sync=layer"], r"parallel.grad_sync must be one of \['step', 'micro_batch'\]"),
     (["parallel.strategy=fsdp", "parallel.tp=2", "model.arch=gpt"], r"built-in llama only.*'gpt'"),
     (["parallel.strategy=fsdp", "parallel.tp=3"], r"tp = 3 does not divide model.n_head = 4"),
     (["parallel.strategy=fsdp", "parallel.tp=2", "model.n_kv_head=1"], r"tp = 2 does not divide model.n_kv_head = 1"),
@@ -193,7 +199,7 @@ def test_tp_configs_that_compose(strategy):
                              f"parallel.strategy={strategy}", "parallel.tp=2"],
                       environ={})  # 6 rows split over 2 replicas, not 4
     assert (cfg.parallel.strategy, cfg.parallel.tp) == (strategy, 2)
-    assert cfg.to_dict()["parallel"] == {"strategy": strategy, "tp": 2}
+    assert cfg.to_dict()["parallel"] == {"strategy": strategy, "tp": 2, "grad_sync": "step"}
 
 
 def test_fsdp_reduces_fp32_params_in_fp32_whatever_grad_reduce_dtype_says():

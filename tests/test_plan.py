@@ -75,6 +75,49 @@ def test_predicted_model_state_bytes_equal_real_runs(measured):
                 assert _close(pred[key], real[key], STATE_TOL), (size, "fsdp", rank, key, pred[key], real[key])
 
 
+@pytest.mark.slow
+def test_predicted_unsharded_grads_of_fsdp_accumulation_equal_real_runs(measured):
+    """With gradient sync off between micro-batches (``parallel.grad_sync = "step"``) each
+    rank holds the whole model's unsharded gradients in the reduce dtype (FSDP2 accumulates
+    bf16 params' gradients in an fp32 reduce dtype); with ``"micro_batch"`` none."""
+    n, ranks = measured
+    spec = load_model(SIZES[0], plan_measure.SEQ, plan_measure.VOCAB)
+    for rank, got in enumerate(ranks):
+        for p, reduce in plan_measure.HELD_CASES:
+            pred = memory.fsdp_memory(spec, n, 1, memory.precision(p, reduce), held_grads=True)
+            real = got[(SIZES[0], "fsdp-held", p, reduce, "step")]
+            assert real > 0 and pred["held_grads"] == real, (p, reduce, rank, pred["held_grads"], real)
+            assert got[(SIZES[0], "fsdp-held", p, reduce, "micro_batch")] == 0, (p, reduce, rank)
+
+
+def test_fsdp_weighs_both_grad_syncs_and_its_command_says_which(capsys):
+    """Under accumulation both fsdp modes are candidates: per step holds the unsharded
+    gradients (and reduces 1/accum as much), per micro-batch does not; a ranked command
+    sets parallel.grad_sync only for the latter, and the launcher's config takes it."""
+    from launcher.config import load_config
+
+    rc, out, _ = _run(capsys, "--model", "llama3-8b", "--gpus", "64", "--json")
+    plan = json.loads(out)
+    fsdp = {(c["grad_sync"], c["activation_checkpointing"]): c for c in plan["ranked"]
+            if c["strategy"] == "fsdp" and c["tp"] == 2}
+    step, micro = fsdp[("step", False)], fsdp[("micro_batch", False)]
+    accum = step["accumulation_steps"]
+    assert accum > 1 and micro["memory"]["held_grads"] == 0
+    assert step["memory"]["held_grads"] == pytest.approx(4 * load_model("llama3-8b", 8192).num_params / 2, rel=1e-3)
+    assert step["memory"]["total"] - micro["memory"]["total"] == step["memory"]["held_grads"]
+    rs = step["comm_bytes"]["dp"]["reduce_scatter"], micro["comm_bytes"]["dp"]["reduce_scatter"]
+    assert rs[1] == pytest.approx(accum * rs[0])
+    for cand, want in ((step, "step"), (micro, "micro_batch")):
+        words = cand["command"].split()
+        sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+        assert ("parallel.grad_sync=micro_batch" in sets) == (want == "micro_batch")
+        assert load_config(words[2], sets).parallel.grad_sync == want
+    # the column keeps the launcher's default where it fits, and says so in its verdict
+    assert plan["strategies"]["fsdp"]["verdict"] in (
+        "fits", "fits with checkpointing", "fits with grad sync per micro-batch",
+        "fits with checkpointing and grad sync per micro-batch")
+
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_predicted_activations_match_saved_tensor_bytes(size, dtype):
@@ -174,9 +217,11 @@ def test_json_has_stable_keys_per_strategy(capsys):
         for key in ("params", "grads", "optimizer", "activations", "total"):
             assert isinstance(s["memory"][key], int) and s["memory"][key] > 0
         assert s["memory"]["total"] >= sum(s["memory"][k] for k in ("params", "grads", "optimizer",
-                                                                     "activations"))
+                                                                     "activations", "held_grads"))
         assert s["comm_bytes"]["dp"]["reduce_scatter"] > 0 and s["step_time_s"] > 0
-        assert s["verdict"] in ("fits", "fits with checkpointing", "does not fit")
+        assert s["verdict"] in ("fits", "fits with checkpointing", "does not fit",
+                                "fits with grad sync per micro-batch",
+                                "fits with checkpointing and grad sync per micro-batch")
     assert plan["ranked"] and all(c["fits"] for c in plan["ranked"])
 
 
@@ -239,6 +284,7 @@ def test_readme_plan_block():
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(proc.stdout)
     assert "fits with AC" in outs[0] and "4,477" in outs[0] and "5,775" in outs[0]
+    assert "1. fsdp dp64 tp1 + grad sync per micro-batch: 5,775 tokens/s" in outs[0]
     assert "sharded-ams train launcher/configs/llama_130m.toml" in outs[0]
     plan = json.loads(outs[1])
     assert plan["gpu"]["name"] == "h200-141gb" and plan["strategies"]["fsdp"]["tp"] == 8

@@ -27,6 +27,8 @@ def overrides(spec: ModelSpec, inp, cand: dict) -> list[str]:
         sets += ["optim.preset=", f"optim.beta3={inp.beta3}", "optim.lam=-1"]
     if cand["strategy"] == "fsdp":
         sets += ["parallel.strategy=fsdp", f"parallel.tp={cand['tp']}"]
+        if cand.get("grad_sync", "step") != "step":
+            sets.append(f"parallel.grad_sync={cand['grad_sync']}")
     elif cand["tp"] > 1:  # zero1 is the default strategy
         sets.append(f"parallel.tp={cand['tp']}")
     return sets

@@ -12,7 +12,11 @@ padding and buckets included), so they are exact, not ``P / N``.
 holds its own rows of params (fp32: FSDP2 keeps the sharded params in the dtype they were
 built in and casts to bf16 for compute, so they are the masters), grads (same dtype) and
 m, v[, s]. Transient: the gathered bf16 params of the root and two layers (the one running
-and the one prefetched) and one layer's unsharded grads before their reduce-scatter.
+and the one prefetched) and one layer's unsharded grads before their reduce-scatter. Under
+accumulation with ``parallel.grad_sync = "step"`` (the launcher's default), FSDP2's gradient
+sync is off for all but the last micro-batch, and every rank holds the whole (tp-local)
+model's unsharded gradients in the reduce dtype from the first micro-batch's backward to the
+last: ``held_grads`` (``"micro_batch"``: none).
 
 **activations**: what autograd keeps for backward in this project's Llama
 (``launcher/train/models/llama.py``), counted tensor by tensor (docs/plan.md derives it;
@@ -71,7 +75,8 @@ def zero1_memory(spec: ModelSpec, dp: int, tp: int, prec: Precision, *, state_by
     state = {"master": 4 * shard if prec.master else 0, "exp_avg": state_bytes * shard,
              "exp_avg_sq": state_bytes * shard, "exp_avg_s": state_bytes * shard if with_s else 0}
     return {"params": prec.param * layout.numel, "grads": prec.grad * layout.numel,
-            "optimizer": sum(state.values()), "optimizer_items": state, "transient": 0}
+            "optimizer": sum(state.values()), "optimizer_items": state, "transient": 0,
+            "held_grads": 0}
 
 
 def fsdp_rows(rows: int, dp: int, rank: int) -> int:
@@ -85,17 +90,21 @@ def fsdp_local_numel(spec: ModelSpec, dp: int, tp: int, rank: int = 0) -> int:
 
 
 def fsdp_memory(spec: ModelSpec, dp: int, tp: int, prec: Precision, *, rank: int = 0,
-                state_bytes: int = 4, with_s: bool = False) -> dict:
+                state_bytes: int = 4, with_s: bool = False, held_grads: bool = False) -> dict:
     """Bytes on rank ``rank`` of an FSDP2 run (rank 0 holds the most: chunks are
-    front-loaded). Sharded params and grads are fp32 (the masters); m, v[, s] as asked."""
+    front-loaded). Sharded params and grads are fp32 (the masters); m, v[, s] as asked;
+    ``held_grads``: the unsharded gradients accumulation holds with gradient sync off (FSDP2
+    keeps them in its reduce dtype, ``prec.grad``)."""
     numel = fsdp_local_numel(spec, dp, tp, rank)
     state = {"master": 0, "exp_avg": state_bytes * numel, "exp_avg_sq": state_bytes * numel,
              "exp_avg_s": state_bytes * numel if with_s else 0}
     compute = 2 if prec.act == 2 else 4
     block, root = spec.block_params() / tp, spec.root_params() / tp
     gathered = compute * (root + 2 * block) + 4 * block
+    held = prec.grad * sum(math.prod(sh) for _, sh in local_params(spec, tp)) if held_grads else 0
     return {"params": 4 * numel, "grads": 4 * numel, "optimizer": sum(state.values()),
-            "optimizer_items": state, "transient": int(gathered) if dp > 1 else 0}
+            "optimizer_items": state, "transient": int(gathered) if dp > 1 else 0,
+            "held_grads": held}
 
 
 def layer_activation_bytes(spec: ModelSpec, act: int, tp: int = 1) -> float:

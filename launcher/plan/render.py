@@ -33,6 +33,7 @@ def _rows(plan: dict) -> list[tuple[str, list[str]]]:
         ("MEMORY PER GPU (GiB)", [""] * len(cols)),
         (f"  params (zero1: {prec} buffer; fsdp: fp32 shards)", m("params")),
         (f"  grads (zero1: {grad} buffer; fsdp: fp32 shards)", m("grads")),
+        ("  unsharded grads held (fsdp, sync per step)", m("held_grads")),
         ("  fp32 masters (zero1, bf16 params)", m("optimizer.master")),
         ("  m", m("optimizer.exp_avg")),
         ("  v", m("optimizer.exp_avg_sq")),
@@ -42,8 +43,12 @@ def _rows(plan: dict) -> list[tuple[str, list[str]]]:
         ("  activations with checkpointing", m("activations_with_checkpointing")),
         ("  total (activations as chosen)", m("total")),
         ("  usable of the card (10% kept free)", m("usable")),
-        ("  verdict", [c["verdict"].replace("checkpointing", "AC") for c in cols]),
+        # the "grads reduced" row below says when the fit needs the reduce per micro-batch
+        ("  verdict", [c["verdict"].replace(" and grad sync per micro-batch", "")
+                       .replace(" with grad sync per micro-batch", "")
+                       .replace("checkpointing", "AC") for c in cols]),
         ("COMMUNICATION PER GPU PER STEP (GB sent)", [""] * len(cols)),
+        ("  grads reduced (fsdp: parallel.grad_sync)", [_sync(c) for c in cols]),
         ("  dp reduce-scatter (grads)", [_gb(c["comm_bytes"]["dp"]["reduce_scatter"]) for c in cols]),
         ("  dp all-gather (params)", [_gb(c["comm_bytes"]["dp"]["all_gather"]) for c in cols]),
         ("  tp all-reduce (activations)", [_gb(c["comm_bytes"]["tp"]["all_reduce"]) for c in cols]),
@@ -64,11 +69,21 @@ def _rows(plan: dict) -> list[tuple[str, list[str]]]:
     ]
 
 
+def _sync(c: dict) -> str:
+    if c["strategy"] == "fsdp" and c["grad_sync"] == "micro_batch":
+        return "each micro-batch"
+    return "once per step"
+
+
+def _name(c: dict) -> str:
+    return f"{c['strategy']} dp{c['dp']} tp{c['tp']}"
+
+
 def render(plan: dict) -> str:
     """The human-readable plan."""
     inp, mod, g = plan["inputs"], plan["model"], plan["gpu"]
     cols = list(plan["strategies"].values())
-    head = [f"{c['strategy']} dp{c['dp']} tp{c['tp']}" for c in cols]
+    head = [_name(c) for c in cols]
     lines = [
         f"plan: {mod['name']} ({mod['params'] / 1e9:.2f}B params, {mod['flops_per_token'] / 1e9:.1f} "
         f"GFLOP per token at seq {inp['seq']}) on {inp['gpus']} x {g['name']} "
@@ -81,16 +96,19 @@ def render(plan: dict) -> str:
         f"{g['nvlink_bps'] / 1e9:.0f} GB/s and network {g['network_bps'] / 1e9:.0f} GB/s per GPU per "
         f"direction at {100 * inp['link_efficiency']:.0f}% efficiency; HBM {g['hbm_bps'] / 1e12:.2f} TB/s",
         "",
-        f"{'':46}" + "".join(f"{h:>22}" for h in head),
     ]
-    for label, vals in _rows(plan):
-        lines.append(f"{label:46}" + "".join(f"{v:>22}" for v in vals))
+    rows = _rows(plan)
+    w = max([20] + [len(v) for _, vals in rows for v in vals] + [len(h) for h in head]) + 2
+    lines.append(f"{'':46}" + "".join(f"{h:>{w}}" for h in head))
+    for label, vals in rows:
+        lines.append(f"{label:46}" + "".join(f"{v:>{w}}" for v in vals))
     lines += ["", "CONFIGS THAT FIT, fastest first:"]
     if not plan["ranked"]:
         lines.append("  none: more GPUs, a larger --tp, a smaller --micro-batch or a bigger card")
     for i, c in enumerate(plan["ranked"], 1):
-        lines.append(f" {i}. {c['strategy']} dp{c['dp']} tp{c['tp']}"
-                     f"{' + activation checkpointing' if c['activation_checkpointing'] else ''}: "
+        lines.append(f" {i}. {_name(c)}"
+                     f"{' + activation checkpointing' if c['activation_checkpointing'] else ''}"
+                     f"{' + grad sync per micro-batch' if c['grad_sync'] == 'micro_batch' else ''}: "
                      f"{c['tokens_per_s_per_gpu']:,.0f} tokens/s per GPU, {_gib(c['memory']['total'])} GiB, "
                      f"step {c['step_time_s']:.2f} s")
         lines.append(f"    {c['command']}")

@@ -76,8 +76,8 @@ def _bucket_numel(inp: PlanInputs, dp: int) -> Optional[int]:
 
 
 def evaluate(spec: ModelSpec, inp: PlanInputs, strategy: str, tp: int, ac: bool,
-             layouts: dict) -> dict:
-    """All the numbers of one candidate."""
+             layouts: dict, grad_sync: str = "step") -> dict:
+    """All the numbers of one candidate (``grad_sync``: fsdp's ``parallel.grad_sync``)."""
     card = hardware.gpu(inp.gpu)
     geo = geometry(inp, tp, ac)
     prec = memory.precision(inp.precision, inp.grad_reduce)
@@ -91,24 +91,27 @@ def evaluate(spec: ModelSpec, inp: PlanInputs, strategy: str, tp: int, ac: bool,
                                   layout=layout)
         buckets, opt_numel = len(layout.buckets), layout.shard_numel
     else:
-        mem = memory.fsdp_memory(spec, geo.dp, tp, prec, state_bytes=sb, with_s=inp.beta3 > 0)
+        mem = memory.fsdp_memory(spec, geo.dp, tp, prec, state_bytes=sb, with_s=inp.beta3 > 0,
+                                 held_grads=grad_sync == "step" and geo.accum > 1)
         buckets, opt_numel = spec.shape["n_layer"] + 1, mem["params"] // 4
     acts = {c: memory.activation_memory(spec, geo.micro_tokens, prec.act, checkpointing=c, tp=tp)
             for c in (False, True)}
     act = acts[ac]
-    total = mem["params"] + mem["grads"] + mem["optimizer"] + mem["transient"] + act["total"]
+    total = (mem["params"] + mem["grads"] + mem["held_grads"] + mem["optimizer"]
+             + mem["transient"] + act["total"])
     usable = card.memory_bytes * (1 - hardware.HEADROOM)
     comp = timing.compute_seconds(spec, geo, card, inp.mfu)
     comm = timing.comm_plan(strategy, spec, geo, card, mem, prec, buckets=buckets,
-                            efficiency=inp.link_efficiency)
-    times = timing.step_time(strategy, geo, comp, comm, opt_numel, card)
+                            efficiency=inp.link_efficiency, grad_sync=grad_sync)
+    times = timing.step_time(strategy, geo, comp, comm, opt_numel, card, grad_sync)
     tps = geo.tokens_per_gpu / tp / times["step_time_s"]
     budget = inp.token_budget or 20.0 * spec.num_params
     model_mfu = spec.flops_per_token * tps / card.bf16_flops
     return {
         "strategy": strategy, "tp": tp, "dp": geo.dp, "activation_checkpointing": ac,
-        "micro_batch": inp.micro_batch, "accumulation_steps": geo.accum,
-        "memory": {"params": mem["params"], "grads": mem["grads"], "optimizer": mem["optimizer"],
+        "micro_batch": inp.micro_batch, "accumulation_steps": geo.accum, "grad_sync": grad_sync,
+        "memory": {"params": mem["params"], "grads": mem["grads"],
+                   "held_grads": mem["held_grads"], "optimizer": mem["optimizer"],
                    **{f"optimizer.{k}": v for k, v in mem["optimizer_items"].items()},
                    "gathered_transient": mem["transient"], "activations": act["total"],
                    "activations_saved": act["saved"],
@@ -144,6 +147,14 @@ def _tp_options(spec: ModelSpec, inp: PlanInputs) -> list[int]:
     return out
 
 
+def _grad_syncs(inp: PlanInputs, strategy: str, tp: int) -> tuple[str, ...]:
+    """fsdp's two ``parallel.grad_sync`` modes where they differ (accumulation), the
+    launcher's default first; zero1 has one."""
+    if strategy == "fsdp" and geometry(inp, tp, False).accum > 1:
+        return ("step", "micro_batch")
+    return ("step",)
+
+
 def build_plan(spec: ModelSpec, inp: PlanInputs) -> dict:
     """Every candidate, the per-strategy verdict (at --tp, default 1) and the ranking."""
     from .command_lines import run_line
@@ -157,7 +168,8 @@ def build_plan(spec: ModelSpec, inp: PlanInputs) -> dict:
                          f"{inp.gpus} and the batch")
     acs = [inp.checkpointing] if inp.checkpointing is not None else [False, True]
     layouts: dict = {}
-    cands = [evaluate(spec, inp, s, tp, ac, layouts) for s in inp.strategies for tp in tps for ac in acs]
+    cands = [evaluate(spec, inp, s, tp, ac, layouts, sync) for s in inp.strategies for tp in tps
+             for ac in acs for sync in _grad_syncs(inp, s, tp)]
     for c in cands:
         c.update(run_line(spec, inp, c))
     strategies = {}
@@ -165,9 +177,11 @@ def build_plan(spec: ModelSpec, inp: PlanInputs) -> dict:
     for s in inp.strategies:
         mine = [c for c in cands if c["strategy"] == s and c["tp"] == base_tp]
         pick = next((c for c in mine if c["fits"]), mine[-1])
-        verdict = ("does not fit" if not pick["fits"] else
-                   "fits with checkpointing" if pick["activation_checkpointing"] and inp.checkpointing is None
-                   else "fits")
+        needs = ([] if not pick["fits"] else
+                 (["checkpointing"] if pick["activation_checkpointing"] and inp.checkpointing is None
+                  else []) + (["grad sync per micro-batch"] if pick["grad_sync"] == "micro_batch" else []))
+        verdict = "does not fit" if not pick["fits"] else " with ".join(["fits", " and ".join(needs)]) \
+            if needs else "fits"
         strategies[s] = {**pick, "verdict": verdict}
     ranked = sorted((c for c in cands if c["fits"]),
                     key=lambda c: (-c["tokens_per_s_per_gpu"], c["memory"]["total"]))

@@ -10,8 +10,10 @@ gather) can never hide, and communication longer than the compute it runs beside
 through. ZeRO-1 reduces once per optimizer step, during the last micro-batch's backward
 (``no_sync`` before it), and gathers once, during the first micro-batch's forward. FSDP2
 gathers every layer in every micro-batch's forward and again in its backward
-(``reshard_after_forward=True``) and reduce-scatters every micro-batch's gradients
-(torchtitan's default). Tensor-parallel all-reduces sit on the critical path: not hidden.
+(``reshard_after_forward=True``), and reduce-scatters once per step, in the last
+micro-batch's backward (``parallel.grad_sync = "step"``: gradient sync off before it, the
+launcher's default), or every micro-batch's gradients (``"micro_batch"``, torchtitan's way).
+Tensor-parallel all-reduces sit on the critical path: not hidden.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def _link(card: GPU, group: int, within_node: bool) -> tuple[float, str]:
 
 
 def comm_plan(strategy: str, spec, geo: Geometry, card: GPU, mem: dict, prec, *,
-              buckets: int, efficiency: float) -> dict:
+              buckets: int, efficiency: float, grad_sync: str = "step") -> dict:
     """Bytes sent per GPU per step by mesh dimension and collective, and their seconds."""
     dp, tp = geo.dp, geo.tp
     dp_within = dp * tp <= geo.gpus_per_node   # the dp group of a GPU lives in one node
@@ -82,7 +84,8 @@ def comm_plan(strategy: str, spec, geo: Geometry, card: GPU, mem: dict, prec, *,
     else:
         local = spec.num_params / tp
         compute = 2 if prec.act == 2 else 4
-        rs = geo.accum * ring_bytes(local * 4, dp)
+        reduces = geo.accum if grad_sync == "micro_batch" else 1
+        rs = reduces * ring_bytes(local * prec.grad, dp)
         ag = geo.accum * 2 * ring_bytes(local * compute, dp)
         dp_bytes = {"reduce_scatter": rs, "all_gather": ag, "all_reduce": 8.0 * 2}
     act = prec.act * geo.micro_tokens * spec.shape["n_embd"]
@@ -103,7 +106,7 @@ def comm_plan(strategy: str, spec, geo: Geometry, card: GPU, mem: dict, prec, *,
 
 
 def step_time(strategy: str, geo: Geometry, comp: dict, comm: dict, opt_numel: int,
-              card: GPU) -> dict:
+              card: GPU, grad_sync: str = "step") -> dict:
     """Step seconds = compute + exposed communication + the optimizer step (HBM-bound)."""
     dp = comm["dp"]
     if strategy == "zero1":
@@ -111,7 +114,8 @@ def step_time(strategy: str, geo: Geometry, comp: dict, comm: dict, opt_numel: i
         ex_ag = exposed(dp["ag_s"], comp["fwd_micro"], comm["buckets"])
     else:  # per micro-batch, one gather per layer in forward and in backward
         n, a = comm["buckets"], geo.accum
-        ex_rs = a * exposed(dp["rs_s"] / a, comp["bwd_micro"], n)
+        ex_rs = (a * exposed(dp["rs_s"] / a, comp["bwd_micro"], n) if grad_sync == "micro_batch"
+                 else exposed(dp["rs_s"], comp["bwd_micro"], n))
         ex_ag = a * (exposed(dp["ag_s"] / a / 2, comp["fwd_micro"], n)
                      + exposed(dp["ag_s"] / a / 2, comp["bwd_micro"], n))
     optim = opt_numel * STEP_BYTES_PER_ELEMENT / card.hbm_bps

@@ -16,9 +16,10 @@ from launcher.config_checks import check_choice, check_int, fail
 from launcher.run.scaling import accumulation_steps, worker_range
 from launcher.train.parallel.tp import tp_refusals
 
-__all__ = ["ParallelConfig", "STRATEGIES", "check_parallel", "data_parallel_sizes"]
+__all__ = ["ParallelConfig", "STRATEGIES", "GRAD_SYNCS", "check_parallel", "data_parallel_sizes"]
 
 STRATEGIES = ("zero1", "fsdp")
+GRAD_SYNCS = ("step", "micro_batch")
 
 
 @dataclass
@@ -42,10 +43,23 @@ class ParallelConfig:
     strategy resumes them, on any mesh). Needs model.tie_weights = false; tp must divide model.n_head,
     model.n_kv_head, model.intermediate_size, data.block_size and every worker count."""
 
+    grad_sync: str = "step"
+    """When "fsdp" reduce-scatters gradients under accumulation (data.micro_batch_size below
+    a rank's share of the batch): "step": once, in the last micro-batch's backward (less
+    traffic; every rank holds the whole model's unsharded gradients, in the reduce dtype,
+    from the first micro-batch to the last); "micro_batch": after every micro-batch (the
+    gradients stay sharded, as torchtitan does; the reduce-scatter traffic times the
+    micro-batches). ``sharded-ams plan`` shows both. "zero1" always reduces once per step
+    (its whole gradient buffer is there anyway)."""
+
     def __post_init__(self) -> None:
         s = "parallel"
         check_choice(s, "strategy", self.strategy, STRATEGIES)
         check_int(s, "tp", self.tp, 1)
+        check_choice(s, "grad_sync", self.grad_sync, GRAD_SYNCS)
+        if self.grad_sync != "step" and self.strategy != "fsdp":
+            fail(s, "grad_sync", f"is for strategy 'fsdp' (strategy {self.strategy!r} reduces "
+                 "once per step into the gradient buffer it holds whole)", self.grad_sync)
 
 
 def data_parallel_sizes(num_workers: Any, tp: int) -> list[int]:

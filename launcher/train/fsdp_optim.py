@@ -67,6 +67,10 @@ class FSDPAMS(AMS):
         skip_nonfinite: skip the step on every rank when the norm is not finite (read on
             the host: one device sync per step, unlike ShardedAMS's device-side skip).
         backend: "auto" (AMS's default path) or a fused kernel backend name.
+        sync_every_micro_batch: ``no_sync()`` leaves FSDP2's gradient sync on, so each
+            micro-batch's gradients are reduce-scattered and stay sharded
+            (``parallel.grad_sync = "micro_batch"``); else (default) they are reduced once,
+            in the last micro-batch, and held unsharded until then.
         count_in_backward (in ``hparams``): as :class:`sharded_ams.AMS` (default None:
             on CUDA, C-Adam's counts taken in FSDP2's post-reduce-scatter hooks; kept on a
             step whose clip coefficient is exactly 1).
@@ -75,7 +79,8 @@ class FSDPAMS(AMS):
     def __init__(self, model: nn.Module, *, preset: Optional[str] = None,
                  beta3: Optional[float] = None, lam: Optional[float] = None,
                  max_grad_norm: Optional[float] = None, skip_nonfinite: bool = True,
-                 backend: str = "auto", **hparams: Any):
+                 backend: str = "auto", sync_every_micro_batch: bool = False,
+                 **hparams: Any):
         fixed = preset_hparams(preset) if preset else {}
         if fixed and (beta3 is not None or lam is not None):
             raise ValueError(f"preset={preset!r} fixes beta3 and lam; do not pass them too")
@@ -86,6 +91,7 @@ class FSDPAMS(AMS):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         super().__init__(named, **hparams, **kw, fused=None if backend == "auto" else backend)
         self.model, self.max_grad_norm, self.skip_nonfinite = model, max_grad_norm, skip_nonfinite
+        self.sync_every_micro_batch = sync_every_micro_batch
         self.backend = "fsdp/" + backend
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.last_step = StepInfo()
@@ -93,7 +99,11 @@ class FSDPAMS(AMS):
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients without reducing them (FSDP2's gradient sync off)."""
+        """Accumulate gradients without reducing them (FSDP2's gradient sync off), unless
+        ``sync_every_micro_batch``: then each micro-batch is reduced, as outside it."""
+        if self.sync_every_micro_batch:
+            yield
+            return
         self.model.set_requires_gradient_sync(False)
         try:
             yield

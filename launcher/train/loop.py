@@ -239,7 +239,8 @@ def _build(config: dict, device: Optional[torch.device] = None) -> _Worker:
     if layout.strategy == "fsdp":  # fp32 shards (the masters); bf16 compute: FSDP2's policy
         model = build_model_for_training(model_table, device, "fp32")
         model = parallelize(model, layout, precision, ocfg.grad_reduce_dtype)
-        optimizer = FSDPAMS(model, **_fsdp_kwargs(ocfg.optimizer_kwargs()))
+        optimizer = FSDPAMS(model, **_fsdp_kwargs(ocfg.optimizer_kwargs()),
+                            sync_every_micro_batch=par.grad_sync == "micro_batch")
     else:  # zero1: ShardedAMS over dp; with tp > 1 the model split first (Megatron's layout)
         model = build_model_for_training(model_table, device, precision)
         model = parallelize(model, layout, precision)
