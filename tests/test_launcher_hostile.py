@@ -403,3 +403,32 @@ def test_a_model_record_without_options_is_not_held_to_them():
     assert run({"factory": "m:f", "options": {"scale": 2.0}}, model=None) == []  # not asked to check
     with pytest.raises(ValueError, match=r"^CK: model\.factory = 'm:f' differs from the run's None"):
         run({"factory": None, "options": {}})
+
+
+def test_a_rerun_of_a_finished_run_says_so_without_starting_ray(tiny_run, tmp_path, monkeypatch, capsys):
+    """Its checkpoint is at job.steps already: the driver says so and reports the run's last
+    losses from its records, in seconds; Ray and its workers (~16 s) are not started."""
+    import json
+    import shutil
+
+    import launcher.run.driver as rl
+    from launcher.config import load_config
+    from launcher.run.records import METRICS_FILE, STATE_DIR
+
+    shutil.copytree(tiny_run / "run", tmp_path / "run")
+    (tmp_path / "run" / STATE_DIR).mkdir()
+    recs = [{"step": 2, "loss": 2.5, "attempt": "a", "start_step": 0},
+            {"step": 3, "loss": 2.25, "val_loss": 2.75, "attempt": "a", "start_step": 0}]
+    (tmp_path / "run" / STATE_DIR / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    monkeypatch.setattr(rl, "_ray_session", lambda *a, **k: pytest.fail("Ray was started"))
+    for steps in (3, 2):
+        cfg = load_config(ROOT / "launcher/configs/gpt_tiny.toml",
+                          {"job.storage_path": str(tmp_path), "job.name": "run", "job.steps": steps,
+                           "data.max_bytes": 60000, "job.num_workers": 1}, environ={})
+        out = rl.run(cfg)
+        said = capsys.readouterr().out
+        assert (out.step, out.start_step, out.train_loss, out.val_loss) == (3, 3, 2.25, 2.75)
+        assert out.checkpoint.endswith("step-00000003") and out.restarts == 0
+        assert (f"run 'run' is already at step 3 (job.steps={steps}), checkpoint " in said
+                and "nothing to train; raise job.steps (--steps N) to train further" in said), said
+        assert "nothing left to train" in said and "val loss    2.7500" in said

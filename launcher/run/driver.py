@@ -302,6 +302,10 @@ def run(config: Config, address: Optional[str] = None, *, verbose: bool = False,
         stack.enter_context(run_lock(config.job.run_dir, config.job.name))
         if resume is None or not checked:
             resume = check_resume(config)
+        if resume.step is not None and resume.step >= config.job.steps:
+            out = _nothing_to_train(config, resume, time.perf_counter() - t_start)
+            print(out.summary(), flush=True)
+            return out
         _announce(config.job, resume)
         launch_id = uuid.uuid4().hex[:12]
         started = stack.enter_context(_ray_session(address, config, verbose))
@@ -424,6 +428,27 @@ def _where_a_rerun_resumes(config: Config) -> tuple["ResumePoint", str]:
         return last, (f"the last committed checkpoint is step {last.step}: {last.path}; rerun "
                       "the same command to resume from it")
     return last, "no checkpoint was committed; a rerun starts from scratch"
+
+
+def _nothing_to_train(config: Config, resume: ResumePoint, wall_time_s: float) -> RunResult:
+    """A launch whose checkpoint is already at ``job.steps`` (a rerun of a finished run):
+    said before Ray starts, and the run's last reported losses read from its records."""
+    job = config.job
+    say(f"run {job.name!r} is already at step {resume.step} (job.steps={job.steps}), "
+        f"checkpoint {resume.path}: nothing to train; raise job.steps (--steps N) to train further")
+    history = read_history(job.run_dir)
+
+    def last(key: str) -> Optional[float]:
+        return next((r[key] for r in reversed(history) if r.get(key) is not None
+                     and r["step"] <= resume.step), None)
+
+    return RunResult(
+        name=job.name, run_dir=job.run_dir, start_step=resume.step, step=resume.step,
+        steps=job.steps, train_loss=last("loss"), val_loss=last("val_loss"), restarts=0,
+        wall_time_s=wall_time_s, checkpoint=resume.path, num_workers=job.num_workers,
+        use_gpu=job.use_gpu, resumed_from=resume,
+        metrics=next((r for r in reversed(history) if r["step"] <= resume.step), {}),
+        history=history, size_history=size_history(read_events(job.run_dir), resume.step))
 
 
 def _run_result(config: Config, resume: ResumePoint, result, launch_id: str,
