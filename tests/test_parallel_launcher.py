@@ -98,7 +98,7 @@ def _train(w, start: int, stop: int, oracle, ref) -> dict:
 
 
 def _job(ckpt: str, tp: int, resume: bool, strategy: str = "fsdp", grad_sync: str = "step") -> dict:
-    from launcher.train.loop import _build, _extra
+    from launcher.train.loop import _build, _extra, _reduced
     from launcher.train.models import build_model
     from sharded_ams.checkpoint import load_dcp, save_dcp
     from sharded_ams.checkpoint.dcp_read import read_dcp_full
@@ -126,6 +126,7 @@ def _job(ckpt: str, tp: int, resume: bool, strategy: str = "fsdp", grad_sync: st
         out = {k: out[k] + more[k] if k != "final" else more[k] for k in out}
     out["layout"] = (w.layout.strategy, w.layout.dp_size, w.layout.tp)
     out["sync_every_micro_batch"] = getattr(w.optimizer, "sync_every_micro_batch", None)
+    out["start_line"] = _reduced(w)  # what the start line says of it
     return out
 
 
@@ -150,6 +151,7 @@ def test_fsdp_train_step_equals_one_process():
     for r in first:
         _check(r, ("fsdp", 2, 1))
         assert r["sync_every_micro_batch"] is False  # the default: no sync before the last
+        assert r["start_line"] == ", grads reduced once per step (unsharded grads held between micro-batches)"
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero1"])
@@ -160,6 +162,7 @@ def test_dcp_resume_on_a_2x2_tp_mesh_equals_the_uninterrupted_run(strategy):
     for r in resumed[strategy == "zero1"]:
         _check(r, (strategy, 2, 2))
         assert r["sync_every_micro_batch"] is (True if strategy == "fsdp" else None)
+        assert r["start_line"] == (", grads reduce-scattered each micro-batch" if strategy == "fsdp" else "")
         for a, b in zip(r["final"], first[0]["final"]):
             assert float((a - b).abs().max()) < TOL
 

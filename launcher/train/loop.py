@@ -286,6 +286,15 @@ def _per_rank_compile_cache(rank: int) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, f"rank{rank}")
 
 
+def _reduced(w: "_Worker") -> str:
+    """How fsdp reduces under accumulation (parallel.grad_sync), for the start line."""
+    if w.accum == 1 or w.layout.strategy != "fsdp":
+        return ""
+    if getattr(w.optimizer, "sync_every_micro_batch", False):
+        return ", grads reduce-scattered each micro-batch"
+    return ", grads reduced once per step (unsharded grads held between micro-batches)"
+
+
 def _fsdp_kwargs(kw: dict) -> dict:
     """ShardedAMS's keyword arguments less what FSDP2 does itself (buckets, overlap, the
     reduce dtype: its MixedPrecisionPolicy)."""
@@ -334,7 +343,7 @@ class _Records:
         return (f"{w.world_size} worker(s) on {w.device.type}, {w.layout.describe()}, backend "
                 f"{w.optimizer.backend}, {w.precision}: {w.where} with {n_params:,} params; "
                 f"global batch {d.batch_size} x {d.block_size} tokens = {d.batch_size // dp // w.accum}"
-                f" x {w.accum} micro-batch(es) x {ways}; {how}")
+                f" x {w.accum} micro-batch(es) x {ways}{_reduced(w)}; {how}")
 
     def stepped(self, step: int) -> None:
         """After each step: the heartbeat; after this group's first, what its start cost."""
