@@ -254,3 +254,7 @@ def test_troubleshooting_quotes_the_real_messages(capsys, monkeypatch):
         check_ray_address(f"127.0.0.1:{port}")
     said = str(e.value).replace(f"127.0.0.1:{port}", "10.0.0.5:6380").replace(f"={port}", "=6380")
     assert said.split("start its head")[0] + "start its head with" in doc, said
+    from launcher.run.run_lock import _busy_message
+
+    assert _busy_message("gpt", "/shared/runs/gpt/.sharded_ams/driver.lock",
+                         {"pid": 4242, "host": "node1", "since": "2026-12-07 23:50:01 UTC"}) in doc
