@@ -13,7 +13,9 @@ The lock is ``fcntl.flock`` on ``run_dir/.sharded_ams/driver.lock``, held by an 
 descriptor (not inherited by Ray's processes), so the kernel releases it when the driver
 exits in any way, SIGKILL included: a rerun after a killed driver is never blocked by a stale
 lock, and there is no pid to check. On NFS, Linux takes it as a lock on the server; a client
-host that dies loses it when its lease expires (about 90 s). The file records who holds it,
+host that dies loses it when its lease expires (about 90 s). (A mount with
+``local_lock=flock`` or ``all`` keeps it on the client: it then stops a second launch on the
+same host only.) The file records who holds it,
 for the message above. The holder deletes it before letting go (so a launch refused before
 it trained leaves no directory behind), and a launch that locked a file checks that the path
 still names it (else a file deleted under it would let two launches hold two locks).
