@@ -133,7 +133,9 @@ def local_ray(num_workers: int = 2) -> Iterator[None]:
     try:
         yield
     finally:
-        ray.shutdown()
+        from launcher.run.ray_orphans import shutdown
+
+        shutdown()  # and kill what of this Ray hung in its exit (Ray 2.60)
 
 
 def history_from_result(res: Any, cfg: Config, key: str, title: str) -> History:

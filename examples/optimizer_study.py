@@ -62,6 +62,8 @@ for _p in (str(ROOT), str(HERE)):
 import study_analysis as sa  # noqa: E402
 from study_trial import OPTIMIZERS, arm_name, trial_config  # noqa: E402
 
+from launcher.run.ray_orphans import shutdown as shutdown_ray  # noqa: E402
+
 CONFIGS = ROOT / "launcher" / "configs"
 STDLIB = sysconfig.get_paths()["stdlib"]
 
@@ -408,8 +410,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     resources = {"cpu": a.cpus_per_trial, **({"gpu": a.gpus_per_trial} if a.gpus_per_trial else {})}
     print(f"[study] {PRESETS[a.preset].about}: {len(a.optimizers)} optimizers x {len(a.lrs)} lrs, then "
           f"{a.seeds} seeds at each best lr; {a.out}", flush=True)
-    import ray
-
     start_ray(a)
     try:
         seed0 = settings["sweep_seed"]
@@ -419,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         arms = [{"optimizer": o, "lr": best[o], "seed": s} for o in a.optimizers for s in range(a.seeds) if s != seed0]
         seeds = run_phase(a.out, "seeds", settings, arms, resources) if arms else []
     finally:
-        ray.shutdown()
+        shutdown_ray(started_here=not a.address)  # and what of a local Ray hung in its exit
     summ = write_outputs(a, settings, sweep + seeds, time.perf_counter() - t0)
     print("\n" + (a.results / "table.md").read_text(), flush=True)
     print(f"[study] wrote {a.results} ({time.perf_counter() - t0:.0f} s)", flush=True)

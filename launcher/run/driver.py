@@ -58,6 +58,7 @@ from launcher.run.records import (HISTORY_FILE, STATE_DIR, describe_start, exist
                               format_sizes, read_events, read_history, size_history)
 from launcher.run.resume_point import (RAY_SNAPSHOT, ResumePoint, check_resume,  # noqa: F401
                                        find_resume_point)
+from launcher.run import ray_orphans
 from launcher.run.run_lock import run_lock
 from launcher.run.scaling import oversubscription_warning
 
@@ -224,8 +225,17 @@ def _ray_session(address: Optional[str], cfg: Config, verbose: bool) -> Iterator
     with ExitStack() as stack:
         # entered first, so exited last: the filter stays on while Ray shuts down
         stack.enter_context(quiet_ray_logs(enabled=not verbose))
-        stack.callback(ray.shutdown)
+        stack.callback(_shutdown, _is_local(address))
         yield True
+
+
+def _shutdown(started_here: bool) -> None:
+    """``ray.shutdown()``, and what of an embedded Ray hung in its own exit killed
+    (:mod:`launcher.run.ray_orphans`)."""
+    killed = ray_orphans.shutdown(started_here)
+    if killed:
+        say(f"killed {len(killed)} process(es) of the local Ray that hung in their exit after "
+            f"its shutdown (pids {', '.join(map(str, killed))}; a Ray 2.60 exit deadlock)")
 
 
 def _check_cluster_resources(cfg: Config, started_locally: bool) -> None:
