@@ -8,19 +8,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from launcher.run.ray_orphans import reap, session_processes
 
 RAYLET = 4_000_000  # above any pid_max: no live raylet has it
-SLEEP = [sys.executable, "-c", "import time; time.sleep(120)"]
 
 
-def _stand_in(log_path, raylet: int = RAYLET) -> subprocess.Popen:
+def _stand_in(log_path, raylet: int = RAYLET, seconds: float = 120) -> subprocess.Popen:
     with open(log_path, "w") as log:
-        return subprocess.Popen(SLEEP, stdout=log, env={**os.environ, "RAY_RAYLET_PID": str(raylet)})
+        return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"],
+                                stdout=log, env={**os.environ, "RAY_RAYLET_PID": str(raylet)})
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="Linux only (/proc)")
@@ -29,20 +28,17 @@ def test_only_the_sessions_own_processes_are_killed(tmp_path):
     (session / "logs").mkdir(parents=True)
     (other / "logs").mkdir(parents=True)
     hung = _stand_in(session / "logs" / "worker.out")
+    exiting = _stand_in(session / "logs" / "slow.out", seconds=0.2)  # exits by itself, late
     elsewhere = _stand_in(other / "logs" / "worker.out")  # the same raylet pid, reused
     other_raylet = _stand_in(session / "logs" / "other.out", raylet=RAYLET + 1)
     try:
-        time.sleep(0.3)  # the children have exec'd
-        assert session_processes(RAYLET, str(session)) == [hung.pid]
-        t0 = time.monotonic()
-        assert reap(RAYLET, str(session), wait_s=0.5) == [hung.pid]
-        assert time.monotonic() - t0 >= 0.5  # it waited before killing
-        assert hung.wait(timeout=10) == -9
+        assert sorted(session_processes(RAYLET, str(session))) == sorted([hung.pid, exiting.pid])
+        assert reap(RAYLET, str(session), wait_s=4) == [hung.pid]  # the other had time to go
+        assert hung.wait(timeout=10) == -9 and exiting.wait(timeout=10) == 0
         assert elsewhere.poll() is None and other_raylet.poll() is None
-        assert reap(RAYLET, str(session), wait_s=5) == []  # nothing left: no wait
-        assert time.monotonic() - t0 < 3
+        assert reap(RAYLET, str(session), wait_s=4) == []
     finally:
-        for p in (hung, elsewhere, other_raylet):
+        for p in (hung, exiting, elsewhere, other_raylet):
             p.kill()
             p.wait()
 
