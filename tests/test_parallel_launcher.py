@@ -232,3 +232,34 @@ def test_compile_with_tp_gets_a_cache_per_rank(monkeypatch, tmp_path):
     _per_rank_compile_cache(3)
     _per_rank_compile_cache(3)
     assert cache_dir() == str(tmp_path / "inductor" / "rank3")
+
+
+def test_fsdp_accumulating_per_step_notes_the_gradients_it_holds(monkeypatch, capsys, tmp_path):
+    """At launch, what ``grad_sync = "step"`` holds between micro-batches (and the way out);
+    nothing when it reduces each micro-batch, does not accumulate, or holds little."""
+    from pathlib import Path
+
+    import launcher.run.parallel_config as pc
+    from launcher.cli import main as cli_main
+    from launcher.config import load_config
+    from launcher.run.preflight import preflight
+
+    gpt = str(Path(__file__).resolve().parents[1] / "launcher" / "configs" / "gpt_tiny.toml")
+    sets = ["data.max_bytes=60000", "parallel.strategy=fsdp", "data.micro_batch_size=2",
+            f"job.storage_path={tmp_path}"]
+    n = preflight(load_config(gpt, sets, environ={})).num_params
+    base = ["train", gpt, "--dry-run", *[x for s in sets for x in ("--set", s)]]
+    assert cli_main(base) == 0 and "unsharded" not in capsys.readouterr().err  # far below the bar
+    monkeypatch.setattr(pc, "HELD_NOTE_BYTES", 0)
+    assert cli_main(base) == 0
+    err = capsys.readouterr().err
+    assert (f"parallel.grad_sync = 'step' with 4 micro-batches: every worker holds the model's "
+            f"unsharded gradients between them ({4 * n / (1 << 30):.1f} GiB in fp32); "
+            "parallel.grad_sync = 'micro_batch' keeps them sharded") in err, err
+    for extra in ("parallel.grad_sync=micro_batch", "data.micro_batch_size=8"):
+        assert cli_main(base + ["--set", extra]) == 0
+        assert "unsharded" not in capsys.readouterr().err, extra
+    cfg = load_config(gpt, sets + ["model.arch=llama", "model.tie_weights=false", "parallel.tp=2",
+                                   "model.precision=bf16", "optim.grad_reduce_dtype=bf16"], environ={})
+    note = pc.held_grads_note(cfg.parallel, cfg.model, cfg.data, cfg.optim, cfg.job, 8 << 30)
+    assert "with 8 micro-batches" in note and "(8.0 GiB in bf16)" in note, note  # 2 B x 8 Gi / tp 2

@@ -10,13 +10,17 @@ run on, and every such count must be a multiple of ``tp``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from launcher.config_checks import check_choice, check_int, fail
 from launcher.run.scaling import accumulation_steps, worker_range
 from launcher.train.parallel.tp import tp_refusals
 
-__all__ = ["ParallelConfig", "STRATEGIES", "GRAD_SYNCS", "check_parallel", "data_parallel_sizes"]
+__all__ = ["ParallelConfig", "STRATEGIES", "GRAD_SYNCS", "check_parallel", "data_parallel_sizes",
+           "held_grads_note"]
+
+#: held accumulation gradients worth a note at launch (per worker)
+HELD_NOTE_BYTES = 256 << 20
 
 STRATEGIES = ("zero1", "fsdp")
 GRAD_SYNCS = ("step", "micro_batch")
@@ -91,3 +95,22 @@ def check_parallel(par: ParallelConfig, model: Any, data: Any, job: Any) -> None
         except ValueError as exc:
             raise ValueError(f"with parallel.tp = {tp}, {dp * tp} workers are {dp} data-parallel "
                              f"replicas: {exc}") from None
+
+
+def held_grads_note(par: ParallelConfig, model: Any, data: Any, optim: Any, job: Any,
+                    num_params: int) -> Optional[str]:
+    """A note for an ``fsdp`` run that accumulates with ``grad_sync = "step"``: what every
+    worker holds between micro-batches (the tp-local model's unsharded gradients in the
+    reduce dtype, as ``sharded-ams plan`` counts them), when that is HELD_NOTE_BYTES or more."""
+    if par.strategy != "fsdp" or par.grad_sync != "step":
+        return None
+    accum = max(accumulation_steps(data.batch_size, dp, data.micro_batch_size)
+                for dp in data_parallel_sizes(job.num_workers, par.tp))
+    two = model.precision == "bf16" and optim.grad_reduce_dtype == "bf16"
+    held = (2 if two else 4) * num_params // par.tp
+    if accum == 1 or held < HELD_NOTE_BYTES:
+        return None
+    return (f"parallel.grad_sync = 'step' with {accum} micro-batches: every worker holds the "
+            f"model's unsharded gradients between them ({held / (1 << 30):.1f} GiB in "
+            f"{'bf16' if two else 'fp32'}); parallel.grad_sync = 'micro_batch' keeps them sharded, "
+            "for more reduce traffic (sharded-ams plan weighs both)")

@@ -78,7 +78,11 @@ def preflight(cfg: Config, *, local: Optional[bool] = None) -> Preflight:
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n == 0:
         raise ValueError(f"model.factory = {cfg.model.factory!r} returned a model with no trainable parameters")
-    return Preflight(cfg, n, model_flops_per_token(model, cfg.data.block_size), data.describe, warnings)
+    from launcher.run.parallel_config import held_grads_note
+
+    note = held_grads_note(cfg.parallel, cfg.model, cfg.data, cfg.optim, cfg.job, n)
+    return Preflight(cfg, n, model_flops_per_token(model, cfg.data.block_size), data.describe,
+                     warnings + ([note] if note else []))
 
 
 def check_storage(cfg: Config) -> None:
