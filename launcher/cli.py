@@ -8,7 +8,7 @@
     sharded-ams prepare-data INPUT... --out DIR [--tokenizer byte|bpe:VOCAB|tokenizer.json]
                              [--workers N] [--address auto] [--block-bytes 64M]
     sharded-ams ckpt ...      # inspect / consolidate / export checkpoints
-    sharded-ams plan --model llama3-8b --gpus 64 [--gpu h100-80gb] [--json] ...
+    sharded-ams plan [MODEL | --model MODEL] --gpus 64 [--gpu h100-80gb] [--json] ...
 
 ``train`` runs the job locally on an embedded Ray (no ``--address``) or on a Ray cluster
 (``--address auto`` on a cluster node, ``--address ray://head:10001`` from outside, or

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ from dist_utils import run_distributed
 from launcher.cli import main
 from launcher.plan import memory
 from launcher.plan.model import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = ("tiny", "60m", "130m")
 #: the issue asks for activations within 20%; the count is tensor by tensor and lands within
@@ -201,11 +204,60 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     (("--model", "60m", "--gpus", "8", "--seq", "1000", "--global-batch-tokens", "8192"),
      "is not a multiple of --seq 1000"),
     (("--model", "no/such.toml", "--gpus", "8"), "no such config file"),
+    (("no/such.toml", "--gpus", "8"), "no such config file"),
+    (("60m", "--model", "1b", "--gpus", "8"), "two models given: '60m' and --model '1b'"),
+    (("--gpus", "8"), "a model (MODEL or --model"),
+    (("60m",), "and --gpus are required"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     rc, out, err = _run(capsys, *argv)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("sharded-ams plan: error: ") and needle in err, err
+
+
+def test_the_model_may_be_given_as_train_takes_its_config(capsys):
+    """``plan CONFIG`` (positional, as ``train CONFIG``) is ``plan --model CONFIG``."""
+    config = str(ROOT / "launcher" / "configs" / "llama_60m.toml")
+    by_flag = _run(capsys, "--model", config, "--gpus", "8", "--json")
+    assert by_flag[0] == 0
+    assert _run(capsys, config, "--gpus", "8", "--json") == by_flag
+    assert _run(capsys, config, "--model", config, "--gpus", "8", "--json") == by_flag
+
+
+def test_a_config_file_gives_the_runs_own_shape_and_flags_override_it(capsys, tmp_path):
+    """Planning a job config plans that run: its sequence length, global batch (in
+    sequences), micro-batch, precision, reduction dtype and optimizer's beta3, unless a
+    flag says otherwise; the commands it prints keep them."""
+    config = str(ROOT / "launcher" / "configs" / "llama_130m.toml")  # 512 x 256, micro 64
+    rc, out, _ = _run(capsys, config, "--gpus", "8", "--json")
+    assert rc == 0
+    plan = json.loads(out)
+    inp = plan["inputs"]
+    assert (inp["seq"], inp["global_batch_tokens"], inp["micro_batch"]) == (256, 512 * 256, 64)
+    assert (inp["precision"], inp["grad_reduce"], inp["beta3"]) == ("bf16-autocast", "fp32", 0.0)
+    assert plan["from_config"]["batch_sequences"] == 512
+    command = plan["ranked"][0]["command"]
+    assert "--set data.block_size=256 --set data.batch_size=512 --set data.micro_batch_size=64" in command
+    # flags win; the config's 512 sequences are of the flag's length
+    rc, out, _ = _run(capsys, config, "--gpus", "8", "--seq", "1024", "--micro-batch", "8",
+                      "--precision", "bf16", "--json")
+    inp = json.loads(out)["inputs"]
+    assert (inp["seq"], inp["global_batch_tokens"], inp["micro_batch"], inp["precision"]) == \
+        (1024, 512 * 1024, 8, "bf16")
+    # an optimizer with beta3 > 0 keeps s: planned from the config too
+    text = (ROOT / "launcher" / "configs" / "llama_130m.toml").read_text()
+    assert 'preset = "grams"' in text
+    (tmp_path / "b3.toml").write_text(text.replace('preset = "grams"', 'preset = ""\nbeta3 = 0.9'))
+    rc, out, err = _run(capsys, str(tmp_path / "b3.toml"), "--gpus", "8", "--json")
+    assert rc == 0, err
+    plan = json.loads(out)
+    assert plan["inputs"]["beta3"] == 0.9
+    assert all(s["memory"]["optimizer.exp_avg_s"] > 0 for s in plan["strategies"].values())
+    # a size name: the built-in defaults, nothing from a config
+    rc, out, _ = _run(capsys, "60m", "--gpus", "8", "--json")
+    plan = json.loads(out)
+    assert (plan["inputs"]["seq"], plan["inputs"]["global_batch_tokens"], plan["from_config"]) == \
+        (8192, 4 * 1024 * 1024, {})
 
 
 def test_json_has_stable_keys_per_strategy(capsys):
@@ -268,19 +320,17 @@ def test_readme_plan_block():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     from test_readme import bash_blocks
 
-    root = Path(__file__).resolve().parent.parent
     lines = [ln.split("#")[0].strip() for ln in
              bash_blocks()[("Plan a run: `sharded-ams plan`", 0)].splitlines() if ln.strip()]
     outs = []
     for line in lines:
         assert line.startswith("sharded-ams plan ")
         argv = [sys.executable, "-m", "launcher", *line.split()[1:]]
-        proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(root)})
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(proc.stdout)
     assert "fits with AC" in outs[0] and "4,477" in outs[0] and "5,775" in outs[0]
@@ -288,3 +338,5 @@ def test_readme_plan_block():
     assert "sharded-ams train launcher/configs/llama_130m.toml" in outs[0]
     plan = json.loads(outs[1])
     assert plan["gpu"]["name"] == "h200-141gb" and plan["strategies"]["fsdp"]["tp"] == 8
+    assert outs[2].startswith("from launcher/configs/llama_130m.toml (flags override): seq 256, ")
+    assert "precision bf16-autocast" in outs[2].splitlines()[0]

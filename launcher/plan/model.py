@@ -44,18 +44,24 @@ def known_models() -> list[str]:
     return list(SIZES["llama"])
 
 
-def _is_config(model: str) -> bool:
+def is_config(model: str) -> bool:
+    """``--model`` names a job config file (else a size)."""
     return model.endswith((".toml", ".yaml", ".yml")) or os.path.sep in model
+
+
+def config_file(model: str) -> str:
+    """``model`` if it is a file; else a one-line ValueError."""
+    if not os.path.isfile(model):
+        raise ValueError(f"--model {model}: no such config file")
+    return model
 
 
 def _shape_of(model: str, vocab: Optional[int]) -> tuple[str, dict[str, Any]]:
     """(display name, resolved llama shape) of a size name or a config file."""
     from launcher.config import ModelConfig, load_config
 
-    if _is_config(model):
-        if not os.path.isfile(model):
-            raise ValueError(f"--model {model}: no such config file")
-        cfg = load_config(model).model
+    if is_config(model):
+        cfg = load_config(config_file(model)).model
         if cfg.factory is not None or cfg.arch != "llama":
             raise ValueError(f"--model {model}: the plan knows the built-in llama only "
                              f"(this config has {'a factory' if cfg.factory else 'arch=' + cfg.arch})")

@@ -31,7 +31,8 @@ def _rows(plan: dict) -> list[tuple[str, list[str]]]:
     grad = "fp32" if plan["inputs"]["grad_reduce"] == "fp32" or prec != "bf16" else "bf16"
     return [
         ("MEMORY PER GPU (GiB)", [""] * len(cols)),
-        (f"  params (zero1: {prec} buffer; fsdp: fp32 shards)", m("params")),
+        (f"  params (zero1: {'bf16' if prec == 'bf16' else 'fp32'} buffer; fsdp: fp32 shards)",
+         m("params")),
         (f"  grads (zero1: {grad} buffer; fsdp: fp32 shards)", m("grads")),
         ("  unsharded grads held (fsdp, sync per step)", m("held_grads")),
         ("  fp32 masters (zero1, bf16 params)", m("optimizer.master")),
