@@ -161,9 +161,10 @@ def test_readme_launcher_commands(tmp_path):
     """The launcher block, line by line, in a fresh directory: train 2 workers, rerun on 1
     (resumes and reshards), a run whose rank 1 dies once, an elastic run, a dry run, then
     inspect and consolidate the first run. One line at a time: the suite keeps both cores
-    busy (CI: ~1.75 of 2 on average), so independent lines run side by side here took the
-    CPU from the other xdist worker's Ray tests (this test 170 -> 147 s, the suite 891 ->
-    926 s in one pair of CI runs)."""
+    busy (CI: ~1.75 of 2 on average), so running the independent lines side by side
+    (tried: this test 170 -> 147 s) cannot shorten the suite, only move CPU between the
+    two xdist workers; the suite read 926 s with it, 891 and 916 s without, all within
+    this machine's noise."""
     lines = [ln for ln in bash_blocks()[("The launcher: `sharded-ams train`", 0)].splitlines() if ln.strip()]
     (tmp_path / "launcher").symlink_to(ROOT / "launcher")  # the README runs from the repo root
     bin_dir = str(Path(sys.executable).parent)
